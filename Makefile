@@ -1,0 +1,95 @@
+# Makefile: the dolly extension (PGXS), its engine library, dolly-cli, the engine tests
+# and, where nvcc exists, the CUDA plugin.
+#
+#   make                 extension, engine library, dolly-cli, run_tests, CUDA plugin if nvcc
+#   make CUDA=0          the same without the CUDA plugin
+#   make install         installs dolly.so, the SQL script and dolly_cuda.so
+#   make unittest        engine unit tests ("N passed, N failed")
+#   make installcheck    pg_regress (temporary cluster with dolly preloaded) and TAP tests
+#   MARCH=x86-64-v2      portable build instead of -march=native
+
+EXTENSION = dolly
+MODULE_big = dolly
+OBJS = $(patsubst %.c,%.o,$(wildcard src/pg/*.c))
+DATA = $(wildcard sql/dolly--*.sql)
+PGFILEDESC = "dolly - instruction-following language models inside PostgreSQL"
+
+REGRESS = $(sort $(basename $(notdir $(filter-out $(DATA),$(wildcard sql/*.sql)))))
+REGRESS_OPTS = --temp-instance=tmp_check --temp-config=tests/regress.conf --inputdir=.
+TAP_TESTS = 1
+PROVE_TESTS = tests/server/*.pl
+
+PG_CONFIG ?= pg_config
+MARCH ?= native
+WERROR = -Wall -Wextra -Werror
+
+# The engine: plain C, no PostgreSQL header, a static library that dolly.so and the tools link.
+ENGINE_SRCS = $(wildcard src/engine/*.c)
+ENGINE_OBJS = $(ENGINE_SRCS:.c=.o)
+ENGINE_LIB = src/engine/libdolly_engine.a
+ENGINE_CFLAGS = -std=gnu11 -O3 -march=$(MARCH) -fPIC -pthread -g $(WERROR) \
+	$(shell pkg-config --cflags json-c libpcre2-8 openblas)
+ENGINE_LIBS = $(shell pkg-config --libs json-c libpcre2-8 openblas) -lpthread -lm -ldl
+
+PG_CPPFLAGS = -Isrc/engine
+PG_CFLAGS = $(WERROR) -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
+SHLIB_LINK = $(ENGINE_LIB) $(ENGINE_LIBS)
+
+TOOLS = build/dolly-cli
+TEST_SRCS = $(wildcard tests/engine/*.c)
+TEST_BIN = build/run_tests
+
+# CUDA plugin: built when nvcc is found (CUDA=auto) or forced with CUDA=1; dolly.so never
+# links it, the model server dlopen()s it when a GPU is asked for.
+CUDA ?= auto
+CUDA_HOME ?= /usr/local/cuda
+NVCC ?= $(CUDA_HOME)/bin/nvcc
+ifeq ($(CUDA),auto)
+CUDA := $(if $(wildcard $(NVCC)),1,0)
+endif
+CUDA_PLUGIN = $(if $(filter 1,$(CUDA)),dolly_cuda.so)
+CUDA_ARCHS ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+	-gencode arch=compute_90,code=compute_90
+NVCC_FLAGS = -O3 -std=c++17 -shared -Xcompiler -fPIC,-Wall,-Wextra,-Werror $(CUDA_ARCHS) \
+	-Isrc/engine -Xlinker -rpath=$(CUDA_HOME)/lib64
+
+EXTRA_CLEAN = $(ENGINE_OBJS) $(ENGINE_LIB) build dolly_cuda.so tmp_check results \
+	regression.diffs regression.out log
+
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+all: $(ENGINE_LIB) $(TOOLS) $(TEST_BIN) $(CUDA_PLUGIN)
+
+$(OBJS): $(wildcard src/engine/*.h src/pg/*.h)
+$(shlib): $(ENGINE_LIB)
+
+src/engine/%.o: src/engine/%.c $(wildcard src/engine/*.h)
+	$(CC) $(ENGINE_CFLAGS) -c -o $@ $<
+
+$(ENGINE_LIB): $(ENGINE_OBJS)
+	rm -f $@
+	$(AR) rcs $@ $^
+
+build/dolly-cli: src/tools/dolly_cli.c $(ENGINE_LIB)
+	@mkdir -p build
+	$(CC) $(ENGINE_CFLAGS) -Isrc/engine -o $@ $< $(ENGINE_LIB) $(ENGINE_LIBS)
+
+$(TEST_BIN): $(TEST_SRCS) $(wildcard tests/engine/*.h) $(ENGINE_LIB)
+	@mkdir -p build
+	$(CC) $(ENGINE_CFLAGS) -Wno-unused-parameter -Isrc/engine -o $@ $(TEST_SRCS) \
+		$(ENGINE_LIB) $(ENGINE_LIBS)
+
+dolly_cuda.so: $(wildcard kernels/*.cu kernels/*.h) $(wildcard src/engine/*.h)
+	$(NVCC) $(NVCC_FLAGS) -o $@ $(wildcard kernels/*.cu) -lcublas
+
+unittest: $(TEST_BIN)
+	$(TEST_BIN)
+
+install: install-cuda-plugin
+install-cuda-plugin: $(CUDA_PLUGIN)
+ifneq ($(CUDA_PLUGIN),)
+	$(INSTALL_SHLIB) $(CUDA_PLUGIN) '$(DESTDIR)$(pkglibdir)/'
+endif
+
+.PHONY: unittest install-cuda-plugin

@@ -1,0 +1,58 @@
+/*
+ * config.h: the model hyper-parameters read from a Hugging Face config.json.
+ *
+ * Two model types: "gptj" (dolly-v1) and "gpt_neox" (Pythia, dolly-v2). Every key that
+ * changes the computation is read, including the newer spellings (rope_theta,
+ * partial_rotary_factor, rope_parameters). The vocabulary size is NOT taken from here:
+ * the model loader sets vocab_size from the embedding tensor's shape.
+ */
+#ifndef DOLLY_CONFIG_H
+#define DOLLY_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "error.h"
+
+typedef enum dl_arch
+{
+	DL_ARCH_GPTJ,
+	DL_ARCH_GPTNEOX
+} dl_arch;
+
+typedef enum dl_act
+{
+	DL_ACT_GELU_TANH,			/* "gelu_new", "gelu_fast", "gelu_pytorch_tanh" */
+	DL_ACT_GELU_ERF				/* "gelu": exact erf form */
+} dl_act;
+
+typedef struct dl_config
+{
+	dl_arch		arch;
+	int			n_layer;
+	int			n_embd;			/* hidden size E */
+	int			n_head;
+	int			head_dim;		/* E / n_head */
+	int			n_inner;		/* MLP width (GPT-J: n_inner or 4E; NeoX: intermediate_size) */
+	int			rotary_dim;		/* rotated dims per head (GPT-J rotary_dim, NeoX hs*rotary_pct) */
+	bool		rotary_interleaved;	/* GPT-J rotate_every_two; NeoX rotate_half */
+	float		rotary_base;	/* 10000 unless rotary_emb_base / rope_theta says otherwise */
+	float		ln_eps;
+	dl_act		act;
+	bool		parallel_residual;	/* GPT-J always; NeoX use_parallel_residual */
+	bool		tie_embeddings;	/* output projection shares the input embedding */
+	bool		attention_bias;	/* NeoX qkv/dense biases (default true) */
+	int			max_pos;		/* n_positions / max_position_embeddings */
+	int			config_vocab;	/* vocab_size as written in config.json (informative) */
+	int			vocab_size;		/* rows of the embedding tensor: set by the model loader */
+	int			bos_id;			/* -1 if absent */
+	int			eos_id;			/* -1 if absent */
+} dl_config;
+
+/* Parse config.json text (len bytes, need not be NUL-terminated). */
+dl_status	config_parse(const char *json, size_t len, dl_config *cfg, dl_error *err);
+
+/* Read and parse path (a config.json file). */
+dl_status	config_load(const char *path, dl_config *cfg, dl_error *err);
+
+#endif

@@ -1,0 +1,99 @@
+/*
+ * safetensors.h: memory-mapped reader (and writer) of Hugging Face safetensors files.
+ *
+ * Format: u64 little-endian header length N | N bytes of JSON | tensor data.
+ * Validation follows the reference reader (safetensors/src/tensor.rs): N <= 100,000,000,
+ * no duplicate names, data_offsets that tile the data area from 0 without holes or
+ * overlaps, END - BEGIN == numel * dtype size, and 8 + N + last END == file size.
+ * A model directory holds either model.safetensors or model.safetensors.index.json
+ * naming its shards.
+ */
+#ifndef DOLLY_SAFETENSORS_H
+#define DOLLY_SAFETENSORS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "error.h"
+
+#define ST_MAX_DIMS 8
+
+typedef enum st_dtype
+{
+	ST_BOOL, ST_U8, ST_I8, ST_I16, ST_U16, ST_F16, ST_BF16, ST_I32, ST_U32,
+	ST_F32, ST_F64, ST_I64, ST_U64, ST_F8_E4M3, ST_F8_E5M2
+} st_dtype;
+
+typedef struct st_tensor
+{
+	char	   *name;
+	st_dtype	dtype;
+	int			ndim;
+	int64_t		shape[ST_MAX_DIMS];
+	int64_t		numel;
+	size_t		nbytes;
+	const uint8_t *data;		/* points into the mapping; not aligned in general */
+	int			file;			/* index of the shard it lives in */
+} st_tensor;
+
+typedef struct st_set
+{
+	int			nfiles;
+	char	  **paths;			/* one per shard */
+	void	  **maps;			/* mmap'd shards */
+	size_t	   *sizes;
+	int			ntensors;
+	st_tensor  *tensors;		/* sorted by name */
+} st_set;
+
+/* Size in bytes of one element of dtype. */
+size_t		st_dtype_size(st_dtype dtype);
+
+/* Name of dtype as safetensors spells it ("BF16"). */
+const char *st_dtype_name(st_dtype dtype);
+
+/*
+ * Parse and validate one whole file image (header and data) held in memory.
+ * On success *tensors (malloc'd, each name malloc'd, data pointing into buf) and *n
+ * are set. fname only names the file in error messages. Used by st_open and the fuzzer.
+ */
+dl_status	st_parse(const uint8_t *buf, size_t size, const char *fname,
+					 st_tensor **tensors, int *n, dl_error *err);
+
+/* Free what st_parse returned. */
+void		st_free_tensors(st_tensor *tensors, int n);
+
+/* Open a model directory (single file or sharded through the index). */
+dl_status	st_open(const char *dir, st_set **out, dl_error *err);
+
+/* Open a single .safetensors file. */
+dl_status	st_open_file(const char *path, st_set **out, dl_error *err);
+
+/* Find a tensor by name; NULL if absent. */
+const st_tensor *st_find(const st_set *set, const char *name);
+
+/* Convert a F32, F16 or BF16 tensor to float32 into dst (numel floats). */
+dl_status	st_to_f32(const st_tensor *t, float *dst, dl_error *err);
+
+/* Unmap and free everything. NULL is accepted. */
+void		st_close(st_set *set);
+
+/* A tensor to write: name, dtype, shape, and its bytes in that dtype. */
+typedef struct st_write_tensor
+{
+	const char *name;
+	st_dtype	dtype;
+	int			ndim;
+	int64_t		shape[ST_MAX_DIMS];
+	const void *data;
+} st_write_tensor;
+
+/*
+ * Write a safetensors file at path (header padded with spaces to a multiple of 8,
+ * tensors in the order given, optional __metadata__ given as key/value pairs).
+ * Written to path + ".tmp", fsync'd and renamed, so a crash never leaves a partial file.
+ */
+dl_status	st_write(const char *path, const st_write_tensor *tensors, int n,
+					 const char *const *meta_kv, int nmeta, dl_error *err);
+
+#endif
