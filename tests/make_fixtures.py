@@ -1,0 +1,612 @@
+#!/usr/bin/env python3
+"""Build the committed test fixtures: a byte-level BPE tokenizer and small random
+GPT-J / GPT-NeoX models with the outputs that transformers computes for them.
+
+The C engine is tested against these files, so CI needs no torch.  Everything is
+generated here from seeds (the corpus text included, so no licence question
+arises); running the script twice gives the same tokenizer, weights and ids.
+
+    python3 tests/make_fixtures.py [--out tests/fixtures]
+
+Layout written under --out:
+  tokenizer/tokenizer.json               BPE (vocab 512) + <|endoftext|> + Dolly specials
+  tokenizer/tokenizer_legacy_merges.json the same with merges spelled "a b"
+  tokenizer/corpus.txt, corpus_ids.txt   line i of the ids = encoding of line i
+  tokenizer/multi_line.json              {"docs": [...], "ids": [[...], ...]}
+  tokenizer/decode_cases.json            ids whose bytes are invalid UTF-8, and the text
+  <model>/                               config.json, tokenizer files, *.safetensors,
+                                         expected.safetensors (see write_expected)
+
+Each artefact has its own function so that later fixtures (gradients for the
+trainer, say) can be added beside them and called from main().
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import unicodedata
+
+import numpy as np
+import safetensors
+import tokenizers
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+SEED = 42
+
+# Dolly's constants (databrickslabs/dolly training/consts.py)
+INTRO_BLURB = ("Below is an instruction that describes a task. "
+               "Write a response that appropriately completes the request.")
+INSTRUCTION_KEY = "### Instruction:"
+INPUT_KEY = "Input:"
+RESPONSE_KEY = "### Response:"
+END_KEY = "### End"
+RESPONSE_KEY_NL = "### Response:\n"
+EOT = "<|endoftext|>"
+DOLLY_SPECIALS = [END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL]
+
+BPE_VOCAB = 512              # incl. the 256-byte alphabet and <|endoftext|>
+GREEDY_TOKENS = 32
+MIN_GREEDY_GAP = 1e-3        # top-1 minus top-2 logit at every greedy step
+
+
+# ---------------------------------------------------------------------------
+# Corpus
+# ---------------------------------------------------------------------------
+
+NOUNS = ("river cat engine garden window teacher database library mountain city "
+         "question answer morning kernel pointer table student doctor market "
+         "planet letter bridge winter summer forest ocean village machine "
+         "compiler server thread process memory record column index query "
+         "painter music story island harbor lamp candle storm valley").split()
+VERBS = ("runs jumps writes reads builds breaks opens closes finds keeps brings "
+         "carries moves sorts counts returns loads stores sends explains "
+         "describes completes answers follows measures").split()
+ADJS = ("quick lazy bright dark old new small large quiet noisy careful "
+        "simple complex ancient modern empty full warm cold gentle strange "
+        "useful broken hidden famous").split()
+ADVS = ("slowly quickly quietly carefully rarely often never always gently "
+        "suddenly eventually").split()
+NAMES = ("Alice Bob Carol Dave Erin Frank Grace Heidi Ivan Judy Mallory Oscar "
+         "Peggy Trent Victor Walter Zoe Amelie Jurgen Linh").split()
+PLACES = ("Paris Berlin Tokyo Lagos Lima Oslo Cairo Hanoi Seoul Quebec Madrid "
+          "Nairobi Dublin Kyoto Porto").split()
+TOPICS = ["photosynthesis", "the French Revolution", "binary search", "tides", "vaccines",
+          "compound interest", "the water cycle", "gravity", "sourdough bread", "recursion",
+          "the printing press", "volcanoes"]
+BASE_VERBS = "run jump open close move sleep shine float grow change".split()
+CONTRACTIONS = ["it's", "don't", "they're", "we've", "I'm", "you'll", "he'd",
+                "can't", "won't", "she's", "that's", "we'd", "you're",
+                "I've", "they'll", "isn't", "wasn't", "shouldn't", "let's"]
+
+FRENCH = [
+    "L'été dernier, nous sommes allés à la mer près de Nice.",
+    "Où est la bibliothèque ? Elle est fermée aujourd'hui.",
+    "Je préfère le café noir, sans sucre, s'il vous plaît.",
+    "Les élèves ont étudié la leçon avec beaucoup d'intérêt.",
+    "Ça dépend : la fenêtre est-elle ouverte ou fermée ?",
+    "Noël approche ; les rues sont décorées de lumières.",
+    "Il était une fois, dans un château très ancien, une reine.",
+    "Œuvre, cœur, sœur, bœuf : des mots avec la ligature œ.",
+]
+GERMAN = [
+    "Die Straße ist heute sehr ruhig, weil es regnet.",
+    "Ich möchte ein großes Stück Käsekuchen, bitte.",
+    "Über den Wolken muss die Freiheit wohl grenzenlos sein.",
+    "Die Mädchen spielen Fußball auf der grünen Wiese.",
+    "Schöne Grüße aus München und Köln!",
+    "Das Gemüse ist frisch, die Äpfel sind süß und saftig.",
+]
+SPANISH = [
+    "¿Dónde está el niño? ¡Está en el jardín!",
+    "La canción del año pasado todavía suena en la radio.",
+    "El señor Muñoz habló con la mamá de Inés en la estación.",
+]
+VIETNAMESE = [
+    "Tiếng Việt có nhiều dấu thanh và chữ cái đặc biệt.",
+    "Hôm nay trời đẹp, chúng tôi đi dạo quanh hồ Hoàn Kiếm.",
+    "Cảm ơn bạn rất nhiều vì đã giúp đỡ tôi hôm qua.",
+    "Phở bò và bánh mì là những món ăn nổi tiếng.",
+    "Người Việt Nam thường uống trà đá vào buổi chiều.",
+]
+OTHER_LATIN = [
+    "Zażółć gęślą jaźń, mówi polski pangram.",
+    "Příliš žluťoučký kůň úpěl ďábelské ódy.",
+    "İstanbul'da ılık bir akşam; ışıklar yanıyor.",
+    "Árvíztűrő tükörfúrógép és egy kis kávé.",
+    "Ångström, Øresund, Æsir: nordiske bokstaver.",
+]
+GREEK_CYRILLIC = [
+    "Η γρήγορη καφέ αλεπού πηδάει πάνω από τον σκύλο.",
+    "Ελληνικά: αβγδεζηθικλμνξοπρστυφχψω, ΑΒΓΔ.",
+    "Съешь же ещё этих мягких французских булок, да выпей чаю.",
+    "Привет, мир! Как дела? Всё хорошо.",
+    "Україна, Київ, їжачок, ґанок.",
+]
+CJK = [
+    "今天天气很好，我们去公园散步吧。",
+    "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？",
+    "数据库中的每一行都有一个唯一的编号。",
+    "日本語の文章には、ひらがな、カタカナ、漢字が混ざっています。",
+    "東京タワーは東京の観光名所の一つです。",
+    "コンピュータのメモリは有限です。",
+    "龍の絵を描いた画家は、静かに筆を置いた。",
+    "中文、日本語、한국어を一行に混ぜる。",
+]
+KOREAN = [
+    "안녕하세요, 만나서 반갑습니다.",
+    "오늘은 날씨가 정말 좋네요. 산책하러 갈까요?",
+    "한국어 문장에는 띄어쓰기가 있습니다.",
+    "데이터베이스 서버가 다시 시작되었습니다.",
+]
+RTL_AND_INDIC = [
+    "مرحبا بالعالم، كيف حالك اليوم؟",
+    "اللغة العربية جميلة ولها حروف متصلة.",
+    "الرقم ١٢٣٤٥ مكتوب بالأرقام العربية الهندية.",
+    "שלום עולם, מה שלומך?",
+    "नमस्ते दुनिया, आप कैसे हैं?",
+    "हिन्दी में मात्राएँ संयोजक चिह्न होती हैं।",
+    "ภาษาไทยไม่มีการเว้นวรรคระหว่างคำ",
+]
+EMOJI = ["😀", "🎉", "🚀", "❤️", "👍", "👍🏽", "👋🏿", "🧑‍💻", "👨‍👩‍👧‍👦",
+         "🏳️‍🌈", "🇫🇷", "🇯🇵", "1️⃣", "#️⃣", "🐍", "🦀", "☕", "✨", "🙂", "🤖",
+         "👩🏻‍🔬", "🫠", "⭐", "🔥"]
+UNICODE_SPACES = ["\u00a0", "\u2003", "\u3000", "\u2009", "\u202f"]
+
+
+def prose_line(rng):
+    """One or more generated English sentences."""
+    def sentence():
+        kind = rng.randrange(7)
+        n1, n2 = rng.choice(NOUNS), rng.choice(NOUNS)
+        if kind == 0:
+            return "The %s %s %s %s the %s." % (rng.choice(ADJS), n1, rng.choice(ADVS),
+                                                rng.choice(VERBS), n2)
+        if kind == 1:
+            return "%s said, \"%s, %s the %s in %s.\"" % (
+                rng.choice(NAMES), rng.choice(CONTRACTIONS).capitalize(),
+                rng.choice(["I've seen", "we'd found", "they're near", "it's"]), n1,
+                rng.choice(PLACES))
+        if kind == 2:
+            return "Why does the %s %s? Nobody knows; perhaps it never will." % (
+                n1, rng.choice(BASE_VERBS))
+        if kind == 3:
+            return "In %d, %s moved to %s (with %d %ss) and wrote about %s." % (
+                rng.randrange(1600, 2030), rng.choice(NAMES), rng.choice(PLACES),
+                rng.randrange(2, 40), n1, rng.choice(TOPICS))
+        if kind == 4:
+            return "Explain %s to a child - briefly, clearly, and without jargon..." % (
+                rng.choice(TOPICS))
+        if kind == 5:
+            return "%s's %s and the %s's %s are %s." % (
+                rng.choice(NAMES), n1, n2, rng.choice(NOUNS), rng.choice(ADJS))
+        return "A %s %s: %s, %s, and %s!" % (rng.choice(ADJS), n1, rng.choice(NOUNS),
+                                             rng.choice(NOUNS), rng.choice(NOUNS))
+    return " ".join(sentence() for _ in range(rng.randrange(1, 4)))
+
+
+def ident(rng):
+    """A random identifier in snake_case or camelCase."""
+    a, b = rng.choice(NOUNS), rng.choice(NOUNS)
+    return rng.choice([a, a + "_" + b, a + b.capitalize(), a.upper(), "_" + a, a + str(rng.randrange(10))])
+
+
+def code_block(rng):
+    """A small generated function in C, Python, JavaScript, SQL or shell."""
+    lang = rng.randrange(5)
+    f, x, y, n = ident(rng), ident(rng), ident(rng), rng.randrange(1, 1000)
+    if lang == 0:
+        return [
+            "#include <stdio.h>",
+            "static int",
+            "%s(const int *%s, size_t %s)" % (f, x, y),
+            "{",
+            "\tint\t\tsum = 0;",
+            "",
+            "\tfor (size_t i = 0; i < %s; i++)" % y,
+            "\t{",
+            "\t\tif (%s[i] >= %d && %s[i] != -1)" % (x, n, x),
+            "\t\t\tsum += %s[i] << 2;" % x,
+            "\t\telse if ((sum & 0x%x) == 0 || !sum)" % n,
+            "\t\t\tsum ^= ~%s[i];" % x,
+            "\t}",
+            "\treturn sum > 0 ? sum : -sum; /* %s */" % rng.choice(NOUNS),
+            "}",
+        ]
+    if lang == 1:
+        return [
+            "@dataclass",
+            "class %s:" % f.capitalize(),
+            "    %s: int = %d" % (x, n),
+            "",
+            "    def %s(self, %s=None, **kwargs):" % (y, x),
+            "        \"\"\"Return the %s of the %s.\"\"\"" % (rng.choice(NOUNS), rng.choice(NOUNS)),
+            "        if %s is None or %s <= 0:" % (x, x),
+            "            %s = [i ** 2 for i in range(%d) if i %% 3 != 0]" % (x, n),
+            "        return {k: v for k, v in kwargs.items()}  # %s" % rng.choice(ADJS),
+            "        # TODO(%s): handle %s // %d" % (rng.choice(NAMES).lower(), x, n),
+        ]
+    if lang == 2:
+        return [
+            "const %s = async (%s, %s = %d) => {" % (f, x, y, n),
+            "  const result = await fetch(`/api/${%s}?limit=${%s}`);" % (x, y),
+            "  if (result.status !== 200 && !%s) { throw new Error('bad'); }" % y,
+            "  return result?.json() ?? [];",
+            "};",
+        ]
+    if lang == 3:
+        return [
+            "SELECT %s, count(*) AS n FROM %s" % (x, y),
+            "WHERE %s <> '%s' AND id BETWEEN %d AND %d" % (x, rng.choice(NOUNS), n, n * 7),
+            "GROUP BY 1 HAVING count(*) > %d ORDER BY n DESC;" % (n % 10),
+        ]
+    return [
+        "#!/bin/sh",
+        "for f in *.%s; do" % rng.choice(["txt", "c", "py", "json"]),
+        "    [ -f \"$f\" ] && grep -c '%s' \"$f\" | awk '{s+=$1} END {print s}'" % x,
+        "done 2>/dev/null || exit %d" % (n % 4),
+    ]
+
+
+def number_line(rng):
+    """Numbers in the shapes they take in text."""
+    kind = rng.randrange(10)
+    r = rng.randrange
+    if kind == 0:
+        return "%d %d %d %d" % (r(10), r(100), r(100000), r(10 ** 12))
+    if kind == 1:
+        return "Pi is about 3.14159, e is 2.71828 and %d.%03d is mine." % (r(1000), r(1000))
+    if kind == 2:
+        return "On %04d-%02d-%02d at %02d:%02d:%02d we sold %s units." % (
+            r(1900, 2100), r(1, 13), r(1, 29), r(24), r(60), r(60), format(r(10 ** 9), ","))
+    if kind == 3:
+        return "0x%X 0b%s 0o%o %de%d -%d +%d %d%%" % (r(1 << 32), bin(r(256))[2:], r(4096),
+                                                     r(10), r(30), r(500), r(500), r(101))
+    if kind == 4:
+        return "version %d.%d.%d-rc%d, build %d, port %d" % (r(10), r(20), r(100), r(5),
+                                                               r(10 ** 6), r(1024, 65536))
+    if kind == 5:
+        return "abc%ddef %dx%d v%d x%d_%d" % (r(1000), r(100), r(100), r(9), r(99), r(99))
+    if kind == 6:
+        return "Call +1 (%03d) %03d-%04d or +49 30 %d." % (r(1000), r(1000), r(10000), r(10 ** 8))
+    if kind == 7:
+        return "Fullwidth １２３, superscript x² and y³, ½ cup, Arabic ٣٤٥, Devanagari ४२."
+    if kind == 8:
+        return "%s" % "".join(str(r(10)) for _ in range(r(20, 60)))
+    return "$%d.%02d, €%d,%02d, £%d, ¥%d, %d°C" % (r(1000), r(100), r(1000), r(100),
+                                                   r(100), r(10000), r(-40, 50))
+
+
+def contraction_line(rng):
+    """Contractions in every spelling the GPT-2 regex treats differently."""
+    c = rng.choice(CONTRACTIONS)
+    forms = [
+        "%s %s the %s's %s." % (rng.choice(NAMES), c, rng.choice(NOUNS), rng.choice(NOUNS)),
+        "%s SAID: \"%s %s\"" % (rng.choice(NAMES).upper(), c.upper(), rng.choice(NOUNS).upper()),
+        "%s’s %s %s’t %s — they’re %s, we’ve %s." % (
+            rng.choice(NAMES), rng.choice(NOUNS), rng.choice(["don", "can", "won"]),
+            rng.choice(VERBS), rng.choice(ADJS), rng.choice(["seen", "tried"])),
+        "'s 't 're 've 'm 'll 'd 'S 'T 'RE 'VE 'M 'LL 'D",
+        "I'm, you're, he's, we'll, they'd, it'd've, y'all'd've",
+        "'%s' and \"%s\" and ‘%s’ and “%s”" % tuple(rng.choice(NOUNS) for _ in range(4)),
+        "rock 'n' roll, o'clock, 'tis, ma'am, '90s, the %s'" % rng.choice(NOUNS),
+        "THE %s'S %s WASN'T THERE; IT'LL BE BACK." % (rng.choice(NOUNS).upper(),
+                                                     rng.choice(NOUNS).upper()),
+        "''s '''m ' s 'x ''",
+    ]
+    return rng.choice(forms)
+
+
+def whitespace_line(rng):
+    """Runs of spaces and tabs in the places the \\s+(?!\\S) rule cares about."""
+    words = [rng.choice(NOUNS) for _ in range(rng.randrange(2, 6))]
+    kind = rng.randrange(8)
+    if kind == 0:
+        return (" " * rng.randrange(2, 9)).join(words)
+    if kind == 1:
+        return "\t".join(words) + "\t" * rng.randrange(1, 3)
+    if kind == 2:
+        return " " * rng.randrange(1, 12) + " ".join(words) + " " * rng.randrange(1, 5)
+    if kind == 3:
+        return "\t \t" + "  \t ".join(words)
+    if kind == 4:
+        return " " * rng.randrange(1, 10)
+    if kind == 5:
+        return rng.choice(UNICODE_SPACES).join(words) + rng.choice(UNICODE_SPACES)
+    if kind == 6:
+        return "%s  ,  %s .  %s  !  %d   %d" % (words[0], words[1], words[-1], rng.randrange(100),
+                                                 rng.randrange(100))
+    return "\u200b".join(words) + " \u200d " + words[0]
+
+
+def accent_line(rng):
+    """Accented Latin, Greek and Cyrillic text, some in decomposed form."""
+    s = rng.choice(FRENCH + GERMAN + SPANISH + VIETNAMESE + OTHER_LATIN + GREEK_CYRILLIC)
+    form = rng.randrange(4)
+    if form == 0:
+        # combining marks (category M) sit outside \p{L}: a separate regex piece
+        return unicodedata.normalize("NFD", s)
+    if form == 1:
+        return s.upper()
+    return s
+
+
+def script_line(rng):
+    """CJK, Korean, Arabic, Hebrew, Indic and Thai text, sometimes mixed with Latin."""
+    s = rng.choice(CJK + KOREAN + RTL_AND_INDIC)
+    if rng.randrange(3) == 0:
+        s = "%s %s %d" % (rng.choice(NOUNS), s, rng.randrange(1000))
+    return s
+
+
+def emoji_line(rng):
+    """Emoji: single code points, skin tones, ZWJ sequences, flags and keycaps."""
+    picks = [rng.choice(EMOJI) for _ in range(rng.randrange(1, 6))]
+    kind = rng.randrange(3)
+    if kind == 0:
+        return "".join(picks)
+    if kind == 1:
+        return " ".join(picks) + " " + prose_line(rng)
+    return "%s %s! %s" % (rng.choice(NAMES), "".join(picks), rng.choice(NOUNS))
+
+
+def special_line(rng):
+    """Dolly's special tokens and <|endoftext|> in the middle of ordinary text."""
+    w = rng.choice(NOUNS)
+    forms = [
+        "foo### Endbar",
+        "%s### End%s" % (w, rng.choice(NOUNS)),
+        "### Instruction: %s" % prose_line(rng),
+        "### Instruction:%s" % w,
+        "%s ### End" % prose_line(rng),
+        "### Response: %s" % w,
+        "###End ### end #### End ##### Instruction: ## End",
+        "### Endgame### End### End",
+        "%s<|endoftext|>%s" % (w, rng.choice(NOUNS)),
+        "<|endoftext|><|endoftext|> <|endoftext|>",
+        "<|endoftext| <|endoftext|>> <|endoftext",
+        "The end. <|endoftext|>",
+        "<|endoftext|>### End### Instruction:",
+        "Input: %s" % w,
+        "### Instruction:### End",
+    ]
+    return rng.choice(forms)
+
+
+def misc_line(rng):
+    """Markup, URLs, paths, long words and control characters."""
+    w = rng.choice(NOUNS)
+    forms = [
+        "https://example.org/%s/%d?q=%s&lang=en#top" % (w, rng.randrange(1000), rng.choice(NOUNS)),
+        "mailto:%s.%s@example.com" % (rng.choice(NAMES).lower(), w),
+        "/usr/local/lib/%s/%s.so.%d" % (w, rng.choice(NOUNS), rng.randrange(9)),
+        "C:\\Users\\%s\\Documents\\%s.txt" % (rng.choice(NAMES), w),
+        "<div class=\"%s\"><p>%s &amp; %s</p></div>" % (w, rng.choice(NOUNS), rng.choice(NOUNS)),
+        "{\"%s\": [%d, %d.5, null, true], \"k\": \"v\\n\"}" % (w, rng.randrange(9), rng.randrange(9)),
+        "$$\\frac{a^2}{b_%d} + \\sum_{i=0}^{n} x_i$$" % rng.randrange(9),
+        "## %s - *%s* **%s** `code`" % (w.capitalize(), rng.choice(NOUNS), rng.choice(NOUNS)),
+        "supercalifragilisticexpialidocious" * rng.randrange(1, 4),
+        "aaaaaaaaaaaaaaaaaaaaaaaa bbbbbbbbbbbbb zzzzzzzz",
+        "!!!??? ... --- === +++ *** ### $$$ %%% ^^^ &&& ||| ~~~",
+        "tab\x07bell and delete\x7f and escape \x1b[0m and \x01\x02",
+        "ﬁne ﬂow (ligatures) and Ⅻ and ㎏ and ℃",
+        "x" * rng.randrange(1, 80),
+        "",
+    ]
+    return rng.choice(forms)
+
+
+def corpus_lines():
+    """The tokenizer corpus: >= 2000 lines, one generator per kind of text."""
+    rng = random.Random(SEED)
+    lines = []
+    # Fixed lines first so that every category is certainly present.
+    lines += FRENCH + GERMAN + SPANISH + VIETNAMESE + OTHER_LATIN + GREEK_CYRILLIC
+    lines += CJK + KOREAN + RTL_AND_INDIC
+    lines += [unicodedata.normalize("NFD", s) for s in FRENCH + VIETNAMESE]
+    lines += EMOJI
+    lines += ["foo### Endbar", "### Instruction:", "### End", "### Response:", EOT,
+              INTRO_BLURB, "", "   ", "\t", "a", " a", "  a", "a ", "a  "]
+    plan = [(prose_line, 640), (contraction_line, 200), (number_line, 200),
+            (whitespace_line, 160), (accent_line, 180), (script_line, 120),
+            (emoji_line, 100), (special_line, 140), (misc_line, 100)]
+    for fn, n in plan:
+        lines += [fn(rng) for _ in range(n)]
+    while len(lines) < 2400:
+        lines += code_block(rng)
+    for s in lines:
+        assert "\n" not in s and "\r" not in s, repr(s)
+        # Python's splitlines() also breaks on these; keep corpus lines \n-only.
+        assert len(s.splitlines()) <= 1, repr(s)
+    return lines
+
+
+def dolly_prompt(instruction, context=None):
+    """The generation prompt as Dolly's pipeline builds it."""
+    if context:
+        instruction = "%s\n\n%s\n%s" % (instruction, INPUT_KEY, context)
+    return "%s\n\n%s\n%s\n\n%s" % (INTRO_BLURB, INSTRUCTION_KEY, instruction, RESPONSE_KEY_NL)
+
+
+def dolly_record(rng):
+    """A full training record in Dolly's layout, with a generated response."""
+    ctx = prose_line(rng) if rng.randrange(2) else None
+    instr = "Explain %s." % rng.choice(TOPICS)
+    return "%s%s\n\n%s" % (dolly_prompt(instr, ctx), prose_line(rng), END_KEY)
+
+
+def multi_line_docs():
+    """Whole documents whose newlines, blank lines and indentation all matter."""
+    rng = random.Random(SEED + 1)
+    docs = [
+        dolly_prompt("Name three primary colors."),
+        dolly_record(rng),
+        dolly_prompt("Summarize the text.", "The %s is %s.\nIt has two lines." % (
+            rng.choice(NOUNS), rng.choice(ADJS))),
+        "\n".join(code_block(rng)) + "\n\n\n",
+        "\n".join(code_block(rng)) + "\n",
+        "Title\n\n\n\nParagraph one.  \n  Indented line.\n\t\tTabbed.\n \n\n",
+        "Windows line\r\nendings\r\n\r\nand a lone\rcarriage return\r\n",
+        "Form\x0cfeed, vertical\x0btab, next\x85line, line\u2028separator, "
+        "paragraph\u2029separator, file\x1cgroup\x1drecord\x1eunit\x1f.",
+        "\n",
+        "\n\n\n\n\n",
+        "   \n   \n",
+        "a\n\nb\n\n\nc \n d\t\n\te",
+        "%s\n\n%s\n%s\n\n%s\n%s\n%s\n%s\n\n%s%s" % (
+            INTRO_BLURB, INSTRUCTION_KEY, "x", INPUT_KEY, "y", EOT, RESPONSE_KEY, RESPONSE_KEY_NL,
+            END_KEY),
+        "### Instruction:\nx\n### Response:\n\n### Response:\n### End\n",
+        "emoji 👨‍👩‍👧‍👦\n🇫🇷🇯🇵\n\n한국어\n日本語\n",
+        "",
+    ]
+    docs += ["\n".join(prose_line(rng) for _ in range(rng.randrange(2, 6))) for _ in range(4)]
+    return docs
+
+
+def training_texts():
+    """The text the BPE is trained on: the corpus, multi-line docs and Dolly records."""
+    rng = random.Random(SEED + 2)
+    texts = corpus_lines() + multi_line_docs()
+    texts += [dolly_record(rng) for _ in range(300)]
+    return texts
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------
+
+def train_tokenizer():
+    """Train the byte-level BPE and add Dolly's special tokens as Dolly's trainer does."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(training_texts(), trainer)
+    assert tok.get_vocab_size() == BPE_VOCAB and tok.token_to_id(EOT) == 0
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT,
+                                              eos_token=EOT, unk_token=EOT)
+    hf.pad_token = hf.eos_token          # training/trainer.py: pad_token = eos_token
+    hf.add_special_tokens({"additional_special_tokens": DOLLY_SPECIALS})
+    for i, s in enumerate(DOLLY_SPECIALS):
+        assert hf.convert_tokens_to_ids(s) == BPE_VOCAB + i
+    return hf
+
+
+def legacy_merges(tokenizer_json):
+    """The same tokenizer.json with merges spelled "a b" as older tokenizers wrote them."""
+    j = json.loads(tokenizer_json)
+    merges = j["model"]["merges"]
+    assert all(isinstance(m, list) and " " not in m[0] + m[1] for m in merges)
+    j["model"]["merges"] = ["%s %s" % (a, b) for a, b in merges]
+    return json.dumps(j, ensure_ascii=False, indent=2)
+
+
+def decode_cases(tok):
+    """Id sequences whose bytes are not valid UTF-8, with what tokenizers decodes."""
+    # The byte-level alphabet: the token for byte b is spelled bytes_to_unicode()[b].
+    byte_id = {b: tok.token_to_id(u) for b, u in bytes_to_unicode().items()}
+    assert None not in byte_id.values()
+    hello = tok.encode("hello").ids
+    euro = [byte_id[b] for b in "€".encode()]
+    seqs = {
+        "lone_lead_byte_e2": [byte_id[0xE2]],
+        "truncated_euro": euro[:2],
+        "truncated_euro_then_text": euro[:2] + hello,
+        "euro_split_over_byte_tokens": euro,
+        "lone_continuation_80": [byte_id[0x80]],
+        "byte_ff": hello + [byte_id[0xFF]] + hello,
+        "overlong_c0_af": [byte_id[0xC0], byte_id[0xAF]],
+        "surrogate_ed_a0_80": [byte_id[0xED], byte_id[0xA0], byte_id[0x80]],
+        "above_max_f4_90": [byte_id[0xF4], byte_id[0x90], byte_id[0x80], byte_id[0x80]],
+        "truncated_emoji_then_special": [byte_id[b] for b in "😀".encode()[:3]] + [
+            tok.token_to_id(END_KEY)],
+        "specials_and_text": [tok.token_to_id(EOT)] + hello + [tok.token_to_id(s) for s in
+                                                                DOLLY_SPECIALS],
+        "empty": [],
+    }
+    out = []
+    for name, ids in seqs.items():
+        out.append({"name": name, "ids": ids,
+                    "text": tok.decode(ids, skip_special_tokens=False),
+                    "text_skip_special": tok.decode(ids, skip_special_tokens=True)})
+    assert "\ufffd" in out[0]["text"] and out[3]["text"] == "€"
+    return out
+
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable code point map (openai/gpt-2 src/encoder.py)."""
+    bs = list(range(0x21, 0x7F)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def write_text(path, text):
+    """Write UTF-8 text with \\n line ends exactly as given."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+
+
+def build_tokenizer(out):
+    """tokenizer/: tokenizer.json (+ legacy merges), corpus and ids, multi-line docs,
+    decode cases.  Returns the transformers tokenizer for the models."""
+    d = os.path.join(out, "tokenizer")
+    os.makedirs(d, exist_ok=True)
+    hf = train_tokenizer()
+    tmp = os.path.join(d, "_hf")
+    hf.save_pretrained(tmp)
+    shutil.move(os.path.join(tmp, "tokenizer.json"), os.path.join(d, "tokenizer.json"))
+    shutil.rmtree(tmp)
+    tok_path = os.path.join(d, "tokenizer.json")
+    legacy_path = os.path.join(d, "tokenizer_legacy_merges.json")
+    with open(tok_path, encoding="utf-8") as f:
+        write_text(legacy_path, legacy_merges(f.read()) + "\n")
+    tok = Tokenizer.from_file(tok_path)
+    legacy = Tokenizer.from_file(legacy_path)
+
+    lines = corpus_lines()
+    ids = [tok.encode(s).ids for s in lines]
+    assert ids == [legacy.encode(s).ids for s in lines], "legacy merges disagree"
+    assert all(tok.decode(i, skip_special_tokens=False) == s for i, s in zip(ids, lines))
+    write_text(os.path.join(d, "corpus.txt"), "".join(s + "\n" for s in lines))
+    write_text(os.path.join(d, "corpus_ids.txt"),
+               "".join(" ".join(map(str, i)) + "\n" for i in ids))
+
+    docs = multi_line_docs()
+    doc_ids = [tok.encode(s).ids for s in docs]
+    assert doc_ids == [legacy.encode(s).ids for s in docs]
+    assert all(tok.decode(i, skip_special_tokens=False) == s for i, s in zip(doc_ids, docs))
+    write_text(os.path.join(d, "multi_line.json"),
+               json.dumps({"docs": docs, "ids": doc_ids}, ensure_ascii=False, indent=1) + "\n")
+    write_text(os.path.join(d, "decode_cases.json"),
+               json.dumps(decode_cases(tok), ensure_ascii=False, indent=1) + "\n")
+    n_tok = sum(map(len, ids))
+    print("tokenizer: %d corpus lines, %d bytes, %d tokens; %d docs" % (
+        len(lines), sum(len(s.encode()) + 1 for s in lines), n_tok, len(docs)))
+    return hf
+
+
+def main():
+    """Build every fixture under --out."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "fixtures"))
+    args = ap.parse_args()
+    build_tokenizer(args.out)
+
+
+if __name__ == "__main__":
+    main()
