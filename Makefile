@@ -80,8 +80,9 @@ $(TEST_BIN): $(TEST_SRCS) $(wildcard tests/engine/*.h) $(ENGINE_LIB)
 	$(CC) $(ENGINE_CFLAGS) -Wno-unused-parameter -Isrc/engine -o $@ $(TEST_SRCS) \
 		$(ENGINE_LIB) $(ENGINE_LIBS)
 
-dolly_cuda.so: $(wildcard kernels/*.cu kernels/*.h) $(wildcard src/engine/*.h)
-	$(NVCC) $(NVCC_FLAGS) -o $@ $(wildcard kernels/*.cu) -lcublas
+# error.c is compiled in so that the plugin is self-contained whoever loads it
+dolly_cuda.so: $(wildcard kernels/*.cu kernels/*.cuh) $(wildcard src/engine/*.h) src/engine/error.c
+	$(NVCC) $(NVCC_FLAGS) -o $@ $(wildcard kernels/*.cu) src/engine/error.c -lcublas
 
 unittest: $(TEST_BIN)
 	$(TEST_BIN)

@@ -1,0 +1,16 @@
+/* sysinfo.h: facts about the host the CPU backend runs on, for logs and dolly_backends(). */
+#ifndef DOLLY_SYSINFO_H
+#define DOLLY_SYSINFO_H
+
+#include <stddef.h>
+
+/* Number of CPUs this process may run on (its affinity mask), at least 1. */
+int			sys_cpu_count(void);
+
+/* Describe the BLAS library in use (OpenBLAS version, core, threading) into buf. */
+void		sys_blas_info(char *buf, size_t len);
+
+/* The engine's version string. */
+const char *sys_engine_version(void);
+
+#endif

@@ -1,0 +1,171 @@
+/*
+ * server.c: the model server, one background worker that holds the model for every session.
+ *
+ * At this stage it starts, finds out which compute backends the machine offers (CPU threads,
+ * the CUDA plugin and its GPUs) and publishes that in shared memory for dolly_backends().
+ * CUDA is initialised here and nowhere else: CUDA state does not survive fork(), so the
+ * postmaster and _PG_init must never touch it. SIGTERM ends the worker with FATAL; the
+ * postmaster restarts it after bgw_restart_time unless the whole server is shutting down.
+ */
+#include "dolly_pg.h"
+
+#include <stdlib.h>
+
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/wait_event.h"
+
+#include "sysinfo.h"
+
+#define DOLLY_SERVER_NAME "dolly model server"
+
+PGDLLEXPORT void dolly_server_main(Datum arg);
+
+void
+dolly_server_register(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	/* a connection to no database: enough to appear in pg_stat_activity */
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_ConsistentState;
+	worker.bgw_restart_time = 1;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "dolly");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "dolly_server_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, DOLLY_SERVER_NAME);
+	snprintf(worker.bgw_type, BGW_MAXLEN, DOLLY_SERVER_NAME);
+	RegisterBackgroundWorker(&worker);
+}
+
+void
+dolly_cuda_plugin_path(char *buf, size_t len)
+{
+	snprintf(buf, len, "%s/%s", pkglib_path, DL_CUDA_PLUGIN_FILE);
+}
+
+/* Publish the CPU backend's facts. */
+static void
+probe_cpu(void)
+{
+	char		blas[192];
+	int			threads = dolly_cpu_threads();
+
+	sys_blas_info(blas, sizeof(blas));
+	SpinLockAcquire(&dolly_shared->mutex);
+	dolly_shared->cpu_threads = threads;
+	snprintf(dolly_shared->cpu_detail, sizeof(dolly_shared->cpu_detail),
+			 "%d threads of %d CPUs; %s", threads, sys_cpu_count(), blas);
+	SpinLockRelease(&dolly_shared->mutex);
+}
+
+/*
+ * Load the CUDA plugin, count GPUs and, unless dolly.device = cpu, run its self-test on
+ * the first GPU. Publishes what it found, or why CUDA cannot be used.
+ */
+static void
+probe_cuda(void)
+{
+	char		path[MAXPGPATH];
+	char		detail[1024];
+	const dl_cuda_plugin *plugin;
+	dl_gpu_info gpus[DL_MAX_GPUS];
+	int			ngpus = 0;
+	bool		available = false;
+	dl_error	err;
+
+	dolly_cuda_plugin_path(path, sizeof(path));
+	if (cuda_plugin_load(path, &plugin, &err) != DL_OK ||
+		plugin->probe(gpus, DL_MAX_GPUS, &ngpus, &err) != DL_OK)
+		snprintf(detail, sizeof(detail), "%s", err.msg);
+	else if (ngpus == 0)
+		snprintf(detail, sizeof(detail), "CUDA plugin %s loaded, but no GPU is visible",
+				 plugin->cuda_version);
+	else if (dolly_device != DOLLY_DEVICE_CPU && plugin->selftest(0, &err) != DL_OK)
+		snprintf(detail, sizeof(detail), "%s", err.msg);
+	else
+	{
+		int			len;
+
+		available = true;
+		len = snprintf(detail, sizeof(detail), "CUDA %s:", plugin->cuda_version);
+		for (int i = 0; i < ngpus && i < DL_MAX_GPUS && len < (int) sizeof(detail); i++)
+			len += snprintf(detail + len, sizeof(detail) - len, "%s GPU %d %s (sm_%d%d, %.1f GiB)",
+							i ? ";" : "", i, gpus[i].name, gpus[i].cc_major, gpus[i].cc_minor,
+							gpus[i].total_bytes / 1073741824.0);
+	}
+	if (!available)
+		elog(LOG, "dolly: CUDA backend unavailable: %s", detail);
+
+	SpinLockAcquire(&dolly_shared->mutex);
+	dolly_shared->cuda_available = available;
+	dolly_shared->cuda_ngpus = ngpus;
+	snprintf(dolly_shared->cuda_detail, sizeof(dolly_shared->cuda_detail), "%s", detail);
+	SpinLockRelease(&dolly_shared->mutex);
+}
+
+/* Mark the server gone, so that waiting sessions stop waiting for it. */
+static void
+server_on_exit(int code, Datum arg)
+{
+	SpinLockAcquire(&dolly_shared->mutex);
+	dolly_shared->state = DOLLY_SERVER_STOPPED;
+	dolly_shared->server_pid = 0;
+	SpinLockRelease(&dolly_shared->mutex);
+}
+
+/* Set our state in shared memory. */
+static void
+server_set_state(DollyServerState state)
+{
+	SpinLockAcquire(&dolly_shared->mutex);
+	dolly_shared->state = state;
+	SpinLockRelease(&dolly_shared->mutex);
+}
+
+void
+dolly_server_main(Datum arg)
+{
+	pqsignal(SIGTERM, die);
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
+	pgstat_report_appname(DOLLY_SERVER_NAME);
+
+	on_shmem_exit(server_on_exit, (Datum) 0);
+	SpinLockAcquire(&dolly_shared->mutex);
+	dolly_shared->state = DOLLY_SERVER_STARTING;
+	dolly_shared->server_pid = MyProcPid;
+	dolly_shared->server_generation++;
+	SpinLockRelease(&dolly_shared->mutex);
+
+	/* must precede the first CUDA call of this process */
+	if (dolly_cuda_devices[0] != '\0')
+		setenv("CUDA_VISIBLE_DEVICES", dolly_cuda_devices, 1);
+	pgstat_report_activity(STATE_RUNNING, "probing compute backends");
+	probe_cpu();
+	probe_cuda();
+	server_set_state(DOLLY_SERVER_READY);
+	pgstat_report_activity(STATE_IDLE, "");
+	elog(LOG, "dolly model server ready");
+
+	for (;;)
+	{
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 1000L, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			probe_cpu();
+		}
+	}
+}

@@ -1,0 +1,48 @@
+/* shmem.c: the model server's state in the main shared memory segment. */
+#include "dolly_pg.h"
+
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+
+DollyShared *dolly_shared = NULL;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+/* Ask the postmaster for our share of shared memory before it sizes the segment. */
+static void
+dolly_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(DollyShared)));
+}
+
+/* Create (postmaster) or attach to (EXEC_BACKEND children) the shared state. */
+static void
+dolly_shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	dolly_shared = ShmemInitStruct("dolly", sizeof(DollyShared), &found);
+	if (!found)
+	{
+		memset(dolly_shared, 0, sizeof(DollyShared));
+		SpinLockInit(&dolly_shared->mutex);
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+void
+dolly_shmem_init(void)
+{
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = dolly_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = dolly_shmem_startup;
+}

@@ -1,0 +1,80 @@
+/* sql_info.c: SQL functions that describe the installation: dolly_version(), dolly_backends(). */
+#include "dolly_pg.h"
+
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "storage/latch.h"
+#include "utils/builtins.h"
+#include "utils/wait_event.h"
+
+#include "sysinfo.h"
+
+/* How long a session waits for a (re)starting model server before giving up. */
+#define SERVER_WAIT_MS 10000
+
+PG_FUNCTION_INFO_V1(dolly_version);
+PG_FUNCTION_INFO_V1(dolly_backends);
+
+/* dolly_version(): the extension's version. */
+Datum
+dolly_version(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TEXT_P(cstring_to_text(psprintf("dolly %s", sys_engine_version())));
+}
+
+/* Wait, interruptibly, until the model server has published what it found. */
+static void
+wait_for_server(void)
+{
+	for (int waited = 0;; waited += 10)
+	{
+		DollyServerState state;
+
+		SpinLockAcquire(&dolly_shared->mutex);
+		state = dolly_shared->state;
+		SpinLockRelease(&dolly_shared->mutex);
+		if (state == DOLLY_SERVER_READY)
+			return;
+		if (waited >= SERVER_WAIT_MS)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("dolly model server is not running"),
+					 errhint("Check the server log for messages from \"dolly model server\".")));
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 10L,
+						 PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+}
+
+/* dolly_backends(): one row per compute backend: can it be used, on how many devices, why. */
+Datum
+dolly_backends(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	DollyShared snap;
+	Datum		values[4];
+	bool		nulls[4] = {false, false, false, false};
+
+	wait_for_server();
+	SpinLockAcquire(&dolly_shared->mutex);
+	snap = *dolly_shared;
+	SpinLockRelease(&dolly_shared->mutex);
+
+	InitMaterializedSRF(fcinfo, 0);
+
+	values[0] = CStringGetTextDatum("cpu");
+	values[1] = BoolGetDatum(true);
+	values[2] = Int32GetDatum(snap.cpu_threads);
+	values[3] = CStringGetTextDatum(snap.cpu_detail);
+	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+
+	values[0] = CStringGetTextDatum("cuda");
+	values[1] = BoolGetDatum(snap.cuda_available);
+	values[2] = Int32GetDatum(snap.cuda_ngpus);
+	values[3] = CStringGetTextDatum(snap.cuda_detail);
+	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+
+	return (Datum) 0;
+}
