@@ -1,0 +1,179 @@
+/*
+ * backend.h: the compute backend seam (device buffers and the operations of the model).
+ *
+ * A backend owns memory on a device and runs the operations of the transformer on it.
+ * The model code allocates, uploads and calls operations only through this table, so it
+ * never knows which backend runs it. The CPU backend (backend_cpu.c: OpenBLAS and a
+ * pthread pool) is the reference; the CUDA plugin (kernels/) fills the same table.
+ *
+ * Pointers marked "device" are addresses in the backend's memory: the host may not
+ * dereference them (on the CPU backend it happens to be able to). Shapes are written as
+ * [rows, cols], row-major, in elements. Activations are float32 on every backend;
+ * matrices ("weight format", DL_FMT_WEIGHT) are float32 on the CPU and may be narrower
+ * elsewhere (bfloat16 on CUDA), so their size in bytes is weight_elem_size per element.
+ * The KV cache is in the backend's kv format, kv_elem_size bytes per element.
+ *
+ * Operations are named <op>_forward; the training issue adds <op>_backward functions
+ * beside them, which ACCUMULATE (+=) into gradient buffers (llm.c's convention), and the
+ * optimizer step. Operations may run asynchronously: their failures surface at the next
+ * call that returns a dl_status (download, synchronize).
+ *
+ * A backend is used by one thread at a time.
+ */
+#ifndef DOLLY_BACKEND_H
+#define DOLLY_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "error.h"
+#include "safetensors.h"
+
+#ifdef __cplusplus
+extern "C"
+{
+#endif
+
+/* How a tensor is stored on the device. */
+typedef enum dl_fmt
+{
+	DL_FMT_F32,					/* float32: vectors (norm weights, biases), activations */
+	DL_FMT_WEIGHT				/* the backend's matrix format (weight_elem_size bytes) */
+} dl_fmt;
+
+/* GELU forms: config.h's dl_act values map onto these one to one. */
+typedef enum dl_gelu
+{
+	DL_GELU_TANH,				/* 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))) */
+	DL_GELU_ERF					/* 0.5x(1 + erf(x / sqrt(2))) */
+} dl_gelu;
+
+/*
+ * The new tokens of one sequence in a batch: tokens [first, first + len) of the batch
+ * rows, at positions [pos, pos + len) of cache slot `slot`. pos is also the number of
+ * tokens of that sequence already in the cache.
+ */
+typedef struct dl_span
+{
+	int32_t		first;
+	int32_t		len;
+	int32_t		slot;
+	int32_t		pos;
+} dl_span;
+
+/* The sequences of one forward pass: n spans, on the host and (the same) on the device. */
+typedef struct dl_spans
+{
+	int			n;
+	const dl_span *host;
+	const dl_span *dev;			/* device */
+} dl_spans;
+
+typedef struct dl_backend dl_backend;
+
+struct dl_backend
+{
+	const char *name;			/* "cpu", "cuda:0" */
+	size_t		weight_elem_size;	/* bytes per element of DL_FMT_WEIGHT */
+	size_t		kv_elem_size;	/* bytes per element of the KV cache */
+	size_t		alignment;		/* sub-buffers carved from one allocation start at multiples */
+	int			threads;		/* host threads it computes with (CPU), else 0 */
+
+	/* --- memory --- */
+
+	/* Allocate bytes of device memory (contents undefined); NULL and err on failure. */
+	void	   *(*alloc) (dl_backend *be, size_t bytes, dl_error *err);
+	/* Free what alloc returned; NULL is accepted. */
+	void		(*free) (dl_backend *be, void *ptr);
+	/* Set bytes of device memory to zero. */
+	void		(*zero) (dl_backend *be, void *dst, size_t bytes);
+	/* Copy bytes from the host to the device. */
+	dl_status	(*upload) (dl_backend *be, void *dst, const void *src, size_t bytes,
+						   dl_error *err);
+	/* Copy bytes from the device to the host, after every operation queued before. */
+	dl_status	(*download) (dl_backend *be, void *dst, const void *src, size_t bytes,
+							 dl_error *err);
+	/* Wait for every queued operation; reports a failure of any of them. */
+	dl_status	(*synchronize) (dl_backend *be, dl_error *err);
+
+	/*
+	 * Convert a safetensors tensor (F32, F16 or BF16) seen as [rows, cols] (cols = its
+	 * last dimension; a 1-D tensor is [numel, 1]) to format fmt at dst. Row r of dst is
+	 * row rows[r] of t, or row r when rows is NULL (a permutation applied at load).
+	 */
+	dl_status	(*upload_tensor) (dl_backend *be, void *dst, dl_fmt fmt,
+								  const st_tensor *t, const int32_t *rows, dl_error *err);
+
+	/* --- forward operations (device pointers; int32 index arrays are device too) --- */
+
+	/* out[T,C] = table[ids[t], :]; table [V,C] in weight format. */
+	void		(*embedding_forward) (dl_backend *be, float *out, const void *table,
+									  const int32_t *ids, int T, int C);
+
+	/* out[n,C] = in[rows[i], :]; picks the rows whose logits are wanted. */
+	void		(*gather_rows_forward) (dl_backend *be, float *out, const float *in,
+										const int32_t *rows, int n, int C);
+
+	/*
+	 * out[T,C] = (in - mean) * rstd * w + b per row, rstd = 1/sqrt(var + eps) with the
+	 * biased variance (torch.nn.LayerNorm). mean[T] and rstd[T] are written when not NULL
+	 * (the training pass keeps them for layernorm_backward). out may equal in.
+	 */
+	void		(*layernorm_forward) (dl_backend *be, float *out, float *mean, float *rstd,
+									  const float *in, const float *w, const float *b,
+									  int T, int C, float eps);
+
+	/*
+	 * out[M,N] = in[M,K] @ W[N,K]^T + bias[N] (bias may be NULL); W in weight format
+	 * (nn.Linear's [out, in]). With accumulate, the product is added to out instead
+	 * (residual connections cost no extra pass).
+	 */
+	void		(*matmul_forward) (dl_backend *be, float *out, const float *in, const void *W,
+								   const float *bias, int M, int K, int N, int accumulate);
+
+	/*
+	 * Rotary position embedding in place on n_head heads of head_dim floats per row of x
+	 * (row stride `stride` floats), T rows, row t at position pos[t]: the first rot_dim
+	 * dims of each head are rotated by angle pos * inv_freq[j], j < rot_dim/2.
+	 * cos_sin [max_pos, rot_dim] holds cos(pos * inv_freq[j]) at [pos, j] and the sine at
+	 * [pos, rot_dim/2 + j] (computed once by the model in float32 as transformers does).
+	 * interleaved (GPT-J rotate_every_two): pairs (2j, 2j+1); otherwise (NeoX
+	 * rotate_half): pairs (j, j + rot_dim/2).
+	 */
+	void		(*rotary_forward) (dl_backend *be, float *x, int stride, int T, int n_head,
+								   int head_dim, int rot_dim, int interleaved,
+								   const int32_t *pos, const float *cos_sin);
+
+	/*
+	 * Causal attention of a batch of sequences over the KV cache of one layer.
+	 * qkv [T, 3C] (C = n_head * head_dim): q | k | v of each new token, heads contiguous
+	 * within each, rotary applied. k_cache, v_cache: [n_slots, max_ctx, C] in kv format.
+	 * First the k and v of every new token are stored at (slot, pos); then each new token
+	 * at position p of span s attends to positions 0..p of its slot:
+	 * out[t, h] = softmax(q_h . k_h[0..p] * scale) @ v_h[0..p], out [T, C].
+	 * Prefill (len > 1, cached prefix or not) and decode (len 1) mix freely in one call.
+	 */
+	void		(*attention_forward) (dl_backend *be, float *out, const float *qkv,
+									  void *k_cache, void *v_cache, int max_ctx,
+									  const dl_spans *spans, int n_head, int head_dim,
+									  float scale);
+
+	/* out[n] = gelu(in[n]) in the given form; out may equal in. */
+	void		(*gelu_forward) (dl_backend *be, float *out, const float *in, size_t n,
+								 dl_gelu form);
+
+	/* Release the backend and everything it holds; buffers must have been freed. */
+	void		(*destroy) (dl_backend *be);
+};
+
+/*
+ * The CPU backend with `threads` compute threads (>= 1): OpenBLAS for matrix products,
+ * a persistent thread pool for the other operations.
+ */
+dl_status	backend_cpu_create(int threads, dl_backend **out, dl_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

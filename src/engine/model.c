@@ -1,0 +1,400 @@
+/*
+ * model.c: loading GPT-J and GPT-NeoX parameters from a Hugging Face directory into one
+ * backend allocation; see model.h for the layout. The forward pass is in model_forward.c.
+ */
+#include "model.h"
+#include "safetensors.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The tensor map under construction, with the dl_params field each entry starts. */
+typedef struct map_builder
+{
+	dl_tensor_map *map;
+	int			n;
+	int			cap;
+	void	 ***slots;			/* slots[i]: where entry i's device pointer goes, or NULL */
+	size_t		off;
+	size_t		align;
+	size_t		wsize;
+} map_builder;
+
+dl_status
+model_alloc(dl_backend *be, size_t bytes, void **out, dl_error *err)
+{
+	dl_error	local;
+
+	if (err == NULL)
+		err = &local;
+	*out = be->alloc(be, bytes, err);
+	return *out ? DL_OK : err->code;
+}
+
+int32_t
+model_neox_qkv_hf_row(int n_head, int head_dim, int r)
+{
+	int			E = n_head * head_dim;
+	int			part = r / E;	/* 0 q, 1 k, 2 v */
+	int			h = r % E / head_dim;
+	int			d = r % head_dim;
+
+	(void) n_head;
+	return h * 3 * head_dim + part * head_dim + d;
+}
+
+/*
+ * Append a tensor of shape [rows] (cols 0) or [rows, cols]. With a slot it starts a new
+ * parameter (aligned) whose device pointer is stored in *slot after allocation; without,
+ * its rows directly follow the previous entry's (GPT-J's k_proj after q_proj).
+ */
+static dl_status
+map_add(map_builder *b, void **slot, dl_fmt fmt, dl_rowmap rowmap, int64_t rows, int64_t cols,
+		dl_error *err, const char *name_fmt,...) __attribute__((format(printf, 8, 9)));
+
+static dl_status
+map_add(map_builder *b, void **slot, dl_fmt fmt, dl_rowmap rowmap, int64_t rows, int64_t cols,
+		dl_error *err, const char *name_fmt,...)
+{
+	dl_tensor_map *e;
+	va_list		ap;
+
+	if (b->n == b->cap)
+	{
+		int			cap = b->cap ? b->cap * 2 : 64;
+		dl_tensor_map *map = realloc(b->map, cap * sizeof(*map));
+		void	 ***slots = realloc(b->slots, cap * sizeof(*slots));
+
+		if (map)
+			b->map = map;
+		if (slots)
+			b->slots = slots;
+		if (map == NULL || slots == NULL)
+			return dl_fail(err, DL_ENOMEM, "out of memory building the tensor map");
+		b->cap = cap;
+	}
+	e = &b->map[b->n];
+	va_start(ap, name_fmt);
+	vsnprintf(e->name, sizeof(e->name), name_fmt, ap);
+	va_end(ap);
+	e->ndim = cols ? 2 : 1;
+	e->shape[0] = rows;
+	e->shape[1] = cols;
+	e->fmt = fmt;
+	e->rowmap = rowmap;
+	if (slot)
+		b->off = (b->off + b->align - 1) / b->align * b->align;
+	e->offset = b->off;
+	b->off += (size_t) rows * (cols ? cols : 1) * (fmt == DL_FMT_WEIGHT ? b->wsize : sizeof(float));
+	b->slots[b->n] = slot;
+	b->n++;
+	return DL_OK;
+}
+
+#define ADD(slot, fmt, rm, rows, cols, ...) do { \
+		dl_status	st_ = map_add(b, (void **) (slot), fmt, rm, rows, cols, err, __VA_ARGS__); \
+		if (st_ != DL_OK) return st_; \
+	} while (0)
+#define MAT DL_FMT_WEIGHT
+#define VEC DL_FMT_F32
+#define SAME DL_ROWS_SAME
+
+/* The tensors of a GPT-J checkpoint (MODEL_SPEC.md section 5). */
+static dl_status
+map_gptj(map_builder *b, dl_model *m, dl_error *err)
+{
+	const dl_config *c = &m->cfg;
+	int64_t		E = c->n_embd,
+				F = c->n_inner,
+				V = c->vocab_size;
+
+	ADD(&m->p.wte, MAT, SAME, V, E, "transformer.wte.weight");
+	for (int i = 0; i < c->n_layer; i++)
+	{
+		dl_layer_params *L = &m->p.layers[i];
+
+		ADD(&L->ln1_w, VEC, SAME, E, 0, "transformer.h.%d.ln_1.weight", i);
+		ADD(&L->ln1_b, VEC, SAME, E, 0, "transformer.h.%d.ln_1.bias", i);
+		ADD(&L->qkv_w, MAT, SAME, E, E, "transformer.h.%d.attn.q_proj.weight", i);
+		ADD(NULL, MAT, SAME, E, E, "transformer.h.%d.attn.k_proj.weight", i);
+		ADD(NULL, MAT, SAME, E, E, "transformer.h.%d.attn.v_proj.weight", i);
+		ADD(&L->proj_w, MAT, SAME, E, E, "transformer.h.%d.attn.out_proj.weight", i);
+		ADD(&L->fc_in_w, MAT, SAME, F, E, "transformer.h.%d.mlp.fc_in.weight", i);
+		ADD(&L->fc_in_b, VEC, SAME, F, 0, "transformer.h.%d.mlp.fc_in.bias", i);
+		ADD(&L->fc_out_w, MAT, SAME, E, F, "transformer.h.%d.mlp.fc_out.weight", i);
+		ADD(&L->fc_out_b, VEC, SAME, E, 0, "transformer.h.%d.mlp.fc_out.bias", i);
+	}
+	ADD(&m->p.lnf_w, VEC, SAME, E, 0, "transformer.ln_f.weight");
+	ADD(&m->p.lnf_b, VEC, SAME, E, 0, "transformer.ln_f.bias");
+	if (!c->tie_embeddings)
+		ADD(&m->p.lm_head, MAT, SAME, V, E, "lm_head.weight");
+	/* nn.Linear(n_embd, vocab_size) has a bias, and transformers always saves it */
+	ADD(&m->p.lm_head_b, VEC, SAME, V, 0, "lm_head.bias");
+	return DL_OK;
+}
+
+/* The tensors of a GPT-NeoX checkpoint (MODEL_SPEC.md section 6). */
+static dl_status
+map_neox(map_builder *b, dl_model *m, dl_error *err)
+{
+	const dl_config *c = &m->cfg;
+	int64_t		E = c->n_embd,
+				F = c->n_inner,
+				V = c->vocab_size;
+
+	ADD(&m->p.wte, MAT, SAME, V, E, "gpt_neox.embed_in.weight");
+	for (int i = 0; i < c->n_layer; i++)
+	{
+		dl_layer_params *L = &m->p.layers[i];
+
+		ADD(&L->ln1_w, VEC, SAME, E, 0, "gpt_neox.layers.%d.input_layernorm.weight", i);
+		ADD(&L->ln1_b, VEC, SAME, E, 0, "gpt_neox.layers.%d.input_layernorm.bias", i);
+		ADD(&L->ln2_w, VEC, SAME, E, 0, "gpt_neox.layers.%d.post_attention_layernorm.weight", i);
+		ADD(&L->ln2_b, VEC, SAME, E, 0, "gpt_neox.layers.%d.post_attention_layernorm.bias", i);
+		ADD(&L->qkv_w, MAT, DL_ROWS_NEOX_QKV, 3 * E, E,
+			"gpt_neox.layers.%d.attention.query_key_value.weight", i);
+		if (c->attention_bias)
+			ADD(&L->qkv_b, VEC, DL_ROWS_NEOX_QKV, 3 * E, 0,
+				"gpt_neox.layers.%d.attention.query_key_value.bias", i);
+		ADD(&L->proj_w, MAT, SAME, E, E, "gpt_neox.layers.%d.attention.dense.weight", i);
+		if (c->attention_bias)
+			ADD(&L->proj_b, VEC, SAME, E, 0, "gpt_neox.layers.%d.attention.dense.bias", i);
+		ADD(&L->fc_in_w, MAT, SAME, F, E, "gpt_neox.layers.%d.mlp.dense_h_to_4h.weight", i);
+		ADD(&L->fc_in_b, VEC, SAME, F, 0, "gpt_neox.layers.%d.mlp.dense_h_to_4h.bias", i);
+		ADD(&L->fc_out_w, MAT, SAME, E, F, "gpt_neox.layers.%d.mlp.dense_4h_to_h.weight", i);
+		ADD(&L->fc_out_b, VEC, SAME, E, 0, "gpt_neox.layers.%d.mlp.dense_4h_to_h.bias", i);
+	}
+	ADD(&m->p.lnf_w, VEC, SAME, E, 0, "gpt_neox.final_layer_norm.weight");
+	ADD(&m->p.lnf_b, VEC, SAME, E, 0, "gpt_neox.final_layer_norm.bias");
+	if (!c->tie_embeddings)
+		ADD(&m->p.lm_head, MAT, SAME, V, E, "embed_out.weight");
+	return DL_OK;
+}
+
+/* Format a shape as "[a, b]". */
+static const char *
+shape_str(char *buf, size_t len, int ndim, const int64_t *shape)
+{
+	size_t		at = snprintf(buf, len, "[");
+
+	for (int i = 0; i < ndim && at < len; i++)
+		at += snprintf(buf + at, len - at, "%s%lld", i ? ", " : "", (long long) shape[i]);
+	if (at < len)
+		snprintf(buf + at, len - at, "]");
+	return buf;
+}
+
+/* Find a map entry's tensor and check its dtype and shape. */
+static dl_status
+check_tensor(const st_set *set, const dl_tensor_map *e, const char *dir, const char *type,
+			 const st_tensor **out, dl_error *err)
+{
+	const st_tensor *t = st_find(set, e->name);
+	char		got[96],
+				want[96];
+
+	if (t == NULL)
+	{
+		dl_fail(err, DL_EFORMAT, "model \"%s\" has no tensor \"%s\"", dir, e->name);
+		return dl_hint(err, "the safetensors files do not hold a complete %s checkpoint", type);
+	}
+	if (t->dtype != ST_F32 && t->dtype != ST_F16 && t->dtype != ST_BF16)
+		return dl_fail(err, DL_EUNSUPPORTED, "tensor \"%s\" in \"%s\" has dtype %s; only F32, F16 and BF16 are supported",
+					   e->name, set->paths[t->file], st_dtype_name(t->dtype));
+	if (t->ndim != e->ndim || t->shape[0] != e->shape[0] ||
+		(e->ndim == 2 && t->shape[1] != e->shape[1]))
+	{
+		dl_fail(err, DL_EFORMAT, "tensor \"%s\" in \"%s\" has shape %s, expected %s",
+				e->name, set->paths[t->file], shape_str(got, sizeof(got), t->ndim, t->shape),
+				shape_str(want, sizeof(want), e->ndim, e->shape));
+		return dl_hint(err, "the weights do not match config.json");
+	}
+	*out = t;
+	return DL_OK;
+}
+
+/* Check the hyper-parameters that the shapes and kernels rely on. */
+static dl_status
+check_config(const dl_config *c, const char *path, dl_error *err)
+{
+	if (c->n_layer < 1 || c->n_head < 1 || c->n_embd < 1 || c->n_inner < 1 ||
+		c->head_dim * c->n_head != c->n_embd)
+		return dl_fail(err, DL_EFORMAT, "\"%s\": inconsistent sizes (%d layers, %d heads, width %d, head size %d, MLP %d)",
+					   path, c->n_layer, c->n_head, c->n_embd, c->head_dim, c->n_inner);
+	if (c->rotary_dim < 0 || c->rotary_dim > c->head_dim || c->rotary_dim % 2)
+		return dl_fail(err, DL_EFORMAT, "\"%s\": rotary dimension %d is not an even number within the head size %d",
+					   path, c->rotary_dim, c->head_dim);
+	if (c->max_pos < 1)
+		return dl_fail(err, DL_EFORMAT, "\"%s\": maximum position %d is out of range", path, c->max_pos);
+	return DL_OK;
+}
+
+/*
+ * cos | sin of pos * inv_freq[j] for every position, computed as transformers does in
+ * float32: inv_freq = 1 / base^(2j/rd), theta = float(pos) * inv_freq, then the
+ * correctly rounded cosine and sine of that float32 angle.
+ */
+static dl_status
+build_rope(dl_model *m, dl_error *err)
+{
+	int			rd = m->cfg.rotary_dim,
+				P = m->cfg.max_pos;
+	size_t		bytes = (size_t) P * (rd ? rd : 1) * sizeof(float);
+	float	   *tab,
+			   *inv;
+	dl_status	st;
+
+	st = model_alloc(m->be, bytes, (void **) &m->rope, err);
+	if (st != DL_OK || rd == 0)
+		return st;
+	tab = malloc(bytes + rd / 2 * sizeof(float));
+	if (tab == NULL)
+		return dl_fail(err, DL_ENOMEM, "out of memory building the rotary table");
+	inv = tab + (size_t) P * rd;
+	for (int j = 0; j < rd / 2; j++)
+	{
+		float		e = (float) (2 * j) / (float) rd;
+
+		inv[j] = 1.0f / (float) pow(m->cfg.rotary_base, e);
+	}
+	for (int p = 0; p < P; p++)
+		for (int j = 0; j < rd / 2; j++)
+		{
+			float		th = (float) p * inv[j];
+
+			tab[(size_t) p * rd + j] = (float) cos(th);
+			tab[(size_t) p * rd + rd / 2 + j] = (float) sin(th);
+		}
+	st = m->be->upload(m->be, m->rope, tab, bytes, err);
+	free(tab);
+	return st;
+}
+
+/* Build the map, check every tensor, allocate once and upload. */
+static dl_status
+load_params(dl_model *m, const st_set *set, const char *dir, dl_error *err)
+{
+	const dl_config *c = &m->cfg;
+	const char *type = c->arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox";
+	const char *emb = c->arch == DL_ARCH_GPTJ ? "transformer.wte.weight" : "gpt_neox.embed_in.weight";
+	const st_tensor *t = st_find(set, emb);
+	map_builder bld = {.align = m->be->alignment, .wsize = m->be->weight_elem_size};
+	map_builder *b = &bld;
+	dl_status	st;
+	int32_t    *rows = NULL;
+
+	/* the vocabulary is the embedding's rows (Pythia pads its tables) */
+	if (t == NULL)
+	{
+		dl_fail(err, DL_EFORMAT, "model \"%s\" has no tensor \"%s\"", dir, emb);
+		return dl_hint(err, "the safetensors files do not hold a %s checkpoint", type);
+	}
+	if (t->ndim != 2 || t->shape[1] != c->n_embd || t->shape[0] < 1 || t->shape[0] > INT32_MAX)
+	{
+		char		got[96];
+
+		return dl_fail(err, DL_EFORMAT, "tensor \"%s\" in \"%s\" has shape %s, expected [vocabulary, %d]",
+					   emb, set->paths[t->file], shape_str(got, sizeof(got), t->ndim, t->shape), c->n_embd);
+	}
+	m->cfg.vocab_size = (int) t->shape[0];
+
+	m->p.layers = calloc(c->n_layer, sizeof(dl_layer_params));
+	if (m->p.layers == NULL)
+		return dl_fail(err, DL_ENOMEM, "out of memory loading \"%s\"", dir);
+	st = c->arch == DL_ARCH_GPTJ ? map_gptj(b, m, err) : map_neox(b, m, err);
+	m->map = bld.map;
+	m->nmap = bld.n;
+	if (st != DL_OK)
+		goto done;
+	for (int i = 0; i < bld.n; i++)
+	{
+		st = check_tensor(set, &bld.map[i], dir, type, &t, err);
+		if (st != DL_OK)
+			goto done;
+	}
+
+	m->param_bytes = bld.off;
+	st = model_alloc(m->be, m->param_bytes, &m->param_mem, err);
+	if (st != DL_OK)
+	{
+		dl_hint(err, "the parameters of \"%s\" need %zu MB", dir, m->param_bytes >> 20);
+		goto done;
+	}
+	for (int i = 0; i < bld.n; i++)
+	{
+		dl_tensor_map *e = &bld.map[i];
+		char	   *dst = (char *) m->param_mem + e->offset;
+
+		if (bld.slots[i])
+			*bld.slots[i] = dst;
+		if (e->rowmap == DL_ROWS_NEOX_QKV && rows == NULL)
+		{
+			rows = malloc(3 * sizeof(int32_t) * c->n_embd);
+			if (rows == NULL)
+			{
+				st = dl_fail(err, DL_ENOMEM, "out of memory loading \"%s\"", dir);
+				goto done;
+			}
+			for (int r = 0; r < 3 * c->n_embd; r++)
+				rows[r] = model_neox_qkv_hf_row(c->n_head, c->head_dim, r);
+		}
+		st = m->be->upload_tensor(m->be, dst, e->fmt, st_find(set, e->name),
+								  e->rowmap == DL_ROWS_NEOX_QKV ? rows : NULL, err);
+		if (st != DL_OK)
+			goto done;
+	}
+	if (c->tie_embeddings)
+		m->p.lm_head = m->p.wte;
+	st = m->be->synchronize(m->be, err);
+done:
+	free(rows);
+	free(bld.slots);
+	return st;
+}
+
+dl_status
+dl_model_load(const char *dir, dl_backend *be, dl_model **out, dl_error *err)
+{
+	char		path[4096];
+	dl_model   *m;
+	st_set	   *set = NULL;
+	dl_status	st;
+
+	m = calloc(1, sizeof(*m));
+	if (m == NULL)
+		return dl_fail(err, DL_ENOMEM, "out of memory loading \"%s\"", dir);
+	m->be = be;
+	snprintf(path, sizeof(path), "%s/config.json", dir);
+	st = config_load(path, &m->cfg, err);
+	if (st == DL_OK)
+		st = check_config(&m->cfg, path, err);
+	if (st == DL_OK)
+		st = st_open(dir, &set, err);
+	if (st == DL_OK)
+		st = load_params(m, set, dir, err);
+	if (st == DL_OK)
+		st = build_rope(m, err);
+	st_close(set);
+	if (st != DL_OK)
+	{
+		dl_model_free(m);
+		return st;
+	}
+	*out = m;
+	return DL_OK;
+}
+
+void
+dl_model_free(dl_model *m)
+{
+	if (m == NULL)
+		return;
+	m->be->free(m->be, m->param_mem);
+	m->be->free(m->be, m->rope);
+	free(m->p.layers);
+	free(m->map);
+	free(m);
+}

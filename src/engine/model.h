@@ -1,0 +1,162 @@
+/*
+ * model.h: GPT-J and GPT-NeoX loaded from a Hugging Face directory, and their forward
+ * pass over a KV cache for a batch of sequences.
+ *
+ * All parameters live in ONE backend allocation; dl_params points into it (llm.c's
+ * malloc_and_point_parameters). dl_tensor_map says where each Hugging Face tensor lives
+ * in that allocation, so loading, saving (fine-tuning) and a gradient buffer laid out
+ * like the parameters are one loop over one table. Two layouts differ from the file:
+ *  - GPT-J's q_proj, k_proj and v_proj are stacked into one [3E, E] matrix (three map
+ *    entries, each a block of rows);
+ *  - GPT-NeoX's query_key_value rows are interleaved per head in the file (head h owns
+ *    rows [h*3D, h*3D + 3D) as q|k|v); they are re-laid at load to q of all heads | k |
+ *    v, the same layout as GPT-J's, through model_neox_qkv_hf_row (the one place that
+ *    knows the mapping; saving applies it backwards).
+ * So both architectures compute qkv [T, 3E] = q | k | v with heads contiguous.
+ */
+#ifndef DOLLY_MODEL_H
+#define DOLLY_MODEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "config.h"
+#include "error.h"
+
+/* Device pointers of one layer's parameters; matrices in weight format, vectors float32. */
+typedef struct dl_layer_params
+{
+	float	   *ln1_w;			/* [E] GPT-J ln_1, NeoX input_layernorm */
+	float	   *ln1_b;
+	float	   *ln2_w;			/* [E] NeoX post_attention_layernorm; NULL for GPT-J */
+	float	   *ln2_b;
+	void	   *qkv_w;			/* [3E, E] q | k | v, heads contiguous */
+	float	   *qkv_b;			/* [3E] NeoX with attention_bias; else NULL */
+	void	   *proj_w;			/* [E, E] GPT-J out_proj, NeoX dense */
+	float	   *proj_b;			/* [E] NeoX with attention_bias; else NULL */
+	void	   *fc_in_w;		/* [F, E] GPT-J fc_in, NeoX dense_h_to_4h */
+	float	   *fc_in_b;		/* [F] */
+	void	   *fc_out_w;		/* [E, F] GPT-J fc_out, NeoX dense_4h_to_h */
+	float	   *fc_out_b;		/* [E] */
+} dl_layer_params;
+
+typedef struct dl_params
+{
+	void	   *wte;			/* [V, E] input embedding */
+	dl_layer_params *layers;	/* n_layer, host array of device pointers */
+	float	   *lnf_w;			/* [E] GPT-J ln_f, NeoX final_layer_norm */
+	float	   *lnf_b;
+	void	   *lm_head;		/* [V, E] lm_head / embed_out; == wte when tied */
+	float	   *lm_head_b;		/* [V] GPT-J lm_head.bias; NULL for NeoX */
+} dl_params;
+
+/* How the rows of a Hugging Face tensor map to the rows of our parameter. */
+typedef enum dl_rowmap
+{
+	DL_ROWS_SAME,				/* row r is row r */
+	DL_ROWS_NEOX_QKV			/* our row r is file row model_neox_qkv_hf_row(r) */
+} dl_rowmap;
+
+/* One Hugging Face tensor and the place of its rows in the parameter allocation. */
+typedef struct dl_tensor_map
+{
+	char		name[128];		/* as in the safetensors file */
+	int			ndim;			/* 1 or 2 */
+	int64_t		shape[2];		/* [out, in] for matrices, [n] for vectors */
+	dl_fmt		fmt;
+	size_t		offset;			/* bytes from the start of the allocation */
+	dl_rowmap	rowmap;
+} dl_tensor_map;
+
+typedef struct dl_model
+{
+	dl_config	cfg;			/* cfg.vocab_size set from the embedding's rows */
+	dl_backend *be;
+	void	   *param_mem;		/* the one allocation (device) */
+	size_t		param_bytes;
+	dl_params	p;
+	dl_tensor_map *map;			/* every tensor read from the files */
+	int			nmap;
+	float	   *rope;			/* device [max_pos, rotary_dim]: cos | sin per position */
+} dl_model;
+
+/*
+ * Load the model in directory dir (config.json, model.safetensors or its sharded index)
+ * onto backend be, converting F32/F16/BF16 to the backend's formats. Every tensor is
+ * checked for presence, dtype and shape; an error names the tensor and the file.
+ */
+dl_status	dl_model_load(const char *dir, dl_backend *be, dl_model **out, dl_error *err);
+
+/* Free the model's device memory and the model; NULL is accepted. */
+void		dl_model_free(dl_model *m);
+
+/* be->alloc as a dl_status: *out is NULL on failure. */
+dl_status	model_alloc(dl_backend *be, size_t bytes, void **out, dl_error *err);
+
+/* File row of the GPT-NeoX fused QKV tensor that our row r (in [0, 3E)) comes from. */
+int32_t		model_neox_qkv_hf_row(int n_head, int head_dim, int r);
+
+/*
+ * The KV cache of n_slots sequences of up to max_ctx tokens each, and the activation
+ * buffers of forward passes of up to max_tokens tokens through it: everything a forward
+ * pass needs is allocated here, once. Used by one thread at a time.
+ */
+typedef struct dl_kv_cache
+{
+	dl_model   *model;
+	int			n_slots;
+	int			max_ctx;
+	int			max_tokens;
+	int			logit_rows;		/* rows of logits computed per product (chunked above) */
+	void	   *kv;				/* device: K then V, each [n_layer, n_slots, max_ctx, E] */
+	size_t		layer_stride;	/* bytes between layers within K (or V) */
+	void	   *act;			/* device: the activation buffers below */
+	float	   *x;				/* [T, E] the residual stream */
+	float	   *ln;				/* [T, E] layer norm output */
+	float	   *qkv;			/* [T, 3E] */
+	float	   *att;			/* [T, E] attention output (before the projection) */
+	float	   *fc;				/* [T, F] MLP hidden */
+	float	   *lg_in;			/* [R, E] rows whose logits are wanted */
+	float	   *logits;			/* [R, V] */
+	int32_t    *meta;			/* device: ids [T] | pos [T] | rows [T] | spans */
+	int32_t    *h_meta;			/* the same, staged on the host */
+	size_t		meta_bytes;
+} dl_kv_cache;
+
+/* Allocate a cache and its activations (limits are checked against the model). */
+dl_status	dl_kv_cache_create(dl_model *m, int n_slots, int max_ctx, int max_tokens,
+							   dl_kv_cache **out, dl_error *err);
+
+/* Free a cache; NULL is accepted. */
+void		dl_kv_cache_free(dl_kv_cache *c);
+
+/* Which logits a sequence wants from a forward pass. */
+typedef enum dl_want
+{
+	DL_LOGITS_NONE,				/* a chunk of a prompt whose end comes later */
+	DL_LOGITS_LAST,				/* the last new token: generation */
+	DL_LOGITS_ALL				/* every new token: tests, scoring */
+} dl_want;
+
+/* One sequence's part of a forward pass. */
+typedef struct dl_seq
+{
+	int			slot;			/* cache slot, unique within a batch */
+	int			pos;			/* tokens already in the slot = position of ids[0] */
+	int			n_tokens;		/* new tokens, >= 1 */
+	const int32_t *ids;
+	dl_want		want;
+} dl_seq;
+
+/*
+ * Run n sequences' new tokens through the model in one pass: their keys and values join
+ * the cache, and the logits they asked for are written to logits (host), [rows, V] in
+ * sequence order. Prefill of prompts of any lengths and one-token decode steps mix freely.
+ * The total of new tokens must not exceed the cache's max_tokens.
+ */
+dl_status	dl_model_forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n,
+							 float *logits, dl_error *err);
+
+#endif

@@ -1,0 +1,276 @@
+/*
+ * model_forward.c: the KV cache with its activation buffers, and the forward pass of
+ * GPT-J and GPT-NeoX over a batch of sequences (transformers' modeling_gptj.py and
+ * modeling_gpt_neox.py, in float32).
+ *
+ * Per layer, with E the width and the rows of all sequences stacked (T rows):
+ *   a = LN1(x); qkv = a Wqkv^T (+b); rotary on q and k; attention over the cache
+ *   GPT-J:           x += proj(att) + MLP(a)            (one norm, parallel)
+ *   NeoX parallel:   x += proj(att) + MLP(LN2(x_in))
+ *   NeoX sequential: x += proj(att); x += MLP(LN2(x))
+ * The residual additions are the matrix products' accumulate mode. Logits are computed
+ * only for the rows asked for, after the final norm on those rows alone.
+ */
+#include "model.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Round bytes up to the backend's alignment. */
+static size_t
+aligned(const dl_backend *be, size_t bytes)
+{
+	return (bytes + be->alignment - 1) / be->alignment * be->alignment;
+}
+
+dl_status
+dl_kv_cache_create(dl_model *m, int n_slots, int max_ctx, int max_tokens,
+				   dl_kv_cache **out, dl_error *err)
+{
+	const dl_config *cfg = &m->cfg;
+	dl_backend *be = m->be;
+	dl_kv_cache *c;
+	size_t		E = cfg->n_embd,
+				F = cfg->n_inner,
+				V = cfg->vocab_size,
+				T,
+				R,
+				sizes[7],
+				total = 0;
+	float	  **bufs[7];
+	dl_status	st;
+
+	if (n_slots < 1 || n_slots > 65536)
+		return dl_fail(err, DL_EINVAL, "number of sequences %d is out of range (1 .. 65536)", n_slots);
+	if (max_ctx < 1 || max_ctx > cfg->max_pos)
+	{
+		dl_fail(err, DL_EINVAL, "context length %d is out of range (1 .. %d)", max_ctx, cfg->max_pos);
+		return dl_hint(err, "the model was trained with %d positions", cfg->max_pos);
+	}
+	if (max_tokens < 1 || max_tokens > 1 << 20)
+		return dl_fail(err, DL_EINVAL, "tokens per forward pass %d is out of range (1 .. %d)",
+					   max_tokens, 1 << 20);
+	c = calloc(1, sizeof(*c));
+	if (c == NULL)
+		return dl_fail(err, DL_ENOMEM, "out of memory creating a KV cache");
+	c->model = m;
+	c->n_slots = n_slots;
+	c->max_ctx = max_ctx;
+	c->max_tokens = max_tokens;
+	/* enough rows for one logit per sequence in one product; more are done in chunks */
+	c->logit_rows = n_slots < 32 ? 32 : n_slots;
+	T = max_tokens;
+	R = c->logit_rows;
+
+	c->layer_stride = (size_t) n_slots * max_ctx * E * be->kv_elem_size;
+	st = model_alloc(be, 2 * c->layer_stride * cfg->n_layer, &c->kv, err);
+	if (st != DL_OK)
+	{
+		dl_hint(err, "the KV cache of %d sequences of %d tokens needs %zu MB", n_slots, max_ctx,
+				2 * c->layer_stride * cfg->n_layer >> 20);
+		goto fail;
+	}
+
+	/* every activation buffer carved from one allocation */
+	bufs[0] = &c->x, sizes[0] = T * E;
+	bufs[1] = &c->ln, sizes[1] = T * E;
+	bufs[2] = &c->qkv, sizes[2] = T * 3 * E;
+	bufs[3] = &c->att, sizes[3] = T * E;
+	bufs[4] = &c->fc, sizes[4] = T * F;
+	bufs[5] = &c->lg_in, sizes[5] = R * E;
+	bufs[6] = &c->logits, sizes[6] = R * V;
+	for (int i = 0; i < 7; i++)
+		total += aligned(be, sizes[i] * sizeof(float));
+	c->meta_bytes = (3 * T + 4 * (size_t) n_slots) * sizeof(int32_t);
+	st = model_alloc(be, total + c->meta_bytes, &c->act, err);
+	if (st != DL_OK)
+		goto fail;
+	total = 0;
+	for (int i = 0; i < 7; i++)
+	{
+		*bufs[i] = (float *) ((char *) c->act + total);
+		total += aligned(be, sizes[i] * sizeof(float));
+	}
+	c->meta = (int32_t *) ((char *) c->act + total);
+	c->h_meta = malloc(c->meta_bytes);
+	if (c->h_meta == NULL)
+	{
+		st = dl_fail(err, DL_ENOMEM, "out of memory creating a KV cache");
+		goto fail;
+	}
+	*out = c;
+	return DL_OK;
+
+fail:
+	dl_kv_cache_free(c);
+	return st;
+}
+
+void
+dl_kv_cache_free(dl_kv_cache *c)
+{
+	if (c == NULL)
+		return;
+	c->model->be->free(c->model->be, c->kv);
+	c->model->be->free(c->model->be, c->act);
+	free(c->h_meta);
+	free(c);
+}
+
+/* Check a batch against the model and the cache; counts its tokens and logit rows. */
+static dl_status
+check_batch(const dl_model *m, const dl_kv_cache *c, const dl_seq *seqs, int n,
+			int *ntok, int *nrows, dl_error *err)
+{
+	*ntok = 0;
+	*nrows = 0;
+	if (n < 1 || n > c->n_slots)
+		return dl_fail(err, DL_EINVAL, "a forward pass needs 1 to %d sequences, not %d", c->n_slots, n);
+	for (int i = 0; i < n; i++)
+	{
+		const dl_seq *s = &seqs[i];
+
+		if (s->slot < 0 || s->slot >= c->n_slots)
+			return dl_fail(err, DL_EINVAL, "cache slot %d is out of range (0 .. %d)", s->slot, c->n_slots - 1);
+		for (int j = 0; j < i; j++)
+			if (seqs[j].slot == s->slot)
+				return dl_fail(err, DL_EINVAL, "cache slot %d appears twice in one batch", s->slot);
+		if (s->n_tokens < 1)
+			return dl_fail(err, DL_EINVAL, "sequence %d of the batch has no tokens", i);
+		if (s->pos < 0 || s->pos > c->max_ctx - s->n_tokens)
+		{
+			dl_fail(err, DL_EINVAL, "sequence %d: positions %d .. %d exceed the context of %d tokens",
+					i, s->pos, s->pos + s->n_tokens - 1, c->max_ctx);
+			return dl_hint(err, "shorten the prompt or the number of new tokens");
+		}
+		for (int j = 0; j < s->n_tokens; j++)
+			if (s->ids[j] < 0 || s->ids[j] >= m->cfg.vocab_size)
+				return dl_fail(err, DL_EINVAL, "token id %d is out of range (0 .. %d)",
+							   s->ids[j], m->cfg.vocab_size - 1);
+		*ntok += s->n_tokens;
+		*nrows += s->want == DL_LOGITS_ALL ? s->n_tokens : s->want == DL_LOGITS_LAST ? 1 : 0;
+	}
+	if (*ntok > c->max_tokens)
+		return dl_fail(err, DL_EINVAL, "a forward pass of %d tokens exceeds the limit of %d",
+					   *ntok, c->max_tokens);
+	return DL_OK;
+}
+
+/* MLP(in) added to x: x += fc_out(gelu(fc_in(in))). */
+static void
+mlp_forward(dl_model *m, dl_kv_cache *c, const dl_layer_params *L, const float *in, int T)
+{
+	dl_backend *be = m->be;
+	int			E = m->cfg.n_embd,
+				F = m->cfg.n_inner;
+
+	be->matmul_forward(be, c->fc, in, L->fc_in_w, L->fc_in_b, T, E, F, 0);
+	be->gelu_forward(be, c->fc, c->fc, (size_t) T * F,
+					 m->cfg.act == DL_ACT_GELU_TANH ? DL_GELU_TANH : DL_GELU_ERF);
+	be->matmul_forward(be, c->x, c->fc, L->fc_out_w, L->fc_out_b, T, F, E, 1);
+}
+
+dl_status
+dl_model_forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n, float *logits,
+				 dl_error *err)
+{
+	const dl_config *cfg = &m->cfg;
+	dl_backend *be = m->be;
+	int			E = cfg->n_embd,
+				D = cfg->head_dim,
+				V = cfg->vocab_size;
+	int			T,
+				R,
+				t = 0,
+				r = 0;
+	int32_t    *h_ids = c->h_meta,
+			   *h_pos,
+			   *h_rows;
+	dl_span    *h_spans;
+	const int32_t *d_ids,
+			   *d_pos,
+			   *d_rows;
+	dl_spans	spans;
+	dl_status	st;
+
+	st = check_batch(m, c, seqs, n, &T, &R, err);
+	if (st != DL_OK)
+		return st;
+
+	/* stage ids, positions, logit rows and spans; one upload */
+	h_pos = h_ids + T;
+	h_rows = h_pos + T;
+	h_spans = (dl_span *) (h_rows + T);
+	for (int i = 0; i < n; i++)
+	{
+		const dl_seq *s = &seqs[i];
+
+		h_spans[i] = (dl_span) {t, s->n_tokens, s->slot, s->pos};
+		for (int j = 0; j < s->n_tokens; j++, t++)
+		{
+			h_ids[t] = s->ids[j];
+			h_pos[t] = s->pos + j;
+			if (s->want == DL_LOGITS_ALL || (s->want == DL_LOGITS_LAST && j == s->n_tokens - 1))
+				h_rows[r++] = t;
+		}
+	}
+	st = be->upload(be, c->meta, c->h_meta, (3 * (size_t) T + 4 * (size_t) n) * sizeof(int32_t), err);
+	if (st != DL_OK)
+		return st;
+	d_ids = c->meta;
+	d_pos = d_ids + T;
+	d_rows = d_pos + T;
+	spans = (dl_spans) {n, h_spans, (const dl_span *) (d_rows + T)};
+
+	be->embedding_forward(be, c->x, m->p.wte, d_ids, T, E);
+	for (int l = 0; l < cfg->n_layer; l++)
+	{
+		const dl_layer_params *L = &m->p.layers[l];
+		char	   *k_cache = (char *) c->kv + l * c->layer_stride;
+		char	   *v_cache = k_cache + cfg->n_layer * c->layer_stride;
+
+		be->layernorm_forward(be, c->ln, NULL, NULL, c->x, L->ln1_w, L->ln1_b, T, E, cfg->ln_eps);
+		be->matmul_forward(be, c->qkv, c->ln, L->qkv_w, L->qkv_b, T, E, 3 * E, 0);
+		/* q and k are adjacent in each row: 2 * n_head heads of one rotation */
+		if (cfg->rotary_dim > 0)
+			be->rotary_forward(be, c->qkv, 3 * E, T, 2 * cfg->n_head, D, cfg->rotary_dim,
+							   cfg->rotary_interleaved, d_pos, m->rope);
+		be->attention_forward(be, c->att, c->qkv, k_cache, v_cache, c->max_ctx, &spans,
+							  cfg->n_head, D, 1.0f / sqrtf((float) D));
+		if (cfg->arch == DL_ARCH_GPTJ)
+		{
+			/* one norm feeds both branches */
+			be->matmul_forward(be, c->x, c->att, L->proj_w, L->proj_b, T, E, E, 1);
+			mlp_forward(m, c, L, c->ln, T);
+		}
+		else if (cfg->parallel_residual)
+		{
+			/* the MLP sees the layer's input: normalise it before x changes */
+			be->layernorm_forward(be, c->ln, NULL, NULL, c->x, L->ln2_w, L->ln2_b, T, E, cfg->ln_eps);
+			be->matmul_forward(be, c->x, c->att, L->proj_w, L->proj_b, T, E, E, 1);
+			mlp_forward(m, c, L, c->ln, T);
+		}
+		else
+		{
+			be->matmul_forward(be, c->x, c->att, L->proj_w, L->proj_b, T, E, E, 1);
+			be->layernorm_forward(be, c->ln, NULL, NULL, c->x, L->ln2_w, L->ln2_b, T, E, cfg->ln_eps);
+			mlp_forward(m, c, L, c->ln, T);
+		}
+	}
+
+	/* logits of the wanted rows, logit_rows at a time */
+	for (int r0 = 0; r0 < R; r0 += c->logit_rows)
+	{
+		int			nr = R - r0 < c->logit_rows ? R - r0 : c->logit_rows;
+
+		be->gather_rows_forward(be, c->lg_in, c->x, d_rows + r0, nr, E);
+		be->layernorm_forward(be, c->lg_in, NULL, NULL, c->lg_in, m->p.lnf_w, m->p.lnf_b, nr, E,
+							  cfg->ln_eps);
+		be->matmul_forward(be, c->logits, c->lg_in, m->p.lm_head, m->p.lm_head_b, nr, E, V, 0);
+		st = be->download(be, logits + (size_t) r0 * V, c->logits, (size_t) nr * V * sizeof(float), err);
+		if (st != DL_OK)
+			return st;
+	}
+	return R ? DL_OK : be->synchronize(be, err);
+}

@@ -1,0 +1,381 @@
+/*
+ * test_backend_cpu.c: every CPU backend operation against a naive double-precision
+ * reference on random inputs, with odd sizes, several thread counts, both rotary layouts
+ * and attention over a batch of sequences of mixed lengths and cached prefixes.
+ */
+#include "harness.h"
+#include "../../src/engine/backend.h"
+#include "../../src/engine/threadpool.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Deterministic uniform floats in [-1, 1). */
+static float
+frand(uint64_t *s)
+{
+	*s = *s * 6364136223846793005ULL + 1442695040888963407ULL;
+	return (float) ((*s >> 40) / (double) (1ULL << 24)) * 2.0f - 1.0f;
+}
+
+/* A malloc'd array of n random floats. */
+static float *
+randv(size_t n, uint64_t *s)
+{
+	float	   *v = malloc(n * sizeof(float));
+
+	for (size_t i = 0; i < n; i++)
+		v[i] = frand(s);
+	return v;
+}
+
+/* Largest |a[i] - b[i]|. */
+static double
+max_diff(const float *a, const double *b, size_t n)
+{
+	double		m = 0;
+
+	for (size_t i = 0; i < n; i++)
+		m = fmax(m, fabs(a[i] - b[i]));
+	return m;
+}
+
+typedef struct count_args
+{
+	atomic_int *hits;
+} count_args;
+
+/* Count how often each task ran. */
+static void
+count_task(void *p, int task)
+{
+	atomic_fetch_add(&((count_args *) p)->hits[task], 1);
+}
+
+TEST(threadpool_runs_each_task_once)
+{
+	dl_error	err;
+
+	for (int threads = 1; threads <= 4; threads++)
+	{
+		dl_threadpool *pool;
+		atomic_int	hits[1000];
+		count_args	a = {hits};
+
+		CHECK_OK(threadpool_create(threads, &pool, &err), &err);
+		CHECK(threadpool_size(pool) == threads);
+		for (int round = 0; round < 200; round++)
+		{
+			int			n = (round * 37) % 1000;
+
+			for (int i = 0; i < n; i++)
+				atomic_store(&hits[i], 0);
+			threadpool_run(pool, count_task, &a, n);
+			for (int i = 0; i < n; i++)
+				CHECKF(atomic_load(&hits[i]) == 1, "threads %d task %d ran %d times",
+					   threads, i, atomic_load(&hits[i]));
+		}
+		threadpool_free(pool);
+	}
+	CHECK(threadpool_create(0, &(dl_threadpool *) {NULL}, &err) == DL_EINVAL);
+}
+
+TEST(backend_cpu_matmul)
+{
+	static const int shapes[][3] = {{1, 33, 50}, {3, 64, 7}, {37, 70, 129}, {8, 16, 1}, {64, 128, 300}};
+	dl_error	err;
+	uint64_t	seed = 1;
+
+	for (int threads = 1; threads <= 3; threads++)
+	{
+		dl_backend *be;
+
+		CHECK_OK(backend_cpu_create(threads, &be, &err), &err);
+		for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+			for (int variant = 0; variant < 4; variant++)
+			{
+				int			M = shapes[s][0],
+							K = shapes[s][1],
+							N = shapes[s][2];
+				int			has_bias = variant & 1,
+							acc = variant >> 1;
+				float	   *in = randv((size_t) M * K, &seed);
+				float	   *W = randv((size_t) N * K, &seed);
+				float	   *bias = randv(N, &seed);
+				float	   *out = randv((size_t) M * N, &seed);
+				double	   *ref = malloc((size_t) M * N * sizeof(double));
+				double		d;
+
+				for (int m = 0; m < M; m++)
+					for (int n = 0; n < N; n++)
+					{
+						double		sum = acc ? out[(size_t) m * N + n] : 0;
+
+						for (int k = 0; k < K; k++)
+							sum += (double) in[(size_t) m * K + k] * W[(size_t) n * K + k];
+						ref[(size_t) m * N + n] = sum + (has_bias ? bias[n] : 0);
+					}
+				be->matmul_forward(be, out, in, W, has_bias ? bias : NULL, M, K, N, acc);
+				d = max_diff(out, ref, (size_t) M * N);
+				free(in);
+				free(W);
+				free(bias);
+				free(out);
+				free(ref);
+				CHECKF(d < 1e-5 * K, "threads %d M %d K %d N %d bias %d acc %d: diff %g",
+					   threads, M, K, N, has_bias, acc, d);
+			}
+		be->destroy(be);
+	}
+}
+
+TEST(backend_cpu_layernorm_gelu_rows)
+{
+	dl_backend *be;
+	dl_error	err;
+	uint64_t	seed = 2;
+	int			T = 13,
+				C = 131;
+	float	   *x = randv((size_t) T * C, &seed),
+			   *w = randv(C, &seed),
+			   *b = randv(C, &seed),
+			   *y = malloc((size_t) T * C * sizeof(float)),
+				mean[13],
+				rstd[13],
+				g[1000];
+	double	   *ref = malloc((size_t) T * C * sizeof(double)),
+				gref[1000];
+	int32_t		rows[5] = {12, 0, 5, 5, 3};
+
+	CHECK_OK(backend_cpu_create(2, &be, &err), &err);
+	for (int i = 0; i < T * C; i++)
+		x[i] = x[i] * 3 + 0.5f;	/* an offset mean, as real activations have */
+	for (int t = 0; t < T; t++)
+	{
+		double		m = 0,
+					v = 0;
+
+		for (int i = 0; i < C; i++)
+			m += x[t * C + i];
+		m /= C;
+		for (int i = 0; i < C; i++)
+			v += (x[t * C + i] - m) * (x[t * C + i] - m);
+		v /= C;
+		for (int i = 0; i < C; i++)
+			ref[t * C + i] = (x[t * C + i] - m) / sqrt(v + 1e-5) * w[i] + b[i];
+	}
+	be->layernorm_forward(be, y, mean, rstd, x, w, b, T, C, 1e-5f);
+	CHECKF(max_diff(y, ref, (size_t) T * C) < 1e-5, "layernorm diff %g",
+		   max_diff(y, ref, (size_t) T * C));
+	for (int t = 0; t < T; t++)
+		CHECK(fabsf(y[t * C] - ((x[t * C] - mean[t]) * rstd[t] * w[0] + b[0])) < 1e-5);
+
+	/* in place, no statistics */
+	be->layernorm_forward(be, x, NULL, NULL, x, w, b, T, C, 1e-5f);
+	CHECK(max_diff(x, ref, (size_t) T * C) < 1e-5);
+
+	/* gather rows */
+	be->gather_rows_forward(be, y, x, rows, 5, C);
+	for (int i = 0; i < 5; i++)
+		CHECK(memcmp(y + i * C, x + rows[i] * C, C * sizeof(float)) == 0);
+	be->embedding_forward(be, y, x, rows, 5, C);
+	CHECK(memcmp(y + 4 * C, x + 3 * C, C * sizeof(float)) == 0);
+
+	/* GELU, both forms, over a wide range, small and large n (one task or several) */
+	for (int form = 0; form < 2; form++)
+		for (int n = 7; n <= 1000; n += 993)
+		{
+			float		in[1000];
+
+			for (int i = 0; i < n; i++)
+				in[i] = -12.0f + 24.0f * i / n;
+			for (int i = 0; i < n; i++)
+				gref[i] = form == DL_GELU_TANH ?
+					0.5 * in[i] * (1 + tanh(sqrt(2 / M_PI) * (in[i] + 0.044715 * pow(in[i], 3)))) :
+					0.5 * in[i] * (1 + erf(in[i] / sqrt(2)));
+			be->gelu_forward(be, g, in, n, form);
+			CHECKF(max_diff(g, gref, n) < 2e-6, "gelu form %d n %d diff %g", form, n,
+				   max_diff(g, gref, n));
+		}
+	be->destroy(be);
+	free(x);
+	free(w);
+	free(b);
+	free(y);
+	free(ref);
+}
+
+TEST(backend_cpu_rotary)
+{
+	dl_backend *be;
+	dl_error	err;
+	uint64_t	seed = 3;
+	int			T = 9,
+				n_head = 3,
+				D = 12,
+				stride = 3 * n_head * D,
+				max_pos = 40;
+	int32_t		pos[9] = {0, 1, 2, 39, 7, 7, 20, 3, 11};
+
+	CHECK_OK(backend_cpu_create(2, &be, &err), &err);
+	for (int interleaved = 0; interleaved < 2; interleaved++)
+		for (int rd = 4; rd <= D; rd += 8)
+		{
+			float	   *x = randv((size_t) T * stride, &seed);
+			float	   *cs = malloc((size_t) max_pos * rd * sizeof(float));
+			double	   *ref = malloc((size_t) T * stride * sizeof(double));
+			double		d;
+
+			for (int p = 0; p < max_pos; p++)
+				for (int j = 0; j < rd / 2; j++)
+				{
+					double		th = p * pow(10000.0, -2.0 * j / rd);
+
+					cs[p * rd + j] = cos(th);
+					cs[p * rd + rd / 2 + j] = sin(th);
+				}
+			for (int i = 0; i < T * stride; i++)
+				ref[i] = x[i];
+			for (int t = 0; t < T; t++)
+				for (int h = 0; h < n_head; h++)
+					for (int j = 0; j < rd / 2; j++)
+					{
+						int			a = interleaved ? 2 * j : j,
+									b = interleaved ? 2 * j + 1 : j + rd / 2;
+						double		th = pos[t] * pow(10000.0, -2.0 * j / rd);
+						double		x0 = x[t * stride + h * D + a],
+									x1 = x[t * stride + h * D + b];
+
+						ref[t * stride + h * D + a] = x0 * cos(th) - x1 * sin(th);
+						ref[t * stride + h * D + b] = x1 * cos(th) + x0 * sin(th);
+					}
+			be->rotary_forward(be, x, stride, T, n_head, D, rd, interleaved, pos, cs);
+			d = max_diff(x, ref, (size_t) T * stride);
+			free(x);
+			free(cs);
+			free(ref);
+			CHECKF(d < 1e-5, "interleaved %d rot_dim %d: diff %g", interleaved, rd, d);
+		}
+	be->destroy(be);
+}
+
+TEST(backend_cpu_attention_mixed_batch)
+{
+	/* prefill from scratch, decode steps, a long prefill after a cached prefix */
+	static const dl_span spans[] = {
+		{0, 5, 2, 0}, {5, 1, 0, 7}, {6, 40, 1, 150}, {46, 1, 3, 299}, {47, 17, 4, 0},
+	};
+	int			nspan = sizeof(spans) / sizeof(spans[0]);
+	int			T = 64,
+				n_head = 3,
+				D = 20,
+				C = n_head * D,
+				max_ctx = 300,
+				nslot = 5;
+	float		scale = 1.0f / sqrtf(D);
+	uint64_t	seed = 4;
+	dl_error	err;
+	float	   *kc0 = randv((size_t) nslot * max_ctx * C, &seed);
+	float	   *vc0 = randv((size_t) nslot * max_ctx * C, &seed);
+	float	   *qkv = randv((size_t) T * 3 * C, &seed);
+	double	   *ref = malloc((size_t) T * C * sizeof(double));
+	double	   *sc = malloc(max_ctx * sizeof(double));
+
+	/* scale q up so that the softmax is far from uniform */
+	for (int i = 0; i < T * 3 * C; i++)
+		qkv[i] *= 4;
+	for (int s = 0; s < nspan; s++)
+		for (int i = 0; i < spans[s].len; i++)
+		{
+			int			t = spans[s].first + i,
+						p = spans[s].pos + i;
+
+			for (int h = 0; h < n_head; h++)
+			{
+				double		mx = -1e300,
+							sum = 0;
+
+				for (int j = 0; j <= p; j++)
+				{
+					/* keys: new tokens of this span from qkv, older ones from the cache */
+					const float *k = j >= spans[s].pos ?
+						qkv + (size_t) (spans[s].first + j - spans[s].pos) * 3 * C + C :
+						kc0 + ((size_t) spans[s].slot * max_ctx + j) * C;
+					double		dot = 0;
+
+					for (int d = 0; d < D; d++)
+						dot += (double) qkv[(size_t) t * 3 * C + h * D + d] * k[h * D + d];
+					sc[j] = dot * scale;
+					mx = fmax(mx, sc[j]);
+				}
+				for (int j = 0; j <= p; j++)
+					sum += (sc[j] = exp(sc[j] - mx));
+				for (int d = 0; d < D; d++)
+				{
+					double		o = 0;
+
+					for (int j = 0; j <= p; j++)
+					{
+						const float *v = j >= spans[s].pos ?
+							qkv + (size_t) (spans[s].first + j - spans[s].pos) * 3 * C + 2 * C :
+							vc0 + ((size_t) spans[s].slot * max_ctx + j) * C;
+
+						o += sc[j] / sum * v[h * D + d];
+					}
+					ref[(size_t) t * C + h * D + d] = o;
+				}
+			}
+		}
+
+	for (int threads = 1; threads <= 3; threads += 2)
+	{
+		dl_backend *be;
+		float	   *kc = malloc((size_t) nslot * max_ctx * C * sizeof(float));
+		float	   *vc = malloc((size_t) nslot * max_ctx * C * sizeof(float));
+		float	   *out = malloc((size_t) T * C * sizeof(float));
+		dl_spans	sp = {nspan, spans, spans};
+		double		d;
+
+		memcpy(kc, kc0, (size_t) nslot * max_ctx * C * sizeof(float));
+		memcpy(vc, vc0, (size_t) nslot * max_ctx * C * sizeof(float));
+		CHECK_OK(backend_cpu_create(threads, &be, &err), &err);
+		be->attention_forward(be, out, qkv, kc, vc, max_ctx, &sp, n_head, D, scale);
+		d = max_diff(out, ref, (size_t) T * C);
+		/* the new keys and values landed in the cache */
+		CHECK(memcmp(kc + ((size_t) 1 * max_ctx + 150 + 3) * C, qkv + (size_t) (6 + 3) * 3 * C + C,
+					 C * sizeof(float)) == 0);
+		CHECK(memcmp(vc + ((size_t) 3 * max_ctx + 299) * C, qkv + (size_t) 46 * 3 * C + 2 * C,
+					 C * sizeof(float)) == 0);
+		be->destroy(be);
+		free(kc);
+		free(vc);
+		free(out);
+		CHECKF(d < 1e-5, "threads %d: attention diff %g", threads, d);
+	}
+	free(kc0);
+	free(vc0);
+	free(qkv);
+	free(ref);
+	free(sc);
+}
+
+TEST(backend_cpu_upload_tensor_permutes_rows)
+{
+	dl_backend *be;
+	dl_error	err;
+	uint16_t	bf[6] = {0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0xbf80};	/* 1..5, -1 */
+	st_tensor	t = {.name = "w", .dtype = ST_BF16, .ndim = 2, .shape = {3, 2},
+	.numel = 6, .nbytes = sizeof(bf), .data = (const uint8_t *) bf};
+	int32_t		rows[3] = {2, 0, 1};
+	float		out[6];
+	static const float expect[6] = {5, -1, 1, 2, 3, 4};
+
+	CHECK_OK(backend_cpu_create(1, &be, &err), &err);
+	CHECK_OK(be->upload_tensor(be, out, DL_FMT_WEIGHT, &t, rows, &err), &err);
+	CHECK(memcmp(out, expect, sizeof(out)) == 0);
+	CHECK_OK(be->upload_tensor(be, out, DL_FMT_F32, &t, NULL, &err), &err);
+	CHECK(out[0] == 1 && out[5] == -1);
+	be->destroy(be);
+}
