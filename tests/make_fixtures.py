@@ -15,25 +15,23 @@ Layout written under --out:
   tokenizer/multi_line.json              {"docs": [...], "ids": [[...], ...]}
   tokenizer/decode_cases.json            ids whose bytes are invalid UTF-8, and the text
   <model>/                               config.json, tokenizer files, *.safetensors,
-                                         expected.safetensors (see write_expected)
+                                         expected.safetensors (see expected_outputs)
 
 Each artefact has its own function so that later fixtures (gradients for the
 trainer, say) can be added beside them and called from main().
 """
 
 import argparse
+import copy
 import json
 import os
 import random
 import shutil
 import unicodedata
 
-import numpy as np
-import safetensors
-import tokenizers
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 SEED = 42
@@ -192,7 +190,8 @@ def prose_line(rng):
 def ident(rng):
     """A random identifier in snake_case or camelCase."""
     a, b = rng.choice(NOUNS), rng.choice(NOUNS)
-    return rng.choice([a, a + "_" + b, a + b.capitalize(), a.upper(), "_" + a, a + str(rng.randrange(10))])
+    return rng.choice([a, a + "_" + b, a + b.capitalize(), a.upper(), "_" + a,
+                       a + str(rng.randrange(10))])
 
 
 def code_block(rng):
@@ -224,7 +223,8 @@ def code_block(rng):
             "    %s: int = %d" % (x, n),
             "",
             "    def %s(self, %s=None, **kwargs):" % (y, x),
-            "        \"\"\"Return the %s of the %s.\"\"\"" % (rng.choice(NOUNS), rng.choice(NOUNS)),
+            "        \"\"\"Return the %s of the %s.\"\"\"" % (rng.choice(NOUNS),
+                                                           rng.choice(NOUNS)),
             "        if %s is None or %s <= 0:" % (x, x),
             "            %s = [i ** 2 for i in range(%d) if i %% 3 != 0]" % (x, n),
             "        return {k: v for k, v in kwargs.items()}  # %s" % rng.choice(ADJS),
@@ -386,7 +386,8 @@ def misc_line(rng):
         "/usr/local/lib/%s/%s.so.%d" % (w, rng.choice(NOUNS), rng.randrange(9)),
         "C:\\Users\\%s\\Documents\\%s.txt" % (rng.choice(NAMES), w),
         "<div class=\"%s\"><p>%s &amp; %s</p></div>" % (w, rng.choice(NOUNS), rng.choice(NOUNS)),
-        "{\"%s\": [%d, %d.5, null, true], \"k\": \"v\\n\"}" % (w, rng.randrange(9), rng.randrange(9)),
+        "{\"%s\": [%d, %d.5, null, true], \"k\": \"v\\n\"}" % (w, rng.randrange(9),
+                                                              rng.randrange(9)),
         "$$\\frac{a^2}{b_%d} + \\sum_{i=0}^{n} x_i$$" % rng.randrange(9),
         "## %s - *%s* **%s** `code`" % (w.capitalize(), rng.choice(NOUNS), rng.choice(NOUNS)),
         "supercalifragilisticexpialidocious" * rng.randrange(1, 4),
@@ -599,13 +600,222 @@ def build_tokenizer(out):
     return hf
 
 
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+TOKENIZER_IDS = BPE_VOCAB + len(DOLLY_SPECIALS)     # 515 ids; tables are padded past it
+
+GPTJ = dict(model_type="gptj", vocab_size=528, n_positions=128, n_embd=32, n_layer=2,
+            n_head=4, rotary_dim=4, n_inner=None, activation_function="gelu_new")
+NEOX = dict(model_type="gpt_neox", vocab_size=536, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64, hidden_act="gelu",
+            rotary_pct=0.5, rotary_emb_base=10000, max_position_embeddings=128,
+            use_parallel_residual=True)
+
+# name, config, weight dtype, seed, max_shard_size.  neox-seq has 2 heads of 16 so
+# that rotary_pct 0.25 still rotates 4 dims: with only 2 the base would not matter.
+# The seeds are those of 1..20 with the widest greedy top-1/top-2 gaps in both f32
+# and bf16 (>= 0.011), so that a 1e-4 error can never flip a greedy token.
+MODELS = [
+    ("gptj-f32", GPTJ, torch.float32, 15, None),
+    ("neox-par-f32", NEOX, torch.float32, 9, None),
+    ("neox-seq-f32", dict(NEOX, num_attention_heads=2, rotary_pct=0.25, rotary_emb_base=500,
+                          use_parallel_residual=False), torch.float32, 20, "80KB"),
+    ("gptj-bf16", GPTJ, torch.bfloat16, 15, None),
+    ("neox-par-bf16", NEOX, torch.bfloat16, 9, None),
+]
+
+INIT_STD = 0.25              # matrices; large enough that logits are far from uniform
+
+
+def prompts():
+    """The prompts every model is run on: 1 token, a few, ~20, and Dolly's template."""
+    return ["The",
+            "It's 42!",
+            "if (x):\n\treturn 'café'; ☕",
+            dolly_prompt("Name three primary colors.")]
+
+
+def random_model(cfg, seed):
+    """A transformers model whose every parameter is drawn from our own generator.
+
+    transformers' own init leaves biases at 0 and layer-norm weights at 1, which
+    would hide a C implementation that ignores them."""
+    cfg = dict(cfg)
+    mtype = cfg.pop("model_type")
+    common = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=INIT_STD,
+                  tie_word_embeddings=False)
+    if mtype == "gptj":
+        config = transformers.GPTJConfig(**cfg, **common)
+        model = transformers.GPTJForCausalLM(config)
+    else:
+        config = transformers.GPTNeoXConfig(**cfg, **common)
+        model = transformers.GPTNeoXForCausalLM(config)
+    assert config.vocab_size > TOKENIZER_IDS
+    model.set_attn_implementation("eager")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen)
+            if p.dim() == 2:
+                p.copy_(noise * INIT_STD)
+            elif name.endswith("weight"):          # layer norm gain
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(0.2 * noise)
+    return model.eval()
+
+
+def load_model(path, dtype):
+    """Load a fixture directory as transformers would, eager attention, given dtype."""
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation="eager").eval()
+
+
+@torch.no_grad()
+def greedy(model, ids):
+    """model.generate greedy, 32 tokens, never stopping at EOS; also returns the
+    smallest top-1/top-2 logit gap over the steps, taken from a plain argmax loop
+    that recomputes the whole sequence (no KV cache) as a cross-check."""
+    x = torch.tensor([ids])
+    out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                         max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS,
+                         eos_token_id=None, pad_token_id=0)
+    new = out[0, len(ids):].tolist()
+    seq, gap = list(ids), float("inf")
+    for _ in range(GREEDY_TOKENS):
+        logits = model(torch.tensor([seq])).logits[0, -1]
+        top = torch.topk(logits, 2).values
+        gap = min(gap, float(top[0] - top[1]))
+        seq.append(int(logits.argmax()))
+    assert seq[len(ids):] == new, "generate and argmax loop disagree"
+    return new, gap
+
+
+def cast_parameters(model, dtype):
+    """Cast the parameters only.  Buffers (GPT-J's sin/cos table, NeoX's inv_freq)
+    stay fp32 as from_pretrained builds them; model.to() would round them too."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
+@torch.no_grad()
+def expected_outputs(model, encode):
+    """Logits and greedy continuations for each prompt, computed in fp32 (bf16
+    weights upcast), plus the logits computed in bf16 for a bf16 model."""
+    bf16 = model.dtype == torch.bfloat16
+    model32 = cast_parameters(copy.deepcopy(model), torch.float32) if bf16 else model
+    tensors, meta, min_gap = {}, {}, float("inf")
+    for i, text in enumerate(prompts()):
+        ids = encode(text)
+        assert i > 0 or len(ids) == 1, "the first prompt must be a single token"
+        x = torch.tensor([ids])
+        meta["prompt_%d" % i] = text
+        tensors["prompt_%d_ids" % i] = torch.tensor(ids, dtype=torch.int32)
+        tensors["prompt_%d_logits" % i] = model32(x).logits[0].float()
+        new, gap = greedy(model32, ids)
+        assert len(ids) + len(new) <= model.config.max_position_embeddings
+        tensors["prompt_%d_greedy" % i] = torch.tensor(new, dtype=torch.int32)
+        min_gap = min(min_gap, gap)
+        if bf16:
+            tensors["prompt_%d_logits_bf16" % i] = model(x).logits[0].float()
+    assert min_gap > MIN_GREEDY_GAP, "greedy step too close to a tie: %g" % min_gap
+    meta.update(prompts=str(len(prompts())), greedy_tokens=str(GREEDY_TOKENS),
+                attn_implementation="eager", min_greedy_gap="%.6g" % min_gap,
+                transformers=transformers.__version__, torch=torch.__version__)
+    return tensors, meta, min_gap
+
+
+def save_safetensors(path, tensors, metadata):
+    """Write a safetensors file with keys in sorted order.  safetensors' own writer
+    orders __metadata__ by hash, so its bytes change from run to run."""
+    names = {torch.float32: "F32", torch.int32: "I32"}
+    header, blobs, offset = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
+    for k in sorted(tensors):
+        a = tensors[k].numpy()
+        blob = a.astype(a.dtype.newbyteorder("<")).tobytes()
+        header[k] = {"dtype": names[tensors[k].dtype], "shape": list(tensors[k].shape),
+                     "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def legacy_config(path):
+    """Rewrite config.json in the spelling of the Hugging Face Hub's Dolly checkpoints
+    (torch_dtype, rotary_pct, rotary_emb_base), which transformers 5 still reads, so
+    that the C parser is tested on both spellings."""
+    cfg_path = os.path.join(path, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["torch_dtype"] = cfg.pop("dtype")
+    rope = cfg.pop("rope_parameters", None)
+    if rope is not None:
+        assert rope["rope_type"] == "default"
+        cfg["rotary_pct"] = rope["partial_rotary_factor"]
+        cfg["rotary_emb_base"] = rope["rope_theta"]
+    write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def verify(path, dtype):
+    """Reload the directory with the Auto* classes, recompute every expected output
+    and check that it matches what was stored."""
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = load_model(path, dtype)
+    assert model.dtype == dtype
+    again, _, _ = expected_outputs(model, lambda text: tok(text)["input_ids"])
+    stored = load_file(os.path.join(path, "expected.safetensors"))
+    assert stored.keys() == again.keys()
+    for k, v in stored.items():
+        # Mapped weights are not 64-byte aligned, so torch may take other SIMD
+        # paths than for the in-memory model: not bitwise, but within rounding.
+        tol = 1e-5 if v.is_floating_point() else 0
+        err = float((v.double() - again[k].double()).abs().max()) if v.numel() else 0.0
+        assert v.dtype == again[k].dtype and v.shape == again[k].shape and err <= tol, \
+            "%s: %s differs by %g on reload" % (path, k, err)
+
+
+def build_model(out, name, cfg, dtype, seed, shard, hf_tok):
+    """<name>/: weights and tokenizer as save_pretrained writes them, expected.safetensors."""
+    path = os.path.join(out, name)
+    shutil.rmtree(path, ignore_errors=True)
+    model = cast_parameters(random_model(cfg, seed), dtype)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    hf_tok.save_pretrained(path)
+    if dtype == torch.bfloat16:
+        reference = transformers.AutoConfig.from_pretrained(path).to_dict()
+        legacy_config(path)
+        assert transformers.AutoConfig.from_pretrained(path).to_dict() == reference
+    tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    tensors, meta, gap = expected_outputs(model, lambda text: tok.encode(text).ids)
+    save_safetensors(os.path.join(path, "expected.safetensors"), tensors, meta)
+    verify(path, dtype)
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    print("%-14s min greedy gap %.4f, %d files, %d bytes" % (name, gap, len(os.listdir(path)),
+                                                             size))
+
+
+def build_models(out, hf_tok):
+    """Every model directory in MODELS."""
+    torch.set_num_threads(1)         # one thread: the same sums in the same order
+    for name, cfg, dtype, seed, shard in MODELS:
+        build_model(out, name, cfg, dtype, seed, shard, hf_tok)
+
+
 def main():
     """Build every fixture under --out."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "fixtures"))
     args = ap.parse_args()
-    build_tokenizer(args.out)
+    hf_tok = build_tokenizer(args.out)
+    build_models(args.out, hf_tok)
 
 
 if __name__ == "__main__":
