@@ -28,8 +28,8 @@ ENGINE_SRCS = $(wildcard src/engine/*.c)
 ENGINE_OBJS = $(ENGINE_SRCS:.c=.o)
 ENGINE_LIB = src/engine/libdolly_engine.a
 ENGINE_CFLAGS = -std=gnu11 -O3 -march=$(MARCH) -fPIC -pthread -g $(WERROR) \
-	$(shell pkg-config --cflags json-c libpcre2-8 openblas)
-ENGINE_LIBS = $(shell pkg-config --libs json-c libpcre2-8 openblas) -lpthread -lm -ldl
+	$(shell pkg-config --cflags json-c libpcre2-8 icu-uc openblas)
+ENGINE_LIBS = $(shell pkg-config --libs json-c libpcre2-8 icu-uc openblas) -lpthread -lm -ldl
 
 PG_CPPFLAGS = -Isrc/engine
 PG_CFLAGS = $(WERROR) -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
