@@ -122,6 +122,7 @@ struct dl_tokenizer
 	tok_merge  *merges;
 	uint64_t	merge_mask;
 
+	int32_t		vocab_count;	/* entries in model.vocab */
 	tok_added  *added;
 	int32_t		nadded;
 	tok_matcher match_raw;		/* added tokens with normalized false */
@@ -673,16 +674,15 @@ static void
 enc_candidate(tok_enc *e, size_t *nheap, int32_t pos)
 {
 	const tok_merge *m;
+	tok_cand	c;
 	int32_t		next = e->sym[pos].next;
 
-	if (next < 0)
+	if (next < 0 || (m = merge_get(e->tok, e->sym[pos].id, e->sym[next].id)) == NULL)
 		return;
-	m = merge_get(e->tok, e->sym[pos].id, e->sym[next].id);
-	if (m != NULL)
-		heap_push(e->heap, nheap, (tok_cand)
-				  {
-					  m->rank, pos, m->new_id
-				  });
+	c.rank = m->rank;
+	c.pos = pos;
+	c.new_id = m->new_id;
+	heap_push(e->heap, nheap, c);
 }
 
 /* BPE-encode one pre-tokenized piece (tokenizers' BPE::tokenize and Word::merge_all). */
@@ -815,7 +815,7 @@ enc_pretok(tok_enc *e, int step, const char *s, size_t n)
 			PCRE2_UCHAR msg[256];
 
 			pcre2_get_error_message(m, msg, sizeof(msg));
-			return dl_fail(e->err, DL_EINVAL, "pre-tokenizer regex failed at byte %zu: %s",
+			return dl_fail(e->err, DL_EUNSUPPORTED, "pre-tokenizer regex failed at byte %zu: %s",
 						   start, (const char *) msg);
 		}
 		ov = pcre2_get_ovector_pointer(e->md);
@@ -1174,7 +1174,7 @@ parse_vocab(dl_tokenizer *tok, json_object *vocab, dl_error *err)
 	for (; !json_object_iter_equal(&it, &end); json_object_iter_next(&it))
 	{
 		const char *key = json_object_iter_peek_name(&it);
-		int32_t		id;
+		int32_t		id = -1;
 
 		if ((st = json_read_id(json_object_iter_peek_value(&it), &id, "model.vocab", key, err)) != DL_OK ||
 			(st = define_id(tok, id, key, strlen(key), TOK_IN_VOCAB, "model.vocab", err)) != DL_OK)
@@ -1273,11 +1273,18 @@ parse_merges(dl_tokenizer *tok, json_object *merges, dl_error *err)
 	return st;
 }
 
-/* Read added_tokens: [{id, content, single_word, lstrip, rstrip, normalized, special}]. */
+/*
+ * Read added_tokens ([{id, content, single_word, lstrip, rstrip, normalized, special}]) as
+ * tokenizers does: the ids in the file are not used; content already known (a vocabulary
+ * entry, an earlier added token) keeps its id, with the flags of its last entry, and other
+ * content gets the next id after the vocabulary, in file order. Files that tokenizers
+ * wrote list exactly these ids.
+ */
 static dl_status
 parse_added(dl_tokenizer *tok, json_object *arr, dl_error *err)
 {
 	size_t		n = json_object_array_length(arr);
+	int32_t		next_id = tok->vocab_count;
 
 	tok->added = calloc(n + 1, sizeof(tok_added));
 	if (tok->added == NULL)
@@ -1286,10 +1293,10 @@ parse_added(dl_tokenizer *tok, json_object *arr, dl_error *err)
 	{
 		json_object *t = json_object_array_get_idx(arr, k);
 		json_object *c = json_member(t, "content");
-		tok_added  *a = &tok->added[k];
+		tok_added	f = {0};
+		tok_added  *a = NULL;
 		const char *content;
 		size_t		len;
-		int32_t		other;
 		dl_status	st;
 
 		if (!json_object_is_type(t, json_type_object) || c == NULL ||
@@ -1297,29 +1304,29 @@ parse_added(dl_tokenizer *tok, json_object *arr, dl_error *err)
 			return dl_fail(err, DL_EFORMAT, "added_tokens[%zu] has no \"content\" string", k);
 		content = json_object_get_string(c);
 		len = (size_t) json_object_get_string_len(c);
+		if ((st = json_read_bool(t, "special", false, &f.special, "added_tokens", err)) != DL_OK ||
+			(st = json_read_bool(t, "single_word", false, &f.single_word, "added_tokens", err)) != DL_OK ||
+			(st = json_read_bool(t, "lstrip", false, &f.lstrip, "added_tokens", err)) != DL_OK ||
+			(st = json_read_bool(t, "rstrip", false, &f.rstrip, "added_tokens", err)) != DL_OK ||
+			(st = json_read_bool(t, "normalized", !f.special, &f.normalized, "added_tokens", err)) != DL_OK)
+			return st;
 		if (len == 0)
-			return dl_fail(err, DL_EFORMAT, "added_tokens[%zu] has empty content", k);
-		if ((st = json_read_id(json_member(t, "id"), &a->id, "added_tokens", content, err)) != DL_OK ||
-			(st = json_read_bool(t, "special", false, &a->special, "added_tokens", err)) != DL_OK ||
-			(st = json_read_bool(t, "single_word", false, &a->single_word, "added_tokens", err)) != DL_OK ||
-			(st = json_read_bool(t, "lstrip", false, &a->lstrip, "added_tokens", err)) != DL_OK ||
-			(st = json_read_bool(t, "rstrip", false, &a->rstrip, "added_tokens", err)) != DL_OK ||
-			(st = json_read_bool(t, "normalized", !a->special, &a->normalized, "added_tokens", err)) != DL_OK)
-			return st;
-
-		/* an added token may repeat a vocabulary entry (GPT-2's <|endoftext|>) with its id */
-		other = map_get(tok, content, len);
-		if (other >= 0 && other != a->id)
-			return dl_fail(err, DL_EFORMAT, "added token \"%s\" has id %d but \"%s\" already has id %d",
-						   content, a->id, content, other);
-		if (other < 0 && (st = define_id(tok, a->id, content, len, 0, "added_tokens", err)) != DL_OK)
-			return st;
-		for (size_t j = 0; j < k; j++)
-			if (tok->added[j].id == a->id)
-				return dl_fail(err, DL_EFORMAT, "added_tokens: duplicate id %d", a->id);
-		a->pat_off = tok->ids[a->id].off;
+			continue;			/* tokenizers ignores empty tokens */
+		f.id = map_get(tok, content, len);
+		if (f.id < 0)
+		{
+			f.id = next_id++;
+			if ((st = define_id(tok, f.id, content, len, 0, "added_tokens", err)) != DL_OK)
+				return st;
+		}
+		for (int32_t j = 0; j < tok->nadded; j++)
+			if (tok->added[j].id == f.id)
+				a = &tok->added[j];
+		if (a == NULL)
+			a = &tok->added[tok->nadded++];
+		*a = f;
+		a->pat_off = tok->ids[f.id].off;
 		a->pat_len = (uint32_t) len;
-		tok->nadded++;
 	}
 	return DL_OK;
 }
@@ -1574,23 +1581,26 @@ parse_model(dl_tokenizer *tok, dl_error *err)
 				json_object_get_int64(id) < TOK_MAX_ID)
 				maxid = json_object_get_int64(id);
 		}
-		for (size_t k = 0; added && k < json_object_array_length(added); k++)
-		{
-			json_object *id = json_member(json_object_array_get_idx(added, k), "id");
-
-			if (id && json_object_is_type(id, json_type_int) && json_object_get_int64(id) > maxid &&
-				json_object_get_int64(id) < TOK_MAX_ID)
-				maxid = json_object_get_int64(id);
-		}
+		/* added tokens get ids from the vocabulary's size on (parse_added) */
+		tok->vocab_count = json_object_object_length(vocab);
+		if (added && tok->vocab_count + (int64_t) json_object_array_length(added) > maxid + 1)
+			maxid = tok->vocab_count + (int64_t) json_object_array_length(added) - 1;
+		if (maxid >= TOK_MAX_ID)
+			return dl_fail(err, DL_EUNSUPPORTED, "tokenizer has more than %d ids", TOK_MAX_ID);
 	}
 	if ((st = ids_reserve(tok, (int32_t) (maxid + 1), err)) != DL_OK ||
 		(st = parse_vocab(tok, vocab, err)) != DL_OK ||
 		(st = parse_merges(tok, merges, err)) != DL_OK)
 		return st;
 	if (added != NULL)
-		return parse_added(tok, added, err);
-	tok->added = calloc(1, sizeof(tok_added));
-	return tok->added ? DL_OK : dl_fail(err, DL_ENOMEM, "out of memory for added tokens");
+		st = parse_added(tok, added, err);
+	else if ((tok->added = calloc(1, sizeof(tok_added))) == NULL)
+		st = dl_fail(err, DL_ENOMEM, "out of memory for added tokens");
+
+	/* added content already in the vocabulary took no new id */
+	while (tok->nids > 0 && !(tok->ids[tok->nids - 1].flags & TOK_PRESENT))
+		tok->nids--;
+	return st;
 }
 
 /* The byte-level alphabet (MODEL_SPEC.md section 7) and each byte's vocabulary id. */
@@ -1800,23 +1810,22 @@ dl_status
 tok_add_special(dl_tokenizer *tok, const char *content, int32_t *id, dl_error *err)
 {
 	size_t		len = strlen(content);
-	int32_t		existing = map_get(tok, content, len);
+	int32_t		tid = map_get(tok, content, len);
 	json_object *arr = json_member(tok->root, "added_tokens");
+	json_object *o;
 	tok_added  *a = NULL;
-	void	   *p;
+	size_t		at;
 	dl_status	st;
 
 	*id = -1;
 	if (len == 0 || utf8_invalid_at(content, len) < len)
 		return dl_fail(err, DL_EINVAL, "special token \"%s\" is empty or not valid UTF-8", content);
 	for (int32_t k = 0; k < tok->nadded; k++)
-		if (tok->added[k].id == existing)
+		if (tok->added[k].id == tid)
 			a = &tok->added[k];
-
-	/* already special: nothing to do */
-	if (a != NULL && a->special)
+	if (a != NULL && a->special && !a->normalized && !a->lstrip && !a->rstrip && !a->single_word)
 	{
-		*id = existing;
+		*id = tid;
 		return DL_OK;
 	}
 	if (arr == NULL)
@@ -1825,58 +1834,63 @@ tok_add_special(dl_tokenizer *tok, const char *content, int32_t *id, dl_error *e
 		if (arr == NULL || json_object_object_add(tok->root, "added_tokens", arr) != 0)
 		{
 			json_object_put(arr);
-			return dl_fail(err, DL_ENOMEM, "out of memory adding special token");
+			return dl_fail(err, DL_ENOMEM, "out of memory adding special token \"%s\"", content);
 		}
 	}
-	if (a != NULL)
+	if (a == NULL)
 	{
-		/* an added token that was not special becomes one, as in tokenizers */
-		for (size_t k = 0; k < json_object_array_length(arr); k++)
-		{
-			json_object *t = json_object_array_get_idx(arr, k);
-			json_object *tid = json_member(t, "id");
+		void	   *p;
 
-			if (tid != NULL && json_object_get_int64(tid) == existing &&
-				json_object_object_add(t, "special", json_object_new_boolean(1)) != 0)
-				return dl_fail(err, DL_ENOMEM, "out of memory adding special token");
+		/* a vocabulary entry keeps its id; new content gets the next, as tokenizers counts */
+		if (tid < 0)
+		{
+			tid = tok->vocab_count;
+			for (int32_t k = 0; k < tok->nadded; k++)
+				if (tok->added[k].id >= tid)
+					tid = tok->added[k].id + 1;
+			if (tid >= TOK_MAX_ID)
+				return dl_fail(err, DL_EUNSUPPORTED, "no id left for special token \"%s\"", content);
+			if ((st = ids_reserve(tok, tid + 1, err)) != DL_OK ||
+				(st = define_id(tok, tid, content, len, 0, "special token", err)) != DL_OK)
+				return st;
 		}
-		a->special = true;
+		p = realloc(tok->added, ((size_t) tok->nadded + 1) * sizeof(tok_added));
+		if (p == NULL)
+			return dl_fail(err, DL_ENOMEM, "out of memory adding special token \"%s\"", content);
+		tok->added = p;
+		a = &tok->added[tok->nadded++];
+		a->id = tid;
+		at = json_object_array_length(arr);
 	}
 	else
 	{
-		int32_t		new_id = existing >= 0 ? existing : tok->nids;
-		json_object *o;
-
-		if (new_id >= TOK_MAX_ID)
-			return dl_fail(err, DL_EUNSUPPORTED, "no id left for special token \"%s\"", content);
-		if (existing < 0 &&
-			((st = ids_reserve(tok, new_id + 1, err)) != DL_OK ||
-			 (st = define_id(tok, new_id, content, len, 0, "special token", err)) != DL_OK ||
-			 (st = set_decoding(tok, new_id, tok->ids[new_id].off, (uint32_t) len, err)) != DL_OK))
-			return st;
-		p = realloc(tok->added, ((size_t) tok->nadded + 1) * sizeof(tok_added));
-		if (p == NULL)
-			return dl_fail(err, DL_ENOMEM, "out of memory adding special token");
-		tok->added = p;
-		a = &tok->added[tok->nadded++];
-		memset(a, 0, sizeof(*a));
-		a->id = new_id;
-		a->pat_off = tok->ids[new_id].off;
-		a->pat_len = (uint32_t) len;
-		a->special = true;
-		o = added_json(content, new_id);
-		if (o == NULL || json_object_array_add(arr, o) != 0)
+		/* an added token that differs is replaced, as tokenizers' add_tokens does */
+		for (at = 0; at < json_object_array_length(arr); at++)
 		{
-			json_object_put(o);
-			return dl_fail(err, DL_ENOMEM, "out of memory adding special token");
+			json_object *t = json_member(json_object_array_get_idx(arr, at), "id");
+
+			if (t != NULL && json_object_get_int64(t) == tid)
+				break;
 		}
-		if ((st = matcher_build(tok, &tok->match_raw, false, err)) != DL_OK)
-			return st;
-		existing = new_id;
 	}
 
-	tok->ids[existing].flags |= TOK_SPECIAL;
-	*id = existing;
+	/* transformers adds special tokens as AddedToken(special=True, normalized=False) */
+	a->pat_off = tok->ids[tid].off;
+	a->pat_len = (uint32_t) len;
+	a->special = true;
+	a->normalized = a->lstrip = a->rstrip = a->single_word = false;
+	tok->ids[tid].flags |= TOK_SPECIAL;
+	o = added_json(content, tid);
+	if (o == NULL || json_object_array_put_idx(arr, at, o) != 0)
+	{
+		json_object_put(o);
+		return dl_fail(err, DL_ENOMEM, "out of memory adding special token \"%s\"", content);
+	}
+	if ((st = set_decoding(tok, tid, a->pat_off, a->pat_len, err)) != DL_OK ||
+		(st = matcher_build(tok, &tok->match_raw, false, err)) != DL_OK ||
+		(st = matcher_build(tok, &tok->match_norm, true, err)) != DL_OK)
+		return st;
+	*id = tid;
 	return DL_OK;
 }
 
@@ -1884,7 +1898,7 @@ dl_status
 tok_save(const dl_tokenizer *tok, const char *path, dl_error *err)
 {
 	const char *text = json_object_to_json_string_ext(tok->root,
-													   JSON_C_TO_STRING_PRETTY |
+													   JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
 													   JSON_C_TO_STRING_NOSLASHESCAPE);
 	size_t		len = text ? strlen(text) : 0;
 	char		tmp[4096];

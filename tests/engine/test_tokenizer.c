@@ -323,6 +323,31 @@ TEST(tokenizer_special_tokens)
 	tok_free(tok);
 }
 
+/* The fixture tokenizer.json with text `insert` put right after the first `after`. */
+static char *
+edited_fixture(const char *after, const char *insert, size_t *len)
+{
+	size_t		n;
+	char	   *src = read_fixture("tokenizer/tokenizer.json", &n);
+	char	   *at = src ? strstr(src, after) : NULL;
+	char	   *out;
+	size_t		head;
+
+	if (at == NULL)
+	{
+		free(src);
+		return NULL;
+	}
+	head = at + strlen(after) - src;
+	out = malloc(n + strlen(insert) + 1);
+	memcpy(out, src, head);
+	memcpy(out + head, insert, strlen(insert));
+	memcpy(out + head + strlen(insert), src + head, n - head + 1);
+	*len = n + strlen(insert);
+	free(src);
+	return out;
+}
+
 TEST(tokenizer_add_special_save_reload)
 {
 	dl_tokenizer *tok = load_fixture("tokenizer/tokenizer.json");
@@ -387,29 +412,69 @@ TEST(tokenizer_add_special_save_reload)
 	rmdir(dir);
 }
 
-/* The fixture tokenizer.json with text `insert` put right after the first `after`. */
-static char *
-edited_fixture(const char *after, const char *insert, size_t *len)
+TEST(tokenizer_add_special_existing)
 {
-	size_t		n;
-	char	   *src = read_fixture("tokenizer/tokenizer.json", &n);
-	char	   *at = src ? strstr(src, after) : NULL;
-	char	   *out;
-	size_t		head;
+	size_t		len;
+	char	   *json = edited_fixture("\"added_tokens\": [",
+									  "{\"id\": 600, \"content\": \"zq\", \"single_word\": false, "
+									  "\"lstrip\": true, \"rstrip\": false, \"normalized\": true, "
+									  "\"special\": false},", &len);
+	dl_tokenizer *tok = NULL;
+	dl_error	err = {0};
+	int32_t		zq,
+				vocab_id,
+				got;
+	const int32_t x = 0;
+	char	   *text;
 
-	if (at == NULL)
+	CHECK(json != NULL);
+	CHECK_OK(tok_parse(json, len, &tok, &err), &err);
+	free(json);
+
+	/*
+	 * tokenizers numbers added tokens itself, in file order after the vocabulary, whatever
+	 * ids the file says: zq takes the 512 of "### End", which moves up one
+	 */
+	zq = tok_token_id(tok, "zq");
+	CHECK(zq == 512 && tok_token_id(tok, "### End") == 513 && tok_vocab_size(tok) == 516);
+
+	/* a plain added token: lstrip takes the space before it, decoding keeps it */
 	{
-		free(src);
-		return NULL;
+		int32_t    *ids;
+		int			n;
+
+		CHECK_OK(tok_encode(tok, "a zq", 4, &ids, &n, &err), &err);
+		CHECK(n == 2 && ids[0] == tok_token_id(tok, "a") && ids[1] == zq);
+		free(ids);
 	}
-	head = at + strlen(after) - src;
-	out = malloc(n + strlen(insert) + 1);
-	memcpy(out, src, head);
-	memcpy(out + head, insert, strlen(insert));
-	memcpy(out + head + strlen(insert), src + head, n - head + 1);
-	*len = n + strlen(insert);
-	free(src);
-	return out;
+	CHECK_OK(tok_decode(tok, &zq, 1, 1, &text, &err), &err);
+	CHECK(strcmp(text, "zq") == 0);
+	free(text);
+
+	/* made special: same id, no lstrip any more, skipped with skip_special */
+	CHECK_OK(tok_add_special(tok, "zq", &got, &err), &err);
+	CHECK(got == zq && tok_vocab_size(tok) == 516);
+	CHECK_OK(tok_decode(tok, &zq, 1, 1, &text, &err), &err);
+	CHECK(text[0] == '\0');
+	free(text);
+
+	/* a vocabulary entry keeps its id and becomes one token, skipped when asked */
+	vocab_id = tok_token_id(tok, "Ġa");
+	CHECK(vocab_id >= 0);
+	CHECK_OK(tok_add_special(tok, "Ġa", &got, &err), &err);
+	CHECK(got == vocab_id && tok_vocab_size(tok) == 516);
+	{
+		int32_t    *ids;
+		int			n;
+
+		CHECK_OK(tok_encode(tok, "Ġa", strlen("Ġa"), &ids, &n, &err), &err);
+		CHECK(n == 1 && ids[0] == vocab_id);
+		free(ids);
+	}
+	CHECK_OK(tok_decode(tok, (const int32_t[]) {x, vocab_id}, 2, 1, &text, &err), &err);
+	CHECK(text[0] == '\0');
+	free(text);
+	tok_free(tok);
 }
 
 /* Parse JSON text that must fail with code, its message containing needle. */
