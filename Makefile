@@ -14,8 +14,10 @@ OBJS = $(patsubst %.c,%.o,$(wildcard src/pg/*.c))
 DATA = $(wildcard sql/dolly--*.sql)
 PGFILEDESC = "dolly - instruction-following language models inside PostgreSQL"
 
-REGRESS = $(sort $(basename $(notdir $(filter-out $(DATA),$(wildcard sql/*.sql)))))
-REGRESS_OPTS = --temp-instance=tmp_check --temp-config=tests/regress.conf --inputdir=.
+REGRESS = dolly_setup dolly_generate
+REGRESS_OPTS = --temp-instance=tmp_check --temp-config=build/regress.conf --inputdir=. \
+	--encoding=UTF8 --no-locale
+REGRESS_PREP = build/regress.conf
 TAP_TESTS = 1
 PROVE_TESTS = tests/server/*.pl
 
@@ -83,6 +85,11 @@ $(TEST_BIN): $(TEST_SRCS) $(wildcard tests/engine/*.h) $(ENGINE_LIB)
 # error.c is compiled in so that the plugin is self-contained whoever loads it
 dolly_cuda.so: $(wildcard kernels/*.cu kernels/*.cuh) $(wildcard src/engine/*.h) src/engine/error.c
 	$(NVCC) $(NVCC_FLAGS) -o $@ $(wildcard kernels/*.cu) src/engine/error.c -lcublas
+
+# the temporary cluster serves the committed fixture models
+build/regress.conf: tests/regress.conf.in
+	@mkdir -p build
+	sed 's|@FIXTURES@|$(CURDIR)/tests/fixtures|' $< > $@
 
 unittest: $(TEST_BIN)
 	$(TEST_BIN)

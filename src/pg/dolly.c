@@ -28,7 +28,7 @@ _PG_init(void)
 }
 
 /* Map engine status codes to SQLSTATEs a client can act on. */
-static int
+int
 dolly_errcode(dl_status code)
 {
 	switch (code)

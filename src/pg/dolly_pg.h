@@ -7,6 +7,8 @@
 
 #include "postgres.h"
 
+#include "datatype/timestamp.h"
+#include "storage/latch.h"
 #include "storage/spin.h"
 
 #include "cuda_plugin.h"
@@ -24,6 +26,12 @@ typedef enum DollyDevice
 extern int	dolly_device;
 extern int	dolly_threads;
 extern char *dolly_cuda_devices;
+extern char *dolly_model;
+extern char *dolly_model_dir;
+extern int	dolly_max_batch;
+extern int	dolly_max_context;
+extern int	dolly_max_new_tokens;
+extern int	dolly_max_loaded_models;
 
 /* What the model server found out about the machine; written by it, read by SQL functions. */
 typedef enum DollyServerState
@@ -33,17 +41,43 @@ typedef enum DollyServerState
 	DOLLY_SERVER_READY			/* serving */
 } DollyServerState;
 
+/* Models the server may hold at once (the bound of dolly.max_loaded_models). */
+#define DOLLY_MAX_MODELS 64
+
+/* One loaded model's row of the dolly_server view. */
+typedef struct DollyModelStatus
+{
+	bool		in_use;
+	char		path[MAXPGPATH];
+	char		arch[16];
+	char		device[32];
+	TimestampTz loaded_at;
+	double		load_seconds;
+	int64		params;
+	int64		param_bytes;
+	int64		cache_bytes;
+	int			max_batch;
+	int			max_context;
+	int			active;			/* sequences in flight */
+	int64		requests;		/* answered */
+	int64		prompt_tokens;
+	int64		generated_tokens;
+	double		tokens_per_second;	/* moving average over recent passes */
+} DollyModelStatus;
+
 typedef struct DollyShared
 {
 	slock_t		mutex;			/* protects everything below */
 	DollyServerState state;
 	pid_t		server_pid;
+	Latch	   *server_latch;	/* set it to wake the server: a request is queued */
 	uint64		server_generation;	/* bumped at every (re)start of the model server */
 	int			cpu_threads;
 	char		cpu_detail[256];
 	bool		cuda_available;
 	int			cuda_ngpus;
 	char		cuda_detail[1024];	/* GPUs seen, or why CUDA cannot be used */
+	DollyModelStatus models[DOLLY_MAX_MODELS];
 } DollyShared;
 
 extern DollyShared *dolly_shared;
@@ -56,8 +90,24 @@ extern void dolly_server_register(void);
 /* Number of threads the CPU backend uses: dolly.threads, or every CPU when it is 0. */
 extern int	dolly_cpu_threads(void);
 
+/* The SQLSTATE for an engine status code. */
+extern int	dolly_errcode(dl_status code);
+
 /* Report an engine failure as an ERROR (or another elevel) with its hint. */
 extern void dolly_report(int elevel, const dl_error *err);
+
+/* Can name be a directory under dolly.model_dir (no separators, no "..")? */
+extern bool dolly_model_name_ok(const char *name);
+
+/* ERROR unless name can name a directory under dolly.model_dir (no separators, no ".."). */
+extern void dolly_check_model_name(const char *name);
+
+/* The serving work of the model server (serve.c). */
+extern void dolly_serve_init(uint64 server_generation);
+/* Take queued requests and run one pass of every model with work; true if there was work. */
+extern bool dolly_serve_tick(void);
+/* Apply a configuration reload (dolly.model changed). */
+extern void dolly_serve_reconfigure(void);
 
 /* Path of the CUDA plugin in $libdir. */
 extern void dolly_cuda_plugin_path(char *buf, size_t len);

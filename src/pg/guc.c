@@ -8,6 +8,12 @@
 int			dolly_device = DOLLY_DEVICE_AUTO;
 int			dolly_threads = 0;
 char	   *dolly_cuda_devices = NULL;
+char	   *dolly_model = NULL;
+char	   *dolly_model_dir = NULL;
+int			dolly_max_batch = 16;
+int			dolly_max_context = 0;
+int			dolly_max_new_tokens = 1024;
+int			dolly_max_loaded_models = 2;
 
 static const struct config_enum_entry device_options[] = {
 	{"cpu", DOLLY_DEVICE_CPU, false},
@@ -34,6 +40,37 @@ dolly_guc_init(void)
 							   NULL,
 							   &dolly_cuda_devices, "",
 							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("dolly.model",
+							   "The model the model server serves by default.",
+							   "A Hugging Face model directory (config.json, tokenizer.json, *.safetensors): "
+							   "an absolute path, or the name of a directory under dolly.model_dir.",
+							   &dolly_model, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("dolly.model_dir",
+							   "Directory holding the models that dolly_generate(model => name) may name.",
+							   "Fine-tuned models are written there too.",
+							   &dolly_model_dir, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomIntVariable("dolly.max_batch",
+							"Sequences the model server decodes together, per model.",
+							"Also the number of KV-cache slots each loaded model reserves.",
+							&dolly_max_batch, 16, 1, 1024,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("dolly.max_context",
+							"Longest sequence (prompt and generated tokens) the server accepts.",
+							"0 means the model's own limit (max_position_embeddings).",
+							&dolly_max_context, 0, 0, 1048576,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("dolly.max_new_tokens",
+							"Upper bound for the max_new_tokens argument of dolly_generate.",
+							NULL,
+							&dolly_max_new_tokens, 1024, 1, 1048576,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("dolly.max_loaded_models",
+							"Models the model server keeps loaded at once.",
+							"When another is needed, the least recently used idle one is unloaded.",
+							&dolly_max_loaded_models, 2, 1, 64,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	MarkGUCPrefixReserved("dolly");
 }
 

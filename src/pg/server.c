@@ -1,13 +1,15 @@
 /*
  * server.c: the model server, one background worker that holds the model for every session.
  *
- * At this stage it starts, finds out which compute backends the machine offers (CPU threads,
- * the CUDA plugin and its GPUs) and publishes that in shared memory for dolly_backends().
+ * It finds out which compute backends the machine offers (CPU threads, the CUDA plugin and
+ * its GPUs) and publishes that for dolly_backends(), loads dolly.model, then serves the
+ * requests sessions queue (serve.c), sleeping on its latch when there is nothing to do.
  * CUDA is initialised here and nowhere else: CUDA state does not survive fork(), so the
  * postmaster and _PG_init must never touch it. SIGTERM ends the worker with FATAL; the
  * postmaster restarts it after bgw_restart_time unless the whole server is shutting down.
  */
 #include "dolly_pg.h"
+#include "queue.h"
 
 #include <stdlib.h>
 
@@ -110,28 +112,26 @@ probe_cuda(void)
 	SpinLockRelease(&dolly_shared->mutex);
 }
 
-/* Mark the server gone, so that waiting sessions stop waiting for it. */
+/* Mark the server gone and fail what it was running, so that no session waits for it. */
 static void
 server_on_exit(int code, Datum arg)
 {
 	SpinLockAcquire(&dolly_shared->mutex);
 	dolly_shared->state = DOLLY_SERVER_STOPPED;
 	dolly_shared->server_pid = 0;
+	dolly_shared->server_latch = NULL;
+	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
+		dolly_shared->models[i].in_use = false;
 	SpinLockRelease(&dolly_shared->mutex);
-}
-
-/* Set our state in shared memory. */
-static void
-server_set_state(DollyServerState state)
-{
-	SpinLockAcquire(&dolly_shared->mutex);
-	dolly_shared->state = state;
-	SpinLockRelease(&dolly_shared->mutex);
+	dolly_queue_fail_running("dolly model server stopped while the request ran");
 }
 
 void
 dolly_server_main(Datum arg)
 {
+	uint64		generation;
+	bool		was_busy = false;
+
 	pqsignal(SIGTERM, die);
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	BackgroundWorkerUnblockSignals();
@@ -142,8 +142,10 @@ dolly_server_main(Datum arg)
 	SpinLockAcquire(&dolly_shared->mutex);
 	dolly_shared->state = DOLLY_SERVER_STARTING;
 	dolly_shared->server_pid = MyProcPid;
-	dolly_shared->server_generation++;
+	generation = ++dolly_shared->server_generation;
 	SpinLockRelease(&dolly_shared->mutex);
+	/* requests a previous server took died with it; queued ones are ours to serve */
+	dolly_queue_fail_running("dolly model server restarted while the request ran");
 
 	/* must precede the first CUDA call of this process */
 	if (dolly_cuda_devices[0] != '\0')
@@ -151,14 +153,19 @@ dolly_server_main(Datum arg)
 	pgstat_report_activity(STATE_RUNNING, "probing compute backends");
 	probe_cpu();
 	probe_cuda();
-	server_set_state(DOLLY_SERVER_READY);
+	dolly_serve_init(generation);
+	SpinLockAcquire(&dolly_shared->mutex);
+	dolly_shared->server_latch = MyLatch;
+	dolly_shared->state = DOLLY_SERVER_READY;
+	SpinLockRelease(&dolly_shared->mutex);
 	pgstat_report_activity(STATE_IDLE, "");
 	elog(LOG, "dolly model server ready");
 
 	for (;;)
 	{
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 1000L, PG_WAIT_EXTENSION);
+		bool		busy;
+
+		/* reset first: a request queued during the tick sets it again, nothing is missed */
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -166,6 +173,14 @@ dolly_server_main(Datum arg)
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
 			probe_cpu();
+			dolly_serve_reconfigure();
 		}
+		busy = dolly_serve_tick();
+		if (busy != was_busy)
+			pgstat_report_activity(busy ? STATE_RUNNING : STATE_IDLE, busy ? "generating" : "");
+		was_busy = busy;
+		if (!busy)
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 1000L, PG_WAIT_EXTENSION);
 	}
 }

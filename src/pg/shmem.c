@@ -1,5 +1,6 @@
 /* shmem.c: the model server's state in the main shared memory segment. */
 #include "dolly_pg.h"
+#include "queue.h"
 
 #include "miscadmin.h"
 #include "storage/ipc.h"
@@ -17,7 +18,7 @@ dolly_shmem_request(void)
 {
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
-	RequestAddinShmemSpace(MAXALIGN(sizeof(DollyShared)));
+	RequestAddinShmemSpace(add_size(MAXALIGN(sizeof(DollyShared)), dolly_queue_shmem_size()));
 }
 
 /* Create (postmaster) or attach to (EXEC_BACKEND children) the shared state. */
@@ -35,6 +36,7 @@ dolly_shmem_startup(void)
 		memset(dolly_shared, 0, sizeof(DollyShared));
 		SpinLockInit(&dolly_shared->mutex);
 	}
+	dolly_queue_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 }
 

@@ -1,4 +1,4 @@
-/* sql_info.c: SQL functions that describe the installation: dolly_version(), dolly_backends(). */
+/* sql_info.c: SQL functions that describe the installation and the model server. */
 #include "dolly_pg.h"
 
 #include "fmgr.h"
@@ -6,6 +6,7 @@
 #include "miscadmin.h"
 #include "storage/latch.h"
 #include "utils/builtins.h"
+#include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
 #include "sysinfo.h"
@@ -15,6 +16,7 @@
 
 PG_FUNCTION_INFO_V1(dolly_version);
 PG_FUNCTION_INFO_V1(dolly_backends);
+PG_FUNCTION_INFO_V1(dolly_server_status);
 
 /* dolly_version(): the extension's version. */
 Datum
@@ -76,5 +78,51 @@ dolly_backends(PG_FUNCTION_ARGS)
 	values[3] = CStringGetTextDatum(snap.cuda_detail);
 	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 
+	return (Datum) 0;
+}
+
+/* dolly_server_status(): one row per model the server holds. */
+Datum
+dolly_server_status(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	DollyModelStatus *st = palloc(sizeof(DollyModelStatus) * DOLLY_MAX_MODELS);
+	pid_t		pid;
+
+	SpinLockAcquire(&dolly_shared->mutex);
+	memcpy(st, dolly_shared->models, sizeof(DollyModelStatus) * DOLLY_MAX_MODELS);
+	pid = dolly_shared->server_pid;
+	SpinLockRelease(&dolly_shared->mutex);
+
+	InitMaterializedSRF(fcinfo, 0);
+	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
+	{
+		Datum		values[16];
+		bool		nulls[16];
+		const char *slash = strrchr(st[i].path, '/');
+		int			c = 0;
+
+		if (!st[i].in_use)
+			continue;
+		memset(nulls, 0, sizeof(nulls));
+		values[c++] = Int32GetDatum(pid);
+		/* the directory's name only: paths are for superusers (dolly.model is hidden too) */
+		values[c++] = CStringGetTextDatum(slash ? slash + 1 : st[i].path);
+		values[c++] = CStringGetTextDatum(st[i].arch);
+		values[c++] = CStringGetTextDatum(st[i].device);
+		values[c++] = TimestampTzGetDatum(st[i].loaded_at);
+		values[c++] = Float8GetDatum(st[i].load_seconds);
+		values[c++] = Int64GetDatum(st[i].params);
+		values[c++] = Int64GetDatum(st[i].param_bytes);
+		values[c++] = Int64GetDatum(st[i].cache_bytes);
+		values[c++] = Int32GetDatum(st[i].max_batch);
+		values[c++] = Int32GetDatum(st[i].max_context);
+		values[c++] = Int32GetDatum(st[i].active);
+		values[c++] = Int64GetDatum(st[i].requests);
+		values[c++] = Int64GetDatum(st[i].prompt_tokens);
+		values[c++] = Int64GetDatum(st[i].generated_tokens);
+		values[c++] = Float8GetDatum(st[i].tokens_per_second);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
 	return (Datum) 0;
 }

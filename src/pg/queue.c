@@ -1,0 +1,305 @@
+/* queue.c: the request slots between sessions and the model server; see queue.h. */
+#include "dolly_pg.h"
+#include "queue.h"
+
+#include "libpq/libpq.h"
+#include "miscadmin.h"
+#include "storage/backendid.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+#include "utils/wait_event.h"
+
+/* How long a client waits for a model server that is not running before giving up. */
+#define SERVER_GONE_MS 5000
+/* How often a waiting client checks that its connection and the server are alive. */
+#define POLL_MS 100
+
+static DollyQueue *queue;
+static DollyRequest *slots;
+static bool exit_callback_registered = false;
+
+static Size
+slots_offset(int nslots)
+{
+	return MAXALIGN(offsetof(DollyQueue, state) + nslots * sizeof(DollySlotState));
+}
+
+Size
+dolly_queue_shmem_size(void)
+{
+	/* one slot per backend that can run SQL: MaxBackends is known in shmem_request_hook */
+	return add_size(slots_offset(MaxBackends), mul_size(MaxBackends, sizeof(DollyRequest)));
+}
+
+void
+dolly_queue_shmem_init(void)
+{
+	bool		found;
+
+	queue = ShmemInitStruct("dolly queue", dolly_queue_shmem_size(), &found);
+	slots = (DollyRequest *) ((char *) queue + slots_offset(MaxBackends));
+	if (!found)
+	{
+		SpinLockInit(&queue->mutex);
+		queue->next_seqno = 0;
+		queue->nslots = MaxBackends;
+		memset(queue->state, 0, MaxBackends * sizeof(DollySlotState));
+	}
+}
+
+static int
+slot_index(const DollyRequest *req)
+{
+	return req - slots;
+}
+
+/* Give up this backend's request: the server drops it if it is running. */
+static void
+abandon(DollyRequest *req)
+{
+	int			i = slot_index(req);
+
+	SpinLockAcquire(&queue->mutex);
+	switch (queue->state[i])
+	{
+		case SLOT_QUEUED:
+		case SLOT_DONE:
+		case SLOT_FAILED:
+			queue->state[i] = SLOT_FREE;
+			break;
+		case SLOT_RUNNING:
+			queue->state[i] = SLOT_ABANDONED;
+			break;
+		case SLOT_FREE:
+		case SLOT_ABANDONED:
+			break;
+	}
+	SpinLockRelease(&queue->mutex);
+}
+
+/* Backend exit (including FATAL and a lost connection) abandons a request in flight. */
+static void
+abandon_at_exit(int code, Datum arg)
+{
+	if (MyBackendId != InvalidBackendId && MyBackendId <= queue->nslots)
+		abandon(&slots[MyBackendId - 1]);
+}
+
+/* The slot's state, read under the lock. */
+static DollySlotState
+slot_state(const DollyRequest *req)
+{
+	DollySlotState s;
+
+	SpinLockAcquire(&queue->mutex);
+	s = queue->state[slot_index(req)];
+	SpinLockRelease(&queue->mutex);
+	return s;
+}
+
+DollyRequest *
+dolly_queue_my_slot(void)
+{
+	DollyRequest *req;
+
+	if (MyBackendId == InvalidBackendId || MyBackendId > queue->nslots)
+		elog(ERROR, "dolly: backend id %d has no request slot", MyBackendId);
+	req = &slots[MyBackendId - 1];
+	if (!exit_callback_registered)
+	{
+		before_shmem_exit(abandon_at_exit, (Datum) 0);
+		exit_callback_registered = true;
+	}
+	/* a request we abandoned may still be in the server's hands until its next step */
+	abandon(req);
+	while (slot_state(req) != SLOT_FREE)
+	{
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 10L,
+						 PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+	memset(req, 0, offsetof(DollyRequest, in));
+	return req;
+}
+
+/* Wait for the answer; raise if the server is gone for too long. */
+static void
+wait_for_answer(DollyRequest *req)
+{
+	int			gone_ms = 0;
+
+	for (;;)
+	{
+		DollySlotState s = slot_state(req);
+		bool		server_up;
+
+		if (s == SLOT_DONE)
+			return;
+		if (s == SLOT_FAILED)
+			ereport(ERROR,
+					(errcode(dolly_errcode(req->errcode)),
+					 errmsg("%s", req->errmsg),
+					 req->errhint[0] ? errhint("%s", req->errhint) : 0));
+
+		SpinLockAcquire(&dolly_shared->mutex);
+		server_up = dolly_shared->state != DOLLY_SERVER_STOPPED;
+		SpinLockRelease(&dolly_shared->mutex);
+		gone_ms = server_up ? 0 : gone_ms + POLL_MS;
+		if (gone_ms >= SERVER_GONE_MS)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("dolly model server is not running"),
+					 errhint("Check the server log for messages from \"dolly model server\".")));
+
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, POLL_MS,
+						 PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		/* a client that hung up gets its request dropped now, not when it finishes */
+		if (MyProcPort != NULL && !pq_check_connection())
+			ereport(FATAL,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("connection to client lost")));
+	}
+}
+
+void
+dolly_queue_submit_and_wait(DollyRequest *req)
+{
+	Latch	   *server_latch;
+
+	req->client_latch = MyLatch;
+	req->client_pid = MyProcPid;
+	req->client_role = GetUserId();
+	SpinLockAcquire(&queue->mutex);
+	req->seqno = ++queue->next_seqno;
+	queue->state[slot_index(req)] = SLOT_QUEUED;
+	SpinLockRelease(&queue->mutex);
+
+	SpinLockAcquire(&dolly_shared->mutex);
+	server_latch = dolly_shared->server_latch;
+	SpinLockRelease(&dolly_shared->mutex);
+	if (server_latch)
+		SetLatch(server_latch);
+
+	PG_TRY();
+	{
+		wait_for_answer(req);
+	}
+	PG_CATCH();
+	{
+		abandon(req);
+		SpinLockAcquire(&dolly_shared->mutex);
+		server_latch = dolly_shared->server_latch;
+		SpinLockRelease(&dolly_shared->mutex);
+		if (server_latch)
+			SetLatch(server_latch);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+}
+
+void
+dolly_queue_release(DollyRequest *req)
+{
+	abandon(req);
+}
+
+int
+dolly_queue_take(DollyRequest **taken, int max, uint64 generation)
+{
+	int			n = 0;
+
+	SpinLockAcquire(&queue->mutex);
+	while (n < max)
+	{
+		int			oldest = -1;
+
+		for (int i = 0; i < queue->nslots; i++)
+			if (queue->state[i] == SLOT_QUEUED &&
+				(oldest < 0 || slots[i].seqno < slots[oldest].seqno))
+				oldest = i;
+		if (oldest < 0)
+			break;
+		queue->state[oldest] = SLOT_RUNNING;
+		slots[oldest].server_generation = generation;
+		taken[n++] = &slots[oldest];
+	}
+	SpinLockRelease(&queue->mutex);
+	return n;
+}
+
+void
+dolly_queue_requeue(DollyRequest *req)
+{
+	int			i = slot_index(req);
+
+	SpinLockAcquire(&queue->mutex);
+	if (queue->state[i] == SLOT_RUNNING)
+		queue->state[i] = SLOT_QUEUED;
+	else if (queue->state[i] == SLOT_ABANDONED)
+		queue->state[i] = SLOT_FREE;
+	SpinLockRelease(&queue->mutex);
+}
+
+bool
+dolly_queue_abandoned(DollyRequest *req)
+{
+	bool		abandoned;
+	int			i = slot_index(req);
+
+	SpinLockAcquire(&queue->mutex);
+	abandoned = queue->state[i] == SLOT_ABANDONED;
+	if (abandoned)
+		queue->state[i] = SLOT_FREE;
+	SpinLockRelease(&queue->mutex);
+	return abandoned;
+}
+
+void
+dolly_queue_finish(DollyRequest *req, const dl_error *err)
+{
+	int			i = slot_index(req);
+	bool		wake = false;
+
+	if (err)
+	{
+		req->errcode = err->code;
+		strlcpy(req->errmsg, err->msg, sizeof(req->errmsg));
+		strlcpy(req->errhint, err->hint, sizeof(req->errhint));
+	}
+	SpinLockAcquire(&queue->mutex);
+	if (queue->state[i] == SLOT_RUNNING)
+	{
+		queue->state[i] = err ? SLOT_FAILED : SLOT_DONE;
+		wake = true;
+	}
+	else if (queue->state[i] == SLOT_ABANDONED)
+		queue->state[i] = SLOT_FREE;
+	SpinLockRelease(&queue->mutex);
+	if (wake)
+		SetLatch(req->client_latch);
+}
+
+void
+dolly_queue_fail_running(const char *why)
+{
+	dl_error	err;
+
+	dl_fail(&err, DL_EBACKEND, "%s", why);
+	dl_hint(&err, "Run the statement again; the model server restarts by itself.");
+	for (int i = 0; i < queue->nslots; i++)
+	{
+		DollySlotState s;
+
+		SpinLockAcquire(&queue->mutex);
+		s = queue->state[i];
+		if (s == SLOT_ABANDONED)
+			queue->state[i] = SLOT_FREE;
+		SpinLockRelease(&queue->mutex);
+		if (s == SLOT_RUNNING)
+			dolly_queue_finish(&slots[i], &err);
+	}
+}

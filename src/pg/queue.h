@@ -1,0 +1,108 @@
+/*
+ * queue.h: requests from sessions to the model server, through slots in shared memory.
+ *
+ * Each backend owns one slot (indexed by its BackendId), so submitting never waits for a
+ * free slot. A slot moves FREE -> QUEUED (client) -> RUNNING (server) -> DONE or FAILED
+ * (server) -> FREE (client); a client that stops waiting (cancel, timeout, exit) turns
+ * QUEUED into FREE itself and RUNNING into ABANDONED, which the server frees when it drops
+ * the sequence. Whoever owns the current state owns the slot's contents; state changes
+ * happen under the queue's spinlock, which also orders the writes around them.
+ */
+#ifndef DOLLY_QUEUE_H
+#define DOLLY_QUEUE_H
+
+#include "postgres.h"
+
+#include "storage/latch.h"
+#include "storage/spin.h"
+
+#include "error.h"
+
+#define DOLLY_TEXT_MAX 65536		/* bytes of request text and of result */
+#define DOLLY_MODEL_NAME_MAX 256
+
+typedef enum DollySlotState
+{
+	SLOT_FREE = 0,
+	SLOT_QUEUED,
+	SLOT_RUNNING,
+	SLOT_DONE,
+	SLOT_FAILED,
+	SLOT_ABANDONED
+} DollySlotState;
+
+typedef enum DollyRequestKind
+{
+	REQ_GENERATE,				/* continue the prompt; optionally extract Dolly's response */
+	REQ_TOKENIZE,				/* text -> int32 ids in out */
+	REQ_DETOKENIZE				/* int32 ids in `in` -> text */
+} DollyRequestKind;
+
+typedef struct DollyRequest
+{
+	/* written by the client before QUEUED */
+	DollyRequestKind kind;
+	Latch	   *client_latch;
+	pid_t		client_pid;
+	Oid			client_role;
+	uint64		seqno;			/* submission order, for FIFO admission */
+	char		model[DOLLY_MODEL_NAME_MAX];	/* "" = dolly.model */
+	bool		extract_response;
+	int			max_new_tokens;
+	double		temperature;
+	double		top_p;
+	int			top_k;
+	bool		do_sample;
+	uint64		seed;
+	int			in_len;
+	char		in[DOLLY_TEXT_MAX];
+
+	/* written by the server while RUNNING */
+	uint64		server_generation;
+	int			prompt_tokens;
+	int			new_tokens;
+	int			out_len;
+	int			errcode;		/* dl_status of a failure */
+	char		errmsg[512];
+	char		errhint[512];
+	char		out[DOLLY_TEXT_MAX];
+} DollyRequest;
+
+typedef struct DollyQueue
+{
+	slock_t		mutex;
+	uint64		next_seqno;
+	int			nslots;
+	DollySlotState state[FLEXIBLE_ARRAY_MEMBER];	/* slots follow, MAXALIGN'd */
+} DollyQueue;
+
+/* Shared memory the queue needs (asked for in shmem_request_hook). */
+extern Size dolly_queue_shmem_size(void);
+/* Create or attach in shmem_startup_hook. */
+extern void dolly_queue_shmem_init(void);
+
+/* --- client side --- */
+
+/* This backend's slot, FREE, ready to fill. */
+extern DollyRequest *dolly_queue_my_slot(void);
+/* Queue the filled slot, wake the server and wait (interruptibly) for its answer. On
+ * return the slot is DONE (FAILED raises the server's ERROR); call dolly_queue_release. */
+extern void dolly_queue_submit_and_wait(DollyRequest *req);
+/* Free the slot after reading the result. */
+extern void dolly_queue_release(DollyRequest *req);
+
+/* --- server side --- */
+
+/* Take up to max QUEUED requests, oldest first, marking them RUNNING; returns how many. */
+extern int	dolly_queue_take(DollyRequest **taken, int max, uint64 generation);
+/* Put a taken request back in the queue (it keeps its place: its seqno). */
+extern void dolly_queue_requeue(DollyRequest *req);
+/* Is req abandoned by its client (so the server should drop it)? Frees it if so. */
+extern bool dolly_queue_abandoned(DollyRequest *req);
+/* Publish the result (DONE) or an error (FAILED, with err set) and wake the client. */
+extern void dolly_queue_finish(DollyRequest *req, const dl_error *err);
+/* At server start or exit: fail every RUNNING request (the server that took it is gone),
+ * free ABANDONED ones. QUEUED requests stay for the next server. */
+extern void dolly_queue_fail_running(const char *why);
+
+#endif

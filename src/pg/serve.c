@@ -1,0 +1,609 @@
+/*
+ * serve.c: the model server's work: the models it holds and the requests it runs on them.
+ *
+ * Continuous batching: at every tick the server takes the requests that were queued,
+ * admits them into their model's generator (prefill happens in the next pass, in chunks),
+ * drops the sequences whose clients gave up, runs ONE forward pass per model with work,
+ * and answers the sequences that finished. A long request never keeps a short one from
+ * starting. Up to dolly.max_loaded_models models stay loaded; when another is needed the
+ * least recently used idle one is unloaded.
+ *
+ * Everything here runs in the worker's main thread; the engine's compute threads never
+ * call PostgreSQL. Engine failures come back as dl_error and become the request's ERROR.
+ */
+#include "dolly_pg.h"
+#include "queue.h"
+
+#include <sys/stat.h>
+
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "portability/instr_time.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "generate.h"
+#include "model.h"
+#include "prompt.h"
+#include "tokenizer.h"
+
+/* Tokens one forward pass may carry: bounds the activations and the prefill chunks. */
+#define MAX_TOKENS_PER_PASS 512
+
+typedef struct Sequence
+{
+	DollyRequest *req;
+	int			id;				/* in the model's generator */
+} Sequence;
+
+typedef struct ServedModel
+{
+	char		path[MAXPGPATH];
+	bool		is_default;		/* loaded as dolly.model */
+	uint64		last_used;
+	dl_model   *model;
+	dl_kv_cache *cache;
+	dl_generator *gen;
+	dl_tokenizer *tok;
+	int32		end_id;			/* "### End", else the config's eos, else -1 */
+	int32		eos_id;
+	int			status;			/* index in dolly_shared->models */
+	int			nseq;
+	Sequence   *seq;			/* [dolly.max_batch at load] */
+	int			max_seq;
+} ServedModel;
+
+static dl_backend *backend;
+static int	backend_threads;
+static ServedModel *models;		/* [DOLLY_MAX_MODELS] */
+static uint64 use_clock;
+static uint64 generation;
+
+/* Publish a loaded model's row of dolly_server, or clear it (m->model == NULL). */
+static void
+publish_model(ServedModel *m, double load_seconds)
+{
+	DollyModelStatus *st = &dolly_shared->models[m->status];
+
+	SpinLockAcquire(&dolly_shared->mutex);
+	if (m->model == NULL)
+		st->in_use = false;
+	else
+	{
+		st->in_use = true;
+		strlcpy(st->path, m->path, sizeof(st->path));
+		strlcpy(st->arch, m->model->cfg.arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox", sizeof(st->arch));
+		strlcpy(st->device, backend->name, sizeof(st->device));
+		st->loaded_at = GetCurrentTimestamp();
+		st->load_seconds = load_seconds;
+		st->param_bytes = m->model->param_bytes;
+		st->params = 0;
+		for (int i = 0; i < m->model->nmap; i++)
+			st->params += m->model->map[i].shape[0] * (m->model->map[i].ndim == 2 ? m->model->map[i].shape[1] : 1);
+		st->cache_bytes = 2 * m->cache->layer_stride * m->model->cfg.n_layer;
+		st->max_batch = m->max_seq;
+		st->max_context = m->cache->max_ctx;
+		st->active = 0;
+		st->requests = 0;
+		st->prompt_tokens = 0;
+		st->generated_tokens = 0;
+		st->tokens_per_second = 0;
+	}
+	SpinLockRelease(&dolly_shared->mutex);
+}
+
+/* Unload a model (it must have no sequences). */
+static void
+unload(ServedModel *m)
+{
+	elog(LOG, "dolly: unloading model \"%s\"", m->path);
+	gen_free(m->gen);
+	dl_kv_cache_free(m->cache);
+	dl_model_free(m->model);
+	tok_free(m->tok);
+	pfree(m->seq);
+	m->gen = NULL;
+	m->cache = NULL;
+	m->model = NULL;
+	m->tok = NULL;
+	publish_model(m, 0);
+}
+
+/* Make sure the CPU backend exists with dolly.threads threads. */
+static dl_status
+ensure_backend(dl_error *err)
+{
+	int			threads = dolly_cpu_threads();
+
+	if (backend != NULL && backend_threads == threads)
+		return DL_OK;
+	/* a new thread count needs a new backend, so models on the old one go first */
+	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
+		if (models[i].model && models[i].nseq == 0)
+			unload(&models[i]);
+	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
+		if (models[i].model)
+			return DL_OK;		/* busy: switch once they are done */
+	if (backend)
+		backend->destroy(backend);
+	backend = NULL;
+	if (backend_cpu_create(threads, &backend, err) != DL_OK)
+		return err->code;
+	backend_threads = threads;
+	return DL_OK;
+}
+
+/*
+ * The directory a request's model name stands for: "" is dolly.model (an absolute
+ * path, or a name under dolly.model_dir), anything else a name under dolly.model_dir.
+ */
+static dl_status
+resolve(const char *name, char *path, bool *is_default, dl_error *err)
+{
+	struct stat sb;
+
+	*is_default = name[0] == '\0';
+	if (*is_default)
+	{
+		if (dolly_model[0] == '\0')
+		{
+			dl_fail(err, DL_EINVAL, "no model is configured");
+			return dl_hint(err, "Set dolly.model to a Hugging Face model directory in postgresql.conf and reload, or pass model => name.");
+		}
+		name = dolly_model;
+	}
+	if (name[0] == '/')
+		strlcpy(path, name, MAXPGPATH);
+	else if (!dolly_model_name_ok(name))
+		return dl_fail(err, DL_EINVAL, "dolly.model \"%s\" is neither an absolute path nor a model name", name);
+	else if (dolly_model_dir[0] == '\0')
+	{
+		dl_fail(err, DL_EINVAL, "model \"%s\" cannot be found because dolly.model_dir is not set", name);
+		return dl_hint(err, "Set dolly.model_dir to the directory that holds the models.");
+	}
+	else
+		snprintf(path, MAXPGPATH, "%s/%s", dolly_model_dir, name);
+	if (stat(path, &sb) != 0 || !S_ISDIR(sb.st_mode))
+	{
+		elog(LOG, "dolly: model directory \"%s\" does not exist", path);
+		if (*is_default && dolly_model[0] == '/')
+			dl_fail(err, DL_EIO, "the directory that dolly.model names does not exist");
+		else
+			dl_fail(err, DL_EIO, "model \"%s\" does not exist in dolly.model_dir", name);
+		return dl_hint(err, "A model directory holds config.json, tokenizer.json and *.safetensors, as Hugging Face stores them.");
+	}
+	return DL_OK;
+}
+
+/*
+ * Engine messages name files by full path; show them relative to dolly.model_dir, which
+ * sessions know (and the log has the full story).
+ */
+static void
+relative_paths(dl_error *err)
+{
+	size_t		dirlen = strlen(dolly_model_dir);
+	char	   *p;
+
+	if (dirlen == 0)
+		return;
+	while ((p = strstr(err->msg, dolly_model_dir)) != NULL && p[dirlen] == '/')
+		memmove(p, p + dirlen + 1, strlen(p + dirlen + 1) + 1);
+}
+
+/* Load the model at path into a free entry (evicting the least recently used idle one). */
+static dl_status
+load(const char *path, bool is_default, ServedModel **out, dl_error *err)
+{
+	ServedModel *m = NULL;
+	int			loaded = 0;
+	char		tokpath[MAXPGPATH];
+	instr_time	start,
+				elapsed;
+	int			max_ctx;
+	int32		response_id;
+
+	if (ensure_backend(err) != DL_OK)
+		return err->code;
+	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
+		if (models[i].model)
+			loaded++;
+	if (loaded >= dolly_max_loaded_models)
+	{
+		ServedModel *lru = NULL;
+
+		for (int i = 0; i < DOLLY_MAX_MODELS; i++)
+			if (models[i].model && models[i].nseq == 0 &&
+				(lru == NULL || models[i].last_used < lru->last_used))
+				lru = &models[i];
+		if (lru == NULL)
+		{
+			dl_fail(err, DL_EINVAL, "all %d loaded models are busy, so \"%s\" cannot be loaded",
+					loaded, path);
+			return dl_hint(err, "Raise dolly.max_loaded_models, or retry when requests finish.");
+		}
+		unload(lru);
+	}
+	for (int i = 0; i < DOLLY_MAX_MODELS && m == NULL; i++)
+		if (models[i].model == NULL)
+			m = &models[i];
+
+	pgstat_report_activity(STATE_RUNNING, psprintf("loading model %s", path));
+	elog(LOG, "dolly: loading model \"%s\"", path);
+	INSTR_TIME_SET_CURRENT(start);
+	snprintf(tokpath, sizeof(tokpath), "%s/tokenizer.json", path);
+	if (tok_load(tokpath, &m->tok, err) != DL_OK)
+		goto fail;
+	if (dl_model_load(path, backend, &m->model, err) != DL_OK)
+		goto fail;
+	max_ctx = m->model->cfg.max_pos;
+	if (dolly_max_context > 0 && dolly_max_context < max_ctx)
+		max_ctx = dolly_max_context;
+	if (dl_kv_cache_create(m->model, dolly_max_batch, max_ctx, MAX_TOKENS_PER_PASS, &m->cache, err) != DL_OK)
+		goto fail;
+	if (gen_create(m->model, m->cache, &m->gen, err) != DL_OK)
+		goto fail;
+	INSTR_TIME_SET_CURRENT(elapsed);
+	INSTR_TIME_SUBTRACT(elapsed, start);
+
+	strlcpy(m->path, path, sizeof(m->path));
+	m->is_default = is_default;
+	m->max_seq = dolly_max_batch;
+	m->seq = MemoryContextAllocZero(TopMemoryContext, m->max_seq * sizeof(Sequence));
+	m->nseq = 0;
+	m->eos_id = m->model->cfg.eos_id;
+	m->end_id = tok_token_id(m->tok, DOLLY_END_KEY);
+	response_id = tok_token_id(m->tok, DOLLY_RESPONSE_KEY_NL);
+	if (m->end_id < 0 || response_id < 0)
+	{
+		elog(LOG, "dolly: model \"%s\" lacks Dolly's special tokens; dolly_generate stops at its end-of-text token", path);
+		m->end_id = m->eos_id;
+	}
+	m->status = m - models;
+	publish_model(m, INSTR_TIME_GET_DOUBLE(elapsed));
+	elog(LOG, "dolly: model \"%s\" loaded in %.2f s (%s, %d layers, %zu MB of weights, %d x %d KV cache)",
+		 path, INSTR_TIME_GET_DOUBLE(elapsed), m->model->cfg.arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox",
+		 m->model->cfg.n_layer, m->model->param_bytes >> 20, m->max_seq, max_ctx);
+	*out = m;
+	return DL_OK;
+
+fail:
+	elog(LOG, "dolly: cannot load model \"%s\": %s", path, err->msg);
+	relative_paths(err);
+	gen_free(m->gen);
+	dl_kv_cache_free(m->cache);
+	dl_model_free(m->model);
+	tok_free(m->tok);
+	memset(m, 0, sizeof(*m));
+	return err->code;
+}
+
+/* The loaded model a request names, loading it if needed. */
+static dl_status
+model_for(const char *name, ServedModel **out, dl_error *err)
+{
+	char		path[MAXPGPATH];
+	bool		is_default;
+
+	if (dolly_device == DOLLY_DEVICE_CUDA)
+	{
+		dl_fail(err, DL_EBACKEND, "dolly.device is \"cuda\", but this version of dolly runs models on the CPU only");
+		return dl_hint(err, "Set dolly.device to cpu or auto.");
+	}
+	if (resolve(name, path, &is_default, err) != DL_OK)
+		return err->code;
+	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
+		if (models[i].model && strcmp(models[i].path, path) == 0)
+		{
+			*out = &models[i];
+			models[i].last_used = ++use_clock;
+			return DL_OK;
+		}
+	if (load(path, is_default, out, err) != DL_OK)
+		return err->code;
+	(*out)->last_used = ++use_clock;
+	return DL_OK;
+}
+
+/* Write text (UTF-8) as a request's result, or fail it when it does not fit. */
+static void
+finish_text(DollyRequest *req, const char *text)
+{
+	dl_error	err;
+	size_t		len = strlen(text);
+
+	if (len > DOLLY_TEXT_MAX)
+	{
+		dl_fail(&err, DL_EINVAL, "the result of %zu bytes is longer than the %d bytes a request may carry",
+				len, DOLLY_TEXT_MAX);
+		dolly_queue_finish(req, &err);
+		return;
+	}
+	memcpy(req->out, text, len);
+	req->out_len = (int) len;
+	dolly_queue_finish(req, NULL);
+}
+
+/* Tokenize or detokenize: answered at once. */
+static void
+run_tokenizer(ServedModel *m, DollyRequest *req)
+{
+	dl_error	err;
+	int32_t    *ids = NULL;
+	char	   *text = NULL;
+	int			n;
+
+	if (req->kind == REQ_TOKENIZE)
+	{
+		if (tok_encode(m->tok, req->in, req->in_len, &ids, &n, &err) != DL_OK)
+			dolly_queue_finish(req, &err);
+		else if (n * sizeof(int32) > DOLLY_TEXT_MAX)
+		{
+			dl_fail(&err, DL_EINVAL, "%d tokens are more than a request may carry", n);
+			dolly_queue_finish(req, &err);
+		}
+		else
+		{
+			memcpy(req->out, ids, n * sizeof(int32));
+			req->out_len = n * sizeof(int32);
+			dolly_queue_finish(req, NULL);
+		}
+	}
+	else if (tok_decode(m->tok, (const int32_t *) req->in, req->in_len / sizeof(int32), 0, &text, &err) != DL_OK)
+		dolly_queue_finish(req, &err);
+	else
+		finish_text(req, text);
+	free(ids);
+	free(text);
+}
+
+/* Admit a generation request into its model's generator. */
+static void
+admit(ServedModel *m, DollyRequest *req)
+{
+	dl_error	err;
+	dl_gen_request gr;
+	int32_t    *ids = NULL;
+	int			n;
+	int			id;
+
+	if (m->nseq == m->max_seq)
+	{
+		/* cannot happen: requests are taken only while slots are free */
+		dl_fail(&err, DL_EINVAL, "model \"%s\" has no free sequence slot", m->path);
+		dolly_queue_finish(req, &err);
+		return;
+	}
+	if (tok_encode(m->tok, req->in, req->in_len, &ids, &n, &err) != DL_OK)
+	{
+		dolly_queue_finish(req, &err);
+		return;
+	}
+	memset(&gr, 0, sizeof(gr));
+	gr.prompt = ids;
+	gr.n_prompt = n;
+	gr.max_new_tokens = req->max_new_tokens;
+	gr.end_id = req->extract_response ? m->end_id : m->eos_id;
+	gr.sampling.do_sample = req->do_sample;
+	gr.sampling.temperature = (float) req->temperature;
+	gr.sampling.top_k = req->top_k;
+	gr.sampling.top_p = (float) req->top_p;
+	gr.seed = req->seed;
+	if (gen_add(m->gen, &gr, &id, &err) != DL_OK)
+	{
+		if (n >= m->cache->max_ctx)
+			dl_hint(&err, "The prompt has %d tokens; the server accepts %d (dolly.max_context and the model's max_position_embeddings).",
+					n, m->cache->max_ctx);
+		dolly_queue_finish(req, &err);
+	}
+	else
+	{
+		req->prompt_tokens = n;
+		m->seq[m->nseq].req = req;
+		m->seq[m->nseq].id = id;
+		m->nseq++;
+	}
+	free(ids);
+}
+
+/* Answer a finished sequence: decode its tokens (and extract Dolly's response). */
+static void
+answer(ServedModel *m, Sequence *s)
+{
+	DollyRequest *req = s->req;
+	dl_error	err;
+	const int32_t *toks;
+	int			n;
+	char	   *text = NULL;
+
+	toks = gen_tokens(m->gen, s->id, &n);
+	req->new_tokens = n;
+	/* the end token is not part of the answer */
+	if (gen_finished(m->gen, s->id) == DL_FINISH_END)
+		n--;
+	if (tok_decode(m->tok, toks, n, 0, &text, &err) != DL_OK)
+		dolly_queue_finish(req, &err);
+	else if (req->extract_response)
+	{
+		/* Dolly's pipeline reads the response out of prompt + generation */
+		char	   *full = psprintf("%.*s%s", req->in_len, req->in, text);
+		char	   *response = prompt_extract_response(full);
+
+		if (response == NULL)
+			elog(ERROR, "out of memory");
+		finish_text(req, response);
+		free(response);
+	}
+	else
+		finish_text(req, text);
+	free(text);
+}
+
+/* Account a finished or dropped sequence in the model's row of dolly_server. */
+static void
+account(ServedModel *m, DollyRequest *req, int ntokens, double seconds)
+{
+	DollyModelStatus *st = &dolly_shared->models[m->status];
+
+	SpinLockAcquire(&dolly_shared->mutex);
+	st->active = m->nseq;
+	if (req)
+	{
+		st->requests++;
+		st->prompt_tokens += req->prompt_tokens;
+	}
+	if (ntokens > 0 && seconds > 0)
+	{
+		st->generated_tokens += ntokens;
+		/* a moving average over recent passes: what the server does now */
+		st->tokens_per_second = st->tokens_per_second == 0 ? ntokens / seconds
+			: 0.9 * st->tokens_per_second + 0.1 * (ntokens / seconds);
+	}
+	SpinLockRelease(&dolly_shared->mutex);
+}
+
+/* Remove sequence i of m (swap with the last). */
+static void
+remove_seq(ServedModel *m, int i)
+{
+	gen_remove(m->gen, m->seq[i].id);
+	m->seq[i] = m->seq[--m->nseq];
+}
+
+/* One pass of model m: drop abandoned sequences, step, answer finished ones. */
+static void
+step_model(ServedModel *m)
+{
+	dl_error	err;
+	instr_time	start,
+				elapsed;
+	int			before = 0,
+				after = 0;
+
+	for (int i = m->nseq - 1; i >= 0; i--)
+		if (dolly_queue_abandoned(m->seq[i].req))
+		{
+			remove_seq(m, i);
+			account(m, NULL, 0, 0);
+		}
+	if (m->nseq == 0)
+		return;
+
+	for (int i = 0; i < m->nseq; i++)
+	{
+		int			n;
+
+		(void) gen_tokens(m->gen, m->seq[i].id, &n);
+		before += n;
+	}
+	INSTR_TIME_SET_CURRENT(start);
+	if (gen_step(m->gen, &err) != DL_OK)
+	{
+		/* a failed pass fails every sequence in it; the model stays loaded */
+		while (m->nseq > 0)
+		{
+			dolly_queue_finish(m->seq[0].req, &err);
+			remove_seq(m, 0);
+		}
+		account(m, NULL, 0, 0);
+		return;
+	}
+	INSTR_TIME_SET_CURRENT(elapsed);
+	INSTR_TIME_SUBTRACT(elapsed, start);
+
+	for (int i = m->nseq - 1; i >= 0; i--)
+	{
+		int			n;
+
+		(void) gen_tokens(m->gen, m->seq[i].id, &n);
+		after += n;
+		if (gen_finished(m->gen, m->seq[i].id) != DL_FINISH_NONE)
+		{
+			DollyRequest *req = m->seq[i].req;
+
+			answer(m, &m->seq[i]);
+			remove_seq(m, i);
+			account(m, req, 0, 0);
+		}
+	}
+	account(m, NULL, after - before, INSTR_TIME_GET_DOUBLE(elapsed));
+}
+
+/* Take queued requests, oldest first, until one finds its model full. */
+static void
+take_requests(void)
+{
+	DollyRequest *req;
+
+	while (dolly_queue_take(&req, 1, generation) == 1)
+	{
+		ServedModel *m;
+		dl_error	err;
+
+		if (model_for(req->model, &m, &err) != DL_OK)
+			dolly_queue_finish(req, &err);
+		else if (req->kind != REQ_GENERATE)
+			run_tokenizer(m, req);
+		else if (m->nseq == m->max_seq)
+		{
+			/* it waits, first in line, until a sequence of that model finishes */
+			dolly_queue_requeue(req);
+			return;
+		}
+		else
+			admit(m, req);
+	}
+}
+
+/* After a configuration reload: unload an idle model that is no longer dolly.model. */
+void
+dolly_serve_reconfigure(void)
+{
+	char		path[MAXPGPATH];
+	bool		is_default;
+	dl_error	err;
+	bool		have_path = dolly_model[0] != '\0' && resolve("", path, &is_default, &err) == DL_OK;
+
+	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
+		if (models[i].model && models[i].is_default && models[i].nseq == 0 &&
+			(!have_path || strcmp(models[i].path, path) != 0))
+			unload(&models[i]);
+	/* load the new default now, so the first request does not wait for it */
+	if (have_path)
+	{
+		ServedModel *m;
+
+		(void) model_for("", &m, &err);
+	}
+}
+
+void
+dolly_serve_init(uint64 server_generation)
+{
+	dl_error	err;
+
+	generation = server_generation;
+	models = MemoryContextAllocZero(TopMemoryContext, DOLLY_MAX_MODELS * sizeof(ServedModel));
+	if (dolly_model[0] != '\0')
+	{
+		ServedModel *m;
+
+		if (model_for("", &m, &err) != DL_OK)
+			elog(LOG, "dolly: the model server runs without a model: %s", err.msg);
+	}
+}
+
+bool
+dolly_serve_tick(void)
+{
+	bool		busy = false;
+
+	take_requests();
+	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
+		if (models[i].model && models[i].nseq > 0)
+		{
+			step_model(&models[i]);
+			busy = true;
+		}
+	return busy;
+}
