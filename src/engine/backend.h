@@ -152,11 +152,15 @@ struct dl_backend
 	 * at position p of span s attends to positions 0..p of its slot:
 	 * out[t, h] = softmax(q_h . k_h[0..p] * scale) @ v_h[0..p], out [T, C].
 	 * Prefill (len > 1, cached prefix or not) and decode (len 1) mix freely in one call.
+	 * workspace: attention_workspace(be, max_ctx) bytes of device memory, owned by the
+	 * caller (allocated once with the cache).
 	 */
 	void		(*attention_forward) (dl_backend *be, float *out, const float *qkv,
 									  void *k_cache, void *v_cache, int max_ctx,
 									  const dl_spans *spans, int n_head, int head_dim,
-									  float scale);
+									  float scale, void *workspace);
+	/* Bytes of workspace attention_forward needs for contexts of up to max_ctx. */
+	size_t		(*attention_workspace) (dl_backend *be, int max_ctx);
 
 	/* out[n] = gelu(in[n]) in the given form; out may equal in. */
 	void		(*gelu_forward) (dl_backend *be, float *out, const float *in, size_t n,

@@ -17,10 +17,8 @@
 #include <string.h>
 
 #define CPU_ALIGN 64
-/* keys scored per block of the online softmax (scores live on the stack) */
-#define ATTN_KBLOCK 128
-/* query tokens of one sequence per attention task */
-#define ATTN_QBLOCK 16
+/* query tokens of one sequence per attention task (rows of its score block) */
+#define ATTN_QBLOCK 32
 
 typedef struct cpu_backend
 {
@@ -54,24 +52,6 @@ row_tasks(dl_backend *be, int n)
 
 /* --- vectorisable helpers --- */
 
-/* Sum of a[i] * b[i]; sixteen partial sums so that the loop vectorises. */
-static inline float
-vdot(const float *a, const float *b, int n)
-{
-	float		acc[16] = {0};
-	float		s = 0.0f;
-	int			i = 0;
-
-	for (; i + 16 <= n; i += 16)
-		for (int j = 0; j < 16; j++)
-			acc[j] += a[i + j] * b[i + j];
-	for (; i < n; i++)
-		s += a[i] * b[i];
-	for (int j = 0; j < 16; j++)
-		s += acc[j];
-	return s;
-}
-
 /* Sum of a[i]. */
 static inline float
 vsum(const float *a, int n)
@@ -92,21 +72,29 @@ vsum(const float *a, int n)
 
 /*
  * exp(x) for float32 (Cephes expf: x = n ln2 + r, a degree-6 polynomial in r, 2^n put
- * into the exponent bits); within 2 ulp over the range, branch-free so that callers'
- * loops vectorise. Inputs are clamped to the finite range.
+ * into the exponent bits), within 2 ulp where the result is a normal float. Below
+ * -87 it returns a value under 1e-29 rather than 0, above 88 a huge finite value or
+ * infinity; non-finite inputs give unspecified values. The comparisons are 0/1 values,
+ * not branches, and floor is done by hand, so that loops calling it vectorise without
+ * -ffast-math (gcc will not if-convert float selects or vectorise floorf otherwise).
  */
 static inline float
 fast_expf(float x)
 {
+	float		t = x * 1.44269504088896341f + 0.5f;
 	float		fx,
 				y,
 				r,
 				r2,
 				scale;
-	int32_t		bits;
+	int32_t		n,
+				bits;
 
-	x = x < -87.3f ? -87.3f : x > 88.3f ? 88.3f : x;
-	fx = floorf(x * 1.44269504088896341f + 0.5f);
+	t += (float) (t < -127.0f) * (-127.0f - t);
+	t -= (float) (t > 128.0f) * (t - 128.0f);
+	n = (int32_t) t;
+	n -= (float) n > t;			/* floor */
+	fx = (float) n;
 	r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
 	r2 = r * r;
 	y = 1.9875691500e-4f;
@@ -116,7 +104,9 @@ fast_expf(float x)
 	y = y * r + 1.6666665459e-1f;
 	y = y * r + 5.0000001201e-1f;
 	y = y * r2 + r + 1.0f;
-	bits = ((int32_t) fx + 127) << 23;
+	n = n < -126 ? -126 : n;
+	n = n > 127 ? 127 : n;
+	bits = (n + 127) << 23;
 	memcpy(&scale, &bits, sizeof(scale));
 	return y * scale;
 }
@@ -247,12 +237,13 @@ typedef struct rows_args
 
 /* Copy rows [lo, hi) of the selection. */
 static void
-rows_task(void *p, int task)
+rows_task(void *p, int task, int thread)
 {
 	rows_args  *a = p;
 	int			lo,
 				hi;
 
+	(void) thread;
 	task_range(a->n, a->ntasks, task, &lo, &hi);
 	for (int i = lo; i < hi; i++)
 		memcpy(a->out + (size_t) i * a->C, a->in + (size_t) a->rows[i] * a->C,
@@ -302,12 +293,13 @@ typedef struct ln_args
 
 /* Normalise rows [lo, hi): two passes (mean, then centred variance) for accuracy. */
 static void
-ln_task(void *p, int task)
+ln_task(void *p, int task, int thread)
 {
 	ln_args    *a = p;
 	int			lo,
 				hi;
 
+	(void) thread;
 	task_range(a->T, a->ntasks, task, &lo, &hi);
 	for (int t = lo; t < hi; t++)
 	{
@@ -363,13 +355,14 @@ typedef struct mm_args
 
 /* Columns [n0, n1) of out, i.e. rows [n0, n1) of W, with a single-threaded BLAS call. */
 static void
-mm_task(void *p, int task)
+mm_task(void *p, int task, int thread)
 {
 	mm_args    *a = p;
 	int			n0,
 				n1;
 	float		beta = a->accumulate ? 1.0f : 0.0f;
 
+	(void) thread;
 	/* slice boundaries on multiples of 16 columns keep rows of W cache-line aligned */
 	task_range((a->N + 15) / 16, a->ntasks, task, &n0, &n1);
 	n0 *= 16;
@@ -429,13 +422,14 @@ typedef struct rope_args
 
 /* Rotate rows [lo, hi). */
 static void
-rope_task(void *p, int task)
+rope_task(void *p, int task, int thread)
 {
 	rope_args  *a = p;
 	int			half = a->rot_dim / 2;
 	int			lo,
 				hi;
 
+	(void) thread;
 	task_range(a->T, a->ntasks, task, &lo, &hi);
 	for (int t = lo; t < hi; t++)
 	{
@@ -492,16 +486,18 @@ typedef struct attn_args
 	int			n_head;
 	int			head_dim;
 	float		scale;
+	float	   *scratch;		/* the workspace: ATTN_QBLOCK * max_ctx floats per thread */
 } attn_args;
 
 /* Store the k and v rows of span `task` in its cache slot. */
 static void
-kv_store_task(void *p, int task)
+kv_store_task(void *p, int task, int thread)
 {
 	attn_args  *a = p;
 	const dl_span *sp = &a->spans->host[task];
 	int			C = a->n_head * a->head_dim;
 
+	(void) thread;
 	for (int i = 0; i < sp->len; i++)
 	{
 		const float *row = a->qkv + (size_t) (sp->first + i) * 3 * C;
@@ -520,12 +516,12 @@ span_tasks(const dl_span *sp, int n_head)
 }
 
 /*
- * One head of one block of query tokens of one span, over the cache with an online
- * softmax (running max and sum, rescaled per block of keys), so that no score row is
- * kept and any context length works with a fixed stack buffer.
+ * One head of one block of nq query tokens of one span: S = scale * Q K^T over the keys
+ * up to the block's last position (one product), the causal softmax of each row in
+ * place, then O = P V (one product). Single-threaded BLAS on this thread's scratch.
  */
 static void
-attn_task(void *p, int task)
+attn_task(void *p, int task, int thread)
 {
 	attn_args  *a = p;
 	const dl_span *sp = a->spans->host;
@@ -533,69 +529,67 @@ attn_task(void *p, int task)
 	int			D = a->head_dim;
 	int			h,
 				t0,
-				t1;
-	size_t		base;
+				nq,
+				nk;
+	const float *q,
+			   *k,
+			   *v;
+	float	   *o,
+			   *S = a->scratch + (size_t) thread * ATTN_QBLOCK * a->max_ctx;
 
 	while (task >= span_tasks(sp, a->n_head))
 		task -= span_tasks(sp++, a->n_head);
 	h = task % a->n_head;
 	t0 = task / a->n_head * ATTN_QBLOCK;
-	t1 = t0 + ATTN_QBLOCK < sp->len ? t0 + ATTN_QBLOCK : sp->len;
-	base = (size_t) sp->slot * a->max_ctx * C + (size_t) h * D;
+	nq = sp->len - t0 < ATTN_QBLOCK ? sp->len - t0 : ATTN_QBLOCK;
+	nk = sp->pos + t0 + nq;		/* keys 0 .. the block's last position */
+	q = a->qkv + (size_t) (sp->first + t0) * 3 * C + (size_t) h * D;
+	k = a->k_cache + (size_t) sp->slot * a->max_ctx * C + (size_t) h * D;
+	v = a->v_cache + (size_t) sp->slot * a->max_ctx * C + (size_t) h * D;
+	o = a->out + (size_t) (sp->first + t0) * C + (size_t) h * D;
 
-	for (int i = t0; i < t1; i++)
+	if (nq == 1)
+		cblas_sgemv(CblasRowMajor, CblasNoTrans, nk, D, a->scale, k, C, q, 1, 0.0f, S, 1);
+	else
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, D, a->scale,
+					q, 3 * C, k, C, 0.0f, S, nk);
+	for (int i = 0; i < nq; i++)
 	{
-		int			t = sp->first + i;
-		int			npos = sp->pos + i + 1; /* causal: keys 0 .. own position */
-		const float *q = a->qkv + (size_t) t * 3 * C + (size_t) h * D;
-		float	   *o = a->out + (size_t) t * C + (size_t) h * D;
+		float	   *s = S + (size_t) i * nk;
+		int			n = nk - nq + i + 1;	/* causal: keys 0 .. own position */
 		float		m = -INFINITY,
-					l = 0.0f;
+					inv;
 
-		memset(o, 0, D * sizeof(float));
-		for (int k0 = 0; k0 < npos; k0 += ATTN_KBLOCK)
-		{
-			float		s[ATTN_KBLOCK];
-			int			nb = npos - k0 < ATTN_KBLOCK ? npos - k0 : ATTN_KBLOCK;
-			float		bm = -INFINITY,
-						corr;
-
-			for (int j = 0; j < nb; j++)
-			{
-				s[j] = vdot(q, a->k_cache + base + (size_t) (k0 + j) * C, D) * a->scale;
-				bm = s[j] > bm ? s[j] : bm;
-			}
-			if (bm > m)
-			{
-				corr = fast_expf(m - bm);
-				m = bm;
-				l *= corr;
-				for (int d = 0; d < D; d++)
-					o[d] *= corr;
-			}
-			for (int j = 0; j < nb; j++)
-				s[j] = fast_expf(s[j] - m);
-			l += vsum(s, nb);
-			for (int j = 0; j < nb; j++)
-			{
-				const float *v = a->v_cache + base + (size_t) (k0 + j) * C;
-
-				for (int d = 0; d < D; d++)
-					o[d] += s[j] * v[d];
-			}
-		}
-		for (int d = 0; d < D; d++)
-			o[d] /= l;
+		for (int j = 0; j < n; j++)
+			m = s[j] > m ? s[j] : m;
+		for (int j = 0; j < n; j++)
+			s[j] = fast_expf(s[j] - m);
+		inv = 1.0f / vsum(s, n);
+		for (int j = 0; j < n; j++)
+			s[j] *= inv;
+		memset(s + n, 0, (nk - n) * sizeof(float));
 	}
+	if (nq == 1)
+		cblas_sgemv(CblasRowMajor, CblasTrans, nk, D, 1.0f, v, C, S, 1, 0.0f, o, 1);
+	else
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, D, nk, 1.0f,
+					S, nk, v, C, 0.0f, o, C);
+}
+
+/* Scores of one block of queries per thread. */
+static size_t
+cpu_attention_workspace(dl_backend *be, int max_ctx)
+{
+	return (size_t) threadpool_size(pool_of(be)) * ATTN_QBLOCK * max_ctx * sizeof(float);
 }
 
 /* Store k, v of the new tokens, then attend: two passes over the pool. */
 static void
 cpu_attention_forward(dl_backend *be, float *out, const float *qkv, void *k_cache,
 					  void *v_cache, int max_ctx, const dl_spans *spans, int n_head,
-					  int head_dim, float scale)
+					  int head_dim, float scale, void *workspace)
 {
-	attn_args	a = {out, qkv, k_cache, v_cache, max_ctx, spans, n_head, head_dim, scale};
+	attn_args	a = {out, qkv, k_cache, v_cache, max_ctx, spans, n_head, head_dim, scale, workspace};
 	int			ntasks = 0;
 
 	threadpool_run(pool_of(be), kv_store_task, &a, spans->n);
@@ -617,18 +611,22 @@ typedef struct gelu_args
 
 /* GELU over one chunk. */
 static void
-gelu_task(void *p, int task)
+gelu_task(void *p, int task, int thread)
 {
 	gelu_args  *a = p;
 	size_t		lo = a->n * task / a->ntasks;
 	size_t		hi = a->n * (task + 1) / a->ntasks;
+	float	   *out = a->out;
+	const float *in = a->in;
 
+	(void) thread;
+	/* plain locals, so that the loops vectorise */
 	if (a->form == DL_GELU_TANH)
 		for (size_t i = lo; i < hi; i++)
-			a->out[i] = gelu_tanh(a->in[i]);
+			out[i] = gelu_tanh(in[i]);
 	else
 		for (size_t i = lo; i < hi; i++)
-			a->out[i] = gelu_erf(a->in[i]);
+			out[i] = gelu_erf(in[i]);
 }
 
 /* Elementwise GELU, chunks over the pool. */
@@ -684,6 +682,7 @@ backend_cpu_create(int threads, dl_backend **out, dl_error *err)
 	cb->be.layernorm_forward = cpu_layernorm_forward;
 	cb->be.matmul_forward = cpu_matmul_forward;
 	cb->be.rotary_forward = cpu_rotary_forward;
+	cb->be.attention_workspace = cpu_attention_workspace;
 	cb->be.attention_forward = cpu_attention_forward;
 	cb->be.gelu_forward = cpu_gelu_forward;
 	cb->be.destroy = cpu_destroy;

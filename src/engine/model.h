@@ -120,6 +120,7 @@ typedef struct dl_kv_cache
 	float	   *fc;				/* [T, F] MLP hidden */
 	float	   *lg_in;			/* [R, E] rows whose logits are wanted */
 	float	   *logits;			/* [R, V] */
+	float	   *attn_ws;		/* the backend's attention workspace (its own layout) */
 	int32_t    *meta;			/* device: ids [T] | pos [T] | rows [T] | spans */
 	int32_t    *h_meta;			/* the same, staged on the host */
 	size_t		meta_bytes;

@@ -36,9 +36,9 @@ dl_kv_cache_create(dl_model *m, int n_slots, int max_ctx, int max_tokens,
 				V = cfg->vocab_size,
 				T,
 				R,
-				sizes[7],
+				sizes[8],
 				total = 0;
-	float	  **bufs[7];
+	float	  **bufs[8];
 	dl_status	st;
 
 	if (n_slots < 1 || n_slots > 65536)
@@ -80,14 +80,16 @@ dl_kv_cache_create(dl_model *m, int n_slots, int max_ctx, int max_tokens,
 	bufs[4] = &c->fc, sizes[4] = T * F;
 	bufs[5] = &c->lg_in, sizes[5] = R * E;
 	bufs[6] = &c->logits, sizes[6] = R * V;
-	for (int i = 0; i < 7; i++)
+	bufs[7] = &c->attn_ws;
+	sizes[7] = (be->attention_workspace(be, max_ctx) + sizeof(float) - 1) / sizeof(float);
+	for (int i = 0; i < 8; i++)
 		total += aligned(be, sizes[i] * sizeof(float));
 	c->meta_bytes = (3 * T + 4 * (size_t) n_slots) * sizeof(int32_t);
 	st = model_alloc(be, total + c->meta_bytes, &c->act, err);
 	if (st != DL_OK)
 		goto fail;
 	total = 0;
-	for (int i = 0; i < 7; i++)
+	for (int i = 0; i < 8; i++)
 	{
 		*bufs[i] = (float *) ((char *) c->act + total);
 		total += aligned(be, sizes[i] * sizeof(float));
@@ -237,7 +239,7 @@ dl_model_forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n, float *
 			be->rotary_forward(be, c->qkv, 3 * E, T, 2 * cfg->n_head, D, cfg->rotary_dim,
 							   cfg->rotary_interleaved, d_pos, m->rope);
 		be->attention_forward(be, c->att, c->qkv, k_cache, v_cache, c->max_ctx, &spans,
-							  cfg->n_head, D, 1.0f / sqrtf((float) D));
+							  cfg->n_head, D, 1.0f / sqrtf((float) D), c->attn_ws);
 		if (cfg->arch == DL_ARCH_GPTJ)
 		{
 			/* one norm feeds both branches */

@@ -18,10 +18,17 @@
  * operations of a forward pass, far shorter than the gap between requests. */
 #define SPIN_NS 200000
 
+typedef struct worker
+{
+	struct dl_threadpool *pool;
+	int			index;			/* 1 .. nthreads - 1; the caller is 0 */
+	pthread_t	thread;
+} worker;
+
 struct dl_threadpool
 {
 	int			nthreads;		/* the caller included */
-	pthread_t  *workers;		/* nthreads - 1 */
+	worker	   *workers;		/* nthreads - 1 */
 	pthread_mutex_t mu;
 	pthread_cond_t wake;		/* a job was published, or stop */
 	pthread_cond_t done;		/* the last worker checked out */
@@ -57,7 +64,7 @@ cpu_relax(void)
 
 /* Take tasks of the current job until none are left. */
 static void
-run_tasks(dl_threadpool *pool)
+run_tasks(dl_threadpool *pool, int thread)
 {
 	for (;;)
 	{
@@ -65,7 +72,7 @@ run_tasks(dl_threadpool *pool)
 
 		if (i >= pool->ntasks)
 			break;
-		pool->fn(pool->arg, i);
+		pool->fn(pool->arg, i, thread);
 	}
 }
 
@@ -104,7 +111,8 @@ wait_for_job(dl_threadpool *pool, unsigned seen)
 static void *
 worker_main(void *p)
 {
-	dl_threadpool *pool = p;
+	worker	   *w = p;
+	dl_threadpool *pool = w->pool;
 	unsigned	seen = 0;
 
 	for (;;)
@@ -112,7 +120,7 @@ worker_main(void *p)
 		seen = wait_for_job(pool, seen);
 		if (atomic_load(&pool->stop))
 			break;
-		run_tasks(pool);
+		run_tasks(pool, w->index);
 		if (atomic_fetch_sub_explicit(&pool->active, 1, memory_order_acq_rel) == 1)
 		{
 			pthread_mutex_lock(&pool->mu);
@@ -137,7 +145,7 @@ threadpool_create(int threads, dl_threadpool **out, dl_error *err)
 	pthread_mutex_init(&pool->mu, NULL);
 	pthread_cond_init(&pool->wake, NULL);
 	pthread_cond_init(&pool->done, NULL);
-	pool->workers = calloc(threads, sizeof(pthread_t));
+	pool->workers = calloc(threads, sizeof(worker));
 	if (pool->workers == NULL)
 	{
 		threadpool_free(pool);
@@ -145,7 +153,9 @@ threadpool_create(int threads, dl_threadpool **out, dl_error *err)
 	}
 	for (int i = 1; i < threads; i++)
 	{
-		if (pthread_create(&pool->workers[i - 1], NULL, worker_main, pool) != 0)
+		pool->workers[i - 1].pool = pool;
+		pool->workers[i - 1].index = i;
+		if (pthread_create(&pool->workers[i - 1].thread, NULL, worker_main, &pool->workers[i - 1]) != 0)
 		{
 			threadpool_free(pool);
 			return dl_fail(err, DL_ENOMEM, "cannot start compute thread %d of %d", i + 1, threads);
@@ -165,7 +175,7 @@ threadpool_run(dl_threadpool *pool, dl_task_fn fn, void *arg, int ntasks)
 	if (ntasks <= 1 || pool->nthreads == 1)
 	{
 		for (int i = 0; i < ntasks; i++)
-			fn(arg, i);
+			fn(arg, i, 0);
 		return;
 	}
 	pool->fn = fn;
@@ -178,7 +188,7 @@ threadpool_run(dl_threadpool *pool, dl_task_fn fn, void *arg, int ntasks)
 	pthread_cond_broadcast(&pool->wake);
 	pthread_mutex_unlock(&pool->mu);
 
-	run_tasks(pool);
+	run_tasks(pool, 0);
 
 	for (int spins = 0; atomic_load_explicit(&pool->active, memory_order_acquire) > 0; spins++)
 	{
@@ -217,7 +227,7 @@ threadpool_free(dl_threadpool *pool)
 	pthread_cond_broadcast(&pool->wake);
 	pthread_mutex_unlock(&pool->mu);
 	for (int i = 0; i < pool->nthreads - 1; i++)
-		pthread_join(pool->workers[i], NULL);
+		pthread_join(pool->workers[i].thread, NULL);
 	pthread_mutex_destroy(&pool->mu);
 	pthread_cond_destroy(&pool->wake);
 	pthread_cond_destroy(&pool->done);

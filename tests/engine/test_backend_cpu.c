@@ -45,13 +45,19 @@ max_diff(const float *a, const double *b, size_t n)
 typedef struct count_args
 {
 	atomic_int *hits;
+	int			nthreads;
+	atomic_int	bad_thread;
 } count_args;
 
-/* Count how often each task ran. */
+/* Count how often each task ran, and check the thread index. */
 static void
-count_task(void *p, int task)
+count_task(void *p, int task, int thread)
 {
-	atomic_fetch_add(&((count_args *) p)->hits[task], 1);
+	count_args *a = p;
+
+	atomic_fetch_add(&a->hits[task], 1);
+	if (thread < 0 || thread >= a->nthreads)
+		atomic_store(&a->bad_thread, 1);
 }
 
 TEST(threadpool_runs_each_task_once)
@@ -62,7 +68,7 @@ TEST(threadpool_runs_each_task_once)
 	{
 		dl_threadpool *pool;
 		atomic_int	hits[1000];
-		count_args	a = {hits};
+		count_args	a = {hits, threads, 0};
 
 		CHECK_OK(threadpool_create(threads, &pool, &err), &err);
 		CHECK(threadpool_size(pool) == threads);
@@ -76,6 +82,7 @@ TEST(threadpool_runs_each_task_once)
 			for (int i = 0; i < n; i++)
 				CHECKF(atomic_load(&hits[i]) == 1, "threads %d task %d ran %d times",
 					   threads, i, atomic_load(&hits[i]));
+			CHECK(atomic_load(&a.bad_thread) == 0);
 		}
 		threadpool_free(pool);
 	}
@@ -340,8 +347,12 @@ TEST(backend_cpu_attention_mixed_batch)
 
 		memcpy(kc, kc0, (size_t) nslot * max_ctx * C * sizeof(float));
 		memcpy(vc, vc0, (size_t) nslot * max_ctx * C * sizeof(float));
+		void	   *ws;
+
 		CHECK_OK(backend_cpu_create(threads, &be, &err), &err);
-		be->attention_forward(be, out, qkv, kc, vc, max_ctx, &sp, n_head, D, scale);
+		ws = be->alloc(be, be->attention_workspace(be, max_ctx), &err);
+		be->attention_forward(be, out, qkv, kc, vc, max_ctx, &sp, n_head, D, scale, ws);
+		be->free(be, ws);
 		d = max_diff(out, ref, (size_t) T * C);
 		/* the new keys and values landed in the cache */
 		CHECK(memcmp(kc + ((size_t) 1 * max_ctx + 150 + 3) * C, qkv + (size_t) (6 + 3) * 3 * C + C,

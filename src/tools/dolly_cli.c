@@ -1,0 +1,580 @@
+/*
+ * dolly_cli.c: the engine without PostgreSQL: generate text from a model directory, and
+ * benchmark it.
+ *
+ *   dolly-cli generate --model DIR [options] INSTRUCTION
+ *   dolly-cli bench --model DIR [--threads N] [--prompt-tokens 512] [--gen-tokens 64] [--batch B]
+ *   dolly-cli bench-gemm --model DIR [--threads N] [--prompt-tokens 512]
+ *
+ * generate wraps the instruction in Dolly's template (unless --raw), stops at "### End",
+ * prints the response on stdout and the prefill and decode speeds on stderr. bench prints
+ * one line "prefill_tok_s=X decode_tok_s=Y batch=B threads=N" (seeded random prompt ids;
+ * the B prompts prefill in one pass, then B sequences decode together: aggregate tokens/s). bench-gemm times the
+ * matrix products of a prefill through the backend against cblas_sgemm itself on the same
+ * shapes, and the share of a prefill spent in them.
+ */
+#include "backend.h"
+#include "generate.h"
+#include "model.h"
+#include "prompt.h"
+#include "sampler.h"
+#include "sysinfo.h"
+#include "tokenizer.h"
+
+#include <cblas.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* Command-line options of all commands. */
+typedef struct options
+{
+	const char *model;
+	int			threads;
+	int			max_new;
+	dl_sampling sampling;
+	uint64_t	seed;
+	const char *context;
+	int			raw;
+	int			prompt_tokens;
+	int			gen_tokens;
+	int			batch;
+	const char *instruction;
+} options;
+
+/* Seconds on the monotonic clock. */
+static double
+now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Print the usage text to f. */
+static void
+usage(FILE *f)
+{
+	fprintf(f,
+			"usage:\n"
+			"  dolly-cli generate --model DIR [--threads N] [--max-new-tokens N] [--temperature T]\n"
+			"                     [--top-p P] [--top-k K] [--greedy] [--seed S] [--context TEXT]\n"
+			"                     [--raw] INSTRUCTION\n"
+			"  dolly-cli bench --model DIR [--threads N] [--prompt-tokens N] [--gen-tokens N] [--batch B]\n"
+			"  dolly-cli bench-gemm --model DIR [--threads N] [--prompt-tokens N]\n");
+}
+
+/* Report an engine error (and its hint) on stderr; returns the exit status 1. */
+static int
+report(const dl_error *err)
+{
+	fprintf(stderr, "dolly-cli: %s\n", err->msg);
+	if (err->hint[0])
+		fprintf(stderr, "hint: %s\n", err->hint);
+	return 1;
+}
+
+/* Parse a whole number in [lo, hi] for option opt; 0 on success. */
+static int
+parse_long(const char *opt, const char *s, long long lo, long long hi, long long *out)
+{
+	char	   *end;
+
+	errno = 0;
+	*out = strtoll(s, &end, 10);
+	if (errno || end == s || *end || *out < lo || *out > hi)
+	{
+		fprintf(stderr, "dolly-cli: %s must be a whole number in [%lld, %lld], not \"%s\"\n", opt, lo, hi, s);
+		return 1;
+	}
+	return 0;
+}
+
+/* Parse a float for option opt; 0 on success (ranges are the sampler's to check). */
+static int
+parse_float(const char *opt, const char *s, float *out)
+{
+	char	   *end;
+
+	errno = 0;
+	*out = strtof(s, &end);
+	if (errno || end == s || *end)
+	{
+		fprintf(stderr, "dolly-cli: %s must be a number, not \"%s\"\n", opt, s);
+		return 1;
+	}
+	return 0;
+}
+
+/* Fill o from argv[2..]; 0 on success. */
+static int
+parse_options(int argc, char **argv, options *o)
+{
+	long long	v;
+
+	*o = (options) {
+		.threads = sys_cpu_count(), .max_new = 256,
+		/* Dolly's pipeline defaults: sampling, top_p 0.92, no top-k */
+		.sampling = {1, 1.0f, 0, 0.92f},
+		.seed = (uint64_t) time(NULL),
+		.prompt_tokens = 512, .gen_tokens = 64, .batch = 1
+	};
+	for (int i = 2; i < argc; i++)
+	{
+		const char *a = argv[i];
+		const char *val = i + 1 < argc ? argv[i + 1] : NULL;
+		int			bad = 0;
+
+		if (strcmp(a, "--greedy") == 0)
+		{
+			o->sampling.do_sample = 0;
+			continue;
+		}
+		if (strcmp(a, "--raw") == 0)
+		{
+			o->raw = 1;
+			continue;
+		}
+		if (strncmp(a, "--", 2) != 0)
+		{
+			if (o->instruction)
+			{
+				fprintf(stderr, "dolly-cli: unexpected argument \"%s\" (quote the instruction)\n", a);
+				return 1;
+			}
+			o->instruction = a;
+			continue;
+		}
+		if (val == NULL)
+		{
+			fprintf(stderr, "dolly-cli: %s needs a value\n", a);
+			return 1;
+		}
+		i++;
+		if (strcmp(a, "--model") == 0)
+			o->model = val;
+		else if (strcmp(a, "--context") == 0)
+			o->context = val;
+		else if (strcmp(a, "--threads") == 0)
+			bad = parse_long(a, val, 1, 1024, &v), o->threads = (int) v;
+		else if (strcmp(a, "--max-new-tokens") == 0)
+			bad = parse_long(a, val, 1, 1 << 20, &v), o->max_new = (int) v;
+		else if (strcmp(a, "--top-k") == 0)
+			bad = parse_long(a, val, 0, 1 << 30, &v), o->sampling.top_k = (int) v;
+		else if (strcmp(a, "--seed") == 0)
+			bad = parse_long(a, val, 0, INT64_MAX, &v), o->seed = (uint64_t) v;
+		else if (strcmp(a, "--prompt-tokens") == 0)
+			bad = parse_long(a, val, 1, 1 << 20, &v), o->prompt_tokens = (int) v;
+		else if (strcmp(a, "--gen-tokens") == 0)
+			bad = parse_long(a, val, 1, 1 << 20, &v), o->gen_tokens = (int) v;
+		else if (strcmp(a, "--batch") == 0)
+			bad = parse_long(a, val, 1, 4096, &v), o->batch = (int) v;
+		else if (strcmp(a, "--temperature") == 0)
+			bad = parse_float(a, val, &o->sampling.temperature);
+		else if (strcmp(a, "--top-p") == 0)
+			bad = parse_float(a, val, &o->sampling.top_p);
+		else
+		{
+			fprintf(stderr, "dolly-cli: unknown option \"%s\"\n", a);
+			return 1;
+		}
+		if (bad)
+			return 1;
+	}
+	if (o->model == NULL)
+	{
+		fprintf(stderr, "dolly-cli: --model DIR is required\n");
+		return 1;
+	}
+	return 0;
+}
+
+/* Backend, model and nothing else; 0 on success. */
+static int
+load(const options *o, dl_backend **be, dl_model **m, dl_error *err)
+{
+	double		t0 = now_s();
+
+	if (backend_cpu_create(o->threads, be, err) != DL_OK)
+		return report(err);
+	if (dl_model_load(o->model, *be, m, err) != DL_OK)
+		return report(err);
+	fprintf(stderr, "loaded %s: %s, %d layers, width %d, vocabulary %d, %zu MB, %.2f s, %d threads\n",
+			o->model, (*m)->cfg.arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox", (*m)->cfg.n_layer,
+			(*m)->cfg.n_embd, (*m)->cfg.vocab_size, (*m)->param_bytes >> 20, now_s() - t0, o->threads);
+	return 0;
+}
+
+/* generate: one instruction through Dolly's template, the response on stdout. */
+static int
+cmd_generate(const options *o)
+{
+	char		path[4096];
+	dl_error	err;
+	dl_backend *be = NULL;
+	dl_model   *m = NULL;
+	dl_tokenizer *tok = NULL;
+	dl_kv_cache *c = NULL;
+	dl_generator *g = NULL;
+	char	   *prompt = NULL,
+			   *text = NULL,
+			   *response = NULL;
+	int32_t    *ids = NULL,
+			   *all = NULL;
+	int			n_ids,
+				n_gen,
+				id,
+				rc = 1;
+	const int32_t *gen;
+	double		t0,
+				t1,
+				t2;
+	dl_gen_request req;
+
+	if (o->instruction == NULL)
+	{
+		fprintf(stderr, "dolly-cli: generate needs an INSTRUCTION\n");
+		return 1;
+	}
+	if (o->raw && o->context)
+	{
+		fprintf(stderr, "dolly-cli: --context needs the Dolly template; leave out --raw\n");
+		return 1;
+	}
+	if (load(o, &be, &m, &err))
+		goto done;
+	snprintf(path, sizeof(path), "%s/tokenizer.json", o->model);
+	if (tok_load(path, &tok, &err) != DL_OK)
+	{
+		report(&err);
+		goto done;
+	}
+	prompt = o->raw ? strdup(o->instruction) : prompt_format(o->instruction, o->context);
+	if (prompt == NULL || tok_encode(tok, prompt, strlen(prompt), &ids, &n_ids, &err) != DL_OK)
+	{
+		if (prompt)
+			report(&err);
+		goto done;
+	}
+	req = (dl_gen_request) {ids, n_ids, o->max_new, m->cfg.eos_id, o->sampling, o->seed};
+	/* Dolly's pipeline stops at the "### End" token when the tokenizer has it */
+	if (!o->raw && tok_token_id(tok, DOLLY_END_KEY) >= 0)
+		req.end_id = tok_token_id(tok, DOLLY_END_KEY);
+	if (req.end_id >= m->cfg.vocab_size)
+		req.end_id = -1;
+	if (dl_kv_cache_create(m, 1, m->cfg.max_pos, 512, &c, &err) != DL_OK ||
+		gen_create(m, c, &g, &err) != DL_OK ||
+		gen_add(g, &req, &id, &err) != DL_OK)
+	{
+		report(&err);
+		goto done;
+	}
+
+	t0 = now_s();
+	while (gen_pending_prompt(g, id) > 0)
+		if (gen_step(g, &err) != DL_OK)
+		{
+			report(&err);
+			goto done;
+		}
+	t1 = now_s();
+	while (gen_running(g))
+		if (gen_step(g, &err) != DL_OK)
+		{
+			report(&err);
+			goto done;
+		}
+	t2 = now_s();
+
+	gen = gen_tokens(g, id, &n_gen);
+	if (o->raw)
+	{
+		if (tok_decode(tok, gen, n_gen, 0, &text, &err) != DL_OK)
+		{
+			report(&err);
+			goto done;
+		}
+		printf("%s\n", text);
+	}
+	else
+	{
+		/* the pipeline's rules look at the whole sequence, prompt included */
+		all = malloc((n_ids + n_gen) * sizeof(int32_t));
+		if (all == NULL)
+			goto done;
+		memcpy(all, ids, n_ids * sizeof(int32_t));
+		memcpy(all + n_ids, gen, n_gen * sizeof(int32_t));
+		if (tok_decode(tok, all, n_ids + n_gen, 0, &text, &err) != DL_OK)
+		{
+			report(&err);
+			goto done;
+		}
+		response = prompt_extract_response(text);
+		printf("%s\n", response ? response : "");
+	}
+	fprintf(stderr, "prefill: %d tokens, %.1f tokens/s; decode: %d tokens, %.1f tokens/s\n",
+			n_ids, n_ids / (t1 - t0), n_gen - 1, n_gen > 1 ? (n_gen - 1) / (t2 - t1) : 0.0);
+	rc = 0;
+done:
+	free(all);
+	free(text);
+	free(response);
+	free(ids);
+	free(prompt);
+	gen_free(g);
+	dl_kv_cache_free(c);
+	tok_free(tok);
+	dl_model_free(m);
+	if (be)
+		be->destroy(be);
+	return rc;
+}
+
+/* Seeded random prompt ids in [0, V). */
+static void
+random_ids(int32_t *ids, int n, int V, uint64_t seed)
+{
+	dl_rng		rng;
+
+	rng_seed(&rng, seed);
+	for (int i = 0; i < n; i++)
+		ids[i] = (int32_t) (rng_next(&rng) % (uint64_t) V);
+}
+
+/* bench: prefill and batched decode tokens/s on random prompts. */
+static int
+cmd_bench(const options *o)
+{
+	dl_error	err;
+	dl_backend *be = NULL;
+	dl_model   *m = NULL;
+	dl_kv_cache *c = NULL;
+	dl_generator *g = NULL;
+	int32_t    *ids = NULL;
+	int			rc = 1,
+				B = o->batch,
+				P = o->prompt_tokens;
+	double		t0,
+				t1,
+				t2;
+
+	if (load(o, &be, &m, &err))
+		goto done;
+	ids = malloc((size_t) B * P * sizeof(int32_t));
+	if (ids == NULL)
+		goto done;
+	random_ids(ids, B * P, m->cfg.vocab_size, 1234);
+	/* room for all prompts in one pass: the first step is pure prefill */
+	if (dl_kv_cache_create(m, B, P + o->gen_tokens, B * P, &c, &err) != DL_OK ||
+		gen_create(m, c, &g, &err) != DL_OK)
+	{
+		report(&err);
+		goto done;
+	}
+	for (int b = 0; b < B; b++)
+	{
+		dl_gen_request req = {ids + (size_t) b * P, P, o->gen_tokens, -1, {0, 1.0f, 0, 1.0f}, 0};
+		int			id;
+
+		if (gen_add(g, &req, &id, &err) != DL_OK)
+		{
+			report(&err);
+			goto done;
+		}
+	}
+	t0 = now_s();
+	if (gen_step(g, &err) != DL_OK)
+	{
+		report(&err);
+		goto done;
+	}
+	t1 = now_s();
+	/* every sequence has its first token: the rest are batched decode steps */
+	while (gen_running(g))
+		if (gen_step(g, &err) != DL_OK)
+		{
+			report(&err);
+			goto done;
+		}
+	t2 = now_s();
+	printf("prefill_tok_s=%.1f decode_tok_s=%.1f batch=%d threads=%d\n",
+		   (double) B * P / (t1 - t0),
+		   o->gen_tokens > 1 ? (double) B * (o->gen_tokens - 1) / (t2 - t1) : 0.0, B, o->threads);
+	rc = 0;
+done:
+	free(ids);
+	gen_free(g);
+	dl_kv_cache_free(c);
+	dl_model_free(m);
+	if (be)
+		be->destroy(be);
+	return rc;
+}
+
+/* Best-of-reps seconds of one matrix product through the backend (threads of its pool). */
+static double
+time_ours(dl_backend *be, float *out, const float *in, const float *W, int M, int K, int N, int reps)
+{
+	double		best = 1e30;
+
+	for (int r = 0; r < reps; r++)
+	{
+		double		t0 = now_s();
+
+		be->matmul_forward(be, out, in, W, NULL, M, K, N, 0);
+		t0 = now_s() - t0;
+		best = t0 < best ? t0 : best;
+	}
+	return best;
+}
+
+/* Best-of-reps seconds of the same product as one cblas_sgemm call. */
+static double
+time_cblas(float *out, const float *in, const float *W, int M, int K, int N, int reps)
+{
+	double		best = 1e30;
+
+	for (int r = 0; r < reps; r++)
+	{
+		double		t0 = now_s();
+
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, in, K, W, K, 0.0f, out, N);
+		t0 = now_s() - t0;
+		best = t0 < best ? t0 : best;
+	}
+	return best;
+}
+
+/*
+ * bench-gemm: the prefill's matrix products (qkv, projection, MLP in and out; M = the
+ * prompt's tokens) through the backend against cblas_sgemm with OpenBLAS running its own
+ * `threads` threads, and the share of a whole prefill they take.
+ */
+static int
+cmd_bench_gemm(const options *o)
+{
+	dl_error	err;
+	dl_backend *be = NULL;
+	dl_model   *m = NULL;
+	dl_kv_cache *c = NULL;
+	float	   *in = NULL,
+			   *W = NULL,
+			   *out = NULL,
+			   *lg = NULL;
+	int32_t    *ids = NULL;
+	int			rc = 1,
+				M = o->prompt_tokens,
+				reps = 5;
+	double		ours_total = 0,
+				cblas_total = 0,
+				flops_total = 0,
+				prefill = 1e30;
+	int			shapes[4][2];
+	dl_rng		rng;
+
+	if (load(o, &be, &m, &err))
+		goto done;
+	{
+		int			E = m->cfg.n_embd,
+					F = m->cfg.n_inner;
+		int			s[4][2] = {{E, 3 * E}, {E, E}, {E, F}, {F, E}};
+
+		memcpy(shapes, s, sizeof(shapes));
+	}
+	in = malloc((size_t) M * m->cfg.n_inner * sizeof(float));
+	W = malloc((size_t) 3 * m->cfg.n_embd * m->cfg.n_inner * sizeof(float));
+	out = malloc((size_t) M * 3 * m->cfg.n_inner * sizeof(float));
+	ids = malloc(M * sizeof(int32_t));
+	lg = malloc((size_t) m->cfg.vocab_size * sizeof(float));
+	if (!in || !W || !out || !ids || !lg)
+		goto done;
+	rng_seed(&rng, 1);
+	for (size_t i = 0; i < (size_t) M * m->cfg.n_inner; i++)
+		in[i] = rng_uniformf(&rng) - 0.5f;
+	for (size_t i = 0; i < (size_t) 3 * m->cfg.n_embd * m->cfg.n_inner; i++)
+		W[i] = (rng_uniformf(&rng) - 0.5f) * 0.1f;
+
+	for (int s = 0; s < 4; s++)
+	{
+		int			K = shapes[s][0],
+					N = shapes[s][1];
+		double		flops = 2.0 * M * K * N,
+					t_ours,
+					t_blas;
+
+		t_ours = time_ours(be, out, in, W, M, K, N, reps);
+		/* the CPU backend keeps OpenBLAS single-threaded; give it the threads for its run */
+		openblas_set_num_threads(o->threads);
+		t_blas = time_cblas(out, in, W, M, K, N, reps);
+		openblas_set_num_threads(1);
+		printf("gemm M=%d K=%d N=%d ours_gflops=%.1f cblas_gflops=%.1f ratio=%.3f\n",
+			   M, K, N, flops / t_ours * 1e-9, flops / t_blas * 1e-9, t_blas / t_ours);
+		ours_total += t_ours * m->cfg.n_layer;
+		cblas_total += t_blas * m->cfg.n_layer;
+		flops_total += flops * m->cfg.n_layer;
+	}
+
+	random_ids(ids, M, m->cfg.vocab_size, 1234);
+	if (dl_kv_cache_create(m, 1, M, M, &c, &err) != DL_OK)
+	{
+		report(&err);
+		goto done;
+	}
+	for (int r = 0; r < 3; r++)
+	{
+		dl_seq		s = {0, 0, M, ids, DL_LOGITS_LAST};
+		double		t0 = now_s();
+
+		if (dl_model_forward(m, c, &s, 1, lg, &err) != DL_OK)
+		{
+			report(&err);
+			goto done;
+		}
+		t0 = now_s() - t0;
+		prefill = t0 < prefill ? t0 : prefill;
+	}
+	printf("gemm_total ours_gflops=%.1f cblas_gflops=%.1f ratio=%.3f prefill_s=%.4f matmul_share=%.3f threads=%d\n",
+		   flops_total / ours_total * 1e-9, flops_total / cblas_total * 1e-9,
+		   cblas_total / ours_total, prefill, ours_total / prefill, o->threads);
+	rc = 0;
+done:
+	free(in);
+	free(W);
+	free(out);
+	free(ids);
+	free(lg);
+	dl_kv_cache_free(c);
+	dl_model_free(m);
+	if (be)
+		be->destroy(be);
+	return rc;
+}
+
+int
+main(int argc, char **argv)
+{
+	options		o;
+
+	if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)
+	{
+		usage(argc < 2 ? stderr : stdout);
+		return argc < 2 ? 2 : 0;
+	}
+	if (parse_options(argc, argv, &o))
+	{
+		usage(stderr);
+		return 2;
+	}
+	if (strcmp(argv[1], "generate") == 0)
+		return cmd_generate(&o);
+	if (strcmp(argv[1], "bench") == 0)
+		return cmd_bench(&o);
+	if (strcmp(argv[1], "bench-gemm") == 0)
+		return cmd_bench_gemm(&o);
+	fprintf(stderr, "dolly-cli: unknown command \"%s\"\n", argv[1]);
+	usage(stderr);
+	return 2;
+}
