@@ -334,12 +334,14 @@ parse_config(const char *json, size_t len, const char *fname, dl_config *cfg, dl
 	return DL_OK;
 }
 
+/* Parse config.json text held in memory. */
 dl_status
 config_parse(const char *json, size_t len, dl_config *cfg, dl_error *err)
 {
 	return parse_config(json, len, "config.json", cfg, err);
 }
 
+/* Read and parse a config.json file, naming it in errors. */
 dl_status
 config_load(const char *path, dl_config *cfg, dl_error *err)
 {

@@ -71,12 +71,14 @@ typedef struct hdr_entry
 	int64_t		end;
 } hdr_entry;
 
+/* Bytes per element of dtype (0 for a value outside the enum). */
 size_t
 st_dtype_size(st_dtype dtype)
 {
 	return (int) dtype >= 0 && (int) dtype < ST_NDTYPES ? dtype_info[dtype].size : 0;
 }
 
+/* The safetensors spelling of dtype. */
 const char *
 st_dtype_name(st_dtype dtype)
 {
@@ -179,7 +181,8 @@ parse_json_object(const char *text, size_t len, const char *fname, const char *w
 /*
  * Walk the header text (already accepted by json-c, its root an object) and list the
  * top-level members with the number of object members nested in each value. Also
- * rejects what json-c's strict mode lets through but JSON forbids.
+ * rejects what json-c's strict mode lets through but JSON (and serde_json) forbids:
+ * single quotes, NaN, Infinity, "1." and raw control characters in strings.
  */
 static dl_status
 scan_members(const char *text, size_t len, const char *fname, hdr_member **out, int *nout,
@@ -206,7 +209,7 @@ scan_members(const char *text, size_t len, const char *fname, hdr_member **out, 
 					free(m);
 					return dl_fail(err, DL_EFORMAT,
 								   "%s: header has a raw control character in a string at byte %zu",
-								   fname, i + 8);
+								   fname, i);
 				}
 				if (text[i] == '\\')
 					i++;
@@ -241,12 +244,13 @@ scan_members(const char *text, size_t len, const char *fname, hdr_member **out, 
 			want_key = true;
 		else if (c == ':' && depth > 1 && n > 0)
 			m[n - 1].nested++;
-		else if (c == '\'' || c == 'N' || c == 'I')
+		else if (c == '\'' || c == 'N' || c == 'I' ||
+				 (c == '.' && (i + 1 == len || text[i + 1] < '0' || text[i + 1] > '9')))
 		{
 			free(m);
 			return dl_fail(err, DL_EFORMAT,
-						   "%s: header is not strict JSON (single quote, NaN or Infinity at byte %zu)",
-						   fname, i + 8);
+						   "%s: header is not strict JSON (single quote, NaN, Infinity or \"1.\" at byte %zu)",
+						   fname, i);
 		}
 	}
 	*out = m;
@@ -326,10 +330,12 @@ json_get_count(json_object *o, int64_t *out)
 	return true;
 }
 
-/* Check __metadata__: an object whose values are all strings. */
+/* Check __metadata__: an object whose values are all strings, or null as serde allows. */
 static dl_status
 check_metadata(json_object *meta, const char *fname, dl_error *err)
 {
+	if (meta == NULL)
+		return DL_OK;
 	if (!json_object_is_type(meta, json_type_object))
 		return dl_fail(err, DL_EFORMAT, "%s: __metadata__ is not an object of strings", fname);
 	json_object_object_foreach(meta, key, val)
@@ -583,6 +589,7 @@ done:
 	return DL_OK;
 }
 
+/* Validate a whole file image and list its tensors (see safetensors.h). */
 dl_status
 st_parse(const uint8_t *buf, size_t size, const char *fname, st_tensor **tensors, int *n,
 		 dl_error *err)
@@ -643,6 +650,7 @@ st_parse(const uint8_t *buf, size_t size, const char *fname, st_tensor **tensors
 	return DL_OK;
 }
 
+/* Free a tensor list from st_parse. */
 void
 st_free_tensors(st_tensor *tensors, int n)
 {
@@ -747,6 +755,7 @@ set_load_shard(st_set *set, int idx, const char *path, st_tensor **tensors, int 
 	return st;
 }
 
+/* Map and validate one safetensors file as a one-shard set. */
 dl_status
 st_open_file(const char *path, st_set **out, dl_error *err)
 {
@@ -980,6 +989,7 @@ done:
 	return DL_OK;
 }
 
+/* Open a model directory: model.safetensors first, else the sharded index. */
 dl_status
 st_open(const char *dir, st_set **out, dl_error *err)
 {
@@ -1013,6 +1023,7 @@ st_open(const char *dir, st_set **out, dl_error *err)
 	return st;
 }
 
+/* Binary search of the set's tensors, which are sorted by name. */
 const st_tensor *
 st_find(const st_set *set, const char *name)
 {
@@ -1085,6 +1096,7 @@ bf16_to_f32(const uint8_t *src, float *dst, size_t n)
 	}
 }
 
+/* Convert a F32, F16 or BF16 tensor to float32. */
 dl_status
 st_to_f32(const st_tensor *t, float *dst, dl_error *err)
 {
@@ -1106,6 +1118,7 @@ st_to_f32(const st_tensor *t, float *dst, dl_error *err)
 	}
 }
 
+/* Unmap the shards and free the set. */
 void
 st_close(st_set *set)
 {
@@ -1270,6 +1283,7 @@ fsync_parent(const char *path, dl_error *err)
 	return st;
 }
 
+/* Write a safetensors file atomically: path.tmp, fsync, rename, fsync the directory. */
 dl_status
 st_write(const char *path, const st_write_tensor *tensors, int n,
 		 const char *const *meta_kv, int nmeta, dl_error *err)

@@ -213,7 +213,14 @@ TEST(st_parse_metadata)
 {
 	CHECK_BAD("{\"__metadata__\":{\"k\":1}," T_A "}", 24, DL_EFORMAT, "__metadata__", "\"k\"");
 	CHECK_BAD("{\"__metadata__\":[\"k\"]," T_A "}", 24, DL_EFORMAT, "__metadata__", "object");
-	CHECK_BAD("{\"__metadata__\":null," T_A "}", 24, DL_EFORMAT, "__metadata__", "object");
+}
+
+TEST(st_parse_metadata_null)
+{
+	dl_error	err;
+
+	/* serde reads __metadata__ as an Option: null means none */
+	CHECK_OK(parse_str("{\"__metadata__\":null," T_A "}", 24, &err), &err);
 }
 
 TEST(st_parse_json_strictness)
@@ -234,6 +241,10 @@ TEST(st_parse_json_strictness)
 	CHECK_BAD("{'a':{\"dtype\":\"U8\",\"shape\":[],\"data_offsets\":[0,1]}}", 1, DL_EFORMAT, "strict", "byte");
 	CHECK_BAD("{\"__metadata__\":{},\"a\":{\"dtype\":\"U8\",\"shape\":[],\"data_offsets\":[0,1],\"x\":NaN}}", 1,
 			  DL_EFORMAT, "strict", "byte");
+	CHECK_BAD("{\"__metadata__\":{},\"a\":{\"dtype\":\"U8\",\"shape\":[],\"data_offsets\":[0,1],\"x\":1.}}", 1,
+			  DL_EFORMAT, "strict", "byte");
+	CHECK_OK(parse_str("{\"a\":{\"dtype\":\"U8\",\"shape\":[],\"data_offsets\":[0,1],\"x\":[1.5,\"1.\"]}}", 1,
+					   &err), &err);
 	CHECK_BAD("{\"a\tb\":{\"dtype\":\"U8\",\"shape\":[],\"data_offsets\":[0,1]}}", 1, DL_EFORMAT, "control",
 			  "byte");
 
