@@ -1411,8 +1411,8 @@ parse_pretok_one(dl_tokenizer *tok, json_object *pt, bool *byte_level, dl_error 
 		return dl_fail(err, DL_EUNSUPPORTED, "pre_tokenizer %s after ByteLevel is not supported", name);
 	if (strcmp(name, "ByteLevel") == 0)
 	{
-		bool		prefix,
-					use_regex;
+		bool		prefix = false,
+					use_regex = false;
 
 		if ((st = json_read_bool(pt, "add_prefix_space", true, &prefix, "pre_tokenizer", err)) != DL_OK ||
 			(st = json_read_bool(pt, "use_regex", true, &use_regex, "pre_tokenizer", err)) != DL_OK)
@@ -1432,7 +1432,7 @@ parse_pretok_one(dl_tokenizer *tok, json_object *pt, bool *byte_level, dl_error 
 		json_object *re = json_member(pat, "Regex");
 		json_object *lit = json_member(pat, "String");
 		json_object *s = re ? re : lit;
-		bool		invert;
+		bool		invert = false;
 
 		if ((st = json_read_bool(pt, "invert", false, &invert, "pre_tokenizer Split", err)) != DL_OK)
 			return st;
@@ -1568,7 +1568,7 @@ parse_model(dl_tokenizer *tok, dl_error *err)
 	if ((st = json_read_bool(model, "ignore_merges", false, &tok->ignore_merges, "model", err)) != DL_OK)
 		return st;
 
-	/* the id table spans every id named in vocab and added_tokens */
+	/* the id table spans the vocabulary and the ids that added tokens can take */
 	{
 		struct json_object_iterator it = json_object_iter_begin(vocab),
 					end = json_object_iter_end(vocab);
