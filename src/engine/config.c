@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -372,5 +373,94 @@ config_load(const char *path, dl_config *cfg, dl_error *err)
 		st = parse_config(buf, len, path, cfg, err);
 	fclose(f);
 	free(buf);
+	return st;
+}
+
+/* NeoX's rotary_pct such that transformers' int(head_dim * pct) gives back rotary_dim. */
+static double
+rotary_pct_for(const dl_config *cfg)
+{
+	double		pct = (double) cfg->rotary_dim / cfg->head_dim;
+
+	while ((int) (cfg->head_dim * pct) < cfg->rotary_dim)
+		pct = nextafter(pct, 2.0);
+	return pct;
+}
+
+/* The keys of cfg as transformers names them for its model type. */
+static void
+config_fill(json_object *o, const dl_config *cfg)
+{
+	const char *act = cfg->act == DL_ACT_GELU_ERF ? "gelu" : "gelu_new";
+
+#define SET(key, val) json_object_object_add(o, key, val)
+	if (cfg->arch == DL_ARCH_GPTJ)
+	{
+		SET("architectures", json_object_new_array());
+		json_object_array_add(json_object_object_get(o, "architectures"),
+							  json_object_new_string("GPTJForCausalLM"));
+		SET("model_type", json_object_new_string("gptj"));
+		SET("n_embd", json_object_new_int(cfg->n_embd));
+		SET("n_layer", json_object_new_int(cfg->n_layer));
+		SET("n_head", json_object_new_int(cfg->n_head));
+		SET("n_inner", json_object_new_int(cfg->n_inner));
+		SET("rotary_dim", json_object_new_int(cfg->rotary_dim));
+		SET("n_positions", json_object_new_int(cfg->max_pos));
+		SET("activation_function", json_object_new_string(act));
+		SET("layer_norm_epsilon", json_object_new_double(cfg->ln_eps));
+	}
+	else
+	{
+		SET("architectures", json_object_new_array());
+		json_object_array_add(json_object_object_get(o, "architectures"),
+							  json_object_new_string("GPTNeoXForCausalLM"));
+		SET("model_type", json_object_new_string("gpt_neox"));
+		SET("hidden_size", json_object_new_int(cfg->n_embd));
+		SET("num_hidden_layers", json_object_new_int(cfg->n_layer));
+		SET("num_attention_heads", json_object_new_int(cfg->n_head));
+		SET("intermediate_size", json_object_new_int(cfg->n_inner));
+		SET("rotary_pct", json_object_new_double(rotary_pct_for(cfg)));
+		SET("rotary_emb_base", json_object_new_double(cfg->rotary_base));
+		SET("max_position_embeddings", json_object_new_int(cfg->max_pos));
+		SET("hidden_act", json_object_new_string(act));
+		SET("layer_norm_eps", json_object_new_double(cfg->ln_eps));
+		SET("use_parallel_residual", json_object_new_boolean(cfg->parallel_residual));
+		SET("attention_bias", json_object_new_boolean(cfg->attention_bias));
+		/* the newer spelling wins in transformers: keep it from contradicting ours */
+		json_object_object_del(o, "rope_parameters");
+		json_object_object_del(o, "rope_scaling");
+	}
+	SET("vocab_size", json_object_new_int(cfg->vocab_size));
+	SET("tie_word_embeddings", json_object_new_boolean(cfg->tie_embeddings));
+	SET("bos_token_id", cfg->bos_id >= 0 ? json_object_new_int(cfg->bos_id) : NULL);
+	SET("eos_token_id", cfg->eos_id >= 0 ? json_object_new_int(cfg->eos_id) : NULL);
+	SET("torch_dtype", json_object_new_string("float32"));
+	json_object_object_del(o, "dtype");
+#undef SET
+}
+
+/*
+ * Write cfg as a config.json at path that transformers loads. With base_path, the base
+ * model's config.json is kept (keys we do not model survive) and ours overwrite it.
+ */
+dl_status
+config_write(const dl_config *cfg, const char *base_path, const char *path, dl_error *err)
+{
+	json_object *o;
+	dl_status	st = DL_OK;
+
+	if (base_path == NULL)
+		o = json_object_new_object();
+	else if ((o = json_object_from_file(base_path)) == NULL ||
+			 !json_object_is_type(o, json_type_object))
+	{
+		json_object_put(o);
+		return dl_fail(err, DL_EFORMAT, "cannot read \"%s\": %s", base_path,
+					   json_util_get_last_err());
+	}
+	config_fill(o, cfg);
+	if (json_object_to_file_ext(path, o, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_NOSLASHESCAPE) != 0)
+		st = dl_fail(err, DL_EIO, "cannot write \"%s\": %s", path, json_util_get_last_err());
+	json_object_put(o);
 	return st;
 }

@@ -55,4 +55,11 @@ dl_status	config_parse(const char *json, size_t len, dl_config *cfg, dl_error *e
 /* Read and parse path (a config.json file). */
 dl_status	config_load(const char *path, dl_config *cfg, dl_error *err);
 
+/*
+ * Write cfg as a config.json at path that transformers loads (vocab_size must be set).
+ * With base_path, the keys of that config.json are kept and ours overwrite them.
+ */
+dl_status	config_write(const dl_config *cfg, const char *base_path, const char *path,
+						 dl_error *err);
+
 #endif

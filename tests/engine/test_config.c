@@ -5,9 +5,11 @@
 #include "harness.h"
 #include "../../src/engine/config.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 /* config_parse on a C string. */
 static dl_status
@@ -236,4 +238,43 @@ TEST(config_load_files)
 	/* a file that is not a config names itself */
 	CHECK(config_load(fixture_path("gptj-f32/model.safetensors"), &c, &err) == DL_EFORMAT);
 	CHECKF(strstr(err.msg, "gptj-f32/model.safetensors"), "%s", err.msg);
+}
+
+/* config_write then config_load gives back every field, fresh and over a base file. */
+TEST(config_write_round_trip)
+{
+	const char *models[] = {"gptj-f32", "neox-par-f32", "neox-seq-f32", "neox-par-bf16"};
+	char		out[] = "/tmp/dolly-config-XXXXXX";
+	char		path[64];
+	dl_error	err;
+
+	CHECK(mkdtemp(out) != NULL);
+	snprintf(path, sizeof(path), "%s/config.json", out);
+	for (int i = 0; i < 4; i++)
+	{
+		dl_config	a,
+					b;
+		const char *base = fixture_path(models[i]);
+		char		basepath[4096];
+
+		snprintf(basepath, sizeof(basepath), "%s/config.json", base);
+		CHECK_OK(config_load(basepath, &a, &err), &err);
+		a.vocab_size = 600 + i;
+		for (int with_base = 0; with_base < 2; with_base++)
+		{
+			CHECK_OK(config_write(&a, with_base ? basepath : NULL, path, &err), &err);
+			CHECK_OK(config_load(path, &b, &err), &err);
+			CHECKF(a.arch == b.arch && a.n_layer == b.n_layer && a.n_embd == b.n_embd &&
+				   a.n_head == b.n_head && a.head_dim == b.head_dim && a.n_inner == b.n_inner &&
+				   a.rotary_dim == b.rotary_dim && a.rotary_interleaved == b.rotary_interleaved &&
+				   a.rotary_base == b.rotary_base && a.ln_eps == b.ln_eps && a.act == b.act &&
+				   a.parallel_residual == b.parallel_residual &&
+				   a.tie_embeddings == b.tie_embeddings && a.attention_bias == b.attention_bias &&
+				   a.max_pos == b.max_pos && b.config_vocab == a.vocab_size &&
+				   a.bos_id == b.bos_id && a.eos_id == b.eos_id,
+				   "%s (base %d) changed in the round trip", models[i], with_base);
+		}
+	}
+	unlink(path);
+	rmdir(out);
 }
