@@ -387,6 +387,21 @@ rotary_pct_for(const dl_config *cfg)
 	return pct;
 }
 
+/* A float as JSON in its shortest decimal form (1e-05, not 9.9999997473787516e-06). */
+static json_object *
+float_json(float v)
+{
+	char		buf[32];
+
+	for (int prec = 1; prec <= 9; prec++)
+	{
+		snprintf(buf, sizeof(buf), "%.*g", prec, (double) v);
+		if ((float) strtod(buf, NULL) == v)
+			break;
+	}
+	return json_object_new_double_s(strtod(buf, NULL), buf);
+}
+
 /* The keys of cfg as transformers names them for its model type. */
 static void
 config_fill(json_object *o, const dl_config *cfg)
@@ -407,7 +422,7 @@ config_fill(json_object *o, const dl_config *cfg)
 		SET("rotary_dim", json_object_new_int(cfg->rotary_dim));
 		SET("n_positions", json_object_new_int(cfg->max_pos));
 		SET("activation_function", json_object_new_string(act));
-		SET("layer_norm_epsilon", json_object_new_double(cfg->ln_eps));
+		SET("layer_norm_epsilon", float_json(cfg->ln_eps));
 	}
 	else
 	{
@@ -420,10 +435,10 @@ config_fill(json_object *o, const dl_config *cfg)
 		SET("num_attention_heads", json_object_new_int(cfg->n_head));
 		SET("intermediate_size", json_object_new_int(cfg->n_inner));
 		SET("rotary_pct", json_object_new_double(rotary_pct_for(cfg)));
-		SET("rotary_emb_base", json_object_new_double(cfg->rotary_base));
+		SET("rotary_emb_base", float_json(cfg->rotary_base));
 		SET("max_position_embeddings", json_object_new_int(cfg->max_pos));
 		SET("hidden_act", json_object_new_string(act));
-		SET("layer_norm_eps", json_object_new_double(cfg->ln_eps));
+		SET("layer_norm_eps", float_json(cfg->ln_eps));
 		SET("use_parallel_residual", json_object_new_boolean(cfg->parallel_residual));
 		SET("attention_bias", json_object_new_boolean(cfg->attention_bias));
 		/* the newer spelling wins in transformers: keep it from contradicting ours */
