@@ -1,0 +1,120 @@
+/*
+ * train.h: fine-tuning with Dolly's recipe: records to examples, the loss, gradients,
+ * AdamW, the learning-rate schedule, growing the vocabulary, saving the result.
+ *
+ * Dolly's recipe (databrickslabs/dolly training/trainer.py): each record becomes
+ * INTRO_BLURB + instruction (+ context) + "### Response:\n" + response + "\n\n### End",
+ * tokenised once; labels are the tokens themselves with everything up to and including
+ * the first "### Response:\n" token masked out (completion-only loss); the loss is the
+ * mean cross-entropy of logits[:, :-1] against labels[:, 1:] over unmasked positions.
+ *
+ * A step is split in two so that data parallelism can sit between the halves:
+ * trainer_backward() accumulates gradients (and the count of label tokens) for one
+ * micro-batch; several ranks then sum their gradient buffers (laid out like the
+ * parameters, one flat float array) and their label counts; trainer_update() divides by
+ * the GLOBAL label count, clips the global gradient norm, applies AdamW and zeroes the
+ * gradients. One process with one micro-batch per step is the same computation.
+ */
+#ifndef DOLLY_TRAIN_H
+#define DOLLY_TRAIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "error.h"
+#include "model.h"
+#include "tokenizer.h"
+
+/* One training example: tokens and where the loss starts. */
+typedef struct dl_example
+{
+	int32_t    *ids;			/* malloc'd */
+	int			n;
+	int			first_label;	/* ids[first_label..n) are predicted (labels); earlier masked */
+} dl_example;
+
+/*
+ * Build the example of one record (context may be NULL or ""). DL_EINVAL (with a reason
+ * in err) when the record cannot be used: empty instruction or response, or n >= max_length
+ * tokens (dropped, as Dolly v2 does); the caller counts and reports those.
+ */
+dl_status	example_from_record(const dl_tokenizer *tok, const char *instruction,
+								const char *context, const char *response, int max_length,
+								dl_example *ex, dl_error *err);
+
+void		example_free(dl_example *ex);
+
+/*
+ * Add Dolly's special tokens ("### End", "### Instruction:", "### Response:\n") to a
+ * tokenizer and model that lack them: the tokenizer gets them as special tokens, and the
+ * embedding and output tables grow to cover their ids (new rows: the mean of the existing
+ * rows, so that the new tokens start as an average token; deterministic). A model whose
+ * tables already have the rows keeps them. *m may be replaced by a grown model.
+ */
+dl_status	model_add_dolly_tokens(dl_model **m, dl_tokenizer *tok, dl_error *err);
+
+/* Optimiser and schedule settings; defaults from train_defaults(). */
+typedef struct dl_train_config
+{
+	float		lr;				/* peak learning rate */
+	int			warmup_steps;	/* linear warmup from 0 to lr */
+	int			total_steps;	/* for the linear decay; 0 = constant after warmup */
+	float		beta1;
+	float		beta2;
+	float		eps;
+	float		weight_decay;	/* decoupled (AdamW), torch semantics */
+	float		max_grad_norm;	/* clip the global norm; 0 = off */
+	int			max_tokens;		/* tokens of the largest micro-batch (sizes activations) */
+	int			max_length;		/* longest example */
+} dl_train_config;
+
+/* Dolly v2's settings: lr 5e-6, warmup 50, betas (0.9, 0.999), eps 1e-8, no decay, clip 1. */
+void		train_defaults(dl_train_config *cfg);
+
+typedef struct dl_trainer dl_trainer;
+
+/* A trainer for m: gradient buffer, AdamW moments, activations for backward. */
+dl_status	trainer_create(dl_model *m, const dl_train_config *cfg, dl_trainer **out, dl_error *err);
+void		trainer_free(dl_trainer *tr);
+
+/*
+ * Forward and backward of a micro-batch of n examples: gradients of the SUM of the
+ * token losses accumulate into the gradient buffer. Returns that sum and the number of
+ * label tokens, so losses and counts can be summed over micro-batches and ranks.
+ */
+dl_status	trainer_backward(dl_trainer *tr, const dl_example *batch, int n,
+							 double *loss_sum, int64_t *n_labels, dl_error *err);
+
+/* The gradient buffer (host-visible floats, laid out like the parameters) for all-reduce. */
+float	   *trainer_grads(dl_trainer *tr, size_t *n);
+
+/*
+ * Finish a step: gradients /= n_labels (the global count), clip, AdamW with the
+ * scheduled learning rate of step `step` (0-based), zero the gradients. Reports the
+ * learning rate used and the gradient norm before clipping.
+ */
+dl_status	trainer_update(dl_trainer *tr, int64_t n_labels, int step, float *lr,
+						   float *grad_norm, dl_error *err);
+
+/* Mean loss over examples without touching gradients (evaluation). */
+dl_status	trainer_eval(dl_trainer *tr, const dl_example *batch, int n, double *loss_sum,
+						 int64_t *n_labels, dl_error *err);
+
+/*
+ * Save m as a Hugging Face model directory at dir: config.json (over base_config when
+ * given), tokenizer.json, model.safetensors in F32 with Hugging Face's names and layout.
+ * Written into dir + ".tmp-<pid>" and renamed when complete, so a crash never leaves a
+ * half-written model under dir. dir must not exist.
+ */
+dl_status	model_save(const dl_model *m, const dl_tokenizer *tok, const char *base_config,
+					   const char *dir, dl_error *err);
+
+/*
+ * A model with random weights (normal(0, 0.02) matrices and embeddings, unit layer-norm
+ * gains, zero biases; torch's init for these models), seeded: the base for the demo and
+ * for tests and benchmarks that need a model of a given shape. cfg->vocab_size is set.
+ */
+dl_status	model_create_random(const dl_config *cfg, dl_backend *be, uint64_t seed,
+								dl_model **out, dl_error *err);
+
+#endif
