@@ -265,7 +265,9 @@ cmd_generate(const options *o)
 		req.end_id = tok_token_id(tok, DOLLY_END_KEY);
 	if (req.end_id >= m->cfg.vocab_size)
 		req.end_id = -1;
-	if (dl_kv_cache_create(m, 1, m->cfg.max_pos, 512, &c, &err) != DL_OK ||
+	/* a cache just long enough; a prompt beyond the model's context fails in gen_add */
+	if (dl_kv_cache_create(m, 1, n_ids + o->max_new < m->cfg.max_pos ? n_ids + o->max_new : m->cfg.max_pos,
+						   512, &c, &err) != DL_OK ||
 		gen_create(m, c, &g, &err) != DL_OK ||
 		gen_add(g, &req, &id, &err) != DL_OK)
 	{
