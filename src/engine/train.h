@@ -100,6 +100,55 @@ dl_status	trainer_update(dl_trainer *tr, int64_t n_labels, int step, float *lr,
 dl_status	trainer_eval(dl_trainer *tr, const dl_example *batch, int n, double *loss_sum,
 						 int64_t *n_labels, dl_error *err);
 
+/* What a fine-tuning run reports as it goes. */
+typedef struct dl_train_progress
+{
+	const char *phase;			/* "training", "evaluating" */
+	int			epoch;			/* 1-based */
+	int			step;			/* optimizer steps done */
+	int			total_steps;
+	double		train_loss;		/* mean over the last step's label tokens */
+	double		eval_loss;		/* NaN until the first evaluation */
+	double		tokens_per_second;	/* training tokens, averaged over the run */
+	float		lr;
+	float		grad_norm;
+} dl_train_progress;
+
+/* Called after every step and evaluation; a nonzero return stops the run (DL_ECANCELLED). */
+typedef int (*dl_progress_fn) (void *arg, const dl_train_progress *p);
+
+/*
+ * Data parallelism: sums grads[0..n), *loss_sum and *n_labels over all ranks in place,
+ * identically on every rank (fixed order, so ranks stay bit-identical). NULL when there
+ * is one rank.
+ */
+typedef dl_status (*dl_allreduce_fn) (void *arg, float *grads, size_t n, double *loss_sum,
+									  int64_t *n_labels, dl_error *err);
+
+typedef struct dl_finetune_opts
+{
+	dl_train_config cfg;		/* total_steps is set by finetune_run */
+	int			epochs;
+	int			batch_size;		/* examples per optimizer step, over all ranks */
+	int			rank;			/* this process's rank and the number of ranks: */
+	int			nranks;			/* rank r takes examples r, r + nranks, ... of each batch */
+	int			eval_every;		/* steps between evaluations; 0 = end of each epoch only */
+	uint64_t	seed;			/* shuffles the training examples every epoch */
+	dl_allreduce_fn allreduce;
+	void	   *allreduce_arg;
+	dl_progress_fn progress;
+	void	   *progress_arg;
+} dl_finetune_opts;
+
+/*
+ * Fine-tune m on train (ntrain examples) for opts->epochs epochs, evaluating on eval
+ * (neval, may be 0). The examples are shuffled with opts->seed at every epoch (the same
+ * order on every rank). The final progress is left in *last.
+ */
+dl_status	finetune_run(dl_model *m, const dl_example *train, int ntrain,
+						 const dl_example *eval, int neval, const dl_finetune_opts *opts,
+						 dl_train_progress *last, dl_error *err);
+
 /*
  * Save m as a Hugging Face model directory at dir: config.json (over base_config when
  * given), tokenizer.json, model.safetensors in F32 with Hugging Face's names and layout.
