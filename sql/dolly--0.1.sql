@@ -59,3 +59,99 @@ CREATE FUNCTION dolly_server_status(
 	AS 'MODULE_PATHNAME' LANGUAGE C VOLATILE STRICT PARALLEL RESTRICTED;
 
 CREATE VIEW dolly_server AS SELECT * FROM dolly_server_status();
+
+-- Fine-tuning jobs: one row per dolly_finetune call. Written by dolly only; users read the
+-- dolly_jobs view, which adds the live progress of running jobs.
+CREATE TABLE dolly_job (
+	id bigserial PRIMARY KEY,
+	role name NOT NULL,
+	source text NOT NULL,
+	output_model text NOT NULL,
+	options jsonb NOT NULL,
+	state text NOT NULL DEFAULT 'queued'
+		CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+	epoch integer,
+	step integer,
+	total_steps integer,
+	train_loss double precision,
+	eval_loss double precision,
+	tokens_per_second double precision,
+	records integer,
+	skipped integer,
+	submitted timestamptz NOT NULL DEFAULT now(),
+	started timestamptz,
+	finished timestamptz,
+	error text
+);
+REVOKE ALL ON dolly_job FROM PUBLIC;
+REVOKE ALL ON SEQUENCE dolly_job_id_seq FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('dolly_job', '');
+SELECT pg_catalog.pg_extension_config_dump('dolly_job_id_seq', '');
+
+-- Members of dolly_trainer (and superusers) may fine-tune.
+DO $$
+BEGIN
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'dolly_trainer') THEN
+		CREATE ROLE dolly_trainer NOLOGIN;
+	END IF;
+END
+$$;
+
+-- Start fine-tuning a model on the instruction records of a table; returns the job's id at
+-- once. The records are read with the caller's privileges and row-level security.
+CREATE FUNCTION dolly_finetune(
+	source regclass,
+	output_model text,
+	base_model text DEFAULT NULL,
+	instruction_column name DEFAULT 'instruction',
+	context_column name DEFAULT 'context',
+	response_column name DEFAULT 'response',
+	epochs integer DEFAULT 2,
+	learning_rate double precision DEFAULT NULL,
+	batch_size integer DEFAULT 8,
+	max_length integer DEFAULT NULL,
+	warmup_steps integer DEFAULT 50,
+	lr_schedule text DEFAULT 'constant',
+	weight_decay double precision DEFAULT 0,
+	eval_fraction double precision DEFAULT 0.05,
+	seed bigint DEFAULT 42)
+	RETURNS bigint
+	AS 'MODULE_PATHNAME' LANGUAGE C VOLATILE PARALLEL UNSAFE;
+REVOKE ALL ON FUNCTION dolly_finetune FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dolly_finetune TO dolly_trainer;
+
+-- Ask a queued or running job to stop; true if it was asked.
+CREATE FUNCTION dolly_cancel_job(job_id bigint) RETURNS boolean
+	AS 'MODULE_PATHNAME' LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+REVOKE ALL ON FUNCTION dolly_cancel_job FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dolly_cancel_job TO dolly_trainer;
+
+-- The live progress of the jobs running now.
+CREATE FUNCTION dolly_job_progress(
+	OUT id bigint, OUT pid integer, OUT phase text, OUT epoch integer, OUT step integer,
+	OUT total_steps integer, OUT train_loss double precision, OUT eval_loss double precision,
+	OUT tokens_per_second double precision, OUT records integer, OUT skipped integer)
+	RETURNS SETOF record
+	AS 'MODULE_PATHNAME' LANGUAGE C VOLATILE STRICT PARALLEL RESTRICTED;
+
+-- Jobs the current role may see (its own, or all for superusers), with live progress.
+-- A job recorded as running whose worker is gone (the server restarted) shows as failed.
+CREATE VIEW dolly_jobs AS
+SELECT j.id, j.role, j.source, j.output_model,
+	   CASE WHEN j.state = 'running' AND p.id IS NULL THEN 'failed' ELSE j.state END AS state,
+	   p.phase,
+	   coalesce(p.epoch, j.epoch) AS epoch,
+	   coalesce(p.step, j.step) AS step,
+	   coalesce(p.total_steps, j.total_steps) AS total_steps,
+	   coalesce(p.train_loss, j.train_loss) AS train_loss,
+	   coalesce(p.eval_loss, j.eval_loss) AS eval_loss,
+	   coalesce(p.tokens_per_second, j.tokens_per_second) AS tokens_per_second,
+	   coalesce(p.records, j.records) AS records,
+	   coalesce(p.skipped, j.skipped) AS skipped,
+	   j.submitted, j.started, j.finished,
+	   CASE WHEN j.state = 'running' AND p.id IS NULL
+			THEN 'the server stopped while the job ran' ELSE j.error END AS error,
+	   j.options
+  FROM dolly_job j LEFT JOIN dolly_job_progress() p ON p.id = j.id
+ WHERE pg_catalog.pg_has_role(current_user, j.role, 'MEMBER');
+GRANT SELECT ON dolly_jobs TO PUBLIC;

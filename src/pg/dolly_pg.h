@@ -109,6 +109,16 @@ extern bool dolly_serve_tick(void);
 /* Apply a configuration reload (dolly.model changed). */
 extern void dolly_serve_reconfigure(void);
 
+/*
+ * The directory a model name stands for: "" is dolly.model (an absolute path, or a name
+ * under dolly.model_dir), anything else a name under dolly.model_dir. *is_default says
+ * which. DL_EIO (with a message that shows no path) when the directory does not exist.
+ */
+extern dl_status dolly_model_path(const char *name, char *path, bool *is_default, dl_error *err);
+
+/* Rewrite full paths under dolly.model_dir in err's message as paths relative to it. */
+extern void dolly_relative_paths(dl_error *err);
+
 /* Path of the CUDA plugin in $libdir. */
 extern void dolly_cuda_plugin_path(char *buf, size_t len);
 

@@ -14,8 +14,6 @@
 #include "dolly_pg.h"
 #include "queue.h"
 
-#include <sys/stat.h>
-
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "portability/instr_time.h"
@@ -133,64 +131,6 @@ ensure_backend(dl_error *err)
 	return DL_OK;
 }
 
-/*
- * The directory a request's model name stands for: "" is dolly.model (an absolute
- * path, or a name under dolly.model_dir), anything else a name under dolly.model_dir.
- */
-static dl_status
-resolve(const char *name, char *path, bool *is_default, dl_error *err)
-{
-	struct stat sb;
-
-	*is_default = name[0] == '\0';
-	if (*is_default)
-	{
-		if (dolly_model[0] == '\0')
-		{
-			dl_fail(err, DL_EINVAL, "no model is configured");
-			return dl_hint(err, "Set dolly.model to a Hugging Face model directory in postgresql.conf and reload, or pass model => name.");
-		}
-		name = dolly_model;
-	}
-	if (name[0] == '/')
-		strlcpy(path, name, MAXPGPATH);
-	else if (!dolly_model_name_ok(name))
-		return dl_fail(err, DL_EINVAL, "dolly.model \"%s\" is neither an absolute path nor a model name", name);
-	else if (dolly_model_dir[0] == '\0')
-	{
-		dl_fail(err, DL_EINVAL, "model \"%s\" cannot be found because dolly.model_dir is not set", name);
-		return dl_hint(err, "Set dolly.model_dir to the directory that holds the models.");
-	}
-	else
-		snprintf(path, MAXPGPATH, "%s/%s", dolly_model_dir, name);
-	if (stat(path, &sb) != 0 || !S_ISDIR(sb.st_mode))
-	{
-		elog(LOG, "dolly: model directory \"%s\" does not exist", path);
-		if (*is_default && dolly_model[0] == '/')
-			dl_fail(err, DL_EIO, "the directory that dolly.model names does not exist");
-		else
-			dl_fail(err, DL_EIO, "model \"%s\" does not exist in dolly.model_dir", name);
-		return dl_hint(err, "A model directory holds config.json, tokenizer.json and *.safetensors, as Hugging Face stores them.");
-	}
-	return DL_OK;
-}
-
-/*
- * Engine messages name files by full path; show them relative to dolly.model_dir, which
- * sessions know (and the log has the full story).
- */
-static void
-relative_paths(dl_error *err)
-{
-	size_t		dirlen = strlen(dolly_model_dir);
-	char	   *p;
-
-	if (dirlen == 0)
-		return;
-	while ((p = strstr(err->msg, dolly_model_dir)) != NULL && p[dirlen] == '/')
-		memmove(p, p + dirlen + 1, strlen(p + dirlen + 1) + 1);
-}
-
 /* Load the model at path into a free entry (evicting the least recently used idle one). */
 static dl_status
 load(const char *path, bool is_default, ServedModel **out, dl_error *err)
@@ -269,7 +209,7 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 
 fail:
 	elog(LOG, "dolly: cannot load model \"%s\": %s", path, err->msg);
-	relative_paths(err);
+	dolly_relative_paths(err);
 	gen_free(m->gen);
 	dl_kv_cache_free(m->cache);
 	dl_model_free(m->model);
@@ -290,7 +230,7 @@ model_for(const char *name, ServedModel **out, dl_error *err)
 		dl_fail(err, DL_EBACKEND, "dolly.device is \"cuda\", but this version of dolly runs models on the CPU only");
 		return dl_hint(err, "Set dolly.device to cpu or auto.");
 	}
-	if (resolve(name, path, &is_default, err) != DL_OK)
+	if (dolly_model_path(name, path, &is_default, err) != DL_OK)
 		return err->code;
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
 		if (models[i].model && strcmp(models[i].path, path) == 0)
@@ -562,7 +502,7 @@ dolly_serve_reconfigure(void)
 	char		path[MAXPGPATH];
 	bool		is_default;
 	dl_error	err;
-	bool		have_path = dolly_model[0] != '\0' && resolve("", path, &is_default, &err) == DL_OK;
+	bool		have_path = dolly_model[0] != '\0' && dolly_model_path("", path, &is_default, &err) == DL_OK;
 
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
 		if (models[i].model && models[i].is_default && models[i].nseq == 0 &&

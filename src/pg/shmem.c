@@ -1,5 +1,6 @@
 /* shmem.c: the model server's state in the main shared memory segment. */
 #include "dolly_pg.h"
+#include "jobs.h"
 #include "queue.h"
 
 #include "miscadmin.h"
@@ -18,7 +19,8 @@ dolly_shmem_request(void)
 {
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
-	RequestAddinShmemSpace(add_size(MAXALIGN(sizeof(DollyShared)), dolly_queue_shmem_size()));
+	RequestAddinShmemSpace(add_size(add_size(MAXALIGN(sizeof(DollyShared)), dolly_queue_shmem_size()),
+									dolly_jobs_shmem_size()));
 }
 
 /* Create (postmaster) or attach to (EXEC_BACKEND children) the shared state. */
@@ -37,6 +39,7 @@ dolly_shmem_startup(void)
 		SpinLockInit(&dolly_shared->mutex);
 	}
 	dolly_queue_shmem_init();
+	dolly_jobs_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 }
 

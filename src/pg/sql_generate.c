@@ -28,26 +28,6 @@ PG_FUNCTION_INFO_V1(dolly_detokenize);
 #define DEFAULT_TOP_P 0.92
 #define DEFAULT_TOP_K 0
 
-/* A model name is one directory under dolly.model_dir: no separators, no way out of it. */
-bool
-dolly_model_name_ok(const char *name)
-{
-	size_t		len = strlen(name);
-
-	return len > 0 && len < DOLLY_MODEL_NAME_MAX && name[0] != '.' && strstr(name, "..") == NULL &&
-		strspn(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") == len;
-}
-
-void
-dolly_check_model_name(const char *name)
-{
-	if (!dolly_model_name_ok(name))
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("invalid model name \"%s\"", name),
-				 errhint("A model name is the name of a directory under dolly.model_dir: letters, digits, \".\", \"_\" and \"-\", not starting with \".\".")));
-}
-
 /* Copy the optional model argument at position argno into req. */
 static void
 set_model(DollyRequest *req, FunctionCallInfo fcinfo, int argno)

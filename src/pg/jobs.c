@@ -1,0 +1,498 @@
+/*
+ * jobs.c: dolly_finetune, dolly_cancel_job and the live progress of fine-tuning jobs.
+ *
+ * dolly_finetune checks everything it can in the caller's session (privileges, the table
+ * and its columns, the options, the names), records the job in dolly_job, and starts a
+ * background worker that runs it as the calling role (job_worker.c). The job id comes
+ * back at once. Writes to dolly_job are made as the extension's owner: users read jobs
+ * through the dolly_jobs view and cannot forge them.
+ */
+#include "dolly_pg.h"
+#include "jobs.h"
+
+#include <math.h>
+#include <sys/stat.h>
+
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_extension.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "postmaster/bgworker.h"
+#include "storage/shmem.h"
+#include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/syscache.h"
+
+DollyJobs  *dolly_jobs = NULL;
+
+PG_FUNCTION_INFO_V1(dolly_finetune);
+PG_FUNCTION_INFO_V1(dolly_cancel_job);
+PG_FUNCTION_INFO_V1(dolly_job_progress);
+
+Size
+dolly_jobs_shmem_size(void)
+{
+	return MAXALIGN(sizeof(DollyJobs));
+}
+
+void
+dolly_jobs_shmem_init(void)
+{
+	bool		found;
+
+	dolly_jobs = ShmemInitStruct("dolly jobs", sizeof(DollyJobs), &found);
+	if (!found)
+	{
+		memset(dolly_jobs, 0, sizeof(DollyJobs));
+		SpinLockInit(&dolly_jobs->mutex);
+	}
+}
+
+/* The schema dolly is installed in (get_extension_schema is not exported before PG 16). */
+static Oid
+extension_schema(void)
+{
+	Relation	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tup;
+	Oid			nsp = InvalidOid;
+
+	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber, F_NAMEEQ,
+				CStringGetDatum("dolly"));
+	scan = systable_beginscan(rel, ExtensionNameIndexId, true, NULL, 1, &key);
+	if (HeapTupleIsValid(tup = systable_getnext(scan)))
+		nsp = ((Form_pg_extension) GETSTRUCT(tup))->extnamespace;
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	if (!OidIsValid(nsp))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("extension \"dolly\" is not installed in this database"),
+				 errhint("Run CREATE EXTENSION dolly.")));
+	return nsp;
+}
+
+/* The owner of the dolly_job table: the identity that writes job records. */
+static Oid
+jobs_owner(void)
+{
+	Oid			relid = get_relname_relid("dolly_job", extension_schema());
+	HeapTuple	tup;
+	Oid			owner;
+
+	if (!OidIsValid(relid))
+		elog(ERROR, "dolly: table dolly_job is missing");
+	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for relation %u", relid);
+	owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+	ReleaseSysCache(tup);
+	return owner;
+}
+
+void
+dolly_as_owner_begin(Oid *saved_user, int *saved_sec)
+{
+	GetUserIdAndSecContext(saved_user, saved_sec);
+	SetUserIdAndSecContext(jobs_owner(), *saved_sec | SECURITY_LOCAL_USERID_CHANGE);
+}
+
+void
+dolly_as_owner_end(Oid saved_user, int saved_sec)
+{
+	SetUserIdAndSecContext(saved_user, saved_sec);
+}
+
+const char *
+dolly_jobs_table(void)
+{
+	return quote_qualified_identifier(get_namespace_name(extension_schema()), "dolly_job");
+}
+
+/*
+ * ERROR unless column `name` of relid exists, is readable by the caller and holds text.
+ * Returns false (without error) only for an optional column that is absent.
+ */
+static bool
+check_column(Oid relid, const char *what, const char *name, bool optional)
+{
+	AttrNumber	attnum = get_attnum(relid, name);
+	Oid			type;
+
+	if (attnum == InvalidAttrNumber)
+	{
+		if (optional)
+			return false;
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("column \"%s\" of relation \"%s\" does not exist", name, get_rel_name(relid)),
+				 errhint("Name the %s column with %s_column => 'name'.", what, what)));
+	}
+	type = get_atttype(relid, attnum);
+	if (type != TEXTOID && type != VARCHAROID && type != BPCHAROID)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("%s column \"%s\" has type %s, not text", what, name, format_type_be(type)),
+				 errhint("Cast it in a view, e.g. CREATE VIEW v AS SELECT %s::text ... .", name)));
+	/* a column is readable through the table's privilege or its own */
+	if (pg_class_aclcheck(relid, GetUserId(), ACL_SELECT) != ACLCHECK_OK &&
+		pg_attribute_aclcheck(relid, attnum, GetUserId(), ACL_SELECT) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for column \"%s\" of relation \"%s\"", name, get_rel_name(relid))));
+	return true;
+}
+
+/* ERROR unless lo <= v <= hi, naming the parameter. */
+static void
+check_range(const char *param, double v, double lo, double hi)
+{
+	if (!(v >= lo && v <= hi))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be between %g and %g", param, lo, hi)));
+}
+
+/* The model directory named `name` under dolly.model_dir; ERROR if the GUC is unset. */
+static char *
+model_dir_path(const char *name)
+{
+	if (dolly_model_dir[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("dolly.model_dir is not set"),
+				 errhint("A superuser sets dolly.model_dir to the directory where models are read and written.")));
+	return psprintf("%s/%s", dolly_model_dir, name);
+}
+
+/* Start the worker of job_id in this database as the current role. */
+static void
+start_worker(int64 job_id)
+{
+	BackgroundWorker worker;
+	BackgroundWorkerHandle *handle;
+	Oid			ids[2] = {MyDatabaseId, GetUserId()};
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = BGW_NEVER_RESTART;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "dolly");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "dolly_job_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "dolly fine-tuning job %lld", (long long) job_id);
+	snprintf(worker.bgw_type, BGW_MAXLEN, "dolly fine-tuning job");
+	worker.bgw_main_arg = Int64GetDatum(job_id);
+	memcpy(worker.bgw_extra, ids, sizeof(ids));
+	worker.bgw_notify_pid = 0;
+	if (!RegisterDynamicBackgroundWorker(&worker, &handle))
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("cannot start a worker for the fine-tuning job"),
+				 errhint("Raise max_worker_processes.")));
+}
+
+/* Claim a shared-memory slot for job_id; ERROR when all are taken. */
+static void
+claim_slot(int64 job_id)
+{
+	int			i;
+
+	SpinLockAcquire(&dolly_jobs->mutex);
+	for (i = 0; i < DOLLY_MAX_JOBS; i++)
+		if (dolly_jobs->slots[i].job_id == 0)
+		{
+			memset(&dolly_jobs->slots[i], 0, sizeof(DollyJobSlot));
+			dolly_jobs->slots[i].job_id = job_id;
+			dolly_jobs->slots[i].dboid = MyDatabaseId;
+			strlcpy(dolly_jobs->slots[i].phase, "starting", sizeof(dolly_jobs->slots[i].phase));
+			break;
+		}
+	SpinLockRelease(&dolly_jobs->mutex);
+	if (i == DOLLY_MAX_JOBS)
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("%d fine-tuning jobs are already running", DOLLY_MAX_JOBS),
+				 errhint("Wait for one to finish, or cancel one with dolly_cancel_job().")));
+}
+
+/* Free job_id's slot (if it has one). */
+static void
+release_slot(int64 job_id)
+{
+	SpinLockAcquire(&dolly_jobs->mutex);
+	for (int i = 0; i < DOLLY_MAX_JOBS; i++)
+		if (dolly_jobs->slots[i].job_id == job_id)
+			dolly_jobs->slots[i].job_id = 0;
+	SpinLockRelease(&dolly_jobs->mutex);
+}
+
+/* dolly_finetune's parameters, in order, for messages. */
+static const char *const finetune_params[] = {
+	"source", "output_model", "base_model", "instruction_column", "context_column",
+	"response_column", "epochs", "learning_rate", "batch_size", "max_length", "warmup_steps",
+	"lr_schedule", "weight_decay", "eval_fraction", "seed"
+};
+
+/*
+ * dolly_finetune(source, output_model, base_model, instruction_column, context_column,
+ * response_column, epochs, learning_rate, batch_size, max_length, warmup_steps,
+ * lr_schedule, weight_decay, eval_fraction, seed): the new job's id.
+ */
+Datum
+dolly_finetune(PG_FUNCTION_ARGS)
+{
+	Oid			relid;
+	char	   *output;
+	char	   *base = NULL;
+	const char *instr_col,
+			   *ctx_col = NULL,
+			   *resp_col;
+	int			epochs,
+				batch_size,
+				warmup_steps;
+	int			max_length = 0;
+	double		lr = 0,
+				weight_decay,
+				eval_fraction;
+	char	   *schedule;
+	int64		seed;
+	struct stat sb;
+	char		base_path[MAXPGPATH];
+	bool		is_default;
+	dl_error	err;
+	StringInfoData opts;
+	Oid			saved_user;
+	int			saved_sec;
+	int64		job_id;
+	Oid			argtypes[4] = {NAMEOID, TEXTOID, TEXTOID, JSONBOID};
+	Datum		args[4];
+	bool		isnull;
+
+	for (int i = 0; i < PG_NARGS(); i++)
+		if (PG_ARGISNULL(i) && i != 2 && i != 4 && i != 7 && i != 9)
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("%s must not be NULL", finetune_params[i]),
+					 errhint("Only base_model, context_column, learning_rate and max_length may be NULL.")));
+	relid = PG_GETARG_OID(0);
+	output = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	dolly_check_model_name(output);
+	if (!PG_ARGISNULL(2))
+	{
+		base = text_to_cstring(PG_GETARG_TEXT_PP(2));
+		dolly_check_model_name(base);
+	}
+	instr_col = NameStr(*PG_GETARG_NAME(3));
+	if (!PG_ARGISNULL(4))
+		ctx_col = NameStr(*PG_GETARG_NAME(4));
+	resp_col = NameStr(*PG_GETARG_NAME(5));
+	epochs = PG_GETARG_INT32(6);
+	if (!PG_ARGISNULL(7))
+		lr = PG_GETARG_FLOAT8(7);
+	batch_size = PG_GETARG_INT32(8);
+	if (!PG_ARGISNULL(9))
+		max_length = PG_GETARG_INT32(9);
+	warmup_steps = PG_GETARG_INT32(10);
+	schedule = text_to_cstring(PG_GETARG_TEXT_PP(11));
+	weight_decay = PG_GETARG_FLOAT8(12);
+	eval_fraction = PG_GETARG_FLOAT8(13);
+	seed = PG_GETARG_INT64(14);
+
+	check_range("epochs", epochs, 1, 10000);
+	if (!PG_ARGISNULL(7))
+		check_range("learning_rate", lr, 1e-12, 1);
+	check_range("batch_size", batch_size, 1, 4096);
+	if (!PG_ARGISNULL(9))
+		check_range("max_length", max_length, 2, 1 << 20);
+	check_range("warmup_steps", warmup_steps, 0, 100000000);
+	check_range("weight_decay", weight_decay, 0, 1);
+	check_range("eval_fraction", eval_fraction, 0, 0.5);
+	if (strcmp(schedule, "constant") != 0 && strcmp(schedule, "linear") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("lr_schedule must be \"constant\" or \"linear\", not \"%s\"", schedule)));
+
+	/* the table and its columns, with the caller's privileges */
+	check_column(relid, "instruction", instr_col, false);
+	check_column(relid, "response", resp_col, false);
+	/* the default context column is optional: tables without one have no contexts */
+	if (ctx_col && !check_column(relid, "context", ctx_col, strcmp(ctx_col, "context") == 0))
+		ctx_col = NULL;
+
+	/* where the model goes: a new directory under dolly.model_dir */
+	if (stat(model_dir_path(output), &sb) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DUPLICATE_OBJECT),
+				 errmsg("model \"%s\" already exists in dolly.model_dir", output),
+				 errhint("Choose another output_model, or remove that directory.")));
+	/* the base: a model under dolly.model_dir, or the served model */
+	if (dolly_model_path(base ? base : "", base_path, &is_default, &err) != DL_OK)
+		dolly_report(ERROR, &err);
+
+	/* the options as JSON; names through escape_json, so any name is safe */
+	initStringInfo(&opts);
+	appendStringInfoString(&opts, "{\"base_model\": ");
+	if (base)
+		escape_json(&opts, base);
+	else
+		appendStringInfoString(&opts, "null");
+	appendStringInfoString(&opts, ", \"instruction_column\": ");
+	escape_json(&opts, instr_col);
+	appendStringInfoString(&opts, ", \"context_column\": ");
+	if (ctx_col)
+		escape_json(&opts, ctx_col);
+	else
+		appendStringInfoString(&opts, "null");
+	appendStringInfoString(&opts, ", \"response_column\": ");
+	escape_json(&opts, resp_col);
+	appendStringInfo(&opts, ", \"epochs\": %d, \"batch_size\": %d, \"warmup_steps\": %d, "
+					 "\"lr_schedule\": \"%s\", \"weight_decay\": %.17g, "
+					 "\"eval_fraction\": %.17g, \"seed\": %lld, \"source_oid\": %u",
+					 epochs, batch_size, warmup_steps, schedule, weight_decay, eval_fraction,
+					 (long long) seed, relid);
+	if (!PG_ARGISNULL(7))
+		appendStringInfo(&opts, ", \"learning_rate\": %.17g", lr);
+	if (!PG_ARGISNULL(9))
+		appendStringInfo(&opts, ", \"max_length\": %d", max_length);
+	appendStringInfoChar(&opts, '}');
+
+	/* record the job (as the table's owner), then start its worker */
+	args[0] = DirectFunctionCall1(namein, CStringGetDatum(GetUserNameFromId(GetUserId(), false)));
+	args[1] = CStringGetTextDatum(quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
+															 get_rel_name(relid)));
+	args[2] = CStringGetTextDatum(output);
+	args[3] = DirectFunctionCall1(jsonb_in, CStringGetDatum(opts.data));
+	dolly_as_owner_begin(&saved_user, &saved_sec);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (SPI_execute_with_args(psprintf("INSERT INTO %s (role, source, output_model, options) "
+									   "VALUES ($1, $2, $3, $4) RETURNING id", dolly_jobs_table()),
+							  4, argtypes, args, NULL, false, 1) != SPI_OK_INSERT_RETURNING)
+		elog(ERROR, "cannot record the fine-tuning job");
+	job_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_finish();
+	dolly_as_owner_end(saved_user, saved_sec);
+
+	claim_slot(job_id);
+	PG_TRY();
+	{
+		start_worker(job_id);
+	}
+	PG_CATCH();
+	{
+		release_slot(job_id);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	PG_RETURN_INT64(job_id);
+}
+
+/* Ask the live job job_id to stop; false if it has no worker here. */
+static bool
+request_cancel(int64 job_id)
+{
+	bool		found = false;
+
+	SpinLockAcquire(&dolly_jobs->mutex);
+	for (int i = 0; i < DOLLY_MAX_JOBS; i++)
+		if (dolly_jobs->slots[i].job_id == job_id && dolly_jobs->slots[i].dboid == MyDatabaseId)
+		{
+			dolly_jobs->slots[i].cancel = true;
+			found = true;
+		}
+	SpinLockRelease(&dolly_jobs->mutex);
+	return found;
+}
+
+/* dolly_cancel_job(id): ask a queued or running job to stop; true if it was asked. */
+Datum
+dolly_cancel_job(PG_FUNCTION_ARGS)
+{
+	int64		job_id = PG_GETARG_INT64(0);
+	Oid			argtypes[1] = {INT8OID};
+	Datum		args[1] = {Int64GetDatum(job_id)};
+	Oid			saved_user;
+	int			saved_sec;
+	char	   *role = NULL;
+	char	   *state = NULL;
+	bool		asked;
+
+	dolly_as_owner_begin(&saved_user, &saved_sec);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (SPI_execute_with_args(psprintf("SELECT role, state FROM %s WHERE id = $1", dolly_jobs_table()),
+							  1, argtypes, args, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "cannot read dolly_job");
+	if (SPI_processed == 1)
+	{
+		role = pstrdup(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1));
+		state = pstrdup(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2));
+	}
+	SPI_finish();
+	dolly_as_owner_end(saved_user, saved_sec);
+
+	if (role == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("fine-tuning job %lld does not exist", (long long) job_id)));
+	if (!has_privs_of_role(GetUserId(), get_role_oid(role, false)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to cancel fine-tuning job %lld", (long long) job_id),
+				 errhint("Only the role that started a job (or a superuser) may cancel it.")));
+	if (strcmp(state, "queued") != 0 && strcmp(state, "running") != 0)
+		PG_RETURN_BOOL(false);
+	asked = request_cancel(job_id);
+	PG_RETURN_BOOL(asked);
+}
+
+/* dolly_job_progress(): the live state of the jobs running in this database. */
+Datum
+dolly_job_progress(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	DollyJobSlot slots[DOLLY_MAX_JOBS];
+
+	SpinLockAcquire(&dolly_jobs->mutex);
+	memcpy(slots, dolly_jobs->slots, sizeof(slots));
+	SpinLockRelease(&dolly_jobs->mutex);
+
+	InitMaterializedSRF(fcinfo, 0);
+	for (int i = 0; i < DOLLY_MAX_JOBS; i++)
+	{
+		DollyJobSlot *j = &slots[i];
+		Datum		values[11];
+		bool		nulls[11] = {0};
+		int			c = 0;
+
+		if (j->job_id == 0 || j->dboid != MyDatabaseId)
+			continue;
+		values[c++] = Int64GetDatum(j->job_id);
+		values[c++] = Int32GetDatum(j->pid);
+		values[c++] = CStringGetTextDatum(j->phase);
+		values[c++] = Int32GetDatum(j->epoch);
+		values[c++] = Int32GetDatum(j->step);
+		values[c++] = Int32GetDatum(j->total_steps);
+		nulls[c] = isnan(j->train_loss);
+		values[c++] = Float8GetDatum(j->train_loss);
+		nulls[c] = isnan(j->eval_loss);
+		values[c++] = Float8GetDatum(j->eval_loss);
+		values[c++] = Float8GetDatum(j->tokens_per_second);
+		values[c++] = Int32GetDatum(j->records);
+		values[c++] = Int32GetDatum(j->skipped);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}

@@ -1,0 +1,52 @@
+/*
+ * jobs.h: fine-tuning jobs: their live state in shared memory, shared by the session that
+ * submits a job (jobs.c) and the worker that runs it (job_worker.c).
+ */
+#ifndef DOLLY_JOBS_H
+#define DOLLY_JOBS_H
+
+#include "postgres.h"
+
+#include "storage/spin.h"
+
+#define DOLLY_MAX_JOBS 8			/* jobs running at once, server-wide */
+
+typedef struct DollyJobSlot
+{
+	int64		job_id;			/* 0: free */
+	Oid			dboid;
+	pid_t		pid;			/* the worker, once started */
+	bool		cancel;			/* dolly_cancel_job asked it to stop */
+	char		phase[64];
+	int			epoch;
+	int			step;
+	int			total_steps;
+	double		train_loss;
+	double		eval_loss;
+	double		tokens_per_second;
+	int			records;
+	int			skipped;
+} DollyJobSlot;
+
+typedef struct DollyJobs
+{
+	slock_t		mutex;
+	DollyJobSlot slots[DOLLY_MAX_JOBS];
+} DollyJobs;
+
+extern DollyJobs *dolly_jobs;
+
+extern Size dolly_jobs_shmem_size(void);
+extern void dolly_jobs_shmem_init(void);
+
+/* The worker's entry point (job_worker.c); main_arg is the job id. */
+PGDLLEXPORT void dolly_job_main(Datum main_arg);
+
+/* The schema-qualified name of the dolly_job table, for SPI. */
+extern const char *dolly_jobs_table(void);
+
+/* Switch to the identity that owns dolly_job (for writes to it), and back. */
+extern void dolly_as_owner_begin(Oid *saved_user, int *saved_sec);
+extern void dolly_as_owner_end(Oid saved_user, int saved_sec);
+
+#endif
