@@ -58,7 +58,8 @@ typedef struct dl_train_config
 {
 	float		lr;				/* peak learning rate */
 	int			warmup_steps;	/* linear warmup from 0 to lr */
-	int			total_steps;	/* for the linear decay; 0 = constant after warmup */
+	int			linear_decay;	/* after warmup: 0 constant, 1 linear decay to 0 at total_steps */
+	int			total_steps;	/* set by finetune_run (steps of all epochs) */
 	float		beta1;
 	float		beta2;
 	float		eps;
@@ -127,7 +128,7 @@ typedef dl_status (*dl_allreduce_fn) (void *arg, float *grads, size_t n, double 
 
 typedef struct dl_finetune_opts
 {
-	dl_train_config cfg;		/* total_steps is set by finetune_run */
+	dl_train_config cfg;
 	int			epochs;
 	int			batch_size;		/* examples per optimizer step, over all ranks */
 	int			rank;			/* this process's rank and the number of ranks: */
