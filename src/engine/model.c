@@ -216,19 +216,19 @@ check_tensor(const st_set *set, const dl_tensor_map *e, const char *dir, const c
 	return DL_OK;
 }
 
-/* Check the hyper-parameters that the shapes and kernels rely on. */
+/* Check the hyper-parameters that the shapes and kernels rely on; what names the source. */
 static dl_status
-check_config(const dl_config *c, const char *path, dl_error *err)
+check_config(const dl_config *c, const char *what, dl_error *err)
 {
 	if (c->n_layer < 1 || c->n_head < 1 || c->n_embd < 1 || c->n_inner < 1 ||
 		c->head_dim * c->n_head != c->n_embd)
-		return dl_fail(err, DL_EFORMAT, "\"%s\": inconsistent sizes (%d layers, %d heads, width %d, head size %d, MLP %d)",
-					   path, c->n_layer, c->n_head, c->n_embd, c->head_dim, c->n_inner);
+		return dl_fail(err, DL_EFORMAT, "%s: inconsistent sizes (%d layers, %d heads, width %d, head size %d, MLP %d)",
+					   what, c->n_layer, c->n_head, c->n_embd, c->head_dim, c->n_inner);
 	if (c->rotary_dim < 0 || c->rotary_dim > c->head_dim || c->rotary_dim % 2)
-		return dl_fail(err, DL_EFORMAT, "\"%s\": rotary dimension %d is not an even number within the head size %d",
-					   path, c->rotary_dim, c->head_dim);
+		return dl_fail(err, DL_EFORMAT, "%s: rotary dimension %d is not an even number within the head size %d",
+					   what, c->rotary_dim, c->head_dim);
 	if (c->max_pos < 1)
-		return dl_fail(err, DL_EFORMAT, "\"%s\": maximum position %d is out of range", path, c->max_pos);
+		return dl_fail(err, DL_EFORMAT, "%s: maximum position %d is out of range", what, c->max_pos);
 	return DL_OK;
 }
 
@@ -273,20 +273,46 @@ build_rope(dl_model *m, dl_error *err)
 	return st;
 }
 
-/* Build the map, check every tensor, allocate once and upload. */
+/*
+ * Build the tensor map of m->cfg, allocate every parameter in one block and point
+ * dl_params into it (llm.c's malloc_and_point_parameters).
+ */
 static dl_status
-load_params(dl_model *m, const st_set *set, const char *dir, dl_error *err)
+layout_params(dl_model *m, dl_error *err)
 {
-	const dl_config *c = &m->cfg;
-	const char *type = c->arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox";
-	const char *emb = c->arch == DL_ARCH_GPTJ ? "transformer.wte.weight" : "gpt_neox.embed_in.weight";
-	const st_tensor *t = st_find(set, emb);
 	map_builder bld = {.align = m->be->alignment, .wsize = m->be->weight_elem_size};
 	map_builder *b = &bld;
 	dl_status	st;
-	int32_t    *rows = NULL;
 
-	/* the vocabulary is the embedding's rows (Pythia pads its tables) */
+	m->p.layers = calloc(m->cfg.n_layer, sizeof(dl_layer_params));
+	if (m->p.layers == NULL)
+		return dl_fail(err, DL_ENOMEM, "out of memory laying out a model of %d layers", m->cfg.n_layer);
+	st = m->cfg.arch == DL_ARCH_GPTJ ? map_gptj(b, m, err) : map_neox(b, m, err);
+	m->map = bld.map;
+	m->nmap = bld.n;
+	m->param_bytes = bld.off;
+	if (st == DL_OK && (st = model_alloc(m->be, m->param_bytes, &m->param_mem, err)) != DL_OK)
+		dl_hint(err, "the parameters need %zu MB", m->param_bytes >> 20);
+	if (st == DL_OK)
+	{
+		for (int i = 0; i < bld.n; i++)
+			if (bld.slots[i])
+				*bld.slots[i] = (char *) m->param_mem + bld.map[i].offset;
+		if (m->cfg.tie_embeddings)
+			m->p.lm_head = m->p.wte;
+	}
+	free(bld.slots);
+	return st;
+}
+
+/* The vocabulary is the embedding's rows (Pythia pads its tables): set it in cfg. */
+static dl_status
+vocab_from_files(dl_config *c, const st_set *set, const char *dir, dl_error *err)
+{
+	const char *type = c->arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox";
+	const char *emb = c->arch == DL_ARCH_GPTJ ? "transformer.wte.weight" : "gpt_neox.embed_in.weight";
+	const st_tensor *t = st_find(set, emb);
+
 	if (t == NULL)
 	{
 		dl_fail(err, DL_EFORMAT, "model \"%s\" has no tensor \"%s\"", dir, emb);
@@ -299,84 +325,98 @@ load_params(dl_model *m, const st_set *set, const char *dir, dl_error *err)
 		return dl_fail(err, DL_EFORMAT, "tensor \"%s\" in \"%s\" has shape %s, expected [vocabulary, %d]",
 					   emb, set->paths[t->file], shape_str(got, sizeof(got), t->ndim, t->shape), c->n_embd);
 	}
-	m->cfg.vocab_size = (int) t->shape[0];
+	c->vocab_size = (int) t->shape[0];
+	return DL_OK;
+}
 
-	m->p.layers = calloc(c->n_layer, sizeof(dl_layer_params));
-	if (m->p.layers == NULL)
-		return dl_fail(err, DL_ENOMEM, "out of memory loading \"%s\"", dir);
-	st = c->arch == DL_ARCH_GPTJ ? map_gptj(b, m, err) : map_neox(b, m, err);
-	m->map = bld.map;
-	m->nmap = bld.n;
-	if (st != DL_OK)
-		goto done;
-	for (int i = 0; i < bld.n; i++)
+/* Check every tensor of the map against the files, then upload them all. */
+static dl_status
+load_params(dl_model *m, const st_set *set, const char *dir, dl_error *err)
+{
+	const dl_config *c = &m->cfg;
+	const char *type = c->arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox";
+	const st_tensor *t;
+	dl_status	st = DL_OK;
+	int32_t    *rows = NULL;
+
+	for (int i = 0; i < m->nmap; i++)
 	{
-		st = check_tensor(set, &bld.map[i], dir, type, &t, err);
+		st = check_tensor(set, &m->map[i], dir, type, &t, err);
 		if (st != DL_OK)
-			goto done;
+			return st;
 	}
-
-	m->param_bytes = bld.off;
-	st = model_alloc(m->be, m->param_bytes, &m->param_mem, err);
-	if (st != DL_OK)
+	for (int i = 0; i < m->nmap && st == DL_OK; i++)
 	{
-		dl_hint(err, "the parameters of \"%s\" need %zu MB", dir, m->param_bytes >> 20);
-		goto done;
-	}
-	for (int i = 0; i < bld.n; i++)
-	{
-		dl_tensor_map *e = &bld.map[i];
-		char	   *dst = (char *) m->param_mem + e->offset;
+		dl_tensor_map *e = &m->map[i];
 
-		if (bld.slots[i])
-			*bld.slots[i] = dst;
 		if (e->rowmap == DL_ROWS_NEOX_QKV && rows == NULL)
 		{
 			rows = malloc(3 * sizeof(int32_t) * c->n_embd);
 			if (rows == NULL)
-			{
-				st = dl_fail(err, DL_ENOMEM, "out of memory loading \"%s\"", dir);
-				goto done;
-			}
+				return dl_fail(err, DL_ENOMEM, "out of memory loading \"%s\"", dir);
 			for (int r = 0; r < 3 * c->n_embd; r++)
 				rows[r] = model_neox_qkv_hf_row(c->n_head, c->head_dim, r);
 		}
-		st = m->be->upload_tensor(m->be, dst, e->fmt, st_find(set, e->name),
+		st = m->be->upload_tensor(m->be, (char *) m->param_mem + e->offset, e->fmt,
+								  st_find(set, e->name),
 								  e->rowmap == DL_ROWS_NEOX_QKV ? rows : NULL, err);
-		if (st != DL_OK)
-			goto done;
 	}
-	if (c->tie_embeddings)
-		m->p.lm_head = m->p.wte;
-	st = m->be->synchronize(m->be, err);
-done:
+	if (st == DL_OK)
+		st = m->be->synchronize(m->be, err);
 	free(rows);
-	free(bld.slots);
 	return st;
+}
+
+dl_status
+dl_model_create(const dl_config *cfg, dl_backend *be, dl_model **out, dl_error *err)
+{
+	dl_model   *m;
+	dl_status	st;
+
+	*out = NULL;
+	if ((st = check_config(cfg, "model configuration", err)) != DL_OK)
+		return st;
+	if (cfg->vocab_size < 1)
+		return dl_fail(err, DL_EINVAL, "vocabulary size %d is out of range", cfg->vocab_size);
+	m = calloc(1, sizeof(*m));
+	if (m == NULL)
+		return dl_fail(err, DL_ENOMEM, "out of memory creating a model");
+	m->cfg = *cfg;
+	m->be = be;
+	st = layout_params(m, err);
+	if (st == DL_OK)
+		st = build_rope(m, err);
+	if (st != DL_OK)
+	{
+		dl_model_free(m);
+		return st;
+	}
+	*out = m;
+	return DL_OK;
 }
 
 dl_status
 dl_model_load(const char *dir, dl_backend *be, dl_model **out, dl_error *err)
 {
 	char		path[4096];
-	dl_model   *m;
+	dl_config	cfg;
+	dl_model   *m = NULL;
 	st_set	   *set = NULL;
 	dl_status	st;
 
-	m = calloc(1, sizeof(*m));
-	if (m == NULL)
-		return dl_fail(err, DL_ENOMEM, "out of memory loading \"%s\"", dir);
-	m->be = be;
+	*out = NULL;
 	snprintf(path, sizeof(path), "%s/config.json", dir);
-	st = config_load(path, &m->cfg, err);
+	st = config_load(path, &cfg, err);
 	if (st == DL_OK)
-		st = check_config(&m->cfg, path, err);
+		st = check_config(&cfg, path, err);
 	if (st == DL_OK)
 		st = st_open(dir, &set, err);
 	if (st == DL_OK)
-		st = load_params(m, set, dir, err);
+		st = vocab_from_files(&cfg, set, dir, err);
 	if (st == DL_OK)
-		st = build_rope(m, err);
+		st = dl_model_create(&cfg, be, &m, err);
+	if (st == DL_OK)
+		st = load_params(m, set, dir, err);
 	st_close(set);
 	if (st != DL_OK)
 	{

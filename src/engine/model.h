@@ -89,6 +89,13 @@ typedef struct dl_model
  */
 dl_status	dl_model_load(const char *dir, dl_backend *be, dl_model **out, dl_error *err);
 
+/*
+ * A model of configuration cfg (vocab_size set) on be: its tensor map, its one parameter
+ * allocation pointed into (contents undefined) and its rotary table. dl_model_load fills
+ * the parameters from files; fine-tuning fills them itself (random init, grown tables).
+ */
+dl_status	dl_model_create(const dl_config *cfg, dl_backend *be, dl_model **out, dl_error *err);
+
 /* Free the model's device memory and the model; NULL is accepted. */
 void		dl_model_free(dl_model *m);
 
