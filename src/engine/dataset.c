@@ -1,0 +1,71 @@
+/*
+ * dataset.c: instruction records to training examples, as Dolly's trainer builds them
+ * (training/trainer.py: preprocess_batch, then DataCollatorForCompletionOnlyLM).
+ */
+#include "prompt.h"
+#include "train.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* The example of one record: Dolly's training text, tokenised, labels after the key. */
+dl_status
+example_from_record(const dl_tokenizer *tok, const char *instruction, const char *context,
+					const char *response, int max_length, dl_example *ex, dl_error *err)
+{
+	int32_t		key = tok_token_id(tok, DOLLY_RESPONSE_KEY_NL);
+	int32_t    *ids;
+	char	   *text;
+	int			n,
+				at;
+	dl_status	st;
+
+	memset(ex, 0, sizeof(*ex));
+	/* Dolly raises on these; a caller skips and counts them */
+	if (instruction == NULL || instruction[0] == '\0')
+		return dl_fail(err, DL_EINVAL, "record has an empty instruction");
+	if (response == NULL || response[0] == '\0')
+		return dl_fail(err, DL_EINVAL, "record has an empty response");
+	if (key < 0)
+	{
+		dl_fail(err, DL_EINVAL, "the tokenizer has no \"### Response:\\n\" token");
+		return dl_hint(err, "add Dolly's special tokens to the model first (model_add_dolly_tokens)");
+	}
+	text = prompt_format_record(instruction, context, response);
+	if (text == NULL)
+		return dl_fail(err, DL_ENOMEM, "out of memory formatting a record");
+	st = tok_encode(tok, text, strlen(text), &ids, &n, err);
+	free(text);
+	if (st != DL_OK)
+		return st;
+	/* v2 drops what does not fit rather than truncating it */
+	if (n >= max_length)
+	{
+		free(ids);
+		return dl_fail(err, DL_EINVAL, "record has %d tokens, not fewer than max_length %d",
+					   n, max_length);
+	}
+	/* the collator masks everything up to and including the FIRST response key */
+	for (at = 0; at < n && ids[at] != key; at++)
+		;
+	if (at == n)
+	{
+		free(ids);
+		dl_fail(err, DL_EINVAL, "the tokens of the record do not contain the \"### Response:\\n\" token");
+		return dl_hint(err, "the tokenizer must split \"### Response:\\n\" out as an added special token");
+	}
+	ex->ids = ids;
+	ex->n = n;
+	ex->first_label = at + 1;
+	return DL_OK;
+}
+
+/* Free an example's tokens and clear it. */
+void
+example_free(dl_example *ex)
+{
+	free(ex->ids);
+	ex->ids = NULL;
+	ex->n = 0;
+	ex->first_label = 0;
+}
