@@ -80,7 +80,9 @@ main(int argc, char **argv)
 
 		for (int i = 0; i < threads; i++)
 		{
-			sl[i] = (slice) {dst + i * per, src + i * per, i == threads - 1 ? bytes - i * per : per};
+			size_t		len = i == threads - 1 ? bytes - i * per : per;
+
+			sl[i] = (slice) {dst + i * per, src + i * per, len};
 			if (pthread_create(&tid[i], NULL, copy_slice, &sl[i]) != 0)
 			{
 				fprintf(stderr, "membw: cannot start thread %d\n", i);
