@@ -121,7 +121,7 @@ typedef int (*dl_progress_fn) (void *arg, const dl_train_progress *p);
 /*
  * Data parallelism: sums grads[0..n), *loss_sum and *n_labels over all ranks in place,
  * identically on every rank (fixed order, so ranks stay bit-identical). NULL when there
- * is one rank.
+ * is one rank. Evaluation calls it with grads NULL and n 0 (the sums only).
  */
 typedef dl_status (*dl_allreduce_fn) (void *arg, float *grads, size_t n, double *loss_sum,
 									  int64_t *n_labels, dl_error *err);

@@ -1,0 +1,288 @@
+/*
+ * finetune.c: the epoch loop of fine-tuning (train.h's finetune_run), shared by the job
+ * worker and dolly-cli: shuffle, batches split over ranks and into micro-batches that
+ * fit the trainer's activations, the all-reduce between the halves of a step,
+ * evaluation, progress and cancellation. The arithmetic is the trainer's (train.c).
+ */
+#include "sampler.h"
+#include "train.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* What one run carries from step to step. */
+typedef struct run
+{
+	dl_trainer *tr;
+	const dl_finetune_opts *o;
+	dl_train_config cfg;
+	dl_example *mine;			/* this rank's share of the current batch (shallow copies) */
+	dl_example *eval_mine;		/* this rank's share of the evaluation set */
+	int			neval_mine;
+	dl_train_progress p;
+	double		train_s;		/* seconds spent in training steps */
+	double		tokens;			/* training tokens of all ranks so far */
+} run;
+
+/* Seconds on the monotonic clock. */
+static double
+now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Check that an example can be trained on: labels exist and every id has a row. */
+static dl_status
+check_example(const dl_example *ex, const char *set, int i, int vocab, dl_error *err)
+{
+	if (ex->ids == NULL || ex->n < 2 || ex->first_label < 1 || ex->first_label >= ex->n)
+		return dl_fail(err, DL_EINVAL, "%s example %d has %d tokens and labels from %d: nothing to predict",
+					   set, i, ex->n, ex->first_label);
+	for (int t = 0; t < ex->n; t++)
+		if (ex->ids[t] < 0 || ex->ids[t] >= vocab)
+		{
+			dl_fail(err, DL_EINVAL, "%s example %d has token id %d, outside the model's %d rows",
+					set, i, ex->ids[t], vocab);
+			return dl_hint(err, "tokenise with the model's own tokenizer, after model_add_dolly_tokens");
+		}
+	return DL_OK;
+}
+
+/* Descending order of ints, for qsort. */
+static int
+by_size_desc(const void *a, const void *b)
+{
+	return *(const int *) b - *(const int *) a;
+}
+
+/*
+ * Size the trainer: max_length is the longest example given, and max_tokens is kept
+ * between that (a micro-batch holds at least one example) and the most tokens a rank's
+ * share of a batch can hold (the k longest examples), beyond which it buys nothing.
+ */
+static dl_status
+size_config(dl_train_config *cfg, const dl_example *train, int ntrain,
+			const dl_example *eval, int neval, int per_rank, dl_error *err)
+{
+	int		   *len = malloc(sizeof(int) * ntrain);
+	int			longest = 0;
+	long long	most = 0;
+
+	if (len == NULL)
+		return dl_fail(err, DL_ENOMEM, "out of memory sizing the trainer");
+	for (int i = 0; i < neval; i++)
+		longest = eval[i].n > longest ? eval[i].n : longest;
+	for (int i = 0; i < ntrain; i++)
+		len[i] = train[i].n;
+	qsort(len, ntrain, sizeof(int), by_size_desc);
+	longest = len[0] > longest ? len[0] : longest;
+	for (int i = 0; i < per_rank && i < ntrain; i++)
+		most += len[i];
+	free(len);
+	cfg->max_length = longest;
+	if (cfg->max_tokens > most)
+		cfg->max_tokens = (int) most;
+	if (cfg->max_tokens < longest)
+		cfg->max_tokens = longest;
+	return DL_OK;
+}
+
+/*
+ * Run n examples through fn (trainer_backward or trainer_eval) in micro-batches of
+ * consecutive examples whose tokens fit max_tokens; sums the losses and label counts.
+ */
+static dl_status
+micro_batches(run *r, const dl_example *ex, int n, int backward, double *loss_sum,
+			  int64_t *n_labels, dl_error *err)
+{
+	*loss_sum = 0;
+	*n_labels = 0;
+	for (int i = 0; i < n;)
+	{
+		int			k = 1,
+					tokens = ex[i].n;
+		double		loss = 0;
+		int64_t		labels = 0;
+		dl_status	st;
+
+		while (i + k < n && tokens + ex[i + k].n <= r->cfg.max_tokens)
+			tokens += ex[i + k++].n;
+		st = backward ? trainer_backward(r->tr, ex + i, k, &loss, &labels, err)
+			: trainer_eval(r->tr, ex + i, k, &loss, &labels, err);
+		if (st != DL_OK)
+			return st;
+		*loss_sum += loss;
+		*n_labels += labels;
+		i += k;
+	}
+	return DL_OK;
+}
+
+/* Report progress; a stop request from the callback becomes DL_ECANCELLED. */
+static dl_status
+report(run *r, const char *phase, dl_train_progress *last, dl_error *err)
+{
+	r->p.phase = phase;
+	r->p.tokens_per_second = r->train_s > 0 ? r->tokens / r->train_s : 0;
+	*last = r->p;
+	if (r->o->progress && r->o->progress(r->o->progress_arg, &r->p))
+		return dl_fail(err, DL_ECANCELLED, "fine-tuning cancelled at step %d of %d",
+					   r->p.step, r->p.total_steps);
+	return DL_OK;
+}
+
+/*
+ * Mean loss over the evaluation set: each rank takes examples rank, rank + nranks, ...;
+ * the sums go through the all-reduce with no gradients (n = 0).
+ */
+static dl_status
+evaluate(run *r, dl_train_progress *last, dl_error *err)
+{
+	const dl_finetune_opts *o = r->o;
+	double		loss_sum;
+	int64_t		n_labels;
+	dl_status	st;
+
+	if ((st = micro_batches(r, r->eval_mine, r->neval_mine, 0, &loss_sum, &n_labels, err)) != DL_OK)
+		return st;
+	if (o->allreduce &&
+		(st = o->allreduce(o->allreduce_arg, NULL, 0, &loss_sum, &n_labels, err)) != DL_OK)
+		return st;
+	r->p.eval_loss = n_labels > 0 ? loss_sum / n_labels : NAN;
+	return report(r, "evaluating", last, err);
+}
+
+/* One optimizer step on batch [first, end) of the epoch's order. */
+static dl_status
+train_step(run *r, const dl_example *train, const int *order, int first, int end,
+		   dl_error *err)
+{
+	const dl_finetune_opts *o = r->o;
+	double		t0 = now_s(),
+				loss_sum;
+	int64_t		n_labels;
+	int			n = 0;
+	float	   *grads;
+	size_t		ngrads;
+	dl_status	st;
+
+	for (int i = first; i < end; i++)
+	{
+		r->tokens += train[order[i]].n;
+		if ((i - first) % o->nranks == o->rank)
+			r->mine[n++] = train[order[i]];
+	}
+	st = micro_batches(r, r->mine, n, 1, &loss_sum, &n_labels, err);
+	if (st == DL_OK && o->allreduce)
+	{
+		grads = trainer_grads(r->tr, &ngrads);
+		st = o->allreduce(o->allreduce_arg, grads, ngrads, &loss_sum, &n_labels, err);
+	}
+	if (st == DL_OK)
+		st = trainer_update(r->tr, n_labels, r->p.step, &r->p.lr, &r->p.grad_norm, err);
+	if (st != DL_OK)
+		return st;
+	r->p.step++;
+	r->p.train_loss = n_labels > 0 ? loss_sum / n_labels : NAN;
+	r->train_s += now_s() - t0;
+	return DL_OK;
+}
+
+/* Shuffle 0..n-1 into order for epoch (1-based): Fisher-Yates seeded by seed and epoch. */
+static void
+epoch_order(int *order, int n, uint64_t seed, int epoch)
+{
+	dl_rng		rng;
+
+	/* seeded per epoch, so an epoch's order does not depend on the ones before it */
+	rng_seed(&rng, seed + (uint64_t) epoch);
+	for (int i = 0; i < n; i++)
+		order[i] = i;
+	for (int i = n - 1; i > 0; i--)
+	{
+		int			j = (int) (rng_uniform(&rng) * (i + 1));
+		int			t = order[i];
+
+		order[i] = order[j];
+		order[j] = t;
+	}
+}
+
+/* The epoch loop; see train.h. */
+dl_status
+finetune_run(dl_model *m, const dl_example *train, int ntrain, const dl_example *eval,
+			 int neval, const dl_finetune_opts *opts, dl_train_progress *last, dl_error *err)
+{
+	run			r = {.o = opts, .cfg = opts->cfg};
+	int			steps_per_epoch,
+				per_rank;
+	int		   *order = NULL;
+	dl_status	st = DL_OK;
+
+	if (ntrain < 1 || neval < 0 || opts->epochs < 1 || opts->batch_size < 1 || opts->nranks < 1 ||
+		opts->rank < 0 || opts->rank >= opts->nranks || opts->eval_every < 0)
+		return dl_fail(err, DL_EINVAL, "fine-tuning needs training examples, epochs >= 1, batch_size >= 1 and 0 <= rank < nranks (got %d examples, %d epochs, batch %d, rank %d of %d)",
+					   ntrain, opts->epochs, opts->batch_size, opts->rank, opts->nranks);
+	if (opts->nranks > 1 && opts->allreduce == NULL)
+		return dl_fail(err, DL_EINVAL, "%d ranks need an all-reduce function", opts->nranks);
+	for (int i = 0; i < ntrain && st == DL_OK; i++)
+		st = check_example(&train[i], "training", i, m->cfg.vocab_size, err);
+	for (int i = 0; i < neval && st == DL_OK; i++)
+		st = check_example(&eval[i], "evaluation", i, m->cfg.vocab_size, err);
+	if (st != DL_OK)
+		return st;
+
+	steps_per_epoch = (ntrain + opts->batch_size - 1) / opts->batch_size;
+	if (opts->epochs > INT32_MAX / steps_per_epoch)
+		return dl_fail(err, DL_EINVAL, "%d epochs of %d steps are too many", opts->epochs, steps_per_epoch);
+	r.cfg.total_steps = opts->epochs * steps_per_epoch;
+	per_rank = (opts->batch_size + opts->nranks - 1) / opts->nranks;
+	if ((st = size_config(&r.cfg, train, ntrain, eval, neval, per_rank, err)) != DL_OK)
+		return st;
+	order = malloc(sizeof(int) * ntrain);
+	r.mine = malloc(sizeof(dl_example) * per_rank);
+	r.eval_mine = malloc(sizeof(dl_example) * (neval / opts->nranks + 1));
+	if (order == NULL || r.mine == NULL || r.eval_mine == NULL)
+		st = dl_fail(err, DL_ENOMEM, "out of memory for %d training examples", ntrain);
+	for (int i = opts->rank; i < neval && st == DL_OK; i += opts->nranks)
+		r.eval_mine[r.neval_mine++] = eval[i];
+	if (st == DL_OK)
+		st = trainer_create(m, &r.cfg, &r.tr, err);
+
+	r.p.total_steps = r.cfg.total_steps;
+	r.p.train_loss = NAN;
+	r.p.eval_loss = NAN;
+	*last = r.p;
+	for (int epoch = 1; epoch <= opts->epochs && st == DL_OK; epoch++)
+	{
+		int			evaluated = 0;
+
+		r.p.epoch = epoch;
+		epoch_order(order, ntrain, opts->seed, epoch);
+		for (int first = 0; first < ntrain && st == DL_OK; first += opts->batch_size)
+		{
+			int			end = first + opts->batch_size < ntrain ? first + opts->batch_size : ntrain;
+
+			st = train_step(&r, train, order, first, end, err);
+			if (st == DL_OK)
+				st = report(&r, "training", last, err);
+			evaluated = st == DL_OK && neval > 0 && opts->eval_every > 0 &&
+				r.p.step % opts->eval_every == 0;
+			if (evaluated)
+				st = evaluate(&r, last, err);
+		}
+		if (st == DL_OK && neval > 0 && !evaluated)
+			st = evaluate(&r, last, err);
+	}
+	if (r.tr)
+		trainer_free(r.tr);
+	free(order);
+	free(r.mine);
+	free(r.eval_mine);
+	return st;
+}
