@@ -34,6 +34,7 @@ static const char *const response_patterns[] = {
 	"#+" PY_SPACE "*Response:" PY_SPACE "*(.+)",
 };
 
+/* The generation prompt, with the context under "Input:" when there is one. */
 char *
 prompt_format(const char *instruction, const char *context)
 {
@@ -51,6 +52,7 @@ prompt_format(const char *instruction, const char *context)
 	return rc < 0 ? NULL : s;
 }
 
+/* The generation prompt followed by the response and the end key. */
 char *
 prompt_format_record(const char *instruction, const char *context, const char *response)
 {
@@ -150,6 +152,7 @@ regex_group(const char *pattern, const char *text, char **out)
 	return ok;
 }
 
+/* The response span, then the regex fallbacks, then the whole text; see prompt.h. */
 char *
 prompt_extract_response(const char *text)
 {

@@ -47,6 +47,7 @@ splitmix64(uint64_t *x)
 	return z ^ (z >> 31);
 }
 
+/* Seed xoshiro256** through splitmix64. */
 void
 rng_seed(dl_rng *rng, uint64_t seed)
 {
@@ -61,6 +62,7 @@ rotl(uint64_t x, int k)
 	return (x << k) | (x >> (64 - k));
 }
 
+/* xoshiro256** (Blackman and Vigna, prng.di.unimi.it): the next 64 bits. */
 uint64_t
 rng_next(dl_rng *rng)
 {
@@ -77,18 +79,21 @@ rng_next(dl_rng *rng)
 	return result;
 }
 
+/* The top 53 bits as a double in [0, 1). */
 double
 rng_uniform(dl_rng *rng)
 {
 	return (double) (rng_next(rng) >> 11) * 0x1.0p-53;
 }
 
+/* The top 24 bits as a float in [0, 1). */
 float
 rng_uniformf(dl_rng *rng)
 {
 	return (float) (rng_next(rng) >> 40) * 0x1.0p-24f;
 }
 
+/* Reject out-of-range or NaN parameters, naming the parameter and its range. */
 dl_status
 sampling_check(const dl_sampling *p, dl_error *err)
 {
@@ -96,7 +101,8 @@ sampling_check(const dl_sampling *p, dl_error *err)
 	{
 		dl_fail(err, DL_EINVAL, "temperature must be > 0 and <= 100, got %g",
 				(double) p->temperature);
-		return dl_hint(err, "for greedy decoding turn sampling off instead of setting temperature 0");
+		return dl_hint(err, "for greedy decoding turn sampling off instead of setting "
+					   "temperature 0");
 	}
 	if (p->top_k < 0)
 		return dl_fail(err, DL_EINVAL, "top_k must be >= 0 (0 turns it off), got %d", p->top_k);
@@ -215,8 +221,8 @@ fx_cmp(const fx192 *a, const fx192 *b)
 }
 
 /*
- * The mantissa (implicit bit included) and the shift that put non-negative float bits b
- * in fx192 units: value = mantissa * 2^shift * 2^-149.
+ * The mantissa (implicit bit included) of non-negative float bits b; with fx_shift,
+ * value = mantissa * 2^shift * 2^-149, the float in fx192 units.
  */
 static inline uint64_t
 fx_mantissa(uint32_t b)
@@ -224,6 +230,7 @@ fx_mantissa(uint32_t b)
 	return (b & 0x7FFFFF) | (b >= 0x800000 ? 0x800000 : 0);
 }
 
+/* The shift that goes with fx_mantissa (denormals share the smallest normal's). */
 static inline int
 fx_shift(uint32_t b)
 {
@@ -395,6 +402,7 @@ top_p_filter(const float *x, const float *prob, int vocab, float top_p, int32_t 
 	return kept;
 }
 
+/* Temperature, top-k and top-p as transformers chains them; see sampler.h. */
 int
 sampling_filter(const float *logits, int vocab, const dl_sampling *p,
 				float *scratch, int32_t *iscratch)
@@ -445,6 +453,7 @@ sampling_filter(const float *logits, int vocab, const dl_sampling *p,
 	return n;
 }
 
+/* Greedy argmax, or one multinomial draw from the kept set. */
 int32_t
 sample_token(const float *logits, int vocab, const dl_sampling *p, dl_rng *rng,
 			 float *scratch, int32_t *iscratch)

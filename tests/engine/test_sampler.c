@@ -369,7 +369,8 @@ TEST(sampler_cut_rounds_to_even)
 		qsort(sorted, 3, sizeof(float), float_descending);
 		x = (double) sorted[2] + sorted[1];
 		lo = nextafterf((float) x, 0.0f);
-		if (x < 0.5 || x >= 1.0 || (float) x == x || sorted[0] == sorted[1] || sorted[1] == sorted[2])
+		if (x < 0.5 || x >= 1.0 || (float) x == x ||
+			sorted[0] == sorted[1] || sorted[1] == sorted[2])
 			continue;
 		if ((float) x < x)
 			lo = (float) x;
@@ -538,7 +539,8 @@ TEST(sampler_draws_follow_distribution)
 	{
 		V = 12, DRAWS = 200000
 	};
-	float		logits[V] = {2.0f, 1.5f, 1.2f, 1.0f, 0.7f, 0.5f, 0.3f, 0.0f, -0.5f, -1.0f, -2.0f, -3.0f};
+	float		logits[V] = {2.0f, 1.5f, 1.2f, 1.0f, 0.7f, 0.5f, 0.3f, 0.0f,
+	-0.5f, -1.0f, -2.0f, -3.0f};
 	dl_sampling s = {1, 0.8f, 10, 0.9f};
 	row			r = row_alloc(V);
 	bool		all[V];
