@@ -386,7 +386,7 @@ run_job(const JobSpec *spec)
 				skipped,
 				neval,
 				max_length;
-	int64		params = 0;
+	int64		params;
 	dl_finetune_opts o;
 	dl_train_progress last;
 	dl_status	st;
@@ -402,8 +402,7 @@ run_job(const JobSpec *spec)
 		dl_model_load(base_path, be, &m, &err) != DL_OK ||
 		model_add_dolly_tokens(&m, tok, &err) != DL_OK)
 		goto fail;
-	for (int i = 0; i < m->nmap; i++)
-		params += m->map[i].shape[0] * (m->map[i].ndim == 2 ? m->map[i].shape[1] : 1);
+	params = dolly_param_count(m);
 
 	set_phase("reading records");
 	max_length = spec->max_length > 0 ? spec->max_length : m->cfg.max_pos;

@@ -61,32 +61,25 @@ static uint64 generation;
 static void
 publish_model(ServedModel *m, double load_seconds)
 {
-	DollyModelStatus *st = &dolly_shared->models[m->status];
+	DollyModelStatus row;
 
-	SpinLockAcquire(&dolly_shared->mutex);
-	if (m->model == NULL)
-		st->in_use = false;
-	else
+	memset(&row, 0, sizeof(row));
+	if (m->model != NULL)
 	{
-		st->in_use = true;
-		strlcpy(st->path, m->path, sizeof(st->path));
-		strlcpy(st->arch, m->model->cfg.arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox", sizeof(st->arch));
-		strlcpy(st->device, backend->name, sizeof(st->device));
-		st->loaded_at = GetCurrentTimestamp();
-		st->load_seconds = load_seconds;
-		st->param_bytes = m->model->param_bytes;
-		st->params = 0;
-		for (int i = 0; i < m->model->nmap; i++)
-			st->params += m->model->map[i].shape[0] * (m->model->map[i].ndim == 2 ? m->model->map[i].shape[1] : 1);
-		st->cache_bytes = 2 * m->cache->layer_stride * m->model->cfg.n_layer;
-		st->max_batch = m->max_seq;
-		st->max_context = m->cache->max_ctx;
-		st->active = 0;
-		st->requests = 0;
-		st->prompt_tokens = 0;
-		st->generated_tokens = 0;
-		st->tokens_per_second = 0;
+		row.in_use = true;
+		strlcpy(row.path, m->path, sizeof(row.path));
+		strlcpy(row.arch, m->model->cfg.arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox", sizeof(row.arch));
+		strlcpy(row.device, backend->name, sizeof(row.device));
+		row.loaded_at = GetCurrentTimestamp();
+		row.load_seconds = load_seconds;
+		row.param_bytes = m->model->param_bytes;
+		row.params = dolly_param_count(m->model);
+		row.cache_bytes = 2 * m->cache->layer_stride * m->model->cfg.n_layer;
+		row.max_batch = m->max_seq;
+		row.max_context = m->cache->max_ctx;
 	}
+	SpinLockAcquire(&dolly_shared->mutex);
+	dolly_shared->models[m->status] = row;
 	SpinLockRelease(&dolly_shared->mutex);
 }
 
