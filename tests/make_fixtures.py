@@ -16,6 +16,7 @@ Layout written under --out:
   tokenizer/decode_cases.json            ids whose bytes are invalid UTF-8, and the text
   <model>/                               config.json, tokenizer files, *.safetensors,
                                          expected.safetensors (see expected_outputs)
+  <model>/train_expected.safetensors     f32 models: loss, gradients, AdamW steps (build_train)
 
 Each artefact has its own function so that later fixtures (gradients for the
 trainer, say) can be added beside them and called from main().
@@ -808,6 +809,151 @@ def build_models(out, hf_tok):
         build_model(out, name, cfg, dtype, seed, shard, hf_tok)
 
 
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+TRAIN_MODELS = ["gptj-f32", "neox-par-f32", "neox-seq-f32"]
+TRAIN_STEPS = 10
+ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+MAX_GRAD_NORM = 1.0
+WARMUP_STEPS = 3             # then linear decay to 0 at TRAIN_STEPS
+IGNORE = -100
+
+
+def train_records():
+    """Dolly records (instruction, context, response) of different lengths, one with a
+    context, short enough for the fixture models' 128 positions."""
+    rng = random.Random(SEED + 3)
+    return [("Name three primary colors.", "", "Red, blue and yellow."),
+            ("Summarize the text.", "The %s is %s." % (rng.choice(NOUNS), rng.choice(ADJS)),
+             "It is %s." % rng.choice(ADJS)),
+            ("Explain %s." % rng.choice(TOPICS), "", prose_line(rng))]
+
+
+def train_example(encode, response_id, record):
+    """A record as Dolly's trainer tokenizes it, and the index of its first label: the
+    labels are the ids with every position up to and including the first "### Response:\n"
+    token set to -100, as DataCollatorForCompletionOnlyLM does."""
+    instruction, context, response = record
+    ids = encode("%s%s\n\n%s" % (dolly_prompt(instruction, context), response, END_KEY))
+    return ids, ids.index(response_id) + 1
+
+
+def collate(examples):
+    """input_ids, attention_mask and labels of a batch, right-padded with EOS (Dolly's
+    pad token, 0 here) whose labels are -100, as the collator makes them."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids, mask, labels = [], [], []
+    for ids, first in examples:
+        pad = width - len(ids)
+        input_ids.append(ids + [0] * pad)
+        mask.append([1] * len(ids) + [0] * pad)
+        labels.append([IGNORE] * first + ids[first:] + [IGNORE] * pad)
+    return {k: torch.tensor(v) for k, v in
+            dict(input_ids=input_ids, attention_mask=mask, labels=labels).items()}
+
+
+def batch_loss(model, examples):
+    """transformers' causal-LM loss of the padded batch (mean cross-entropy of logits[:, :-1]
+    against labels[:, 1:] over the label tokens), checked against the same sum taken one
+    unpadded example at a time."""
+    loss = model(**collate(examples)).loss
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, first in examples:
+            logits = model(torch.tensor([ids])).logits[0, first - 1:-1].float()
+            total += float(torch.nn.functional.cross_entropy(
+                logits, torch.tensor(ids[first:]), reduction="sum"))
+            count += len(ids) - first
+    assert abs(total / count - loss.item()) < 1e-5, (total / count, loss.item())
+    return loss
+
+
+# transformers 5 renames GPT-NeoX's output layer in memory; the files keep the old name
+FILE_NAMES = {"gpt_neox": {"lm_head.weight": "embed_out.weight"}}
+
+
+def file_names(path, model):
+    """Parameter name -> the name of the tensor in the directory's safetensors files,
+    checked to cover those files exactly."""
+    rename = FILE_NAMES.get(model.config.model_type, {})
+    names = {n: rename.get(n, n) for n, _ in model.named_parameters()}
+    stored = set()
+    for f in os.listdir(path):
+        if f.endswith(".safetensors") and f != "expected.safetensors" and \
+                f != "train_expected.safetensors":
+            stored |= set(load_file(os.path.join(path, f)).keys())
+    assert set(names.values()) == stored, set(names.values()) ^ stored
+    return names
+
+
+def train_expected(path, examples):
+    """The loss and gradients of one batch, then TRAIN_STEPS AdamW steps on it."""
+    model = load_model(path, torch.float32).train()
+    tensors = {"example_%d_ids" % i: torch.tensor(ids, dtype=torch.int32)
+               for i, (ids, _) in enumerate(examples)}
+    tensors["first_label"] = torch.tensor([f for _, f in examples], dtype=torch.int32)
+    tensors["n_labels"] = torch.tensor([sum(len(ids) - f for ids, f in examples)],
+                                       dtype=torch.int32)
+    loss = batch_loss(model, examples)
+    loss.backward()
+    tensors["loss"] = loss.detach().reshape(1)
+    names = file_names(path, model)
+    for name, p in model.named_parameters():
+        tensors["grad." + names[name]] = p.grad.clone()
+
+    model = load_model(path, torch.float32).train()
+    opt = torch.optim.AdamW(model.parameters(), **ADAMW)
+    sched = transformers.get_linear_schedule_with_warmup(opt, WARMUP_STEPS, TRAIN_STEPS)
+    losses, norms, lrs = [], [], []
+    for _ in range(TRAIN_STEPS):
+        opt.zero_grad()
+        loss = batch_loss(model, examples)
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)))
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+    tensors["adamw_losses"] = torch.tensor(losses, dtype=torch.float32)
+    tensors["adamw_grad_norms"] = torch.tensor(norms, dtype=torch.float32)
+    tensors["adamw_lrs"] = torch.tensor(lrs, dtype=torch.float32)
+    return tensors
+
+
+def build_train(out):
+    """<model>/train_expected.safetensors for the float32 models: a batch of Dolly
+    examples (example_<i>_ids, first_label: ids[first_label:] are the labels), its
+    mean loss over label tokens and the gradient of every parameter ("grad." + the
+    tensor's name in the model files, float32, their layout), and the losses, pre-clipping
+    gradient norms and learning rates of TRAIN_STEPS torch.optim.AdamW steps on that
+    batch (ADAMW, clip_grad_norm_ MAX_GRAD_NORM, get_linear_schedule_with_warmup)."""
+    torch.set_num_threads(1)
+    for name in TRAIN_MODELS:
+        path = os.path.join(out, name)
+        tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        records = train_records()
+        examples = [train_example(lambda text: tok.encode(text).ids,
+                                  tok.token_to_id(RESPONSE_KEY_NL), r) for r in records]
+        assert len(set(len(ids) for ids, _ in examples)) == len(examples)
+        tensors = train_expected(path, examples)
+        meta = {"records": str(len(records)), "steps": str(TRAIN_STEPS),
+                "lr": str(ADAMW["lr"]), "betas": "%s,%s" % ADAMW["betas"],
+                "eps": str(ADAMW["eps"]), "weight_decay": str(ADAMW["weight_decay"]),
+                "max_grad_norm": str(MAX_GRAD_NORM), "warmup_steps": str(WARMUP_STEPS),
+                "schedule": "linear", "transformers": transformers.__version__,
+                "torch": torch.__version__}
+        for i, (instruction, context, response) in enumerate(records):
+            meta.update({"record_%d_instruction" % i: instruction,
+                         "record_%d_context" % i: context,
+                         "record_%d_response" % i: response})
+        save_safetensors(os.path.join(path, "train_expected.safetensors"), tensors, meta)
+        print("%-14s train: %d examples of %s tokens, loss %.4f -> %.4f after %d steps" % (
+            name, len(examples), "/".join(str(len(ids)) for ids, _ in examples),
+            float(tensors["loss"]), float(tensors["adamw_losses"][-1]), TRAIN_STEPS))
+
+
 def main():
     """Build every fixture under --out."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -816,6 +962,7 @@ def main():
     args = ap.parse_args()
     hf_tok = build_tokenizer(args.out)
     build_models(args.out, hf_tok)
+    build_train(args.out)
 
 
 if __name__ == "__main__":

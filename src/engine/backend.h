@@ -13,10 +13,10 @@
  * elsewhere (bfloat16 on CUDA), so their size in bytes is weight_elem_size per element.
  * The KV cache is in the backend's kv format, kv_elem_size bytes per element.
  *
- * Operations are named <op>_forward; the training issue adds <op>_backward functions
- * beside them, which ACCUMULATE (+=) into gradient buffers (llm.c's convention), and the
- * optimizer step. Operations may run asynchronously: their failures surface at the next
- * call that returns a dl_status (download, synchronize).
+ * Operations are named <op>_forward; training adds <op>_backward functions beside them,
+ * which ACCUMULATE (+=) into gradient buffers (llm.c's convention, see the backward
+ * section), and the optimizer step. Operations may run asynchronously: their failures
+ * surface at the next call that returns a dl_status (download, synchronize).
  *
  * A backend is used by one thread at a time.
  */
@@ -47,6 +47,22 @@ typedef enum dl_gelu
 	DL_GELU_TANH,				/* 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))) */
 	DL_GELU_ERF					/* 0.5x(1 + erf(x / sqrt(2))) */
 } dl_gelu;
+
+/*
+ * The settings of one AdamW step (torch.optim.AdamW). The gradient it applies is
+ * grad * grad_scale: the trainer folds the division by the label count and the
+ * clipping factor into that one multiplication.
+ */
+typedef struct dl_adamw
+{
+	float		lr;
+	float		beta1;
+	float		beta2;
+	float		eps;
+	float		weight_decay;
+	float		grad_scale;
+	int			step;			/* 1 for the first step: bias correction 1 - beta^step */
+} dl_adamw;
 
 /*
  * The new tokens of one sequence in a batch: tokens [first, first + len) of the batch
@@ -93,6 +109,8 @@ struct dl_backend
 	/* Copy bytes from the device to the host, after every operation queued before. */
 	dl_status	(*download) (dl_backend *be, void *dst, const void *src, size_t bytes,
 							 dl_error *err);
+	/* Copy bytes within the device (the regions do not overlap). */
+	void		(*copy) (dl_backend *be, void *dst, const void *src, size_t bytes);
 	/* Wait for every queued operation; reports a failure of any of them. */
 	dl_status	(*synchronize) (dl_backend *be, dl_error *err);
 
@@ -165,6 +183,106 @@ struct dl_backend
 	/* out[n] = gelu(in[n]) in the given form; out may equal in. */
 	void		(*gelu_forward) (dl_backend *be, float *out, const float *in, size_t n,
 								 dl_gelu form);
+
+	/* --- training: forward operations that keep what backward needs --- */
+
+	/*
+	 * Causal self-attention of a batch of independent sequences, without a cache: span s
+	 * is rows [first, first + len) of qkv [T, 3C] (laid out as for attention_forward,
+	 * rotary applied at positions 0 .. len - 1; slot and pos are not used) and each row
+	 * attends to the rows of its span up to itself. out [T, C] as attention_forward;
+	 * lse [T, n_head] receives the log-sum-exp of each row's scaled scores, from which
+	 * attention_backward rebuilds the probabilities (FlashAttention's trick: nothing of
+	 * size T x T is kept). workspace: attention_train_workspace(be, longest span) bytes.
+	 */
+	void		(*attention_train_forward) (dl_backend *be, float *out, float *lse,
+											const float *qkv, const dl_spans *spans,
+											int n_head, int head_dim, float scale,
+											void *workspace);
+	/* Bytes of workspace attention_train_forward and attention_backward need. */
+	size_t		(*attention_train_workspace) (dl_backend *be, int max_len);
+
+	/*
+	 * Softmax cross-entropy of each row of logits [T, V] (float32) against labels [T]:
+	 * losses[t] = logsumexp(logits[t]) - logits[t, labels[t]], and 0 where labels[t] < 0
+	 * (-100: masked). With dlogits (it may be logits itself), also the gradient of the
+	 * SUM of the losses: softmax - onehot on counted rows, 0 on masked rows. dlogits is
+	 * written, not accumulated: it is where the backward pass starts.
+	 */
+	void		(*crossentropy_forward) (dl_backend *be, float *losses, float *dlogits,
+										 const float *logits, const int32_t *labels,
+										 int T, int V);
+
+	/*
+	 * --- backward operations ---
+	 *
+	 * Each takes the gradient of a scalar loss with respect to an operation's output
+	 * (dout) and ACCUMULATES (+=) the gradients with respect to its inputs and parameters
+	 * into the buffers given (llm.c's convention): a tensor used twice (a normed input
+	 * that feeds both attention and MLP, the residual stream) sums its gradients without
+	 * extra passes, and the caller zeroes each buffer before its first use. The one
+	 * exception is rotary_backward, which works in place like rotary_forward. Gradients,
+	 * parameter gradients included, are float32 whatever the weight format.
+	 */
+
+	/* dtable[ids[t], :] += dout[t, :] (ids may repeat); also gather_rows_forward's backward. */
+	void		(*embedding_backward) (dl_backend *be, float *dtable, const float *dout,
+									   const int32_t *ids, int T, int C);
+
+	/*
+	 * Of layernorm_forward, from its input and saved mean and rstd [T]:
+	 * din[T,C] += rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) with dxhat = dout w,
+	 * dw[C] += sum over rows of dout xhat, db[C] += sum over rows of dout.
+	 */
+	void		(*layernorm_backward) (dl_backend *be, float *din, float *dw, float *db,
+									   const float *dout, const float *in, const float *mean,
+									   const float *rstd, const float *w, int T, int C);
+
+	/*
+	 * Of out[M,N] = in[M,K] @ W[N,K]^T + bias: din[M,K] += dout @ W (skipped when din is
+	 * NULL), dW[N,K] += dout^T @ in, dbias[N] += the column sums of dout (when dbias is
+	 * not NULL). W in weight format, dW float32.
+	 */
+	void		(*matmul_backward) (dl_backend *be, float *din, float *dW, float *dbias,
+									const float *dout, const float *in, const void *W,
+									int M, int K, int N);
+
+	/*
+	 * Of rotary_forward, in place on the gradient dx (same arguments): the rotation is
+	 * orthogonal, so its backward is the rotation by the opposite angle.
+	 */
+	void		(*rotary_backward) (dl_backend *be, float *dx, int stride, int T, int n_head,
+									int head_dim, int rot_dim, int interleaved,
+									const int32_t *pos, const float *cos_sin);
+
+	/*
+	 * Of attention_train_forward: dqkv[T, 3C] += the gradients of q, k and v (same layout
+	 * as qkv), from dout [T, C] and the forward's qkv, out and lse. workspace as for the
+	 * forward.
+	 */
+	void		(*attention_backward) (dl_backend *be, float *dqkv, const float *dout,
+									   const float *qkv, const float *out, const float *lse,
+									   const dl_spans *spans, int n_head, int head_dim,
+									   float scale, void *workspace);
+
+	/* din[n] += gelu'(in[n]) * dout[n], in the given form (in: GELU's input). */
+	void		(*gelu_backward) (dl_backend *be, float *din, const float *in,
+								  const float *dout, size_t n, dl_gelu form);
+
+	/* --- the optimizer --- */
+
+	/* *out = sum of x[i]^2 over n floats, accumulated in double, after queued operations. */
+	dl_status	(*sum_squares) (dl_backend *be, const float *x, size_t n, double *out,
+								dl_error *err);
+
+	/*
+	 * One AdamW step on n float32 parameters, torch's order: param -= lr wd param;
+	 * m = beta1 m + (1 - beta1) g; v = beta2 v + (1 - beta2) g^2;
+	 * param -= lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps),
+	 * with g = grad * grad_scale.
+	 */
+	void		(*adamw_update) (dl_backend *be, float *param, const float *grad, float *m,
+								 float *v, size_t n, const dl_adamw *h);
 
 	/* Release the backend and everything it holds; buffers must have been freed. */
 	void		(*destroy) (dl_backend *be);

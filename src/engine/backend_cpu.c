@@ -111,30 +111,67 @@ fast_expf(float x)
 	return y * scale;
 }
 
-/* GELU, tanh form (transformers' gelu_new); tanh(u) = 1 - 2 / (exp(2u) + 1). */
+/* tanh(sqrt(2/pi) (x + 0.044715 x^3)), GELU's tanh form; tanh(u) = 1 - 2 / (exp(2u) + 1). */
+static inline float
+gelu_tanh_t(float x)
+{
+	float		u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+
+	return 1.0f - 2.0f / (fast_expf(2.0f * u) + 1.0f);
+}
+
+/* GELU, tanh form (transformers' gelu_new). */
 static inline float
 gelu_tanh(float x)
 {
-	float		u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-	float		t = 1.0f - 2.0f / (fast_expf(2.0f * u) + 1.0f);
+	return 0.5f * x * (1.0f + gelu_tanh_t(x));
+}
 
-	return 0.5f * x * (1.0f + t);
+/* Its derivative: 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2). */
+static inline float
+gelu_tanh_grad(float x)
+{
+	float		t = gelu_tanh_t(x);
+
+	return 0.5f * (1.0f + t) +
+		0.5f * x * (1.0f - t * t) * 0.7978845608028654f * (1.0f + 0.134145f * x * x);
 }
 
 /*
- * GELU, erf form (torch.nn.functional.gelu). erf from Abramowitz and Stegun 7.1.26,
- * absolute error below 1.5e-7, well inside the float32 tolerance of the tests.
+ * The standard normal CDF Phi(x) with erf from Abramowitz and Stegun 7.1.26 (absolute
+ * error below 1.5e-7, well inside the float32 tolerance of the tests); *gauss gets
+ * exp(-x^2 / 2), which the derivative needs and the formula computes anyway.
  */
 static inline float
-gelu_erf(float x)
+normal_cdf(float x, float *gauss)
 {
 	float		z = fabsf(x) * 0.7071067811865476f;
 	float		t = 1.0f / (1.0f + 0.3275911f * z);
 	float		p = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f +
 									 t * (-1.453152027f + t * 1.061405429f))));
-	float		e = 1.0f - p * fast_expf(-z * z);
+	float		g = fast_expf(-z * z);
 
-	return 0.5f * x * (1.0f + copysignf(e, x));
+	*gauss = g;
+	return 0.5f * (1.0f + copysignf(1.0f - p * g, x));
+}
+
+/* GELU, erf form (torch.nn.functional.gelu): x Phi(x). */
+static inline float
+gelu_erf(float x)
+{
+	float		g;
+
+	return x * normal_cdf(x, &g);
+}
+
+/* Its derivative: Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi). */
+static inline float
+gelu_erf_grad(float x)
+{
+	float		g;
+	float		cdf = normal_cdf(x, &g);
+
+	return cdf + x * 0.3989422804014327f * g;
 }
 
 /* --- memory --- */
@@ -167,6 +204,14 @@ cpu_zero(dl_backend *be, void *dst, size_t bytes)
 {
 	(void) be;
 	memset(dst, 0, bytes);
+}
+
+/* Within the "device": a copy. */
+static void
+cpu_copy(dl_backend *be, void *dst, const void *src, size_t bytes)
+{
+	(void) be;
+	memcpy(dst, src, bytes);
 }
 
 /* Host to "device": a copy. */
@@ -275,6 +320,53 @@ cpu_gather_rows_forward(dl_backend *be, float *out, const float *in, const int32
 	copy_rows(be, out, in, rows, n, C);
 }
 
+typedef struct scatter_args
+{
+	float	   *dtable;
+	const float *dout;
+	const int32_t *ids;
+	int			T;
+	int			C;
+	int			ntasks;
+} scatter_args;
+
+/*
+ * Columns [c0, c1) of every row: tasks own columns, not rows, so that repeated ids
+ * (the same token twice in a batch) never make two threads add to one element.
+ */
+static void
+scatter_task(void *p, int task, int thread)
+{
+	scatter_args *a = p;
+	int			c0,
+				c1;
+
+	(void) thread;
+	task_range((a->C + 15) / 16, a->ntasks, task, &c0, &c1);
+	c0 *= 16;
+	c1 = c1 * 16 < a->C ? c1 * 16 : a->C;
+	for (int t = 0; t < a->T; t++)
+	{
+		float	   *d = a->dtable + (size_t) a->ids[t] * a->C;
+		const float *g = a->dout + (size_t) t * a->C;
+
+		for (int c = c0; c < c1; c++)
+			d[c] += g[c];
+	}
+}
+
+/* Scatter-add of rows into the table's gradient, column blocks over the pool. */
+static void
+cpu_embedding_backward(dl_backend *be, float *dtable, const float *dout, const int32_t *ids,
+					   int T, int C)
+{
+	int			blocks = (C + 15) / 16;
+	int			nt = threadpool_size(pool_of(be));
+	scatter_args a = {dtable, dout, ids, T, C, blocks < nt ? blocks : nt};
+
+	threadpool_run(pool_of(be), scatter_task, &a, a.ntasks);
+}
+
 /* --- layer norm --- */
 
 typedef struct ln_args
@@ -336,6 +428,135 @@ cpu_layernorm_forward(dl_backend *be, float *out, float *mean, float *rstd, cons
 	ln_args		a = {out, mean, rstd, in, w, b, T, C, eps, row_tasks(be, T)};
 
 	threadpool_run(pool_of(be), ln_task, &a, a.ntasks);
+}
+
+/* columns whose parameter-gradient sums one pass keeps in double accumulators */
+#define COLSUM_BLOCK 64
+
+typedef struct lnb_args
+{
+	float	   *din;
+	float	   *dw;
+	float	   *db;
+	const float *dout;
+	const float *in;
+	const float *mean;
+	const float *rstd;
+	const float *w;
+	int			T;
+	int			C;
+	int			row_tasks;		/* tasks below: din by rows; the others: dw, db by columns */
+	int			col_tasks;
+} lnb_args;
+
+/* din of rows [lo, hi): rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)). */
+static void
+lnb_rows(lnb_args *a, int lo, int hi)
+{
+	int			C = a->C;
+
+	for (int t = lo; t < hi; t++)
+	{
+		const float *x = a->in + (size_t) t * C;
+		const float *g = a->dout + (size_t) t * C;
+		float	   *d = a->din + (size_t) t * C;
+		float		m = a->mean[t],
+					rs = a->rstd[t];
+		float		acc1[16] = {0},
+					acc2[16] = {0};
+		float		s1 = 0.0f,
+					s2 = 0.0f;
+		int			i = 0;
+
+		for (; i + 16 <= C; i += 16)
+			for (int j = 0; j < 16; j++)
+			{
+				float		dxh = g[i + j] * a->w[i + j];
+
+				acc1[j] += dxh;
+				acc2[j] += dxh * (x[i + j] - m) * rs;
+			}
+		for (; i < C; i++)
+		{
+			float		dxh = g[i] * a->w[i];
+
+			s1 += dxh;
+			s2 += dxh * (x[i] - m) * rs;
+		}
+		for (int j = 0; j < 16; j++)
+		{
+			s1 += acc1[j];
+			s2 += acc2[j];
+		}
+		s1 /= C;
+		s2 /= C;
+		for (i = 0; i < C; i++)
+			d[i] += rs * (g[i] * a->w[i] - s1 - (x[i] - m) * rs * s2);
+	}
+}
+
+/* dw and db of columns [c0, c1): sums over every row, in double. */
+static void
+lnb_cols(lnb_args *a, int c0, int c1)
+{
+	for (int cb = c0; cb < c1; cb += COLSUM_BLOCK)
+	{
+		int			n = c1 - cb < COLSUM_BLOCK ? c1 - cb : COLSUM_BLOCK;
+		double		sw[COLSUM_BLOCK] = {0},
+					sb[COLSUM_BLOCK] = {0};
+
+		for (int t = 0; t < a->T; t++)
+		{
+			const float *x = a->in + (size_t) t * a->C + cb;
+			const float *g = a->dout + (size_t) t * a->C + cb;
+			float		m = a->mean[t],
+						rs = a->rstd[t];
+
+			for (int j = 0; j < n; j++)
+			{
+				sw[j] += (double) (g[j] * ((x[j] - m) * rs));
+				sb[j] += g[j];
+			}
+		}
+		for (int j = 0; j < n; j++)
+		{
+			a->dw[cb + j] += (float) sw[j];
+			a->db[cb + j] += (float) sb[j];
+		}
+	}
+}
+
+/* One task of the layer norm backward: a block of rows, or a block of columns. */
+static void
+lnb_task(void *p, int task, int thread)
+{
+	lnb_args   *a = p;
+	int			lo,
+				hi;
+
+	(void) thread;
+	if (task < a->row_tasks)
+	{
+		task_range(a->T, a->row_tasks, task, &lo, &hi);
+		lnb_rows(a, lo, hi);
+		return;
+	}
+	task_range((a->C + 15) / 16, a->col_tasks, task - a->row_tasks, &lo, &hi);
+	lnb_cols(a, lo * 16, hi * 16 < a->C ? hi * 16 : a->C);
+}
+
+/* Layer norm backward: din by rows and dw, db by columns, in one pass of the pool. */
+static void
+cpu_layernorm_backward(dl_backend *be, float *din, float *dw, float *db, const float *dout,
+					   const float *in, const float *mean, const float *rstd, const float *w,
+					   int T, int C)
+{
+	int			blocks = (C + 15) / 16;
+	int			nt = threadpool_size(pool_of(be));
+	lnb_args	a = {din, dw, db, dout, in, mean, rstd, w, T, C, row_tasks(be, T),
+	blocks < nt ? blocks : nt};
+
+	threadpool_run(pool_of(be), lnb_task, &a, a.row_tasks + a.col_tasks);
 }
 
 /* --- matrix product --- */
@@ -404,6 +625,83 @@ cpu_matmul_forward(dl_backend *be, float *out, const float *in, const void *W,
 	threadpool_run(pool_of(be), mm_task, &a, a.ntasks);
 }
 
+typedef struct mmb_args
+{
+	float	   *din;
+	float	   *dW;
+	float	   *dbias;
+	const float *dout;
+	const float *in;
+	const float *W;
+	int			M;
+	int			K;
+	int			N;
+	int			din_tasks;		/* tasks below: din by rows; the others: dW, dbias by rows of W */
+	int			dw_tasks;
+} mmb_args;
+
+/*
+ * One task of the matrix product backward: rows [m0, m1) of din += dout W, or rows
+ * [n0, n1) of dW += dout^T in (and the column sums of dout into dbias). Each is one
+ * single-threaded BLAS call with beta 1, which is the accumulation.
+ */
+static void
+mmb_task(void *p, int task, int thread)
+{
+	mmb_args   *a = p;
+	int			lo,
+				hi;
+
+	(void) thread;
+	if (task < a->din_tasks)
+	{
+		task_range(a->M, a->din_tasks, task, &lo, &hi);
+		if (hi > lo)
+			cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, hi - lo, a->K, a->N, 1.0f,
+						a->dout + (size_t) lo * a->N, a->N, a->W, a->K, 1.0f,
+						a->din + (size_t) lo * a->K, a->K);
+		return;
+	}
+	/* multiples of 16 rows of W keep slices cache-line aligned, as in the forward */
+	task_range((a->N + 15) / 16, a->dw_tasks, task - a->din_tasks, &lo, &hi);
+	lo *= 16;
+	hi = hi * 16 < a->N ? hi * 16 : a->N;
+	if (hi <= lo)
+		return;
+	cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, a->K, a->M, 1.0f,
+				a->dout + lo, a->N, a->in, a->K, 1.0f, a->dW + (size_t) lo * a->K, a->K);
+	if (a->dbias == NULL)
+		return;
+	for (int nb = lo; nb < hi; nb += COLSUM_BLOCK)
+	{
+		int			n = hi - nb < COLSUM_BLOCK ? hi - nb : COLSUM_BLOCK;
+		double		sb[COLSUM_BLOCK] = {0};
+
+		for (int m = 0; m < a->M; m++)
+		{
+			const float *g = a->dout + (size_t) m * a->N + nb;
+
+			for (int j = 0; j < n; j++)
+				sb[j] += g[j];
+		}
+		for (int j = 0; j < n; j++)
+			a->dbias[nb + j] += (float) sb[j];
+	}
+}
+
+/* Matrix product backward: din slices and dW slices as tasks of one pool pass. */
+static void
+cpu_matmul_backward(dl_backend *be, float *din, float *dW, float *dbias, const float *dout,
+					const float *in, const void *W, int M, int K, int N)
+{
+	int			nt = threadpool_size(pool_of(be));
+	int			slices = (N + 15) / 16;
+	mmb_args	a = {din, dW, dbias, dout, in, W, M, K, N,
+		din ? (M < nt ? M : nt) : 0, slices < nt ? slices : nt};
+
+	threadpool_run(pool_of(be), mmb_task, &a, a.din_tasks + a.dw_tasks);
+}
+
 /* --- rotary --- */
 
 typedef struct rope_args
@@ -417,6 +715,7 @@ typedef struct rope_args
 	int			interleaved;
 	const int32_t *pos;
 	const float *cos_sin;
+	float		sign;			/* 1: rotate by +angle (forward), -1: by -angle (backward) */
 	int			ntasks;
 } rope_args;
 
@@ -435,6 +734,7 @@ rope_task(void *p, int task, int thread)
 	{
 		const float *c = a->cos_sin + (size_t) a->pos[t] * a->rot_dim;
 		const float *s = c + half;
+		float		sg = a->sign;
 
 		for (int h = 0; h < a->n_head; h++)
 		{
@@ -446,8 +746,8 @@ rope_task(void *p, int task, int thread)
 					float		x0 = x[2 * j],
 								x1 = x[2 * j + 1];
 
-					x[2 * j] = x0 * c[j] - x1 * s[j];
-					x[2 * j + 1] = x1 * c[j] + x0 * s[j];
+					x[2 * j] = x0 * c[j] - x1 * sg * s[j];
+					x[2 * j + 1] = x1 * c[j] + x0 * sg * s[j];
 				}
 			else
 				for (int j = 0; j < half; j++)
@@ -455,8 +755,8 @@ rope_task(void *p, int task, int thread)
 					float		x0 = x[j],
 								x1 = x[j + half];
 
-					x[j] = x0 * c[j] - x1 * s[j];
-					x[j + half] = x1 * c[j] + x0 * s[j];
+					x[j] = x0 * c[j] - x1 * sg * s[j];
+					x[j + half] = x1 * c[j] + x0 * sg * s[j];
 				}
 		}
 	}
@@ -467,7 +767,18 @@ static void
 cpu_rotary_forward(dl_backend *be, float *x, int stride, int T, int n_head, int head_dim,
 				   int rot_dim, int interleaved, const int32_t *pos, const float *cos_sin)
 {
-	rope_args	a = {x, stride, T, n_head, head_dim, rot_dim, interleaved, pos, cos_sin,
+	rope_args	a = {x, stride, T, n_head, head_dim, rot_dim, interleaved, pos, cos_sin, 1.0f,
+	row_tasks(be, T)};
+
+	threadpool_run(pool_of(be), rope_task, &a, a.ntasks);
+}
+
+/* The gradient through the rotation: the same rotation by the opposite angle. */
+static void
+cpu_rotary_backward(dl_backend *be, float *dx, int stride, int T, int n_head, int head_dim,
+					int rot_dim, int interleaved, const int32_t *pos, const float *cos_sin)
+{
+	rope_args	a = {dx, stride, T, n_head, head_dim, rot_dim, interleaved, pos, cos_sin, -1.0f,
 	row_tasks(be, T)};
 
 	threadpool_run(pool_of(be), rope_task, &a, a.ntasks);
@@ -516,10 +827,49 @@ span_tasks(const dl_span *sp, int n_head)
 }
 
 /*
- * One head of one block of nq query tokens of one span: S = scale * Q K^T over the keys
- * up to the block's last position (one product), the causal softmax of each row in
- * place, then O = P V (one product). Single-threaded BLAS on this thread's scratch.
+ * One head of a block of nq query rows whose positions are the last nq of nk keys:
+ * S = scale * Q K^T (one product), the causal softmax of each row in place (row i sees
+ * keys 0 .. nk - nq + i), then O = P V (one product). q, k and v rows are qs, kvs floats
+ * apart, o rows os apart; with lse, the log-sum-exp of row i's scores goes to
+ * lse[i * lses]. Single-threaded BLAS on the caller's scratch S [nq, nk].
  */
+static void
+attend_block(const float *q, int qs, const float *k, const float *v, int kvs, float *o,
+			 int os, float *lse, int lses, int nq, int nk, int D, float scale, float *S)
+{
+	if (nq == 1)
+		cblas_sgemv(CblasRowMajor, CblasNoTrans, nk, D, scale, k, kvs, q, 1, 0.0f, S, 1);
+	else
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, D, scale,
+					q, qs, k, kvs, 0.0f, S, nk);
+	for (int i = 0; i < nq; i++)
+	{
+		float	   *s = S + (size_t) i * nk;
+		int			n = nk - nq + i + 1;	/* causal: keys 0 .. own position */
+		float		m = -INFINITY,
+					sum,
+					inv;
+
+		for (int j = 0; j < n; j++)
+			m = s[j] > m ? s[j] : m;
+		for (int j = 0; j < n; j++)
+			s[j] = fast_expf(s[j] - m);
+		sum = vsum(s, n);
+		inv = 1.0f / sum;
+		for (int j = 0; j < n; j++)
+			s[j] *= inv;
+		memset(s + n, 0, (nk - n) * sizeof(float));
+		if (lse)
+			lse[(size_t) i * lses] = m + logf(sum);
+	}
+	if (nq == 1)
+		cblas_sgemv(CblasRowMajor, CblasTrans, nk, D, 1.0f, v, kvs, S, 1, 0.0f, o, 1);
+	else
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, D, nk, 1.0f,
+					S, nk, v, kvs, 0.0f, o, os);
+}
+
+/* One head of one block of query tokens of one span, over the span's cache slot. */
 static void
 attn_task(void *p, int task, int thread)
 {
@@ -529,51 +879,21 @@ attn_task(void *p, int task, int thread)
 	int			D = a->head_dim;
 	int			h,
 				t0,
-				nq,
-				nk;
-	const float *q,
-			   *k,
-			   *v;
-	float	   *o,
-			   *S = a->scratch + (size_t) thread * ATTN_QBLOCK * a->max_ctx;
+				nq;
+	size_t		kv0;
 
 	while (task >= span_tasks(sp, a->n_head))
 		task -= span_tasks(sp++, a->n_head);
 	h = task % a->n_head;
 	t0 = task / a->n_head * ATTN_QBLOCK;
 	nq = sp->len - t0 < ATTN_QBLOCK ? sp->len - t0 : ATTN_QBLOCK;
-	nk = sp->pos + t0 + nq;		/* keys 0 .. the block's last position */
-	q = a->qkv + (size_t) (sp->first + t0) * 3 * C + (size_t) h * D;
-	k = a->k_cache + (size_t) sp->slot * a->max_ctx * C + (size_t) h * D;
-	v = a->v_cache + (size_t) sp->slot * a->max_ctx * C + (size_t) h * D;
-	o = a->out + (size_t) (sp->first + t0) * C + (size_t) h * D;
-
-	if (nq == 1)
-		cblas_sgemv(CblasRowMajor, CblasNoTrans, nk, D, a->scale, k, C, q, 1, 0.0f, S, 1);
-	else
-		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, D, a->scale,
-					q, 3 * C, k, C, 0.0f, S, nk);
-	for (int i = 0; i < nq; i++)
-	{
-		float	   *s = S + (size_t) i * nk;
-		int			n = nk - nq + i + 1;	/* causal: keys 0 .. own position */
-		float		m = -INFINITY,
-					inv;
-
-		for (int j = 0; j < n; j++)
-			m = s[j] > m ? s[j] : m;
-		for (int j = 0; j < n; j++)
-			s[j] = fast_expf(s[j] - m);
-		inv = 1.0f / vsum(s, n);
-		for (int j = 0; j < n; j++)
-			s[j] *= inv;
-		memset(s + n, 0, (nk - n) * sizeof(float));
-	}
-	if (nq == 1)
-		cblas_sgemv(CblasRowMajor, CblasTrans, nk, D, 1.0f, v, C, S, 1, 0.0f, o, 1);
-	else
-		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, D, nk, 1.0f,
-					S, nk, v, C, 0.0f, o, C);
+	kv0 = (size_t) sp->slot * a->max_ctx * C + (size_t) h * D;
+	/* keys 0 .. the block's last position */
+	attend_block(a->qkv + (size_t) (sp->first + t0) * 3 * C + (size_t) h * D, 3 * C,
+				 a->k_cache + kv0, a->v_cache + kv0, C,
+				 a->out + (size_t) (sp->first + t0) * C + (size_t) h * D, C, NULL, 0,
+				 nq, sp->pos + t0 + nq, D, a->scale,
+				 a->scratch + (size_t) thread * ATTN_QBLOCK * a->max_ctx);
 }
 
 /* Scores of one block of queries per thread. */
@@ -596,6 +916,182 @@ cpu_attention_forward(dl_backend *be, float *out, const float *qkv, void *k_cach
 	for (int s = 0; s < spans->n; s++)
 		ntasks += span_tasks(&spans->host[s], n_head);
 	threadpool_run(pool_of(be), attn_task, &a, ntasks);
+}
+
+/* --- attention for training: whole sequences, no cache --- */
+
+typedef struct attn_train_args
+{
+	float	   *out;			/* forward: written */
+	float	   *lse;
+	const float *saved_out;		/* backward: the forward's out and lse */
+	const float *saved_lse;
+	float	   *dqkv;
+	const float *dout;
+	const float *qkv;
+	const dl_spans *spans;
+	int			n_head;
+	int			head_dim;
+	float		scale;
+	float	   *scratch;
+	size_t		per_thread;		/* scratch floats of one thread */
+} attn_train_args;
+
+/* Workspace floats per thread: a block of scores and one of their gradients. */
+static size_t
+attn_train_per_thread(int max_len)
+{
+	return (size_t) 2 * ATTN_QBLOCK * max_len;
+}
+
+/* Scratch for spans of up to max_len tokens, one share per thread. */
+static size_t
+cpu_attention_train_workspace(dl_backend *be, int max_len)
+{
+	return (size_t) threadpool_size(pool_of(be)) * attn_train_per_thread(max_len) * sizeof(float);
+}
+
+/* Set up the arguments of a training attention pass; the scratch stride fits its spans. */
+static attn_train_args
+attn_train_setup(dl_backend *be, const dl_spans *spans, int n_head, int head_dim, float scale,
+				 void *workspace)
+{
+	attn_train_args a = {.spans = spans, .n_head = n_head, .head_dim = head_dim,
+	.scale = scale, .scratch = workspace};
+	int			longest = 1;
+
+	(void) be;
+	for (int s = 0; s < spans->n; s++)
+		longest = spans->host[s].len > longest ? spans->host[s].len : longest;
+	a.per_thread = attn_train_per_thread(longest);
+	return a;
+}
+
+/* One head of one block of query tokens of one span, keys and values from qkv itself. */
+static void
+attn_train_task(void *p, int task, int thread)
+{
+	attn_train_args *a = p;
+	const dl_span *sp = a->spans->host;
+	int			C = a->n_head * a->head_dim;
+	int			D = a->head_dim;
+	int			h,
+				t0,
+				nq;
+	const float *base;
+
+	while (task >= span_tasks(sp, a->n_head))
+		task -= span_tasks(sp++, a->n_head);
+	h = task % a->n_head;
+	t0 = task / a->n_head * ATTN_QBLOCK;
+	nq = sp->len - t0 < ATTN_QBLOCK ? sp->len - t0 : ATTN_QBLOCK;
+	base = a->qkv + (size_t) sp->first * 3 * C + (size_t) h * D;
+	attend_block(base + (size_t) t0 * 3 * C, 3 * C, base + C, base + 2 * C, 3 * C,
+				 a->out + (size_t) (sp->first + t0) * C + (size_t) h * D, C,
+				 a->lse + (size_t) (sp->first + t0) * a->n_head + h, a->n_head,
+				 nq, t0 + nq, D, a->scale, a->scratch + (size_t) thread * a->per_thread);
+}
+
+/* Causal attention within each span, keeping the log-sum-exp of every row and head. */
+static void
+cpu_attention_train_forward(dl_backend *be, float *out, float *lse, const float *qkv,
+							const dl_spans *spans, int n_head, int head_dim, float scale,
+							void *workspace)
+{
+	attn_train_args a = attn_train_setup(be, spans, n_head, head_dim, scale, workspace);
+	int			ntasks = 0;
+
+	a.out = out;
+	a.lse = lse;
+	a.qkv = qkv;
+	for (int s = 0; s < spans->n; s++)
+		ntasks += span_tasks(&spans->host[s], n_head);
+	threadpool_run(pool_of(be), attn_train_task, &a, ntasks);
+}
+
+/*
+ * The backward of one head of one span (a task owns its span's dK and dV, which every
+ * query block adds to). Per block of queries, with P rebuilt from the saved lse:
+ * P = exp(scale Q K^T - lse), dP = dO V^T, dS = P (dP - rowsum(dO O)),
+ * dQ += scale dS K, dK += scale dS^T Q, dV += P^T dO (FlashAttention-2's backward).
+ */
+static void
+attn_back_task(void *p, int task, int thread)
+{
+	attn_train_args *a = p;
+	const dl_span *sp = &a->spans->host[task / a->n_head];
+	int			H = a->n_head,
+				D = a->head_dim,
+				C = H * D;
+	int			h = task % H;
+	size_t		q0 = (size_t) sp->first * 3 * C + (size_t) h * D,
+				o0 = (size_t) sp->first * C + (size_t) h * D;
+	const float *Q = a->qkv + q0,
+			   *K = Q + C,
+			   *V = Q + 2 * C,
+			   *O = a->saved_out + o0,
+			   *dO = a->dout + o0,
+			   *lse = a->saved_lse + (size_t) sp->first * H + h;
+	float	   *dQ = a->dqkv + q0,
+			   *dK = dQ + C,
+			   *dV = dQ + 2 * C;
+	float	   *P = a->scratch + (size_t) thread * a->per_thread,
+			   *dP = P + a->per_thread / 2;
+
+	for (int t0 = 0; t0 < sp->len; t0 += ATTN_QBLOCK)
+	{
+		int			nq = sp->len - t0 < ATTN_QBLOCK ? sp->len - t0 : ATTN_QBLOCK;
+		int			nk = t0 + nq;
+
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, D, a->scale,
+					Q + (size_t) t0 * 3 * C, 3 * C, K, 3 * C, 0.0f, P, nk);
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, D, 1.0f,
+					dO + (size_t) t0 * C, C, V, 3 * C, 0.0f, dP, nk);
+		for (int i = 0; i < nq; i++)
+		{
+			float	   *pr = P + (size_t) i * nk,
+					   *dpr = dP + (size_t) i * nk;
+			const float *o = O + (size_t) (t0 + i) * C,
+					   *g = dO + (size_t) (t0 + i) * C;
+			float		l = lse[(size_t) (t0 + i) * H],
+						di = 0.0f;
+			int			n = t0 + i + 1;
+
+			for (int d = 0; d < D; d++)
+				di += o[d] * g[d];
+			for (int j = 0; j < n; j++)
+			{
+				float		pj = fast_expf(pr[j] - l);
+
+				pr[j] = pj;
+				dpr[j] = pj * (dpr[j] - di);
+			}
+			memset(pr + n, 0, (nk - n) * sizeof(float));
+			memset(dpr + n, 0, (nk - n) * sizeof(float));
+		}
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, D, nk, a->scale,
+					dP, nk, K, 3 * C, 1.0f, dQ + (size_t) t0 * 3 * C, 3 * C);
+		cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, D, nq, a->scale,
+					dP, nk, Q + (size_t) t0 * 3 * C, 3 * C, 1.0f, dK, 3 * C);
+		cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, D, nq, 1.0f,
+					P, nk, dO + (size_t) t0 * C, C, 1.0f, dV, 3 * C);
+	}
+}
+
+/* Attention backward: one task per span and head. */
+static void
+cpu_attention_backward(dl_backend *be, float *dqkv, const float *dout, const float *qkv,
+					   const float *out, const float *lse, const dl_spans *spans, int n_head,
+					   int head_dim, float scale, void *workspace)
+{
+	attn_train_args a = attn_train_setup(be, spans, n_head, head_dim, scale, workspace);
+
+	a.saved_out = out;
+	a.saved_lse = lse;
+	a.dqkv = dqkv;
+	a.dout = dout;
+	a.qkv = qkv;
+	threadpool_run(pool_of(be), attn_back_task, &a, spans->n * n_head);
 }
 
 /* --- GELU --- */
@@ -639,6 +1135,261 @@ cpu_gelu_forward(dl_backend *be, float *out, const float *in, size_t n, dl_gelu 
 	threadpool_run(pool_of(be), gelu_task, &a, a.ntasks);
 }
 
+typedef struct gelub_args
+{
+	float	   *din;
+	const float *in;
+	const float *dout;
+	size_t		n;
+	dl_gelu		form;
+	int			ntasks;
+} gelub_args;
+
+/* GELU backward over one chunk. */
+static void
+gelub_task(void *p, int task, int thread)
+{
+	gelub_args *a = p;
+	size_t		lo = a->n * task / a->ntasks;
+	size_t		hi = a->n * (task + 1) / a->ntasks;
+	float	   *din = a->din;
+	const float *in = a->in,
+			   *dout = a->dout;
+
+	(void) thread;
+	if (a->form == DL_GELU_TANH)
+		for (size_t i = lo; i < hi; i++)
+			din[i] += gelu_tanh_grad(in[i]) * dout[i];
+	else
+		for (size_t i = lo; i < hi; i++)
+			din[i] += gelu_erf_grad(in[i]) * dout[i];
+}
+
+/* Elementwise GELU backward, chunks over the pool. */
+static void
+cpu_gelu_backward(dl_backend *be, float *din, const float *in, const float *dout, size_t n,
+				  dl_gelu form)
+{
+	int			nt = threadpool_size(pool_of(be));
+	gelub_args	a = {din, in, dout, n, form, n < 4096 ? 1 : nt};
+
+	threadpool_run(pool_of(be), gelub_task, &a, a.ntasks);
+}
+
+/* --- cross-entropy --- */
+
+typedef struct xent_args
+{
+	float	   *losses;
+	float	   *dlogits;
+	const float *logits;
+	const int32_t *labels;
+	int			T;
+	int			V;
+	int			ntasks;
+} xent_args;
+
+/* Largest a[i] (n >= 1). */
+static inline float
+vmax(const float *a, int n)
+{
+	float		acc[16];
+	float		m = a[0];
+	int			i = 0;
+
+	for (int j = 0; j < 16; j++)
+		acc[j] = a[0];
+	for (; i + 16 <= n; i += 16)
+		for (int j = 0; j < 16; j++)
+			acc[j] = a[i + j] > acc[j] ? a[i + j] : acc[j];
+	for (; i < n; i++)
+		m = a[i] > m ? a[i] : m;
+	for (int j = 0; j < 16; j++)
+		m = acc[j] > m ? acc[j] : m;
+	return m;
+}
+
+/* Sum of exp(a[i] - m). */
+static inline float
+vsum_exp(const float *a, int n, float m)
+{
+	float		acc[16] = {0};
+	float		s = 0.0f;
+	int			i = 0;
+
+	for (; i + 16 <= n; i += 16)
+		for (int j = 0; j < 16; j++)
+			acc[j] += fast_expf(a[i + j] - m);
+	for (; i < n; i++)
+		s += fast_expf(a[i] - m);
+	for (int j = 0; j < 16; j++)
+		s += acc[j];
+	return s;
+}
+
+/* Loss (and gradient) of rows [lo, hi); the label's logit is read before d overwrites it. */
+static void
+xent_task(void *p, int task, int thread)
+{
+	xent_args  *a = p;
+	int			lo,
+				hi,
+				V = a->V;
+
+	(void) thread;
+	task_range(a->T, a->ntasks, task, &lo, &hi);
+	for (int t = lo; t < hi; t++)
+	{
+		const float *x = a->logits + (size_t) t * V;
+		float	   *d = a->dlogits ? a->dlogits + (size_t) t * V : NULL;
+		int			y = a->labels[t];
+		float		m,
+					lse,
+					xy;
+
+		if (y < 0)
+		{
+			a->losses[t] = 0.0f;
+			if (d)
+				memset(d, 0, V * sizeof(float));
+			continue;
+		}
+		xy = x[y];
+		m = vmax(x, V);
+		lse = m + logf(vsum_exp(x, V, m));
+		a->losses[t] = lse - xy;
+		if (d == NULL)
+			continue;
+		for (int j = 0; j < V; j++)
+			d[j] = fast_expf(x[j] - lse);
+		d[y] -= 1.0f;
+	}
+}
+
+/* Softmax cross-entropy per row, rows over the pool. */
+static void
+cpu_crossentropy_forward(dl_backend *be, float *losses, float *dlogits, const float *logits,
+						 const int32_t *labels, int T, int V)
+{
+	xent_args	a = {losses, dlogits, logits, labels, T, V, row_tasks(be, T)};
+
+	threadpool_run(pool_of(be), xent_task, &a, a.ntasks);
+}
+
+/* --- the optimizer --- */
+
+/*
+ * Tasks of a sum of squares: a fixed number for large inputs, whatever the threads, so
+ * that the same gradients give the same bits on every rank.
+ */
+#define SUMSQ_TASKS 64
+
+typedef struct sumsq_args
+{
+	const float *x;
+	size_t		n;
+	int			ntasks;
+	double		part[SUMSQ_TASKS];
+} sumsq_args;
+
+/* The squares of one chunk, in double (8 lanes, so that the loop vectorises). */
+static void
+sumsq_task(void *p, int task, int thread)
+{
+	sumsq_args *a = p;
+	size_t		lo = a->n * task / a->ntasks;
+	size_t		hi = a->n * (task + 1) / a->ntasks;
+	double		acc[8] = {0};
+	double		s = 0.0;
+	size_t		i = lo;
+
+	(void) thread;
+	for (; i + 8 <= hi; i += 8)
+		for (int j = 0; j < 8; j++)
+			acc[j] += (double) a->x[i + j] * a->x[i + j];
+	for (; i < hi; i++)
+		s += (double) a->x[i] * a->x[i];
+	for (int j = 0; j < 8; j++)
+		s += acc[j];
+	a->part[task] = s;
+}
+
+/* Sum of squares: chunk sums over the pool, added in task order. */
+static dl_status
+cpu_sum_squares(dl_backend *be, const float *x, size_t n, double *out, dl_error *err)
+{
+	sumsq_args	a = {x, n, n < 65536 ? 1 : SUMSQ_TASKS, {0}};
+
+	(void) err;
+	threadpool_run(pool_of(be), sumsq_task, &a, a.ntasks);
+	*out = 0.0;
+	for (int i = 0; i < a.ntasks; i++)
+		*out += a.part[i];
+	return DL_OK;
+}
+
+typedef struct adamw_args
+{
+	float	   *param;
+	const float *grad;
+	float	   *m;
+	float	   *v;
+	size_t		n;
+	float		decay;			/* 1 - lr wd */
+	float		beta1;
+	float		one_minus_beta1;
+	float		beta2;
+	float		one_minus_beta2;
+	float		neg_step_size;	/* -lr / (1 - beta1^step) */
+	float		bc2_sqrt;		/* sqrt(1 - beta2^step) */
+	float		eps;
+	float		grad_scale;
+	int			ntasks;
+} adamw_args;
+
+/*
+ * AdamW over one chunk, in the order and roundings of torch's single-tensor AdamW:
+ * decay, m.lerp_(g, 1 - beta1), v.mul_(beta2).addcmul_(g, g, 1 - beta2),
+ * denom = sqrt(v) / bc2_sqrt + eps, p.addcdiv_(m, denom, -step_size).
+ */
+static void
+adamw_task(void *p, int task, int thread)
+{
+	adamw_args *a = p;
+	size_t		lo = a->n * task / a->ntasks;
+	size_t		hi = a->n * (task + 1) / a->ntasks;
+
+	(void) thread;
+	for (size_t i = lo; i < hi; i++)
+	{
+		float		g = a->grad[i] * a->grad_scale;
+		float		m = a->m[i] + a->one_minus_beta1 * (g - a->m[i]);
+		float		v = a->v[i] * a->beta2 + a->one_minus_beta2 * g * g;
+		float		denom = sqrtf(v) / a->bc2_sqrt + a->eps;
+
+		a->m[i] = m;
+		a->v[i] = v;
+		a->param[i] = a->param[i] * a->decay + a->neg_step_size * m / denom;
+	}
+}
+
+/* One AdamW step; the bias corrections are computed in double as torch does in Python. */
+static void
+cpu_adamw_update(dl_backend *be, float *param, const float *grad, float *m, float *v, size_t n,
+				 const dl_adamw *h)
+{
+	int			nt = threadpool_size(pool_of(be));
+	adamw_args	a = {param, grad, m, v, n,
+		(float) (1.0 - (double) h->lr * h->weight_decay),
+		h->beta1, (float) (1.0 - (double) h->beta1),
+		h->beta2, (float) (1.0 - (double) h->beta2),
+		(float) (-(double) h->lr / (1.0 - pow(h->beta1, h->step))),
+		(float) sqrt(1.0 - pow(h->beta2, h->step)),
+		h->eps, h->grad_scale, n < 16384 ? 1 : nt};
+
+	threadpool_run(pool_of(be), adamw_task, &a, a.ntasks);
+}
+
 /* Join the threads and free the backend. */
 static void
 cpu_destroy(dl_backend *be)
@@ -673,6 +1424,7 @@ backend_cpu_create(int threads, dl_backend **out, dl_error *err)
 	cb->be.alloc = cpu_alloc;
 	cb->be.free = cpu_free;
 	cb->be.zero = cpu_zero;
+	cb->be.copy = cpu_copy;
 	cb->be.upload = cpu_upload;
 	cb->be.download = cpu_download;
 	cb->be.synchronize = cpu_synchronize;
@@ -685,6 +1437,17 @@ backend_cpu_create(int threads, dl_backend **out, dl_error *err)
 	cb->be.attention_workspace = cpu_attention_workspace;
 	cb->be.attention_forward = cpu_attention_forward;
 	cb->be.gelu_forward = cpu_gelu_forward;
+	cb->be.attention_train_forward = cpu_attention_train_forward;
+	cb->be.attention_train_workspace = cpu_attention_train_workspace;
+	cb->be.crossentropy_forward = cpu_crossentropy_forward;
+	cb->be.embedding_backward = cpu_embedding_backward;
+	cb->be.layernorm_backward = cpu_layernorm_backward;
+	cb->be.matmul_backward = cpu_matmul_backward;
+	cb->be.rotary_backward = cpu_rotary_backward;
+	cb->be.attention_backward = cpu_attention_backward;
+	cb->be.gelu_backward = cpu_gelu_backward;
+	cb->be.sum_squares = cpu_sum_squares;
+	cb->be.adamw_update = cpu_adamw_update;
 	cb->be.destroy = cpu_destroy;
 	*out = &cb->be;
 	return DL_OK;

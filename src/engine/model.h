@@ -1,6 +1,7 @@
 /*
- * model.h: GPT-J and GPT-NeoX loaded from a Hugging Face directory, and their forward
- * pass over a KV cache for a batch of sequences.
+ * model.h: GPT-J and GPT-NeoX loaded from a Hugging Face directory, their forward
+ * pass over a KV cache for a batch of sequences, and their training pass (loss and
+ * gradients of a batch of examples).
  *
  * All parameters live in ONE backend allocation; dl_params points into it (llm.c's
  * malloc_and_point_parameters). dl_tensor_map says where each Hugging Face tensor lives
@@ -166,5 +167,37 @@ typedef struct dl_seq
  */
 dl_status	dl_model_forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n,
 							 float *logits, dl_error *err);
+
+/*
+ * Training (model_backward.c). Gradients live in ONE float32 buffer laid out like
+ * param_mem: the gradient of a parameter is at the same byte offset as the parameter
+ * (so a dl_tensor_map entry locates both, and data parallelism is one all-reduce of one
+ * buffer). That needs a float32 weight format; dl_train_acts_create checks it.
+ */
+struct dl_example;
+
+/*
+ * The activations a backward pass needs, for batches of up to max_tokens tokens in
+ * sequences of up to max_len tokens, allocated once. Used by one thread at a time.
+ */
+typedef struct dl_train_acts dl_train_acts;
+
+/* Allocate the activations of training passes (limits are checked against the model). */
+dl_status	dl_train_acts_create(dl_model *m, int max_tokens, int max_len, dl_train_acts **out,
+								 dl_error *err);
+
+/* Free them; NULL is accepted. */
+void		dl_train_acts_free(dl_train_acts *a);
+
+/*
+ * The loss of a batch of n independent examples (train.h's dl_example; positions start
+ * at 0 in each): position t of an example predicts its token t + 1, for t in
+ * [first_label - 1, len - 1). Sets *loss_sum to the sum of the token cross-entropies
+ * and *n_labels to their number. With grads (device, laid out like param_mem), also the
+ * backward pass: the gradients of that SUM accumulate (+=) into grads.
+ */
+dl_status	dl_model_backward(dl_model *m, dl_train_acts *a, const struct dl_example *batch,
+							  int n, float *grads, double *loss_sum, int64_t *n_labels,
+							  dl_error *err);
 
 #endif

@@ -1,0 +1,706 @@
+/*
+ * test_train.c: the trainer against torch (tests/fixtures/<model>/train_expected.safetensors,
+ * made by tests/make_fixtures.py build_train): the loss and the gradient of every
+ * parameter of a batch of Dolly examples, and the losses, gradient norms and learning
+ * rates of 10 AdamW steps; the data-parallel property (two ranks on halves of the batch,
+ * gradients and label counts summed, update the model exactly as one rank on the whole
+ * batch); tied embeddings; evaluation; the schedule; and the errors.
+ */
+#include "harness.h"
+#include "../../src/engine/train.h"
+#include "../../src/engine/safetensors.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define MAX_EXAMPLES 8
+
+/*
+ * Tolerances against torch. Both sides compute in float32 and differ in summation order
+ * (BLAS blocking, our double accumulators in the norms' and biases' column sums, the
+ * attention blocks) and in exp/erf by a few ulp, so each gradient differs by rounding
+ * noise relative to its tensor's largest entry: at most 1.2e-6 of it on the fixtures.
+ * We allow 2e-5 of the largest |torch gradient| of each tensor (with a floor of 1e-7
+ * absolute for a tensor whose gradient is all but zero): a wrong term, row or head
+ * shows as an error of order 1 on that scale. The loss gets 1e-5 relative (measured
+ * 2e-7). Over 10 AdamW steps the differences can grow, since Adam divides each gradient
+ * by its own running magnitude and so magnifies the rounding of gradients near zero;
+ * measured, the losses and pre-clipping gradient norms of the steps stay within 4e-7
+ * relative of torch's, and we allow 1e-5.
+ */
+#define GRAD_TOL 2e-5
+#define GRAD_FLOOR 1e-7
+#define LOSS_TOL 1e-5
+#define STEPS_TOL 1e-5
+
+/* A fixture model with its training expectations. */
+typedef struct train_fixture
+{
+	dl_backend *be;
+	dl_model   *m;
+	st_set	   *exp;
+	dl_example	ex[MAX_EXAMPLES];
+	int			n;
+	int			tokens;
+} train_fixture;
+
+/* A tensor of the expectations as malloc'd floats (NULL if absent). */
+static float *
+exp_f32(const train_fixture *f, const char *name, int64_t *numel)
+{
+	const st_tensor *t = st_find(f->exp, name);
+	float	   *v;
+
+	if (t == NULL)
+		return NULL;
+	v = malloc(t->numel * sizeof(float));
+	if (v && st_to_f32(t, v, NULL) != DL_OK)
+	{
+		free(v);
+		return NULL;
+	}
+	if (numel)
+		*numel = t->numel;
+	return v;
+}
+
+/* An int32 tensor of the expectations, element i (-1 if absent). */
+static int
+exp_i32(const train_fixture *f, const char *name, int i)
+{
+	const st_tensor *t = st_find(f->exp, name);
+	int32_t		v;
+
+	if (t == NULL || t->dtype != ST_I32 || i >= t->numel)
+		return -1;
+	memcpy(&v, t->data + (size_t) i * sizeof(v), sizeof(v));
+	return v;
+}
+
+/* Free what train_open made. */
+static void
+train_close(train_fixture *f)
+{
+	for (int i = 0; i < f->n; i++)
+		free(f->ex[i].ids);
+	st_close(f->exp);
+	dl_model_free(f->m);
+	if (f->be)
+		f->be->destroy(f->be);
+	memset(f, 0, sizeof(*f));
+}
+
+/*
+ * Load tests/fixtures/<name> and its batch on a CPU backend of `threads` threads.
+ * Returns 0 when the fixture is absent (the test skips); *st tells a load failure.
+ */
+static int
+train_open(const char *name, int threads, train_fixture *f, dl_error *err, dl_status *st)
+{
+	char		dir[4096],
+				key[64];
+
+	memset(f, 0, sizeof(*f));
+	*st = DL_OK;
+	snprintf(dir, sizeof(dir), "%s", fixture_path(name));
+	snprintf(key, sizeof(key), "%s/train_expected.safetensors", name);
+	if (access(fixture_path(key), R_OK) != 0)
+		return 0;
+	*st = st_open_file(fixture_path(key), &f->exp, err);
+	if (*st == DL_OK)
+		*st = backend_cpu_create(threads, &f->be, err);
+	if (*st == DL_OK)
+		*st = dl_model_load(dir, f->be, &f->m, err);
+	for (int i = 0; *st == DL_OK && i < MAX_EXAMPLES; i++)
+	{
+		const st_tensor *t;
+		dl_example *ex = &f->ex[i];
+
+		snprintf(key, sizeof(key), "example_%d_ids", i);
+		if ((t = st_find(f->exp, key)) == NULL)
+			break;
+		ex->n = (int) t->numel;
+		ex->ids = malloc(t->numel * sizeof(int32_t));
+		memcpy(ex->ids, t->data, t->numel * sizeof(int32_t));
+		ex->first_label = exp_i32(f, "first_label", i);
+		f->tokens += ex->n;
+		f->n++;
+	}
+	return 1;
+}
+
+/* The fixture's optimizer settings (make_fixtures.py ADAMW and the schedule). */
+static void
+fixture_config(const train_fixture *f, dl_train_config *cfg)
+{
+	train_defaults(cfg);
+	cfg->lr = 1e-3f;
+	cfg->warmup_steps = 3;
+	cfg->linear_decay = 1;
+	cfg->total_steps = 10;
+	cfg->weight_decay = 0.01f;
+	cfg->max_grad_norm = 1.0f;
+	cfg->max_tokens = f->tokens;
+	cfg->max_length = f->m->cfg.max_pos;
+}
+
+/*
+ * Compare our summed gradients (divided by the label count) with torch's, tensor by
+ * tensor through the model's map; NeoX's fused qkv rows go through
+ * model_neox_qkv_hf_row. Returns the number of tensors out of tolerance (printing them).
+ */
+static int
+compare_grads(const train_fixture *f, const float *grads, int64_t n_labels, int *checked)
+{
+	const dl_config *c = &f->m->cfg;
+	int			bad = 0;
+
+	*checked = 0;
+	for (int i = 0; i < f->m->nmap; i++)
+	{
+		const dl_tensor_map *e = &f->m->map[i];
+		char		key[160];
+		int64_t		numel = 0,
+					rows = e->shape[0],
+					cols = e->ndim == 2 ? e->shape[1] : 1;
+		float	   *ref;
+		const float *ours = grads + e->offset / sizeof(float);
+		double		maxref = 0,
+					maxd = 0,
+					tol;
+
+		snprintf(key, sizeof(key), "grad.%s", e->name);
+		ref = exp_f32(f, key, &numel);
+		if (ref == NULL || numel != rows * cols)
+		{
+			fprintf(stderr, "  %s: missing or of the wrong size in the fixture\n", key);
+			free(ref);
+			bad++;
+			continue;
+		}
+		for (int64_t r = 0; r < rows; r++)
+		{
+			int64_t		hr = e->rowmap == DL_ROWS_NEOX_QKV ?
+				model_neox_qkv_hf_row(c->n_head, c->head_dim, (int) r) : r;
+
+			for (int64_t k = 0; k < cols; k++)
+			{
+				double		want = ref[hr * cols + k];
+
+				maxref = fmax(maxref, fabs(want));
+				maxd = fmax(maxd, fabs(ours[r * cols + k] / (double) n_labels - want));
+			}
+		}
+		tol = fmax(GRAD_TOL * maxref, GRAD_FLOOR);
+		if (!(maxd <= tol))
+		{
+			fprintf(stderr, "  %s: differs by %g (tolerance %g, largest %g)\n", key, maxd, tol, maxref);
+			bad++;
+		}
+		free(ref);
+		(*checked)++;
+	}
+	return bad;
+}
+
+/* Loss and every gradient of the fixture batch against torch. */
+static void
+check_grads(const char *name, int *failed_)
+{
+	train_fixture f;
+	dl_train_config cfg;
+	dl_trainer *tr = NULL;
+	dl_error	err;
+	dl_status	st;
+	double		loss_sum = 0;
+	int64_t		n_labels = 0;
+	size_t		ngrad;
+	float	   *want;
+	int			want_labels,
+				nmap,
+				bad = 0,
+				checked = 0;
+
+	if (!train_open(name, 2, &f, &err, &st))
+		SKIP("fixture %s/train_expected.safetensors absent", name);
+	if (st == DL_OK)
+	{
+		fixture_config(&f, &cfg);
+		st = trainer_create(f.m, &cfg, &tr, &err);
+	}
+	if (st == DL_OK)
+		st = trainer_backward(tr, f.ex, f.n, &loss_sum, &n_labels, &err);
+	if (st == DL_OK)
+		bad = compare_grads(&f, trainer_grads(tr, &ngrad), n_labels, &checked);
+	want = exp_f32(&f, "loss", NULL);
+	want_labels = exp_i32(&f, "n_labels", 0);
+	nmap = f.m ? f.m->nmap : 0;
+	trainer_free(tr);
+	train_close(&f);
+	CHECK_OK(st, &err);
+	CHECK(want != NULL);
+	CHECKF(n_labels == want_labels, "%lld label tokens, torch %d", (long long) n_labels, want_labels);
+	CHECKF(fabs(loss_sum / n_labels - want[0]) <= LOSS_TOL * want[0],
+		   "loss %.7f, torch %.7f", loss_sum / n_labels, want[0]);
+	free(want);
+	CHECKF(checked == nmap && nmap > 0, "%d of %d tensors compared", checked, nmap);
+	CHECKF(bad == 0, "%d of %d gradients out of tolerance", bad, checked);
+}
+
+TEST(train_grads_gptj_f32)
+{
+	check_grads("gptj-f32", failed_);
+}
+
+TEST(train_grads_neox_par_f32)
+{
+	check_grads("neox-par-f32", failed_);
+}
+
+TEST(train_grads_neox_seq_f32)
+{
+	check_grads("neox-seq-f32", failed_);
+}
+
+/* Relative difference of a to b. */
+static double
+rel_diff(double a, double b)
+{
+	return fabs(a - b) / fmax(fabs(b), 1e-30);
+}
+
+/* 10 AdamW steps on the fixture batch: loss, learning rate and gradient norm per step. */
+static void
+check_steps(const char *name, int *failed_)
+{
+	train_fixture f;
+	dl_train_config cfg;
+	dl_trainer *tr = NULL;
+	dl_error	err;
+	dl_status	st;
+	float	   *losses,
+			   *norms,
+			   *lrs;
+	int64_t		steps = 0;
+	double		worst_loss = 0,
+				worst_norm = 0,
+				worst_lr = 0;
+
+	if (!train_open(name, 2, &f, &err, &st))
+		SKIP("fixture %s/train_expected.safetensors absent", name);
+	losses = exp_f32(&f, "adamw_losses", &steps);
+	norms = exp_f32(&f, "adamw_grad_norms", NULL);
+	lrs = exp_f32(&f, "adamw_lrs", NULL);
+	if (st == DL_OK && (losses == NULL || norms == NULL || lrs == NULL))
+		st = dl_fail(&err, DL_EFORMAT, "the fixture lacks the AdamW steps");
+	if (st == DL_OK)
+	{
+		fixture_config(&f, &cfg);
+		st = trainer_create(f.m, &cfg, &tr, &err);
+	}
+	for (int s = 0; st == DL_OK && s < steps; s++)
+	{
+		double		loss_sum;
+		int64_t		n_labels;
+		float		lr,
+					norm;
+
+		st = trainer_backward(tr, f.ex, f.n, &loss_sum, &n_labels, &err);
+		if (st == DL_OK)
+			st = trainer_update(tr, n_labels, s, &lr, &norm, &err);
+		if (st != DL_OK)
+			break;
+		worst_loss = fmax(worst_loss, rel_diff(loss_sum / n_labels, losses[s]));
+		worst_norm = fmax(worst_norm, rel_diff(norm, norms[s]));
+		worst_lr = fmax(worst_lr, fabs(lr - lrs[s]) / cfg.lr);
+	}
+	trainer_free(tr);
+	train_close(&f);
+	free(losses);
+	free(norms);
+	free(lrs);
+	CHECK_OK(st, &err);
+	CHECK(steps == 10);
+	CHECKF(worst_loss <= STEPS_TOL, "a step's loss differs from torch's by %g (relative)", worst_loss);
+	CHECKF(worst_norm <= STEPS_TOL, "a step's gradient norm differs from torch's by %g (relative)", worst_norm);
+	CHECKF(worst_lr <= 1e-6, "a step's learning rate differs from torch's by %g of the peak", worst_lr);
+}
+
+TEST(train_adamw_steps_gptj_f32)
+{
+	check_steps("gptj-f32", failed_);
+}
+
+TEST(train_adamw_steps_neox_par_f32)
+{
+	check_steps("neox-par-f32", failed_);
+}
+
+TEST(train_adamw_steps_neox_seq_f32)
+{
+	check_steps("neox-seq-f32", failed_);
+}
+
+/* Largest |a - b| over the parameters of two models of the same shape. */
+static double
+param_diff(const dl_model *a, const dl_model *b)
+{
+	const float *pa = a->param_mem,
+			   *pb = b->param_mem;
+	double		d = 0;
+
+	for (int i = 0; i < a->nmap; i++)
+	{
+		const dl_tensor_map *e = &a->map[i];
+		size_t		at = e->offset / sizeof(float),
+					n = (size_t) e->shape[0] * (e->ndim == 2 ? e->shape[1] : 1);
+
+		for (size_t j = at; j < at + n; j++)
+			d = fmax(d, fabs((double) pa[j] - pb[j]));
+	}
+	return d;
+}
+
+/*
+ * The DDP property on every fixture model: rank 0 takes the first example, rank 1 the
+ * others; each accumulates its gradients, the buffers and label counts are summed (as
+ * an all-reduce would, the same sum on both) and both update with the GLOBAL count.
+ * The two ranks stay bit-identical, and match one rank that took the whole batch up to
+ * rounding (the sums over tokens are split differently, about 1e-7 of the gradients).
+ * Adam with a small eps and clipping are blind to the gradients' scale (a step is about
+ * lr * sign(g)) and amplify the rounding of gradients near zero, so this test runs with
+ * eps 1 and no clipping, where a step is about lr * g (1e-5 here): normalising by a
+ * rank's own count instead of the global one would show in full; rounding stays within
+ * an ulp or two of the parameters (1e-7 for parameters below 1).
+ */
+TEST(train_two_ranks_equal_one)
+{
+	static const char *const names[] = {"gptj-f32", "neox-par-f32", "neox-seq-f32"};
+
+	for (int k = 0; k < 3; k++)
+	{
+		train_fixture f;
+		dl_train_config cfg;
+		dl_model   *rank[2] = {NULL, NULL};
+		dl_trainer *whole = NULL,
+				   *tr[2] = {NULL, NULL};
+		dl_error	err;
+		dl_status	st;
+		double		gdiff = 0,
+					gmax = 0,
+					ndiff = 0,
+					pdiff = 0,
+					rank_diff = 0;
+
+		if (!train_open(names[k], 2, &f, &err, &st))
+			SKIP("fixture %s/train_expected.safetensors absent", names[k]);
+		if (st == DL_OK)
+		{
+			fixture_config(&f, &cfg);
+			cfg.warmup_steps = 0;
+			cfg.eps = 1.0f;
+			cfg.max_grad_norm = 0.0f;
+			st = trainer_create(f.m, &cfg, &whole, &err);
+		}
+		for (int r = 0; r < 2 && st == DL_OK; r++)
+		{
+			st = dl_model_load(fixture_path(names[k]), f.be, &rank[r], &err);
+			if (st == DL_OK)
+				st = trainer_create(rank[r], &cfg, &tr[r], &err);
+		}
+		for (int step = 0; step < 2 && st == DL_OK; step++)
+		{
+			double		loss[2],
+						loss_all;
+			int64_t		cnt[2],
+						cnt_all;
+			size_t		n;
+			float	   *g0,
+					   *g1,
+					   *gw,
+					   lr,
+					   norm[3];
+
+			st = trainer_backward(tr[0], f.ex, 1, &loss[0], &cnt[0], &err);
+			if (st == DL_OK)
+				st = trainer_backward(tr[1], f.ex + 1, f.n - 1, &loss[1], &cnt[1], &err);
+			if (st == DL_OK)
+				st = trainer_backward(whole, f.ex, f.n, &loss_all, &cnt_all, &err);
+			if (st != DL_OK)
+				break;
+			g0 = trainer_grads(tr[0], &n);
+			g1 = trainer_grads(tr[1], &n);
+			gw = trainer_grads(whole, &n);
+			for (size_t i = 0; i < n; i++)
+			{
+				g0[i] += g1[i];
+				g1[i] = g0[i];
+				gdiff = fmax(gdiff, fabs((double) g0[i] - gw[i]));
+				gmax = fmax(gmax, fabs(gw[i]));
+			}
+			for (int r = 0; r < 2 && st == DL_OK; r++)
+				st = trainer_update(tr[r], cnt[0] + cnt[1], step, &lr, &norm[r], &err);
+			if (st == DL_OK)
+				st = trainer_update(whole, cnt_all, step, &lr, &norm[2], &err);
+			ndiff = fmax(ndiff, fabs(norm[0] - norm[2]) / norm[2] + fabs(norm[0] - norm[1]));
+			if (st == DL_OK && cnt[0] + cnt[1] != cnt_all)
+				st = dl_fail(&err, DL_EINVAL, "label counts %lld + %lld != %lld",
+							 (long long) cnt[0], (long long) cnt[1], (long long) cnt_all);
+		}
+		if (st == DL_OK)
+		{
+			rank_diff = param_diff(rank[0], rank[1]);
+			pdiff = param_diff(rank[0], f.m);
+		}
+		trainer_free(tr[0]);
+		trainer_free(tr[1]);
+		trainer_free(whole);
+		dl_model_free(rank[0]);
+		dl_model_free(rank[1]);
+		train_close(&f);
+		CHECK_OK(st, &err);
+		CHECKF(gdiff <= 1e-6 * gmax, "%s: summed gradients differ from the whole batch's by %g (largest %g)",
+			   names[k], gdiff, gmax);
+		CHECKF(ndiff <= 1e-6, "%s: the gradient norms differ by %g (relative)", names[k], ndiff);
+		CHECKF(rank_diff == 0, "%s: the ranks' parameters differ by %g", names[k], rank_diff);
+		CHECKF(pdiff <= 1e-7, "%s: two ranks and one differ by %g after 2 steps", names[k], pdiff);
+	}
+}
+
+/*
+ * Tied embeddings: a model whose lm_head IS its embedding (as the loader sets it up when
+ * tie_word_embeddings is true) gets, in that one tensor, the sum of the gradients the
+ * untied model with equal tables gives its two tensors.
+ */
+TEST(train_tied_embeddings_sum_both_uses)
+{
+	train_fixture f;
+	dl_train_config cfg;
+	dl_model   *tied = NULL;
+	dl_trainer *tu = NULL,
+			   *tt = NULL;
+	dl_error	err;
+	dl_status	st;
+	double		lu = 0,
+				lt = 0,
+				d = 0,
+				maxg = 0;
+	int64_t		nu,
+				nt;
+	size_t		table = 0;
+
+	if (!train_open("neox-par-f32", 2, &f, &err, &st))
+		SKIP("fixture neox-par-f32/train_expected.safetensors absent");
+	if (st == DL_OK)
+		st = dl_model_load(fixture_path("neox-par-f32"), f.be, &tied, &err);
+	if (st == DL_OK)
+	{
+		table = (size_t) f.m->cfg.vocab_size * f.m->cfg.n_embd;
+		/* equal tables in the untied model; the tied one points lm_head at wte */
+		f.be->copy(f.be, f.m->p.lm_head, f.m->p.wte, table * sizeof(float));
+		tied->p.lm_head = tied->p.wte;
+		tied->cfg.tie_embeddings = true;
+		fixture_config(&f, &cfg);
+		st = trainer_create(f.m, &cfg, &tu, &err);
+	}
+	if (st == DL_OK)
+		st = trainer_create(tied, &cfg, &tt, &err);
+	if (st == DL_OK)
+		st = trainer_backward(tu, f.ex, f.n, &lu, &nu, &err);
+	if (st == DL_OK)
+		st = trainer_backward(tt, f.ex, f.n, &lt, &nt, &err);
+	if (st == DL_OK)
+	{
+		size_t		n;
+		const float *gu = trainer_grads(tu, &n),
+				   *gt = trainer_grads(tt, &n);
+		size_t		wte = (size_t) ((const char *) f.m->p.wte - (const char *) f.m->param_mem) / sizeof(float),
+					head = (size_t) ((const char *) f.m->p.lm_head - (const char *) f.m->param_mem) / sizeof(float);
+
+		for (size_t i = 0; i < table; i++)
+		{
+			double		sum = (double) gu[wte + i] + gu[head + i];
+
+			maxg = fmax(maxg, fabs(sum));
+			d = fmax(d, fabs(gt[wte + i] - sum));
+			/* nothing may land in the unused lm_head region of the tied model */
+			d = fmax(d, fabs(gt[head + i]) * 1e6);
+		}
+	}
+	trainer_free(tu);
+	trainer_free(tt);
+	dl_model_free(tied);
+	train_close(&f);
+	CHECK_OK(st, &err);
+	CHECKF(lu == lt, "losses differ: %.9g untied, %.9g tied", lu, lt);
+	CHECKF(d <= 1e-6 * maxg, "tied gradient differs from the sum by %g (largest %g)", d, maxg);
+}
+
+/* Evaluation gives the training pass's loss and leaves the gradients alone. */
+TEST(train_eval_matches_backward_loss)
+{
+	train_fixture f;
+	dl_train_config cfg;
+	dl_trainer *tr = NULL;
+	dl_error	err;
+	dl_status	st;
+	double		le = 0,
+				lb = 0;
+	int64_t		ne = 0,
+				nb = 0;
+	int			zero = 1;
+
+	if (!train_open("gptj-f32", 2, &f, &err, &st))
+		SKIP("fixture gptj-f32/train_expected.safetensors absent");
+	if (st == DL_OK)
+	{
+		fixture_config(&f, &cfg);
+		st = trainer_create(f.m, &cfg, &tr, &err);
+	}
+	if (st == DL_OK)
+		st = trainer_eval(tr, f.ex, f.n, &le, &ne, &err);
+	if (st == DL_OK)
+	{
+		size_t		n;
+		const float *g = trainer_grads(tr, &n);
+
+		for (size_t i = 0; i < n; i++)
+			zero &= g[i] == 0.0f;
+		st = trainer_backward(tr, f.ex, f.n, &lb, &nb, &err);
+	}
+	trainer_free(tr);
+	train_close(&f);
+	CHECK_OK(st, &err);
+	CHECK(zero);
+	CHECKF(le == lb && ne == nb && ne > 0, "eval %.9g / %lld, backward %.9g / %lld",
+		   le, (long long) ne, lb, (long long) nb);
+}
+
+/* Warmup from 0, then constant or linear decay to 0 at total_steps (and no further). */
+TEST(train_schedule_warmup_then_constant_or_linear)
+{
+	train_fixture f;
+	dl_error	err;
+	dl_status	st;
+
+	if (!train_open("gptj-f32", 1, &f, &err, &st))
+		SKIP("fixture gptj-f32/train_expected.safetensors absent");
+	for (int decay = 0; decay <= 1 && st == DL_OK; decay++)
+	{
+		dl_train_config cfg;
+		dl_trainer *tr = NULL;
+
+		fixture_config(&f, &cfg);
+		cfg.lr = 2.0f;
+		cfg.warmup_steps = 4;
+		cfg.total_steps = 10;
+		cfg.linear_decay = decay;
+		st = trainer_create(f.m, &cfg, &tr, &err);
+		for (int s = 0; s < 13 && st == DL_OK; s++)
+		{
+			float		lr,
+						norm;
+			double		want = s < 4 ? s / 4.0 : !decay ? 1.0 : s < 10 ? (10 - s) / 6.0 : 0.0;
+
+			/* zero gradients: the schedule alone, the parameters do not move */
+			st = trainer_update(tr, 1, s, &lr, &norm, &err);
+			if (st == DL_OK && (fabs(lr - 2.0 * want) > 1e-6 || norm != 0.0f))
+				st = dl_fail(&err, DL_EINVAL, "decay %d step %d: lr %g, expected %g (norm %g)",
+							 decay, s, lr, 2.0 * want, norm);
+		}
+		trainer_free(tr);
+	}
+	train_close(&f);
+	CHECK_OK(st, &err);
+}
+
+/* Batches and settings the trainer must refuse, with the reason. */
+TEST(train_rejects_bad_input)
+{
+	train_fixture f;
+	dl_train_config cfg;
+	dl_trainer *tr = NULL;
+	dl_error	err;
+	dl_status	st;
+	int32_t		ids[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+	dl_example	ex = {ids, 8, 4};
+	double		loss;
+	int64_t		nl;
+	float		lr,
+				norm;
+	struct
+	{
+		int			n;
+		int			first;
+		int32_t		id;
+		const char *what;
+	}			bad[] = {
+		{8, 0, 1, "first label"},
+		{8, 9, 1, "first label"},
+		{0, 1, 1, "has 0 tokens"},
+		{8, 4, 100000, "token id"},
+		{8, 4, -1, "token id"},
+	};
+
+	if (!train_open("gptj-f32", 1, &f, &err, &st))
+		SKIP("fixture gptj-f32/train_expected.safetensors absent");
+	CHECK_OK(st, &err);
+	fixture_config(&f, &cfg);
+	cfg.max_tokens = 12;
+	cfg.max_length = 10;
+	st = trainer_create(f.m, &cfg, &tr, &err);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]) && st == DL_OK; i++)
+	{
+		dl_example	e = {ids, bad[i].n, bad[i].first};
+
+		ids[5] = bad[i].id;
+		if (trainer_backward(tr, &e, 1, &loss, &nl, &err) != DL_EINVAL || !strstr(err.msg, bad[i].what))
+			st = dl_fail(&err, DL_EINVAL, "case %zu (%s) was not refused as expected", i, bad[i].what);
+		ids[5] = 6;
+	}
+	if (st == DL_OK)
+	{
+		dl_example	two[2] = {ex, ex};
+		dl_example	longer = {ids, 11, 4};
+		int32_t		many[11] = {0};
+
+		longer.ids = many;
+		if (trainer_backward(tr, two, 2, &loss, &nl, &err) != DL_EINVAL || !strstr(err.msg, "exceeds the limit of 12"))
+			st = dl_fail(&err, DL_EINVAL, "a batch over max_tokens was not refused");
+		else if (trainer_backward(tr, &longer, 1, &loss, &nl, &err) != DL_EINVAL || !strstr(err.msg, "the limit is 10"))
+			st = dl_fail(&err, DL_EINVAL, "an example over max_length was not refused");
+		else if (trainer_update(tr, 0, 0, &lr, &norm, &err) != DL_EINVAL || !strstr(err.msg, "no label tokens"))
+			st = dl_fail(&err, DL_EINVAL, "an update without labels was not refused");
+	}
+	/* no label at all is not an error: nothing to learn from, loss 0 */
+	if (st == DL_OK)
+	{
+		ex.first_label = 8;
+		st = trainer_backward(tr, &ex, 1, &loss, &nl, &err);
+		if (st == DL_OK && (loss != 0.0 || nl != 0))
+			st = dl_fail(&err, DL_EINVAL, "an example without labels gave loss %g over %lld", loss, (long long) nl);
+	}
+	trainer_free(tr);
+	tr = NULL;
+	if (st == DL_OK)
+	{
+		cfg.max_length = f.m->cfg.max_pos + 1;
+		if (trainer_create(f.m, &cfg, &tr, &err) != DL_EINVAL || !strstr(err.msg, "positions"))
+			st = dl_fail(&err, DL_EINVAL, "max_length over the model's positions was not refused");
+		trainer_free(tr);
+		tr = NULL;
+	}
+	if (st == DL_OK)
+	{
+		cfg.max_length = 10;
+		cfg.lr = -1.0f;
+		if (trainer_create(f.m, &cfg, &tr, &err) != DL_EINVAL || !strstr(err.msg, "learning rate"))
+			st = dl_fail(&err, DL_EINVAL, "a negative learning rate was not refused");
+		trainer_free(tr);
+	}
+	train_close(&f);
+	CHECK_OK(st, &err);
+}
