@@ -1,10 +1,14 @@
 /*
- * dolly_cli.c: the engine without PostgreSQL: generate text from a model directory, and
- * benchmark it.
+ * dolly_cli.c: the engine without PostgreSQL: generate text from a model directory,
+ * benchmark it, make a random model, fine-tune one on a JSON-lines file.
  *
  *   dolly-cli generate --model DIR [options] INSTRUCTION
  *   dolly-cli bench --model DIR [--threads N] [--prompt-tokens 512] [--gen-tokens 64] [--batch B]
  *   dolly-cli bench-gemm --model DIR [--threads N] [--prompt-tokens 512]
+ *   dolly-cli init --arch gpt_neox|gptj --layers N --hidden H --heads A [options]
+ *                  --tokenizer FILE --out DIR
+ *   dolly-cli train --model DIR --data FILE.jsonl --out DIR [options]
+ *   dolly-cli logits --model DIR --out FILE.safetensors TEXT
  *
  * generate wraps the instruction in Dolly's template (unless --raw), stops at "### End",
  * prints the response on stdout and the prefill and decode speeds on stderr. bench prints
@@ -12,21 +16,33 @@
  * the B prompts prefill in one pass, then B sequences decode together: aggregate tokens/s). bench-gemm times the
  * matrix products of a prefill through the backend against cblas_sgemm itself on the same
  * shapes, and the share of a prefill spent in them.
+ *
+ * init writes a model directory with seeded random weights (model_create_random) and
+ * the tokenizer with Dolly's special tokens, ready to fine-tune. train fine-tunes with
+ * Dolly's recipe (finetune_run) on records {"instruction", "context", "response"}, one
+ * JSON object a line, prints progress on stderr and one summary line on stdout
+ * ("train_tokens_per_s=X ..."), and saves the result. logits writes the ids and logits
+ * of a raw text (ids I32 [T], logits F32 [T, V]) for tests/check_saved_model.py.
  */
 #include "backend.h"
 #include "generate.h"
 #include "model.h"
 #include "prompt.h"
+#include "safetensors.h"
 #include "sampler.h"
 #include "sysinfo.h"
 #include "tokenizer.h"
+#include "train.h"
 
 #include <cblas.h>
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include <json.h>
 
 /* Command-line options of all commands. */
 typedef struct options
@@ -36,12 +52,32 @@ typedef struct options
 	int			max_new;
 	dl_sampling sampling;
 	uint64_t	seed;
-	const char *context;
+	const char *context;		/* generate: the record's context; init: positions */
 	int			raw;
 	int			prompt_tokens;
 	int			gen_tokens;
 	int			batch;
-	const char *instruction;
+	const char *instruction;	/* generate's instruction, logits' text */
+	int			seed_given;
+	/* init */
+	const char *arch;
+	int			layers;
+	int			hidden;
+	int			heads;
+	int			inner;
+	float		rotary_pct;
+	int			tie;
+	const char *tokenizer;
+	const char *out;
+	/* train */
+	const char *data;
+	int			epochs;
+	float		lr;
+	int			batch_size;
+	int			max_length;
+	int			max_tokens;
+	int			warmup;
+	float		eval_fraction;
 } options;
 
 /* Seconds on the monotonic clock. */
@@ -64,7 +100,14 @@ usage(FILE *f)
 			"                     [--top-p P] [--top-k K] [--greedy] [--seed S] [--context TEXT]\n"
 			"                     [--raw] INSTRUCTION\n"
 			"  dolly-cli bench --model DIR [--threads N] [--prompt-tokens N] [--gen-tokens N] [--batch B]\n"
-			"  dolly-cli bench-gemm --model DIR [--threads N] [--prompt-tokens N]\n");
+			"  dolly-cli bench-gemm --model DIR [--threads N] [--prompt-tokens N]\n"
+			"  dolly-cli init --arch gpt_neox|gptj --layers N --hidden H --heads A [--inner F]\n"
+			"                 [--context C] [--rotary-pct P] [--tie-embeddings] --tokenizer FILE\n"
+			"                 [--seed S] --out DIR\n"
+			"  dolly-cli train --model DIR --data FILE.jsonl --out DIR [--epochs 2] [--lr 5e-6]\n"
+			"                  [--batch-size 8] [--max-length N] [--max-tokens N] [--warmup 50]\n"
+			"                  [--seed 42] [--eval-fraction 0.05] [--threads N]\n"
+			"  dolly-cli logits --model DIR --out FILE.safetensors [--threads N] TEXT\n");
 }
 
 /* Report an engine error (and its hint) on stderr; returns the exit status 1. */
@@ -120,7 +163,10 @@ parse_options(int argc, char **argv, options *o)
 		/* Dolly's pipeline defaults: sampling, top_p 0.92, no top-k */
 		.sampling = {1, 1.0f, 0, 0.92f},
 		.seed = (uint64_t) time(NULL),
-		.prompt_tokens = 512, .gen_tokens = 64, .batch = 1
+		.prompt_tokens = 512, .gen_tokens = 64, .batch = 1,
+		.rotary_pct = 0.25f,
+		/* Dolly v2's recipe where it does not depend on the model's size */
+		.epochs = 2, .lr = -1, .batch_size = 8, .warmup = -1, .eval_fraction = 0.05f
 	};
 	for (int i = 2; i < argc; i++)
 	{
@@ -136,6 +182,11 @@ parse_options(int argc, char **argv, options *o)
 		if (strcmp(a, "--raw") == 0)
 		{
 			o->raw = 1;
+			continue;
+		}
+		if (strcmp(a, "--tie-embeddings") == 0)
+		{
+			o->tie = 1;
 			continue;
 		}
 		if (strncmp(a, "--", 2) != 0)
@@ -165,7 +216,7 @@ parse_options(int argc, char **argv, options *o)
 		else if (strcmp(a, "--top-k") == 0)
 			bad = parse_long(a, val, 0, 1 << 30, &v), o->sampling.top_k = (int) v;
 		else if (strcmp(a, "--seed") == 0)
-			bad = parse_long(a, val, 0, INT64_MAX, &v), o->seed = (uint64_t) v;
+			bad = parse_long(a, val, 0, INT64_MAX, &v), o->seed = (uint64_t) v, o->seed_given = 1;
 		else if (strcmp(a, "--prompt-tokens") == 0)
 			bad = parse_long(a, val, 1, 1 << 20, &v), o->prompt_tokens = (int) v;
 		else if (strcmp(a, "--gen-tokens") == 0)
@@ -176,6 +227,38 @@ parse_options(int argc, char **argv, options *o)
 			bad = parse_float(a, val, &o->sampling.temperature);
 		else if (strcmp(a, "--top-p") == 0)
 			bad = parse_float(a, val, &o->sampling.top_p);
+		else if (strcmp(a, "--arch") == 0)
+			o->arch = val;
+		else if (strcmp(a, "--layers") == 0)
+			bad = parse_long(a, val, 1, 1024, &v), o->layers = (int) v;
+		else if (strcmp(a, "--hidden") == 0)
+			bad = parse_long(a, val, 1, 1 << 16, &v), o->hidden = (int) v;
+		else if (strcmp(a, "--heads") == 0)
+			bad = parse_long(a, val, 1, 1024, &v), o->heads = (int) v;
+		else if (strcmp(a, "--inner") == 0)
+			bad = parse_long(a, val, 1, 1 << 18, &v), o->inner = (int) v;
+		else if (strcmp(a, "--rotary-pct") == 0)
+			bad = parse_float(a, val, &o->rotary_pct);
+		else if (strcmp(a, "--tokenizer") == 0)
+			o->tokenizer = val;
+		else if (strcmp(a, "--out") == 0)
+			o->out = val;
+		else if (strcmp(a, "--data") == 0)
+			o->data = val;
+		else if (strcmp(a, "--epochs") == 0)
+			bad = parse_long(a, val, 1, 10000, &v), o->epochs = (int) v;
+		else if (strcmp(a, "--lr") == 0)
+			bad = parse_float(a, val, &o->lr);
+		else if (strcmp(a, "--batch-size") == 0)
+			bad = parse_long(a, val, 1, 4096, &v), o->batch_size = (int) v;
+		else if (strcmp(a, "--max-length") == 0)
+			bad = parse_long(a, val, 2, 1 << 20, &v), o->max_length = (int) v;
+		else if (strcmp(a, "--max-tokens") == 0)
+			bad = parse_long(a, val, 1, 1 << 24, &v), o->max_tokens = (int) v;
+		else if (strcmp(a, "--warmup") == 0)
+			bad = parse_long(a, val, 0, 100000000, &v), o->warmup = (int) v;
+		else if (strcmp(a, "--eval-fraction") == 0)
+			bad = parse_float(a, val, &o->eval_fraction);
 		else
 		{
 			fprintf(stderr, "dolly-cli: unknown option \"%s\"\n", a);
@@ -184,7 +267,7 @@ parse_options(int argc, char **argv, options *o)
 		if (bad)
 			return 1;
 	}
-	if (o->model == NULL)
+	if (o->model == NULL && strcmp(argv[1], "init") != 0)
 	{
 		fprintf(stderr, "dolly-cli: --model DIR is required\n");
 		return 1;
@@ -555,6 +638,393 @@ done:
 	return rc;
 }
 
+/* Parameters of a model: the elements of its tensor map. */
+static long long
+param_count(const dl_model *m)
+{
+	long long	n = 0;
+
+	for (int i = 0; i < m->nmap; i++)
+		n += m->map[i].shape[0] * (m->map[i].ndim == 2 ? m->map[i].shape[1] : 1);
+	return n;
+}
+
+/* init: a model of the given shape with seeded random weights, ready to fine-tune. */
+static int
+cmd_init(const options *o)
+{
+	dl_error	err;
+	dl_backend *be = NULL;
+	dl_model   *m = NULL;
+	dl_tokenizer *tok = NULL;
+	dl_config	cfg;
+	long long	positions = 2048;
+	int			neox,
+				rc = 1;
+
+	if (o->arch == NULL || (strcmp(o->arch, "gpt_neox") != 0 && strcmp(o->arch, "gptj") != 0))
+	{
+		fprintf(stderr, "dolly-cli: init needs --arch gpt_neox or --arch gptj\n");
+		return 1;
+	}
+	if (!o->layers || !o->hidden || !o->heads || !o->tokenizer || !o->out)
+	{
+		fprintf(stderr, "dolly-cli: init needs --layers, --hidden, --heads, --tokenizer and --out\n");
+		return 1;
+	}
+	if (o->context && parse_long("--context", o->context, 1, 1 << 20, &positions))
+		return 1;
+	if (o->hidden % o->heads != 0 || !(o->rotary_pct >= 0.0f && o->rotary_pct <= 1.0f))
+	{
+		fprintf(stderr, "dolly-cli: --hidden %d must be a multiple of --heads %d, and --rotary-pct %g within [0, 1]\n",
+				o->hidden, o->heads, (double) o->rotary_pct);
+		return 1;
+	}
+	neox = strcmp(o->arch, "gpt_neox") == 0;
+	memset(&cfg, 0, sizeof(cfg));
+	cfg.arch = neox ? DL_ARCH_GPTNEOX : DL_ARCH_GPTJ;
+	cfg.n_layer = o->layers;
+	cfg.n_embd = o->hidden;
+	cfg.n_head = o->heads;
+	cfg.head_dim = o->hidden / o->heads;
+	cfg.n_inner = o->inner ? o->inner : 4 * o->hidden;
+	/* transformers' int(head_size * rotary_pct), made even: rotation works on pairs */
+	cfg.rotary_dim = (int) (cfg.head_dim * (double) o->rotary_pct) & ~1;
+	cfg.rotary_interleaved = !neox;
+	cfg.rotary_base = 10000.0f;
+	cfg.ln_eps = 1e-5f;
+	/* each architecture's usual activation: gelu_new (GPT-J), exact gelu (Pythia) */
+	cfg.act = neox ? DL_ACT_GELU_ERF : DL_ACT_GELU_TANH;
+	cfg.parallel_residual = true;
+	cfg.tie_embeddings = o->tie;
+	cfg.attention_bias = true;
+	cfg.max_pos = (int) positions;
+	if (tok_load(o->tokenizer, &tok, &err) != DL_OK)
+		goto fail;
+	cfg.vocab_size = cfg.config_vocab = tok_vocab_size(tok);
+	cfg.bos_id = cfg.eos_id = tok_token_id(tok, "<|endoftext|>");
+	if (backend_cpu_create(o->threads, &be, &err) != DL_OK ||
+		model_create_random(&cfg, be, o->seed_given ? o->seed : 42, &m, &err) != DL_OK ||
+		model_add_dolly_tokens(&m, tok, &err) != DL_OK ||
+		model_save(m, tok, NULL, o->out, &err) != DL_OK)
+		goto fail;
+	fprintf(stderr, "initialised %s: %s, %d layers, width %d, %d heads, MLP %d, %d positions, vocabulary %d, %lld parameters\n",
+			o->out, o->arch, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_inner, cfg.max_pos,
+			m->cfg.vocab_size, param_count(m));
+	rc = 0;
+	goto done;
+fail:
+	report(&err);
+done:
+	dl_model_free(m);
+	tok_free(tok);
+	if (be)
+		be->destroy(be);
+	return rc;
+}
+
+/* A string field of a record: "" when absent or null, NULL when of another type. */
+static const char *
+record_field(json_object *rec, const char *key)
+{
+	json_object *v;
+
+	if (!json_object_object_get_ex(rec, key, &v) || v == NULL)
+		return "";
+	return json_object_is_type(v, json_type_string) ? json_object_get_string(v) : NULL;
+}
+
+/*
+ * The examples of a JSON-lines file (blank lines ignored). Records the engine cannot
+ * use (empty fields, too long) are counted in *skipped, the first few reasons printed;
+ * a line that is not such a record stops everything. 0 on success.
+ */
+static int
+read_records(const char *path, const dl_tokenizer *tok, int max_length, dl_example **out,
+			 int *n, int *skipped)
+{
+	FILE	   *f = fopen(path, "r");
+	char	   *line = NULL;
+	size_t		cap = 0;
+	int			lineno = 0,
+				ncap = 0,
+				rc = 0;
+	dl_example *ex = NULL;
+
+	*n = *skipped = 0;
+	if (f == NULL)
+	{
+		fprintf(stderr, "dolly-cli: cannot open \"%s\": %s\n", path, strerror(errno));
+		return 1;
+	}
+	while (rc == 0 && getline(&line, &cap, f) >= 0)
+	{
+		json_object *rec;
+		dl_example *grown = NULL;
+		const char *instr,
+				   *ctx,
+				   *resp;
+		dl_error	err;
+
+		lineno++;
+		if (line[strspn(line, " \t\r\n")] == '\0')
+			continue;
+		rec = json_tokener_parse(line);
+		instr = rec && json_object_is_type(rec, json_type_object) ? record_field(rec, "instruction") : NULL;
+		ctx = instr ? record_field(rec, "context") : NULL;
+		resp = ctx ? record_field(rec, "response") : NULL;
+		if (resp == NULL)
+		{
+			fprintf(stderr, "dolly-cli: %s:%d: not a JSON object with string fields instruction, context and response\n",
+					path, lineno);
+			rc = 1;
+		}
+		else if (*n == ncap && (grown = realloc(ex, 2 * (ncap + 512) * sizeof(dl_example))) == NULL)
+		{
+			fprintf(stderr, "dolly-cli: out of memory reading \"%s\"\n", path);
+			rc = 1;
+		}
+		else
+		{
+			if (*n == ncap)
+			{
+				ex = grown;
+				ncap = 2 * (ncap + 512);
+			}
+			if (example_from_record(tok, instr, ctx, resp, max_length, &ex[*n], &err) == DL_OK)
+				(*n)++;
+			else if (err.code != DL_EINVAL)
+				rc = report(&err);
+			else if ((*skipped)++ < 5)
+				fprintf(stderr, "dolly-cli: %s:%d: skipped: %s\n", path, lineno, err.msg);
+		}
+		json_object_put(rec);
+	}
+	if (rc == 0 && ferror(f))
+	{
+		fprintf(stderr, "dolly-cli: cannot read \"%s\": %s\n", path, strerror(errno));
+		rc = 1;
+	}
+	free(line);
+	fclose(f);
+	*out = ex;
+	return rc;
+}
+
+/* Shuffle examples with the seed (Fisher-Yates), as the job worker does before its split. */
+static void
+shuffle_examples(dl_example *ex, int n, uint64_t seed)
+{
+	dl_rng		rng;
+
+	rng_seed(&rng, seed);
+	for (int i = n - 1; i > 0; i--)
+	{
+		int			j = (int) (rng_uniform(&rng) * (i + 1));
+		dl_example	t = ex[i];
+
+		ex[i] = ex[j];
+		ex[j] = t;
+	}
+}
+
+/*
+ * Peak resident memory of this process in MB (VmHWM), -1 if unknown. Not getrusage's
+ * ru_maxrss: that counts the parent's memory when a large process (a Python benchmark)
+ * forked us, before exec.
+ */
+static double
+peak_rss_mb(void)
+{
+	FILE	   *f = fopen("/proc/self/status", "r");
+	char		line[256];
+	double		mb = -1;
+	long		kb;
+
+	while (f && fgets(line, sizeof(line), f))
+		if (sscanf(line, "VmHWM: %ld kB", &kb) == 1)
+			mb = kb / 1024.0;
+	if (f)
+		fclose(f);
+	return mb;
+}
+
+/* Progress of train on stderr, one line per step or evaluation. */
+static int
+print_progress(void *arg, const dl_train_progress *p)
+{
+	(void) arg;
+	if (strcmp(p->phase, "evaluating") == 0)
+		fprintf(stderr, "epoch %d step %d/%d eval_loss %.4f\n", p->epoch, p->step, p->total_steps,
+				p->eval_loss);
+	else
+		fprintf(stderr, "epoch %d step %d/%d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f\n",
+				p->epoch, p->step, p->total_steps, p->train_loss, (double) p->lr,
+				(double) p->grad_norm, p->tokens_per_second);
+	return 0;
+}
+
+/* train: fine-tune a model directory on a JSON-lines file and save the result. */
+static int
+cmd_train(const options *o)
+{
+	char		path[4096];
+	dl_error	err;
+	dl_backend *be = NULL;
+	dl_model   *m = NULL;
+	dl_tokenizer *tok = NULL;
+	dl_example *ex = NULL;
+	dl_finetune_opts fo;
+	dl_train_progress last;
+	int			n = 0,
+				skipped,
+				neval,
+				rc = 1;
+	uint64_t	seed = o->seed_given ? o->seed : 42;
+
+	if (o->data == NULL || o->out == NULL)
+	{
+		fprintf(stderr, "dolly-cli: train needs --data FILE.jsonl and --out DIR\n");
+		return 1;
+	}
+	if (!(o->eval_fraction >= 0.0f && o->eval_fraction < 1.0f))
+	{
+		fprintf(stderr, "dolly-cli: --eval-fraction %g must be in [0, 1)\n", (double) o->eval_fraction);
+		return 1;
+	}
+	if (load(o, &be, &m, &err))
+		goto done;
+	snprintf(path, sizeof(path), "%s/tokenizer.json", o->model);
+	if (tok_load(path, &tok, &err) != DL_OK || model_add_dolly_tokens(&m, tok, &err) != DL_OK)
+	{
+		report(&err);
+		goto done;
+	}
+	if (read_records(o->data, tok, o->max_length ? o->max_length : m->cfg.max_pos, &ex, &n, &skipped))
+		goto done;
+	/* Dolly shuffles with its seed, then holds out the test records */
+	shuffle_examples(ex, n, seed);
+	neval = (int) lround(n * (double) o->eval_fraction);
+	if (neval == 0 && o->eval_fraction > 0 && n > 1)
+		neval = 1;
+	fprintf(stderr, "%d records (%d training, %d evaluation), %d skipped, %lld parameters\n",
+			n, n - neval, neval, skipped, param_count(m));
+	if (n - neval < 1)
+	{
+		fprintf(stderr, "dolly-cli: no records left to train on in \"%s\"\n", o->data);
+		goto done;
+	}
+
+	memset(&fo, 0, sizeof(fo));
+	train_defaults(&fo.cfg);
+	if (o->lr >= 0)
+		fo.cfg.lr = o->lr;
+	if (o->warmup >= 0)
+		fo.cfg.warmup_steps = o->warmup;
+	if (o->max_tokens)
+		fo.cfg.max_tokens = o->max_tokens;
+	fo.cfg.max_length = o->max_length ? o->max_length : m->cfg.max_pos;
+	fo.epochs = o->epochs;
+	fo.batch_size = o->batch_size;
+	fo.nranks = 1;
+	fo.seed = seed;
+	fo.progress = print_progress;
+	if (finetune_run(m, ex + neval, n - neval, ex, neval, &fo, &last, &err) != DL_OK)
+	{
+		report(&err);
+		goto done;
+	}
+	/* the peak of training, before saving adds its float32 copy of the parameters */
+	printf("train_tokens_per_s=%.1f steps=%d train_loss=%.4f eval_loss=%.4f records=%d skipped=%d peak_rss_mb=%.1f threads=%d\n",
+		   last.tokens_per_second, last.step, last.train_loss, last.eval_loss, n, skipped,
+		   peak_rss_mb(), o->threads);
+	fflush(stdout);
+	snprintf(path, sizeof(path), "%s/config.json", o->model);
+	if (model_save(m, tok, path, o->out, &err) != DL_OK)
+	{
+		report(&err);
+		goto done;
+	}
+	fprintf(stderr, "saved %s\n", o->out);
+	rc = 0;
+done:
+	for (int i = 0; i < n; i++)
+		example_free(&ex[i]);
+	free(ex);
+	tok_free(tok);
+	dl_model_free(m);
+	if (be)
+		be->destroy(be);
+	return rc;
+}
+
+/* logits: the ids and logits of a raw text, into a safetensors file. */
+static int
+cmd_logits(const options *o)
+{
+	char		path[4096];
+	dl_error	err;
+	dl_backend *be = NULL;
+	dl_model   *m = NULL;
+	dl_tokenizer *tok = NULL;
+	dl_kv_cache *c = NULL;
+	int32_t    *ids = NULL;
+	float	   *lg = NULL;
+	int			n,
+				rc = 1;
+
+	if (o->instruction == NULL || o->out == NULL)
+	{
+		fprintf(stderr, "dolly-cli: logits needs --out FILE.safetensors and a TEXT\n");
+		return 1;
+	}
+	if (load(o, &be, &m, &err))
+		goto done;
+	snprintf(path, sizeof(path), "%s/tokenizer.json", o->model);
+	if (tok_load(path, &tok, &err) != DL_OK ||
+		tok_encode(tok, o->instruction, strlen(o->instruction), &ids, &n, &err) != DL_OK)
+	{
+		report(&err);
+		goto done;
+	}
+	if (n < 1 || n > m->cfg.max_pos)
+	{
+		fprintf(stderr, "dolly-cli: the text has %d tokens; the model takes 1 to %d\n", n, m->cfg.max_pos);
+		goto done;
+	}
+	lg = malloc((size_t) n * m->cfg.vocab_size * sizeof(float));
+	if (lg == NULL)
+	{
+		fprintf(stderr, "dolly-cli: out of memory\n");
+		goto done;
+	}
+	{
+		dl_seq		s = {0, 0, n, ids, DL_LOGITS_ALL};
+		st_write_tensor t[2] = {
+			{"ids", ST_I32, 1, {n}, ids},
+			{"logits", ST_F32, 2, {n, m->cfg.vocab_size}, lg},
+		};
+
+		if (dl_kv_cache_create(m, 1, n, n, &c, &err) != DL_OK ||
+			dl_model_forward(m, c, &s, 1, lg, &err) != DL_OK ||
+			st_write(o->out, t, 2, NULL, 0, &err) != DL_OK)
+		{
+			report(&err);
+			goto done;
+		}
+	}
+	rc = 0;
+done:
+	free(lg);
+	free(ids);
+	dl_kv_cache_free(c);
+	tok_free(tok);
+	dl_model_free(m);
+	if (be)
+		be->destroy(be);
+	return rc;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -576,6 +1046,12 @@ main(int argc, char **argv)
 		return cmd_bench(&o);
 	if (strcmp(argv[1], "bench-gemm") == 0)
 		return cmd_bench_gemm(&o);
+	if (strcmp(argv[1], "init") == 0)
+		return cmd_init(&o);
+	if (strcmp(argv[1], "train") == 0)
+		return cmd_train(&o);
+	if (strcmp(argv[1], "logits") == 0)
+		return cmd_logits(&o);
 	fprintf(stderr, "dolly-cli: unknown command \"%s\"\n", argv[1]);
 	usage(stderr);
 	return 2;
