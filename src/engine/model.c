@@ -367,6 +367,7 @@ load_params(dl_model *m, const st_set *set, const char *dir, dl_error *err)
 	return st;
 }
 
+/* A model of configuration cfg: map, parameter block (contents undefined), rotary table. */
 dl_status
 dl_model_create(const dl_config *cfg, dl_backend *be, dl_model **out, dl_error *err)
 {
