@@ -3,8 +3,8 @@
  * made by tests/make_fixtures.py build_train): the loss and the gradient of every
  * parameter of a batch of Dolly examples, and the losses, gradient norms and learning
  * rates of 10 AdamW steps; the data-parallel property (two ranks on halves of the batch,
- * gradients and label counts summed, update the model exactly as one rank on the whole
- * batch); tied embeddings; evaluation; the schedule; and the errors.
+ * gradients and label counts summed, update the model as one rank on the whole batch)
+ * and gradient accumulation; tied embeddings; evaluation; the schedule; the errors.
  */
 #include "harness.h"
 #include "../../src/engine/train.h"
@@ -368,15 +368,17 @@ param_diff(const dl_model *a, const dl_model *b)
  * The DDP property on every fixture model: rank 0 takes the first example, rank 1 the
  * others; each accumulates its gradients, the buffers and label counts are summed (as
  * an all-reduce would, the same sum on both) and both update with the GLOBAL count.
- * The two ranks stay bit-identical, and match one rank that took the whole batch up to
- * rounding (the sums over tokens are split differently, about 1e-7 of the gradients).
+ * Gradient accumulation is the same thing on one rank: a third trainer takes the two
+ * parts as two micro-batches before one update. The two ranks stay bit-identical, and
+ * all match one rank that took the whole batch at once up to rounding (the sums over
+ * tokens are split differently, about 1e-7 of the gradients).
  * Adam with a small eps and clipping are blind to the gradients' scale (a step is about
  * lr * sign(g)) and amplify the rounding of gradients near zero, so this test runs with
  * eps 1 and no clipping, where a step is about lr * g (1e-5 here): normalising by a
  * rank's own count instead of the global one would show in full; rounding stays within
  * an ulp or two of the parameters (1e-7 for parameters below 1).
  */
-TEST(train_two_ranks_equal_one)
+TEST(train_two_ranks_and_micro_batches_equal_one_batch)
 {
 	static const char *const names[] = {"gptj-f32", "neox-par-f32", "neox-seq-f32"};
 
@@ -384,15 +386,16 @@ TEST(train_two_ranks_equal_one)
 	{
 		train_fixture f;
 		dl_train_config cfg;
-		dl_model   *rank[2] = {NULL, NULL};
+		dl_model   *mod[3] = {NULL, NULL, NULL};	/* rank 0, rank 1, accumulating */
 		dl_trainer *whole = NULL,
-				   *tr[2] = {NULL, NULL};
+				   *tr[3] = {NULL, NULL, NULL};
 		dl_error	err;
 		dl_status	st;
 		double		gdiff = 0,
 					gmax = 0,
 					ndiff = 0,
 					pdiff = 0,
+					adiff = 0,
 					rank_diff = 0;
 
 		if (!train_open(names[k], 2, &f, &err, &st))
@@ -405,68 +408,78 @@ TEST(train_two_ranks_equal_one)
 			cfg.max_grad_norm = 0.0f;
 			st = trainer_create(f.m, &cfg, &whole, &err);
 		}
-		for (int r = 0; r < 2 && st == DL_OK; r++)
+		for (int r = 0; r < 3 && st == DL_OK; r++)
 		{
-			st = dl_model_load(fixture_path(names[k]), f.be, &rank[r], &err);
+			st = dl_model_load(fixture_path(names[k]), f.be, &mod[r], &err);
 			if (st == DL_OK)
-				st = trainer_create(rank[r], &cfg, &tr[r], &err);
+				st = trainer_create(mod[r], &cfg, &tr[r], &err);
 		}
 		for (int step = 0; step < 2 && st == DL_OK; step++)
 		{
-			double		loss[2],
-						loss_all;
+			double		loss;
 			int64_t		cnt[2],
-						cnt_all;
+						cnt_all,
+						cnt_acc[2];
 			size_t		n;
 			float	   *g0,
 					   *g1,
+					   *ga,
 					   *gw,
 					   lr,
-					   norm[3];
+					   norm[4];
 
-			st = trainer_backward(tr[0], f.ex, 1, &loss[0], &cnt[0], &err);
+			st = trainer_backward(tr[0], f.ex, 1, &loss, &cnt[0], &err);
 			if (st == DL_OK)
-				st = trainer_backward(tr[1], f.ex + 1, f.n - 1, &loss[1], &cnt[1], &err);
+				st = trainer_backward(tr[1], f.ex + 1, f.n - 1, &loss, &cnt[1], &err);
 			if (st == DL_OK)
-				st = trainer_backward(whole, f.ex, f.n, &loss_all, &cnt_all, &err);
+				st = trainer_backward(tr[2], f.ex, 1, &loss, &cnt_acc[0], &err);
+			if (st == DL_OK)
+				st = trainer_backward(tr[2], f.ex + 1, f.n - 1, &loss, &cnt_acc[1], &err);
+			if (st == DL_OK)
+				st = trainer_backward(whole, f.ex, f.n, &loss, &cnt_all, &err);
 			if (st != DL_OK)
 				break;
 			g0 = trainer_grads(tr[0], &n);
 			g1 = trainer_grads(tr[1], &n);
+			ga = trainer_grads(tr[2], &n);
 			gw = trainer_grads(whole, &n);
 			for (size_t i = 0; i < n; i++)
 			{
 				g0[i] += g1[i];
 				g1[i] = g0[i];
-				gdiff = fmax(gdiff, fabs((double) g0[i] - gw[i]));
+				gdiff = fmax(gdiff, fmax(fabs((double) g0[i] - gw[i]), fabs((double) ga[i] - gw[i])));
 				gmax = fmax(gmax, fabs(gw[i]));
 			}
-			for (int r = 0; r < 2 && st == DL_OK; r++)
+			for (int r = 0; r < 3 && st == DL_OK; r++)
 				st = trainer_update(tr[r], cnt[0] + cnt[1], step, &lr, &norm[r], &err);
 			if (st == DL_OK)
-				st = trainer_update(whole, cnt_all, step, &lr, &norm[2], &err);
-			ndiff = fmax(ndiff, fabs(norm[0] - norm[2]) / norm[2] + fabs(norm[0] - norm[1]));
-			if (st == DL_OK && cnt[0] + cnt[1] != cnt_all)
+				st = trainer_update(whole, cnt_all, step, &lr, &norm[3], &err);
+			if (st == DL_OK && (cnt[0] + cnt[1] != cnt_all || cnt_acc[0] != cnt[0] || cnt_acc[1] != cnt[1]))
 				st = dl_fail(&err, DL_EINVAL, "label counts %lld + %lld != %lld",
 							 (long long) cnt[0], (long long) cnt[1], (long long) cnt_all);
+			for (int r = 0; r < 3; r++)
+				ndiff = fmax(ndiff, fabs(norm[r] - norm[3]) / norm[3]);
 		}
 		if (st == DL_OK)
 		{
-			rank_diff = param_diff(rank[0], rank[1]);
-			pdiff = param_diff(rank[0], f.m);
+			rank_diff = param_diff(mod[0], mod[1]);
+			pdiff = param_diff(mod[0], f.m);
+			adiff = param_diff(mod[2], f.m);
 		}
-		trainer_free(tr[0]);
-		trainer_free(tr[1]);
+		for (int r = 0; r < 3; r++)
+		{
+			trainer_free(tr[r]);
+			dl_model_free(mod[r]);
+		}
 		trainer_free(whole);
-		dl_model_free(rank[0]);
-		dl_model_free(rank[1]);
 		train_close(&f);
 		CHECK_OK(st, &err);
 		CHECKF(gdiff <= 1e-6 * gmax, "%s: summed gradients differ from the whole batch's by %g (largest %g)",
 			   names[k], gdiff, gmax);
 		CHECKF(ndiff <= 1e-6, "%s: the gradient norms differ by %g (relative)", names[k], ndiff);
 		CHECKF(rank_diff == 0, "%s: the ranks' parameters differ by %g", names[k], rank_diff);
-		CHECKF(pdiff <= 1e-7, "%s: two ranks and one differ by %g after 2 steps", names[k], pdiff);
+		CHECKF(pdiff <= 1e-7, "%s: two ranks and one batch differ by %g after 2 steps", names[k], pdiff);
+		CHECKF(adiff <= 1e-7, "%s: two micro-batches and one batch differ by %g after 2 steps", names[k], adiff);
 	}
 }
 
