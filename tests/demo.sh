@@ -13,8 +13,10 @@ short=${DOLLY_DEMO_SHORT:-0}
 if [ "$short" = 1 ]; then
 	records=3000 epochs=1 layers=2 hidden=128 heldout=60
 else
-	records=${DOLLY_DEMO_RECORDS:-24000} epochs=${DOLLY_DEMO_EPOCHS:-1} layers=4 hidden=256 heldout=300
+	records=${DOLLY_DEMO_RECORDS:-32000} epochs=${DOLLY_DEMO_EPOCHS:-1} layers=${DOLLY_DEMO_LAYERS:-4}
+	hidden=${DOLLY_DEMO_HIDDEN:-256} heldout=300
 fi
+batch=${DOLLY_DEMO_BATCH:-32} lr=${DOLLY_DEMO_LR:-2e-3}
 threads=$(nproc)
 
 bindir=$(pg_config --bindir)
@@ -53,23 +55,28 @@ psql -q -v n="$records" -v seed=0.42 -v table=train_records -f tests/demo/record
 psql -q -v n="$heldout" -v seed=0.77 -v table=heldout -f tests/demo/records.sql
 psql -c "SELECT instruction, response FROM train_records LIMIT 3"
 
+# Answer the held-out records with model $1 (greedy), print exact-match accuracy per task,
+# and leave the overall percentage in $pct.
 accuracy() {
+	psql -q -c "CREATE TABLE \"answers_$1\" AS
+	            SELECT id, task, instruction, response,
+	                   dolly_generate(instruction, model => '$1', do_sample => false,
+	                                  max_new_tokens => 16) AS answer
+	              FROM heldout"
 	psql -c "SELECT task, round(100.0 * avg((answer = response)::int), 1) AS exact_match_pct,
 	                (array_agg(instruction || ' -> ' || answer ORDER BY id))[1] AS example
-	           FROM (SELECT id, task, instruction, response,
-	                        dolly_generate(instruction, model => '$1', do_sample => false,
-	                                       max_new_tokens => 16) AS answer
-	                   FROM heldout) t
-	          GROUP BY ROLLUP (task) ORDER BY task NULLS LAST"
+	           FROM \"answers_$1\" GROUP BY ROLLUP (task) ORDER BY task NULLS LAST"
+	pct=$(psql -At -c "SELECT round(100.0 * avg((answer = response)::int), 1) FROM \"answers_$1\"")
 }
 
 echo "== before fine-tuning: the base model on the held-out records"
 accuracy base
+before=$pct
 
 echo "== dolly_finetune: Dolly's recipe on the table, in a background worker"
 job=$(psql -At -c "SELECT dolly_finetune('train_records', 'tuned', base_model => 'base',
-                   epochs => $epochs, batch_size => 32, learning_rate => 2e-3,
-                   warmup_steps => 20, lr_schedule => 'linear', eval_fraction => 0.02)")
+                   epochs => $epochs, batch_size => $batch, learning_rate => $lr,
+                   warmup_steps => 50, lr_schedule => 'linear', eval_fraction => 0.02)")
 while :; do
 	line=$(psql -At -F ' ' -c "SELECT state, coalesce(phase, '-'), step, total_steps,
 	         round(train_loss::numeric, 3), round(eval_loss::numeric, 3), round(tokens_per_second)
@@ -84,3 +91,12 @@ case "$line" in succeeded*) ;; *) echo "fine-tuning did not succeed"; exit 1 ;; 
 
 echo "== after fine-tuning: the new model, served by dolly_generate"
 accuracy tuned
+after=$pct
+
+echo "== exact match on $heldout held-out records: $before% before, $after% after fine-tuning"
+if [ "$short" = 1 ]; then
+	# the quick version trains too little to follow instructions; it must still learn
+	awk -v a="$after" -v b="$before" 'BEGIN { exit !(a > b) }' || { echo "no improvement"; exit 1; }
+else
+	awk -v a="$after" 'BEGIN { exit !(a >= 80) }' || { echo "below the 80% goal"; exit 1; }
+fi

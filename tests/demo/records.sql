@@ -3,7 +3,7 @@
 -- reverse it, or sort it (four letters each). The letters are those the demo's tokenizer spells as one token
 -- with a leading space, so a small model sees one token per letter. Usage (psql):
 --   \set n 20000  \set seed 0.42  \i records.sql   -> table :"table" (instruction, response)
-SELECT setseed(:seed);
+SELECT setseed(:seed) \gset
 CREATE TABLE :"table" AS
 WITH lists AS (
 	SELECT i,
