@@ -12,6 +12,9 @@
 #include "threadpool.h"
 
 #include <cblas.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,6 +55,58 @@ row_tasks(dl_backend *be, int n)
 
 /* --- vectorisable helpers --- */
 
+/* The widest float vector the target has: gcc's vector extension, so any ISA compiles. */
+#if defined(__AVX512F__)
+#define VEC_LANES 16
+#elif defined(__AVX__)
+#define VEC_LANES 8
+#else
+#define VEC_LANES 4
+#endif
+
+typedef float vfloat __attribute__((vector_size(VEC_LANES * sizeof(float))));
+
+/* VEC_LANES floats from p, any alignment. */
+static inline vfloat
+vload(const float *p)
+{
+	vfloat		v;
+
+	memcpy(&v, p, sizeof(v));
+	return v;
+}
+
+/* Sum of the lanes of v. */
+static inline float
+vhsum(vfloat v)
+{
+#if defined(__AVX512F__)
+	return _mm512_reduce_add_ps((__m512) v);
+#else
+	float		s = 0.0f;
+
+	for (int i = 0; i < VEC_LANES; i++)
+		s += v[i];
+	return s;
+#endif
+}
+
+/* Dot product of a and b, n floats. */
+static inline float
+vdot(const float *a, const float *b, int n)
+{
+	vfloat		acc = {0};
+	float		s;
+	int			i = 0;
+
+	for (; i + VEC_LANES <= n; i += VEC_LANES)
+		acc += vload(a + i) * vload(b + i);
+	s = vhsum(acc);
+	for (; i < n; i++)
+		s += a[i] * b[i];
+	return s;
+}
+
 /* Sum of a[i]. */
 static inline float
 vsum(const float *a, int n)
@@ -68,6 +123,26 @@ vsum(const float *a, int n)
 	for (int j = 0; j < 16; j++)
 		s += acc[j];
 	return s;
+}
+
+/* Largest a[i] (n >= 1). */
+static inline float
+vmax(const float *a, int n)
+{
+	float		acc[16];
+	float		m = a[0];
+	int			i = 0;
+
+	for (int j = 0; j < 16; j++)
+		acc[j] = a[0];
+	for (; i + 16 <= n; i += 16)
+		for (int j = 0; j < 16; j++)
+			acc[j] = a[i + j] > acc[j] ? a[i + j] : acc[j];
+	for (; i < n; i++)
+		m = a[i] > m ? a[i] : m;
+	for (int j = 0; j < 16; j++)
+		m = acc[j] > m ? acc[j] : m;
+	return m;
 }
 
 /*
@@ -109,6 +184,24 @@ fast_expf(float x)
 	bits = (n + 127) << 23;
 	memcpy(&scale, &bits, sizeof(scale));
 	return y * scale;
+}
+
+/* Sum of exp(a[i] - m). */
+static inline float
+vsum_exp(const float *a, int n, float m)
+{
+	float		acc[16] = {0};
+	float		s = 0.0f;
+	int			i = 0;
+
+	for (; i + 16 <= n; i += 16)
+		for (int j = 0; j < 16; j++)
+			acc[j] += fast_expf(a[i + j] - m);
+	for (; i < n; i++)
+		s += fast_expf(a[i] - m);
+	for (int j = 0; j < 16; j++)
+		s += acc[j];
+	return s;
 }
 
 /* tanh(sqrt(2/pi) (x + 0.044715 x^3)), GELU's tanh form; tanh(u) = 1 - 2 / (exp(2u) + 1). */
@@ -561,6 +654,25 @@ cpu_layernorm_backward(dl_backend *be, float *din, float *dw, float *db, const f
 
 /* --- matrix product --- */
 
+/*
+ * Small M (decode: one row per sequence) does not go to sgemm, which packs its operands
+ * on every call: with a few rows of in, packing W costs more than multiplying by it,
+ * and the product is bound by reading W once anyway. Instead each task streams its
+ * slice of W's rows once and computes, per tile of MMV_NB rows of W and up to MMV_MB
+ * rows of in, all the dot products in vector registers (W's rows are contiguous
+ * operands since W is [N, K]). Up to MMV_MAX_M rows; sgemm from there on, where its
+ * packing pays for itself.
+ */
+#if defined(__AVX512F__)
+#define MMV_NB 4				/* 16 accumulators + 4 W + 1 in of 32 registers */
+#else
+#define MMV_NB 2				/* 8 + 2 + 1 of 16 registers */
+#endif
+#define MMV_MB 4
+#define MMV_MAX_M 64
+/* rows of W per task: a multiple of 16 (out's cache lines) and of MMV_NB */
+#define MMV_ROWS 64
+
 typedef struct mm_args
 {
 	float	   *out;
@@ -574,22 +686,140 @@ typedef struct mm_args
 	int			ntasks;
 } mm_args;
 
+/*
+ * out[m .. m + mb, n .. n + nb] (+)= in rows times W rows (+ bias): nb x mb dot products
+ * over all of K in registers. Always inlined with constant nb and mb, so that the
+ * accumulators are registers and the loops unroll. With prefetch, the next nb rows of W
+ * are fetched meanwhile, a cache line of each per step: the memory works while the
+ * FMAs do, instead of the tile stalling on its first use of every line.
+ */
+static inline __attribute__((always_inline)) void
+mmv_tile(const mm_args *a, int n, int m, const int nb, const int mb, int prefetch)
+{
+	const int	K = a->K;
+	const float *w = a->W + (size_t) n * K;
+	const float *x = a->in + (size_t) m * K;
+	vfloat		acc[MMV_NB][MMV_MB];
+	int			k = 0;
+
+	for (int i = 0; i < nb; i++)
+		for (int j = 0; j < mb; j++)
+			acc[i][j] = (vfloat) {0};
+	for (; k + VEC_LANES <= K; k += VEC_LANES)
+	{
+		vfloat		wv[MMV_NB];
+
+		/*
+		 * Operands into registers, each loaded once: otherwise gcc folds the loads into
+		 * the FMAs and loads every operand again for each of its uses.
+		 */
+		for (int i = 0; i < nb; i++)
+		{
+			wv[i] = vload(w + (size_t) i * K + k);
+			__asm__("" : "+x"(wv[i]));
+			if (prefetch)
+				__builtin_prefetch(w + (size_t) (nb + i) * K + k);
+		}
+		for (int j = 0; j < mb; j++)
+		{
+			vfloat		xv = vload(x + (size_t) j * K + k);
+
+			__asm__("" : "+x"(xv));
+			for (int i = 0; i < nb; i++)
+				acc[i][j] += wv[i] * xv;
+		}
+	}
+	for (int j = 0; j < mb; j++)
+	{
+		float	   *o = a->out + (size_t) (m + j) * a->N + n;
+
+		for (int i = 0; i < nb; i++)
+		{
+			float		s = vhsum(acc[i][j]);
+
+			for (int kk = k; kk < K; kk++)
+				s += w[(size_t) i * K + kk] * x[(size_t) j * K + kk];
+			if (a->bias)
+				s += a->bias[n + i];
+			o[i] = a->accumulate ? o[i] + s : s;
+		}
+	}
+}
+
+/*
+ * mmv_tile with nb = MMV_NB (full) or 1 (the rows left over), for mb = 1 .. MMV_MB;
+ * full tiles prefetch the next tile when asked.
+ */
+static void
+mmv_tile_any(const mm_args *a, int n, int m, int full, int mb, int prefetch)
+{
+	if (full)
+		switch (mb)
+		{
+			case 1:
+				mmv_tile(a, n, m, MMV_NB, 1, prefetch);
+				break;
+			case 2:
+				mmv_tile(a, n, m, MMV_NB, 2, prefetch);
+				break;
+			case 3:
+				mmv_tile(a, n, m, MMV_NB, 3, prefetch);
+				break;
+			default:
+				mmv_tile(a, n, m, MMV_NB, 4, prefetch);
+				break;
+		}
+	else
+		switch (mb)
+		{
+			case 1:
+				mmv_tile(a, n, m, 1, 1, 0);
+				break;
+			case 2:
+				mmv_tile(a, n, m, 1, 2, 0);
+				break;
+			case 3:
+				mmv_tile(a, n, m, 1, 3, 0);
+				break;
+			default:
+				mmv_tile(a, n, m, 1, 4, 0);
+				break;
+		}
+}
+
+/*
+ * Rows [n0, n1) of W against every row of in: per tile of W's rows, the rows of in in
+ * nearly equal blocks of at most MMV_MB (8 rows are two blocks of 4, not 4 + 4 by luck
+ * only), so the tile of W is read from memory once and from cache after.
+ */
+static void
+mmv_rows(const mm_args *a, int n0, int n1)
+{
+	int			nmb = (a->M + MMV_MB - 1) / MMV_MB;
+
+	for (int n = n0; n < n1;)
+	{
+		int			full = n1 - n >= MMV_NB;
+
+		for (int b = 0; b < nmb; b++)
+		{
+			int			m0,
+						m1;
+
+			task_range(a->M, nmb, b, &m0, &m1);
+			/* the first block of rows of in fetches the next tile, if in this slice */
+			mmv_tile_any(a, n, m0, full, m1 - m0, b == 0 && n + 2 * MMV_NB <= n1);
+		}
+		n += full ? MMV_NB : 1;
+	}
+}
+
 /* Columns [n0, n1) of out, i.e. rows [n0, n1) of W, with a single-threaded BLAS call. */
 static void
-mm_task(void *p, int task, int thread)
+mm_sgemm(const mm_args *a, int n0, int n1)
 {
-	mm_args    *a = p;
-	int			n0,
-				n1;
 	float		beta = a->accumulate ? 1.0f : 0.0f;
 
-	(void) thread;
-	/* slice boundaries on multiples of 16 columns keep rows of W cache-line aligned */
-	task_range((a->N + 15) / 16, a->ntasks, task, &n0, &n1);
-	n0 *= 16;
-	n1 = n1 * 16 < a->N ? n1 * 16 : a->N;
-	if (n1 <= n0)
-		return;
 	if (a->bias)
 	{
 		/* out = bias (or out += bias), then the product is added on top */
@@ -605,23 +835,46 @@ mm_task(void *p, int task, int thread)
 		}
 		beta = 1.0f;
 	}
-	if (a->M == 1)
-		cblas_sgemv(CblasRowMajor, CblasNoTrans, n1 - n0, a->K, 1.0f,
-					a->W + (size_t) n0 * a->K, a->K, a->in, 1, beta, a->out + n0, 1);
-	else
-		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->M, n1 - n0, a->K, 1.0f,
-					a->in, a->K, a->W + (size_t) n0 * a->K, a->K, beta, a->out + n0, a->N);
+	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->M, n1 - n0, a->K, 1.0f,
+				a->in, a->K, a->W + (size_t) n0 * a->K, a->K, beta, a->out + n0, a->N);
 }
 
-/* out[M,N] (+)= in[M,K] @ W[N,K]^T + bias, one slice of W per thread. */
+/* One slice of W's rows, 16-aligned so that rows of W and of out stay cache-line aligned. */
+static void
+mm_task(void *p, int task, int thread)
+{
+	mm_args    *a = p;
+	int			n0,
+				n1;
+
+	(void) thread;
+	task_range((a->N + 15) / 16, a->ntasks, task, &n0, &n1);
+	n0 *= 16;
+	n1 = n1 * 16 < a->N ? n1 * 16 : a->N;
+	if (n1 <= n0)
+		return;
+	if (a->M <= MMV_MAX_M)
+		mmv_rows(a, n0, n1);
+	else
+		mm_sgemm(a, n0, n1);
+}
+
+/*
+ * out[M,N] (+)= in[M,K] @ W[N,K]^T + bias. sgemm: one slice of W per thread (each call
+ * packs in again). Small M: slices of MMV_ROWS rows, handed out as they are done, so
+ * that a thread slowed by the rest of the machine does not hold up the others.
+ */
 static void
 cpu_matmul_forward(dl_backend *be, float *out, const float *in, const void *W,
 				   const float *bias, int M, int K, int N, int accumulate)
 {
 	int			slices = (N + 15) / 16;
 	int			nt = threadpool_size(pool_of(be));
-	mm_args		a = {out, in, W, bias, M, K, N, accumulate, slices < nt ? slices : nt};
+	mm_args		a = {out, in, W, bias, M, K, N, accumulate, 0};
 
+	if (M <= MMV_MAX_M)
+		nt = (N + MMV_ROWS - 1) / MMV_ROWS;
+	a.ntasks = slices < nt ? slices : nt;
 	threadpool_run(pool_of(be), mm_task, &a, a.ntasks);
 }
 
@@ -798,9 +1051,10 @@ typedef struct attn_args
 	int			head_dim;
 	float		scale;
 	float	   *scratch;		/* the workspace: ATTN_QBLOCK * max_ctx floats per thread */
+	int			groups;			/* decode: groups of heads per span, one task each */
 } attn_args;
 
-/* Store the k and v rows of span `task` in its cache slot. */
+/* Store the k and v rows of span `task` in its cache slot (decode spans store their own). */
 static void
 kv_store_task(void *p, int task, int thread)
 {
@@ -809,6 +1063,8 @@ kv_store_task(void *p, int task, int thread)
 	int			C = a->n_head * a->head_dim;
 
 	(void) thread;
+	if (sp->len == 1)
+		return;
 	for (int i = 0; i < sp->len; i++)
 	{
 		const float *row = a->qkv + (size_t) (sp->first + i) * 3 * C;
@@ -869,7 +1125,72 @@ attend_block(const float *q, int qs, const float *k, const float *v, int kvs, fl
 					S, nk, v, kvs, 0.0f, o, os);
 }
 
-/* One head of one block of query tokens of one span, over the span's cache slot. */
+/* y[i] += alpha x[i], n floats. */
+static inline void
+vaxpy(float *restrict y, const float *restrict x, float alpha, int n)
+{
+	for (int i = 0; i < n; i++)
+		y[i] += alpha * x[i];
+}
+
+/*
+ * Decode (a span of one new token): group `group` of the span's heads, [h0, h1), which
+ * also stores the token's k and v for those heads. A cache row holds every head of one position, so the
+ * group reads its heads' slices of consecutive rows, key by key: one plain stream when
+ * the group is all heads, instead of a 256-byte piece every row per head. The scores of
+ * the group's heads ([h1 - h0, n], at most ATTN_QBLOCK heads) fill the thread's scratch.
+ */
+static void
+attend_decode(const attn_args *a, const dl_span *sp, int group, int thread)
+{
+	int			D = a->head_dim,
+				C = a->n_head * D,
+				n = sp->pos + 1;	/* keys: every position up to the new one */
+	int			h0,
+				h1;
+	const float *q = a->qkv + (size_t) sp->first * 3 * C;
+	float	   *kc = a->k_cache + (size_t) sp->slot * a->max_ctx * C,
+			   *vc = a->v_cache + (size_t) sp->slot * a->max_ctx * C,
+			   *o = a->out + (size_t) sp->first * C,
+			   *S = a->scratch + (size_t) thread * ATTN_QBLOCK * a->max_ctx;
+	float		inv[ATTN_QBLOCK];
+
+	task_range(a->n_head, a->groups, group, &h0, &h1);
+	memcpy(kc + (size_t) sp->pos * C + h0 * D, q + C + h0 * D, (h1 - h0) * D * sizeof(float));
+	memcpy(vc + (size_t) sp->pos * C + h0 * D, q + 2 * C + h0 * D, (h1 - h0) * D * sizeof(float));
+	for (int j = 0; j < n; j++)
+		for (int h = h0; h < h1; h++)
+			S[(size_t) (h - h0) * n + j] =
+				a->scale * vdot(q + h * D, kc + (size_t) j * C + h * D, D);
+	for (int h = h0; h < h1; h++)
+	{
+		float	   *s = S + (size_t) (h - h0) * n;
+		float		m = vmax(s, n);
+
+		for (int j = 0; j < n; j++)
+			s[j] = fast_expf(s[j] - m);
+		inv[h - h0] = 1.0f / vsum(s, n);
+	}
+	memset(o + h0 * D, 0, (h1 - h0) * D * sizeof(float));
+	for (int j = 0; j < n; j++)
+		for (int h = h0; h < h1; h++)
+			vaxpy(o + h * D, vc + (size_t) j * C + h * D, S[(size_t) (h - h0) * n + j], D);
+	for (int h = h0; h < h1; h++)
+		for (int d = 0; d < D; d++)
+			o[h * D + d] *= inv[h - h0];
+}
+
+/* Tasks of span sp in a pass over the cache: head groups of a decode, else blocks x heads. */
+static inline int
+cache_span_tasks(const attn_args *a, const dl_span *sp)
+{
+	return sp->len == 1 ? a->groups : span_tasks(sp, a->n_head);
+}
+
+/*
+ * One task of attention over the cache: a group of heads of a decode span, or one head
+ * of one block of query tokens of a longer span, over the span's cache slot.
+ */
 static void
 attn_task(void *p, int task, int thread)
 {
@@ -882,8 +1203,13 @@ attn_task(void *p, int task, int thread)
 				nq;
 	size_t		kv0;
 
-	while (task >= span_tasks(sp, a->n_head))
-		task -= span_tasks(sp++, a->n_head);
+	while (task >= cache_span_tasks(a, sp))
+		task -= cache_span_tasks(a, sp++);
+	if (sp->len == 1)
+	{
+		attend_decode(a, sp, task, thread);
+		return;
+	}
 	h = task % a->n_head;
 	t0 = task / a->n_head * ATTN_QBLOCK;
 	nq = sp->len - t0 < ATTN_QBLOCK ? sp->len - t0 : ATTN_QBLOCK;
@@ -903,18 +1229,31 @@ cpu_attention_workspace(dl_backend *be, int max_ctx)
 	return (size_t) threadpool_size(pool_of(be)) * ATTN_QBLOCK * max_ctx * sizeof(float);
 }
 
-/* Store k, v of the new tokens, then attend: two passes over the pool. */
+/*
+ * Store k, v of the new tokens, then attend. Spans of more than one token are stored in
+ * a first pass (a block's keys include the tokens of the blocks before it); decode spans
+ * store their own in the attention pass, so that a pure decode step is one pass.
+ */
 static void
 cpu_attention_forward(dl_backend *be, float *out, const float *qkv, void *k_cache,
 					  void *v_cache, int max_ctx, const dl_spans *spans, int n_head,
 					  int head_dim, float scale, void *workspace)
 {
-	attn_args	a = {out, qkv, k_cache, v_cache, max_ctx, spans, n_head, head_dim, scale, workspace};
-	int			ntasks = 0;
+	attn_args	a = {out, qkv, k_cache, v_cache, max_ctx, spans, n_head, head_dim, scale, workspace, 0};
+	int			nt = threadpool_size(pool_of(be));
+	int			fewest = (n_head + ATTN_QBLOCK - 1) / ATTN_QBLOCK;
+	int			ntasks = 0,
+				ndecode = 0;
 
-	threadpool_run(pool_of(be), kv_store_task, &a, spans->n);
 	for (int s = 0; s < spans->n; s++)
-		ntasks += span_tasks(&spans->host[s], n_head);
+		ndecode += spans->host[s].len == 1;
+	/* whole sequences per task, unless too few of them to keep the threads busy */
+	a.groups = nt > 1 && ndecode ? (4 * nt + ndecode - 1) / ndecode : 1;
+	a.groups = a.groups < fewest ? fewest : a.groups > n_head ? n_head : a.groups;
+	if (ndecode < spans->n)
+		threadpool_run(pool_of(be), kv_store_task, &a, spans->n);
+	for (int s = 0; s < spans->n; s++)
+		ntasks += cache_span_tasks(&a, &spans->host[s]);
 	threadpool_run(pool_of(be), attn_task, &a, ntasks);
 }
 
@@ -1188,44 +1527,6 @@ typedef struct xent_args
 	int			V;
 	int			ntasks;
 } xent_args;
-
-/* Largest a[i] (n >= 1). */
-static inline float
-vmax(const float *a, int n)
-{
-	float		acc[16];
-	float		m = a[0];
-	int			i = 0;
-
-	for (int j = 0; j < 16; j++)
-		acc[j] = a[0];
-	for (; i + 16 <= n; i += 16)
-		for (int j = 0; j < 16; j++)
-			acc[j] = a[i + j] > acc[j] ? a[i + j] : acc[j];
-	for (; i < n; i++)
-		m = a[i] > m ? a[i] : m;
-	for (int j = 0; j < 16; j++)
-		m = acc[j] > m ? acc[j] : m;
-	return m;
-}
-
-/* Sum of exp(a[i] - m). */
-static inline float
-vsum_exp(const float *a, int n, float m)
-{
-	float		acc[16] = {0};
-	float		s = 0.0f;
-	int			i = 0;
-
-	for (; i + 16 <= n; i += 16)
-		for (int j = 0; j < 16; j++)
-			acc[j] += fast_expf(a[i + j] - m);
-	for (; i < n; i++)
-		s += fast_expf(a[i] - m);
-	for (int j = 0; j < 16; j++)
-		s += acc[j];
-	return s;
-}
 
 /* Loss (and gradient) of rows [lo, hi); the label's logit is read before d overwrites it. */
 static void
