@@ -11,7 +11,7 @@ bash tests/setup.sh
 
 short=${DOLLY_DEMO_SHORT:-0}
 if [ "$short" = 1 ]; then
-	records=3000 epochs=1 layers=2 hidden=128 heldout=60
+	records=12000 epochs=1 layers=4 hidden=256 heldout=60
 else
 	records=${DOLLY_DEMO_RECORDS:-32000} epochs=${DOLLY_DEMO_EPOCHS:-1} layers=${DOLLY_DEMO_LAYERS:-4}
 	hidden=${DOLLY_DEMO_HIDDEN:-256} heldout=300
