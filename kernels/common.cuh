@@ -1,11 +1,25 @@
-/* common.cuh: error plumbing shared by the CUDA plugin's files. */
+/*
+ * common.cuh: what the CUDA plugin's files share: the backend's state, error plumbing,
+ * number conversions and reductions used by the kernels, and the entry points each file
+ * gives to the backend table (assembled in backend.cu).
+ *
+ * Operations of backend.h that return void run asynchronously on the backend's stream;
+ * a failure to launch them is kept in cuda_backend.pending and reported by the next
+ * operation that returns a dl_status (upload, download, synchronize, upload_tensor).
+ */
 #ifndef DOLLY_KERNELS_COMMON_CUH
 #define DOLLY_KERNELS_COMMON_CUH
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+#include <type_traits>
 
 extern "C" {
+#include "backend.h"
 #include "error.h"
 }
 
@@ -23,10 +37,236 @@ extern "C" {
 		return dl_fail((err), DL_EBACKEND, "%s failed: %s", #call, cublasGetStatusString(s_)); \
 	} while (0)
 
-/* Elementwise kernels launch this many threads a block. */
+/* Elementwise and row kernels launch this many threads a block. */
 #define DL_BLOCK 256
 
-/* Launch the GELU (tanh form, "gelu_new") kernel: out[i] = gelu(in[i]) for n floats. */
-void		gelu_tanh_forward_launch(float *out, const float *in, long n, cudaStream_t stream);
+/* upload_tensor moves tensors through two staging buffers of this size (host and device). */
+#define STAGE_BYTES ((size_t) 16 << 20)
+
+typedef struct cuda_backend
+{
+	dl_backend	be;				/* first: a dl_backend * is a cuda_backend * */
+	char		name[16];		/* "cuda:N" */
+	int			dev;
+	int			fp32;			/* weights and KV cache in float32 (tests), else bfloat16 */
+	int			sm_count;
+	cudaStream_t stream;		/* every operation runs on it, in order */
+	cublasHandle_t blas;
+	dl_error	pending;		/* first failure of an asynchronous operation (code DL_OK: none) */
+	void	   *host_stage[2];	/* upload_tensor: pinned host buffers, made on first use */
+	void	   *dev_stage[2];	/* and device buffers for data that needs converting */
+	cudaEvent_t stage_done[2];	/* when the transfer out of each pair has completed */
+	void	   *act16;			/* bfloat16 copy of a matrix product's input for cuBLAS */
+	size_t		act16_bytes;
+} cuda_backend;
+
+/* The CUDA state behind a backend. */
+static inline cuda_backend *
+cuda_of(dl_backend *be)
+{
+	return (cuda_backend *) be;
+}
+
+/*
+ * The same, at the start of an entry point: make the backend's device current for this
+ * thread (the current device is per thread, and a process may hold backends on several).
+ */
+static inline cuda_backend *
+cuda_enter(dl_backend *be)
+{
+	cudaSetDevice(((cuda_backend *) be)->dev);
+	return (cuda_backend *) be;
+}
+
+/* Keep the first failure of an asynchronous operation: op names it, what says why. */
+void		cuda_fail(cuda_backend *cb, dl_status code, const char *op, const char *what);
+
+/* After a kernel launch: keep a launch failure of op. */
+void		cuda_check_launch(cuda_backend *cb, const char *op);
+
+/* Move the kept failure into err and forget it; DL_OK when there was none. */
+dl_status	cuda_take_pending(cuda_backend *cb, dl_error *err);
+
+/* --- conversions --- */
+
+/* float32 from either storage format. */
+static __device__ __forceinline__ float
+to_f32(float x)
+{
+	return x;
+}
+
+static __device__ __forceinline__ float
+to_f32(__nv_bfloat16 x)
+{
+	return __bfloat162float(x);
+}
+
+static __device__ __forceinline__ float
+to_f32(__half x)
+{
+	return __half2float(x);
+}
+
+/* A storage format from float32, rounding to nearest even. */
+template <typename T> static __device__ __forceinline__ T from_f32(float x);
+
+template <> __device__ __forceinline__ float
+from_f32<float>(float x)
+{
+	return x;
+}
+
+template <> __device__ __forceinline__ __nv_bfloat16
+from_f32<__nv_bfloat16>(float x)
+{
+	return __float2bfloat16_rn(x);
+}
+
+/*
+ * Load VEC consecutive elements of type T as float32: one 16-byte load when VEC fills
+ * 16 bytes (p must then be 16-byte aligned), else element by element.
+ */
+template <typename T, int VEC>
+static __device__ __forceinline__ void
+load_vec(const T *p, float (&f)[VEC])
+{
+	if constexpr (VEC * sizeof(T) == 16 && std::is_same<T, float>::value)
+	{
+		float4		u = *(const float4 *) p;
+
+		f[0] = u.x;
+		f[1] = u.y;
+		f[2] = u.z;
+		f[3] = u.w;
+	}
+	else if constexpr (VEC * sizeof(T) == 16 && std::is_same<T, __nv_bfloat16>::value)
+	{
+		/* eight bfloat16: element 2i in the low half of word i, as memory orders them */
+		uint4		u = *(const uint4 *) p;
+		uint32_t	w[4] = {u.x, u.y, u.z, u.w};
+
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+		{
+			f[2 * i] = __uint_as_float(w[i] << 16);
+			f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+		}
+	}
+	else
+	{
+#pragma unroll
+		for (int i = 0; i < VEC; i++)
+			f[i] = to_f32(p[i]);
+	}
+}
+
+/* Blocks of DL_BLOCK threads for a grid-stride loop over n elements. */
+static inline unsigned
+grid_for(size_t n)
+{
+	size_t		blocks = (n + DL_BLOCK - 1) / DL_BLOCK;
+
+	return (unsigned) (blocks < 65535 ? blocks : 65535);
+}
+
+/* dst[i] = src[i] converted between storage formats, n elements. */
+template <typename S, typename D>
+__global__ static void
+convert_kernel(D *dst, const S *src, size_t n)
+{
+	for (size_t i = blockIdx.x * (size_t) blockDim.x + threadIdx.x; i < n;
+		 i += (size_t) gridDim.x * blockDim.x)
+		dst[i] = from_f32<D>(to_f32(src[i]));
+}
+
+/* --- reductions --- */
+
+/* Sum over the 32 lanes of a warp, every lane gets it. */
+static __device__ __forceinline__ float
+warp_sum(float v)
+{
+#pragma unroll
+	for (int off = 16; off > 0; off >>= 1)
+		v += __shfl_xor_sync(0xffffffffu, v, off);
+	return v;
+}
+
+/* Sum over the block (blockDim.x a multiple of 32, at most 1024); red: 32 floats of shared memory. */
+static __device__ __forceinline__ float
+block_sum(float v, float *red)
+{
+	int			lane = threadIdx.x & 31,
+				warp = threadIdx.x >> 5,
+				nwarps = blockDim.x >> 5;
+
+	v = warp_sum(v);
+	__syncthreads();			/* red may still be read from a previous call */
+	if (lane == 0)
+		red[warp] = v;
+	__syncthreads();
+	if (warp == 0)
+	{
+		v = warp_sum(lane < nwarps ? red[lane] : 0.0f);
+		if (lane == 0)
+			red[0] = v;
+	}
+	__syncthreads();
+	return red[0];
+}
+
+/* --- entry points of the backend table, by file --- */
+
+/* memory.cu */
+void	   *cuda_alloc(dl_backend *be, size_t bytes, dl_error *err);
+void		cuda_free(dl_backend *be, void *ptr);
+void		cuda_zero(dl_backend *be, void *dst, size_t bytes);
+void		cuda_copy(dl_backend *be, void *dst, const void *src, size_t bytes);
+dl_status	cuda_upload(dl_backend *be, void *dst, const void *src, size_t bytes, dl_error *err);
+dl_status	cuda_download(dl_backend *be, void *dst, const void *src, size_t bytes,
+						  dl_error *err);
+dl_status	cuda_synchronize(dl_backend *be, dl_error *err);
+dl_status	cuda_upload_tensor(dl_backend *be, void *dst, dl_fmt fmt, const st_tensor *t,
+							   const int32_t *rows, dl_error *err);
+/* Release upload_tensor's staging buffers (at destroy). */
+void		cuda_stage_free(cuda_backend *cb);
+
+/* embedding.cu */
+void		cuda_embedding_forward(dl_backend *be, float *out, const void *table,
+								   const int32_t *ids, int T, int C);
+void		cuda_gather_rows_forward(dl_backend *be, float *out, const float *in,
+									 const int32_t *rows, int n, int C);
+
+/* layernorm.cu */
+void		cuda_layernorm_forward(dl_backend *be, float *out, float *mean, float *rstd,
+								   const float *in, const float *w, const float *b, int T,
+								   int C, float eps);
+
+/* matmul.cu */
+void		cuda_matmul_forward(dl_backend *be, float *out, const float *in, const void *W,
+								const float *bias, int M, int K, int N, int accumulate);
+
+/* rotary.cu */
+void		cuda_rotary_forward(dl_backend *be, float *x, int stride, int T, int n_head,
+								int head_dim, int rot_dim, int interleaved, const int32_t *pos,
+								const float *cos_sin);
+
+/* attention.cu */
+void		cuda_attention_forward(dl_backend *be, float *out, const float *qkv, void *k_cache,
+								   void *v_cache, int max_ctx, const dl_spans *spans,
+								   int n_head, int head_dim, float scale, void *workspace);
+size_t		cuda_attention_workspace(dl_backend *be, int max_ctx);
+/* Allow the prefill kernels the shared memory they need (at create). */
+dl_status	cuda_attention_init(cuda_backend *cb, dl_error *err);
+
+/* activation.cu */
+void		cuda_gelu_forward(dl_backend *be, float *out, const float *in, size_t n,
+							  dl_gelu form);
+/* Launch the GELU kernel of the given form on stream (also used by the self-test). */
+void		gelu_forward_launch(float *out, const float *in, size_t n, dl_gelu form,
+								cudaStream_t stream);
+
+/* backend.cu */
+dl_status	cuda_backend_create(int dev, int fp32, dl_backend **out, dl_error *err);
 
 #endif

@@ -1,6 +1,7 @@
 /*
- * plugin.cu: the entry point of dolly_cuda.so (see src/engine/cuda_plugin.h): device probing
- * and a self-test that runs one of our kernels and one cuBLAS product against the host.
+ * plugin.cu: the entry point of dolly_cuda.so (see src/engine/cuda_plugin.h): device probing,
+ * a self-test that runs one of our kernels and one cuBLAS product against the host, and
+ * the creation of the CUDA backend (backend.cu).
  */
 #include <math.h>
 #include <stdio.h>
@@ -75,7 +76,7 @@ run_selftest(float *host, float *dev, cublasHandle_t blas, dl_error *err)
 	CUDA_TRY(cudaMemcpy(dx, x, n * sizeof(float), cudaMemcpyHostToDevice), err);
 	CUDA_TRY(cudaMemcpy(da, a, (M * K + N * K) * sizeof(float), cudaMemcpyHostToDevice), err);
 
-	gelu_tanh_forward_launch(dy, dx, n, 0);
+	gelu_forward_launch(dy, dx, n, DL_GELU_TANH, 0);
 	CUDA_TRY(cudaGetLastError(), err);
 	/* cuBLAS is column-major: C^T[N,M] = B[N,K] A^T[K,M] is our row-major C = A B^T */
 	CUBLAS_TRY(cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, db, K, da, K,
@@ -132,6 +133,7 @@ static const dl_cuda_plugin plugin = {
 	STR(CUDART_VERSION),
 	probe,
 	selftest,
+	cuda_backend_create,
 };
 
 extern "C" __attribute__((visibility("default"))) const dl_cuda_plugin *

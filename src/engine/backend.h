@@ -294,6 +294,15 @@ struct dl_backend
  */
 dl_status	backend_cpu_create(int threads, dl_backend **out, dl_error *err);
 
+/*
+ * The CUDA backend on GPU `device`, from the plugin at plugin_path (dolly_cuda.so, loaded
+ * on first use: nothing that links the engine links CUDA): bfloat16 weights and KV cache
+ * with float32 accumulation, or with fp32 float32 throughout (tests against float32
+ * references). No plugin is DL_EUNSUPPORTED; no GPU, a driver or device failure DL_EBACKEND.
+ */
+dl_status	backend_cuda_create(const char *plugin_path, int device, int fp32, dl_backend **out,
+								dl_error *err);
+
 #ifdef __cplusplus
 }
 #endif

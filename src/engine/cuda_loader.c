@@ -39,9 +39,10 @@ cuda_plugin_load(const char *path, const dl_cuda_plugin **out, dl_error *err)
 	plugin = entry();
 	if (plugin == NULL || plugin->abi != DL_CUDA_PLUGIN_ABI)
 	{
-		dlclose(handle);
+		/* read the table before dlclose() unmaps it */
 		dl_fail(err, DL_EBACKEND, "CUDA plugin \"%s\" has ABI %d, this engine needs %d",
 				path, plugin ? plugin->abi : -1, DL_CUDA_PLUGIN_ABI);
+		dlclose(handle);
 		return dl_hint(err, "reinstall dolly so that dolly.so and dolly_cuda.so come from the same build");
 	}
 	loaded = plugin;

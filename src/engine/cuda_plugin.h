@@ -11,9 +11,10 @@
 
 #include <stddef.h>
 
+#include "backend.h"
 #include "error.h"
 
-#define DL_CUDA_PLUGIN_ABI 1
+#define DL_CUDA_PLUGIN_ABI 2
 #define DL_CUDA_PLUGIN_SYMBOL "dolly_cuda_plugin"
 #define DL_CUDA_PLUGIN_FILE "dolly_cuda.so"
 #define DL_MAX_GPUS 16
@@ -39,6 +40,10 @@ typedef struct dl_cuda_plugin
 	/* Run one of our kernels and one cuBLAS product on device dev and check both against
 	 * the host: proof that the build, the driver and the libraries agree. */
 	dl_status	(*selftest) (int dev, dl_error *err);
+
+	/* Create a backend on device dev: bfloat16 weights and KV cache, or float32 with fp32
+	 * (exact, for tests). See backend_cuda_create in backend.h. */
+	dl_status	(*create) (int dev, int fp32, dl_backend **out, dl_error *err);
 } dl_cuda_plugin;
 
 typedef const dl_cuda_plugin *(*dl_cuda_plugin_fn) (void);

@@ -1,0 +1,139 @@
+/*
+ * backend.cu: the CUDA backend's life: creating it on a device (stream, cuBLAS handle,
+ * the table of backend.h filled with the other files' operations), keeping the failures
+ * of asynchronous operations until they can be reported, and destroying it.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.cuh"
+
+void
+cuda_fail(cuda_backend *cb, dl_status code, const char *op, const char *what)
+{
+	if (cb->pending.code == DL_OK)
+		dl_fail(&cb->pending, code, "CUDA %s failed on %s: %s", op, cb->name, what);
+}
+
+void
+cuda_check_launch(cuda_backend *cb, const char *op)
+{
+	cudaError_t e = cudaGetLastError();
+
+	if (e != cudaSuccess)
+		cuda_fail(cb, DL_EBACKEND, op, cudaGetErrorString(e));
+}
+
+dl_status
+cuda_take_pending(cuda_backend *cb, dl_error *err)
+{
+	dl_status	code = cb->pending.code;
+
+	if (code == DL_OK)
+		return DL_OK;
+	if (err)
+		*err = cb->pending;
+	cb->pending.code = DL_OK;
+	return code;
+}
+
+/* Release whatever a (possibly half-made) backend holds. */
+static void
+cuda_destroy(dl_backend *be)
+{
+	cuda_backend *cb = cuda_enter(be);
+
+	if (cb->stream)
+		cudaStreamSynchronize(cb->stream);
+	cuda_stage_free(cb);
+	for (int i = 0; i < 2; i++)
+		if (cb->stage_done[i])
+			cudaEventDestroy(cb->stage_done[i]);
+	cudaFree(cb->act16);
+	if (cb->blas)
+		cublasDestroy(cb->blas);
+	if (cb->stream)
+		cudaStreamDestroy(cb->stream);
+	free(cb);
+}
+
+/* The device's checks and objects, into a zeroed cb; on failure the caller destroys cb. */
+static dl_status
+cuda_backend_init(cuda_backend *cb, int dev, dl_error *err)
+{
+	cudaDeviceProp prop;
+	int			n = 0;
+	cudaError_t e = cudaGetDeviceCount(&n);
+
+	if (e == cudaErrorNoDevice || (e == cudaSuccess && n == 0))
+		return dl_fail(err, DL_EBACKEND, "no CUDA GPU is visible");
+	if (e != cudaSuccess)
+	{
+		dl_fail(err, DL_EBACKEND, "the CUDA driver cannot be used: %s", cudaGetErrorString(e));
+		return dl_hint(err, "check that the NVIDIA driver is installed and nvidia-smi sees the GPU");
+	}
+	if (dev < 0 || dev >= n)
+		return dl_fail(err, DL_EINVAL, "CUDA device %d does not exist (%d visible)", dev, n);
+	CUDA_TRY(cudaSetDevice(dev), err);
+	CUDA_TRY(cudaGetDeviceProperties(&prop, dev), err);
+	if (prop.major < 8)
+	{
+		dl_fail(err, DL_EUNSUPPORTED, "GPU %d (%s) has compute capability %d.%d", dev, prop.name,
+				prop.major, prop.minor);
+		return dl_hint(err, "the CUDA backend needs compute capability 8.0 (Ampere) or newer");
+	}
+	cb->sm_count = prop.multiProcessorCount;
+	CUDA_TRY(cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking), err);
+	for (int i = 0; i < 2; i++)
+		CUDA_TRY(cudaEventCreateWithFlags(&cb->stage_done[i], cudaEventDisableTiming), err);
+	CUBLAS_TRY(cublasCreate(&cb->blas), err);
+	CUBLAS_TRY(cublasSetStream(cb->blas, cb->stream), err);
+	return cuda_attention_init(cb, err);
+}
+
+dl_status
+cuda_backend_create(int dev, int fp32, dl_backend **out, dl_error *err)
+{
+	cuda_backend *cb = (cuda_backend *) calloc(1, sizeof(*cb));
+	dl_status	st;
+
+	*out = NULL;
+	if (cb == NULL)
+		return dl_fail(err, DL_ENOMEM, "out of memory creating the CUDA backend");
+	cb->dev = dev;
+	cb->fp32 = fp32 != 0;
+	snprintf(cb->name, sizeof(cb->name), "cuda:%d", dev);
+	if ((st = cuda_backend_init(cb, dev, err)) != DL_OK)
+	{
+		cudaGetLastError();
+		cuda_destroy(&cb->be);
+		return st;
+	}
+
+	cb->be.name = cb->name;
+	cb->be.weight_elem_size = cb->fp32 ? 4 : 2;
+	cb->be.kv_elem_size = cb->fp32 ? 4 : 2;
+	cb->be.alignment = 256;		/* cudaMalloc's; keeps every vector load aligned */
+	cb->be.threads = 0;
+	cb->be.alloc = cuda_alloc;
+	cb->be.free = cuda_free;
+	cb->be.zero = cuda_zero;
+	cb->be.copy = cuda_copy;
+	cb->be.upload = cuda_upload;
+	cb->be.download = cuda_download;
+	cb->be.synchronize = cuda_synchronize;
+	cb->be.upload_tensor = cuda_upload_tensor;
+	cb->be.embedding_forward = cuda_embedding_forward;
+	cb->be.gather_rows_forward = cuda_gather_rows_forward;
+	cb->be.layernorm_forward = cuda_layernorm_forward;
+	cb->be.matmul_forward = cuda_matmul_forward;
+	cb->be.rotary_forward = cuda_rotary_forward;
+	cb->be.attention_forward = cuda_attention_forward;
+	cb->be.attention_workspace = cuda_attention_workspace;
+	cb->be.gelu_forward = cuda_gelu_forward;
+	/* the training operations (backward, cross-entropy, AdamW) are not on CUDA yet: NULL */
+	cb->be.destroy = cuda_destroy;
+	*out = &cb->be;
+	return DL_OK;
+}

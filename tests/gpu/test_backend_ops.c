@@ -1,0 +1,842 @@
+/*
+ * test_backend_ops.c: every forward operation and memory function of every backend under
+ * test (backends.h: CUDA in bfloat16 and in float32) against the CPU backend, on fresh
+ * random inputs (llama.cpp's test-backend-ops). One line per case: the normalised error
+ * ||out - ref|| / ||ref|| and its tolerance. Outputs are poisoned with NaN before each
+ * operation, so an element left unwritten fails the case.
+ *
+ * The reference gets exactly the inputs the backend under test computes with: weights as
+ * that backend stores them (read back and widened), and for a bfloat16 backend inputs that
+ * bfloat16 holds exactly wherever the backend rounds them (activations entering a cuBLAS
+ * product, k and v entering the cache). What remains is summation order and libm:
+ * 1e-5 (float32 far under 1e-3, METHOD.md). Copies must be exact. One matrix-product
+ * case keeps inexact inputs to check the rounding itself, at 1e-2 (bfloat16 operands:
+ * 2^-9 relative per element).
+ *
+ * Without a GPU (or without the plugin) every test says SKIP and why.
+ */
+#include "harness.h"
+#include "backends.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TOL_F32 1e-5
+#define TOL_BF16 1e-2
+
+/* Uniform floats in [-1, 1) from a 64-bit LCG. */
+static float
+frand(uint64_t *s)
+{
+	*s = *s * 6364136223846793005ULL + 1442695040888963407ULL;
+	return (float) ((*s >> 40) / (double) (1ULL << 24)) * 2.0f - 1.0f;
+}
+
+/* A seed of its own for each case (different inputs everywhere, the same on every run). */
+static uint64_t
+new_seed(void)
+{
+	static uint64_t n = 0;
+
+	n += 0x9e3779b97f4a7c15ULL;
+	return n;
+}
+
+/* n random floats times scale (malloc'd). */
+static float *
+randv(size_t n, float scale, uint64_t *s)
+{
+	float	   *v = malloc(n * sizeof(float));
+
+	for (size_t i = 0; i < n; i++)
+		v[i] = frand(s) * scale;
+	return v;
+}
+
+/* x rounded to the nearest bfloat16 (ties to even), as bits. */
+static uint16_t
+bf16_bits(float x)
+{
+	uint32_t	u;
+
+	memcpy(&u, &x, 4);
+	if ((u & 0x7fffffffu) > 0x7f800000u)
+		return (uint16_t) (u >> 16 | 0x40);
+	u += 0x7fffu + ((u >> 16) & 1);
+	return (uint16_t) (u >> 16);
+}
+
+/* A bfloat16 (bits) as float. */
+static float
+bf16_float(uint16_t b)
+{
+	uint32_t	u = (uint32_t) b << 16;
+	float		x;
+
+	memcpy(&x, &u, 4);
+	return x;
+}
+
+/* Round n floats to bfloat16 values in place. */
+static void
+round_bf16(float *v, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		v[i] = bf16_float(bf16_bits(v[i]));
+}
+
+/* Whether be stores weights (and the KV cache) as bfloat16. */
+static int
+is_bf16(const dl_backend *be)
+{
+	return be->weight_elem_size == 2;
+}
+
+/* ||a - b|| / ||b||; infinite when a holds a NaN or infinity. */
+static double
+nerr(const float *a, const float *b, size_t n)
+{
+	double		d = 0,
+				r = 0;
+
+	for (size_t i = 0; i < n; i++)
+	{
+		if (!isfinite(a[i]))
+			return INFINITY;
+		d += ((double) a[i] - b[i]) * ((double) a[i] - b[i]);
+		r += (double) b[i] * b[i];
+	}
+	return r > 0 ? sqrt(d / r) : sqrt(d);
+}
+
+/* Print one case and say whether its error is within tol. */
+static int
+report(const char *op, const char *shape, const char *label, double e, double tol)
+{
+	int			ok = e <= tol;
+
+	printf("  %-16s %-40s %-14s nerr %9.2e  tol %.0e  %s\n", op, shape, label, e, tol,
+		   ok ? "ok" : "FAIL");
+	return ok;
+}
+
+/* bytes of device memory on be holding a copy of host (NULL: NaN poison, every byte 0xff). */
+static void *
+put(dl_backend *be, const void *host, size_t bytes)
+{
+	dl_error	err;
+	void	   *d = be->alloc(be, bytes, &err);
+	void	   *tmp = NULL;
+
+	if (d == NULL)
+	{
+		fprintf(stderr, "  alloc of %zu bytes on %s: %s\n", bytes, be->name, err.msg);
+		exit(2);
+	}
+	if (host == NULL)
+		host = tmp = memset(malloc(bytes), 0xff, bytes);
+	if (be->upload(be, d, host, bytes, &err) != DL_OK)
+	{
+		fprintf(stderr, "  upload to %s: %s\n", be->name, err.msg);
+		exit(2);
+	}
+	free(tmp);
+	return d;
+}
+
+/* Copy bytes of device memory back to a malloc'd host buffer (after everything queued). */
+static void *
+get(dl_backend *be, const void *dev, size_t bytes)
+{
+	dl_error	err;
+	void	   *h = malloc(bytes);
+
+	if (be->download(be, h, dev, bytes, &err) != DL_OK)
+	{
+		fprintf(stderr, "  download from %s: %s\n", be->name, err.msg);
+		exit(2);
+	}
+	return h;
+}
+
+/* n elements of be's weight or kv format (elem bytes) widened to float32 (malloc'd). */
+static float *
+widen(const void *src, size_t n, size_t elem)
+{
+	float	   *f = malloc(n * sizeof(float));
+
+	for (size_t i = 0; i < n; i++)
+		f[i] = elem == 2 ? bf16_float(((const uint16_t *) src)[i]) : ((const float *) src)[i];
+	return f;
+}
+
+/* A float32 [rows, cols] host matrix as an F32 safetensors tensor (no file behind it). */
+static st_tensor
+f32_tensor(const float *v, int64_t rows, int64_t cols)
+{
+	st_tensor	t = {.name = "test", .dtype = ST_F32, .ndim = 2, .shape = {rows, cols},
+	.numel = rows * cols, .nbytes = (size_t) (rows * cols) * 4, .data = (const uint8_t *) v};
+
+	return t;
+}
+
+/*
+ * Weights [rows, cols] on be through upload_tensor; *eff gets them as be stores them,
+ * widened to float32 (the reference computes with those).
+ */
+static void *
+put_weights(dl_backend *be, const float *w, int64_t rows, int64_t cols, float **eff)
+{
+	size_t		n = (size_t) (rows * cols);
+	dl_error	err;
+	st_tensor	t = f32_tensor(w, rows, cols);
+	void	   *d = put(be, NULL, n * be->weight_elem_size);
+	void	   *raw;
+
+	if (be->upload_tensor(be, d, DL_FMT_WEIGHT, &t, NULL, &err) != DL_OK)
+	{
+		fprintf(stderr, "  upload_tensor to %s: %s\n", be->name, err.msg);
+		exit(2);
+	}
+	raw = get(be, d, n * be->weight_elem_size);
+	*eff = widen(raw, n, be->weight_elem_size);
+	free(raw);
+	return d;
+}
+
+/* Float32 values in be's kv format on be (rounded to bfloat16 there). */
+static void *
+put_kv(dl_backend *be, const float *v, size_t n)
+{
+	uint16_t   *b;
+	void	   *d;
+
+	if (be->kv_elem_size == 4)
+		return put(be, v, n * 4);
+	b = malloc(n * 2);
+	for (size_t i = 0; i < n; i++)
+		b[i] = bf16_bits(v[i]);
+	d = put(be, b, n * 2);
+	free(b);
+	return d;
+}
+
+/* The backends under test, or SKIP (visibly) when there are none. */
+#define BACKENDS_OR_SKIP(list, n) \
+	const test_backend *list; \
+	const char *why_; \
+	int n = test_backends(&list, &why_); \
+	if (n == 0) \
+		SKIP("%s", why_)
+
+/* --- memory --- */
+
+TEST(ops_memory_roundtrip_copy_zero_oom)
+{
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+	{
+		dl_backend *be = tb[b].be;
+		uint64_t	s = new_seed();
+		size_t		n = 1 << 20;
+		float	   *v = randv(n, 1.0f, &s);
+		char	   *d = put(be, v, n * 4),
+				   *d2 = put(be, NULL, n * 4);
+		float	   *back;
+		size_t		bad = 0;
+		dl_error	err;
+		void	   *huge;
+
+		/* d2 = v shifted by 1000 floats (its head poisoned), then floats 5000..5999 zeroed */
+		be->copy(be, d2 + 4000, d, (n - 1000) * 4);
+		be->zero(be, d2 + 20000, 4000);
+		back = get(be, d2, n * 4);
+		for (size_t i = 1000; i < n; i++)
+		{
+			float		want = i >= 5000 && i < 6000 ? 0.0f : v[i - 1000];
+
+			bad += memcmp(&back[i], &want, 4) != 0;
+		}
+		for (size_t i = 0; i < 1000; i++)
+			bad += !isnan(back[i]);
+		CHECK(report("copy/zero", "4 MB, offsets", tb[b].label, (double) bad, 0));
+		free(back);
+
+		huge = be->alloc(be, (size_t) 1 << 50, &err);
+		CHECKF(huge == NULL && err.code == DL_ENOMEM && strstr(err.msg, "MB free"),
+			   "alloc of 1 PB on %s: %s", be->name, huge ? "succeeded" : err.msg);
+		printf("  %-16s %-40s %-14s \"%s\"\n", "alloc", "1 PB", tb[b].label, err.msg);
+		/* the failed allocation must not poison what follows */
+		CHECK_OK(be->synchronize(be, &err), &err);
+		be->free(be, d);
+		be->free(be, d2);
+		free(v);
+	}
+}
+
+/* One upload_tensor case: expected values computed here, compared bit for bit. */
+static int
+upload_case(const test_backend *tb, st_dtype dtype, dl_fmt fmt, int64_t rows, int64_t cols,
+			int permute)
+{
+	dl_backend *be = tb->be;
+	uint64_t	s = new_seed();
+	size_t		n = (size_t) (rows * cols),
+				es = dtype == ST_F32 ? 4 : 2,
+				des = fmt == DL_FMT_F32 ? 4 : be->weight_elem_size;
+	float	   *val = malloc(n * sizeof(float));
+	uint8_t    *raw = malloc(n * es);
+	int32_t    *perm = permute ? malloc(rows * sizeof(int32_t)) : NULL;
+	st_tensor	t = {.name = "upload", .dtype = dtype, .ndim = 2, .shape = {rows, cols},
+	.numel = (int64_t) n, .nbytes = n * es, .data = raw};
+	void	   *d = put(be, NULL, n * des),
+			   *got;
+	float	   *back;
+	size_t		bad = 0;
+	char		shape[64];
+	dl_error	err;
+
+	/* values exact in the source dtype: k/1024 is exact in F16 and (|k| < 256) in BF16 */
+	for (size_t i = 0; i < n; i++)
+	{
+		float		x = dtype == ST_F32 ? frand(&s) * 3.0f : (float) ((int) (frand(&s) * 255)) / 1024.0f;
+
+		val[i] = x;
+		if (dtype == ST_F32)
+			memcpy(raw + 4 * i, &x, 4);
+		else if (dtype == ST_BF16)
+		{
+			uint16_t	b = bf16_bits(x);
+
+			memcpy(raw + 2 * i, &b, 2);
+		}
+		else
+		{
+			/* binary16 of a normal float that it holds exactly: sign, rebiased exponent, top 10 bits */
+			uint32_t	u;
+			uint16_t	h;
+
+			memcpy(&u, &x, 4);
+			h = (u & 0x7fffffffu) == 0 ? (uint16_t) (u >> 16) :
+				(uint16_t) ((u >> 16 & 0x8000) | (((u >> 23 & 0xff) - 112) << 10) | (u >> 13 & 0x3ff));
+			memcpy(raw + 2 * i, &h, 2);
+		}
+	}
+	for (int64_t r = 0; permute && r < rows; r++)
+		perm[r] = (int32_t) ((r * 7919 + 13) % rows);
+	if (be->upload_tensor(be, d, fmt, &t, perm, &err) != DL_OK)
+	{
+		fprintf(stderr, "  upload_tensor: %s\n", err.msg);
+		return 0;
+	}
+	got = get(be, d, n * des);
+	back = widen(got, n, des);
+	for (int64_t r = 0; r < rows; r++)
+		for (int64_t c = 0; c < cols; c++)
+		{
+			float		want = val[(size_t) (perm ? perm[r] : r) * cols + c];
+
+			if (des == 2)
+				want = bf16_float(bf16_bits(want));
+			bad += memcmp(&back[r * cols + c], &want, 4) != 0;
+		}
+	snprintf(shape, sizeof(shape), "%s->%s [%lld,%lld]%s", dtype == ST_F32 ? "F32" : dtype == ST_F16 ? "F16" : "BF16",
+			 fmt == DL_FMT_F32 ? "f32" : "weight", (long long) rows, (long long) cols,
+			 permute ? " rows permuted" : "");
+	be->free(be, d);
+	free(val);
+	free(raw);
+	free(perm);
+	free(got);
+	free(back);
+	return report("upload_tensor", shape, tb->label, (double) bad, 0);
+}
+
+TEST(ops_upload_tensor)
+{
+	static const st_dtype dtypes[3] = {ST_F32, ST_F16, ST_BF16};
+
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+	{
+		for (int d = 0; d < 3; d++)
+			for (int fmt = 0; fmt < 2; fmt++)
+				for (int p = 0; p < 2; p++)
+					CHECK(upload_case(&tb[b], dtypes[d], fmt ? DL_FMT_WEIGHT : DL_FMT_F32, 37, 29, p));
+		/* more than one 16 MB staging buffer: the chunks and their double buffering */
+		CHECK(upload_case(&tb[b], ST_F32, DL_FMT_WEIGHT, 3001, 1500, 1));
+		CHECK(upload_case(&tb[b], ST_BF16, DL_FMT_WEIGHT, 3001, 3000, 0));
+		CHECK(upload_case(&tb[b], ST_F16, DL_FMT_F32, 5, 3000001, 0));
+	}
+}
+
+/* --- row gathers --- */
+
+TEST(ops_embedding_gather_rows)
+{
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+	{
+		dl_backend *be = tb[b].be,
+				   *cpu = reference_backend();
+		uint64_t	s = new_seed();
+		int			V = 300,
+					C = 1000,
+					T = 17,
+					n = 7;
+		float	   *table = randv((size_t) V * C, 1.0f, &s),
+				   *eff,
+				   *in = randv((size_t) T * C, 1.0f, &s);
+		int32_t		ids[17],
+					rows[7];
+		void	   *d_table = put_weights(be, table, V, C, &eff);
+		void	   *c_table = put(cpu, eff, (size_t) V * C * 4);
+		void	   *d_out = put(be, NULL, (size_t) T * C * 4),
+				   *c_out = put(cpu, NULL, (size_t) T * C * 4);
+		void	   *d_ids,
+				   *c_ids,
+				   *d_in,
+				   *c_in,
+				   *d_rows,
+				   *c_rows;
+		float	   *got,
+				   *ref;
+
+		for (int t = 0; t < T; t++)
+			ids[t] = t % 5 == 4 ? ids[t - 1] : (int32_t) ((frand(&s) + 1.0f) / 2 * V) % V;
+		for (int i = 0; i < n; i++)
+			rows[i] = (int32_t) ((frand(&s) + 1.0f) / 2 * T) % T;
+		d_ids = put(be, ids, sizeof(ids));
+		c_ids = put(cpu, ids, sizeof(ids));
+		be->embedding_forward(be, d_out, d_table, d_ids, T, C);
+		cpu->embedding_forward(cpu, c_out, c_table, c_ids, T, C);
+		got = get(be, d_out, (size_t) T * C * 4);
+		ref = get(cpu, c_out, (size_t) T * C * 4);
+		CHECK(report("embedding", "V 300, C 1000, T 17 (repeats)", tb[b].label,
+					 nerr(got, ref, (size_t) T * C), 0));
+		free(got);
+		free(ref);
+
+		d_in = put(be, in, (size_t) T * C * 4);
+		c_in = put(cpu, in, (size_t) T * C * 4);
+		d_rows = put(be, rows, sizeof(rows));
+		c_rows = put(cpu, rows, sizeof(rows));
+		be->free(be, d_out);
+		d_out = put(be, NULL, (size_t) n * C * 4);
+		be->gather_rows_forward(be, d_out, d_in, d_rows, n, C);
+		cpu->gather_rows_forward(cpu, c_out, c_in, c_rows, n, C);
+		got = get(be, d_out, (size_t) n * C * 4);
+		ref = get(cpu, c_out, (size_t) n * C * 4);
+		CHECK(report("gather_rows", "T 17, C 1000, 7 rows", tb[b].label, nerr(got, ref, (size_t) n * C), 0));
+		free(got);
+		free(ref);
+		free(table);
+		free(eff);
+		free(in);
+		be->free(be, d_table);
+		be->free(be, d_out);
+		be->free(be, d_ids);
+		be->free(be, d_in);
+		be->free(be, d_rows);
+		cpu->free(cpu, c_table);
+		cpu->free(cpu, c_out);
+		cpu->free(cpu, c_ids);
+		cpu->free(cpu, c_in);
+		cpu->free(cpu, c_rows);
+	}
+}
+
+/* --- layer norm --- */
+
+TEST(ops_layernorm)
+{
+	static const int shapes[][2] = {{1, 4096}, {7, 33}, {3, 2560}, {64, 256}};
+
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+		for (int k = 0; k < 4; k++)
+		{
+			dl_backend *be = tb[b].be,
+					   *cpu = reference_backend();
+			uint64_t	s = new_seed();
+			int			T = shapes[k][0],
+						C = shapes[k][1];
+			size_t		n = (size_t) T * C;
+			float	   *x = randv(n, 2.0f, &s),
+					   *w = randv(C, 1.0f, &s),
+					   *bias = randv(C, 1.0f, &s);
+			float	   *dx = put(be, x, n * 4),
+					   *dw = put(be, w, C * 4),
+					   *db = put(be, bias, C * 4),
+					   *dout = put(be, NULL, n * 4),
+					   *dm = put(be, NULL, T * 4),
+					   *dr = put(be, NULL, T * 4);
+			float	   *cx = put(cpu, x, n * 4),
+					   *cw = put(cpu, w, C * 4),
+					   *cb = put(cpu, bias, C * 4),
+					   *cout = put(cpu, NULL, n * 4),
+					   *cm = put(cpu, NULL, T * 4),
+					   *cr = put(cpu, NULL, T * 4);
+			float	   *got,
+					   *ref;
+			char		shape[64];
+
+			/* out of place with mean and rstd, then in place without */
+			be->layernorm_forward(be, dout, dm, dr, dx, dw, db, T, C, 1e-5f);
+			cpu->layernorm_forward(cpu, cout, cm, cr, cx, cw, cb, T, C, 1e-5f);
+			be->layernorm_forward(be, dx, NULL, NULL, dx, dw, db, T, C, 1e-5f);
+			snprintf(shape, sizeof(shape), "T %d, C %d", T, C);
+			got = get(be, dout, n * 4);
+			ref = get(cpu, cout, n * 4);
+			CHECK(report("layernorm", shape, tb[b].label, nerr(got, ref, n), TOL_F32));
+			free(got);
+			got = get(be, dx, n * 4);
+			CHECK(report("layernorm", "in place", tb[b].label, nerr(got, ref, n), TOL_F32));
+			free(got);
+			free(ref);
+			got = get(be, dm, T * 4);
+			ref = get(cpu, cm, T * 4);
+			CHECK(report("layernorm", "mean", tb[b].label, nerr(got, ref, T), TOL_F32));
+			free(got);
+			free(ref);
+			got = get(be, dr, T * 4);
+			ref = get(cpu, cr, T * 4);
+			CHECK(report("layernorm", "rstd", tb[b].label, nerr(got, ref, T), TOL_F32));
+			free(got);
+			free(ref);
+			free(x);
+			free(w);
+			free(bias);
+			be->free(be, dx), be->free(be, dw), be->free(be, db);
+			be->free(be, dout), be->free(be, dm), be->free(be, dr);
+			cpu->free(cpu, cx), cpu->free(cpu, cw), cpu->free(cpu, cb);
+			cpu->free(cpu, cout), cpu->free(cpu, cm), cpu->free(cpu, cr);
+		}
+}
+
+/* --- matrix product --- */
+
+typedef struct mm_case
+{
+	int			M,
+				K,
+				N,
+				bias,
+				accumulate,
+				exact;			/* inputs bfloat16 holds exactly */
+} mm_case;
+
+/* One product on backend tb against the CPU with the weights tb stores. */
+static int
+matmul_case(const test_backend *tb, const mm_case *mc)
+{
+	dl_backend *be = tb->be,
+			   *cpu = reference_backend();
+	uint64_t	s = new_seed();
+	int			M = mc->M,
+				K = mc->K,
+				N = mc->N;
+	float	   *in = randv((size_t) M * K, 1.0f, &s),
+			   *W = randv((size_t) N * K, 0.05f, &s),
+			   *bias = randv(N, 1.0f, &s),
+			   *out0 = randv((size_t) M * N, 1.0f, &s),
+			   *eff,
+			   *got,
+			   *ref;
+	void	   *dW,
+			   *cW,
+			   *din,
+			   *cin,
+			   *dbias,
+			   *cbias,
+			   *dout,
+			   *cout;
+	double		e,
+				tol = is_bf16(be) && !mc->exact ? TOL_BF16 : TOL_F32;
+	char		shape[80];
+
+	if (is_bf16(be) && mc->exact)
+		round_bf16(in, (size_t) M * K);
+	dW = put_weights(be, W, N, K, &eff);
+	cW = put(cpu, eff, (size_t) N * K * 4);
+	din = put(be, in, (size_t) M * K * 4);
+	cin = put(cpu, in, (size_t) M * K * 4);
+	dbias = put(be, bias, N * 4);
+	cbias = put(cpu, bias, N * 4);
+	/* accumulate adds to what is there; otherwise every element must be written */
+	dout = put(be, mc->accumulate ? out0 : NULL, (size_t) M * N * 4);
+	cout = put(cpu, out0, (size_t) M * N * 4);
+	be->matmul_forward(be, dout, din, dW, mc->bias ? dbias : NULL, M, K, N, mc->accumulate);
+	cpu->matmul_forward(cpu, cout, cin, cW, mc->bias ? cbias : NULL, M, K, N, mc->accumulate);
+	got = get(be, dout, (size_t) M * N * 4);
+	ref = get(cpu, cout, (size_t) M * N * 4);
+	e = nerr(got, ref, (size_t) M * N);
+	snprintf(shape, sizeof(shape), "M %d K %d N %d%s%s%s", M, K, N, mc->bias ? " +bias" : "",
+			 mc->accumulate ? " +=" : "", mc->exact ? "" : " inexact");
+	be->free(be, dW), be->free(be, din), be->free(be, dbias), be->free(be, dout);
+	cpu->free(cpu, cW), cpu->free(cpu, cin), cpu->free(cpu, cbias), cpu->free(cpu, cout);
+	free(in), free(W), free(bias), free(out0), free(eff), free(got), free(ref);
+	return report("matmul", shape, tb->label, e, tol);
+}
+
+TEST(ops_matmul)
+{
+	/* M <= 8 with K a multiple of 8 takes the skinny kernel, the rest cuBLAS */
+	static const mm_case cases[] = {
+		{1, 4096, 4096, 0, 1, 1}, {1, 32, 96, 0, 0, 1}, {2, 1024, 3072, 1, 0, 1},
+		{3, 64, 101, 1, 1, 1}, {8, 256, 64, 1, 0, 1}, {9, 128, 130, 1, 1, 1},
+		{64, 512, 520, 0, 1, 1}, {5, 33, 17, 1, 0, 1}, {33, 4096, 512, 1, 1, 1},
+		{4, 1000, 300, 1, 1, 0}, {40, 1000, 300, 1, 1, 0},
+	};
+
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+		for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++)
+			CHECK(matmul_case(&tb[b], &cases[k]));
+}
+
+/* --- rotary --- */
+
+/* Rotary on the q and k heads of qkv rows, both layouts, against the CPU. */
+static int
+rotary_case(const test_backend *tb, int H, int D, int rot, int T, int interleaved)
+{
+	dl_backend *be = tb->be,
+			   *cpu = reference_backend();
+	uint64_t	s = new_seed();
+	int			C = H * D,
+				P = 2048;
+	size_t		n = (size_t) T * 3 * C;
+	float	   *x = randv(n, 1.0f, &s),
+			   *tab = malloc((size_t) P * rot * sizeof(float)),
+			   *got,
+			   *ref;
+	int32_t    *pos = malloc(T * sizeof(int32_t));
+	void	   *dx,
+			   *cx,
+			   *dtab,
+			   *ctab,
+			   *dpos,
+			   *cpos;
+	double		e;
+	char		shape[80];
+
+	for (int p = 0; p < P; p++)
+		for (int j = 0; j < rot / 2; j++)
+		{
+			float		th = (float) p / powf(10000.0f, 2.0f * j / rot);
+
+			tab[(size_t) p * rot + j] = cosf(th);
+			tab[(size_t) p * rot + rot / 2 + j] = sinf(th);
+		}
+	for (int t = 0; t < T; t++)
+		pos[t] = (int32_t) ((frand(&s) + 1.0f) / 2 * P) % P;
+	dx = put(be, x, n * 4), cx = put(cpu, x, n * 4);
+	dtab = put(be, tab, (size_t) P * rot * 4), ctab = put(cpu, tab, (size_t) P * rot * 4);
+	dpos = put(be, pos, T * 4), cpos = put(cpu, pos, T * 4);
+	be->rotary_forward(be, dx, 3 * C, T, 2 * H, D, rot, interleaved, dpos, dtab);
+	cpu->rotary_forward(cpu, cx, 3 * C, T, 2 * H, D, rot, interleaved, cpos, ctab);
+	got = get(be, dx, n * 4);
+	ref = get(cpu, cx, n * 4);
+	e = nerr(got, ref, n);
+	snprintf(shape, sizeof(shape), "H %d D %d rot %d T %d %s", H, D, rot, T,
+			 interleaved ? "GPT-J" : "NeoX");
+	be->free(be, dx), be->free(be, dtab), be->free(be, dpos);
+	cpu->free(cpu, cx), cpu->free(cpu, ctab), cpu->free(cpu, cpos);
+	free(x), free(tab), free(pos), free(got), free(ref);
+	return report("rotary", shape, tb->label, e, TOL_F32);
+}
+
+TEST(ops_rotary)
+{
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+		for (int il = 0; il < 2; il++)
+		{
+			CHECK(rotary_case(&tb[b], 4, 16, 8, 6, il));
+			CHECK(rotary_case(&tb[b], 16, 256, 64, 3, il));
+			CHECK(rotary_case(&tb[b], 3, 80, 20, 37, il));
+		}
+}
+
+/* --- GELU --- */
+
+TEST(ops_gelu)
+{
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+		for (int form = 0; form < 2; form++)
+		{
+			dl_backend *be = tb[b].be,
+					   *cpu = reference_backend();
+			uint64_t	s = new_seed();
+			size_t		n = 100003;
+			float	   *x = randv(n, 6.0f, &s),
+					   *got,
+					   *ref;
+			void	   *dx = put(be, x, n * 4),
+					   *dout = put(be, NULL, n * 4),
+					   *cx = put(cpu, x, n * 4);
+			dl_gelu		f = form ? DL_GELU_ERF : DL_GELU_TANH;
+			const char *name = form ? "gelu erf" : "gelu tanh";
+
+			be->gelu_forward(be, dout, dx, n, f);
+			cpu->gelu_forward(cpu, cx, cx, n, f);
+			be->gelu_forward(be, dx, dx, n, f);
+			got = get(be, dout, n * 4);
+			ref = get(cpu, cx, n * 4);
+			CHECK(report(name, "n 100003", tb[b].label, nerr(got, ref, n), TOL_F32));
+			free(got);
+			got = get(be, dx, n * 4);
+			CHECK(report(name, "n 100003, in place", tb[b].label, nerr(got, ref, n), TOL_F32));
+			free(got), free(ref), free(x);
+			be->free(be, dx), be->free(be, dout);
+			cpu->free(cpu, cx);
+		}
+}
+
+/* --- attention --- */
+
+#define MAX_SPANS 64
+
+/* A batch for attention: heads, head size, cache geometry and the spans (len, slot, pos). */
+typedef struct attn_case
+{
+	const char *what;
+	int			H,
+				D,
+				max_ctx,
+				n_slots,
+				n;
+	int			span[MAX_SPANS][3];
+} attn_case;
+
+/*
+ * One batch on backend tb and on the CPU from the same random cache and qkv (bfloat16
+ * values on a bfloat16 backend): the outputs within TOL_F32, the caches afterwards
+ * (old contents and the new tokens' k and v) identical.
+ */
+static int
+attention_case(const test_backend *tb, const attn_case *ac)
+{
+	dl_backend *be = tb->be,
+			   *cpu = reference_backend();
+	uint64_t	s = new_seed();
+	int			C = ac->H * ac->D,
+				T = 0;
+	size_t		ncache = (size_t) ac->n_slots * ac->max_ctx * C;
+	dl_span		spans[MAX_SPANS];
+	float	   *kc,
+			   *vc,
+			   *qkv,
+			   *got,
+			   *ref,
+			   *gk,
+			   *gv,
+			   *rk,
+			   *rv;
+	void	   *raw,
+			   *d_k,
+			   *d_v,
+			   *c_k,
+			   *c_v,
+			   *d_qkv,
+			   *c_qkv,
+			   *d_out,
+			   *c_out,
+			   *d_ws,
+			   *c_ws,
+			   *d_sp,
+			   *c_sp;
+	dl_spans	ds,
+				cs;
+	double		e,
+				ek,
+				ev;
+	int			ok;
+	char		shape[120];
+
+	for (int i = 0; i < ac->n; i++)
+	{
+		spans[i] = (dl_span) {T, ac->span[i][0], ac->span[i][1], ac->span[i][2]};
+		T += ac->span[i][0];
+	}
+	kc = randv(ncache, 1.0f, &s);
+	vc = randv(ncache, 1.0f, &s);
+	qkv = randv((size_t) T * 3 * C, 1.0f, &s);
+	if (is_bf16(be))
+	{
+		round_bf16(kc, ncache);
+		round_bf16(vc, ncache);
+		round_bf16(qkv, (size_t) T * 3 * C);
+	}
+	d_k = put_kv(be, kc, ncache), d_v = put_kv(be, vc, ncache);
+	c_k = put(cpu, kc, ncache * 4), c_v = put(cpu, vc, ncache * 4);
+	d_qkv = put(be, qkv, (size_t) T * 3 * C * 4), c_qkv = put(cpu, qkv, (size_t) T * 3 * C * 4);
+	d_out = put(be, NULL, (size_t) T * C * 4), c_out = put(cpu, NULL, (size_t) T * C * 4);
+	d_ws = put(be, NULL, be->attention_workspace(be, ac->max_ctx));
+	c_ws = put(cpu, NULL, cpu->attention_workspace(cpu, ac->max_ctx));
+	d_sp = put(be, spans, ac->n * sizeof(dl_span)), c_sp = put(cpu, spans, ac->n * sizeof(dl_span));
+	ds = (dl_spans) {ac->n, spans, d_sp};
+	cs = (dl_spans) {ac->n, spans, c_sp};
+
+	be->attention_forward(be, d_out, d_qkv, d_k, d_v, ac->max_ctx, &ds, ac->H, ac->D,
+						  1.0f / sqrtf((float) ac->D), d_ws);
+	cpu->attention_forward(cpu, c_out, c_qkv, c_k, c_v, ac->max_ctx, &cs, ac->H, ac->D,
+						   1.0f / sqrtf((float) ac->D), c_ws);
+	got = get(be, d_out, (size_t) T * C * 4);
+	ref = get(cpu, c_out, (size_t) T * C * 4);
+	e = nerr(got, ref, (size_t) T * C);
+	raw = get(be, d_k, ncache * be->kv_elem_size);
+	gk = widen(raw, ncache, be->kv_elem_size);
+	free(raw);
+	raw = get(be, d_v, ncache * be->kv_elem_size);
+	gv = widen(raw, ncache, be->kv_elem_size);
+	free(raw);
+	rk = get(cpu, c_k, ncache * 4);
+	rv = get(cpu, c_v, ncache * 4);
+	ek = nerr(gk, rk, ncache);
+	ev = nerr(gv, rv, ncache);
+
+	snprintf(shape, sizeof(shape), "%s: H %d D %d, %d spans, T %d", ac->what, ac->H, ac->D,
+			 ac->n, T);
+	ok = report("attention", shape, tb->label, e, TOL_F32);
+	ok = report("attention", "  k cache after", tb->label, ek, 0) && ok;
+	ok = report("attention", "  v cache after", tb->label, ev, 0) && ok;
+	be->free(be, d_k), be->free(be, d_v), be->free(be, d_qkv), be->free(be, d_out);
+	be->free(be, d_ws), be->free(be, d_sp);
+	cpu->free(cpu, c_k), cpu->free(cpu, c_v), cpu->free(cpu, c_qkv), cpu->free(cpu, c_out);
+	cpu->free(cpu, c_ws), cpu->free(cpu, c_sp);
+	free(kc), free(vc), free(qkv), free(got), free(ref), free(gk), free(gv), free(rk), free(rv);
+	return ok;
+}
+
+TEST(ops_attention)
+{
+	/* spans as {len, slot, pos}: prefill from 0, prefill after a cached prefix, decode */
+	static attn_case cases[] = {
+		{"fixture-sized mix", 4, 8, 128, 5, 5, {{7, 0, 0}, {1, 1, 5}, {40, 2, 3}, {1, 3, 0}, {33, 4, 0}}},
+		{"prefill after prefix", 2, 16, 256, 3, 3, {{1, 0, 200}, {100, 1, 150}, {2, 2, 0}}},
+		{"GPT-J heads, split decode", 4, 256, 1024, 3, 3, {{1, 0, 700}, {70, 1, 0}, {1, 2, 1}}},
+		{"dolly-v2-3b heads", 3, 80, 512, 3, 3, {{33, 0, 10}, {1, 1, 300}, {1, 2, 511}}},
+		{"9 decodes", 2, 128, 300, 9, 9, {{1, 0, 0}, {1, 1, 1}, {1, 2, 5}, {1, 3, 63}, {1, 4, 64},
+		{1, 5, 65}, {1, 6, 127}, {1, 7, 200}, {1, 8, 299}}},
+		{"head_dim 12", 2, 12, 64, 3, 3, {{5, 0, 0}, {1, 1, 10}, {20, 2, 30}}},
+		{"head_dim 6", 1, 6, 40, 2, 2, {{1, 0, 39}, {3, 1, 2}}},
+		{"64 decodes", 2, 64, 160, 64, 64, {{0}}},
+	};
+	attn_case  *many = &cases[sizeof(cases) / sizeof(cases[0]) - 1];
+	uint64_t	s = new_seed();
+
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int i = 0; i < many->n; i++)
+	{
+		many->span[i][0] = 1;
+		many->span[i][1] = i;
+		many->span[i][2] = (int) ((frand(&s) + 1.0f) / 2 * many->max_ctx) % many->max_ctx;
+	}
+	for (int b = 0; b < nb; b++)
+		for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++)
+			CHECK(attention_case(&tb[b], &cases[k]));
+}

@@ -1,0 +1,226 @@
+/*
+ * test_cuda_model.c: the fixture models end to end on the backends under test
+ * (backends.h) against transformers (tests/fixtures/<model>/expected.safetensors).
+ *
+ * float32 backend: the logits of every prompt within 1e-4 of transformers' float32
+ * forward (test_model.c's bound), and greedy continuations equal to model.generate's,
+ * token for token, with all prompts admitted together and with prompts admitted one per
+ * step into a small token budget (chunked prefills beside decode steps).
+ * bfloat16 backend: weights and KV cache rounded to bfloat16 (2^-9 relative each, plus
+ * activations rounded where cuBLAS multiplies): the logits within 1/32 of the largest
+ * reference logit, the bound test_model.c justifies for torch's own bf16 computation;
+ * the greedy continuations are printed (agreement is likely, not guaranteed).
+ */
+#include "harness.h"
+#include "backends.h"
+#include "../../src/engine/generate.h"
+#include "../../src/engine/model.h"
+#include "../../src/engine/safetensors.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define MAX_PROMPTS 16
+#define TOL_F32 1e-4
+
+/* A fixture's expected outputs. */
+typedef struct expected
+{
+	st_set	   *set;
+	int			n;
+	const st_tensor *ids[MAX_PROMPTS];
+	const st_tensor *logits[MAX_PROMPTS];
+	const st_tensor *greedy[MAX_PROMPTS];
+} expected;
+
+/* Open tests/fixtures/<name>/expected.safetensors; 0 when the fixture is absent. */
+static int
+expected_open(const char *name, expected *x, dl_error *err, dl_status *st)
+{
+	char		path[4096],
+				key[64];
+
+	memset(x, 0, sizeof(*x));
+	snprintf(path, sizeof(path), "%s/%s/expected.safetensors", fixture_dir(), name);
+	if (access(path, R_OK) != 0)
+		return 0;
+	*st = st_open_file(path, &x->set, err);
+	for (int i = 0; *st == DL_OK && i < MAX_PROMPTS; i++)
+	{
+		snprintf(key, sizeof(key), "prompt_%d_ids", i);
+		x->ids[i] = st_find(x->set, key);
+		snprintf(key, sizeof(key), "prompt_%d_logits", i);
+		x->logits[i] = st_find(x->set, key);
+		snprintf(key, sizeof(key), "prompt_%d_greedy", i);
+		x->greedy[i] = st_find(x->set, key);
+		if (!x->ids[i] || !x->logits[i] || !x->greedy[i])
+			break;
+		x->n++;
+	}
+	return 1;
+}
+
+/* Largest |ours - ref| and largest |ref| over the [T, V] logits of prompt i. */
+static void
+logit_diff(const expected *x, int i, const float *ours, double *diff, double *big)
+{
+	size_t		n = (size_t) x->logits[i]->numel;
+	float	   *ref = malloc(n * sizeof(float));
+
+	*diff = INFINITY;
+	*big = 0;
+	if (st_to_f32(x->logits[i], ref, NULL) != DL_OK)
+	{
+		free(ref);
+		return;
+	}
+	*diff = 0;
+	for (size_t k = 0; k < n; k++)
+	{
+		double		d = isfinite(ours[k]) ? fabs((double) ours[k] - ref[k]) : INFINITY;
+
+		*diff = fmax(*diff, d);
+		*big = fmax(*big, fabs(ref[k]));
+	}
+	free(ref);
+}
+
+/*
+ * Greedy continuations of every prompt on m: admitted all at once (stagger 0) or one per
+ * step with a budget of n + 5 tokens per pass (stagger 1). Returns how many prompts
+ * generated exactly the expected tokens; -1 with err on failure.
+ */
+static int
+greedy_matches(dl_model *m, const expected *x, int stagger, dl_error *err)
+{
+	dl_kv_cache *c = NULL;
+	dl_generator *g = NULL;
+	int			ids[MAX_PROMPTS],
+				added = 0,
+				matches = 0;
+	int			ctx = m->cfg.max_pos < 256 ? m->cfg.max_pos : 256;
+	dl_status	st;
+
+	st = dl_kv_cache_create(m, x->n, ctx, stagger ? x->n + 5 : 256, &c, err);
+	if (st == DL_OK)
+		st = gen_create(m, c, &g, err);
+	while (st == DL_OK && (added < x->n || gen_running(g)))
+	{
+		/* admit every prompt, or one more */
+		do
+		{
+			dl_gen_request r;
+
+			if (added == x->n)
+				break;
+			r = (dl_gen_request) {(const int32_t *) x->ids[added]->data, (int) x->ids[added]->numel,
+				(int) x->greedy[added]->numel, -1, {0, 1.0f, 0, 1.0f}, 0};
+			st = gen_add(g, &r, &ids[added], err);
+			added++;
+		} while (st == DL_OK && !stagger);
+		if (st == DL_OK)
+			st = gen_step(g, err);
+	}
+	for (int i = 0; st == DL_OK && i < x->n; i++)
+	{
+		int			n;
+		const int32_t *got = gen_tokens(g, ids[i], &n);
+
+		matches += n == x->greedy[i]->numel &&
+			memcmp(got, x->greedy[i]->data, n * sizeof(int32_t)) == 0;
+	}
+	gen_free(g);
+	dl_kv_cache_free(c);
+	return st == DL_OK ? matches : -1;
+}
+
+/* Logits of each prompt alone and greedy continuations of model `name` on every backend. */
+static void
+check_model(const char *name, int *failed_)
+{
+	const test_backend *tb;
+	const char *why;
+	int			nb = test_backends(&tb, &why);
+	expected	x;
+	dl_error	err;
+	dl_status	st = DL_OK;
+	char		dir[4096];
+
+	if (nb == 0)
+		SKIP("%s", why);
+	if (!expected_open(name, &x, &err, &st))
+		SKIP("fixture %s not present", name);
+	CHECKF(st == DL_OK, "%s", err.msg);
+	CHECK(x.n > 0);
+	snprintf(dir, sizeof(dir), "%s/%s", fixture_dir(), name);
+	for (int b = 0; b < nb; b++)
+	{
+		dl_backend *be = tb[b].be;
+		int			fp32 = be->weight_elem_size == 4;
+		dl_model   *m;
+		dl_kv_cache *c;
+		double		worst = 0;	/* largest |diff| / tolerance over the prompts */
+		int			all,
+					staggered;
+
+		CHECK_OK(dl_model_load(dir, be, &m, &err), &err);
+		CHECK_OK(dl_kv_cache_create(m, 1, m->cfg.max_pos, m->cfg.max_pos, &c, &err), &err);
+		for (int i = 0; i < x.n; i++)
+		{
+			int			T = (int) x.ids[i]->numel;
+			float	   *ours = malloc((size_t) T * m->cfg.vocab_size * sizeof(float));
+			dl_seq		s = {0, 0, T, (const int32_t *) x.ids[i]->data, DL_LOGITS_ALL};
+			double		diff = INFINITY,
+						big = 0,
+						tol;
+
+			st = dl_model_forward(m, c, &s, 1, ours, &err);
+			if (st == DL_OK)
+				logit_diff(&x, i, ours, &diff, &big);
+			free(ours);
+			CHECKF(st == DL_OK, "%s", err.msg);
+			tol = fp32 ? TOL_F32 : big / 32;
+			worst = fmax(worst, diff / tol);
+		}
+		dl_kv_cache_free(c);
+		all = greedy_matches(m, &x, 0, &err);
+		staggered = all >= 0 ? greedy_matches(m, &x, 1, &err) : -1;
+		dl_model_free(m);
+		printf("  %-14s %-14s logits: largest |diff| / tolerance %.3f; greedy %d/%d together, %d/%d staggered\n",
+			   name, tb[b].label, worst, all, x.n, staggered, x.n);
+		CHECKF(all >= 0 && staggered >= 0, "%s", err.msg);
+		CHECKF(worst <= 1, "%s on %s: logits differ from transformers", name, tb[b].label);
+		if (fp32)
+			CHECKF(all == x.n && staggered == x.n, "%s on %s: greedy continuations differ", name,
+				   tb[b].label);
+	}
+	st_close(x.set);
+}
+
+TEST(cuda_model_gptj_f32)
+{
+	check_model("gptj-f32", failed_);
+}
+
+TEST(cuda_model_neox_par_f32)
+{
+	check_model("neox-par-f32", failed_);
+}
+
+TEST(cuda_model_neox_seq_f32_sharded)
+{
+	check_model("neox-seq-f32", failed_);
+}
+
+TEST(cuda_model_gptj_bf16)
+{
+	check_model("gptj-bf16", failed_);
+}
+
+TEST(cuda_model_neox_par_bf16)
+{
+	check_model("neox-par-bf16", failed_);
+}
