@@ -32,6 +32,7 @@ extern int	dolly_max_batch;
 extern int	dolly_max_context;
 extern int	dolly_max_new_tokens;
 extern int	dolly_max_loaded_models;
+extern int	dolly_train_workers;
 
 /* What the model server found out about the machine; written by it, read by SQL functions. */
 typedef enum DollyServerState

@@ -1,5 +1,6 @@
 /* guc.c: the dolly.* configuration parameters, all declared here, then the prefix reserved. */
 #include "dolly_pg.h"
+#include "jobs.h"
 
 #include "utils/guc.h"
 
@@ -14,6 +15,7 @@ int			dolly_max_batch = 16;
 int			dolly_max_context = 0;
 int			dolly_max_new_tokens = 1024;
 int			dolly_max_loaded_models = 2;
+int			dolly_train_workers = 1;
 
 static const struct config_enum_entry device_options[] = {
 	{"cpu", DOLLY_DEVICE_CPU, false},
@@ -70,6 +72,12 @@ dolly_guc_init(void)
 							"Models the model server keeps loaded at once.",
 							"When another is needed, the least recently used idle one is unloaded.",
 							&dolly_max_loaded_models, 2, 1, 64,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("dolly.train_workers",
+							"Worker processes (data-parallel ranks) per fine-tuning job.",
+							"Each rank trains on its share of every batch; gradients are summed through shared memory. "
+							"The CPU threads of dolly.threads are divided among them.",
+							&dolly_train_workers, 1, 1, DOLLY_MAX_RANKS,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	MarkGUCPrefixReserved("dolly");
 }

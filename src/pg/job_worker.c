@@ -397,7 +397,8 @@ run_job(const JobSpec *spec)
 	snprintf(out_path, sizeof(out_path), "%s/%s", dolly_model_dir, spec->output);
 	snprintf(tok_path, sizeof(tok_path), "%s/tokenizer.json", base_path);
 	snprintf(cfg_path, sizeof(cfg_path), "%s/config.json", base_path);
-	if (backend_cpu_create(dolly_cpu_threads(), &be, &err) != DL_OK ||
+	/* the ranks share the CPUs */
+	if (backend_cpu_create(Max(1, dolly_cpu_threads() / dolly_train_workers), &be, &err) != DL_OK ||
 		tok_load(tok_path, &tok, &err) != DL_OK ||
 		dl_model_load(base_path, be, &m, &err) != DL_OK ||
 		model_add_dolly_tokens(&m, tok, &err) != DL_OK)
@@ -433,7 +434,11 @@ run_job(const JobSpec *spec)
 	o.seed = (uint64) spec->seed;
 	o.progress = on_progress;
 	set_phase("training");
-	st = finetune_run(m, ex + neval, n - neval, ex, neval, &o, &last, &err);
+	if (dolly_train_workers > 1)
+		st = dolly_dp_train(dolly_dp_start(dolly_train_workers, ex, n - neval, neval, base_path, &o, my_job),
+							0, m, ex, n - neval, neval, &o, &last, &err);
+	else
+		st = finetune_run(m, ex + neval, n - neval, ex, neval, &o, &last, &err);
 	for (int i = 0; i < n; i++)
 		example_free(&ex[i]);
 	free(ex);

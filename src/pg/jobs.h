@@ -9,6 +9,8 @@
 
 #include "storage/spin.h"
 
+#include "error.h"
+
 #define DOLLY_MAX_JOBS 8			/* jobs running at once, server-wide */
 
 typedef struct DollyJobSlot
@@ -41,6 +43,28 @@ extern void dolly_jobs_shmem_init(void);
 
 /* The worker's entry point (job_worker.c); main_arg is the job id. */
 PGDLLEXPORT void dolly_job_main(Datum main_arg);
+
+/* Data parallelism (job_ranks.c). */
+#define DOLLY_MAX_RANKS 16
+typedef struct DollyDP DollyDP;
+struct dl_example;
+struct dl_finetune_opts;
+struct dl_train_progress;
+struct dl_model;
+
+/* Rank 0: put the examples (eval first) and options in a new segment, start ranks 1..n-1. */
+extern DollyDP *dolly_dp_start(int nranks, const struct dl_example *ex, int ntrain, int neval,
+							   const char *base_path, const struct dl_finetune_opts *opts,
+							   int64 job_id);
+/* Train as `rank` of the group (finetune_run with the group's all-reduce). */
+extern dl_status dolly_dp_train(DollyDP *d, int rank, struct dl_model *m,
+								const struct dl_example *ex, int ntrain, int neval,
+								struct dl_finetune_opts *o, struct dl_train_progress *last,
+								dl_error *err);
+/* Make every rank stop at its next barrier (error NULL: a stop, not a failure). */
+extern void dolly_dp_abort(DollyDP *d, const char *error);
+/* Ranks 1..n-1 start here. */
+PGDLLEXPORT void dolly_job_rank_main(Datum main_arg);
 
 /* The schema-qualified name of the dolly_job table, for SPI. */
 extern const char *dolly_jobs_table(void);

@@ -1,0 +1,354 @@
+/*
+ * job_ranks.c: data parallelism for fine-tuning jobs, through PostgreSQL shared memory.
+ *
+ * With dolly.train_workers = N > 1, the job's worker (rank 0) reads and tokenises the
+ * records as the calling role, then creates a DSM segment holding the examples and the
+ * training options and starts N - 1 more workers (ranks 1..N-1). Every rank loads the
+ * base model, takes its share of each batch (finetune_run's rank/nranks) and, between
+ * backward and update, sums the gradients, losses and label counts of all ranks through
+ * the segment: each round every rank copies a chunk of its gradients in, then sums its
+ * 1/N slice of the chunk over the ranks in rank order (reduce-scatter), then copies the
+ * whole summed chunk back (all-gather). Fixed order, so every rank ends bit-identical.
+ * No NCCL: the same scheme carries GPU ranks through host memory.
+ *
+ * The barrier is a generation counter and a condition variable in the segment. A rank
+ * that fails or is told to stop raises `abort`; a rank whose peer process is gone does
+ * too; everyone then leaves at their next barrier instead of waiting forever.
+ */
+#include "dolly_pg.h"
+#include "jobs.h"
+
+#include <errno.h>
+#include <signal.h>
+
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "storage/condition_variable.h"
+#include "storage/dsm.h"
+#include "storage/ipc.h"
+#include "tcop/tcopprot.h"
+#include "utils/wait_event.h"
+
+#include "train.h"
+
+#define DP_CHUNK (1 << 20)		/* floats of gradient per rank per round */
+
+typedef struct DpExample
+{
+	int32		n;
+	int32		first_label;
+	Size		ids_off;		/* from the segment's start */
+} DpExample;
+
+struct DollyDP
+{
+	slock_t		mutex;
+	ConditionVariable cv;
+	int			nranks;
+	int			arrived;		/* at the current barrier */
+	uint64		phase;			/* barriers passed */
+	bool		abort;
+	char		error[512];		/* why a rank failed; "" if it was a stop */
+	pid_t		pids[DOLLY_MAX_RANKS];
+	char		base_path[MAXPGPATH];
+	dl_finetune_opts opts;		/* the numbers only: ranks set their own hooks */
+	int			ntrain;
+	int			neval;			/* the first neval examples are for evaluation */
+	double		loss[2][DOLLY_MAX_RANKS];
+	int64		labels[2][DOLLY_MAX_RANKS];
+	Size		examples_off;	/* DpExample[neval + ntrain] */
+	Size		stage_off;		/* float[nranks + 1][DP_CHUNK]: one per rank, then the sum */
+};
+
+/* This process's rank, and how many all-reduces it has done (the same on every rank). */
+static int	my_rank;
+static uint64 calls;
+
+/* Is process pid gone? */
+static bool
+gone(pid_t pid)
+{
+	return pid != 0 && kill(pid, 0) != 0 && errno == ESRCH;
+}
+
+void
+dolly_dp_abort(DollyDP *d, const char *error)
+{
+	SpinLockAcquire(&d->mutex);
+	d->abort = true;
+	if (error && d->error[0] == '\0')
+		strlcpy(d->error, error, sizeof(d->error));
+	SpinLockRelease(&d->mutex);
+	ConditionVariableBroadcast(&d->cv);
+}
+
+/* Wait until every rank arrives; false if the group is aborting. */
+static bool
+barrier(DollyDP *d)
+{
+	uint64		phase;
+	bool		ok = true;
+
+	SpinLockAcquire(&d->mutex);
+	phase = d->phase;
+	if (++d->arrived == d->nranks)
+	{
+		d->arrived = 0;
+		d->phase++;
+		ok = !d->abort;
+		SpinLockRelease(&d->mutex);
+		ConditionVariableBroadcast(&d->cv);
+		return ok;
+	}
+	SpinLockRelease(&d->mutex);
+
+	ConditionVariablePrepareToSleep(&d->cv);
+	for (;;)
+	{
+		bool		passed;
+
+		SpinLockAcquire(&d->mutex);
+		passed = d->phase != phase;
+		ok = !d->abort;
+		SpinLockRelease(&d->mutex);
+		if (passed || !ok)
+			break;
+		for (int r = 0; r < d->nranks; r++)
+			if (gone(d->pids[r]))
+				dolly_dp_abort(d, "a fine-tuning worker exited unexpectedly");
+		/* a stop request (SIGTERM) leaves through the engine, not a longjmp */
+		if (ProcDiePending)
+			dolly_dp_abort(d, NULL);
+		(void) ConditionVariableTimedSleep(&d->cv, 100, PG_WAIT_EXTENSION);
+	}
+	ConditionVariableCancelSleep();
+	return ok;
+}
+
+/* finetune_run's all-reduce: sums over ranks, identical on every rank. */
+static dl_status
+allreduce(void *arg, float *grads, size_t n, double *loss_sum, int64_t *n_labels, dl_error *err)
+{
+	DollyDP    *d = arg;
+	int			N = d->nranks;
+	int			buf = calls++ & 1;	/* the sums of the last call may still be read */
+	float	   *stage = (float *) ((char *) d + d->stage_off);
+	float	   *sum = stage + (Size) N * DP_CHUNK;
+	double		loss = 0;
+	int64		labels = 0;
+
+	d->loss[buf][my_rank] = *loss_sum;
+	d->labels[buf][my_rank] = *n_labels;
+	for (size_t off = 0; off < n; off += DP_CHUNK)
+	{
+		size_t		len = Min((size_t) DP_CHUNK, n - off);
+		size_t		lo = len * my_rank / N,
+					hi = len * (my_rank + 1) / N;
+
+		memcpy(stage + (Size) my_rank * DP_CHUNK, grads + off, len * sizeof(float));
+		if (!barrier(d))
+			return dl_fail(err, DL_ECANCELLED, "data-parallel group stopped");
+		for (size_t i = lo; i < hi; i++)
+		{
+			float		s = 0;
+
+			for (int r = 0; r < N; r++)
+				s += stage[(Size) r * DP_CHUNK + i];
+			sum[i] = s;
+		}
+		if (!barrier(d))
+			return dl_fail(err, DL_ECANCELLED, "data-parallel group stopped");
+		memcpy(grads + off, sum, len * sizeof(float));
+	}
+	if (!barrier(d))
+		return dl_fail(err, DL_ECANCELLED, "data-parallel group stopped");
+	for (int r = 0; r < N; r++)
+	{
+		loss += d->loss[buf][r];
+		labels += d->labels[buf][r];
+	}
+	*loss_sum = loss;
+	*n_labels = labels;
+	return DL_OK;
+}
+
+/* The examples in the segment, as dl_examples pointing into it (never freed). */
+static dl_example *
+examples_of(DollyDP *d)
+{
+	DpExample  *de = (DpExample *) ((char *) d + d->examples_off);
+	int			n = d->neval + d->ntrain;
+	dl_example *ex = palloc(sizeof(dl_example) * n);
+
+	for (int i = 0; i < n; i++)
+	{
+		ex[i].ids = (int32_t *) ((char *) d + de[i].ids_off);
+		ex[i].n = de[i].n;
+		ex[i].first_label = de[i].first_label;
+	}
+	return ex;
+}
+
+DollyDP *
+dolly_dp_start(int nranks, const dl_example *ex, int ntrain, int neval, const char *base_path,
+			   const dl_finetune_opts *opts, int64 job_id)
+{
+	Size		ids = 0,
+				size;
+	dsm_segment *seg;
+	DollyDP    *d;
+	DpExample  *de;
+	Size		off;
+	Oid			extra[2] = {MyDatabaseId, GetUserId()};
+
+	for (int i = 0; i < ntrain + neval; i++)
+		ids += MAXALIGN(ex[i].n * sizeof(int32));
+	size = MAXALIGN(sizeof(DollyDP)) + MAXALIGN(sizeof(DpExample) * (ntrain + neval)) + ids +
+		(Size) (nranks + 1) * DP_CHUNK * sizeof(float);
+	seg = dsm_create(size, 0);
+	dsm_pin_mapping(seg);		/* kept until the process exits */
+	d = dsm_segment_address(seg);
+	memset(d, 0, sizeof(DollyDP));
+	SpinLockInit(&d->mutex);
+	ConditionVariableInit(&d->cv);
+	d->nranks = nranks;
+	d->pids[0] = MyProcPid;
+	strlcpy(d->base_path, base_path, sizeof(d->base_path));
+	d->opts = *opts;
+	d->opts.allreduce = NULL;
+	d->opts.allreduce_arg = NULL;
+	d->opts.progress = NULL;
+	d->opts.progress_arg = NULL;
+	d->ntrain = ntrain;
+	d->neval = neval;
+	d->examples_off = MAXALIGN(sizeof(DollyDP));
+	de = (DpExample *) ((char *) d + d->examples_off);
+	off = d->examples_off + MAXALIGN(sizeof(DpExample) * (ntrain + neval));
+	for (int i = 0; i < ntrain + neval; i++)
+	{
+		de[i].n = ex[i].n;
+		de[i].first_label = ex[i].first_label;
+		de[i].ids_off = off;
+		memcpy((char *) d + off, ex[i].ids, ex[i].n * sizeof(int32));
+		off += MAXALIGN(ex[i].n * sizeof(int32));
+	}
+	d->stage_off = off;
+
+	for (int r = 1; r < nranks; r++)
+	{
+		BackgroundWorker w;
+		BackgroundWorkerHandle *h;
+		uint32		args[2] = {dsm_segment_handle(seg), (uint32) r};
+
+		memset(&w, 0, sizeof(w));
+		w.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+		w.bgw_start_time = BgWorkerStart_RecoveryFinished;
+		w.bgw_restart_time = BGW_NEVER_RESTART;
+		snprintf(w.bgw_library_name, BGW_MAXLEN, "dolly");
+		snprintf(w.bgw_function_name, BGW_MAXLEN, "dolly_job_rank_main");
+		snprintf(w.bgw_name, BGW_MAXLEN, "dolly fine-tuning job %lld rank %d", (long long) job_id, r);
+		snprintf(w.bgw_type, BGW_MAXLEN, "dolly fine-tuning job");
+		w.bgw_main_arg = Int64GetDatum(job_id);
+		memcpy(w.bgw_extra, extra, sizeof(extra));
+		memcpy(w.bgw_extra + sizeof(extra), args, sizeof(args));
+		w.bgw_notify_pid = MyProcPid;
+		if (!RegisterDynamicBackgroundWorker(&w, &h) ||
+			WaitForBackgroundWorkerStartup(h, &d->pids[r]) != BGWH_STARTED)
+		{
+			dolly_dp_abort(d, "cannot start the fine-tuning workers of every rank (raise max_worker_processes)");
+			return d;
+		}
+	}
+	return d;
+}
+
+dl_status
+dolly_dp_train(DollyDP *d, int rank, dl_model *m, const dl_example *ex, int ntrain, int neval,
+			   dl_finetune_opts *o, dl_train_progress *last, dl_error *err)
+{
+	dl_status	st;
+
+	my_rank = rank;
+	o->rank = rank;
+	o->nranks = d->nranks;
+	o->allreduce = allreduce;
+	o->allreduce_arg = d;
+	/* everyone has loaded the model before the first step */
+	if (!barrier(d))
+		st = dl_fail(err, DL_ECANCELLED, "data-parallel group stopped");
+	else
+		st = finetune_run(m, ex + neval, ntrain, ex, neval, o, last, err);
+	if (st != DL_OK)
+	{
+		dolly_dp_abort(d, st == DL_ECANCELLED ? NULL : err->msg);
+		/* a peer's failure reaches the others as a stop: report the failure instead */
+		if (st == DL_ECANCELLED && d->error[0])
+			st = dl_fail(err, DL_EBACKEND, "%s", d->error);
+	}
+	return st;
+}
+
+/* Progress of ranks > 0: nothing to publish; stop when the group stops. */
+static int
+rank_progress(void *arg, const dl_train_progress *p)
+{
+	DollyDP    *d = arg;
+
+	return d->abort || ProcDiePending;
+}
+
+void
+dolly_job_rank_main(Datum main_arg)
+{
+	Oid			extra[2];
+	uint32		args[2];
+	dsm_segment *seg;
+	DollyDP    *d;
+	dl_backend *be = NULL;
+	dl_tokenizer *tok = NULL;
+	dl_model   *m = NULL;
+	dl_error	err;
+	dl_finetune_opts o;
+	dl_train_progress last;
+	char		path[MAXPGPATH + 32];
+	int			threads;
+
+	memcpy(extra, MyBgworkerEntry->bgw_extra, sizeof(extra));
+	memcpy(args, MyBgworkerEntry->bgw_extra + sizeof(extra), sizeof(args));
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnectionByOid(extra[0], extra[1], 0);
+	pgstat_report_appname(MyBgworkerEntry->bgw_name);
+	seg = dsm_attach(args[0]);
+	if (seg == NULL)
+		proc_exit(0);			/* rank 0 is already gone */
+	d = dsm_segment_address(seg);
+	my_rank = (int) args[1];
+	d->pids[my_rank] = MyProcPid;
+	pgstat_report_activity(STATE_RUNNING, "loading the base model");
+
+	threads = Max(1, dolly_cpu_threads() / d->nranks);
+	snprintf(path, sizeof(path), "%s/tokenizer.json", d->base_path);
+	if (backend_cpu_create(threads, &be, &err) != DL_OK ||
+		tok_load(path, &tok, &err) != DL_OK ||
+		dl_model_load(d->base_path, be, &m, &err) != DL_OK ||
+		model_add_dolly_tokens(&m, tok, &err) != DL_OK)
+	{
+		dolly_relative_paths(&err);
+		dolly_dp_abort(d, err.msg);
+	}
+	else
+	{
+		o = d->opts;
+		o.progress = rank_progress;
+		o.progress_arg = d;
+		pgstat_report_activity(STATE_RUNNING, "training");
+		(void) dolly_dp_train(d, my_rank, m, examples_of(d), d->ntrain, d->neval, &o, &last, &err);
+	}
+	dl_model_free(m);
+	tok_free(tok);
+	if (be)
+		be->destroy(be);
+	proc_exit(0);
+}
