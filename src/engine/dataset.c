@@ -2,11 +2,14 @@
  * dataset.c: instruction records to training examples, as Dolly's trainer builds them
  * (training/trainer.py: preprocess_batch, then DataCollatorForCompletionOnlyLM).
  */
-#include "prompt.h"
 #include "train.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "prompt.h"
+#include "sampler.h"
 
 /* The example of one record: Dolly's training text, tokenised, labels after the key. */
 dl_status
@@ -68,4 +71,18 @@ example_free(dl_example *ex)
 	ex->ids = NULL;
 	ex->n = 0;
 	ex->first_label = 0;
+}
+
+/* Shuffle with the seed, then hold out the evaluation examples at the front; see train.h. */
+int
+examples_split(dl_example *ex, int n, double eval_fraction, uint64_t seed)
+{
+	dl_rng		rng;
+	int			neval = (int) lround(n * eval_fraction);
+
+	rng_seed(&rng, seed);
+	rng_shuffle(ex, n, sizeof(dl_example), &rng);
+	if (neval == 0 && eval_fraction > 0 && n > 1)
+		neval = 1;
+	return neval;
 }

@@ -203,14 +203,7 @@ epoch_order(int *order, int n, uint64_t seed, int epoch)
 	rng_seed(&rng, seed + (uint64_t) epoch);
 	for (int i = 0; i < n; i++)
 		order[i] = i;
-	for (int i = n - 1; i > 0; i--)
-	{
-		int			j = (int) (rng_uniform(&rng) * (i + 1));
-		int			t = order[i];
-
-		order[i] = order[j];
-		order[j] = t;
-	}
+	rng_shuffle(order, n, sizeof(int), &rng);
 }
 
 /* The epoch loop; see train.h. */

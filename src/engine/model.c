@@ -428,6 +428,16 @@ dl_model_load(const char *dir, dl_backend *be, dl_model **out, dl_error *err)
 	return DL_OK;
 }
 
+int64_t
+dl_model_param_count(const dl_model *m)
+{
+	int64_t		n = 0;
+
+	for (int i = 0; i < m->nmap; i++)
+		n += m->map[i].shape[0] * (m->map[i].ndim == 2 ? m->map[i].shape[1] : 1);
+	return n;
+}
+
 void
 dl_model_free(dl_model *m)
 {

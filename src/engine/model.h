@@ -100,6 +100,9 @@ dl_status	dl_model_create(const dl_config *cfg, dl_backend *be, dl_model **out, 
 /* Free the model's device memory and the model; NULL is accepted. */
 void		dl_model_free(dl_model *m);
 
+/* The number of parameters: the elements of every tensor in the model's files. */
+int64_t		dl_model_param_count(const dl_model *m);
+
 /* be->alloc as a dl_status: *out is NULL on failure. */
 dl_status	model_alloc(dl_backend *be, size_t bytes, void **out, dl_error *err);
 

@@ -93,6 +93,26 @@ rng_uniformf(dl_rng *rng)
 	return (float) (rng_next(rng) >> 40) * 0x1.0p-24f;
 }
 
+/* Fisher-Yates from the last element; swaps through a small buffer, element by element. */
+void
+rng_shuffle(void *base, size_t n, size_t size, dl_rng *rng)
+{
+	unsigned char *a = base;
+
+	for (size_t i = n; i-- > 1;)
+	{
+		size_t		j = (size_t) (rng_uniform(rng) * (i + 1));
+
+		for (size_t b = 0; b < size; b++)
+		{
+			unsigned char t = a[i * size + b];
+
+			a[i * size + b] = a[j * size + b];
+			a[j * size + b] = t;
+		}
+	}
+}
+
 /* Reject out-of-range or NaN parameters, naming the parameter and its range. */
 dl_status
 sampling_check(const dl_sampling *p, dl_error *err)

@@ -10,6 +10,7 @@
 #ifndef DOLLY_SAMPLER_H
 #define DOLLY_SAMPLER_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "error.h"
@@ -31,6 +32,9 @@ double		rng_uniform(dl_rng *rng);
 
 /* A uniform float in [0, 1) with 24 random bits. */
 float		rng_uniformf(dl_rng *rng);
+
+/* Shuffle n elements of size bytes at base in place (Fisher-Yates, from the last). */
+void		rng_shuffle(void *base, size_t n, size_t size, dl_rng *rng);
 
 /*
  * Generation parameters with transformers' meanings: do_sample 0 is greedy and ignores

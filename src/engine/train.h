@@ -45,6 +45,13 @@ dl_status	example_from_record(const dl_tokenizer *tok, const char *instruction,
 void		example_free(dl_example *ex);
 
 /*
+ * Dolly's split: shuffle the n examples with seed, then hold out round(n * eval_fraction)
+ * of them (at least one when the fraction is positive and n > 1) at the front. Returns
+ * how many are held out; ex[0..neval) evaluate, ex[neval..n) train.
+ */
+int			examples_split(dl_example *ex, int n, double eval_fraction, uint64_t seed);
+
+/*
  * Add Dolly's special tokens ("### End", "### Instruction:", "### Response:\n") to a
  * tokenizer and model that lack them: the tokenizer gets them as special tokens, and the
  * embedding and output tables grow to cover their ids (new rows: the mean of the existing

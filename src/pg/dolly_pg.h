@@ -120,10 +120,6 @@ extern dl_status dolly_model_path(const char *name, char *path, bool *is_default
 /* Rewrite full paths under dolly.model_dir in err's message as paths relative to it. */
 extern void dolly_relative_paths(dl_error *err);
 
-/* Parameters of a loaded model (the elements of every tensor of its files). */
-struct dl_model;
-extern int64 dolly_param_count(const struct dl_model *m);
-
 /* Path of the CUDA plugin in $libdir. */
 extern void dolly_cuda_plugin_path(char *buf, size_t len);
 

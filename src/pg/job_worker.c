@@ -351,23 +351,6 @@ read_records(const JobSpec *spec, const dl_tokenizer *tok, int max_length, int *
 	return ex;
 }
 
-/* Shuffle examples with the job's seed (Fisher-Yates), so the split is reproducible. */
-static void
-shuffle(dl_example *ex, int n, uint64 seed)
-{
-	dl_rng		rng;
-
-	rng_seed(&rng, seed);
-	for (int i = n - 1; i > 0; i--)
-	{
-		int			j = (int) (rng_uniform(&rng) * (i + 1));
-		dl_example	t = ex[i];
-
-		ex[i] = ex[j];
-		ex[j] = t;
-	}
-}
-
 /* Run the claimed job to its end; engine failures end it as failed, with their message. */
 static void
 run_job(const JobSpec *spec)
@@ -403,7 +386,7 @@ run_job(const JobSpec *spec)
 		dl_model_load(base_path, be, &m, &err) != DL_OK ||
 		model_add_dolly_tokens(&m, tok, &err) != DL_OK)
 		goto fail;
-	params = dolly_param_count(m);
+	params = dl_model_param_count(m);
 
 	set_phase("reading records");
 	max_length = spec->max_length > 0 ? spec->max_length : m->cfg.max_pos;
@@ -415,10 +398,7 @@ run_job(const JobSpec *spec)
 		goto fail;
 	}
 	elog(LOG, "dolly: fine-tuning job %lld: %d records, %d skipped", (long long) my_job, n, skipped);
-	shuffle(ex, n, (uint64) spec->seed);
-	neval = (int) lround(n * spec->eval_fraction);
-	if (neval == 0 && spec->eval_fraction > 0 && n > 1)
-		neval = 1;
+	neval = examples_split(ex, n, spec->eval_fraction, (uint64) spec->seed);
 
 	memset(&o, 0, sizeof(o));
 	train_defaults(&o.cfg);

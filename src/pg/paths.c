@@ -1,5 +1,5 @@
 /*
- * paths.c: model names and the directories they stand for, and facts about models. Model directories are for
+ * paths.c: model names and the directories they stand for. Model directories are for
  * superusers to choose (dolly.model, dolly.model_dir); sessions only name models, and a
  * name can only ever be one directory under dolly.model_dir.
  */
@@ -8,8 +8,6 @@
 #include <sys/stat.h>
 
 #include "queue.h"
-
-#include "model.h"
 
 /* A model name is one directory under dolly.model_dir: no separators, no way out of it. */
 bool
@@ -88,15 +86,4 @@ dolly_relative_paths(dl_error *err)
 		return;
 	while ((p = strstr(err->msg, dolly_model_dir)) != NULL && p[dirlen] == '/')
 		memmove(p, p + dirlen + 1, strlen(p + dirlen + 1) + 1);
-}
-
-
-int64
-dolly_param_count(const dl_model *m)
-{
-	int64		n = 0;
-
-	for (int i = 0; i < m->nmap; i++)
-		n += m->map[i].shape[0] * (m->map[i].ndim == 2 ? m->map[i].shape[1] : 1);
-	return n;
 }

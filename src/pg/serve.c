@@ -73,7 +73,7 @@ publish_model(ServedModel *m, double load_seconds)
 		row.loaded_at = GetCurrentTimestamp();
 		row.load_seconds = load_seconds;
 		row.param_bytes = m->model->param_bytes;
-		row.params = dolly_param_count(m->model);
+		row.params = dl_model_param_count(m->model);
 		row.cache_bytes = 2 * m->cache->layer_stride * m->model->cfg.n_layer;
 		row.max_batch = m->max_seq;
 		row.max_context = m->cache->max_ctx;

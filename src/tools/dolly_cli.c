@@ -638,17 +638,6 @@ done:
 	return rc;
 }
 
-/* Parameters of a model: the elements of its tensor map. */
-static long long
-param_count(const dl_model *m)
-{
-	long long	n = 0;
-
-	for (int i = 0; i < m->nmap; i++)
-		n += m->map[i].shape[0] * (m->map[i].ndim == 2 ? m->map[i].shape[1] : 1);
-	return n;
-}
-
 /* init: a model of the given shape with seeded random weights, ready to fine-tune. */
 static int
 cmd_init(const options *o)
@@ -710,7 +699,7 @@ cmd_init(const options *o)
 		goto fail;
 	fprintf(stderr, "initialised %s: %s, %d layers, width %d, %d heads, MLP %d, %d positions, vocabulary %d, %lld parameters\n",
 			o->out, o->arch, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_inner, cfg.max_pos,
-			m->cfg.vocab_size, param_count(m));
+			m->cfg.vocab_size, (long long) dl_model_param_count(m));
 	rc = 0;
 	goto done;
 fail:
@@ -811,23 +800,6 @@ read_records(const char *path, const dl_tokenizer *tok, int max_length, dl_examp
 	return rc;
 }
 
-/* Shuffle examples with the seed (Fisher-Yates), as the job worker does before its split. */
-static void
-shuffle_examples(dl_example *ex, int n, uint64_t seed)
-{
-	dl_rng		rng;
-
-	rng_seed(&rng, seed);
-	for (int i = n - 1; i > 0; i--)
-	{
-		int			j = (int) (rng_uniform(&rng) * (i + 1));
-		dl_example	t = ex[i];
-
-		ex[i] = ex[j];
-		ex[j] = t;
-	}
-}
-
 /*
  * Peak resident memory of this process in MB (VmHWM), -1 if unknown. Not getrusage's
  * ru_maxrss: that counts the parent's memory when a large process (a Python benchmark)
@@ -903,12 +875,9 @@ cmd_train(const options *o)
 	if (read_records(o->data, tok, o->max_length ? o->max_length : m->cfg.max_pos, &ex, &n, &skipped))
 		goto done;
 	/* Dolly shuffles with its seed, then holds out the test records */
-	shuffle_examples(ex, n, seed);
-	neval = (int) lround(n * (double) o->eval_fraction);
-	if (neval == 0 && o->eval_fraction > 0 && n > 1)
-		neval = 1;
+	neval = examples_split(ex, n, o->eval_fraction, seed);
 	fprintf(stderr, "%d records (%d training, %d evaluation), %d skipped, %lld parameters\n",
-			n, n - neval, neval, skipped, param_count(m));
+			n, n - neval, neval, skipped, (long long) dl_model_param_count(m));
 	if (n - neval < 1)
 	{
 		fprintf(stderr, "dolly-cli: no records left to train on in \"%s\"\n", o->data);
