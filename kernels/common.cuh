@@ -53,7 +53,8 @@ typedef struct cuda_backend
 	cudaStream_t stream;		/* every operation runs on it, in order */
 	cublasHandle_t blas;
 	dl_error	pending;		/* first failure of an asynchronous operation (code DL_OK: none) */
-	void	   *host_stage[2];	/* upload_tensor: pinned host buffers, made on first use */
+	void	   *host_stage[2];	/* upload_tensor: host buffers, made on first use, */
+	int			host_pinned;	/* pinned unless the system refused (then malloc'd) */
 	void	   *dev_stage[2];	/* and device buffers for data that needs converting */
 	cudaEvent_t stage_done[2];	/* when the transfer out of each pair has completed */
 	void	   *act16;			/* bfloat16 copy of a matrix product's input for cuBLAS */

@@ -10,6 +10,7 @@
  * next, which is also where a row permutation is applied.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common.cuh"
@@ -133,17 +134,32 @@ convert_launch(D *dst, const void *src, st_dtype sd, size_t n, cudaStream_t stre
 		convert_kernel<<<grid, DL_BLOCK, 0, stream>>>(dst, (const __nv_bfloat16 *) src, n);
 }
 
-/* Pinned and device staging buffers, on the first upload_tensor. */
+/*
+ * Staging buffers, on the first upload_tensor: pinned host memory, so that copies from it
+ * run while the host fills the other one; plain memory where pinning is refused (a
+ * locked-memory limit), which is slower but equally correct.
+ */
 static dl_status
 stage_init(cuda_backend *cb, dl_error *err)
 {
-	for (int i = 0; i < 2; i++)
+	if (cb->host_stage[0] == NULL)
 	{
-		if (cb->host_stage[i] == NULL)
-			CUDA_TRY(cudaHostAlloc(&cb->host_stage[i], STAGE_BYTES, cudaHostAllocDefault), err);
+		cb->host_pinned = 1;
+		for (int i = 0; i < 2 && cb->host_pinned; i++)
+			if (cudaHostAlloc(&cb->host_stage[i], STAGE_BYTES, cudaHostAllocDefault) != cudaSuccess)
+			{
+				cudaGetLastError();
+				cudaFreeHost(cb->host_stage[0]);
+				cb->host_stage[0] = cb->host_stage[1] = NULL;
+				cb->host_pinned = 0;
+			}
+		for (int i = 0; i < 2 && !cb->host_pinned; i++)
+			if ((cb->host_stage[i] = malloc(STAGE_BYTES)) == NULL)
+				return dl_fail(err, DL_ENOMEM, "out of host memory for upload buffers");
+	}
+	for (int i = 0; i < 2; i++)
 		if (cb->dev_stage[i] == NULL)
 			CUDA_TRY(cudaMalloc(&cb->dev_stage[i], STAGE_BYTES), err);
-	}
 	return DL_OK;
 }
 
@@ -152,7 +168,10 @@ cuda_stage_free(cuda_backend *cb)
 {
 	for (int i = 0; i < 2; i++)
 	{
-		cudaFreeHost(cb->host_stage[i]);
+		if (cb->host_pinned)
+			cudaFreeHost(cb->host_stage[i]);
+		else
+			free(cb->host_stage[i]);
 		cudaFree(cb->dev_stage[i]);
 		cb->host_stage[i] = cb->dev_stage[i] = NULL;
 	}
