@@ -672,6 +672,8 @@ cpu_layernorm_backward(dl_backend *be, float *din, float *dw, float *db, const f
 #define MMV_MAX_M 64
 /* rows of W per task: a multiple of 16 (out's cache lines) and of MMV_NB */
 #define MMV_ROWS 64
+/* tiles ahead that are prefetched into L2: far enough to cover the memory's latency */
+#define MMV_PREFETCH_TILES 2
 
 typedef struct mm_args
 {
@@ -689,9 +691,9 @@ typedef struct mm_args
 /*
  * out[m .. m + mb, n .. n + nb] (+)= in rows times W rows (+ bias): nb x mb dot products
  * over all of K in registers. Always inlined with constant nb and mb, so that the
- * accumulators are registers and the loops unroll. With prefetch, the next nb rows of W
- * are fetched meanwhile, a cache line of each per step: the memory works while the
- * FMAs do, instead of the tile stalling on its first use of every line.
+ * accumulators are registers and the loops unroll. Row i of the tile MMV_PREFETCH_TILES
+ * ahead is prefetched into L2 where bit i of prefetch is set, a cache line per step, so
+ * that memory works while the FMAs do instead of the tile stalling on every new line.
  */
 static inline __attribute__((always_inline)) void
 mmv_tile(const mm_args *a, int n, int m, const int nb, const int mb, int prefetch)
@@ -717,8 +719,8 @@ mmv_tile(const mm_args *a, int n, int m, const int nb, const int mb, int prefetc
 		{
 			wv[i] = vload(w + (size_t) i * K + k);
 			__asm__("" : "+x"(wv[i]));
-			if (prefetch)
-				__builtin_prefetch(w + (size_t) (nb + i) * K + k);
+			if (prefetch >> i & 1)
+				__builtin_prefetch(w + (size_t) (MMV_PREFETCH_TILES * nb + i) * K + k, 0, 2);
 		}
 		for (int j = 0; j < mb; j++)
 		{
@@ -748,7 +750,7 @@ mmv_tile(const mm_args *a, int n, int m, const int nb, const int mb, int prefetc
 
 /*
  * mmv_tile with nb = MMV_NB (full) or 1 (the rows left over), for mb = 1 .. MMV_MB;
- * full tiles prefetch the next tile when asked.
+ * full tiles prefetch as asked.
  */
 static void
 mmv_tile_any(const mm_args *a, int n, int m, int full, int mb, int prefetch)
@@ -790,7 +792,8 @@ mmv_tile_any(const mm_args *a, int n, int m, int full, int mb, int prefetch)
 /*
  * Rows [n0, n1) of W against every row of in: per tile of W's rows, the rows of in in
  * nearly equal blocks of at most MMV_MB (8 rows are two blocks of 4, not 4 + 4 by luck
- * only), so the tile of W is read from memory once and from cache after.
+ * only), so the tile of W is read from memory once and from cache after. The blocks
+ * share the prefetching of a later tile: block b fetches its rows i with i % blocks == b.
  */
 static void
 mmv_rows(const mm_args *a, int n0, int n1)
@@ -804,11 +807,14 @@ mmv_rows(const mm_args *a, int n0, int n1)
 		for (int b = 0; b < nmb; b++)
 		{
 			int			m0,
-						m1;
+						m1,
+						prefetch = 0;
 
 			task_range(a->M, nmb, b, &m0, &m1);
-			/* the first block of rows of in fetches the next tile, if in this slice */
-			mmv_tile_any(a, n, m0, full, m1 - m0, b == 0 && n + 2 * MMV_NB <= n1);
+			if (n + (MMV_PREFETCH_TILES + 1) * MMV_NB <= a->N)
+				for (int i = 0; i < MMV_NB; i++)
+					prefetch |= (i % nmb == b) << i;
+			mmv_tile_any(a, n, m0, full, m1 - m0, prefetch);
 		}
 		n += full ? MMV_NB : 1;
 	}
