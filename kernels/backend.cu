@@ -89,6 +89,9 @@ cuda_backend_init(cuda_backend *cb, int dev, dl_error *err)
 		CUDA_TRY(cudaEventCreateWithFlags(&cb->stage_done[i], cudaEventDisableTiming), err);
 	CUBLAS_TRY(cublasCreate(&cb->blas), err);
 	CUBLAS_TRY(cublasSetStream(cb->blas, cb->stream), err);
+	/* fp32 mode exists to match float32 references: no TF32, whatever the environment says */
+	if (cb->fp32)
+		CUBLAS_TRY(cublasSetMathMode(cb->blas, CUBLAS_PEDANTIC_MATH), err);
 	return cuda_attention_init(cb, err);
 }
 

@@ -5,9 +5,9 @@
  * runs in a kernel of our own: blocks stream SKINNY_ROWS rows of W with 16-byte loads,
  * multiply them by the float32 input as it is (activations are never rounded here) and
  * add the bias and, with accumulate, the residual in the same pass. More rows go to
- * cuBLAS: cublasSgemm for float32 weights (cuBLAS's default math mode, no TF32: exact
- * float32 for the tests), cublasGemmEx with bfloat16 operands and float32 accumulation
- * and output otherwise, after rounding the input to bfloat16 as torch computes in bf16.
+ * cuBLAS: cublasSgemm for float32 weights (pedantic math mode, no TF32: exact float32 for
+ * the tests), cublasGemmEx with bfloat16 operands and float32 accumulation and output
+ * otherwise, after rounding the input to bfloat16 as torch computes in bf16.
  */
 #include "common.cuh"
 

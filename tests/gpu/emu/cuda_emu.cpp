@@ -1,0 +1,452 @@
+/*
+ * cuda_emu.cpp: the emulation behind cuda_emu.h.
+ *
+ * A launch runs its blocks one after another; the threads of a block are fibers on one
+ * OS thread (a stack each, switched by emu_swap below), each running until it reaches a
+ * barrier or a warp shuffle. A barrier opens when every thread still running waits at
+ * one; a shuffle completes when all 32 lanes of the warp wait at one, and aborts when a
+ * lane has exited (undefined on a GPU). Anything else that leaves no thread runnable is
+ * a deadlock and aborts. Device memory is host memory filled with 0x5a bytes, dynamic
+ * shared memory with 0xa5, so that reads of what nothing wrote show up.
+ */
+#include "cuda_emu.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <vector>
+
+namespace emu
+{
+	uint3		block_idx, block_dim, grid_dim;
+	void	   *dynamic_smem;
+
+	enum state
+	{
+		RUNNABLE, AT_BARRIER, AT_SHUFFLE, EXITED
+	};
+
+	struct fiber
+	{
+		void	   *sp;			/* saved stack pointer while switched out */
+		uint3		idx;
+		state		st;
+		unsigned	value;		/* a shuffle's operand, */
+		int			lane_mask;	/* its xor, */
+		unsigned	result;		/* and what the partner lane gave */
+	};
+
+	static std::vector<fiber> fibers;
+	static std::vector<char *> stacks;
+	static void *scheduler_sp;
+	static fiber *current;
+	static std::function<void()> *kernel_body;
+	static size_t smem_allowed = 48 * 1024;
+	static cudaError_t last_error = cudaSuccess;
+	static const size_t STACK_BYTES = 128 * 1024;
+}
+
+using namespace emu;
+
+/*
+ * Save the callee-saved registers and the stack pointer to *save_sp, load those of
+ * load_sp, return into that fiber (System V x86-64).
+ */
+extern "C" void emu_swap(void **save_sp, void *load_sp);
+asm(".text\n.globl emu_swap\n.type emu_swap,@function\nemu_swap:\n"
+	"pushq %rbp\npushq %rbx\npushq %r12\npushq %r13\npushq %r14\npushq %r15\n"
+	"movq %rsp, (%rdi)\nmovq %rsi, %rsp\n"
+	"popq %r15\npopq %r14\npopq %r13\npopq %r12\npopq %rbx\npopq %rbp\nret\n");
+
+uint3 &
+emu::thread_idx(void)
+{
+	return current->idx;
+}
+
+/* Hand control back to the scheduler in state st. */
+static void
+suspend(state st)
+{
+	current->st = st;
+	emu_swap(&current->sp, scheduler_sp);
+}
+
+void
+emu::barrier(void)
+{
+	suspend(AT_BARRIER);
+}
+
+unsigned
+emu::shuffle_xor(unsigned v, int lane_mask)
+{
+	current->value = v;
+	current->lane_mask = lane_mask;
+	suspend(AT_SHUFFLE);
+	return current->result;
+}
+
+/* Where a new fiber starts: the kernel call, then exit for good. */
+static void
+fiber_main(void)
+{
+	(*kernel_body) ();
+	suspend(EXITED);
+	abort();
+}
+
+/* Complete the shuffle of warp w if all its lanes wait at one; 1 if it did. */
+static int
+complete_shuffle(int w, int nthreads)
+{
+	int			lo = w * 32,
+				hi = lo + 32 < nthreads ? lo + 32 : nthreads,
+				waiting = 0,
+				live = 0;
+
+	for (int i = lo; i < hi; i++)
+	{
+		live += fibers[i].st != EXITED;
+		waiting += fibers[i].st == AT_SHUFFLE;
+	}
+	if (waiting == 0 || waiting != live)
+		return 0;
+	if (live != 32)
+	{
+		fprintf(stderr, "cuda_emu: shuffle in warp %d of block (%u,%u,%u) with exited or missing lanes\n",
+				w, block_idx.x, block_idx.y, block_idx.z);
+		abort();
+	}
+	for (int i = lo; i < hi; i++)
+		fibers[i].result = fibers[lo + ((i - lo) ^ fibers[i].lane_mask)].value;
+	for (int i = lo; i < hi; i++)
+		fibers[i].st = RUNNABLE;
+	return 1;
+}
+
+/* Run the threads of the current block until all have exited. */
+static void
+run_block(int nthreads)
+{
+	for (int i = 0; i < nthreads; i++)
+	{
+		/* a first switch pops six zero registers and returns into fiber_main */
+		uintptr_t	top = ((uintptr_t) stacks[i] + STACK_BYTES) & ~(uintptr_t) 15;
+		void	  **sp = (void **) (top - 64);
+
+		memset(sp, 0, 6 * sizeof(void *));
+		sp[6] = (void *) fiber_main;
+		fibers[i].sp = sp;
+		fibers[i].idx = {(unsigned) i % block_dim.x, (unsigned) i / block_dim.x % block_dim.y,
+		(unsigned) i / (block_dim.x * block_dim.y)};
+		fibers[i].st = RUNNABLE;
+	}
+	for (;;)
+	{
+		int			live = 0,
+					at_barrier = 0,
+					progress = 0;
+
+		for (int i = 0; i < nthreads; i++)
+			if (fibers[i].st == RUNNABLE)
+			{
+				current = &fibers[i];
+				emu_swap(&scheduler_sp, fibers[i].sp);
+			}
+		for (int i = 0; i < nthreads; i++)
+		{
+			live += fibers[i].st != EXITED;
+			at_barrier += fibers[i].st == AT_BARRIER;
+		}
+		if (live == 0)
+			return;
+		for (int w = 0; w * 32 < nthreads; w++)
+			progress |= complete_shuffle(w, nthreads);
+		if (!progress && at_barrier == live)
+		{
+			for (int i = 0; i < nthreads; i++)
+				if (fibers[i].st == AT_BARRIER)
+					fibers[i].st = RUNNABLE;
+			progress = 1;
+		}
+		if (!progress)
+		{
+			fprintf(stderr, "cuda_emu: deadlock in block (%u,%u,%u): %d threads live, %d at a barrier\n",
+					block_idx.x, block_idx.y, block_idx.z, live, at_barrier);
+			abort();
+		}
+	}
+}
+
+void
+emu::launch_cfg::run(std::function<void()> body)
+{
+	int			nthreads = (int) (block.x * block.y * block.z);
+	std::vector<char> smem_bytes(smem + 16, (char) 0xa5);
+
+	if (nthreads < 1 || nthreads > 1024 || grid.x < 1 || grid.y < 1 || grid.z < 1 ||
+		grid.y > 65535 || grid.z > 65535)
+	{
+		last_error = cudaErrorInvalidConfiguration;
+		return;
+	}
+	if (smem > smem_allowed)
+	{
+		last_error = cudaErrorInvalidValue;
+		return;
+	}
+	while (stacks.size() < (size_t) nthreads)
+		stacks.push_back((char *) malloc(STACK_BYTES));
+	fibers.resize(nthreads > (int) fibers.size() ? nthreads : fibers.size());
+	dynamic_smem = smem_bytes.data();
+	kernel_body = &body;
+	block_dim = {block.x, block.y, block.z};
+	grid_dim = {grid.x, grid.y, grid.z};
+	for (unsigned z = 0; z < grid.z; z++)
+		for (unsigned y = 0; y < grid.y; y++)
+			for (unsigned x = 0; x < grid.x; x++)
+			{
+				block_idx = {x, y, z};
+				run_block(nthreads);
+			}
+}
+
+/* --- runtime: one device of 80 GB with 132 multiprocessors, everything synchronous --- */
+
+cudaError_t
+emu_allow_dynamic_smem(int bytes)
+{
+	if (bytes > 227 * 1024)
+		return cudaErrorInvalidValue;
+	if ((size_t) bytes > smem_allowed)
+		smem_allowed = bytes;
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaGetDeviceCount(int *n)
+{
+	*n = 1;
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaSetDevice(int dev)
+{
+	return dev == 0 ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+cudaError_t
+cudaGetDeviceProperties(cudaDeviceProp *p, int dev)
+{
+	memset(p, 0, sizeof(*p));
+	snprintf(p->name, sizeof(p->name), "emulated GPU %d", dev);
+	p->major = 9;
+	p->multiProcessorCount = 132;
+	p->totalGlobalMem = (size_t) 80 << 30;
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaMemGetInfo(size_t *free_b, size_t *total_b)
+{
+	*free_b = (size_t) 79 << 30;
+	*total_b = (size_t) 80 << 30;
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaMalloc(void **p, size_t bytes)
+{
+	if (bytes > ((size_t) 64 << 30))
+		return last_error = cudaErrorMemoryAllocation;
+	*p = aligned_alloc(256, (bytes + 255) / 256 * 256);
+	memset(*p, 0x5a, bytes);
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaFree(void *p)
+{
+	free(p);
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaHostAlloc(void **p, size_t bytes, unsigned)
+{
+	*p = malloc(bytes);
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaFreeHost(void *p)
+{
+	free(p);
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t)
+{
+	memset(p, v, bytes);
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind, cudaStream_t)
+{
+	memmove(dst, src, bytes);
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind)
+{
+	memmove(dst, src, bytes);
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaStreamSynchronize(cudaStream_t)
+{
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaStreamCreateWithFlags(cudaStream_t *s, unsigned)
+{
+	*s = (cudaStream_t) malloc(1);
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaStreamDestroy(cudaStream_t s)
+{
+	free(s);
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaEventCreateWithFlags(cudaEvent_t *e, unsigned)
+{
+	*e = (cudaEvent_t) malloc(1);
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaEventRecord(cudaEvent_t, cudaStream_t)
+{
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaEventSynchronize(cudaEvent_t)
+{
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaEventDestroy(cudaEvent_t e)
+{
+	free(e);
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaGetLastError(void)
+{
+	cudaError_t e = last_error;
+
+	last_error = cudaSuccess;
+	return e;
+}
+
+const char *
+cudaGetErrorString(cudaError_t e)
+{
+	static char buf[32];
+
+	snprintf(buf, sizeof(buf), "emulated error %d", (int) e);
+	return buf;
+}
+
+/* --- cuBLAS --- */
+
+/* Element i of a matrix of type t, as float. */
+static float
+element(const void *p, cudaDataType t, size_t i)
+{
+	return t == CUDA_R_32F ? ((const float *) p)[i] : __bfloat162float(((const __nv_bfloat16 *) p)[i]);
+}
+
+/* C = alpha op(A) op(B) + beta C, column-major, sums in double. */
+static cublasStatus_t
+gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const void *A,
+	 cudaDataType at, int lda, const void *B, cudaDataType bt, int ldb, float beta, float *C, int ldc)
+{
+	for (int j = 0; j < n; j++)
+		for (int i = 0; i < m; i++)
+		{
+			double		s = 0;
+			float	   *c = C + i + (size_t) j * ldc;
+
+			for (int p = 0; p < k; p++)
+				s += (double) element(A, at, ta == CUBLAS_OP_N ? i + (size_t) p * lda : p + (size_t) i * lda) *
+					element(B, bt, tb == CUBLAS_OP_N ? p + (size_t) j * ldb : j + (size_t) p * ldb);
+			*c = alpha * (float) s + (beta != 0 ? beta * *c : 0.0f);
+		}
+	return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t
+cublasCreate(cublasHandle_t *h)
+{
+	*h = (cublasHandle_t) malloc(1);
+	return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t
+cublasDestroy(cublasHandle_t h)
+{
+	free(h);
+	return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t
+cublasSetStream(cublasHandle_t, cudaStream_t)
+{
+	return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t
+cublasSetMathMode(cublasHandle_t, cublasMath_t)
+{
+	return CUBLAS_STATUS_SUCCESS;
+}
+
+const char *
+cublasGetStatusString(cublasStatus_t)
+{
+	return "emulated cuBLAS error";
+}
+
+cublasStatus_t
+cublasSgemm(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+			const float *alpha, const float *A, int lda, const float *B, int ldb, const float *beta,
+			float *C, int ldc)
+{
+	return gemm(ta, tb, m, n, k, *alpha, A, CUDA_R_32F, lda, B, CUDA_R_32F, ldb, *beta, C, ldc);
+}
+
+cublasStatus_t
+cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+			 const void *alpha, const void *A, cudaDataType at, int lda, const void *B,
+			 cudaDataType bt, int ldb, const void *beta, void *C, cudaDataType ct, int ldc,
+			 cublasComputeType_t, cublasGemmAlgo_t)
+{
+	if (ct != CUDA_R_32F || at != bt)
+		return CUBLAS_STATUS_NOT_SUPPORTED;
+	return gemm(ta, tb, m, n, k, *(const float *) alpha, A, at, lda, B, bt, ldb,
+				*(const float *) beta, (float *) C, ldc);
+}

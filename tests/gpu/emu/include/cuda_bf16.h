@@ -1,0 +1,2 @@
+/* cuda_bf16.h: the emulation (cuda_emu.h) under CUDA's name. */
+#include "cuda_emu.h"

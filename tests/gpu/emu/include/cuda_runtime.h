@@ -1,0 +1,2 @@
+/* cuda_runtime.h: the emulation (cuda_emu.h) under CUDA's name. */
+#include "cuda_emu.h"
