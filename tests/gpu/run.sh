@@ -12,7 +12,7 @@
 # Needs gcc, nvcc and cuBLAS ($CUDA_HOME, default /usr/local/cuda), json-c and OpenBLAS
 # (pkg-config; where missing, build/gpu-deps/deps.tar.xz from tests/gpu/pack_deps.sh), and
 # python3 with torch and transformers for the benchmark. CUDA_ARCH (default 90) picks the
-# GPU code; DEADLINE (default 480) the seconds after which optional steps are skipped.
+# GPU code; DEADLINE (default 420) the seconds after which optional steps are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 start=$SECONDS
@@ -20,7 +20,7 @@ B=build/gpu
 LOG=${OUT:-$B/log}
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 ARCH=${CUDA_ARCH:-90}
-DEADLINE=${DEADLINE:-480}
+DEADLINE=${DEADLINE:-420}
 mkdir -p "$B/obj" "$LOG"
 summary=()
 
