@@ -6,6 +6,7 @@
 #   make install         installs dolly.so, the SQL script and dolly_cuda.so
 #   make unittest        engine unit tests ("N passed, N failed")
 #   make installcheck    pg_regress (temporary cluster with dolly preloaded) and TAP tests
+#   make gputest         every backend operation on every backend (SKIP without a GPU)
 #   MARCH=x86-64-v2      portable build instead of -march=native
 
 EXTENSION = dolly
@@ -94,10 +95,25 @@ build/regress.conf: tests/regress.conf.in
 unittest: $(TEST_BIN)
 	$(TEST_BIN)
 
+# the backend test of every operation on every backend, and the CUDA benchmark (tests/gpu)
+GPU_TEST_SRCS = tests/engine/harness.c tests/gpu/backends.c tests/gpu/test_backend_ops.c \
+	tests/gpu/test_cuda_model.c
+build/test_gpu: $(GPU_TEST_SRCS) $(wildcard tests/gpu/*.h tests/engine/*.h) $(ENGINE_LIB)
+	@mkdir -p build
+	$(CC) $(ENGINE_CFLAGS) -Wno-unused-parameter -Isrc/engine -Itests/engine -o $@ \
+		$(GPU_TEST_SRCS) $(ENGINE_LIB) $(ENGINE_LIBS)
+
+build/bench_cuda: tests/gpu/bench_cuda.c $(ENGINE_LIB)
+	@mkdir -p build
+	$(CC) $(ENGINE_CFLAGS) -Isrc/engine -o $@ $< $(ENGINE_LIB) $(ENGINE_LIBS)
+
+gputest: build/test_gpu $(CUDA_PLUGIN)
+	DOLLY_CUDA_PLUGIN=$(CURDIR)/dolly_cuda.so build/test_gpu
+
 install: install-cuda-plugin
 install-cuda-plugin: $(CUDA_PLUGIN)
 ifneq ($(CUDA_PLUGIN),)
 	$(INSTALL_SHLIB) $(CUDA_PLUGIN) '$(DESTDIR)$(pkglibdir)/'
 endif
 
-.PHONY: unittest install-cuda-plugin
+.PHONY: unittest gputest install-cuda-plugin

@@ -52,7 +52,7 @@ typedef struct ServedModel
 } ServedModel;
 
 static dl_backend *backend;
-static int	backend_threads;
+static int	backend_threads;		/* its CPU threads; -1 for the GPU */
 static ServedModel *models;		/* [DOLLY_MAX_MODELS] */
 static uint64 use_clock;
 static uint64 generation;
@@ -100,15 +100,28 @@ unload(ServedModel *m)
 	publish_model(m, 0);
 }
 
-/* Make sure the CPU backend exists with dolly.threads threads. */
+/* Does dolly.device ask for the GPU (cuda, or auto with a GPU that passed the self-test)? */
+static bool
+want_cuda(void)
+{
+	bool		available;
+
+	SpinLockAcquire(&dolly_shared->mutex);
+	available = dolly_shared->cuda_available;
+	SpinLockRelease(&dolly_shared->mutex);
+	return dolly_device == DOLLY_DEVICE_CUDA || (dolly_device == DOLLY_DEVICE_AUTO && available);
+}
+
+/* Make sure the backend dolly.device and dolly.threads ask for exists. */
 static dl_status
 ensure_backend(dl_error *err)
 {
-	int			threads = dolly_cpu_threads();
+	int			threads = want_cuda() ? -1 : dolly_cpu_threads();	/* -1: the GPU */
+	char		plugin[MAXPGPATH];
 
 	if (backend != NULL && backend_threads == threads)
 		return DL_OK;
-	/* a new thread count needs a new backend, so models on the old one go first */
+	/* another backend: the models on the old one go first */
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
 		if (models[i].model && models[i].nseq == 0)
 			unload(&models[i]);
@@ -118,7 +131,10 @@ ensure_backend(dl_error *err)
 	if (backend)
 		backend->destroy(backend);
 	backend = NULL;
-	if (backend_cpu_create(threads, &backend, err) != DL_OK)
+	dolly_cuda_plugin_path(plugin, sizeof(plugin));
+	/* dolly.cuda_devices picks the GPUs; the server uses the first it sees */
+	if ((threads < 0 ? backend_cuda_create(plugin, 0, 0, &backend, err)
+		 : backend_cpu_create(threads, &backend, err)) != DL_OK)
 		return err->code;
 	backend_threads = threads;
 	return DL_OK;
@@ -218,11 +234,6 @@ model_for(const char *name, ServedModel **out, dl_error *err)
 	char		path[MAXPGPATH];
 	bool		is_default;
 
-	if (dolly_device == DOLLY_DEVICE_CUDA)
-	{
-		dl_fail(err, DL_EBACKEND, "dolly.device is \"cuda\", but this version of dolly runs models on the CPU only");
-		return dl_hint(err, "Set dolly.device to cpu or auto.");
-	}
 	if (dolly_model_path(name, path, &is_default, err) != DL_OK)
 		return err->code;
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
@@ -488,7 +499,10 @@ take_requests(void)
 	}
 }
 
-/* After a configuration reload: unload an idle model that is no longer dolly.model. */
+/*
+ * After a configuration reload: unload an idle model that is no longer dolly.model, move
+ * to the backend dolly.device and dolly.threads now ask for, and load dolly.model.
+ */
 void
 dolly_serve_reconfigure(void)
 {
@@ -501,6 +515,9 @@ dolly_serve_reconfigure(void)
 		if (models[i].model && models[i].is_default && models[i].nseq == 0 &&
 			(!have_path || strcmp(models[i].path, path) != 0))
 			unload(&models[i]);
+	/* dolly.device or dolly.threads changed: idle models leave the old backend now */
+	if (ensure_backend(&err) != DL_OK)
+		elog(LOG, "dolly: %s", err.msg);
 	/* load the new default now, so the first request does not wait for it */
 	if (have_path)
 	{

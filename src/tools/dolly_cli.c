@@ -25,6 +25,7 @@
  * of a raw text (ids I32 [T], logits F32 [T, V]) for tests/check_saved_model.py.
  */
 #include "backend.h"
+#include "cuda_plugin.h"
 #include "generate.h"
 #include "model.h"
 #include "prompt.h"
@@ -49,6 +50,7 @@ typedef struct options
 {
 	const char *model;
 	int			threads;
+	int			cuda_device;	/* -1: the CPU backend */
 	int			max_new;
 	dl_sampling sampling;
 	uint64_t	seed;
@@ -96,10 +98,11 @@ usage(FILE *f)
 {
 	fprintf(f,
 			"usage:\n"
-			"  dolly-cli generate --model DIR [--threads N] [--max-new-tokens N] [--temperature T]\n"
-			"                     [--top-p P] [--top-k K] [--greedy] [--seed S] [--context TEXT]\n"
-			"                     [--raw] INSTRUCTION\n"
-			"  dolly-cli bench --model DIR [--threads N] [--prompt-tokens N] [--gen-tokens N] [--batch B]\n"
+			"  dolly-cli generate --model DIR [--device cpu|cuda[:N]] [--threads N] [--max-new-tokens N]\n"
+			"                     [--temperature T] [--top-p P] [--top-k K] [--greedy] [--seed S]\n"
+			"                     [--context TEXT] [--raw] INSTRUCTION\n"
+			"  dolly-cli bench --model DIR [--device cpu|cuda[:N]] [--threads N] [--prompt-tokens N]\n"
+			"                  [--gen-tokens N] [--batch B]\n"
 			"  dolly-cli bench-gemm --model DIR [--threads N] [--prompt-tokens N]\n"
 			"  dolly-cli init --arch gpt_neox|gptj --layers N --hidden H --heads A [--inner F]\n"
 			"                 [--context C] [--rotary-pct P] [--tie-embeddings] --tokenizer FILE\n"
@@ -159,7 +162,7 @@ parse_options(int argc, char **argv, options *o)
 	long long	v;
 
 	*o = (options) {
-		.threads = sys_cpu_count(), .max_new = 256,
+		.threads = sys_cpu_count(), .cuda_device = -1, .max_new = 256,
 		/* Dolly's pipeline defaults: sampling, top_p 0.92, no top-k */
 		.sampling = {1, 1.0f, 0, 0.92f},
 		.seed = (uint64_t) time(NULL),
@@ -211,6 +214,20 @@ parse_options(int argc, char **argv, options *o)
 			o->context = val;
 		else if (strcmp(a, "--threads") == 0)
 			bad = parse_long(a, val, 1, 1024, &v), o->threads = (int) v;
+		else if (strcmp(a, "--device") == 0)
+		{
+			/* cpu, cuda or cuda:N */
+			o->cuda_device = -1;
+			if (strncmp(val, "cuda", 4) == 0 && val[4] == '\0')
+				o->cuda_device = 0;
+			else if (strncmp(val, "cuda:", 5) == 0)
+				bad = parse_long(a, val + 5, 0, 63, &v), o->cuda_device = (int) v;
+			else if (strcmp(val, "cpu") != 0)
+			{
+				fprintf(stderr, "dolly-cli: --device must be cpu, cuda or cuda:N, not \"%s\"\n", val);
+				bad = 1;
+			}
+		}
 		else if (strcmp(a, "--max-new-tokens") == 0)
 			bad = parse_long(a, val, 1, 1 << 20, &v), o->max_new = (int) v;
 		else if (strcmp(a, "--top-k") == 0)
@@ -281,7 +298,11 @@ load(const options *o, dl_backend **be, dl_model **m, dl_error *err)
 {
 	double		t0 = now_s();
 
-	if (backend_cpu_create(o->threads, be, err) != DL_OK)
+	/* the CUDA plugin: $DOLLY_CUDA_PLUGIN, else the one built next to us (make) */
+	const char *plugin = getenv("DOLLY_CUDA_PLUGIN") ? getenv("DOLLY_CUDA_PLUGIN") : "./" DL_CUDA_PLUGIN_FILE;
+
+	if ((o->cuda_device >= 0 ? backend_cuda_create(plugin, o->cuda_device, 0, be, err)
+		 : backend_cpu_create(o->threads, be, err)) != DL_OK)
 		return report(err);
 	if (dl_model_load(o->model, *be, m, err) != DL_OK)
 		return report(err);
