@@ -27,6 +27,13 @@ probe(dl_gpu_info *gpus, int max, int *ngpus, dl_error *err)
 	*ngpus = 0;
 	if (e == cudaErrorNoDevice)
 		return DL_OK;
+	/* what a machine without the NVIDIA driver (or with an older one) answers */
+	if (e == cudaErrorInsufficientDriver)
+	{
+		dl_fail(err, DL_EBACKEND, "no NVIDIA driver that supports CUDA %d.%d: %s",
+				CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10, cudaGetErrorString(e));
+		return dl_hint(err, "install the NVIDIA driver, or use dolly.device = cpu");
+	}
 	if (e != cudaSuccess)
 		return dl_fail(err, DL_EBACKEND, "cudaGetDeviceCount failed: %s", cudaGetErrorString(e));
 	for (int i = 0; i < n && i < max; i++)
