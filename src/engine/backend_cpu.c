@@ -44,13 +44,22 @@ task_range(int n, int ntasks, int i, int *lo, int *hi)
 	*hi = (int) ((long long) n * (i + 1) / ntasks);
 }
 
-/* Tasks for n rows: a few per thread for balance, never more than rows. */
-static int
-row_tasks(dl_backend *be, int n)
-{
-	int			t = threadpool_size(pool_of(be)) * 4;
+/* floats of work below which a task is not worth handing to another thread */
+#define MIN_TASK_FLOATS 8192
 
-	return n < t ? n : t;
+/*
+ * Tasks for n rows of per_row floats: a few per thread for balance, never more than
+ * rows, nor so many that a task has under MIN_TASK_FLOATS (the few rows of a decode
+ * step take less time to do than to share out).
+ */
+static int
+row_tasks(dl_backend *be, int n, size_t per_row)
+{
+	size_t		t = (size_t) threadpool_size(pool_of(be)) * 4,
+				by_size = (n * per_row + MIN_TASK_FLOATS - 1) / MIN_TASK_FLOATS;
+
+	t = by_size < t ? by_size : t;
+	return (size_t) n < t ? n : (int) t;
 }
 
 /* --- vectorisable helpers --- */
@@ -392,7 +401,7 @@ rows_task(void *p, int task, int thread)
 static void
 copy_rows(dl_backend *be, float *out, const float *in, const int32_t *rows, int n, int C)
 {
-	rows_args	a = {out, in, rows, n, C, row_tasks(be, n)};
+	rows_args	a = {out, in, rows, n, C, row_tasks(be, n, C)};
 
 	threadpool_run(pool_of(be), rows_task, &a, a.ntasks);
 }
@@ -518,7 +527,7 @@ static void
 cpu_layernorm_forward(dl_backend *be, float *out, float *mean, float *rstd, const float *in,
 					  const float *w, const float *b, int T, int C, float eps)
 {
-	ln_args		a = {out, mean, rstd, in, w, b, T, C, eps, row_tasks(be, T)};
+	ln_args		a = {out, mean, rstd, in, w, b, T, C, eps, row_tasks(be, T, C)};
 
 	threadpool_run(pool_of(be), ln_task, &a, a.ntasks);
 }
@@ -646,7 +655,7 @@ cpu_layernorm_backward(dl_backend *be, float *din, float *dw, float *db, const f
 {
 	int			blocks = (C + 15) / 16;
 	int			nt = threadpool_size(pool_of(be));
-	lnb_args	a = {din, dw, db, dout, in, mean, rstd, w, T, C, row_tasks(be, T),
+	lnb_args	a = {din, dw, db, dout, in, mean, rstd, w, T, C, row_tasks(be, T, C),
 	blocks < nt ? blocks : nt};
 
 	threadpool_run(pool_of(be), lnb_task, &a, a.row_tasks + a.col_tasks);
@@ -1027,7 +1036,7 @@ cpu_rotary_forward(dl_backend *be, float *x, int stride, int T, int n_head, int 
 				   int rot_dim, int interleaved, const int32_t *pos, const float *cos_sin)
 {
 	rope_args	a = {x, stride, T, n_head, head_dim, rot_dim, interleaved, pos, cos_sin, 1.0f,
-	row_tasks(be, T)};
+	row_tasks(be, T, (size_t) n_head * rot_dim)};
 
 	threadpool_run(pool_of(be), rope_task, &a, a.ntasks);
 }
@@ -1038,7 +1047,7 @@ cpu_rotary_backward(dl_backend *be, float *dx, int stride, int T, int n_head, in
 					int rot_dim, int interleaved, const int32_t *pos, const float *cos_sin)
 {
 	rope_args	a = {dx, stride, T, n_head, head_dim, rot_dim, interleaved, pos, cos_sin, -1.0f,
-	row_tasks(be, T)};
+	row_tasks(be, T, (size_t) n_head * rot_dim)};
 
 	threadpool_run(pool_of(be), rope_task, &a, a.ntasks);
 }
@@ -1578,7 +1587,7 @@ static void
 cpu_crossentropy_forward(dl_backend *be, float *losses, float *dlogits, const float *logits,
 						 const int32_t *labels, int T, int V)
 {
-	xent_args	a = {losses, dlogits, logits, labels, T, V, row_tasks(be, T)};
+	xent_args	a = {losses, dlogits, logits, labels, T, V, row_tasks(be, T, V)};
 
 	threadpool_run(pool_of(be), xent_task, &a, a.ntasks);
 }
