@@ -672,12 +672,18 @@ cpu_layernorm_backward(dl_backend *be, float *din, float *dw, float *db, const f
  * operands since W is [N, K]). Up to MMV_MAX_M rows; sgemm from there on, where its
  * packing pays for itself.
  */
+/*
+ * Tiles of MMV_NB x MMV_MB accumulators. With AVX-512, 4 x 8 needs 37 of the 32 vector
+ * registers and gcc spills a few accumulators to L1, yet it beats the spill-free 4 x 4
+ * and 3 x 8 on decode products: 8 rows of in (a decode batch of 8) take one pass over
+ * each tile of W instead of two, and that tile does not fit in L1 beside all of in.
+ */
 #if defined(__AVX512F__)
-#define MMV_NB 4				/* 16 accumulators + 4 W + 1 in of 32 registers */
+#define MMV_NB 4
 #else
-#define MMV_NB 2				/* 8 + 2 + 1 of 16 registers */
+#define MMV_NB 2
 #endif
-#define MMV_MB 4
+#define MMV_MB 8
 #define MMV_MAX_M 64
 /* rows of W per task: a multiple of 16 (out's cache lines) and of MMV_NB */
 #define MMV_ROWS 64
@@ -757,6 +763,17 @@ mmv_tile(const mm_args *a, int n, int m, const int nb, const int mb, int prefetc
 	}
 }
 
+/* The cases of mmv_tile_any for tiles of nb rows of W. */
+#define MMV_CASES(nb, prefetch) \
+	case 1: mmv_tile(a, n, m, nb, 1, prefetch); break; \
+	case 2: mmv_tile(a, n, m, nb, 2, prefetch); break; \
+	case 3: mmv_tile(a, n, m, nb, 3, prefetch); break; \
+	case 4: mmv_tile(a, n, m, nb, 4, prefetch); break; \
+	case 5: mmv_tile(a, n, m, nb, 5, prefetch); break; \
+	case 6: mmv_tile(a, n, m, nb, 6, prefetch); break; \
+	case 7: mmv_tile(a, n, m, nb, 7, prefetch); break; \
+	default: mmv_tile(a, n, m, nb, MMV_MB, prefetch); break
+
 /*
  * mmv_tile with nb = MMV_NB (full) or 1 (the rows left over), for mb = 1 .. MMV_MB;
  * full tiles prefetch as asked.
@@ -767,41 +784,19 @@ mmv_tile_any(const mm_args *a, int n, int m, int full, int mb, int prefetch)
 	if (full)
 		switch (mb)
 		{
-			case 1:
-				mmv_tile(a, n, m, MMV_NB, 1, prefetch);
-				break;
-			case 2:
-				mmv_tile(a, n, m, MMV_NB, 2, prefetch);
-				break;
-			case 3:
-				mmv_tile(a, n, m, MMV_NB, 3, prefetch);
-				break;
-			default:
-				mmv_tile(a, n, m, MMV_NB, 4, prefetch);
-				break;
+				MMV_CASES(MMV_NB, prefetch);
 		}
 	else
 		switch (mb)
 		{
-			case 1:
-				mmv_tile(a, n, m, 1, 1, 0);
-				break;
-			case 2:
-				mmv_tile(a, n, m, 1, 2, 0);
-				break;
-			case 3:
-				mmv_tile(a, n, m, 1, 3, 0);
-				break;
-			default:
-				mmv_tile(a, n, m, 1, 4, 0);
-				break;
+				MMV_CASES(1, 0);
 		}
 }
 
 /*
  * Rows [n0, n1) of W against every row of in: per tile of W's rows, the rows of in in
- * nearly equal blocks of at most MMV_MB (8 rows are two blocks of 4, not 4 + 4 by luck
- * only), so the tile of W is read from memory once and from cache after. The blocks
+ * nearly equal blocks of at most MMV_MB (12 rows are two blocks of 6, not 8 + 4), so
+ * the tile of W is read from memory once and from cache after. The blocks
  * share the prefetching of a later tile: block b fetches its rows i with i % blocks == b.
  */
 static void
