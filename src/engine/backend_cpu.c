@@ -2,11 +2,12 @@
  * backend_cpu.c: the CPU backend, the reference implementation of backend.h.
  *
  * Device memory is host memory; weights, activations and the KV cache are float32.
- * Matrix products go to OpenBLAS: each pool thread multiplies its own slice of the
- * weight's rows with a single-threaded cblas_sgemm (cblas_sgemv for one row), so one set
- * of threads does all the work and never competes with OpenBLAS's own threads for the
- * cores. Everything else runs as tasks over rows or heads on the same pool. exp, tanh and
- * erf are written out below so that the loops vectorise (libm's are scalar calls).
+ * Matrix products with many rows go to OpenBLAS: each pool thread multiplies its own
+ * slice of the weight's rows with a single-threaded cblas_sgemm, so one set of threads
+ * does all the work and never competes with OpenBLAS's own threads for the cores; those
+ * with a few rows (decode steps) to a kernel of our own that streams the weights once.
+ * Everything else runs as tasks over rows or heads on the same pool. exp, tanh and erf
+ * are written out below so that the loops vectorise (libm's are scalar calls).
  */
 #include "backend.h"
 #include "threadpool.h"
@@ -193,24 +194,6 @@ fast_expf(float x)
 	bits = (n + 127) << 23;
 	memcpy(&scale, &bits, sizeof(scale));
 	return y * scale;
-}
-
-/* Sum of exp(a[i] - m). */
-static inline float
-vsum_exp(const float *a, int n, float m)
-{
-	float		acc[16] = {0};
-	float		s = 0.0f;
-	int			i = 0;
-
-	for (; i + 16 <= n; i += 16)
-		for (int j = 0; j < 16; j++)
-			acc[j] += fast_expf(a[i + j] - m);
-	for (; i < n; i++)
-		s += fast_expf(a[i] - m);
-	for (int j = 0; j < 16; j++)
-		s += acc[j];
-	return s;
 }
 
 /* tanh(sqrt(2/pi) (x + 0.044715 x^3)), GELU's tanh form; tanh(u) = 1 - 2 / (exp(2u) + 1). */
@@ -671,12 +654,11 @@ cpu_layernorm_backward(dl_backend *be, float *din, float *dw, float *db, const f
  * rows of in, all the dot products in vector registers (W's rows are contiguous
  * operands since W is [N, K]). Up to MMV_MAX_M rows; sgemm from there on, where its
  * packing pays for itself.
- */
-/*
- * Tiles of MMV_NB x MMV_MB accumulators. With AVX-512, 4 x 8 needs 37 of the 32 vector
- * registers and gcc spills a few accumulators to L1, yet it beats the spill-free 4 x 4
- * and 3 x 8 on decode products: 8 rows of in (a decode batch of 8) take one pass over
- * each tile of W instead of two, and that tile does not fit in L1 beside all of in.
+ *
+ * With AVX-512, a 4 x 8 tile needs 37 of the 32 vector registers and gcc spills a few
+ * accumulators to L1, yet it beats the spill-free 4 x 4 and 3 x 8 on decode products:
+ * 8 rows of in (a decode batch of 8) take one pass over each tile of W instead of two,
+ * and that tile does not fit in L1 beside all of in.
  */
 #if defined(__AVX512F__)
 #define MMV_NB 4
@@ -685,7 +667,7 @@ cpu_layernorm_backward(dl_backend *be, float *din, float *dw, float *db, const f
 #endif
 #define MMV_MB 8
 #define MMV_MAX_M 64
-/* rows of W per task: a multiple of 16 (out's cache lines) and of MMV_NB */
+/* rows of W per task, about (slices are cut at multiples of 16, out's cache lines) */
 #define MMV_ROWS 64
 /* tiles ahead that are prefetched into L2: far enough to cover the memory's latency */
 #define MMV_PREFETCH_TILES 2
@@ -1061,7 +1043,7 @@ typedef struct attn_args
 	int			head_dim;
 	float		scale;
 	float	   *scratch;		/* the workspace: ATTN_QBLOCK * max_ctx floats per thread */
-	int			groups;			/* decode: groups of heads per span, one task each */
+	int			groups;			/* decode: tasks per span, each a group of heads */
 } attn_args;
 
 /* Store the k and v rows of span `task` in its cache slot (decode spans store their own). */
@@ -1145,10 +1127,11 @@ vaxpy(float *restrict y, const float *restrict x, float alpha, int n)
 
 /*
  * Decode (a span of one new token): group `group` of the span's heads, [h0, h1), which
- * also stores the token's k and v for those heads. A cache row holds every head of one position, so the
- * group reads its heads' slices of consecutive rows, key by key: one plain stream when
- * the group is all heads, instead of a 256-byte piece every row per head. The scores of
- * the group's heads ([h1 - h0, n], at most ATTN_QBLOCK heads) fill the thread's scratch.
+ * also stores the token's k and v for those heads. A cache row holds every head of one
+ * position, so the group reads its heads' slices of consecutive rows, key by key: one
+ * plain stream when the group is all heads (up to ATTN_QBLOCK heads), instead of a piece
+ * of every row per head. The scores of the group's heads ([h1 - h0, n]) fill the
+ * thread's scratch; the softmax is normalised on the output, once per head.
  */
 static void
 attend_decode(const attn_args *a, const dl_span *sp, int group, int thread)
@@ -1249,17 +1232,19 @@ cpu_attention_forward(dl_backend *be, float *out, const float *qkv, void *k_cach
 					  void *v_cache, int max_ctx, const dl_spans *spans, int n_head,
 					  int head_dim, float scale, void *workspace)
 {
-	attn_args	a = {out, qkv, k_cache, v_cache, max_ctx, spans, n_head, head_dim, scale, workspace, 0};
-	int			nt = threadpool_size(pool_of(be));
-	int			fewest = (n_head + ATTN_QBLOCK - 1) / ATTN_QBLOCK;
+	/*
+	 * A decode task takes all heads of its sequence (as many as its scratch holds): split
+	 * into groups of heads, a sequence's cache is read as pieces of rows, and in a test
+	 * of 1 to 4 sequences on 2 threads that took 1.5 to 2.5 times as long as whole rows
+	 * on one thread, even with the other thread idle.
+	 */
+	attn_args	a = {out, qkv, k_cache, v_cache, max_ctx, spans, n_head, head_dim, scale,
+	workspace, (n_head + ATTN_QBLOCK - 1) / ATTN_QBLOCK};
 	int			ntasks = 0,
 				ndecode = 0;
 
 	for (int s = 0; s < spans->n; s++)
 		ndecode += spans->host[s].len == 1;
-	/* whole sequences per task, unless too few of them to keep the threads busy */
-	a.groups = nt > 1 && ndecode ? (4 * nt + ndecode - 1) / ndecode : 1;
-	a.groups = a.groups < fewest ? fewest : a.groups > n_head ? n_head : a.groups;
 	if (ndecode < spans->n)
 		threadpool_run(pool_of(be), kv_store_task, &a, spans->n);
 	for (int s = 0; s < spans->n; s++)
@@ -1537,6 +1522,24 @@ typedef struct xent_args
 	int			V;
 	int			ntasks;
 } xent_args;
+
+/* Sum of exp(a[i] - m). */
+static inline float
+vsum_exp(const float *a, int n, float m)
+{
+	float		acc[16] = {0};
+	float		s = 0.0f;
+	int			i = 0;
+
+	for (; i + 16 <= n; i += 16)
+		for (int j = 0; j < 16; j++)
+			acc[j] += fast_expf(a[i + j] - m);
+	for (; i < n; i++)
+		s += fast_expf(a[i] - m);
+	for (int j = 0; j < 16; j++)
+		s += acc[j];
+	return s;
+}
 
 /* Loss (and gradient) of rows [lo, hi); the label's logit is read before d overwrites it. */
 static void
