@@ -5,7 +5,9 @@
  * over the pool's threads and the caller, and returns when all are done; thread (0 for the
  * caller, up to size - 1) lets a task use per-thread scratch space. Workers spin briefly
  * between jobs (the operations of one forward pass come back to back) and then sleep,
- * so an idle pool costs nothing. Task functions are plain C: they never call back into
+ * so an idle pool costs nothing. The caller waits only for tasks that workers have
+ * started: a worker that the scheduler keeps off a busy machine leaves its share to the
+ * threads that run. Task functions are plain C: they never call back into
  * PostgreSQL or anything that may longjmp.
  */
 #ifndef DOLLY_THREADPOOL_H
