@@ -326,6 +326,8 @@ dolly_job_rank_main(Datum main_arg)
 	d = dsm_segment_address(seg);
 	my_rank = (int) args[1];
 	d->pids[my_rank] = MyProcPid;
+	elog(LOG, "dolly: fine-tuning job %lld: rank %d of %d started",
+		 (long long) DatumGetInt64(main_arg), my_rank, d->nranks);
 	pgstat_report_activity(STATE_RUNNING, "loading the base model");
 
 	threads = Max(1, dolly_cpu_threads() / d->nranks);

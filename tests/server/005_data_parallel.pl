@@ -35,29 +35,24 @@ sub job
 	my $id = $node->safe_psql('postgres',
 		"SELECT dolly_finetune('records', '$out', base_model => 'base', epochs => 2, batch_size => 8, "
 		  . "learning_rate => 1e-3, warmup_steps => 2, eval_fraction => 0.125)");
-	my $ranks = 0;
-	for (1 .. 600)
-	{
-		my $n = $node->safe_psql('postgres',
-			"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'dolly fine-tuning job'");
-		$ranks = $n if $n > $ranks;
-		last if $node->safe_psql('postgres', "SELECT state FROM dolly_jobs WHERE id = $id") !~ /queued|running/;
-		select(undef, undef, undef, 0.05);
-	}
-	return ($ranks, $node->safe_psql('postgres',
+	$node->poll_query_until('postgres',
+		"SELECT state NOT IN ('queued', 'running') FROM dolly_jobs WHERE id = $id")
+	  or die "job $id did not finish";
+	return ($id, $node->safe_psql('postgres',
 		"SELECT state, step, total_steps, eval_loss FROM dolly_jobs WHERE id = $id"));
 }
 
-my ($ranks1, $one) = job('one');
+my ($id1, $one) = job('one');
 my ($s1, $step1, $total1, $loss1) = split /\|/, $one;
 is($s1, 'succeeded', 'one worker: the job succeeds');
 
 $node->append_conf('postgresql.conf', "dolly.train_workers = 2\n");
 $node->reload;
-my ($ranks2, $two) = job('two');
+my ($id2, $two) = job('two');
 my ($s2, $step2, $total2, $loss2) = split /\|/, $two;
 is($s2, 'succeeded', 'two workers: the job succeeds');
-is($ranks2, 2, 'two worker processes trained');
+ok($node->log_contains("fine-tuning job $id2: rank 1 of 2 started"), 'a second worker process trained');
+ok(!$node->log_contains("fine-tuning job $id1: rank 1"), 'and none for the one-worker job');
 is("$step2/$total2", "$step1/$total1", 'the same number of optimizer steps');
 cmp_ok(abs($loss2 - $loss1), '<', 1e-3 * abs($loss1),
 	"the same evaluation loss as one worker ($loss2 vs $loss1)");
