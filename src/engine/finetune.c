@@ -5,12 +5,12 @@
  * evaluation, progress and cancellation. The arithmetic is the trainer's (train.c).
  */
 #include "sampler.h"
+#include "sysinfo.h"
 #include "train.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 /* What one run carries from step to step. */
 typedef struct run
@@ -25,16 +25,6 @@ typedef struct run
 	double		train_s;		/* seconds spent in training steps */
 	double		tokens;			/* training tokens of all ranks so far */
 } run;
-
-/* Seconds on the monotonic clock. */
-static double
-now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 /* Check that an example can be trained on: labels exist and every id has a row. */
 static dl_status
@@ -163,7 +153,7 @@ train_step(run *r, const dl_example *train, const int *order, int first, int end
 		   dl_error *err)
 {
 	const dl_finetune_opts *o = r->o;
-	double		t0 = now_s(),
+	double		t0 = sys_now_s(),
 				loss_sum;
 	int64_t		n_labels;
 	int			n = 0;
@@ -189,7 +179,7 @@ train_step(run *r, const dl_example *train, const int *order, int first, int end
 		return st;
 	r->p.step++;
 	r->p.train_loss = n_labels > 0 ? loss_sum / n_labels : NAN;
-	r->train_s += now_s() - t0;
+	r->train_s += sys_now_s() - t0;
 	return DL_OK;
 }
 

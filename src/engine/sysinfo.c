@@ -5,6 +5,7 @@
 #include <cblas.h>
 #include <sched.h>
 #include <stdio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define DOLLY_ENGINE_VERSION "0.1"
@@ -26,6 +27,15 @@ sys_blas_info(char *buf, size_t len)
 {
 	/* openblas_get_config() reads like "OpenBLAS 0.3.21 NO_AFFINITY Haswell MAX_THREADS=64" */
 	snprintf(buf, len, "%s, core %s", openblas_get_config(), openblas_get_corename());
+}
+
+double
+sys_now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 const char *

@@ -10,6 +10,9 @@ int			sys_cpu_count(void);
 /* Describe the BLAS library in use (OpenBLAS version, core, threading) into buf. */
 void		sys_blas_info(char *buf, size_t len);
 
+/* Seconds on the monotonic clock (for timing; the origin is arbitrary). */
+double		sys_now_s(void);
+
 /* The engine's version string. */
 const char *sys_engine_version(void);
 

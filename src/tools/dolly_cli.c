@@ -82,16 +82,6 @@ typedef struct options
 	float		eval_fraction;
 } options;
 
-/* Seconds on the monotonic clock. */
-static double
-now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 /* Print the usage text to f. */
 static void
 usage(FILE *f)
@@ -296,7 +286,7 @@ parse_options(int argc, char **argv, options *o)
 static int
 load(const options *o, dl_backend **be, dl_model **m, dl_error *err)
 {
-	double		t0 = now_s();
+	double		t0 = sys_now_s();
 
 	/* the CUDA plugin: $DOLLY_CUDA_PLUGIN, else the one built next to us (make) */
 	const char *plugin = getenv("DOLLY_CUDA_PLUGIN") ? getenv("DOLLY_CUDA_PLUGIN") : "./" DL_CUDA_PLUGIN_FILE;
@@ -308,7 +298,7 @@ load(const options *o, dl_backend **be, dl_model **m, dl_error *err)
 		return report(err);
 	fprintf(stderr, "loaded %s: %s, %d layers, width %d, vocabulary %d, %zu MB, %.2f s, %d threads\n",
 			o->model, (*m)->cfg.arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox", (*m)->cfg.n_layer,
-			(*m)->cfg.n_embd, (*m)->cfg.vocab_size, (*m)->param_bytes >> 20, now_s() - t0, o->threads);
+			(*m)->cfg.n_embd, (*m)->cfg.vocab_size, (*m)->param_bytes >> 20, sys_now_s() - t0, o->threads);
 	return 0;
 }
 
@@ -379,21 +369,21 @@ cmd_generate(const options *o)
 		goto done;
 	}
 
-	t0 = now_s();
+	t0 = sys_now_s();
 	while (gen_pending_prompt(g, id) > 0)
 		if (gen_step(g, &err) != DL_OK)
 		{
 			report(&err);
 			goto done;
 		}
-	t1 = now_s();
+	t1 = sys_now_s();
 	while (gen_running(g))
 		if (gen_step(g, &err) != DL_OK)
 		{
 			report(&err);
 			goto done;
 		}
-	t2 = now_s();
+	t2 = sys_now_s();
 
 	gen = gen_tokens(g, id, &n_gen);
 	if (o->raw)
@@ -491,13 +481,13 @@ cmd_bench(const options *o)
 			goto done;
 		}
 	}
-	t0 = now_s();
+	t0 = sys_now_s();
 	if (gen_step(g, &err) != DL_OK)
 	{
 		report(&err);
 		goto done;
 	}
-	t1 = now_s();
+	t1 = sys_now_s();
 	/* every sequence has its first token: the rest are batched decode steps */
 	while (gen_running(g))
 		if (gen_step(g, &err) != DL_OK)
@@ -505,7 +495,7 @@ cmd_bench(const options *o)
 			report(&err);
 			goto done;
 		}
-	t2 = now_s();
+	t2 = sys_now_s();
 	printf("prefill_tok_s=%.1f decode_tok_s=%.1f batch=%d threads=%d\n",
 		   (double) B * P / (t1 - t0),
 		   o->gen_tokens > 1 ? (double) B * (o->gen_tokens - 1) / (t2 - t1) : 0.0, B, o->threads);
@@ -528,10 +518,10 @@ time_ours(dl_backend *be, float *out, const float *in, const float *W, int M, in
 
 	for (int r = 0; r < reps; r++)
 	{
-		double		t0 = now_s();
+		double		t0 = sys_now_s();
 
 		be->matmul_forward(be, out, in, W, NULL, M, K, N, 0);
-		t0 = now_s() - t0;
+		t0 = sys_now_s() - t0;
 		best = t0 < best ? t0 : best;
 	}
 	return best;
@@ -545,10 +535,10 @@ time_cblas(float *out, const float *in, const float *W, int M, int K, int N, int
 
 	for (int r = 0; r < reps; r++)
 	{
-		double		t0 = now_s();
+		double		t0 = sys_now_s();
 
 		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, in, K, W, K, 0.0f, out, N);
-		t0 = now_s() - t0;
+		t0 = sys_now_s() - t0;
 		best = t0 < best ? t0 : best;
 	}
 	return best;
@@ -632,14 +622,14 @@ cmd_bench_gemm(const options *o)
 	for (int r = 0; r < 3; r++)
 	{
 		dl_seq		s = {0, 0, M, ids, DL_LOGITS_LAST};
-		double		t0 = now_s();
+		double		t0 = sys_now_s();
 
 		if (dl_model_forward(m, c, &s, 1, lg, &err) != DL_OK)
 		{
 			report(&err);
 			goto done;
 		}
-		t0 = now_s() - t0;
+		t0 = sys_now_s() - t0;
 		prefill = t0 < prefill ? t0 : prefill;
 	}
 	printf("gemm_total ours_gflops=%.1f cblas_gflops=%.1f ratio=%.3f prefill_s=%.4f matmul_share=%.3f threads=%d\n",
