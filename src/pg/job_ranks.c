@@ -200,7 +200,6 @@ dolly_dp_start(int nranks, const dl_example *ex, int ntrain, int neval, const ch
 	DollyDP    *d;
 	DpExample  *de;
 	Size		off;
-	Oid			extra[2] = {MyDatabaseId, GetUserId()};
 
 	for (int i = 0; i < ntrain + neval; i++)
 		ids += MAXALIGN(ex[i].n * sizeof(int32));
@@ -241,17 +240,9 @@ dolly_dp_start(int nranks, const dl_example *ex, int ntrain, int neval, const ch
 		BackgroundWorkerHandle *h;
 		uint32		args[2] = {dsm_segment_handle(seg), (uint32) r};
 
-		memset(&w, 0, sizeof(w));
-		w.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-		w.bgw_start_time = BgWorkerStart_RecoveryFinished;
-		w.bgw_restart_time = BGW_NEVER_RESTART;
-		snprintf(w.bgw_library_name, BGW_MAXLEN, "dolly");
-		snprintf(w.bgw_function_name, BGW_MAXLEN, "dolly_job_rank_main");
+		dolly_job_worker_init(&w, job_id, "dolly_job_rank_main");
 		snprintf(w.bgw_name, BGW_MAXLEN, "dolly fine-tuning job %lld rank %d", (long long) job_id, r);
-		snprintf(w.bgw_type, BGW_MAXLEN, "dolly fine-tuning job");
-		w.bgw_main_arg = Int64GetDatum(job_id);
-		memcpy(w.bgw_extra, extra, sizeof(extra));
-		memcpy(w.bgw_extra + sizeof(extra), args, sizeof(args));
+		memcpy(w.bgw_extra + 2 * sizeof(Oid), args, sizeof(args));
 		w.bgw_notify_pid = MyProcPid;
 		if (!RegisterDynamicBackgroundWorker(&w, &h) ||
 			WaitForBackgroundWorkerStartup(h, &d->pids[r]) != BGWH_STARTED)

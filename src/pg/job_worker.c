@@ -81,13 +81,43 @@ set_phase(const char *phase)
 	pgstat_report_activity(STATE_RUNNING, psprintf("dolly fine-tuning job %lld: %s", (long long) my_job, phase));
 }
 
+/* The identity xact_begin switched from, when it switched. */
+static Oid	xact_saved_user = InvalidOid;
+static int	xact_saved_sec;
+
+/*
+ * Start a transaction with a snapshot and SPI, as the table's owner (to write dolly_job)
+ * or as the calling role (to read the records); xact_end commits it.
+ */
+static void
+xact_begin(bool as_owner)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	xact_saved_user = InvalidOid;
+	if (as_owner)
+		dolly_as_owner_begin(&xact_saved_user, &xact_saved_sec);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+}
+
+/* Finish what xact_begin started. */
+static void
+xact_end(void)
+{
+	SPI_finish();
+	if (OidIsValid(xact_saved_user))
+		dolly_as_owner_end(xact_saved_user, xact_saved_sec);
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+}
+
 /* Run an UPDATE of the job's row as the table's owner, in its own transaction; $1 is the
  * job id, $2.. are values (nulls[i] == 'n' for NULL, as SPI spells it). */
 static void
 update_job(const char *set_clause, int nargs, Oid *types, Datum *values, const char *nulls)
 {
-	Oid			saved_user;
-	int			saved_sec;
 	Oid			argtypes[16] = {INT8OID};
 	Datum		args[16] = {Int64GetDatum(my_job)};
 	char		argnulls[16] = {' '};
@@ -98,19 +128,11 @@ update_job(const char *set_clause, int nargs, Oid *types, Datum *values, const c
 		args[i + 1] = values[i];
 		argnulls[i + 1] = nulls[i];
 	}
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	dolly_as_owner_begin(&saved_user, &saved_sec);
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
+	xact_begin(true);
 	if (SPI_execute_with_args(psprintf("UPDATE %s SET %s WHERE id = $1", dolly_jobs_table(), set_clause),
 							  nargs + 1, argtypes, args, argnulls, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "cannot update fine-tuning job %lld", (long long) my_job);
-	SPI_finish();
-	dolly_as_owner_end(saved_user, saved_sec);
-	PopActiveSnapshot();
-	CommitTransactionCommand();
+	xact_end();
 }
 
 /* Record the job's end: state, error (or NULL) and its last progress. */
@@ -178,20 +200,13 @@ claim(JobSpec *spec)
 {
 	for (int waited = 0; waited < CLAIM_WAIT_MS; waited += 100)
 	{
-		Oid			saved_user;
-		int			saved_sec;
 		Oid			argtypes[2] = {INT8OID, BOOLOID};
 		Datum		args[2] = {Int64GetDatum(my_job), BoolGetDatum(stop_requested())};
 		bool		claimed = false;
 		bool		gone = false;
 
 		CHECK_FOR_INTERRUPTS();
-		SetCurrentStatementStartTimestamp();
-		StartTransactionCommand();
-		PushActiveSnapshot(GetTransactionSnapshot());
-		dolly_as_owner_begin(&saved_user, &saved_sec);
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "SPI_connect failed");
+		xact_begin(true);
 		/* a job cancelled before it started ends here as cancelled */
 		if (SPI_execute_with_args(psprintf(
 						"UPDATE %s SET state = CASE WHEN $2 THEN 'cancelled' ELSE 'running' END, "
@@ -233,10 +248,7 @@ claim(JobSpec *spec)
 									   1, argtypes, args, NULL, true, 1) == SPI_OK_SELECT &&
 				 SPI_processed == 1)
 			gone = true;		/* visible but no longer queued: someone else decided */
-		SPI_finish();
-		dolly_as_owner_end(saved_user, saved_sec);
-		PopActiveSnapshot();
-		CommitTransactionCommand();
+		xact_end();
 		if (claimed || gone)
 			return claimed;
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 100L,
@@ -305,11 +317,7 @@ read_records(const JobSpec *spec, const dl_tokenizer *tok, int max_length, int *
 					 quote_identifier(spec->instr_col),
 					 spec->ctx_col ? quote_identifier(spec->ctx_col) : "NULL",
 					 quote_identifier(spec->resp_col), spec->source);
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
+	xact_begin(false);
 	cursor = SPI_cursor_open_with_args(NULL, query, 0, NULL, NULL, NULL, true, 0);
 	for (;;)
 	{
@@ -345,9 +353,7 @@ read_records(const JobSpec *spec, const dl_tokenizer *tok, int max_length, int *
 		CHECK_FOR_INTERRUPTS();
 	}
 	SPI_cursor_close(cursor);
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
+	xact_end();
 	return ex;
 }
 

@@ -177,25 +177,31 @@ model_dir_path(const char *name)
 	return psprintf("%s/%s", dolly_model_dir, name);
 }
 
+void
+dolly_job_worker_init(BackgroundWorker *w, int64 job_id, const char *function)
+{
+	Oid			ids[2] = {MyDatabaseId, GetUserId()};
+
+	memset(w, 0, sizeof(*w));
+	w->bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	w->bgw_start_time = BgWorkerStart_RecoveryFinished;
+	w->bgw_restart_time = BGW_NEVER_RESTART;
+	snprintf(w->bgw_library_name, BGW_MAXLEN, "dolly");
+	snprintf(w->bgw_function_name, BGW_MAXLEN, "%s", function);
+	snprintf(w->bgw_name, BGW_MAXLEN, "dolly fine-tuning job %lld", (long long) job_id);
+	snprintf(w->bgw_type, BGW_MAXLEN, "dolly fine-tuning job");
+	w->bgw_main_arg = Int64GetDatum(job_id);
+	memcpy(w->bgw_extra, ids, sizeof(ids));
+}
+
 /* Start the worker of job_id in this database as the current role. */
 static void
 start_worker(int64 job_id)
 {
 	BackgroundWorker worker;
 	BackgroundWorkerHandle *handle;
-	Oid			ids[2] = {MyDatabaseId, GetUserId()};
 
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = BGW_NEVER_RESTART;
-	snprintf(worker.bgw_library_name, BGW_MAXLEN, "dolly");
-	snprintf(worker.bgw_function_name, BGW_MAXLEN, "dolly_job_main");
-	snprintf(worker.bgw_name, BGW_MAXLEN, "dolly fine-tuning job %lld", (long long) job_id);
-	snprintf(worker.bgw_type, BGW_MAXLEN, "dolly fine-tuning job");
-	worker.bgw_main_arg = Int64GetDatum(job_id);
-	memcpy(worker.bgw_extra, ids, sizeof(ids));
-	worker.bgw_notify_pid = 0;
+	dolly_job_worker_init(&worker, job_id, "dolly_job_main");
 	if (!RegisterDynamicBackgroundWorker(&worker, &handle))
 		ereport(ERROR,
 				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),

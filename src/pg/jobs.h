@@ -66,6 +66,13 @@ extern void dolly_dp_abort(DollyDP *d, const char *error);
 /* Ranks 1..n-1 start here. */
 PGDLLEXPORT void dolly_job_rank_main(Datum main_arg);
 
+/*
+ * Fill w for a fine-tuning worker of job_id: a database connection as the current role
+ * (their OIDs first in bgw_extra), never restarted, entering `function` of dolly.so.
+ */
+struct BackgroundWorker;
+extern void dolly_job_worker_init(struct BackgroundWorker *w, int64 job_id, const char *function);
+
 /* The schema-qualified name of the dolly_job table, for SPI. */
 extern const char *dolly_jobs_table(void);
 
