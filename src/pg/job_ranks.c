@@ -280,6 +280,20 @@ dolly_dp_train(DollyDP *d, int rank, dl_model *m, const dl_example *ex, int ntra
 	return st;
 }
 
+dl_status
+dolly_job_load_base(const char *base_path, int nranks, dl_backend **be, dl_tokenizer **tok,
+					dl_model **m, dl_error *err)
+{
+	char		path[MAXPGPATH + 32];
+
+	snprintf(path, sizeof(path), "%s/tokenizer.json", base_path);
+	if (backend_cpu_create(Max(1, dolly_cpu_threads() / nranks), be, err) != DL_OK ||
+		tok_load(path, tok, err) != DL_OK ||
+		dl_model_load(base_path, *be, m, err) != DL_OK)
+		return err->code;
+	return model_add_dolly_tokens(m, *tok, err);
+}
+
 /* Progress of ranks > 0: nothing to publish; stop when the group stops. */
 static int
 rank_progress(void *arg, const dl_train_progress *p)
@@ -302,8 +316,6 @@ dolly_job_rank_main(Datum main_arg)
 	dl_error	err;
 	dl_finetune_opts o;
 	dl_train_progress last;
-	char		path[MAXPGPATH + 32];
-	int			threads;
 
 	memcpy(extra, MyBgworkerEntry->bgw_extra, sizeof(extra));
 	memcpy(args, MyBgworkerEntry->bgw_extra + sizeof(extra), sizeof(args));
@@ -321,12 +333,7 @@ dolly_job_rank_main(Datum main_arg)
 		 (long long) DatumGetInt64(main_arg), my_rank, d->nranks);
 	pgstat_report_activity(STATE_RUNNING, "loading the base model");
 
-	threads = Max(1, dolly_cpu_threads() / d->nranks);
-	snprintf(path, sizeof(path), "%s/tokenizer.json", d->base_path);
-	if (backend_cpu_create(threads, &be, &err) != DL_OK ||
-		tok_load(path, &tok, &err) != DL_OK ||
-		dl_model_load(d->base_path, be, &m, &err) != DL_OK ||
-		model_add_dolly_tokens(&m, tok, &err) != DL_OK)
+	if (dolly_job_load_base(d->base_path, d->nranks, &be, &tok, &m, &err) != DL_OK)
 	{
 		dolly_relative_paths(&err);
 		dolly_dp_abort(d, err.msg);

@@ -363,7 +363,6 @@ run_job(const JobSpec *spec)
 {
 	char		base_path[MAXPGPATH];
 	char		out_path[MAXPGPATH];
-	char		tok_path[MAXPGPATH + 32];
 	char		cfg_path[MAXPGPATH + 32];
 	bool		is_default;
 	dl_error	err;
@@ -379,18 +378,14 @@ run_job(const JobSpec *spec)
 	dl_finetune_opts o;
 	dl_train_progress last;
 	dl_status	st;
+	int			nranks = dolly_train_workers;	/* read once: a reload must not change it midway */
 
 	set_phase("loading the base model");
 	if (dolly_model_path(spec->base ? spec->base : "", base_path, &is_default, &err) != DL_OK)
 		goto fail;
 	snprintf(out_path, sizeof(out_path), "%s/%s", dolly_model_dir, spec->output);
-	snprintf(tok_path, sizeof(tok_path), "%s/tokenizer.json", base_path);
 	snprintf(cfg_path, sizeof(cfg_path), "%s/config.json", base_path);
-	/* the ranks share the CPUs */
-	if (backend_cpu_create(Max(1, dolly_cpu_threads() / dolly_train_workers), &be, &err) != DL_OK ||
-		tok_load(tok_path, &tok, &err) != DL_OK ||
-		dl_model_load(base_path, be, &m, &err) != DL_OK ||
-		model_add_dolly_tokens(&m, tok, &err) != DL_OK)
+	if (dolly_job_load_base(base_path, nranks, &be, &tok, &m, &err) != DL_OK)
 		goto fail;
 	params = dl_model_param_count(m);
 
@@ -420,8 +415,8 @@ run_job(const JobSpec *spec)
 	o.seed = (uint64) spec->seed;
 	o.progress = on_progress;
 	set_phase("training");
-	if (dolly_train_workers > 1)
-		st = dolly_dp_train(dolly_dp_start(dolly_train_workers, ex, n - neval, neval, base_path, &o, my_job),
+	if (nranks > 1)
+		st = dolly_dp_train(dolly_dp_start(nranks, ex, n - neval, neval, base_path, &o, my_job),
 							0, m, ex, n - neval, neval, &o, &last, &err);
 	else
 		st = finetune_run(m, ex + neval, n - neval, ex, neval, &o, &last, &err);
