@@ -25,6 +25,29 @@ cuda_check_launch(cuda_backend *cb, const char *op)
 		cuda_fail(cb, DL_EBACKEND, op, cudaGetErrorString(e));
 }
 
+void *
+cuda_scratch(cuda_backend *cb, int slot, size_t bytes, const char *op)
+{
+	size_t		want = 1 << 20;
+
+	if (bytes <= cb->scratch_bytes[slot])
+		return cb->scratch[slot];
+	while (want < bytes)
+		want *= 2;
+	cudaFree(cb->scratch[slot]);	/* waits for the operations still using it */
+	cb->scratch[slot] = NULL;
+	cb->scratch_bytes[slot] = 0;
+	if (cudaMalloc(&cb->scratch[slot], want) != cudaSuccess)
+	{
+		cudaGetLastError();
+		cb->scratch[slot] = NULL;
+		cuda_fail(cb, DL_ENOMEM, op, "out of GPU memory for its scratch buffer");
+		return NULL;
+	}
+	cb->scratch_bytes[slot] = want;
+	return cb->scratch[slot];
+}
+
 dl_status
 cuda_take_pending(cuda_backend *cb, dl_error *err)
 {
@@ -50,7 +73,8 @@ cuda_destroy(dl_backend *be)
 	for (int i = 0; i < 2; i++)
 		if (cb->stage_done[i])
 			cudaEventDestroy(cb->stage_done[i]);
-	cudaFree(cb->act16);
+	for (int i = 0; i < CUDA_SCRATCH_SLOTS; i++)
+		cudaFree(cb->scratch[i]);
 	if (cb->blas)
 		cublasDestroy(cb->blas);
 	if (cb->stream)
@@ -63,6 +87,7 @@ static dl_status
 cuda_backend_init(cuda_backend *cb, int dev, dl_error *err)
 {
 	cudaDeviceProp prop;
+	dl_status	st;
 	int			n = 0;
 	cudaError_t e = cudaGetDeviceCount(&n);
 
@@ -90,13 +115,14 @@ cuda_backend_init(cuda_backend *cb, int dev, dl_error *err)
 	CUBLAS_TRY(cublasCreate(&cb->blas), err);
 	CUBLAS_TRY(cublasSetStream(cb->blas, cb->stream), err);
 	/* fp32 mode exists to match float32 references: no TF32, whatever the environment says */
-	if (cb->fp32)
+	if (!cb->bf16_math)
 		CUBLAS_TRY(cublasSetMathMode(cb->blas, CUBLAS_PEDANTIC_MATH), err);
-	return cuda_attention_init(cb, err);
+	st = cuda_layernorm_init(err);
+	return st != DL_OK ? st : cuda_attention_init(cb, err);
 }
 
 dl_status
-cuda_backend_create(int dev, int fp32, dl_backend **out, dl_error *err)
+cuda_backend_create(int dev, int mode, dl_backend **out, dl_error *err)
 {
 	cuda_backend *cb = (cuda_backend *) calloc(1, sizeof(*cb));
 	dl_status	st;
@@ -104,8 +130,14 @@ cuda_backend_create(int dev, int fp32, dl_backend **out, dl_error *err)
 	*out = NULL;
 	if (cb == NULL)
 		return dl_fail(err, DL_ENOMEM, "out of memory creating the CUDA backend");
+	if (mode != DL_CUDA_BF16 && mode != DL_CUDA_FP32 && mode != DL_CUDA_MIXED)
+	{
+		free(cb);
+		return dl_fail(err, DL_EINVAL, "unknown CUDA backend mode %d", mode);
+	}
 	cb->dev = dev;
-	cb->fp32 = fp32 != 0;
+	cb->fp32 = mode != DL_CUDA_BF16;
+	cb->bf16_math = mode != DL_CUDA_FP32;
 	snprintf(cb->name, sizeof(cb->name), "cuda:%d", dev);
 	if ((st = cuda_backend_init(cb, dev, err)) != DL_OK)
 	{
@@ -135,7 +167,15 @@ cuda_backend_create(int dev, int fp32, dl_backend **out, dl_error *err)
 	cb->be.attention_forward = cuda_attention_forward;
 	cb->be.attention_workspace = cuda_attention_workspace;
 	cb->be.gelu_forward = cuda_gelu_forward;
-	/* the training operations (backward, cross-entropy, AdamW) are not on CUDA yet: NULL */
+	cb->be.crossentropy_forward = cuda_crossentropy_forward;
+	cb->be.embedding_backward = cuda_embedding_backward;
+	cb->be.layernorm_backward = cuda_layernorm_backward;
+	cb->be.matmul_backward = cuda_matmul_backward;
+	cb->be.rotary_backward = cuda_rotary_backward;
+	cb->be.gelu_backward = cuda_gelu_backward;
+	cb->be.sum_squares = cuda_sum_squares;
+	cb->be.adamw_update = cuda_adamw_update;
+	/* attention_train_forward, attention_train_workspace and attention_backward: attention.cu */
 	cb->be.destroy = cuda_destroy;
 	*out = &cb->be;
 	return DL_OK;

@@ -43,12 +43,23 @@ extern "C" {
 /* upload_tensor moves tensors through two staging buffers of this size (host and device). */
 #define STAGE_BYTES ((size_t) 16 << 20)
 
+/*
+ * Scratch buffers an operation uses while it runs (stream order keeps the next operation
+ * from touching them early): the bfloat16 copies of a product's two operands, and
+ * partial sums of reductions.
+ */
+enum
+{
+	SCRATCH_A16, SCRATCH_B16, SCRATCH_PARTIAL, CUDA_SCRATCH_SLOTS
+};
+
 typedef struct cuda_backend
 {
 	dl_backend	be;				/* first: a dl_backend * is a cuda_backend * */
 	char		name[16];		/* "cuda:N" */
 	int			dev;
-	int			fp32;			/* weights and KV cache in float32 (tests), else bfloat16 */
+	int			fp32;			/* weights and KV cache in float32 (fp32, mixed), else bfloat16 */
+	int			bf16_math;		/* matrix products on bfloat16 tensor cores (bf16, mixed) */
 	int			sm_count;
 	cudaStream_t stream;		/* every operation runs on it, in order */
 	cublasHandle_t blas;
@@ -57,8 +68,8 @@ typedef struct cuda_backend
 	int			host_pinned;	/* pinned unless the system refused (then malloc'd) */
 	void	   *dev_stage[2];	/* and device buffers for data that needs converting */
 	cudaEvent_t stage_done[2];	/* when the transfer out of each pair has completed */
-	void	   *act16;			/* bfloat16 copy of a matrix product's input for cuBLAS */
-	size_t		act16_bytes;
+	void	   *scratch[CUDA_SCRATCH_SLOTS];	/* grown on demand: cuda_scratch */
+	size_t		scratch_bytes[CUDA_SCRATCH_SLOTS];
 } cuda_backend;
 
 /* The CUDA state behind a backend. */
@@ -78,6 +89,12 @@ cuda_enter(dl_backend *be)
 	cudaSetDevice(((cuda_backend *) be)->dev);
 	return (cuda_backend *) be;
 }
+
+/*
+ * Scratch slot `slot` with room for bytes (grown by powers of two), or NULL with the
+ * failure kept under op's name.
+ */
+void	   *cuda_scratch(cuda_backend *cb, int slot, size_t bytes, const char *op);
 
 /* Keep the first failure of an asynchronous operation: op names it, what says why. */
 void		cuda_fail(cuda_backend *cb, dl_status code, const char *op, const char *what);
@@ -237,20 +254,82 @@ void		cuda_embedding_forward(dl_backend *be, float *out, const void *table,
 								   const int32_t *ids, int T, int C);
 void		cuda_gather_rows_forward(dl_backend *be, float *out, const float *in,
 									 const int32_t *rows, int n, int C);
+void		cuda_embedding_backward(dl_backend *be, float *dtable, const float *dout,
+									const int32_t *ids, int T, int C);
 
 /* layernorm.cu */
 void		cuda_layernorm_forward(dl_backend *be, float *out, float *mean, float *rstd,
 								   const float *in, const float *w, const float *b, int T,
 								   int C, float eps);
+void		cuda_layernorm_backward(dl_backend *be, float *din, float *dw, float *db,
+									const float *dout, const float *in, const float *mean,
+									const float *rstd, const float *w, int T, int C);
+/* Raise the backward kernel's shared memory limit (at backend creation). */
+dl_status	cuda_layernorm_init(dl_error *err);
+
+/* reduce.cu */
+/* out[N] += the column sums of x[M, N], in a fixed order. */
+void		cuda_add_column_sums(cuda_backend *cb, float *out, const float *x, int M, int N,
+								 const char *op);
+/* out[n] += sum over y < chunks of partial[y * ld + n], n < N: the second half of a sum. */
+void		cuda_add_partials(cuda_backend *cb, float *out, const float *partial, int chunks,
+							  int N, int ld, const char *op);
+dl_status	cuda_sum_squares(dl_backend *be, const float *x, size_t n, double *out,
+							 dl_error *err);
+
+/* loss.cu */
+void		cuda_crossentropy_forward(dl_backend *be, float *losses, float *dlogits,
+									  const float *logits, const int32_t *labels, int T, int V);
+
+/* optimizer.cu */
+void		cuda_adamw_update(dl_backend *be, float *param, const float *grad, float *m,
+							  float *v, size_t n, const dl_adamw *h);
 
 /* matmul.cu */
+
+/*
+ * An operand of cuda_gemm: a row-major matrix at p, float32 or (bf16) bfloat16, with
+ * leading dimension ld; trans: stored as the transpose of what the product uses;
+ * stride: elements between the matrices of a batch.
+ */
+typedef struct cuda_mat
+{
+	const void *p;
+	int			bf16;
+	int			trans;
+	int			ld;
+	long long	stride;
+} cuda_mat;
+
+/*
+ * C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C for `batch` products (C row-major, float32,
+ * leading dimension ldc, stride strideC): in float32 (no TF32) in fp32 mode, else on
+ * bfloat16 tensor cores with float32 accumulation, float32 operands rounded to bfloat16
+ * first (as torch's bf16 autocast computes). op names the caller in failures.
+ */
+void		cuda_gemm(cuda_backend *cb, const char *op, int M, int N, int K, float alpha,
+					  cuda_mat A, cuda_mat B, float beta, float *C, int ldc, long long strideC,
+					  int batch);
+/*
+ * Operand m as bfloat16: m itself when it is, else packed (contiguous) into scratch slot
+ * `slot`, so that an operand used by several products is rounded once. rows and cols are
+ * its stored shape; p is NULL (the failure kept) when there was no room.
+ */
+cuda_mat	cuda_as_bf16(cuda_backend *cb, cuda_mat m, int rows, int cols, int batch, int slot,
+						 const char *op);
 void		cuda_matmul_forward(dl_backend *be, float *out, const float *in, const void *W,
 								const float *bias, int M, int K, int N, int accumulate);
+void		cuda_matmul_backward(dl_backend *be, float *din, float *dW, float *dbias,
+								 const float *dout, const float *in, const void *W, int M, int K,
+								 int N);
 
 /* rotary.cu */
 void		cuda_rotary_forward(dl_backend *be, float *x, int stride, int T, int n_head,
 								int head_dim, int rot_dim, int interleaved, const int32_t *pos,
 								const float *cos_sin);
+void		cuda_rotary_backward(dl_backend *be, float *dx, int stride, int T, int n_head,
+								 int head_dim, int rot_dim, int interleaved, const int32_t *pos,
+								 const float *cos_sin);
 
 /* attention.cu */
 void		cuda_attention_forward(dl_backend *be, float *out, const float *qkv, void *k_cache,
@@ -263,11 +342,13 @@ dl_status	cuda_attention_init(cuda_backend *cb, dl_error *err);
 /* activation.cu */
 void		cuda_gelu_forward(dl_backend *be, float *out, const float *in, size_t n,
 							  dl_gelu form);
+void		cuda_gelu_backward(dl_backend *be, float *din, const float *in, const float *dout,
+							   size_t n, dl_gelu form);
 /* Launch the GELU kernel of the given form on stream (also used by the self-test). */
 void		gelu_forward_launch(float *out, const float *in, size_t n, dl_gelu form,
 								cudaStream_t stream);
 
 /* backend.cu */
-dl_status	cuda_backend_create(int dev, int fp32, dl_backend **out, dl_error *err);
+dl_status	cuda_backend_create(int dev, int mode, dl_backend **out, dl_error *err);
 
 #endif

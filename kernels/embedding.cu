@@ -1,6 +1,7 @@
 /*
  * embedding.cu: row gathers into float32: the token embedding (a table in weight format)
- * and the selection of the rows whose logits are wanted.
+ * and the selection of the rows whose logits are wanted; and their backward, a scatter
+ * that adds rows of the gradient into the table's gradient.
  */
 #include "common.cuh"
 
@@ -43,4 +44,30 @@ cuda_gather_rows_forward(dl_backend *be, float *out, const float *in, const int3
 		return;
 	gather_kernel<<<n, DL_BLOCK, 0, cb->stream>>>(out, in, rows, C);
 	cuda_check_launch(cb, "gather_rows_forward");
+}
+
+/*
+ * dtable[ids[t], :] += dout[t, :]; one block per row of dout. Repeated ids meet in
+ * atomic adds, so their order (and the last bits of the sum) may vary from run to run.
+ */
+__global__ static void
+scatter_add_kernel(float *dtable, const float *dout, const int32_t *ids, int C)
+{
+	float	   *dst = dtable + (size_t) ids[blockIdx.x] * C;
+	const float *src = dout + (size_t) blockIdx.x * C;
+
+	for (int c = threadIdx.x; c < C; c += blockDim.x)
+		atomicAdd(dst + c, src[c]);
+}
+
+void
+cuda_embedding_backward(dl_backend *be, float *dtable, const float *dout, const int32_t *ids,
+						int T, int C)
+{
+	cuda_backend *cb = cuda_enter(be);
+
+	if (T <= 0 || C <= 0)
+		return;
+	scatter_add_kernel<<<T, DL_BLOCK, 0, cb->stream>>>(dtable, dout, ids, C);
+	cuda_check_launch(cb, "embedding_backward");
 }

@@ -1,6 +1,8 @@
 /*
  * layernorm.cu: torch.nn.LayerNorm over the rows of a float32 matrix, one block per row,
- * in two passes (mean, then the centred variance) as the CPU backend computes it.
+ * in two passes (mean, then the centred variance) as the CPU backend computes it; and
+ * its backward, where blocks take rows in turn and sum their share of the weight and
+ * bias gradients in shared memory, added up afterwards in a fixed order (reduce.cu).
  */
 #include "common.cuh"
 
@@ -42,4 +44,89 @@ cuda_layernorm_forward(dl_backend *be, float *out, float *mean, float *rstd, con
 		return;
 	layernorm_kernel<<<T, DL_BLOCK, 0, cb->stream>>>(out, mean, rstd, in, w, b, C, eps);
 	cuda_check_launch(cb, "layernorm_forward");
+}
+
+/* The widest rows layernorm_backward takes: 2 * C floats of shared memory a block. */
+#define LN_BACKWARD_MAX_C 16384
+
+/*
+ * Rows blockIdx.x, blockIdx.x + gridDim.x, ... of the backward: din += rstd (dxhat -
+ * mean(dxhat) - xhat mean(dxhat xhat)) with dxhat = dout w; this block's sums of
+ * dout xhat and dout per column go to partial[blockIdx.x] = [dw | db], [2C].
+ */
+__global__ static void
+layernorm_backward_kernel(float *din, float *partial, const float *dout, const float *in,
+						  const float *mean, const float *rstd, const float *w, int T, int C)
+{
+	extern __shared__ float acc[];	/* [2C]: dw | db of this block's rows */
+	__shared__ float red[32];
+
+	for (int c = threadIdx.x; c < 2 * C; c += blockDim.x)
+		acc[c] = 0.0f;
+	for (int t = blockIdx.x; t < T; t += gridDim.x)
+	{
+		const float *x = in + (size_t) t * C,
+				   *g = dout + (size_t) t * C;
+		float	   *dx = din + (size_t) t * C;
+		float		m = mean[t],
+					rs = rstd[t],
+					s1 = 0.0f,
+					s2 = 0.0f;
+
+		for (int c = threadIdx.x; c < C; c += blockDim.x)
+		{
+			float		dxhat = g[c] * w[c];
+
+			s1 += dxhat;
+			s2 += dxhat * (x[c] - m) * rs;
+		}
+		s1 = block_sum(s1, red) / C;
+		s2 = block_sum(s2, red) / C;
+		for (int c = threadIdx.x; c < C; c += blockDim.x)
+		{
+			float		xhat = (x[c] - m) * rs;
+
+			dx[c] += rs * (g[c] * w[c] - s1 - xhat * s2);
+			acc[c] += g[c] * xhat;
+			acc[C + c] += g[c];
+		}
+	}
+	for (int c = threadIdx.x; c < 2 * C; c += blockDim.x)
+		partial[(size_t) blockIdx.x * 2 * C + c] = acc[c];
+}
+
+void
+cuda_layernorm_backward(dl_backend *be, float *din, float *dw, float *db, const float *dout,
+						const float *in, const float *mean, const float *rstd, const float *w,
+						int T, int C)
+{
+	cuda_backend *cb = cuda_enter(be);
+	int			blocks = T < 2 * cb->sm_count ? T : 2 * cb->sm_count;
+	float	   *partial;
+
+	if (T <= 0 || C <= 0)
+		return;
+	if (C > LN_BACKWARD_MAX_C)
+	{
+		cuda_fail(cb, DL_EUNSUPPORTED, "layernorm_backward", "rows are wider than 16384");
+		return;
+	}
+	partial = (float *) cuda_scratch(cb, SCRATCH_PARTIAL, (size_t) blocks * 2 * C * sizeof(float),
+									 "layernorm_backward");
+	if (partial == NULL)
+		return;
+	layernorm_backward_kernel<<<blocks, DL_BLOCK, 2 * C * sizeof(float), cb->stream>>>(din, partial, dout, in, mean,
+																					  rstd, w, T, C);
+	cuda_check_launch(cb, "layernorm_backward");
+	cuda_add_partials(cb, dw, partial, blocks, C, 2 * C, "layernorm_backward");
+	cuda_add_partials(cb, db, partial + C, blocks, C, 2 * C, "layernorm_backward");
+}
+
+dl_status
+cuda_layernorm_init(dl_error *err)
+{
+	CUDA_TRY(cudaFuncSetAttribute(layernorm_backward_kernel,
+								  cudaFuncAttributeMaxDynamicSharedMemorySize,
+								  (int) (2 * LN_BACKWARD_MAX_C * sizeof(float))), err);
+	return DL_OK;
 }

@@ -5,9 +5,11 @@
  * runs in a kernel of our own: blocks stream SKINNY_ROWS rows of W with 16-byte loads,
  * multiply them by the float32 input as it is (activations are never rounded here) and
  * add the bias and, with accumulate, the residual in the same pass. More rows go to
- * cuBLAS: cublasSgemm for float32 weights (pedantic math mode, no TF32: exact float32 for
- * the tests), cublasGemmEx with bfloat16 operands and float32 accumulation and output
- * otherwise, after rounding the input to bfloat16 as torch computes in bf16.
+ * cuBLAS through cuda_gemm, which every product of the plugin uses: float32 in fp32 mode
+ * (pedantic math, no TF32: exact float32 for the tests), else bfloat16 operands with
+ * float32 accumulation and output, float32 operands (activations; mixed mode's float32
+ * weights) rounded to bfloat16 first, as torch computes in bf16. The backward products
+ * (din = dout W, dW = dout^T in) go the same way.
  */
 #include "common.cuh"
 
@@ -129,66 +131,96 @@ bias_kernel(float *out, const float *bias, size_t total, int N, int accumulate)
 		out[i] = accumulate ? out[i] + bias[i % N] : bias[i % N];
 }
 
-/* Room for the bfloat16 copy of an input of bytes (grown by powers of two); 0 on failure. */
-static int
-act16_reserve(cuda_backend *cb, size_t bytes)
+/* dst = the batch of [rows, cols] float32 matrices at src (leading dimension ld, stride), packed as bfloat16. */
+__global__ static void
+pack_bf16_kernel(__nv_bfloat16 *dst, const float *src, int rows, int cols, int ld,
+				 long long stride, size_t total)
 {
-	size_t		want = 1 << 20;
+	size_t		per = (size_t) rows * cols;
 
-	if (bytes <= cb->act16_bytes)
-		return 1;
-	while (want < bytes)
-		want *= 2;
-	cudaFree(cb->act16);		/* waits for the products still reading it */
-	cb->act16 = NULL;
-	cb->act16_bytes = 0;
-	if (cudaMalloc(&cb->act16, want) != cudaSuccess)
+	for (size_t i = blockIdx.x * (size_t) blockDim.x + threadIdx.x; i < total;
+		 i += (size_t) gridDim.x * blockDim.x)
 	{
-		cudaGetLastError();
-		cb->act16 = NULL;
-		cuda_fail(cb, DL_ENOMEM, "matmul_forward", "out of GPU memory for the bfloat16 copy of its input");
-		return 0;
+		size_t		b = i / per,
+					r = i % per / cols,
+					c = i % cols;
+
+		dst[i] = __float2bfloat16_rn(src[b * stride + r * ld + c]);
 	}
-	cb->act16_bytes = want;
-	return 1;
+}
+
+cuda_mat
+cuda_as_bf16(cuda_backend *cb, cuda_mat m, int rows, int cols, int batch, int slot, const char *op)
+{
+	size_t		total = (size_t) rows * cols * batch;
+	__nv_bfloat16 *dst;
+
+	if (m.bf16)
+		return m;
+	dst = (__nv_bfloat16 *) cuda_scratch(cb, slot, total * sizeof(__nv_bfloat16), op);
+	if (dst != NULL)
+	{
+		pack_bf16_kernel<<<grid_for(total), DL_BLOCK, 0, cb->stream>>>(dst, (const float *) m.p,
+																		rows, cols, m.ld, m.stride,
+																		total);
+		cuda_check_launch(cb, op);
+	}
+	return cuda_mat {dst, 1, m.trans, cols, (long long) rows * cols};
 }
 
 /*
- * cuBLAS is column-major: our row-major out[M,N] is its [N,M] = W[N,K] (its [K,N],
- * transposed) times in (its [K,M]), every leading dimension the row length.
+ * cuBLAS is column-major: our row-major C[M,N] = op(A) op(B) is its C^T[N,M] =
+ * op(B)^T op(A)^T, and a row-major matrix is its transpose with the same leading
+ * dimension; so B goes first, each with its own trans flag.
  */
-static void
-gemm(cuda_backend *cb, float *out, const float *in, const void *W, const float *bias,
-	 int M, int K, int N, int accumulate)
+void
+cuda_gemm(cuda_backend *cb, const char *op, int M, int N, int K, float alpha, cuda_mat A,
+		  cuda_mat B, float beta, float *C, int ldc, long long strideC, int batch)
 {
-	const float alpha = 1.0f;
-	float		beta = accumulate ? 1.0f : 0.0f;
+	cublasOperation_t ta = A.trans ? CUBLAS_OP_T : CUBLAS_OP_N,
+				tb = B.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
 	cublasStatus_t s;
 
-	if (bias)
+	if (M <= 0 || N <= 0 || K <= 0 || batch <= 0)
+		return;
+	if (!cb->bf16_math)
 	{
-		bias_kernel<<<grid_for((size_t) M * N), DL_BLOCK, 0, cb->stream>>>(out, bias, (size_t) M * N,
-																		   N, accumulate);
-		cuda_check_launch(cb, "matmul_forward (bias)");
-		beta = 1.0f;
+		if (A.bf16 || B.bf16)
+		{
+			cuda_fail(cb, DL_EBACKEND, op, "a bfloat16 operand in float32 mode");
+			return;
+		}
+		s = cublasSgemmStridedBatched(cb->blas, tb, ta, N, M, K, &alpha, (const float *) B.p,
+									  B.ld, B.stride, (const float *) A.p, A.ld, A.stride, &beta,
+									  C, ldc, strideC, batch);
 	}
-	if (cb->fp32)
-		s = cublasSgemm(cb->blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, (const float *) W, K,
-						in, K, &beta, out, N);
 	else
 	{
-		size_t		n = (size_t) M * K;
-
-		if (!act16_reserve(cb, n * sizeof(__nv_bfloat16)))
+		A = cuda_as_bf16(cb, A, A.trans ? K : M, A.trans ? M : K, batch, SCRATCH_A16, op);
+		B = cuda_as_bf16(cb, B, B.trans ? N : K, B.trans ? K : N, batch, SCRATCH_B16, op);
+		if (A.p == NULL || B.p == NULL)
 			return;
-		convert_kernel<<<grid_for(n), DL_BLOCK, 0, cb->stream>>>((__nv_bfloat16 *) cb->act16, in, n);
-		cuda_check_launch(cb, "matmul_forward (rounding the input to bfloat16)");
-		s = cublasGemmEx(cb->blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, W, CUDA_R_16BF, K,
-						 cb->act16, CUDA_R_16BF, K, &beta, out, CUDA_R_32F, N,
-						 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+		s = cublasGemmStridedBatchedEx(cb->blas, tb, ta, N, M, K, &alpha, B.p, CUDA_R_16BF, B.ld,
+									   B.stride, A.p, CUDA_R_16BF, A.ld, A.stride, &beta, C,
+									   CUDA_R_32F, ldc, strideC, batch, CUBLAS_COMPUTE_32F,
+									   CUBLAS_GEMM_DEFAULT);
 	}
 	if (s != CUBLAS_STATUS_SUCCESS)
-		cuda_fail(cb, DL_EBACKEND, "matmul_forward (cuBLAS)", cublasGetStatusString(s));
+		cuda_fail(cb, DL_EBACKEND, op, cublasGetStatusString(s));
+}
+
+/* W in weight format as an operand: [N,K] stored, used transposed or not. */
+static cuda_mat
+weight_mat(const cuda_backend *cb, const void *W, int K, int trans)
+{
+	return cuda_mat {W, !cb->fp32, trans, K, 0};
+}
+
+/* A float32 row-major operand with leading dimension ld. */
+static cuda_mat
+f32_mat(const float *p, int ld, int trans)
+{
+	return cuda_mat {p, 0, trans, ld, 0};
 }
 
 /* Whether p is 16-byte aligned (the skinny kernel's vector loads). */
@@ -217,5 +249,39 @@ cuda_matmul_forward(dl_backend *be, float *out, const float *in, const void *W,
 		cuda_check_launch(cb, "matmul_forward");
 		return;
 	}
-	gemm(cb, out, in, W, bias, M, K, N, accumulate);
+	if (bias)
+	{
+		bias_kernel<<<grid_for((size_t) M * N), DL_BLOCK, 0, cb->stream>>>(out, bias, (size_t) M * N,
+																		   N, accumulate);
+		cuda_check_launch(cb, "matmul_forward (bias)");
+	}
+	cuda_gemm(cb, "matmul_forward", M, N, K, 1.0f, f32_mat(in, K, 0), weight_mat(cb, W, K, 1),
+			  bias || accumulate ? 1.0f : 0.0f, out, N, 0, 1);
+}
+
+/*
+ * din[M,K] += dout[M,N] @ W[N,K], dW[N,K] += dout^T @ in[M,K], dbias[N] += column sums of
+ * dout. With bfloat16 products dout is rounded once for both.
+ */
+void
+cuda_matmul_backward(dl_backend *be, float *din, float *dW, float *dbias, const float *dout,
+					 const float *in, const void *W, int M, int K, int N)
+{
+	cuda_backend *cb = cuda_enter(be);
+	cuda_mat	g = f32_mat(dout, N, 0);
+
+	if (M <= 0 || N <= 0 || K <= 0)
+		return;
+	if (dbias)
+		cuda_add_column_sums(cb, dbias, dout, M, N, "matmul_backward (bias)");
+	if (cb->bf16_math)
+		g = cuda_as_bf16(cb, g, M, N, 1, SCRATCH_A16, "matmul_backward");
+	if (g.p == NULL)
+		return;
+	if (din)
+		cuda_gemm(cb, "matmul_backward (input)", M, K, N, 1.0f, g, weight_mat(cb, W, K, 0), 1.0f,
+				  din, K, 0, 1);
+	g.trans = 1;
+	cuda_gemm(cb, "matmul_backward (weights)", N, K, M, 1.0f, g, f32_mat(in, K, 0), 1.0f, dW, K,
+			  0, 1);
 }

@@ -294,14 +294,23 @@ struct dl_backend
  */
 dl_status	backend_cpu_create(int threads, dl_backend **out, dl_error *err);
 
+/* What the CUDA backend stores and how it multiplies. */
+typedef enum dl_cuda_mode
+{
+	DL_CUDA_BF16,				/* serving: bfloat16 weights and KV cache, bfloat16 products
+								 * accumulated in float32 */
+	DL_CUDA_FP32,				/* tests: float32 throughout, no TF32 (matches float32 references) */
+	DL_CUDA_MIXED				/* training: float32 weights (the master copy AdamW updates, with
+								 * gradients laid out alike), products on bfloat16 tensor cores */
+} dl_cuda_mode;
+
 /*
- * The CUDA backend on GPU `device`, from the plugin at plugin_path (dolly_cuda.so, loaded
- * on first use: nothing that links the engine links CUDA): bfloat16 weights and KV cache
- * with float32 accumulation, or with fp32 float32 throughout (tests against float32
- * references). No plugin is DL_EUNSUPPORTED; no GPU, a driver or device failure DL_EBACKEND.
+ * The CUDA backend on GPU `device` in the given mode, from the plugin at plugin_path
+ * (dolly_cuda.so, loaded on first use: nothing that links the engine links CUDA). No
+ * plugin is DL_EUNSUPPORTED; no GPU, a driver or device failure DL_EBACKEND.
  */
-dl_status	backend_cuda_create(const char *plugin_path, int device, int fp32, dl_backend **out,
-								dl_error *err);
+dl_status	backend_cuda_create(const char *plugin_path, int device, dl_cuda_mode mode,
+								dl_backend **out, dl_error *err);
 
 #ifdef __cplusplus
 }

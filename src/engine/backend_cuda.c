@@ -7,7 +7,7 @@
 #include "cuda_plugin.h"
 
 dl_status
-backend_cuda_create(const char *plugin_path, int device, int fp32, dl_backend **out,
+backend_cuda_create(const char *plugin_path, int device, dl_cuda_mode mode, dl_backend **out,
 					dl_error *err)
 {
 	const dl_cuda_plugin *plugin;
@@ -16,5 +16,5 @@ backend_cuda_create(const char *plugin_path, int device, int fp32, dl_backend **
 	*out = NULL;
 	if ((st = cuda_plugin_load(plugin_path, &plugin, err)) != DL_OK)
 		return st;
-	return plugin->create(device, fp32, out, err);
+	return plugin->create(device, (int) mode, out, err);
 }

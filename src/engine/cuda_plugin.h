@@ -14,7 +14,7 @@
 #include "backend.h"
 #include "error.h"
 
-#define DL_CUDA_PLUGIN_ABI 2
+#define DL_CUDA_PLUGIN_ABI 3
 #define DL_CUDA_PLUGIN_SYMBOL "dolly_cuda_plugin"
 #define DL_CUDA_PLUGIN_FILE "dolly_cuda.so"
 #define DL_MAX_GPUS 16
@@ -41,9 +41,8 @@ typedef struct dl_cuda_plugin
 	 * the host: proof that the build, the driver and the libraries agree. */
 	dl_status	(*selftest) (int dev, dl_error *err);
 
-	/* Create a backend on device dev: bfloat16 weights and KV cache, or float32 with fp32
-	 * (exact, for tests). See backend_cuda_create in backend.h. */
-	dl_status	(*create) (int dev, int fp32, dl_backend **out, dl_error *err);
+	/* Create a backend on device dev in a dl_cuda_mode: see backend_cuda_create. */
+	dl_status	(*create) (int dev, int mode, dl_backend **out, dl_error *err);
 } dl_cuda_plugin;
 
 typedef const dl_cuda_plugin *(*dl_cuda_plugin_fn) (void);

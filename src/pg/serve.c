@@ -133,7 +133,7 @@ ensure_backend(dl_error *err)
 	backend = NULL;
 	dolly_cuda_plugin_path(plugin, sizeof(plugin));
 	/* dolly.cuda_devices picks the GPUs; the server uses the first it sees */
-	if ((threads < 0 ? backend_cuda_create(plugin, 0, 0, &backend, err)
+	if ((threads < 0 ? backend_cuda_create(plugin, 0, DL_CUDA_BF16, &backend, err)
 		 : backend_cpu_create(threads, &backend, err)) != DL_OK)
 		return err->code;
 	backend_threads = threads;

@@ -291,7 +291,7 @@ load(const options *o, dl_backend **be, dl_model **m, dl_error *err)
 	/* the CUDA plugin: $DOLLY_CUDA_PLUGIN, else the one built next to us (make) */
 	const char *plugin = getenv("DOLLY_CUDA_PLUGIN") ? getenv("DOLLY_CUDA_PLUGIN") : "./" DL_CUDA_PLUGIN_FILE;
 
-	if ((o->cuda_device >= 0 ? backend_cuda_create(plugin, o->cuda_device, 0, be, err)
+	if ((o->cuda_device >= 0 ? backend_cuda_create(plugin, o->cuda_device, DL_CUDA_BF16, be, err)
 		 : backend_cpu_create(o->threads, be, err)) != DL_OK)
 		return report(err);
 	if (dl_model_load(o->model, *be, m, err) != DL_OK)

@@ -4,8 +4,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-static test_backend backends[2];
-static char labels[2][32];
+#define NMODES 3
+
+static test_backend backends[NMODES];
+static char labels[NMODES][32];
 static int	nbackends = -1;
 static char why_none[600];
 static dl_backend *cpu;
@@ -29,19 +31,22 @@ test_backends(const test_backend **out, const char **why)
 		const char *dev = getenv("DOLLY_CUDA_DEVICE");
 		dl_error	err;
 
+		static const char *const mode_names[NMODES] = {"bf16", "fp32", "mixed"};
+
 		nbackends = 0;
-		for (int fp32 = 0; fp32 < 2; fp32++)
+		for (int mode = DL_CUDA_BF16; mode < NMODES; mode++)
 		{
 			dl_backend *be;
 
 			if (backend_cuda_create(plugin ? plugin : "./dolly_cuda.so", dev ? atoi(dev) : 0,
-									fp32, &be, &err) != DL_OK)
+									(dl_cuda_mode) mode, &be, &err) != DL_OK)
 			{
 				snprintf(why_none, sizeof(why_none), "no CUDA backend: %s", err.msg);
 				break;
 			}
-			snprintf(labels[fp32], sizeof(labels[fp32]), "%s/%s", be->name, fp32 ? "fp32" : "bf16");
-			backends[nbackends].label = labels[fp32];
+			snprintf(labels[mode], sizeof(labels[mode]), "%s/%s", be->name, mode_names[mode]);
+			backends[nbackends].label = labels[mode];
+			backends[nbackends].bf16_products = mode != DL_CUDA_FP32;
 			backends[nbackends++].be = be;
 		}
 		if (cpu == NULL)

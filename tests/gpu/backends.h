@@ -10,12 +10,14 @@
 /* A backend under test and how the output names it. */
 typedef struct test_backend
 {
-	const char *label;			/* "cuda:0/bf16", "cuda:0/fp32" */
+	const char *label;			/* "cuda:0/bf16", "cuda:0/fp32", "cuda:0/mixed" */
 	dl_backend *be;
+	int			bf16_products;	/* rounds the operands of matrix products to bfloat16 */
 } test_backend;
 
 /*
- * The CUDA backends on device $DOLLY_CUDA_DEVICE (default 0), bfloat16 and float32, from
+ * The CUDA backends on device $DOLLY_CUDA_DEVICE (default 0), one per dl_cuda_mode (bf16,
+ * fp32, mixed), from
  * the plugin at $DOLLY_CUDA_PLUGIN (default ./dolly_cuda.so). Returns how many; with
  * none, *why says what was missing (no plugin, no GPU, a driver error).
  */

@@ -269,7 +269,7 @@ main(int argc, char **argv)
 		return 1;
 	}
 	printf("gpu=%s\n", gpus[device].name);
-	if (backend_cuda_create(plugin_path, device, 0, &be, &err) != DL_OK)
+	if (backend_cuda_create(plugin_path, device, DL_CUDA_BF16, &be, &err) != DL_OK)
 		die("CUDA backend", &err);
 	copy = copy_bandwidth(be);
 	printf("copy_gbs=%.1f\n", copy / 1e9);

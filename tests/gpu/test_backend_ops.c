@@ -553,11 +553,14 @@ matmul_case(const test_backend *tb, const mm_case *mc)
 			   *dout,
 			   *cout;
 	double		e,
-				tol = is_bf16(be) && !mc->exact ? TOL_BF16 : TOL_F32;
+				tol = tb->bf16_products && !mc->exact ? TOL_BF16 : TOL_F32;
 	char		shape[80];
 
-	if (is_bf16(be) && mc->exact)
+	if (tb->bf16_products && mc->exact)
+	{
 		round_bf16(in, (size_t) M * K);
+		round_bf16(W, (size_t) N * K);
+	}
 	dW = put_weights(be, W, N, K, &eff);
 	cW = put(cpu, eff, (size_t) N * K * 4);
 	din = put(be, in, (size_t) M * K * 4);

@@ -450,3 +450,38 @@ cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, 
 	return gemm(ta, tb, m, n, k, *(const float *) alpha, A, at, lda, B, bt, ldb,
 				*(const float *) beta, (float *) C, ldc);
 }
+
+/* Element size of a matrix type, for the strides of a batch. */
+static size_t
+type_size(cudaDataType t)
+{
+	return t == CUDA_R_32F ? 4 : 2;
+}
+
+cublasStatus_t
+cublasSgemmStridedBatched(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+						  int k, const float *alpha, const float *A, int lda, long long sa,
+						  const float *B, int ldb, long long sb, const float *beta, float *C,
+						  int ldc, long long sc, int batch)
+{
+	for (int i = 0; i < batch; i++)
+		gemm(ta, tb, m, n, k, *alpha, A + i * sa, CUDA_R_32F, lda, B + i * sb, CUDA_R_32F, ldb,
+			 *beta, C + i * sc, ldc);
+	return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t
+cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+						   int k, const void *alpha, const void *A, cudaDataType at, int lda,
+						   long long sa, const void *B, cudaDataType bt, int ldb, long long sb,
+						   const void *beta, void *C, cudaDataType ct, int ldc, long long sc,
+						   int batch, cublasComputeType_t, cublasGemmAlgo_t)
+{
+	if (ct != CUDA_R_32F || at != bt)
+		return CUBLAS_STATUS_NOT_SUPPORTED;
+	for (int i = 0; i < batch; i++)
+		gemm(ta, tb, m, n, k, *(const float *) alpha, (const char *) A + i * sa * type_size(at), at,
+			 lda, (const char *) B + i * sb * type_size(bt), bt, ldb, *(const float *) beta,
+			 (float *) C + i * sc, ldc);
+	return CUBLAS_STATUS_SUCCESS;
+}

@@ -10,6 +10,7 @@ dynamic shared memory. Nothing else changes.
 """
 
 import os
+import re
 import sys
 
 
@@ -40,7 +41,7 @@ def closing_paren(src, p):
 
 
 def transform(src):
-    src = src.replace("extern __shared__ float smem[];", "float *smem = (float *) emu::dynamic_smem;")
+    src = re.sub(r"extern __shared__ (\w+) (\w+)\[\];", r"\1 *\2 = (\1 *) emu::dynamic_smem;", src)
     out, i = [], 0
     while (j := src.find('<<<', i)) >= 0:
         k = callee_start(src, j)

@@ -49,7 +49,7 @@ typedef struct emu_event *cudaEvent_t;
 enum cudaError_t
 {
 	cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2,
-	cudaErrorInvalidConfiguration = 9, cudaErrorNoDevice = 100
+	cudaErrorInvalidConfiguration = 9, cudaErrorInsufficientDriver = 35, cudaErrorNoDevice = 100
 };
 enum cudaMemcpyKind
 {
@@ -194,6 +194,16 @@ __syncthreads(void)
 	emu::barrier();
 }
 
+/* Threads run one at a time: an atomic add is a plain one. */
+static inline float
+atomicAdd(float *p, float v)
+{
+	float		old = *p;
+
+	*p = old + v;
+	return old;
+}
+
 static inline float
 __shfl_xor_sync(unsigned, float v, int lane_mask)
 {
@@ -235,6 +245,16 @@ const char *cublasGetStatusString(cublasStatus_t s);
 cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
 						   int k, const float *alpha, const float *A, int lda, const float *B,
 						   int ldb, const float *beta, float *C, int ldc);
+cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb,
+										 int m, int n, int k, const float *alpha, const float *A,
+										 int lda, long long sa, const float *B, int ldb, long long sb,
+										 const float *beta, float *C, int ldc, long long sc, int batch);
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb,
+										  int m, int n, int k, const void *alpha, const void *A,
+										  cudaDataType at, int lda, long long sa, const void *B,
+										  cudaDataType bt, int ldb, long long sb, const void *beta,
+										  void *C, cudaDataType ct, int ldc, long long sc, int batch,
+										  cublasComputeType_t compute, cublasGemmAlgo_t algo);
 cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m,
 							int n, int k, const void *alpha, const void *A, cudaDataType at,
 							int lda, const void *B, cudaDataType bt, int ldb, const void *beta,
