@@ -182,12 +182,18 @@ struct dl_example;
 /*
  * The activations a backward pass needs, for batches of up to max_tokens tokens in
  * sequences of up to max_len tokens, allocated once. Used by one thread at a time.
+ * With checkpoint, only each layer's input is kept and backward recomputes the rest of
+ * a layer's activations before its backward: one layer's buffers instead of n_layer,
+ * for one more forward, with the same gradients bit for bit.
  */
 typedef struct dl_train_acts dl_train_acts;
 
 /* Allocate the activations of training passes (limits are checked against the model). */
-dl_status	dl_train_acts_create(dl_model *m, int max_tokens, int max_len, dl_train_acts **out,
-								 dl_error *err);
+dl_status	dl_train_acts_create(dl_model *m, int max_tokens, int max_len, int checkpoint,
+								 dl_train_acts **out, dl_error *err);
+
+/* The device bytes they take. */
+size_t		dl_train_acts_bytes(const dl_train_acts *a);
 
 /* Free them; NULL is accepted. */
 void		dl_train_acts_free(dl_train_acts *a);

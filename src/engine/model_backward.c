@@ -11,6 +11,15 @@
  * mid-layer residual and the MLP's pre-activation; the GELU output is recomputed in
  * backward, which is cheaper than keeping T x F more floats per layer.
  *
+ * With checkpointing the forward keeps only each layer's input (and the last output);
+ * the other buffers exist once, shared by all layers, which is most of the memory of a
+ * large model. Backward, walking the layers in reverse, first runs a layer's forward
+ * again from its input into them: the same function and kernels on the same input, so
+ * the gradients equal those without checkpointing bit for bit, for one more forward of
+ * every layer but the last (whose activations the forward leaves in place). The
+ * recomputation leaves out what only makes the layer's output, which is kept: the GELU
+ * and the MLP's second product, and the attention projection but in NeoX sequential.
+ *
  * Only label rows reach the output layer: they are gathered after the last block, and
  * the final norm, the logits (a chunk of rows at a time, so the [rows, V] logits stay
  * within a fixed budget) and their backward run on those rows alone; the prompt of an
@@ -56,8 +65,10 @@ struct dl_train_acts
 	int			max_tokens;
 	int			max_len;
 	int			logit_rows;		/* label rows per logits chunk */
+	int			checkpoint;		/* keep only the layers' inputs; backward recomputes the rest */
+	size_t		bytes;			/* of mem */
 	void	   *mem;			/* device: everything below */
-	layer_acts *layers;			/* host array of n_layer + 1 */
+	layer_acts *layers;			/* host array of n_layer + 1; checkpointing: all but x shared */
 	float	   *gelu;			/* [T, F] GELU output, then the gradient of its input */
 	float	   *dx;				/* [T, E] gradient of the residual stream */
 	float	   *dln;			/* [T, E] gradient of a norm's output */
@@ -108,6 +119,14 @@ layout(dl_train_acts *a, char *base)
 		L->x = place(base, &off, T * E, al);
 		if (l == c->n_layer)
 			break;
+		if (a->checkpoint && l > 0)
+		{
+			layer_acts	shared = a->layers[0];
+
+			shared.x = L->x;
+			*L = shared;
+			continue;
+		}
 		L->ln1 = place(base, &off, T * E, al);
 		L->ln1_mean = place(base, &off, T, al);
 		L->ln1_rstd = place(base, &off, T, al);
@@ -145,8 +164,8 @@ layout(dl_train_acts *a, char *base)
 }
 
 dl_status
-dl_train_acts_create(dl_model *m, int max_tokens, int max_len, dl_train_acts **out,
-					 dl_error *err)
+dl_train_acts_create(dl_model *m, int max_tokens, int max_len, int checkpoint,
+					 dl_train_acts **out, dl_error *err)
 {
 	const dl_config *cfg = &m->cfg;
 	dl_backend *be = m->be;
@@ -174,6 +193,7 @@ dl_train_acts_create(dl_model *m, int max_tokens, int max_len, dl_train_acts **o
 	a->model = m;
 	a->max_tokens = max_tokens;
 	a->max_len = max_len < max_tokens ? max_len : max_tokens;
+	a->checkpoint = checkpoint != 0;
 	a->logit_rows = LOGIT_BUDGET / cfg->vocab_size;
 	a->logit_rows = a->logit_rows < 1 ? 1 : a->logit_rows > max_tokens ? max_tokens : a->logit_rows;
 	a->layers = calloc(cfg->n_layer + 1, sizeof(layer_acts));
@@ -188,10 +208,19 @@ dl_train_acts_create(dl_model *m, int max_tokens, int max_len, dl_train_acts **o
 	st = model_alloc(be, bytes, &a->mem, err);
 	if (st != DL_OK)
 	{
-		dl_hint(err, "the activations of a training batch of %d tokens need %zu MB; lower the batch size or the maximum length",
-				max_tokens, bytes >> 20);
+		if (a->checkpoint)
+			dl_hint(err, "the activations of a training batch of %d tokens need %zu MB with checkpointing; lower the batch size or the maximum length",
+					max_tokens, bytes >> 20);
+		else
+		{
+			/* the layout of the same batch with checkpointing, to say what it saves */
+			a->checkpoint = 1;
+			dl_hint(err, "the activations of a training batch of %d tokens need %zu MB, %zu MB with checkpointing; turn it on, or lower the batch size or the maximum length",
+					max_tokens, bytes >> 20, layout(a, NULL) >> 20);
+		}
 		goto fail;
 	}
+	a->bytes = bytes;
 	layout(a, a->mem);
 	*out = a;
 	return DL_OK;
@@ -199,6 +228,12 @@ dl_train_acts_create(dl_model *m, int max_tokens, int max_len, dl_train_acts **o
 fail:
 	dl_train_acts_free(a);
 	return st;
+}
+
+size_t
+dl_train_acts_bytes(const dl_train_acts *a)
+{
+	return a->bytes;
 }
 
 void
@@ -339,7 +374,7 @@ stage_batch(dl_train_acts *a, const dl_example *batch, int n, int T, pass *ps, d
 	return st;
 }
 
-/* MLP(in) added to out, keeping the pre-activation. */
+/* MLP(in) added to out, keeping the pre-activation (all that is done when out is NULL). */
 static void
 mlp_forward(dl_model *m, dl_train_acts *a, const dl_layer_params *L, layer_acts *la,
 			const float *in, float *out, int T)
@@ -349,19 +384,23 @@ mlp_forward(dl_model *m, dl_train_acts *a, const dl_layer_params *L, layer_acts 
 				F = m->cfg.n_inner;
 
 	be->matmul_forward(be, la->fc, in, L->fc_in_w, L->fc_in_b, T, E, F, 0);
+	if (out == NULL)
+		return;
 	be->gelu_forward(be, a->gelu, la->fc, (size_t) T * F, gelu_form(m));
 	be->matmul_forward(be, out, a->gelu, L->fc_out_w, L->fc_out_b, T, F, E, 1);
 }
 
-/* One block forward, from layers[l].x to layers[l + 1].x, keeping its activations. */
+/*
+ * One block forward from layers[l].x, keeping its activations, to xo: layers[l + 1].x,
+ * or NULL when backward recomputes the activations and the output is already kept.
+ */
 static void
-layer_forward(dl_model *m, dl_train_acts *a, int l, const pass *ps)
+layer_forward(dl_model *m, dl_train_acts *a, int l, const pass *ps, float *xo)
 {
 	const dl_config *cfg = &m->cfg;
 	dl_backend *be = m->be;
 	const dl_layer_params *L = &m->p.layers[l];
 	layer_acts *la = &a->layers[l];
-	float	   *xo = a->layers[l + 1].x;
 	int			T = ps->T,
 				E = cfg->n_embd,
 				D = cfg->head_dim;
@@ -375,29 +414,28 @@ layer_forward(dl_model *m, dl_train_acts *a, int l, const pass *ps)
 						   cfg->rotary_interleaved, ps->pos, m->rope);
 	be->attention_train_forward(be, la->att, la->lse, la->qkv, &ps->spans, cfg->n_head, D,
 								1.0f / sqrtf((float) D), a->attn_ws);
-	if (cfg->arch == DL_ARCH_GPTJ)
+	if (cfg->arch == DL_ARCH_GPTNEOX && !cfg->parallel_residual)
 	{
-		be->copy(be, xo, la->x, row_bytes);
-		be->matmul_forward(be, xo, la->att, L->proj_w, L->proj_b, T, E, E, 1);
-		mlp_forward(m, a, L, la, la->ln1, xo, T);
-	}
-	else if (cfg->parallel_residual)
-	{
-		be->layernorm_forward(be, la->ln2, la->ln2_mean, la->ln2_rstd, la->x, L->ln2_w,
-							  L->ln2_b, T, E, cfg->ln_eps);
-		be->copy(be, xo, la->x, row_bytes);
-		be->matmul_forward(be, xo, la->att, L->proj_w, L->proj_b, T, E, E, 1);
-		mlp_forward(m, a, L, la, la->ln2, xo, T);
-	}
-	else
-	{
+		/* sequential: LN2 reads x + attention, kept even without xo */
 		be->copy(be, la->xmid, la->x, row_bytes);
 		be->matmul_forward(be, la->xmid, la->att, L->proj_w, L->proj_b, T, E, E, 1);
 		be->layernorm_forward(be, la->ln2, la->ln2_mean, la->ln2_rstd, la->xmid, L->ln2_w,
 							  L->ln2_b, T, E, cfg->ln_eps);
-		be->copy(be, xo, la->xmid, row_bytes);
-		mlp_forward(m, a, L, la, la->ln2, xo, T);
+		if (xo)
+			be->copy(be, xo, la->xmid, row_bytes);
 	}
+	else
+	{
+		if (cfg->arch == DL_ARCH_GPTNEOX)
+			be->layernorm_forward(be, la->ln2, la->ln2_mean, la->ln2_rstd, la->x, L->ln2_w,
+								  L->ln2_b, T, E, cfg->ln_eps);
+		if (xo)
+		{
+			be->copy(be, xo, la->x, row_bytes);
+			be->matmul_forward(be, xo, la->att, L->proj_w, L->proj_b, T, E, E, 1);
+		}
+	}
+	mlp_forward(m, a, L, la, cfg->arch == DL_ARCH_GPTJ ? la->ln1 : la->ln2, xo, T);
 }
 
 /*
@@ -564,12 +602,17 @@ dl_model_backward(dl_model *m, dl_train_acts *a, const dl_example *batch, int n,
 
 	be->embedding_forward(be, a->layers[0].x, m->p.wte, ps.ids, T, cfg->n_embd);
 	for (int l = 0; l < cfg->n_layer; l++)
-		layer_forward(m, a, l, &ps);
+		layer_forward(m, a, l, &ps, a->layers[l + 1].x);
 	head_pass(m, a, &ps);
 	if (grads)
 	{
 		for (int l = cfg->n_layer - 1; l >= 0; l--)
+		{
+			/* checkpointing: the shared buffers still hold the last layer's activations */
+			if (a->checkpoint && l < cfg->n_layer - 1)
+				layer_forward(m, a, l, &ps, NULL);
 			layer_backward(m, a, l, &ps);
+		}
 		be->embedding_backward(be, grad_of(m, grads, m->p.wte), a->dx, ps.ids, T, cfg->n_embd);
 	}
 

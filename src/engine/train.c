@@ -38,6 +38,7 @@ train_defaults(dl_train_config *cfg)
 		.max_grad_norm = 1.0f,
 		.max_tokens = 2048,
 		.max_length = 2048,
+		.checkpoint = 0,
 	};
 }
 
@@ -84,7 +85,8 @@ trainer_create(dl_model *m, const dl_train_config *cfg, dl_trainer **out, dl_err
 		return dl_fail(err, DL_ENOMEM, "out of memory creating a trainer");
 	tr->m = m;
 	tr->cfg = *cfg;
-	st = dl_train_acts_create(m, cfg->max_tokens, cfg->max_length, &tr->acts, err);
+	st = dl_train_acts_create(m, cfg->max_tokens, cfg->max_length, cfg->checkpoint, &tr->acts,
+							  err);
 	if (st != DL_OK)
 		goto fail;
 	/* the buffers are laid out like param_mem: the same offsets locate a tensor in each */

@@ -74,9 +74,13 @@ typedef struct dl_train_config
 	float		max_grad_norm;	/* clip the global norm; 0 = off */
 	int			max_tokens;		/* tokens of the largest micro-batch (sizes activations) */
 	int			max_length;		/* longest example */
+	int			checkpoint;		/* keep only the layers' inputs, recompute the rest (model.h) */
 } dl_train_config;
 
-/* Dolly v2's settings: lr 5e-6, warmup 50, betas (0.9, 0.999), eps 1e-8, no decay, clip 1. */
+/*
+ * Dolly v2's settings: lr 5e-6, warmup 50, betas (0.9, 0.999), eps 1e-8, no decay, clip 1;
+ * no activation checkpointing.
+ */
 void		train_defaults(dl_train_config *cfg);
 
 typedef struct dl_trainer dl_trainer;

@@ -21,8 +21,10 @@
  * the tokenizer with Dolly's special tokens, ready to fine-tune. train fine-tunes with
  * Dolly's recipe (finetune_run) on records {"instruction", "context", "response"}, one
  * JSON object a line, prints progress on stderr and one summary line on stdout
- * ("train_tokens_per_s=X ..."), and saves the result. logits writes the ids and logits
- * of a raw text (ids I32 [T], logits F32 [T, V]) for tests/check_saved_model.py.
+ * ("train_tokens_per_s=X ..."), and saves the result; --checkpoint keeps only each
+ * layer's input and recomputes the rest in backward, for less memory. logits writes the
+ * ids and logits of a raw text (ids I32 [T], logits F32 [T, V]) for
+ * tests/check_saved_model.py.
  */
 #include "backend.h"
 #include "cuda_plugin.h"
@@ -80,6 +82,7 @@ typedef struct options
 	int			max_tokens;
 	int			warmup;
 	float		eval_fraction;
+	int			checkpoint;
 } options;
 
 /* Print the usage text to f. */
@@ -99,7 +102,7 @@ usage(FILE *f)
 			"                 [--seed S] --out DIR\n"
 			"  dolly-cli train --model DIR --data FILE.jsonl --out DIR [--epochs 2] [--lr 5e-6]\n"
 			"                  [--batch-size 8] [--max-length N] [--max-tokens N] [--warmup 50]\n"
-			"                  [--seed 42] [--eval-fraction 0.05] [--threads N]\n"
+			"                  [--seed 42] [--eval-fraction 0.05] [--threads N] [--checkpoint]\n"
 			"  dolly-cli logits --model DIR --out FILE.safetensors [--threads N] TEXT\n");
 }
 
@@ -180,6 +183,11 @@ parse_options(int argc, char **argv, options *o)
 		if (strcmp(a, "--tie-embeddings") == 0)
 		{
 			o->tie = 1;
+			continue;
+		}
+		if (strcmp(a, "--checkpoint") == 0)
+		{
+			o->checkpoint = 1;
 			continue;
 		}
 		if (strncmp(a, "--", 2) != 0)
@@ -904,6 +912,7 @@ cmd_train(const options *o)
 	if (o->max_tokens)
 		fo.cfg.max_tokens = o->max_tokens;
 	fo.cfg.max_length = o->max_length ? o->max_length : m->cfg.max_pos;
+	fo.cfg.checkpoint = o->checkpoint;
 	fo.epochs = o->epochs;
 	fo.batch_size = o->batch_size;
 	fo.nranks = 1;

@@ -4,7 +4,9 @@
  * parameter of a batch of Dolly examples, and the losses, gradient norms and learning
  * rates of 10 AdamW steps; the data-parallel property (two ranks on halves of the batch,
  * gradients and label counts summed, update the model as one rank on the whole batch)
- * and gradient accumulation; tied embeddings; evaluation; the schedule; the errors.
+ * and gradient accumulation; tied embeddings; evaluation; activation checkpointing (the
+ * same gradients bit for bit, in the memory the layout's arithmetic says); the schedule;
+ * the errors.
  */
 #include "harness.h"
 #include "../../src/engine/train.h"
@@ -590,6 +592,172 @@ TEST(train_eval_matches_backward_loss)
 	CHECK(zero);
 	CHECKF(le == lb && ne == nb && ne > 0, "eval %.9g / %lld, backward %.9g / %lld",
 		   le, (long long) ne, lb, (long long) nb);
+}
+
+/* Bytes of n floats as model_backward.c places them: rounded up to the alignment. */
+static size_t
+placed(const dl_backend *be, size_t n)
+{
+	return (n * sizeof(float) + be->alignment - 1) / be->alignment * be->alignment;
+}
+
+/* What one layer keeps besides its input, for T tokens (model_backward.c's layer_acts). */
+static size_t
+layer_act_bytes(const dl_model *m, size_t T)
+{
+	const dl_config *c = &m->cfg;
+	size_t		E = c->n_embd,
+				b;
+
+	/* ln1 and its mean and rstd, qkv, att, lse, fc */
+	b = placed(m->be, T * E) + 2 * placed(m->be, T) + placed(m->be, T * 3 * E) +
+		placed(m->be, T * E) + placed(m->be, T * c->n_head) + placed(m->be, T * c->n_inner);
+	if (c->arch == DL_ARCH_GPTNEOX)
+		b += placed(m->be, T * E) + 2 * placed(m->be, T);
+	if (c->arch == DL_ARCH_GPTNEOX && !c->parallel_residual)
+		b += placed(m->be, T * E);
+	return b;
+}
+
+/*
+ * Activation checkpointing on a fixture model: the activations shrink by n_layer - 1
+ * layers' buffers, and over two steps (an update between them) the loss, the label
+ * count and every gradient equal those without it bit for bit, as does evaluation's
+ * loss, which recomputes nothing.
+ */
+static void
+check_checkpoint(const char *name, int *failed_)
+{
+	train_fixture f;
+	dl_train_config cfg;
+	dl_model   *mc = NULL;
+	dl_trainer *plain = NULL,
+			   *ckpt = NULL;
+	dl_train_acts *acts[2] = {NULL, NULL};
+	dl_error	err;
+	dl_status	st;
+	size_t		bytes[2] = {0, 0},
+				saving = 0;
+	int			same = 1,
+				step;
+
+	if (!train_open(name, 2, &f, &err, &st))
+		SKIP("fixture %s/train_expected.safetensors absent", name);
+	for (int c = 0; c < 2 && st == DL_OK; c++)
+	{
+		st = dl_train_acts_create(f.m, f.tokens, f.m->cfg.max_pos, c, &acts[c], &err);
+		if (st == DL_OK)
+			bytes[c] = dl_train_acts_bytes(acts[c]);
+	}
+	if (st == DL_OK)
+	{
+		saving = (size_t) (f.m->cfg.n_layer - 1) * layer_act_bytes(f.m, f.tokens);
+		st = dl_model_load(fixture_path(name), f.be, &mc, &err);
+	}
+	if (st == DL_OK)
+	{
+		fixture_config(&f, &cfg);
+		st = trainer_create(f.m, &cfg, &plain, &err);
+		cfg.checkpoint = 1;
+	}
+	if (st == DL_OK)
+		st = trainer_create(mc, &cfg, &ckpt, &err);
+	for (step = 0; step < 2 && st == DL_OK; step++)
+	{
+		double		lp,
+					lc,
+					ep,
+					ec;
+		int64_t		np,
+					nc,
+					enp,
+					enc;
+		size_t		n;
+		float		lr,
+					norm;
+
+		st = trainer_backward(plain, f.ex, f.n, &lp, &np, &err);
+		if (st == DL_OK)
+			st = trainer_backward(ckpt, f.ex, f.n, &lc, &nc, &err);
+		if (st == DL_OK)
+			same = lp == lc && np == nc &&
+				memcmp(trainer_grads(plain, &n), trainer_grads(ckpt, &n), n * sizeof(float)) == 0;
+		if (st == DL_OK)
+			st = trainer_update(plain, np, step, &lr, &norm, &err);
+		if (st == DL_OK)
+			st = trainer_update(ckpt, nc, step, &lr, &norm, &err);
+		if (st == DL_OK)
+			st = trainer_eval(plain, f.ex, f.n, &ep, &enp, &err);
+		if (st == DL_OK)
+			st = trainer_eval(ckpt, f.ex, f.n, &ec, &enc, &err);
+		if (st == DL_OK)
+			same &= ep == ec && enp == enc;
+		if (!same)
+			break;
+	}
+	for (int c = 0; c < 2; c++)
+		dl_train_acts_free(acts[c]);
+	trainer_free(plain);
+	trainer_free(ckpt);
+	dl_model_free(mc);
+	train_close(&f);
+	CHECK_OK(st, &err);
+	CHECKF(same, "%s: step %d differs with checkpointing", name, step);
+	CHECKF(bytes[0] - bytes[1] == saving && saving > 0,
+		   "%s: activations of %zu bytes, %zu with checkpointing; expected %zu less",
+		   name, bytes[0], bytes[1], saving);
+}
+
+TEST(train_checkpoint_gptj_f32)
+{
+	check_checkpoint("gptj-f32", failed_);
+}
+
+TEST(train_checkpoint_neox_par_f32)
+{
+	check_checkpoint("neox-par-f32", failed_);
+}
+
+TEST(train_checkpoint_neox_seq_f32)
+{
+	check_checkpoint("neox-seq-f32", failed_);
+}
+
+/* An allocation that always fails, as on a device without room. */
+static void *
+alloc_nothing(dl_backend *be, size_t bytes, dl_error *err)
+{
+	(void) be;
+	dl_fail(err, DL_ENOMEM, "out of memory allocating %zu bytes", bytes);
+	return NULL;
+}
+
+/* Without room for the activations, the hint says what checkpointing would need. */
+TEST(train_acts_out_of_memory_suggests_checkpointing)
+{
+	train_fixture f;
+	dl_train_acts *a = NULL;
+	dl_error	err;
+	dl_status	st;
+	void	   *(*alloc) (dl_backend *, size_t, dl_error *);
+	char		hint[2][sizeof(err.hint)];
+
+	if (!train_open("gptj-f32", 1, &f, &err, &st))
+		SKIP("fixture gptj-f32/train_expected.safetensors absent");
+	CHECK_OK(st, &err);
+	alloc = f.be->alloc;
+	f.be->alloc = alloc_nothing;
+	for (int c = 0; c < 2; c++)
+	{
+		if (dl_train_acts_create(f.m, 1 << 20, f.m->cfg.max_pos, c, &a, &err) != DL_ENOMEM)
+			st = DL_EINVAL;
+		snprintf(hint[c], sizeof(hint[c]), "%s", err.hint);
+	}
+	f.be->alloc = alloc;
+	train_close(&f);
+	CHECK(st == DL_OK);
+	CHECKF(strstr(hint[0], "MB with checkpointing; turn it on") != NULL, "hint: %s", hint[0]);
+	CHECKF(strstr(hint[1], "with checkpointing; lower the batch size") != NULL, "hint: %s", hint[1]);
 }
 
 /* Warmup from 0, then constant or linear decay to 0 at total_steps (and no further). */
