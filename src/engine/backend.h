@@ -7,7 +7,7 @@
  * pthread pool) is the reference; the CUDA plugin (kernels/) fills the same table.
  *
  * Pointers marked "device" are addresses in the backend's memory: the host may not
- * dereference them (on the CPU backend it happens to be able to). Shapes are written as
+ * dereference them (on the CPU backend, host_memory, it happens to be able to). Shapes are written as
  * [rows, cols], row-major, in elements. Activations are float32 on every backend;
  * matrices ("weight format", DL_FMT_WEIGHT) are float32 on the CPU and may be narrower
  * elsewhere (bfloat16 on CUDA), so their size in bytes is weight_elem_size per element.
@@ -94,6 +94,7 @@ struct dl_backend
 	size_t		kv_elem_size;	/* bytes per element of the KV cache */
 	size_t		alignment;		/* sub-buffers carved from one allocation start at multiples */
 	int			threads;		/* host threads it computes with (CPU), else 0 */
+	int			host_memory;	/* its device pointers are host pointers (CPU) */
 
 	/* --- memory --- */
 

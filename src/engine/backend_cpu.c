@@ -1735,6 +1735,7 @@ backend_cpu_create(int threads, dl_backend **out, dl_error *err)
 	cb->be.kv_elem_size = sizeof(float);
 	cb->be.alignment = CPU_ALIGN;
 	cb->be.threads = threads;
+	cb->be.host_memory = 1;
 	cb->be.alloc = cpu_alloc;
 	cb->be.free = cpu_free;
 	cb->be.zero = cpu_zero;

@@ -16,6 +16,8 @@
 typedef struct run
 {
 	dl_trainer *tr;
+	dl_backend *be;
+	float	   *host_grads;		/* the all-reduce's copy where device memory is not the host's */
 	const dl_finetune_opts *o;
 	dl_train_config cfg;
 	dl_example *mine;			/* this rank's share of the current batch (shallow copies) */
@@ -147,6 +149,34 @@ evaluate(run *r, dl_train_progress *last, dl_error *err)
 	return report(r, "evaluating", last, err);
 }
 
+/*
+ * Sum the step's gradients, losses and label counts over the ranks. The all-reduce
+ * works on host memory (PostgreSQL shared memory carries it): a backend whose memory is
+ * not the host's goes through a host copy of the gradients, down and back up.
+ */
+static dl_status
+allreduce_grads(run *r, double *loss_sum, int64_t *n_labels, dl_error *err)
+{
+	size_t		n;
+	float	   *grads = trainer_grads(r->tr, &n);
+	float	   *host = grads;
+	dl_status	st;
+
+	if (!r->be->host_memory)
+	{
+		if (r->host_grads == NULL && (r->host_grads = malloc(n * sizeof(float))) == NULL)
+			return dl_fail(err, DL_ENOMEM, "out of host memory for the %zu MB of gradients to sum over ranks",
+						   n * sizeof(float) >> 20);
+		host = r->host_grads;
+		if ((st = r->be->download(r->be, host, grads, n * sizeof(float), err)) != DL_OK)
+			return st;
+	}
+	st = r->o->allreduce(r->o->allreduce_arg, host, n, loss_sum, n_labels, err);
+	if (st == DL_OK && host != grads)
+		st = r->be->upload(r->be, grads, host, n * sizeof(float), err);
+	return st;
+}
+
 /* One optimizer step on batch [first, end) of the epoch's order. */
 static dl_status
 train_step(run *r, const dl_example *train, const int *order, int first, int end,
@@ -157,8 +187,6 @@ train_step(run *r, const dl_example *train, const int *order, int first, int end
 				loss_sum;
 	int64_t		n_labels;
 	int			n = 0;
-	float	   *grads;
-	size_t		ngrads;
 	dl_status	st;
 
 	for (int i = first; i < end; i++)
@@ -169,10 +197,7 @@ train_step(run *r, const dl_example *train, const int *order, int first, int end
 	}
 	st = micro_batches(r, r->mine, n, 1, &loss_sum, &n_labels, err);
 	if (st == DL_OK && o->allreduce)
-	{
-		grads = trainer_grads(r->tr, &ngrads);
-		st = o->allreduce(o->allreduce_arg, grads, ngrads, &loss_sum, &n_labels, err);
-	}
+		st = allreduce_grads(r, &loss_sum, &n_labels, err);
 	if (st == DL_OK)
 		st = trainer_update(r->tr, n_labels, r->p.step, &r->p.lr, &r->p.grad_norm, err);
 	if (st != DL_OK)
@@ -201,7 +226,7 @@ dl_status
 finetune_run(dl_model *m, const dl_example *train, int ntrain, const dl_example *eval,
 			 int neval, const dl_finetune_opts *opts, dl_train_progress *last, dl_error *err)
 {
-	run			r = {.o = opts, .cfg = opts->cfg};
+	run			r = {.o = opts, .cfg = opts->cfg, .be = m->be};
 	int			steps_per_epoch,
 				per_rank;
 	int		   *order = NULL;
@@ -267,5 +292,6 @@ finetune_run(dl_model *m, const dl_example *train, int ntrain, const dl_example 
 	free(order);
 	free(r.mine);
 	free(r.eval_mine);
+	free(r.host_grads);
 	return st;
 }

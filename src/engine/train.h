@@ -97,7 +97,7 @@ void		trainer_free(dl_trainer *tr);
 dl_status	trainer_backward(dl_trainer *tr, const dl_example *batch, int n,
 							 double *loss_sum, int64_t *n_labels, dl_error *err);
 
-/* The gradient buffer (host-visible floats, laid out like the parameters) for all-reduce. */
+/* The gradient buffer (device floats, laid out like the parameters). */
 float	   *trainer_grads(dl_trainer *tr, size_t *n);
 
 /*
