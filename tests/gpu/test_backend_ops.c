@@ -843,3 +843,350 @@ TEST(ops_attention)
 		for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++)
 			CHECK(attention_case(&tb[b], &cases[k]));
 }
+
+/* --- training operations --- */
+
+/* The same host data on the backend under test (d) and on the reference (c). */
+typedef struct twin
+{
+	void	   *d;
+	void	   *c;
+	size_t		bytes;
+} twin;
+
+/* bytes from host on both (host NULL: NaN poison on both). */
+static twin
+twin_put(dl_backend *be, const void *host, size_t bytes)
+{
+	twin		t = {put(be, host, bytes), put(reference_backend(), host, bytes), bytes};
+
+	return t;
+}
+
+static void
+twin_free(dl_backend *be, twin *t)
+{
+	be->free(be, t->d);
+	reference_backend()->free(reference_backend(), t->c);
+}
+
+/* Report ||d - c|| / ||c|| of the n floats of t as case (op, shape) of tb. */
+static int
+twin_check(const test_backend *tb, const twin *t, size_t n, const char *op, const char *shape,
+		   double tol)
+{
+	float	   *got = get(tb->be, t->d, n * 4),
+			   *ref = get(reference_backend(), t->c, n * 4);
+	double		e = nerr(got, ref, n);
+
+	free(got);
+	free(ref);
+	return report(op, shape, tb->label, e, tol);
+}
+
+/* n random floats times scale, rounded to bfloat16 when round (malloc'd). */
+static float *
+randv_r(size_t n, float scale, uint64_t *s, int round)
+{
+	float	   *v = randv(n, scale, s);
+
+	if (round)
+		round_bf16(v, n);
+	return v;
+}
+
+/*
+ * One matrix-product backward: din, dW and dbias start from random values (they
+ * accumulate). With exact, every operand is one that bfloat16 holds, so that products on
+ * bfloat16 tensor cores differ from the reference only in summation order.
+ */
+static int
+matmul_backward_case(const test_backend *tb, int M, int K, int N, int with_din, int with_bias,
+					 int exact)
+{
+	dl_backend *be = tb->be,
+			   *cpu = reference_backend();
+	uint64_t	s = new_seed();
+	int			round = tb->bf16_products && exact;
+	float	   *W = randv_r((size_t) N * K, 0.05f, &s, round),
+			   *in = randv_r((size_t) M * K, 1.0f, &s, round),
+			   *dout = randv_r((size_t) M * N, 1.0f, &s, round),
+			   *din0 = randv((size_t) M * K, 1.0f, &s),
+			   *dW0 = randv((size_t) N * K, 1.0f, &s),
+			   *db0 = randv(N, 1.0f, &s),
+			   *eff;
+	void	   *dWt = put_weights(be, W, N, K, &eff);
+	void	   *cWt = put(cpu, eff, (size_t) N * K * 4);
+	twin		tin = twin_put(be, in, (size_t) M * K * 4),
+				tdout = twin_put(be, dout, (size_t) M * N * 4),
+				tdin = twin_put(be, din0, (size_t) M * K * 4),
+				tdW = twin_put(be, dW0, (size_t) N * K * 4),
+				tdb = twin_put(be, db0, N * 4);
+	double		tol = tb->bf16_products && !exact ? TOL_BF16 : TOL_F32;
+	char		shape[80];
+	int			ok;
+
+	be->matmul_backward(be, with_din ? tdin.d : NULL, tdW.d, with_bias ? tdb.d : NULL, tdout.d,
+						tin.d, dWt, M, K, N);
+	cpu->matmul_backward(cpu, with_din ? tdin.c : NULL, tdW.c, with_bias ? tdb.c : NULL, tdout.c,
+						 tin.c, cWt, M, K, N);
+	snprintf(shape, sizeof(shape), "M %d K %d N %d%s%s%s", M, K, N, with_din ? "" : " no din",
+			 with_bias ? " +bias" : "", exact ? "" : " inexact");
+	ok = twin_check(tb, &tdW, (size_t) N * K, "matmul_bwd dW", shape, tol);
+	ok = twin_check(tb, &tdin, (size_t) M * K, "matmul_bwd din", shape, tol) && ok;
+	ok = twin_check(tb, &tdb, N, "matmul_bwd dbias", shape, TOL_F32) && ok;
+	be->free(be, dWt);
+	cpu->free(cpu, cWt);
+	twin_free(be, &tin), twin_free(be, &tdout), twin_free(be, &tdin);
+	twin_free(be, &tdW), twin_free(be, &tdb);
+	free(W), free(in), free(dout), free(din0), free(dW0), free(db0), free(eff);
+	return ok;
+}
+
+TEST(ops_matmul_backward)
+{
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+	{
+		CHECK(matmul_backward_case(&tb[b], 1, 64, 96, 1, 1, 1));
+		CHECK(matmul_backward_case(&tb[b], 37, 128, 130, 1, 1, 1));
+		CHECK(matmul_backward_case(&tb[b], 300, 64, 33, 0, 1, 1));
+		CHECK(matmul_backward_case(&tb[b], 700, 96, 40, 1, 0, 1));
+		CHECK(matmul_backward_case(&tb[b], 40, 1000, 300, 1, 1, 0));
+	}
+}
+
+TEST(ops_layernorm_backward)
+{
+	static const int shapes[][2] = {{1, 512}, {7, 33}, {300, 96}, {5, 2560}};
+
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+		for (int k = 0; k < 4; k++)
+		{
+			dl_backend *be = tb[b].be,
+					   *cpu = reference_backend();
+			uint64_t	s = new_seed();
+			int			T = shapes[k][0],
+						C = shapes[k][1];
+			size_t		n = (size_t) T * C;
+			float	   *x = randv(n, 2.0f, &s),
+					   *w = randv(C, 1.0f, &s),
+					   *g = randv(n, 1.0f, &s),
+					   *din0 = randv(n, 1.0f, &s),
+					   *dw0 = randv(C, 1.0f, &s),
+					   *db0 = randv(C, 1.0f, &s),
+					   *mean,
+					   *rstd;
+			twin		tx = twin_put(be, x, n * 4),
+						tw = twin_put(be, w, C * 4),
+						tg = twin_put(be, g, n * 4),
+						tdin = twin_put(be, din0, n * 4),
+						tdw = twin_put(be, dw0, C * 4),
+						tdb = twin_put(be, db0, C * 4),
+						tout = twin_put(be, NULL, n * 4),
+						tm,
+						tr;
+			char		shape[64];
+
+			/* the saved statistics come from the reference forward, the same on both */
+			tm = twin_put(be, NULL, T * 4);
+			tr = twin_put(be, NULL, T * 4);
+			cpu->layernorm_forward(cpu, tout.c, tm.c, tr.c, tx.c, tw.c, tw.c, T, C, 1e-5f);
+			mean = get(cpu, tm.c, T * 4);
+			rstd = get(cpu, tr.c, T * 4);
+			twin_free(be, &tm), twin_free(be, &tr);
+			tm = twin_put(be, mean, T * 4);
+			tr = twin_put(be, rstd, T * 4);
+			be->layernorm_backward(be, tdin.d, tdw.d, tdb.d, tg.d, tx.d, tm.d, tr.d, tw.d, T, C);
+			cpu->layernorm_backward(cpu, tdin.c, tdw.c, tdb.c, tg.c, tx.c, tm.c, tr.c, tw.c, T, C);
+			snprintf(shape, sizeof(shape), "T %d, C %d", T, C);
+			CHECK(twin_check(&tb[b], &tdin, n, "layernorm_bwd din", shape, TOL_F32));
+			CHECK(twin_check(&tb[b], &tdw, C, "layernorm_bwd dw", shape, TOL_F32));
+			CHECK(twin_check(&tb[b], &tdb, C, "layernorm_bwd db", shape, TOL_F32));
+			twin_free(be, &tx), twin_free(be, &tw), twin_free(be, &tg), twin_free(be, &tdin);
+			twin_free(be, &tdw), twin_free(be, &tdb), twin_free(be, &tout);
+			twin_free(be, &tm), twin_free(be, &tr);
+			free(x), free(w), free(g), free(din0), free(dw0), free(db0), free(mean), free(rstd);
+		}
+}
+
+TEST(ops_embedding_rotary_gelu_backward)
+{
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+	{
+		dl_backend *be = tb[b].be,
+				   *cpu = reference_backend();
+		uint64_t	s = new_seed();
+		int			V = 50,
+					C = 300,
+					T = 40,
+					H = 3,
+					D = 20,
+					rot = 8,
+					P = 64;
+		size_t		nf = 100003;
+		int32_t		ids[40],
+					pos[40];
+		float	   *table = randv((size_t) V * C, 1.0f, &s),
+				   *g = randv((size_t) T * C, 1.0f, &s),
+				   *qkv = randv((size_t) T * 3 * H * D, 1.0f, &s),
+				   *tab = malloc((size_t) P * rot * sizeof(float)),
+				   *x = randv(nf, 6.0f, &s),
+				   *gf = randv(nf, 1.0f, &s),
+				   *din0 = randv(nf, 1.0f, &s);
+		twin		tids,
+					tpos,
+					ttab,
+					tq,
+					tt = twin_put(be, table, (size_t) V * C * 4),
+					tg = twin_put(be, g, (size_t) T * C * 4);
+
+		/* many repeats of few ids: the scatter's adds meet */
+		for (int t = 0; t < T; t++)
+		{
+			ids[t] = (int32_t) ((frand(&s) + 1.0f) / 2 * 7) % 7 * 7;
+			pos[t] = (int32_t) ((frand(&s) + 1.0f) / 2 * P) % P;
+		}
+		tids = twin_put(be, ids, sizeof(ids));
+		be->embedding_backward(be, tt.d, tg.d, tids.d, T, C);
+		cpu->embedding_backward(cpu, tt.c, tg.c, tids.c, T, C);
+		CHECK(twin_check(&tb[b], &tt, (size_t) V * C, "embedding_bwd", "V 50 C 300 T 40 (7 ids)", TOL_F32));
+
+		for (int p = 0; p < P; p++)
+			for (int j = 0; j < rot / 2; j++)
+			{
+				tab[(size_t) p * rot + j] = cosf(p * powf(10000.0f, -2.0f * j / rot));
+				tab[(size_t) p * rot + rot / 2 + j] = sinf(p * powf(10000.0f, -2.0f * j / rot));
+			}
+		tpos = twin_put(be, pos, sizeof(pos));
+		ttab = twin_put(be, tab, (size_t) P * rot * 4);
+		for (int il = 0; il < 2; il++)
+		{
+			tq = twin_put(be, qkv, (size_t) T * 3 * H * D * 4);
+			be->rotary_backward(be, tq.d, 3 * H * D, T, 2 * H, D, rot, il, tpos.d, ttab.d);
+			cpu->rotary_backward(cpu, tq.c, 3 * H * D, T, 2 * H, D, rot, il, tpos.c, ttab.c);
+			CHECK(twin_check(&tb[b], &tq, (size_t) T * 3 * H * D, "rotary_bwd",
+							 il ? "H 3 D 20 rot 8 T 40 GPT-J" : "H 3 D 20 rot 8 T 40 NeoX", TOL_F32));
+			twin_free(be, &tq);
+		}
+
+		for (int form = 0; form < 2; form++)
+		{
+			twin		tx = twin_put(be, x, nf * 4),
+						tgf = twin_put(be, gf, nf * 4),
+						td = twin_put(be, din0, nf * 4);
+
+			be->gelu_backward(be, td.d, tx.d, tgf.d, nf, form ? DL_GELU_ERF : DL_GELU_TANH);
+			cpu->gelu_backward(cpu, td.c, tx.c, tgf.c, nf, form ? DL_GELU_ERF : DL_GELU_TANH);
+			CHECK(twin_check(&tb[b], &td, nf, form ? "gelu_bwd erf" : "gelu_bwd tanh", "n 100003", TOL_F32));
+			twin_free(be, &tx), twin_free(be, &tgf), twin_free(be, &td);
+		}
+		twin_free(be, &tids), twin_free(be, &tpos), twin_free(be, &ttab);
+		twin_free(be, &tt), twin_free(be, &tg);
+		free(table), free(g), free(qkv), free(tab), free(x), free(gf), free(din0);
+	}
+}
+
+/* Cross-entropy of T rows of V logits (every third row masked): losses, gradient out of place and in place. */
+static int
+crossentropy_case(const test_backend *tb, int T, int V)
+{
+	dl_backend *be = tb->be,
+			   *cpu = reference_backend();
+	uint64_t	s = new_seed();
+	size_t		n = (size_t) T * V;
+	float	   *x = randv(n, 8.0f, &s);
+	int32_t    *y = malloc(T * sizeof(int32_t));
+	twin		tx,
+				ty,
+				tl = twin_put(be, NULL, T * 4),
+				td = twin_put(be, NULL, n * 4);
+	char		shape[64];
+	int			ok;
+
+	for (int t = 0; t < T; t++)
+		y[t] = t % 3 == 2 ? -100 : (int32_t) ((frand(&s) + 1.0f) / 2 * V) % V;
+	tx = twin_put(be, x, n * 4);
+	ty = twin_put(be, y, T * 4);
+	be->crossentropy_forward(be, tl.d, td.d, tx.d, ty.d, T, V);
+	cpu->crossentropy_forward(cpu, tl.c, td.c, tx.c, ty.c, T, V);
+	snprintf(shape, sizeof(shape), "T %d V %d, 1/3 masked", T, V);
+	ok = twin_check(tb, &tl, T, "crossentropy", shape, TOL_F32);
+	ok = twin_check(tb, &td, n, "crossentropy grad", shape, TOL_F32) && ok;
+	be->crossentropy_forward(be, tl.d, tx.d, tx.d, ty.d, T, V);
+	cpu->crossentropy_forward(cpu, tl.c, tx.c, tx.c, ty.c, T, V);
+	ok = twin_check(tb, &tx, n, "crossentropy grad", "  in place", TOL_F32) && ok;
+	twin_free(be, &tx), twin_free(be, &ty), twin_free(be, &tl), twin_free(be, &td);
+	free(x), free(y);
+	return ok;
+}
+
+TEST(ops_crossentropy)
+{
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+	{
+		CHECK(crossentropy_case(&tb[b], 6, 50400));
+		CHECK(crossentropy_case(&tb[b], 33, 1001));
+	}
+}
+
+TEST(ops_sum_squares_adamw)
+{
+	static const size_t sizes[] = {1, 1000, 3000017};
+
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+	{
+		dl_backend *be = tb[b].be,
+				   *cpu = reference_backend();
+		dl_error	err;
+
+		for (int k = 0; k < 3; k++)
+		{
+			uint64_t	s = new_seed();
+			size_t		n = sizes[k];
+			float	   *g = randv(n, 1.0f, &s);
+			void	   *dg = put(be, g, n * 4);
+			double		got = -1,
+						want = 0;
+			char		shape[32];
+
+			for (size_t i = 0; i < n; i++)
+				want += (double) g[i] * g[i];
+			CHECK_OK(be->sum_squares(be, dg, n, &got, &err), &err);
+			snprintf(shape, sizeof(shape), "n %zu", n);
+			CHECK(report("sum_squares", shape, tb[b].label, fabs(got - want) / want, 1e-10));
+			be->free(be, dg);
+			free(g);
+		}
+		for (int step = 1; step <= 3; step += 2)
+		{
+			uint64_t	s = new_seed();
+			size_t		n = 100003;
+			float	   *p = randv(n, 1.0f, &s),
+					   *g = randv(n, 10.0f, &s),
+					   *m = randv(n, 0.1f, &s),
+					   *v = randv(n, 0.1f, &s);
+			dl_adamw	h = {1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f, 0.25f, step};
+			twin		tp,
+						tg = twin_put(be, g, n * 4),
+						tm = twin_put(be, m, n * 4),
+						tv;
+
+			for (size_t i = 0; i < n; i++)
+				v[i] = fabsf(v[i]);
+			tp = twin_put(be, p, n * 4);
+			tv = twin_put(be, v, n * 4);
+			be->adamw_update(be, tp.d, tg.d, tm.d, tv.d, n, &h);
+			cpu->adamw_update(cpu, tp.c, tg.c, tm.c, tv.c, n, &h);
+			CHECK(twin_check(&tb[b], &tp, n, "adamw param", step == 1 ? "step 1, decay" : "step 3, decay", 1e-6));
+			CHECK(twin_check(&tb[b], &tm, n, "adamw m", "", 1e-6));
+			CHECK(twin_check(&tb[b], &tv, n, "adamw v", "", 1e-6));
+			twin_free(be, &tp), twin_free(be, &tg), twin_free(be, &tm), twin_free(be, &tv);
+			free(p), free(g), free(m), free(v);
+		}
+	}
+}
