@@ -96,8 +96,8 @@ unittest: $(TEST_BIN)
 	$(TEST_BIN)
 
 # the backend test of every operation on every backend, and the CUDA benchmark (tests/gpu)
-GPU_TEST_SRCS = tests/engine/harness.c tests/gpu/backends.c tests/gpu/test_backend_ops.c \
-	tests/gpu/test_cuda_model.c
+GPU_TEST_SRCS = tests/engine/harness.c tests/engine/train_fixture.c tests/gpu/backends.c \
+	tests/gpu/test_backend_ops.c tests/gpu/test_cuda_model.c
 build/test_gpu: $(GPU_TEST_SRCS) $(wildcard tests/gpu/*.h tests/engine/*.h) $(ENGINE_LIB)
 	@mkdir -p build
 	$(CC) $(ENGINE_CFLAGS) -Wno-unused-parameter -Isrc/engine -Itests/engine -o $@ \

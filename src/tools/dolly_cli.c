@@ -100,8 +100,8 @@ usage(FILE *f)
 			"  dolly-cli init --arch gpt_neox|gptj --layers N --hidden H --heads A [--inner F]\n"
 			"                 [--context C] [--rotary-pct P] [--tie-embeddings] --tokenizer FILE\n"
 			"                 [--seed S] --out DIR\n"
-			"  dolly-cli train --model DIR --data FILE.jsonl --out DIR [--epochs 2] [--lr 5e-6]\n"
-			"                  [--batch-size 8] [--max-length N] [--max-tokens N] [--warmup 50]\n"
+			"  dolly-cli train --model DIR --data FILE.jsonl --out DIR [--device cpu|cuda[:N]] [--epochs 2]\n"
+			"                  [--lr 5e-6] [--batch-size 8] [--max-length N] [--max-tokens N] [--warmup 50]\n"
 			"                  [--seed 42] [--eval-fraction 0.05] [--threads N] [--checkpoint]\n"
 			"  dolly-cli logits --model DIR --out FILE.safetensors [--threads N] TEXT\n");
 }
@@ -290,16 +290,19 @@ parse_options(int argc, char **argv, options *o)
 	return 0;
 }
 
-/* Backend, model and nothing else; 0 on success. */
+/*
+ * Backend, model and nothing else; 0 on success. On a GPU, mode says how: bfloat16 to
+ * generate, mixed (float32 master weights, bfloat16 products) to train.
+ */
 static int
-load(const options *o, dl_backend **be, dl_model **m, dl_error *err)
+load(const options *o, dl_cuda_mode mode, dl_backend **be, dl_model **m, dl_error *err)
 {
 	double		t0 = sys_now_s();
 
 	/* the CUDA plugin: $DOLLY_CUDA_PLUGIN, else the one built next to us (make) */
 	const char *plugin = getenv("DOLLY_CUDA_PLUGIN") ? getenv("DOLLY_CUDA_PLUGIN") : "./" DL_CUDA_PLUGIN_FILE;
 
-	if ((o->cuda_device >= 0 ? backend_cuda_create(plugin, o->cuda_device, DL_CUDA_BF16, be, err)
+	if ((o->cuda_device >= 0 ? backend_cuda_create(plugin, o->cuda_device, mode, be, err)
 		 : backend_cpu_create(o->threads, be, err)) != DL_OK)
 		return report(err);
 	if (dl_model_load(o->model, *be, m, err) != DL_OK)
@@ -346,7 +349,7 @@ cmd_generate(const options *o)
 		fprintf(stderr, "dolly-cli: --context needs the Dolly template; leave out --raw\n");
 		return 1;
 	}
-	if (load(o, &be, &m, &err))
+	if (load(o, DL_CUDA_BF16, &be, &m, &err))
 		goto done;
 	snprintf(path, sizeof(path), "%s/tokenizer.json", o->model);
 	if (tok_load(path, &tok, &err) != DL_OK)
@@ -465,7 +468,7 @@ cmd_bench(const options *o)
 				t1,
 				t2;
 
-	if (load(o, &be, &m, &err))
+	if (load(o, DL_CUDA_BF16, &be, &m, &err))
 		goto done;
 	ids = malloc((size_t) B * P * sizeof(int32_t));
 	if (ids == NULL)
@@ -579,7 +582,7 @@ cmd_bench_gemm(const options *o)
 	int			shapes[4][2];
 	dl_rng		rng;
 
-	if (load(o, &be, &m, &err))
+	if (load(o, DL_CUDA_BF16, &be, &m, &err))
 		goto done;
 	{
 		int			E = m->cfg.n_embd,
@@ -883,7 +886,7 @@ cmd_train(const options *o)
 		fprintf(stderr, "dolly-cli: --eval-fraction %g must be in [0, 1)\n", (double) o->eval_fraction);
 		return 1;
 	}
-	if (load(o, &be, &m, &err))
+	if (load(o, DL_CUDA_MIXED, &be, &m, &err))
 		goto done;
 	snprintf(path, sizeof(path), "%s/tokenizer.json", o->model);
 	if (tok_load(path, &tok, &err) != DL_OK || model_add_dolly_tokens(&m, tok, &err) != DL_OK)
@@ -967,7 +970,7 @@ cmd_logits(const options *o)
 		fprintf(stderr, "dolly-cli: logits needs --out FILE.safetensors and a TEXT\n");
 		return 1;
 	}
-	if (load(o, &be, &m, &err))
+	if (load(o, DL_CUDA_BF16, &be, &m, &err))
 		goto done;
 	snprintf(path, sizeof(path), "%s/tokenizer.json", o->model);
 	if (tok_load(path, &tok, &err) != DL_OK ||

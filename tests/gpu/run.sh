@@ -70,12 +70,13 @@ grep -iE "error|warning" "$LOG/ptxas.log" | grep -v "^ptxas info" | head -20
 
 ENGINE="src/engine/error.c src/engine/safetensors.c src/engine/config.c src/engine/model.c
 	src/engine/model_forward.c src/engine/backend_cpu.c src/engine/threadpool.c src/engine/sampler.c
-	src/engine/generate.c src/engine/cuda_loader.c src/engine/backend_cuda.c"
+	src/engine/generate.c src/engine/cuda_loader.c src/engine/backend_cuda.c src/engine/train.c
+	src/engine/model_backward.c"
 CFLAGS="-std=gnu11 -O3 -march=native -pthread -Wall -Wextra -Isrc/engine -Itests/engine $DEP_CFLAGS"
 note "building test_gpu and bench_cuda"
 # shellcheck disable=SC2086
-gcc $CFLAGS -o $B/test_gpu tests/engine/harness.c tests/gpu/backends.c tests/gpu/test_backend_ops.c \
-	tests/gpu/test_cuda_model.c $ENGINE $DEP_LIBS -lm -ldl 2>&1 | tee -a "$LOG/build.log" &&
+gcc $CFLAGS -o $B/test_gpu tests/engine/harness.c tests/engine/train_fixture.c tests/gpu/backends.c \
+	tests/gpu/test_backend_ops.c tests/gpu/test_cuda_model.c $ENGINE $DEP_LIBS -lm -ldl 2>&1 | tee -a "$LOG/build.log" &&
 	gcc $CFLAGS -o $B/bench_cuda tests/gpu/bench_cuda.c $ENGINE $DEP_LIBS -lm -ldl 2>&1 | tee -a "$LOG/build.log"
 [ -x $B/test_gpu ] && [ -x $B/bench_cuda ] || { echo "building the tests failed" >&2; exit 1; }
 export DOLLY_CUDA_PLUGIN=$PWD/$B/dolly_cuda.so
@@ -84,7 +85,7 @@ export DOLLY_CUDA_PLUGIN=$PWD/$B/dolly_cuda.so
 # the ops first and apart: a kernel that breaks the CUDA context must not hide the others
 : > "$LOG/test.log"
 test_rc=0
-for filter in ops_ cuda_model_; do
+for filter in ops_ cuda_model_ cuda_train_; do
 	note "test_gpu $filter"
 	timeout 240 $B/test_gpu "$filter" 2>&1 | tee -a "$LOG/test.log"
 	rc=${PIPESTATUS[0]}

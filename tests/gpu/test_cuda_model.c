@@ -6,13 +6,19 @@
  * forward (test_model.c's bound), and greedy continuations equal to model.generate's,
  * token for token, with all prompts admitted together and with prompts admitted one per
  * step into a small token budget (chunked prefills beside decode steps).
- * bfloat16 backend: weights and KV cache rounded to bfloat16 (2^-9 relative each, plus
- * activations rounded where cuBLAS multiplies): the logits within 1/32 of the largest
- * reference logit, the bound test_model.c justifies for torch's own bf16 computation;
- * the greedy continuations are printed (agreement is likely, not guaranteed).
+ * bfloat16 and mixed backends: weights (bf16) and KV cache rounded to bfloat16 (2^-9
+ * relative each), or (mixed) the operands of the products: the logits within 1/32 of the
+ * largest reference logit, the bound test_model.c justifies for torch's own bf16
+ * computation; the greedy continuations are printed (agreement is likely, not guaranteed).
+ *
+ * Training (train_fixture.h): the loss and every gradient of the fixture batch, and 10
+ * AdamW steps, against torch on the backends with float32 weights: fp32 within the
+ * CPU backend's tolerances; mixed within TRAIN_TOL_BF16. The bf16 backend refuses to
+ * train, with a hint.
  */
 #include "harness.h"
 #include "backends.h"
+#include "train_fixture.h"
 #include "../../src/engine/generate.h"
 #include "../../src/engine/model.h"
 #include "../../src/engine/safetensors.h"
@@ -159,7 +165,7 @@ check_model(const char *name, int *failed_)
 	for (int b = 0; b < nb; b++)
 	{
 		dl_backend *be = tb[b].be;
-		int			fp32 = be->weight_elem_size == 4;
+		int			fp32 = !tb[b].bf16_products;
 		dl_model   *m;
 		dl_kv_cache *c;
 		double		worst = 0;	/* largest |diff| / tolerance over the prompts */
@@ -223,4 +229,70 @@ TEST(cuda_model_gptj_bf16)
 TEST(cuda_model_neox_par_bf16)
 {
 	check_model("neox-par-bf16", failed_);
+}
+
+/*
+ * Mixed mode against torch's float32: every product rounds its operands to bfloat16
+ * (2^-9 relative each), so a gradient carries errors of about 2^-9 times the square root
+ * of its summation length relative to its tensor's largest entry, the loss about 2^-9
+ * relative; 3e-2, 1e-2 and, over 10 AdamW steps that compound them, 3e-2 leave room for
+ * that and still fail a wrong term, row or head (errors of order 1 on these scales).
+ */
+static const train_tol TRAIN_TOL_BF16 = {3e-2, 1e-2, 3e-2};
+
+/* The training checks of fixture `name` on every backend with float32 weights; bf16 refuses. */
+static void
+check_training(const char *name, int *failed_)
+{
+	const test_backend *tb;
+	const char *why;
+	int			nb = test_backends(&tb, &why);
+
+	if (nb == 0)
+		SKIP("%s", why);
+	for (int b = 0; b < nb; b++)
+	{
+		dl_backend *be = tb[b].be;
+		train_fixture f;
+		dl_train_config cfg;
+		dl_trainer *tr = NULL;
+		dl_error	err;
+		dl_status	st;
+
+		if (be->weight_elem_size == 4)
+		{
+			const train_tol *tol = tb[b].bf16_products ? &TRAIN_TOL_BF16 : &TRAIN_TOL_F32;
+
+			printf("  %-14s %-14s training: gradients and 10 AdamW steps against torch\n", name,
+				   tb[b].label);
+			train_check_grads(name, be, tol, failed_);
+			train_check_steps(name, be, tol, failed_);
+			continue;
+		}
+		if (!train_open_on(name, be, &f, &err, &st))
+			SKIP("fixture %s/train_expected.safetensors absent", name);
+		CHECK_OK(st, &err);
+		fixture_config(&f, &cfg);
+		st = trainer_create(f.m, &cfg, &tr, &err);
+		trainer_free(tr);
+		train_close(&f);
+		printf("  %-14s %-14s training refused: %s (%s)\n", name, tb[b].label, err.msg, err.hint);
+		CHECKF(st == DL_EUNSUPPORTED && err.hint[0], "training on %s: %s", tb[b].label,
+			   st == DL_OK ? "accepted" : err.msg);
+	}
+}
+
+TEST(cuda_train_gptj_f32)
+{
+	check_training("gptj-f32", failed_);
+}
+
+TEST(cuda_train_neox_par_f32)
+{
+	check_training("neox-par-f32", failed_);
+}
+
+TEST(cuda_train_neox_seq_f32)
+{
+	check_training("neox-seq-f32", failed_);
 }

@@ -13,10 +13,9 @@ python3 $E/transform.py "$B/src" kernels/*.cu
 g++ -std=c++17 -O1 -g -fPIC -shared -w -I$E/include -Isrc/engine -o $B/dolly_cuda_emu.so \
 	$B/src/*.cpp $E/cuda_emu.cpp -x c src/engine/error.c
 # shellcheck disable=SC2046
-gcc -std=gnu11 -O2 -pthread -Wall -Wextra -Isrc/engine -Itests/engine $(pkg-config --cflags json-c openblas) \
-	-o $B/test_gpu tests/engine/harness.c tests/gpu/backends.c tests/gpu/test_backend_ops.c \
-	tests/gpu/test_cuda_model.c src/engine/error.c src/engine/safetensors.c src/engine/config.c \
-	src/engine/model.c src/engine/model_forward.c src/engine/backend_cpu.c src/engine/threadpool.c \
-	src/engine/sampler.c src/engine/generate.c src/engine/cuda_loader.c src/engine/backend_cuda.c \
-	$(pkg-config --libs json-c openblas) -lm -ldl
+gcc -std=gnu11 -O2 -pthread -Wall -Wextra -Isrc/engine -Itests/engine \
+	$(pkg-config --cflags json-c openblas libpcre2-8 icu-uc) -o $B/test_gpu tests/engine/harness.c \
+	tests/engine/train_fixture.c tests/gpu/backends.c tests/gpu/test_backend_ops.c \
+	tests/gpu/test_cuda_model.c src/engine/*.c $(pkg-config --libs json-c openblas libpcre2-8 icu-uc) \
+	-lm -ldl
 DOLLY_CUDA_PLUGIN=$PWD/$B/dolly_cuda_emu.so $B/test_gpu "$@"
