@@ -123,4 +123,7 @@ extern void dolly_relative_paths(dl_error *err);
 /* Path of the CUDA plugin in $libdir. */
 extern void dolly_cuda_plugin_path(char *buf, size_t len);
 
+/* Does dolly.device ask for the GPU (cuda, or auto with a GPU that passed the self-test)? */
+extern bool dolly_want_cuda(void);
+
 #endif

@@ -281,14 +281,26 @@ dolly_dp_train(DollyDP *d, int rank, dl_model *m, const dl_example *ex, int ntra
 }
 
 dl_status
-dolly_job_load_base(const char *base_path, int nranks, dl_backend **be, dl_tokenizer **tok,
-					dl_model **m, dl_error *err)
+dolly_job_load_base(const char *base_path, int rank, int nranks, dl_backend **be,
+					dl_tokenizer **tok, dl_model **m, dl_error *err)
 {
 	char		path[MAXPGPATH + 32];
+	dl_status	st;
 
+	if (dolly_want_cuda())
+	{
+		dolly_cuda_plugin_path(path, sizeof(path));
+		st = backend_cuda_create(path, rank, DL_CUDA_MIXED, be, err);
+		if (st == DL_EINVAL)
+			dl_hint(err, "dolly.train_workers (%d) asks for a GPU per rank; lower it to the number of GPUs",
+					nranks);
+	}
+	else
+		st = backend_cpu_create(Max(1, dolly_cpu_threads() / nranks), be, err);
+	if (st != DL_OK)
+		return st;
 	snprintf(path, sizeof(path), "%s/tokenizer.json", base_path);
-	if (backend_cpu_create(Max(1, dolly_cpu_threads() / nranks), be, err) != DL_OK ||
-		tok_load(path, tok, err) != DL_OK ||
+	if (tok_load(path, tok, err) != DL_OK ||
 		dl_model_load(base_path, *be, m, err) != DL_OK)
 		return err->code;
 	return model_add_dolly_tokens(m, *tok, err);
@@ -333,7 +345,7 @@ dolly_job_rank_main(Datum main_arg)
 		 (long long) DatumGetInt64(main_arg), my_rank, d->nranks);
 	pgstat_report_activity(STATE_RUNNING, "loading the base model");
 
-	if (dolly_job_load_base(d->base_path, d->nranks, &be, &tok, &m, &err) != DL_OK)
+	if (dolly_job_load_base(d->base_path, my_rank, d->nranks, &be, &tok, &m, &err) != DL_OK)
 	{
 		dolly_relative_paths(&err);
 		dolly_dp_abort(d, err.msg);

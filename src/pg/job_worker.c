@@ -385,7 +385,7 @@ run_job(const JobSpec *spec)
 		goto fail;
 	snprintf(out_path, sizeof(out_path), "%s/%s", dolly_model_dir, spec->output);
 	snprintf(cfg_path, sizeof(cfg_path), "%s/config.json", base_path);
-	if (dolly_job_load_base(base_path, nranks, &be, &tok, &m, &err) != DL_OK)
+	if (dolly_job_load_base(base_path, 0, nranks, &be, &tok, &m, &err) != DL_OK)
 		goto fail;
 	params = dl_model_param_count(m);
 

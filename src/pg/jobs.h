@@ -64,14 +64,15 @@ extern dl_status dolly_dp_train(DollyDP *d, int rank, struct dl_model *m,
 /* Make every rank stop at its next barrier (error NULL: a stop, not a failure). */
 extern void dolly_dp_abort(DollyDP *d, const char *error);
 /*
- * What every rank trains from: a CPU backend with its share (1/nranks) of dolly.threads,
- * the base model's tokenizer and weights, with Dolly's special tokens added.
+ * What rank `rank` of nranks trains from: GPU `rank` in mixed mode when dolly.device asks
+ * for the GPU, else a CPU backend with its share (1/nranks) of dolly.threads; the base
+ * model's tokenizer and weights, with Dolly's special tokens added.
  */
 struct dl_backend;
 struct dl_tokenizer;
-extern dl_status dolly_job_load_base(const char *base_path, int nranks, struct dl_backend **be,
-									 struct dl_tokenizer **tok, struct dl_model **m,
-									 dl_error *err);
+extern dl_status dolly_job_load_base(const char *base_path, int rank, int nranks,
+									 struct dl_backend **be, struct dl_tokenizer **tok,
+									 struct dl_model **m, dl_error *err);
 /* Ranks 1..n-1 start here. */
 PGDLLEXPORT void dolly_job_rank_main(Datum main_arg);
 

@@ -100,23 +100,11 @@ unload(ServedModel *m)
 	publish_model(m, 0);
 }
 
-/* Does dolly.device ask for the GPU (cuda, or auto with a GPU that passed the self-test)? */
-static bool
-want_cuda(void)
-{
-	bool		available;
-
-	SpinLockAcquire(&dolly_shared->mutex);
-	available = dolly_shared->cuda_available;
-	SpinLockRelease(&dolly_shared->mutex);
-	return dolly_device == DOLLY_DEVICE_CUDA || (dolly_device == DOLLY_DEVICE_AUTO && available);
-}
-
 /* Make sure the backend dolly.device and dolly.threads ask for exists. */
 static dl_status
 ensure_backend(dl_error *err)
 {
-	int			threads = want_cuda() ? -1 : dolly_cpu_threads();	/* -1: the GPU */
+	int			threads = dolly_want_cuda() ? -1 : dolly_cpu_threads();	/* -1: the GPU */
 	char		plugin[MAXPGPATH];
 
 	if (backend != NULL && backend_threads == threads)

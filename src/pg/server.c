@@ -46,6 +46,17 @@ dolly_server_register(void)
 	RegisterBackgroundWorker(&worker);
 }
 
+bool
+dolly_want_cuda(void)
+{
+	bool		available;
+
+	SpinLockAcquire(&dolly_shared->mutex);
+	available = dolly_shared->cuda_available;
+	SpinLockRelease(&dolly_shared->mutex);
+	return dolly_device == DOLLY_DEVICE_CUDA || (dolly_device == DOLLY_DEVICE_AUTO && available);
+}
+
 void
 dolly_cuda_plugin_path(char *buf, size_t len)
 {
