@@ -103,7 +103,7 @@ build/test_gpu: $(GPU_TEST_SRCS) $(wildcard tests/gpu/*.h tests/engine/*.h) $(EN
 	$(CC) $(ENGINE_CFLAGS) -Wno-unused-parameter -Isrc/engine -Itests/engine -o $@ \
 		$(GPU_TEST_SRCS) $(ENGINE_LIB) $(ENGINE_LIBS)
 
-build/bench_cuda: tests/gpu/bench_cuda.c $(ENGINE_LIB)
+build/bench_cuda build/bench_train: build/bench_%: tests/gpu/bench_%.c $(ENGINE_LIB)
 	@mkdir -p build
 	$(CC) $(ENGINE_CFLAGS) -Isrc/engine -o $@ $< $(ENGINE_LIB) $(ENGINE_LIBS)
 

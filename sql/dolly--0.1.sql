@@ -114,7 +114,8 @@ CREATE FUNCTION dolly_finetune(
 	lr_schedule text DEFAULT 'constant',
 	weight_decay double precision DEFAULT 0,
 	eval_fraction double precision DEFAULT 0.05,
-	seed bigint DEFAULT 42)
+	seed bigint DEFAULT 42,
+	checkpointing boolean DEFAULT false)
 	RETURNS bigint
 	AS 'MODULE_PATHNAME' LANGUAGE C VOLATILE PARALLEL UNSAFE;
 REVOKE ALL ON FUNCTION dolly_finetune FROM PUBLIC;

@@ -56,6 +56,7 @@ typedef struct JobSpec
 	double		learning_rate;	/* 0: by model size */
 	int			max_length;		/* 0: the model's */
 	int64		seed;
+	bool		checkpoint;		/* activation checkpointing */
 } JobSpec;
 
 static DollyJobSlot *my_slot;
@@ -217,7 +218,8 @@ claim(JobSpec *spec)
 						"options->>'epochs', options->>'batch_size', options->>'warmup_steps', "
 						"options->>'lr_schedule', options->>'weight_decay', "
 						"options->>'eval_fraction', options->>'learning_rate', "
-						"options->>'max_length', options->>'seed'", dolly_jobs_table()),
+						"options->>'max_length', options->>'seed', options->>'checkpointing'",
+						dolly_jobs_table()),
 								  2, argtypes, args, NULL, false, 1) != SPI_OK_UPDATE_RETURNING)
 			elog(ERROR, "cannot claim fine-tuning job %lld", (long long) my_job);
 		if (SPI_processed == 1)
@@ -242,6 +244,7 @@ claim(JobSpec *spec)
 			spec->learning_rate = (v = SPI_getvalue(t, d, 14)) ? strtod(v, NULL) : 0;
 			spec->max_length = (v = SPI_getvalue(t, d, 15)) ? atoi(v) : 0;
 			spec->seed = strtoll(SPI_getvalue(t, d, 16), NULL, 10);
+			spec->checkpoint = (v = SPI_getvalue(t, d, 17)) && strcmp(v, "true") == 0;
 			claimed = !gone;
 		}
 		else if (SPI_execute_with_args(psprintf("SELECT 1 FROM %s WHERE id = $1", dolly_jobs_table()),
@@ -408,6 +411,7 @@ run_job(const JobSpec *spec)
 	o.cfg.weight_decay = spec->weight_decay;
 	o.cfg.max_length = max_length;
 	o.cfg.linear_decay = spec->linear;
+	o.cfg.checkpoint = spec->checkpoint;
 	o.epochs = spec->epochs;
 	o.batch_size = spec->batch_size;
 	o.rank = 0;

@@ -248,13 +248,13 @@ release_slot(int64 job_id)
 static const char *const finetune_params[] = {
 	"source", "output_model", "base_model", "instruction_column", "context_column",
 	"response_column", "epochs", "learning_rate", "batch_size", "max_length", "warmup_steps",
-	"lr_schedule", "weight_decay", "eval_fraction", "seed"
+	"lr_schedule", "weight_decay", "eval_fraction", "seed", "checkpointing"
 };
 
 /*
  * dolly_finetune(source, output_model, base_model, instruction_column, context_column,
  * response_column, epochs, learning_rate, batch_size, max_length, warmup_steps,
- * lr_schedule, weight_decay, eval_fraction, seed): the new job's id.
+ * lr_schedule, weight_decay, eval_fraction, seed, checkpointing): the new job's id.
  */
 Datum
 dolly_finetune(PG_FUNCTION_ARGS)
@@ -274,6 +274,7 @@ dolly_finetune(PG_FUNCTION_ARGS)
 				eval_fraction;
 	char	   *schedule;
 	int64		seed;
+	bool		checkpointing;
 	struct stat sb;
 	char		base_path[MAXPGPATH];
 	bool		is_default;
@@ -315,6 +316,7 @@ dolly_finetune(PG_FUNCTION_ARGS)
 	weight_decay = PG_GETARG_FLOAT8(12);
 	eval_fraction = PG_GETARG_FLOAT8(13);
 	seed = PG_GETARG_INT64(14);
+	checkpointing = PG_GETARG_BOOL(15);
 
 	check_range("epochs", epochs, 1, 10000);
 	if (!PG_ARGISNULL(7))
@@ -365,9 +367,10 @@ dolly_finetune(PG_FUNCTION_ARGS)
 	escape_json(&opts, resp_col);
 	appendStringInfo(&opts, ", \"epochs\": %d, \"batch_size\": %d, \"warmup_steps\": %d, "
 					 "\"lr_schedule\": \"%s\", \"weight_decay\": %.17g, "
-					 "\"eval_fraction\": %.17g, \"seed\": %lld, \"source_oid\": %u",
+					 "\"eval_fraction\": %.17g, \"seed\": %lld, \"checkpointing\": %s, "
+					 "\"source_oid\": %u",
 					 epochs, batch_size, warmup_steps, schedule, weight_decay, eval_fraction,
-					 (long long) seed, relid);
+					 (long long) seed, checkpointing ? "true" : "false", relid);
 	if (!PG_ARGISNULL(7))
 		appendStringInfo(&opts, ", \"learning_rate\": %.17g", lr);
 	if (!PG_ARGISNULL(9))

@@ -1,18 +1,21 @@
 #!/bin/bash
 # run.sh: the CUDA backend on a machine with one NVIDIA GPU, from a fresh checkout and
 # without PostgreSQL: builds dolly_cuda.so and the engine files the tests need, runs the
-# backend op test and the fixture models on CUDA (test_gpu), then the GPT-J-6B benchmark
-# (bench_gptj6b.py), then compute-sanitizer over the op test while time remains. Ends
-# with a summary. Logs and figures go to $OUT when it is set, else build/gpu/log: seven
-# files at most (ptxas.log build.log test.log bench.log bench.json memcheck.log racecheck.log).
+# backend op test, the fixture models and their training on CUDA (test_gpu), then the
+# GPT-J-6B decode benchmark (bench_gptj6b.py) and the 1B training benchmark
+# (bench_train_1b.py), then compute-sanitizer over the op test while time remains. Ends
+# with a summary. Logs and figures go to $OUT when it is set, else build/gpu/log: nine
+# files at most (ptxas.log build.log test.log bench.log bench.json train.log train.json
+# memcheck.log racecheck.log).
 #
-#   tests/gpu/run.sh          everything (about 5 minutes on an H100)
+#   tests/gpu/run.sh          everything (about 7 minutes on an H100)
 #   tests/gpu/run.sh test     build and tests only
+#   tests/gpu/run.sh train    build and the training benchmark only
 #
 # Needs gcc, nvcc and cuBLAS ($CUDA_HOME, default /usr/local/cuda), json-c and OpenBLAS
 # (pkg-config; where missing, build/gpu-deps/deps.tar.xz from tests/gpu/pack_deps.sh), and
 # python3 with torch and transformers for the benchmark. CUDA_ARCH (default 90) picks the
-# GPU code; DEADLINE (default 420) the seconds after which optional steps are skipped.
+# GPU code; DEADLINE (default 540) the seconds after which optional steps are skipped.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 start=$SECONDS
@@ -20,7 +23,7 @@ B=build/gpu
 LOG=${OUT:-$B/log}
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 ARCH=${CUDA_ARCH:-90}
-DEADLINE=${DEADLINE:-420}
+DEADLINE=${DEADLINE:-540}
 mkdir -p "$B/obj" "$LOG"
 summary=()
 
@@ -73,19 +76,23 @@ ENGINE="src/engine/error.c src/engine/safetensors.c src/engine/config.c src/engi
 	src/engine/generate.c src/engine/cuda_loader.c src/engine/backend_cuda.c src/engine/train.c
 	src/engine/model_backward.c"
 CFLAGS="-std=gnu11 -O3 -march=native -pthread -Wall -Wextra -Isrc/engine -Itests/engine $DEP_CFLAGS"
-note "building test_gpu and bench_cuda"
+note "building test_gpu, bench_cuda and bench_train"
 # shellcheck disable=SC2086
 gcc $CFLAGS -o $B/test_gpu tests/engine/harness.c tests/engine/train_fixture.c tests/gpu/backends.c \
 	tests/gpu/test_backend_ops.c tests/gpu/test_cuda_model.c $ENGINE $DEP_LIBS -lm -ldl 2>&1 | tee -a "$LOG/build.log" &&
-	gcc $CFLAGS -o $B/bench_cuda tests/gpu/bench_cuda.c $ENGINE $DEP_LIBS -lm -ldl 2>&1 | tee -a "$LOG/build.log"
-[ -x $B/test_gpu ] && [ -x $B/bench_cuda ] || { echo "building the tests failed" >&2; exit 1; }
+	gcc $CFLAGS -o $B/bench_cuda tests/gpu/bench_cuda.c $ENGINE $DEP_LIBS -lm -ldl 2>&1 | tee -a "$LOG/build.log" &&
+	gcc $CFLAGS -o $B/bench_train tests/gpu/bench_train.c $ENGINE $DEP_LIBS -lm -ldl 2>&1 | tee -a "$LOG/build.log"
+[ -x $B/test_gpu ] && [ -x $B/bench_cuda ] && [ -x $B/bench_train ] ||
+	{ echo "building the tests failed" >&2; exit 1; }
 export DOLLY_CUDA_PLUGIN=$PWD/$B/dolly_cuda.so
 
 # --- tests ---
 # the ops first and apart: a kernel that breaks the CUDA context must not hide the others
 : > "$LOG/test.log"
 test_rc=0
-for filter in ops_ cuda_model_ cuda_train_; do
+filters="ops_ cuda_model_ cuda_train_"
+[ "${1:-all}" = train ] && filters=""
+for filter in $filters; do
 	note "test_gpu $filter"
 	timeout 240 $B/test_gpu "$filter" 2>&1 | tee -a "$LOG/test.log"
 	rc=${PIPESTATUS[0]}
@@ -97,13 +104,21 @@ while read -r line; do summary+=("  $line"); done < <(grep -E '^FAIL' "$LOG/test
 # --- benchmark ---
 if [ -z "$gpu" ]; then
 	summary+=("no GPU: benchmark and compute-sanitizer skipped")
-elif [ "${1:-all}" != test ] && [ "$(left)" -gt 150 ]; then
+elif [ "${1:-all}" = all ] && [ "$(left)" -gt 150 ]; then
 	note "benchmark: GPT-J-6B shapes, ours against transformers"
 	PYTHONUNBUFFERED=1 timeout $(($(left) - 30)) python3 tests/gpu/bench_gptj6b.py \
 		--bench $B/bench_cuda --plugin "$DOLLY_CUDA_PLUGIN" \
 		--workdir "${SCRATCH:-/tmp}/dolly-gptj6b" --json "$LOG/bench.json" 2>&1 | tee "$LOG/bench.log"
 	summary+=("benchmark: exit ${PIPESTATUS[0]}, table in $LOG/bench.log")
 	rm -rf "${SCRATCH:-/tmp}/dolly-gptj6b"
+fi
+if [ -n "$gpu" ] && [ "${1:-all}" != test ] && [ "$(left)" -gt 90 ]; then
+	note "training benchmark: a 1B GPT-NeoX, ours against a torch loop"
+	PYTHONUNBUFFERED=1 timeout $(($(left) - 20)) python3 tests/gpu/bench_train_1b.py \
+		--bench $B/bench_train --plugin "$DOLLY_CUDA_PLUGIN" \
+		--workdir "${SCRATCH:-/tmp}/dolly-neox1b" --json "$LOG/train.json" 2>&1 | tee "$LOG/train.log"
+	summary+=("training benchmark: exit ${PIPESTATUS[0]}, table in $LOG/train.log")
+	rm -rf "${SCRATCH:-/tmp}/dolly-neox1b"
 fi
 
 # --- out-of-bounds and shared-memory races, while time remains ---
@@ -122,4 +137,5 @@ fi
 note "summary"
 printf '%s\n' "${summary[@]}"
 [ -f "$LOG/bench.log" ] && sed -n '/^GPT-J-6B shapes/,$p' "$LOG/bench.log"
+[ -f "$LOG/train.log" ] && sed -n '/^training, GPT-NeoX/,$p' "$LOG/train.log"
 exit "$test_rc"

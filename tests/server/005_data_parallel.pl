@@ -31,10 +31,12 @@ SELECT 'Spell the number ' || i AS instruction, 'It is ' || i || '.' AS response
 # run a job to its end; returns "state|step|total|eval_loss"
 sub job
 {
-	my ($out, %opt) = @_;
+	my ($out, $checkpointing) = @_;
+	$checkpointing //= 'false';
 	my $id = $node->safe_psql('postgres',
 		"SELECT dolly_finetune('records', '$out', base_model => 'base', epochs => 2, batch_size => 8, "
-		  . "learning_rate => 1e-3, warmup_steps => 2, eval_fraction => 0.125)");
+		  . "learning_rate => 1e-3, warmup_steps => 2, eval_fraction => 0.125, "
+		  . "checkpointing => $checkpointing)");
 	$node->poll_query_until('postgres',
 		"SELECT state NOT IN ('queued', 'running') FROM dolly_jobs WHERE id = $id")
 	  or die "job $id did not finish";
@@ -57,6 +59,14 @@ is("$step2/$total2", "$step1/$total1", 'the same number of optimizer steps');
 cmp_ok(abs($loss2 - $loss1), '<', 1e-3 * abs($loss1),
 	"the same evaluation loss as one worker ($loss2 vs $loss1)");
 ok(-f "$models/two/model.safetensors", 'rank 0 saved the model');
+
+# activation checkpointing recomputes what it does not keep: the same run, the same loss
+my ($id3, $three) = job('three', 'true');
+my ($s3, $step3, $total3, $loss3) = split /\|/, $three;
+is($s3, 'succeeded', 'two workers with checkpointing: the job succeeds');
+is($loss3, $loss2, "checkpointing gives the evaluation loss of the run without ($loss3)");
+is($node->safe_psql('postgres', "SELECT options->>'checkpointing' FROM dolly_jobs WHERE id = $id3"),
+	'true', 'the job records the option');
 
 # a cancel reaches both ranks; neither is left behind
 my $id = $node->safe_psql('postgres',
