@@ -171,7 +171,7 @@ def main():
           f"{args.seq} tokens, AdamW, clip 1.0; GPU: {gpu}; peak {fmt(peak and peak / 1e12)} "
           f"TFLOP/s; {flops_per_token / 1e9:.2f} GFLOP per token"
           f"{'; ours with checkpointing' if args.checkpoint else ''}")
-    print(f"{'':36} {'ours (mixed)':>22} {'torch (autocast)':>18} {'ours/torch':>10}")
+    print(f"{'':36} {'ours':>22} {'torch (autocast)':>18} {'ours/torch':>10}")
     for name, a, b, r in rows:
         print(f"{name:36} {a:>22} {b:>18} {r:>10}")
     print("goals: >= 1x torch's tokens/s, MFU >= 40%")
