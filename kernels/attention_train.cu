@@ -18,8 +18,8 @@
  *
  * Memory: the workspace holds S (then P) and dP (then dS) as float32 [H, L, L] for the
  * longest span, and in the bfloat16 modes P and dS once more as bfloat16 operands of the
- * products that follow: 8 H L^2 bytes in fp32 mode, 12 H L^2 otherwise (GPT-J, H 16, at
- * L 2048: 512 MiB and 768 MiB). cuda_gemm packs the span's q, k, v and dO (L x C each)
+ * products that follow: 8 H L L8 bytes in fp32 mode, 12 H L L8 otherwise, L8 = L rounded
+ * up to 8 (GPT-J, H 16, at L 2048: 512 MiB and 768 MiB). cuda_gemm packs the span's q, k, v and dO (L x C each)
  * into its scratch slots in the bfloat16 modes.
  */
 #include "common.cuh"
@@ -27,11 +27,28 @@
 #define ROW_WARPS 4				/* rows (one a warp) per block of the row kernels */
 #define FULL_MASK 0xffffffffu
 
+/*
+ * Leading dimension of a span's [L, L] matrices: L rounded up to 8 elements, so that the
+ * rows of the bfloat16 copies start on 16 bytes, as cuBLAS's tensor-core kernels want.
+ */
+static __host__ __device__ __forceinline__ int
+square_ld(int L)
+{
+	return (L + 7) & ~7;
+}
+
+/* Elements between the heads of a span's [H, L, L] matrices. */
+static long long
+square_stride(int L)
+{
+	return (long long) L * square_ld(L);
+}
+
 /* Elements of one [H, L, L] matrix of the workspace, rounded up to keep each 256-byte aligned. */
 static size_t
 square_elems(int H, int L)
 {
-	return ((size_t) H * L * L + 127) & ~(size_t) 127;
+	return ((size_t) H * square_stride(L) + 127) & ~(size_t) 127;
 }
 
 size_t
@@ -42,7 +59,7 @@ cuda_attention_train_workspace(dl_backend *be, int max_len, int n_head)
 	return square_elems(n_head, max_len) * per;
 }
 
-/* A span's matrices in the workspace, [H, L, L] each (head stride L * L), packed for its L. */
+/* A span's matrices in the workspace, [H, L, L] each (rows square_ld(L) apart), packed for its L. */
 typedef struct span_ws
 {
 	float	   *S;				/* scores, then P in place in fp32 mode */
@@ -127,7 +144,7 @@ softmax_kernel(T *P, const float *S, float *lse, int L, int H)
 
 	if (!warp_row(L, H, &i, &h))
 		return;
-	row = ((size_t) h * L + i) * L;
+	row = ((size_t) h * L + i) * square_ld(L);
 	for (int j = threadIdx.x & 31; j <= i; j += 32)
 		softmax_merge(&m, &l, S[row + j], 1.0f);
 	for (int off = 16; off > 0; off >>= 1)
@@ -160,7 +177,7 @@ softmax_backward_kernel(T *P, T *dS, const float *S, const float *dP, const floa
 
 	if (!warp_row(L, H, &i, &h))
 		return;
-	row = ((size_t) h * L + i) * L;
+	row = ((size_t) h * L + i) * square_ld(L);
 	at = (size_t) i * H * D + (size_t) h * D;
 	for (int d = threadIdx.x & 31; d < D; d += 32)
 		drow += O[at + d] * dO[at + d];
@@ -187,7 +204,7 @@ static cuda_mat
 probs_mat(const cuda_backend *cb, const float *f32, const __nv_bfloat16 *b16, int L, int trans)
 {
 	return cuda_mat {cb->bf16_math ? (const void *) b16 : (const void *) f32, cb->bf16_math,
-		trans, L, (long long) L * L};
+		trans, square_ld(L), square_stride(L)};
 }
 
 /* The arguments of a pass: the forward's outputs, or the backward's inputs and dqkv. */
@@ -232,7 +249,7 @@ span_scores(const attn_pass *a, const float *q, int L, float *S)
 	int			ld = 3 * a->H * a->D;
 
 	cuda_gemm(a->cb, a->op, L, L, a->D, a->scale, heads_mat(q, ld, a->D, 0),
-			  heads_mat(q + a->H * a->D, ld, a->D, 1), 0.0f, S, L, (long long) L * L, a->H);
+			  heads_mat(q + a->H * a->D, ld, a->D, 1), 0.0f, S, square_ld(L), square_stride(L), a->H);
 }
 
 /* S, then P and lse, then O = P V. */
@@ -272,7 +289,7 @@ backward_span(const attn_pass *a, size_t first, int L, const span_ws *w)
 
 	span_scores(a, q, L, w->S);
 	cuda_gemm(cb, a->op, L, L, D, 1.0f, heads_mat(dO, C, D, 0), heads_mat(q + 2 * C, 3 * C, D, 1),
-			  0.0f, w->dP, L, (long long) L * L, H);
+			  0.0f, w->dP, square_ld(L), square_stride(L), H);
 	if (cb->bf16_math)
 		softmax_backward_kernel<<<row_blocks(H, L), ROW_WARPS * 32, 0, cb->stream>>>(
 			w->P16, w->dS16, w->S, w->dP, lse, O, dO, L, H, D);
