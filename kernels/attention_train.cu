@@ -19,8 +19,8 @@
  * Memory: the workspace holds S (then P) and dP (then dS) as float32 [H, L, L] for the
  * longest span, and in the bfloat16 modes P and dS once more as bfloat16 operands of the
  * products that follow: 8 H L L8 bytes in fp32 mode, 12 H L L8 otherwise, L8 = L rounded
- * up to 8 (GPT-J, H 16, at L 2048: 512 MiB and 768 MiB). cuda_gemm packs the span's q, k, v and dO (L x C each)
- * into its scratch slots in the bfloat16 modes.
+ * up to 8 (GPT-J, H 16, at L 2048: 512 MiB and 768 MiB). cuda_gemm packs the span's q, k,
+ * v and dO (L x C each) into its scratch slots in the bfloat16 modes.
  */
 #include "common.cuh"
 
@@ -59,7 +59,10 @@ cuda_attention_train_workspace(dl_backend *be, int max_len, int n_head)
 	return square_elems(n_head, max_len) * per;
 }
 
-/* A span's matrices in the workspace, [H, L, L] each (rows square_ld(L) apart), packed for its L. */
+/*
+ * A span's matrices in the workspace, [H, L, L] each (rows square_ld(L) apart), laid out
+ * for its own L.
+ */
 typedef struct span_ws
 {
 	float	   *S;				/* scores, then P in place in fp32 mode */
