@@ -339,6 +339,16 @@ size_t		cuda_attention_workspace(dl_backend *be, int max_ctx);
 /* Allow the prefill kernels the shared memory they need (at create). */
 dl_status	cuda_attention_init(cuda_backend *cb, dl_error *err);
 
+/* attention_train.cu */
+void		cuda_attention_train_forward(dl_backend *be, float *out, float *lse, const float *qkv,
+										 const dl_spans *spans, int n_head, int head_dim,
+										 float scale, void *workspace);
+size_t		cuda_attention_train_workspace(dl_backend *be, int max_len, int n_head);
+void		cuda_attention_backward(dl_backend *be, float *dqkv, const float *dout,
+									const float *qkv, const float *out, const float *lse,
+									const dl_spans *spans, int n_head, int head_dim, float scale,
+									void *workspace);
+
 /* activation.cu */
 void		cuda_gelu_forward(dl_backend *be, float *out, const float *in, size_t n,
 							  dl_gelu form);

@@ -200,8 +200,11 @@ struct dl_backend
 											const float *qkv, const dl_spans *spans,
 											int n_head, int head_dim, float scale,
 											void *workspace);
-	/* Bytes of workspace attention_train_forward and attention_backward need. */
-	size_t		(*attention_train_workspace) (dl_backend *be, int max_len);
+	/*
+	 * Bytes of workspace attention_train_forward and attention_backward need for spans of
+	 * up to max_len tokens and n_head heads.
+	 */
+	size_t		(*attention_train_workspace) (dl_backend *be, int max_len, int n_head);
 
 	/*
 	 * Softmax cross-entropy of each row of logits [T, V] (float32) against labels [T]:

@@ -1278,10 +1278,11 @@ attn_train_per_thread(int max_len)
 	return (size_t) 2 * ATTN_QBLOCK * max_len;
 }
 
-/* Scratch for spans of up to max_len tokens, one share per thread. */
+/* Scratch for spans of up to max_len tokens, one share per thread (a task is one head). */
 static size_t
-cpu_attention_train_workspace(dl_backend *be, int max_len)
+cpu_attention_train_workspace(dl_backend *be, int max_len, int n_head)
 {
+	(void) n_head;
 	return (size_t) threadpool_size(pool_of(be)) * attn_train_per_thread(max_len) * sizeof(float);
 }
 

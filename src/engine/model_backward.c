@@ -156,7 +156,7 @@ layout(dl_train_acts *a, char *base)
 	a->logits = place(base, &off, (size_t) a->logit_rows * c->vocab_size, al);
 	a->losses = place(base, &off, T, al);
 	a->attn_ws = place(base, &off,
-					   (a->model->be->attention_train_workspace(a->model->be, a->max_len) +
+					   (a->model->be->attention_train_workspace(a->model->be, a->max_len, c->n_head) +
 						sizeof(float) - 1) / sizeof(float), al);
 	/* int32 and float have the same size: the metadata is carved the same way */
 	a->meta = (int32_t *) place(base, &off, 8 * T, al);

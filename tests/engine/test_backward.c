@@ -511,7 +511,7 @@ TEST(backward_attention_several_sequences)
 		c = (attn_ctx) {be, buf_rand(&b, n, 1.5, &seed), buf_zero(&b, (size_t) T * C),
 			buf_zero(&b, (size_t) T * H), buf_rand(&b, (size_t) T * C, 1, &seed), &spans, T, H, D,
 			1.0f / sqrtf((float) D),
-		buf_zero(&b, be->attention_train_workspace(be, 37) / sizeof(float))};
+		buf_zero(&b, be->attention_train_workspace(be, 37, H) / sizeof(float))};
 		g0 = buf_rand(&b, n, 1, &seed);
 		g = buf_copy(&b, g0, n);
 		attn_objective(&c);

@@ -1,9 +1,10 @@
 /*
- * test_backend_ops.c: every forward operation and memory function of every backend under
- * test (backends.h: CUDA in bfloat16 and in float32) against the CPU backend, on fresh
- * random inputs (llama.cpp's test-backend-ops). One line per case: the normalised error
- * ||out - ref|| / ||ref|| and its tolerance. Outputs are poisoned with NaN before each
- * operation, so an element left unwritten fails the case.
+ * test_backend_ops.c: every operation, forward and backward, and every memory function of
+ * every backend under test (backends.h: CUDA in its bf16, fp32 and mixed modes) against the
+ * CPU backend, on fresh random inputs (llama.cpp's test-backend-ops). One line per case:
+ * the normalised error ||out - ref|| / ||ref|| and its tolerance. Outputs are poisoned with
+ * NaN before each operation, so an element left unwritten fails the case; gradients start
+ * from random values, so one that overwrites instead of accumulating fails too.
  *
  * The reference gets exactly the inputs the backend under test computes with: weights as
  * that backend stores them (read back and widened), and for a bfloat16 backend inputs that
@@ -1189,4 +1190,157 @@ TEST(ops_sum_squares_adamw)
 			free(p), free(g), free(m), free(v);
 		}
 	}
+}
+
+/* --- training attention --- */
+
+/*
+ * With bfloat16 products the probabilities, then their gradients, enter products rounded
+ * (2^-9 relative each) however exact the inputs are.
+ */
+#define TOL_BF16_ATTN 2e-2
+
+/* A batch of independent causal sequences: heads, head size and the spans' lengths. */
+typedef struct attn_train_case
+{
+	const char *what;
+	int			H,
+				D,
+				n;
+	int			len[MAX_SPANS];
+} attn_train_case;
+
+/* got - base against ref - base, n floats: the error of what an operation added. */
+static double
+nerr_added(float *got, float *ref, const float *base, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+	{
+		got[i] -= base[i];
+		ref[i] -= base[i];
+	}
+	return nerr(got, ref, n);
+}
+
+/*
+ * One batch on backend tb and on the CPU from the same qkv and dout (bfloat16 values where
+ * tb rounds product operands): the forward's out and lse; then the backward, both sides
+ * from the reference's out and lse, adding to the same random dqkv (what it added is
+ * compared, so overwriting fails).
+ */
+static int
+attention_train_case(const test_backend *tb, const attn_train_case *ac)
+{
+	dl_backend *be = tb->be,
+			   *cpu = reference_backend();
+	uint64_t	s = new_seed();
+	int			H = ac->H,
+				D = ac->D,
+				C = H * D,
+				T = 0,
+				longest = 1;
+	float		scale = 1.0f / sqrtf((float) D);
+	double		tol = tb->bf16_products ? TOL_BF16_ATTN : TOL_F32,
+				eo,
+				el,
+				eg;
+	dl_span		spans[MAX_SPANS];
+	dl_spans	ds,
+				cs;
+	float	   *qkv,
+			   *dout,
+			   *dq0,
+			   *got,
+			   *ref,
+			   *ref_out,
+			   *ref_lse;
+	void	   *d_qkv,
+			   *c_qkv,
+			   *d_out,
+			   *c_out,
+			   *d_lse,
+			   *c_lse,
+			   *d_dout,
+			   *c_dout,
+			   *d_dq,
+			   *c_dq,
+			   *d_ws,
+			   *c_ws,
+			   *d_sp,
+			   *c_sp;
+	int			ok;
+	char		shape[120];
+
+	for (int i = 0; i < ac->n; i++)
+	{
+		spans[i] = (dl_span) {T, ac->len[i], 0, 0};
+		T += ac->len[i];
+		longest = ac->len[i] > longest ? ac->len[i] : longest;
+	}
+	qkv = randv((size_t) T * 3 * C, 1.0f, &s);
+	dout = randv((size_t) T * C, 1.0f, &s);
+	dq0 = randv((size_t) T * 3 * C, 1.0f, &s);
+	if (tb->bf16_products)
+	{
+		round_bf16(qkv, (size_t) T * 3 * C);
+		round_bf16(dout, (size_t) T * C);
+	}
+	d_qkv = put(be, qkv, (size_t) T * 3 * C * 4), c_qkv = put(cpu, qkv, (size_t) T * 3 * C * 4);
+	d_out = put(be, NULL, (size_t) T * C * 4), c_out = put(cpu, NULL, (size_t) T * C * 4);
+	d_lse = put(be, NULL, (size_t) T * H * 4), c_lse = put(cpu, NULL, (size_t) T * H * 4);
+	d_ws = put(be, NULL, be->attention_train_workspace(be, longest, H));
+	c_ws = put(cpu, NULL, cpu->attention_train_workspace(cpu, longest, H));
+	d_sp = put(be, spans, ac->n * sizeof(dl_span)), c_sp = put(cpu, spans, ac->n * sizeof(dl_span));
+	ds = (dl_spans) {ac->n, spans, d_sp};
+	cs = (dl_spans) {ac->n, spans, c_sp};
+
+	be->attention_train_forward(be, d_out, d_lse, d_qkv, &ds, H, D, scale, d_ws);
+	cpu->attention_train_forward(cpu, c_out, c_lse, c_qkv, &cs, H, D, scale, c_ws);
+	got = get(be, d_out, (size_t) T * C * 4);
+	ref_out = get(cpu, c_out, (size_t) T * C * 4);
+	eo = nerr(got, ref_out, (size_t) T * C);
+	free(got);
+	got = get(be, d_lse, (size_t) T * H * 4);
+	ref_lse = get(cpu, c_lse, (size_t) T * H * 4);
+	el = nerr(got, ref_lse, (size_t) T * H);
+	free(got);
+
+	/* the backward under test starts from the reference's out and lse */
+	be->free(be, d_out), be->free(be, d_lse);
+	d_out = put(be, ref_out, (size_t) T * C * 4), d_lse = put(be, ref_lse, (size_t) T * H * 4);
+	d_dout = put(be, dout, (size_t) T * C * 4), c_dout = put(cpu, dout, (size_t) T * C * 4);
+	d_dq = put(be, dq0, (size_t) T * 3 * C * 4), c_dq = put(cpu, dq0, (size_t) T * 3 * C * 4);
+	be->attention_backward(be, d_dq, d_dout, d_qkv, d_out, d_lse, &ds, H, D, scale, d_ws);
+	cpu->attention_backward(cpu, c_dq, c_dout, c_qkv, c_out, c_lse, &cs, H, D, scale, c_ws);
+	got = get(be, d_dq, (size_t) T * 3 * C * 4);
+	ref = get(cpu, c_dq, (size_t) T * 3 * C * 4);
+	eg = nerr_added(got, ref, dq0, (size_t) T * 3 * C);
+
+	snprintf(shape, sizeof(shape), "%s: H %d D %d, T %d", ac->what, H, D, T);
+	ok = report("attention_train", shape, tb->label, eo, tol);
+	ok = report("attention_train", "  lse", tb->label, el, tol) && ok;
+	ok = report("attention_train", "  backward: dqkv +=", tb->label, eg, tol) && ok;
+	be->free(be, d_qkv), be->free(be, d_out), be->free(be, d_lse), be->free(be, d_dout);
+	be->free(be, d_dq), be->free(be, d_ws), be->free(be, d_sp);
+	cpu->free(cpu, c_qkv), cpu->free(cpu, c_out), cpu->free(cpu, c_lse), cpu->free(cpu, c_dout);
+	cpu->free(cpu, c_dq), cpu->free(cpu, c_ws), cpu->free(cpu, c_sp);
+	free(qkv), free(dout), free(dq0), free(got), free(ref), free(ref_out), free(ref_lse);
+	return ok;
+}
+
+TEST(ops_attention_train)
+{
+	static const attn_train_case cases[] = {
+		{"one span", 2, 16, 1, {37}},
+		{"lengths mixed, with 1", 4, 8, 6, {7, 1, 40, 1, 33, 2}},
+		{"GPT-J heads", 16, 256, 3, {20, 1, 9}},
+		{"dolly-v2-3b heads", 3, 80, 3, {33, 1, 17}},
+		{"head_dim 12", 2, 12, 3, {5, 1, 20}},
+		{"head_dim 6", 1, 6, 3, {1, 3, 12}},
+	};
+
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+		for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++)
+			CHECK(attention_train_case(&tb[b], &cases[k]));
 }
