@@ -41,6 +41,12 @@
 
 /* floats of logits computed at once: the chunk of label rows is sized to fit */
 #define LOGIT_BUDGET (1 << 23)
+/*
+ * A device (not host) memory gets eight times that, 256 MB: there the chunk's rows are the
+ * M of three products with the [V, E] output matrix, and a few hundred rows (166 of a
+ * 50k vocabulary) leave much of the last row of tensor-core tiles idle in each.
+ */
+#define LOGIT_BUDGET_DEVICE (1 << 26)
 
 /* What one layer's forward keeps (device pointers). */
 typedef struct layer_acts
@@ -194,7 +200,7 @@ dl_train_acts_create(dl_model *m, int max_tokens, int max_len, int checkpoint,
 	a->max_tokens = max_tokens;
 	a->max_len = max_len < max_tokens ? max_len : max_tokens;
 	a->checkpoint = checkpoint != 0;
-	a->logit_rows = LOGIT_BUDGET / cfg->vocab_size;
+	a->logit_rows = (be->host_memory ? LOGIT_BUDGET : LOGIT_BUDGET_DEVICE) / cfg->vocab_size;
 	a->logit_rows = a->logit_rows < 1 ? 1 : a->logit_rows > max_tokens ? max_tokens : a->logit_rows;
 	a->layers = calloc(cfg->n_layer + 1, sizeof(layer_acts));
 	a->h_meta = malloc(8 * sizeof(int32_t) * max_tokens);
