@@ -72,10 +72,29 @@ dl_status	sampling_check(const dl_sampling *p, dl_error *err);
 int			sampling_filter(const float *logits, int vocab, const dl_sampling *p,
 							float *scratch, int32_t *iscratch);
 
+/* One row's draw: its parameters and the uniform in [0, 1) that sample_uniform gave it. */
+typedef struct dl_sample_row
+{
+	dl_sampling p;
+	double		u;
+} dl_sample_row;
+
 /*
- * The next token for one row of vocab logits: the argmax when greedy, else one draw
- * from the kept set. Returns -1 only when vocab < 1. Scratch as for sampling_filter.
+ * The uniform a row's draw consumes from its sequence's RNG: one rng_uniform when
+ * sampling, nothing (0) when greedy.
  */
+double		sample_uniform(const dl_sampling *p, dl_rng *rng);
+
+/*
+ * The next token for one row of vocab logits: the argmax when greedy, else the kept token
+ * (sampling_filter) at which the cumulative weight, in token id order, first exceeds
+ * u times the kept weight (double sums; the last token with any weight if rounding
+ * leaves none). Returns -1 only when vocab < 1. Scratch as for sampling_filter.
+ */
+int32_t		sample_draw(const float *logits, int vocab, const dl_sample_row *row,
+						float *scratch, int32_t *iscratch);
+
+/* sample_draw with row u = sample_uniform(p, rng). */
 int32_t		sample_token(const float *logits, int vocab, const dl_sampling *p, dl_rng *rng,
 						 float *scratch, int32_t *iscratch);
 
