@@ -135,6 +135,8 @@ cuda_backend_create(int dev, int fp32, dl_backend **out, dl_error *err)
 	cb->be.attention_forward = cuda_attention_forward;
 	cb->be.attention_workspace = cuda_attention_workspace;
 	cb->be.gelu_forward = cuda_gelu_forward;
+	cb->be.sample_forward = cuda_sample_forward;
+	cb->be.sample_workspace = cuda_sample_workspace;
 	/* the training operations (backward, cross-entropy, AdamW) are not on CUDA yet: NULL */
 	cb->be.destroy = cuda_destroy;
 	*out = &cb->be;

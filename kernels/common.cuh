@@ -267,6 +267,11 @@ void		cuda_gelu_forward(dl_backend *be, float *out, const float *in, size_t n,
 void		gelu_forward_launch(float *out, const float *in, size_t n, dl_gelu form,
 								cudaStream_t stream);
 
+/* sampling.cu */
+void		cuda_sample_forward(dl_backend *be, int32_t *tokens, const float *logits,
+								const dl_sample_row *rows, int R, int V, void *workspace);
+size_t		cuda_sample_workspace(dl_backend *be, int R, int V);
+
 /* backend.cu */
 dl_status	cuda_backend_create(int dev, int fp32, dl_backend **out, dl_error *err);
 

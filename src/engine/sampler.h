@@ -5,7 +5,8 @@
  * logits processors in their order (temperature, top-k, top-p), then draws from the
  * renormalised softmax with our own seeded RNG (xoshiro256**), so that the same seed
  * gives the same tokens. The RNG is not torch's: the same seed gives different draws
- * than transformers, the same distribution.
+ * than transformers, the same distribution. A draw is a function of one uniform taken
+ * from the RNG on the host, so a backend can draw on the device (sample_forward).
  */
 #ifndef DOLLY_SAMPLER_H
 #define DOLLY_SAMPLER_H

@@ -49,7 +49,7 @@ typedef struct emu_event *cudaEvent_t;
 enum cudaError_t
 {
 	cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2,
-	cudaErrorInvalidConfiguration = 9, cudaErrorNoDevice = 100
+	cudaErrorInvalidConfiguration = 9, cudaErrorInsufficientDriver = 35, cudaErrorNoDevice = 100
 };
 enum cudaMemcpyKind
 {
@@ -198,6 +198,12 @@ static inline float
 __shfl_xor_sync(unsigned, float v, int lane_mask)
 {
 	return __uint_as_float(emu::shuffle_xor(__float_as_uint(v), lane_mask));
+}
+
+static inline unsigned
+__shfl_xor_sync(unsigned, unsigned v, int lane_mask)
+{
+	return emu::shuffle_xor(v, lane_mask);
 }
 
 /* --- cuBLAS: the two products the plugin calls, in double --- */
