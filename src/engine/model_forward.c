@@ -85,7 +85,7 @@ dl_kv_cache_create(dl_model *m, int n_slots, int max_ctx, int max_tokens,
 	sizes[5] = R * E * sizeof(float);	/* lg_in */
 	sizes[6] = R * V * sizeof(float);	/* logits */
 	sizes[7] = be->attention_workspace(be, max_ctx);
-	sizes[8] = R * sizeof(dl_sample_row);
+	sizes[8] = R * sizeof(dl_sample_row);	/* sampling rows */
 	sizes[9] = R * sizeof(int32_t);	/* sampled tokens */
 	sizes[10] = be->sample_workspace(be, R, V);
 	c->meta_bytes = (3 * T + 4 * (size_t) n_slots) * sizeof(int32_t);

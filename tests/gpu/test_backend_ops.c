@@ -855,11 +855,12 @@ static const dl_sampling sample_params[] = {
 #define N_SAMPLE_PARAMS ((int) (sizeof(sample_params) / sizeof(sample_params[0])))
 
 /*
- * R rows of V random logits (scales 2 to 16; every fifth row rounded, so with ties; one
- * row with a NaN, one with -inf entries, one with +inf) sampled by backend tb and by the
- * CPU backend with the same parameters and uniforms. A differing token is allowed only
- * at a cumulative boundary: where the CPU, with u moved by 1e-6, draws the backend's
- * token. The case fails on any other difference.
+ * R rows of V random logits (scales 2 to 16; every fifth row rounded, so with ties;
+ * rows with a NaN, greedy and sampled, with -inf entries, all -inf, and with +inf, as R
+ * allows) sampled by backend tb and by the CPU backend with the same parameters and
+ * uniforms. A differing token is allowed only at a cumulative boundary: where the CPU,
+ * with u moved by 1e-6, draws the backend's token. The case fails on any other
+ * difference.
  */
 static int
 sample_case(const test_backend *tb, int V, int R)
@@ -892,10 +893,10 @@ sample_case(const test_backend *tb, int V, int R)
 
 		for (int j = 0; j < V; j++)
 			x[j] = r % 5 == 1 ? roundf(x[j] * scale) : x[j] * scale;
-		if (r == 3)
+		if (r == 3 || r == 12)
 			x[V / 2] = NAN;
-		if (r == 4)
-			for (int j = 0; j < V; j += 3)
+		if (r == 4 || r == 9)
+			for (int j = 0; j < V; j += r == 4 ? 3 : 1)
 				x[j] = -INFINITY;
 		if (r == 6)
 			x[V - 1] = INFINITY;
