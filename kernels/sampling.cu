@@ -9,8 +9,8 @@
  * order as sample_draw does: each thread a contiguous chunk, placed by a block scan of
  * the chunk sums. A token can differ from the CPU's only through rounding, where the
  * uniform (or the top-p cut) falls at a boundary: the softmax's and the draw's double
- * sums are added in another order, and a GPU's expf may differ from libm's in the last
- * bit.
+ * sums are added in another order, and exp may differ from libm's expf in the last bit
+ * for a result next to a rounding midpoint.
  */
 #include "common.cuh"
 
@@ -288,7 +288,7 @@ sample_kernel(int32_t *tokens, const float *logits, const dl_sample_row *rows, i
 
 	for (int j = threadIdx.x; j < V; j += blockDim.x)
 	{
-		best = first_argmax(best, (argmax_t) {l[j], j});
+		best = first_argmax(best, argmax_t {l[j], j});
 		if (sp->do_sample)
 		{
 			x[j] = l[j] / sp->temperature;
@@ -306,9 +306,13 @@ sample_kernel(int32_t *tokens, const float *logits, const dl_sample_row *rows, i
 
 	if (sp->top_k > 0 && sp->top_k < V)
 		kth = kth_largest(x, V, sp->top_k, &red);
+	/*
+	 * expf rounded correctly through double: CUDA's expf is off by up to 2 ulp, libm's
+	 * (the CPU's) by at most 0.502, so the two agree but at a hair from a midpoint
+	 */
 	for (int j = threadIdx.x; j < V; j += blockDim.x)
 	{
-		p[j] = x[j] >= kth ? expf(x[j] - maxv) : 0.0f;
+		p[j] = x[j] >= kth ? (float) exp((double) (x[j] - maxv)) : 0.0f;
 		sum += p[j];
 	}
 	sum = block_reduce(sum, red.d, add_double);
