@@ -132,7 +132,7 @@ typedef struct dl_kv_cache
 	float	   *lg_in;			/* [R, E] rows whose logits are wanted */
 	float	   *logits;			/* [R, V] */
 	void	   *attn_ws;		/* the backend's attention workspace (its own layout) */
-	dl_sample_row *rows;		/* [R] sampling parameters of the logit rows */
+	dl_sample_row *sample_rows;	/* [R] sampling parameters of the logit rows */
 	int32_t    *tokens;			/* [R] their sampled tokens */
 	void	   *sample_ws;		/* the backend's sampling workspace */
 	int32_t    *meta;			/* device: ids [T] | pos [T] | rows [T] | spans */

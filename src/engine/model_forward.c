@@ -109,7 +109,7 @@ dl_kv_cache_create(dl_model *m, int n_slots, int max_ctx, int max_tokens,
 	c->lg_in = (float *) at[5];
 	c->logits = (float *) at[6];
 	c->attn_ws = at[7];
-	c->rows = (dl_sample_row *) at[8];
+	c->sample_rows = (dl_sample_row *) at[8];
 	c->tokens = (int32_t *) at[9];
 	c->sample_ws = at[10];
 	c->meta = (int32_t *) at[11];
@@ -295,10 +295,10 @@ forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n, float *logits,
 		be->matmul_forward(be, c->logits, c->lg_in, m->p.lm_head, m->p.lm_head_b, nr, E, V, 0);
 		if (rows)
 		{
-			st = be->upload(be, c->rows, rows + r0, nr * sizeof(dl_sample_row), err);
+			st = be->upload(be, c->sample_rows, rows + r0, nr * sizeof(dl_sample_row), err);
 			if (st != DL_OK)
 				return st;
-			be->sample_forward(be, c->tokens, c->logits, c->rows, nr, V, c->sample_ws);
+			be->sample_forward(be, c->tokens, c->logits, c->sample_rows, nr, V, c->sample_ws);
 			st = be->download(be, tokens + r0, c->tokens, nr * sizeof(int32_t), err);
 		}
 		else
