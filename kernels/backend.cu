@@ -175,10 +175,11 @@ cuda_backend_create(int dev, int mode, dl_backend **out, dl_error *err)
 	cb->be.gelu_backward = cuda_gelu_backward;
 	cb->be.sum_squares = cuda_sum_squares;
 	cb->be.adamw_update = cuda_adamw_update;
-	/* attention_train_forward, attention_train_workspace and attention_backward: attention_train.cu */
 	cb->be.attention_train_forward = cuda_attention_train_forward;
 	cb->be.attention_train_workspace = cuda_attention_train_workspace;
 	cb->be.attention_backward = cuda_attention_backward;
+	cb->be.sample_forward = cuda_sample_forward;
+	cb->be.sample_workspace = cuda_sample_workspace;
 	cb->be.destroy = cuda_destroy;
 	*out = &cb->be;
 	return DL_OK;

@@ -358,6 +358,11 @@ void		cuda_gelu_backward(dl_backend *be, float *din, const float *in, const floa
 void		gelu_forward_launch(float *out, const float *in, size_t n, dl_gelu form,
 								cudaStream_t stream);
 
+/* sampling.cu */
+void		cuda_sample_forward(dl_backend *be, int32_t *tokens, const float *logits,
+								const dl_sample_row *rows, int R, int V, void *workspace);
+size_t		cuda_sample_workspace(dl_backend *be, int R, int V);
+
 /* backend.cu */
 dl_status	cuda_backend_create(int dev, int mode, dl_backend **out, dl_error *err);
 

@@ -28,6 +28,7 @@
 
 #include "error.h"
 #include "safetensors.h"
+#include "sampler.h"
 
 #ifdef __cplusplus
 extern "C"
@@ -184,6 +185,17 @@ struct dl_backend
 	/* out[n] = gelu(in[n]) in the given form; out may equal in. */
 	void		(*gelu_forward) (dl_backend *be, float *out, const float *in, size_t n,
 								 dl_gelu form);
+
+	/*
+	 * tokens[R] = sampler.h's sample_draw of each row of logits [R, V] with rows[R] (its
+	 * parameters and uniform): the first argmax when greedy, else the kept token where
+	 * the uniform falls. Generation downloads these R ids instead of R * V logits.
+	 * workspace: sample_workspace(be, R, V) bytes.
+	 */
+	void		(*sample_forward) (dl_backend *be, int32_t *tokens, const float *logits,
+								   const dl_sample_row *rows, int R, int V, void *workspace);
+	/* Bytes of workspace sample_forward needs for up to R rows of V logits. */
+	size_t		(*sample_workspace) (dl_backend *be, int R, int V);
 
 	/* --- training: forward operations that keep what backward needs --- */
 

@@ -1470,6 +1470,53 @@ cpu_gelu_forward(dl_backend *be, float *out, const float *in, size_t n, dl_gelu 
 	threadpool_run(pool_of(be), gelu_task, &a, a.ntasks);
 }
 
+/* --- sampling --- */
+
+typedef struct sample_args
+{
+	int32_t    *tokens;
+	const float *logits;
+	const dl_sample_row *rows;
+	int			V;
+	char	   *workspace;
+} sample_args;
+
+/* The sampler's scratch for one row: 2V floats, then V ints. */
+static size_t
+sample_scratch_bytes(int V)
+{
+	return (size_t) 3 * V * sizeof(float);
+}
+
+/* One row through the sampler, in the calling thread's scratch. */
+static void
+sample_task(void *p, int task, int thread)
+{
+	sample_args *a = p;
+	float	   *scratch = (float *) (a->workspace + thread * sample_scratch_bytes(a->V));
+
+	a->tokens[task] = sample_draw(a->logits + (size_t) task * a->V, a->V, &a->rows[task],
+								  scratch, (int32_t *) (scratch + 2 * (size_t) a->V));
+}
+
+/* sample_draw per row, rows over the pool. */
+static void
+cpu_sample_forward(dl_backend *be, int32_t *tokens, const float *logits,
+				   const dl_sample_row *rows, int R, int V, void *workspace)
+{
+	sample_args a = {tokens, logits, rows, V, workspace};
+
+	threadpool_run(pool_of(be), sample_task, &a, R);
+}
+
+/* Scratch for every thread of the pool, whatever R. */
+static size_t
+cpu_sample_workspace(dl_backend *be, int R, int V)
+{
+	(void) R;
+	return threadpool_size(pool_of(be)) * sample_scratch_bytes(V);
+}
+
 typedef struct gelub_args
 {
 	float	   *din;
@@ -1753,6 +1800,8 @@ backend_cpu_create(int threads, dl_backend **out, dl_error *err)
 	cb->be.attention_workspace = cpu_attention_workspace;
 	cb->be.attention_forward = cpu_attention_forward;
 	cb->be.gelu_forward = cpu_gelu_forward;
+	cb->be.sample_forward = cpu_sample_forward;
+	cb->be.sample_workspace = cpu_sample_workspace;
 	cb->be.attention_train_forward = cpu_attention_train_forward;
 	cb->be.attention_train_workspace = cpu_attention_train_workspace;
 	cb->be.crossentropy_forward = cpu_crossentropy_forward;

@@ -35,16 +35,14 @@ struct dl_generator
 	uint64_t	next_order;
 	dl_seq	   *batch;			/* n_slots */
 	int		   *batch_seq;		/* which sequence each batch entry is */
-	float	   *logits;			/* [n_slots, V] */
-	float	   *scratch;		/* sampler: 2V floats */
-	int32_t    *iscratch;		/* sampler: V ints */
+	dl_sample_row *rows;		/* [n_slots] how each logit row of a step is sampled */
+	int32_t    *tokens;			/* [n_slots] and the tokens that came out */
 };
 
 dl_status
 gen_create(dl_model *m, dl_kv_cache *c, dl_generator **out, dl_error *err)
 {
 	dl_generator *g;
-	size_t		V = m->cfg.vocab_size;
 	int			n = c->n_slots;
 
 	if (c->max_tokens < n)
@@ -58,10 +56,9 @@ gen_create(dl_model *m, dl_kv_cache *c, dl_generator **out, dl_error *err)
 	g->seqs = calloc(n, sizeof(gen_seq));
 	g->batch = calloc(n, sizeof(dl_seq));
 	g->batch_seq = calloc(n, sizeof(int));
-	g->logits = malloc(n * V * sizeof(float));
-	g->scratch = malloc(2 * V * sizeof(float));
-	g->iscratch = malloc(V * sizeof(int32_t));
-	if (!g->seqs || !g->batch || !g->batch_seq || !g->logits || !g->scratch || !g->iscratch)
+	g->rows = malloc(n * sizeof(dl_sample_row));
+	g->tokens = malloc(n * sizeof(int32_t));
+	if (!g->seqs || !g->batch || !g->batch_seq || !g->rows || !g->tokens)
 	{
 		gen_free(g);
 		return dl_fail(err, DL_ENOMEM, "out of memory creating a generator");
@@ -81,9 +78,8 @@ gen_free(dl_generator *g)
 	free(g->seqs);
 	free(g->batch);
 	free(g->batch_seq);
-	free(g->logits);
-	free(g->scratch);
-	free(g->iscratch);
+	free(g->rows);
+	free(g->tokens);
 	free(g);
 }
 
@@ -156,7 +152,6 @@ gen_step(dl_generator *g, dl_error *err)
 {
 	int			nslot = g->c->n_slots;
 	int			budget = g->c->max_tokens;
-	int			V = g->m->cfg.vocab_size;
 	int			n = 0,
 				row = 0;
 	uint64_t	after = 0;
@@ -203,21 +198,25 @@ gen_step(dl_generator *g, dl_error *err)
 	if (n == 0)
 		return DL_OK;
 
-	st = dl_model_forward(g->m, g->c, g->batch, n, g->logits, err);
+	/* each row's uniform comes from its sequence's RNG, as sample_token would draw it */
+	for (int k = 0; k < n; k++)
+	{
+		gen_seq    *s = &g->seqs[g->batch_seq[k]];
+
+		if (g->batch[k].want == DL_LOGITS_LAST)
+			g->rows[row++] = (dl_sample_row) {s->sampling, sample_uniform(&s->sampling, &s->rng)};
+	}
+	st = dl_model_sample(g->m, g->c, g->batch, n, g->rows, g->tokens, err);
 	if (st != DL_OK)
 		return st;
+	row = 0;
 	for (int k = 0; k < n; k++)
 	{
 		gen_seq    *s = &g->seqs[g->batch_seq[k]];
 
 		s->n_cached += g->batch[k].n_tokens;
 		if (g->batch[k].want == DL_LOGITS_LAST)
-		{
-			int32_t		tok = sample_token(g->logits + (size_t) row++ * V, V, &s->sampling,
-										   &s->rng, g->scratch, g->iscratch);
-
-			gen_accept(g, s, tok);
-		}
+			gen_accept(g, s, g->tokens[row++]);
 	}
 	return DL_OK;
 }

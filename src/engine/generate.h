@@ -6,10 +6,11 @@
  * cache slot, gen_step runs ONE forward pass in which every decoding sequence feeds its
  * last token and waiting prompts are prefilled (in chunks when they exceed what is left
  * of the cache's tokens per pass), then samples the next token of every sequence whose
- * logits came out, each with its own parameters and RNG. A sequence finishes at its end
- * token, after max_new_tokens, or when its context is full; gen_remove frees its slot
- * (also to drop a cancelled request at any time). dolly-cli loops gen_step until done;
- * the model server calls it once per tick, admitting and retiring between ticks.
+ * logits came out, each with its own parameters and RNG, on the backend (only token ids
+ * come back to the host). A sequence finishes at its end token, after max_new_tokens,
+ * or when its context is full; gen_remove frees its slot (also to drop a cancelled
+ * request at any time). dolly-cli loops gen_step until done; the model server calls it
+ * once per tick, admitting and retiring between ticks.
  */
 #ifndef DOLLY_GENERATE_H
 #define DOLLY_GENERATE_H

@@ -131,7 +131,10 @@ typedef struct dl_kv_cache
 	float	   *fc;				/* [T, F] MLP hidden */
 	float	   *lg_in;			/* [R, E] rows whose logits are wanted */
 	float	   *logits;			/* [R, V] */
-	float	   *attn_ws;		/* the backend's attention workspace (its own layout) */
+	void	   *attn_ws;		/* the backend's attention workspace (its own layout) */
+	dl_sample_row *sample_rows;	/* [R] sampling parameters of the logit rows */
+	int32_t    *tokens;			/* [R] their sampled tokens */
+	void	   *sample_ws;		/* the backend's sampling workspace */
 	int32_t    *meta;			/* device: ids [T] | pos [T] | rows [T] | spans */
 	int32_t    *h_meta;			/* the same, staged on the host */
 	size_t		meta_bytes;
@@ -170,6 +173,14 @@ typedef struct dl_seq
  */
 dl_status	dl_model_forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n,
 							 float *logits, dl_error *err);
+
+/*
+ * dl_model_forward that returns a token instead of the logits of each row: tokens[r]
+ * (host) is the backend's sample_forward of logit row r with rows[r] (host), so only the
+ * token ids leave the device. Generation asks for DL_LOGITS_LAST rows this way.
+ */
+dl_status	dl_model_sample(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n,
+							const dl_sample_row *rows, int32_t *tokens, dl_error *err);
 
 /*
  * Training (model_backward.c). Gradients live in ONE float32 buffer laid out like

@@ -9,13 +9,17 @@
  *   NeoX parallel:   x += proj(att) + MLP(LN2(x_in))
  *   NeoX sequential: x += proj(att); x += MLP(LN2(x))
  * The residual additions are the matrix products' accumulate mode. Logits are computed
- * only for the rows asked for, after the final norm on those rows alone.
+ * only for the rows asked for, after the final norm on those rows alone; generation
+ * samples them on the backend and downloads only the token ids.
  */
 #include "model.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* The buffers of a cache's activation allocation. */
+#define NBUFS 12
 
 /* Round bytes up to the backend's alignment. */
 static size_t
@@ -36,9 +40,9 @@ dl_kv_cache_create(dl_model *m, int n_slots, int max_ctx, int max_tokens,
 				V = cfg->vocab_size,
 				T,
 				R,
-				sizes[8],
+				sizes[NBUFS],
 				total = 0;
-	float	  **bufs[8];
+	char	   *at[NBUFS];
 	dl_status	st;
 
 	if (n_slots < 1 || n_slots > 65536)
@@ -72,29 +76,43 @@ dl_kv_cache_create(dl_model *m, int n_slots, int max_ctx, int max_tokens,
 		goto fail;
 	}
 
-	/* every activation buffer carved from one allocation */
-	bufs[0] = &c->x, sizes[0] = T * E;
-	bufs[1] = &c->ln, sizes[1] = T * E;
-	bufs[2] = &c->qkv, sizes[2] = T * 3 * E;
-	bufs[3] = &c->att, sizes[3] = T * E;
-	bufs[4] = &c->fc, sizes[4] = T * F;
-	bufs[5] = &c->lg_in, sizes[5] = R * E;
-	bufs[6] = &c->logits, sizes[6] = R * V;
-	bufs[7] = &c->attn_ws;
-	sizes[7] = (be->attention_workspace(be, max_ctx) + sizeof(float) - 1) / sizeof(float);
-	for (int i = 0; i < 8; i++)
-		total += aligned(be, sizes[i] * sizeof(float));
+	/* every activation buffer carved from one allocation, the metadata last */
+	sizes[0] = T * E * sizeof(float);	/* x */
+	sizes[1] = T * E * sizeof(float);	/* ln */
+	sizes[2] = T * 3 * E * sizeof(float);	/* qkv */
+	sizes[3] = T * E * sizeof(float);	/* att */
+	sizes[4] = T * F * sizeof(float);	/* fc */
+	sizes[5] = R * E * sizeof(float);	/* lg_in */
+	sizes[6] = R * V * sizeof(float);	/* logits */
+	sizes[7] = be->attention_workspace(be, max_ctx);
+	sizes[8] = R * sizeof(dl_sample_row);	/* sampling rows */
+	sizes[9] = R * sizeof(int32_t);	/* sampled tokens */
+	sizes[10] = be->sample_workspace(be, R, V);
 	c->meta_bytes = (3 * T + 4 * (size_t) n_slots) * sizeof(int32_t);
-	st = model_alloc(be, total + c->meta_bytes, &c->act, err);
+	sizes[11] = c->meta_bytes;
+	for (int i = 0; i < NBUFS; i++)
+		total += aligned(be, sizes[i]);
+	st = model_alloc(be, total, &c->act, err);
 	if (st != DL_OK)
 		goto fail;
 	total = 0;
-	for (int i = 0; i < 8; i++)
+	for (int i = 0; i < NBUFS; i++)
 	{
-		*bufs[i] = (float *) ((char *) c->act + total);
-		total += aligned(be, sizes[i] * sizeof(float));
+		at[i] = (char *) c->act + total;
+		total += aligned(be, sizes[i]);
 	}
-	c->meta = (int32_t *) ((char *) c->act + total);
+	c->x = (float *) at[0];
+	c->ln = (float *) at[1];
+	c->qkv = (float *) at[2];
+	c->att = (float *) at[3];
+	c->fc = (float *) at[4];
+	c->lg_in = (float *) at[5];
+	c->logits = (float *) at[6];
+	c->attn_ws = at[7];
+	c->sample_rows = (dl_sample_row *) at[8];
+	c->tokens = (int32_t *) at[9];
+	c->sample_ws = at[10];
+	c->meta = (int32_t *) at[11];
 	c->h_meta = malloc(c->meta_bytes);
 	if (c->h_meta == NULL)
 	{
@@ -173,9 +191,14 @@ mlp_forward(dl_model *m, dl_kv_cache *c, const dl_layer_params *L, const float *
 	be->matmul_forward(be, c->x, c->fc, L->fc_out_w, L->fc_out_b, T, F, E, 1);
 }
 
-dl_status
-dl_model_forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n, float *logits,
-				 dl_error *err)
+/*
+ * The forward pass, then per chunk of logit_rows wanted rows: their logits downloaded
+ * to logits (host [R, V]), or with rows, sampled on the backend and their tokens
+ * downloaded to tokens (host [R]).
+ */
+static dl_status
+forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n, float *logits,
+		const dl_sample_row *rows, int32_t *tokens, dl_error *err)
 {
 	const dl_config *cfg = &m->cfg;
 	dl_backend *be = m->be;
@@ -270,9 +293,33 @@ dl_model_forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n, float *
 		be->layernorm_forward(be, c->lg_in, NULL, NULL, c->lg_in, m->p.lnf_w, m->p.lnf_b, nr, E,
 							  cfg->ln_eps);
 		be->matmul_forward(be, c->logits, c->lg_in, m->p.lm_head, m->p.lm_head_b, nr, E, V, 0);
-		st = be->download(be, logits + (size_t) r0 * V, c->logits, (size_t) nr * V * sizeof(float), err);
+		if (rows)
+		{
+			st = be->upload(be, c->sample_rows, rows + r0, nr * sizeof(dl_sample_row), err);
+			if (st != DL_OK)
+				return st;
+			be->sample_forward(be, c->tokens, c->logits, c->sample_rows, nr, V, c->sample_ws);
+			st = be->download(be, tokens + r0, c->tokens, nr * sizeof(int32_t), err);
+		}
+		else
+			st = be->download(be, logits + (size_t) r0 * V, c->logits,
+							  (size_t) nr * V * sizeof(float), err);
 		if (st != DL_OK)
 			return st;
 	}
 	return R ? DL_OK : be->synchronize(be, err);
+}
+
+dl_status
+dl_model_forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n, float *logits,
+				 dl_error *err)
+{
+	return forward(m, c, seqs, n, logits, NULL, NULL, err);
+}
+
+dl_status
+dl_model_sample(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n,
+				const dl_sample_row *rows, int32_t *tokens, dl_error *err)
+{
+	return forward(m, c, seqs, n, NULL, rows, tokens, err);
 }

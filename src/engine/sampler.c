@@ -12,6 +12,7 @@
  */
 #define _GNU_SOURCE				/* qsort_r */
 #include "sampler.h"
+#include "sampler_fx.h"
 
 #include <math.h>
 #include <stdbool.h>
@@ -26,15 +27,6 @@
 #define KEY_SHIFT	20
 #define NKEYS		1024
 #define SUBKEY_BITS	8
-
-/*
- * An unsigned 192-bit fixed-point number in units of 2^-149, the smallest float
- * denormal: every float probability, and any sum of 2^31 of them, is exact.
- */
-typedef struct fx192
-{
-	uint64_t	w[3];
-} fx192;
 
 /* splitmix64, the seeding generator recommended for xoshiro. */
 static uint64_t
@@ -192,108 +184,6 @@ kth_largest(const float *x, int n, int k, float *heap)
 	return heap[0];
 }
 
-/* The bits of a float. */
-static inline uint32_t
-float_bits(float f)
-{
-	uint32_t	b;
-
-	memcpy(&b, &f, sizeof(b));
-	return b;
-}
-
-/* a += b. */
-static inline void
-fx_add(fx192 *a, const fx192 *b)
-{
-	unsigned __int128 c = 0;
-
-	for (int i = 0; i < 3; i++)
-	{
-		c += (unsigned __int128) a->w[i] + b->w[i];
-		a->w[i] = (uint64_t) c;
-		c >>= 64;
-	}
-}
-
-/* a += v * 2^shift, for v < 2^56 and shift < 128. */
-static inline void
-fx_add_shifted(fx192 *a, uint64_t v, int shift)
-{
-	fx192		b = {{0, 0, 0}};
-	int			word = shift >> 6,
-				bit = shift & 63;
-
-	b.w[word] = v << bit;
-	if (bit)
-		b.w[word + 1] = v >> (64 - bit);
-	fx_add(a, &b);
-}
-
-/* -1, 0 or 1 as a <, == or > b. */
-static inline int
-fx_cmp(const fx192 *a, const fx192 *b)
-{
-	for (int i = 2; i >= 0; i--)
-		if (a->w[i] != b->w[i])
-			return a->w[i] < b->w[i] ? -1 : 1;
-	return 0;
-}
-
-/*
- * The mantissa (implicit bit included) of non-negative float bits b; with fx_shift,
- * value = mantissa * 2^shift * 2^-149, the float in fx192 units.
- */
-static inline uint64_t
-fx_mantissa(uint32_t b)
-{
-	return (b & 0x7FFFFF) | (b >= 0x800000 ? 0x800000 : 0);
-}
-
-/* The shift that goes with fx_mantissa (denormals share the smallest normal's). */
-static inline int
-fx_shift(uint32_t b)
-{
-	int			e = b >> 23;
-
-	return e ? e - 1 : 0;
-}
-
-/* a += the non-negative float f. */
-static inline void
-fx_add_float(fx192 *a, float f)
-{
-	uint32_t	b = float_bits(f);
-
-	fx_add_shifted(a, fx_mantissa(b), fx_shift(b));
-}
-
-/*
- * The top-p cut, precomputed: a token is dropped when fl32(its ascending cumulative
- * mass) <= thr, i.e. when that exact mass is below the midpoint between thr and the
- * next float (or equal to it when round-to-even goes down to thr). With mass = total -
- * before (before: the mass of the tokens sorted above it), the token is kept iff
- * before + mid < total, or <= when thr's mantissa is odd.
- */
-typedef struct topp_cut
-{
-	fx192		total;
-	fx192		mid;
-	int			inclusive;
-} topp_cut;
-
-/* Whether a token with `before` mass sorted above it survives the cut. */
-static inline bool
-topp_keeps(const topp_cut *cut, const fx192 *before)
-{
-	fx192		s = *before;
-	int			c;
-
-	fx_add(&s, &cut->mid);
-	c = fx_cmp(&s, &cut->total);
-	return c < 0 || (c == 0 && cut->inclusive);
-}
-
 /* qsort_r order: x descending, then index descending (the reverse of a stable ascending sort). */
 static int
 by_x_desc(const void *a, const void *b, void *arg)
@@ -352,12 +242,10 @@ top_p_filter(const float *x, const float *prob, int vocab, float top_p, int32_t 
 {
 	uint64_t	mant[NKEYS] = {0};
 	uint64_t	submant[1 << SUBKEY_BITS] = {0};
-	topp_cut	cut = {{{0, 0, 0}}, {{0, 0, 0}}, 0};
+	fx192		total = {{0, 0, 0}};
 	fx192		above = {{0, 0, 0}};
 	fx192		before;
-	float		thr = (float) (1.0 - (double) top_p);
-	uint32_t	tb = float_bits(thr);
-	uint64_t	tm = fx_mantissa(tb);
+	topp_cut	cut;
 	int			kc,
 				kc2,
 				nc = 0,
@@ -372,11 +260,8 @@ top_p_filter(const float *x, const float *prob, int vocab, float top_p, int32_t 
 	}
 	for (int k = 0; k < NKEYS; k++)
 		if (mant[k])
-			fx_add_shifted(&cut.total, mant[k], fx_shift((uint32_t) k << KEY_SHIFT));
-
-	/* thr >= 2^-24 is a normal float: its midpoint (2m + 1) 2^(e - 151) is exact */
-	fx_add_shifted(&cut.mid, 2 * tm + 1, fx_shift(tb) - 1);
-	cut.inclusive = (int) (tm & 1);
+			fx_add_shifted(&total, mant[k], fx_shift((uint32_t) k << KEY_SHIFT));
+	cut = topp_cut_make(&total, top_p);
 
 	/* the coarse bucket across the cut, then the fine bucket across it inside that */
 	kc = straddling_bucket(mant, NKEYS, 0, KEY_SHIFT, &cut, &above);
@@ -473,35 +358,58 @@ sampling_filter(const float *logits, int vocab, const dl_sampling *p,
 	return n;
 }
 
-/* Greedy argmax, or one multinomial draw from the kept set. */
-int32_t
-sample_token(const float *logits, int vocab, const dl_sampling *p, dl_rng *rng,
-			 float *scratch, int32_t *iscratch)
+/* rng_uniform when sampling; greedy rows draw nothing. */
+double
+sample_uniform(const dl_sampling *p, dl_rng *rng)
 {
-	const float *w = scratch + vocab;
+	return p->do_sample ? rng_uniform(rng) : 0.0;
+}
+
+/* Greedy argmax, or the kept token where u * (kept mass) falls, in index order. */
+int32_t
+sample_draw(const float *logits, int vocab, const dl_sample_row *row, float *scratch,
+			int32_t *iscratch)
+{
+	float	   *w = scratch;	/* the kept weights by token id, 0 elsewhere */
 	double		total = 0.0,
 				acc = 0.0,
-				u;
+				target;
 	int			n,
 				last = 0;
 
 	if (vocab < 1)
 		return -1;
-	if (!p->do_sample)
+	if (!row->p.do_sample)
 		return argmax(logits, vocab);
 
-	n = sampling_filter(logits, vocab, p, scratch, iscratch);
+	n = sampling_filter(logits, vocab, &row->p, scratch, iscratch);
+	memset(w, 0, vocab * sizeof(float));
 	for (int i = 0; i < n; i++)
-		total += w[iscratch[i]];
-	u = rng_uniform(rng) * total;
-	for (int i = 0; i < n; i++)
+		w[iscratch[i]] = scratch[vocab + iscratch[i]];
+	for (int j = 0; j < vocab; j++)
+		total += w[j];
+	target = row->u * total;
+	for (int j = 0; j < vocab; j++)
 	{
-		if (w[iscratch[i]] > 0.0f)
-			last = i;
-		acc += w[iscratch[i]];
-		if (u < acc)
-			return iscratch[i];
+		if (w[j] > 0.0f)
+			last = j;
+		acc += w[j];
+		if (target < acc)
+			return j;
 	}
-	/* rounding left u at the very top: the last token that has any weight */
-	return iscratch[last];
+	/* rounding left the target at the very top: the last token that has any weight */
+	return last;
+}
+
+/* sample_draw with the uniform the row's parameters take from rng. */
+int32_t
+sample_token(const float *logits, int vocab, const dl_sampling *p, dl_rng *rng,
+			 float *scratch, int32_t *iscratch)
+{
+	dl_sample_row row = {*p, 0.0};
+
+	if (vocab < 1)
+		return -1;
+	row.u = sample_uniform(p, rng);
+	return sample_draw(logits, vocab, &row, scratch, iscratch);
 }

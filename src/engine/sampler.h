@@ -5,7 +5,8 @@
  * logits processors in their order (temperature, top-k, top-p), then draws from the
  * renormalised softmax with our own seeded RNG (xoshiro256**), so that the same seed
  * gives the same tokens. The RNG is not torch's: the same seed gives different draws
- * than transformers, the same distribution.
+ * than transformers, the same distribution. A draw is a function of one uniform taken
+ * from the RNG on the host, so a backend can draw on the device (sample_forward).
  */
 #ifndef DOLLY_SAMPLER_H
 #define DOLLY_SAMPLER_H
@@ -72,10 +73,29 @@ dl_status	sampling_check(const dl_sampling *p, dl_error *err);
 int			sampling_filter(const float *logits, int vocab, const dl_sampling *p,
 							float *scratch, int32_t *iscratch);
 
+/* One row's draw: its parameters and the uniform in [0, 1) that sample_uniform gave it. */
+typedef struct dl_sample_row
+{
+	dl_sampling p;
+	double		u;
+} dl_sample_row;
+
 /*
- * The next token for one row of vocab logits: the argmax when greedy, else one draw
- * from the kept set. Returns -1 only when vocab < 1. Scratch as for sampling_filter.
+ * The uniform a row's draw consumes from its sequence's RNG: one rng_uniform when
+ * sampling, nothing (0) when greedy.
  */
+double		sample_uniform(const dl_sampling *p, dl_rng *rng);
+
+/*
+ * The next token for one row of vocab logits: the argmax when greedy, else the kept token
+ * (sampling_filter) at which the cumulative weight, in token id order, first exceeds
+ * u times the kept weight (double sums; the last token with any weight if rounding
+ * leaves none). Returns -1 only when vocab < 1. Scratch as for sampling_filter.
+ */
+int32_t		sample_draw(const float *logits, int vocab, const dl_sample_row *row,
+						float *scratch, int32_t *iscratch);
+
+/* sample_draw with row u = sample_uniform(p, rng). */
 int32_t		sample_token(const float *logits, int vocab, const dl_sampling *p, dl_rng *rng,
 						 float *scratch, int32_t *iscratch);
 

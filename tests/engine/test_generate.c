@@ -1,8 +1,9 @@
 /*
  * test_generate.c: greedy generation equals transformers' model.generate for every
  * fixture model and prompt, alone, all at once, and admitted while others decode (with a
- * small tokens-per-pass budget so that prompts prefill in chunks); seeded sampling does
- * not depend on the company a sequence keeps; bad requests get clear errors.
+ * small tokens-per-pass budget so that prompts prefill in chunks); seeded sampling on
+ * the backend draws what sample_token draws from downloaded logits and does not depend
+ * on the company a sequence keeps; bad requests get clear errors.
  */
 #include "harness.h"
 #include "../../src/engine/generate.h"
@@ -214,6 +215,28 @@ TEST(generate_sampling_is_seeded_per_sequence)
 	memcpy(first, gen_tokens(g, id, &n), sizeof(first));
 	CHECK(n == GREEDY_LEN);
 	gen_remove(g, id);
+
+	/* the same tokens as the host path: each step's logits downloaded, sample_token */
+	{
+		int			V = f.m->cfg.vocab_size;
+		float	   *lg = malloc(V * sizeof(float)),
+				   *scratch = malloc(2 * V * sizeof(float));
+		int32_t    *iscratch = malloc(V * sizeof(int32_t));
+		dl_seq		s = {0, 0, r.n_prompt, r.prompt, DL_LOGITS_LAST};
+		dl_kv_cache *hc;
+		dl_rng		rng;
+
+		CHECK_OK(dl_kv_cache_create(f.m, 1, f.m->cfg.max_pos, r.n_prompt, &hc, &err), &err);
+		rng_seed(&rng, r.seed);
+		for (int k = 0; k < GREEDY_LEN; k++)
+		{
+			CHECK_OK(dl_model_forward(f.m, hc, &s, 1, lg, &err), &err);
+			CHECK(sample_token(lg, V, &r.sampling, &rng, scratch, iscratch) == first[k]);
+			s = (dl_seq) {0, s.pos + s.n_tokens, 1, &first[k], DL_LOGITS_LAST};
+		}
+		dl_kv_cache_free(hc);
+		free(lg), free(scratch), free(iscratch);
+	}
 
 	/* again, next to another sampled sequence admitted first */
 	r.seed = 7;

@@ -2,9 +2,11 @@
  * test_sampler.c: the RNG against its reference vectors, greedy ties, parameter checks,
  * kept sets against a naive transcription of transformers' warpers and against sets that
  * transformers itself computed (fixtures/sampler/hf_warpers.json, made by
- * tests/make_sampler_fixtures.py), the drawn distribution, and determinism per seed.
+ * tests/make_sampler_fixtures.py), the drawn distribution, determinism per seed, and
+ * the CPU backend's sample_forward against sample_token.
  */
 #include "harness.h"
+#include "../../src/engine/backend.h"
 #include "../../src/engine/sampler.h"
 
 #include <json-c/json.h>
@@ -624,4 +626,77 @@ TEST(sampler_same_seed_same_tokens)
 	CHECK(differ > STEPS / 2);
 	CHECK(distinct > STEPS / 2);
 	row_free(&r);
+}
+
+/*
+ * The CPU backend's sample_forward against sample_token on the same rows: random
+ * logits (some with ties, one with NaN, one with +inf) and parameter sets that switch
+ * each warper on and off, with every row's uniform drawn as the generator draws it. The
+ * tokens must agree and each RNG must have been advanced exactly as sample_token does.
+ */
+TEST(sampler_backend_op_equals_sample_token)
+{
+	enum
+	{
+		R = 48
+	};
+	static const int vocabs[] = {1, 2, 7, 1000, 50400};
+	static const dl_sampling params[] = {
+		{0, 1.0f, 0, 1.0f}, {1, 1.0f, 0, 1.0f}, {1, 0.7f, 0, 1.0f}, {1, 1.0f, 40, 1.0f},
+		{1, 1.0f, 0, 0.9f}, {1, 1.3f, 50, 0.95f}, {1, 0.5f, 1, 0.5f}, {1, 2.0f, 0, 0.05f},
+	};
+	dl_backend *be;
+	dl_error	err;
+	dl_rng		gen;
+
+	CHECK_OK(backend_cpu_create(3, &be, &err), &err);
+	rng_seed(&gen, 314);
+	for (size_t vi = 0; vi < sizeof(vocabs) / sizeof(vocabs[0]); vi++)
+	{
+		int			V = vocabs[vi];
+		row			r = row_alloc(V);
+		float	   *logits = malloc((size_t) R * V * sizeof(float));
+		dl_sample_row rows[R];
+		dl_rng		ra[R],
+					rb[R];
+		int32_t		tokens[R];
+		void	   *ws = be->alloc(be, be->sample_workspace(be, R, V), &err);
+
+		CHECK(ws != NULL);
+		for (int i = 0; i < R; i++)
+		{
+			float	   *x = logits + (size_t) i * V;
+			float		scale = (float) (1 + i % 4) * 2.0f;
+
+			for (int j = 0; j < V; j++)
+				x[j] = (float) normal(&gen) * scale;
+			/* ties: rounded logits */
+			if (i % 5 == 1)
+				for (int j = 0; j < V; j++)
+					x[j] = roundf(x[j]);
+			if (i == 7)
+				x[V / 2] = NAN;
+			if (i == 11)
+				x[V / 3] = INFINITY;
+			rows[i].p = params[i % (sizeof(params) / sizeof(params[0]))];
+			rng_seed(&ra[i], 1000 + i);
+			rng_seed(&rb[i], 1000 + i);
+			rows[i].u = sample_uniform(&rows[i].p, &ra[i]);
+		}
+		be->sample_forward(be, tokens, logits, rows, R, V, ws);
+		for (int i = 0; i < R; i++)
+		{
+			int32_t		want;
+
+			memcpy(r.logits, logits + (size_t) i * V, V * sizeof(float));
+			want = sample_token(r.logits, V, &rows[i].p, &rb[i], r.scratch, r.iscratch);
+			CHECKF(tokens[i] == want, "V %d row %d: the op drew %d, sample_token %d", V, i,
+				   tokens[i], want);
+			CHECK(memcmp(&ra[i], &rb[i], sizeof(dl_rng)) == 0);
+		}
+		be->free(be, ws);
+		free(logits);
+		row_free(&r);
+	}
+	be->destroy(be);
 }

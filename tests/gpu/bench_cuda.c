@@ -147,52 +147,41 @@ read_prompts(const char *path, int32_t **ids, int *lens)
 	return n;
 }
 
-/* Index of the largest of n logits. */
-static int32_t
-argmax(const float *v, int n)
-{
-	int32_t		best = 0;
-
-	for (int i = 1; i < n; i++)
-		if (v[i] > v[best])
-			best = i;
-	return best;
-}
-
 /*
  * n sequences (slots 0 .. n-1): prefill their prompts in one pass, then gen greedy decode
- * steps with all of them together. *prefill_s and *decode_s get the times; out (if not
- * NULL) the first sequence's tokens.
+ * steps with all of them together, each step's tokens chosen on the device as generation
+ * does. *prefill_s and *decode_s get the times; out (if not NULL) the first sequence's
+ * tokens.
  */
 static void
 run(dl_model *m, dl_kv_cache *c, int32_t **prompts, const int *lens, int n, int gen,
-	float *logits, double *prefill_s, double *decode_s, int32_t *out)
+	double *prefill_s, double *decode_s, int32_t *out)
 {
 	dl_seq		seqs[MAX_PROMPTS];
+	dl_sample_row rows[MAX_PROMPTS];
 	int32_t		next[MAX_PROMPTS];
-	int			V = m->cfg.vocab_size;
 	dl_error	err;
 	double		t0;
 
 	for (int i = 0; i < n; i++)
+	{
 		seqs[i] = (dl_seq) {i, 0, lens[i], prompts[i], DL_LOGITS_LAST};
+		rows[i] = (dl_sample_row) {{0, 1.0f, 0, 1.0f}, 0.0};
+	}
 	t0 = now();
-	if (dl_model_forward(m, c, seqs, n, logits, &err) != DL_OK)
+	if (dl_model_sample(m, c, seqs, n, rows, next, &err) != DL_OK)
 		die("prefill", &err);
 	*prefill_s = now() - t0;
 	t0 = now();
 	for (int step = 0; step < gen; step++)
 	{
 		for (int i = 0; i < n; i++)
-		{
-			next[i] = argmax(logits + (size_t) i * V, V);
 			seqs[i] = (dl_seq) {i, lens[i] + step, 1, &next[i], DL_LOGITS_LAST};
-		}
 		if (out)
 			out[step] = next[0];
 		if (step == gen - 1)
 			break;				/* the last token needs no forward pass */
-		if (dl_model_forward(m, c, seqs, n, logits, &err) != DL_OK)
+		if (dl_model_sample(m, c, seqs, n, rows, next, &err) != DL_OK)
 			die("decode", &err);
 	}
 	*decode_s = now() - t0;
@@ -221,7 +210,6 @@ main(int argc, char **argv)
 	dl_model   *m;
 	dl_kv_cache *c;
 	dl_error	err;
-	float	   *logits;
 	double		t0,
 				pre,
 				dec,
@@ -283,13 +271,12 @@ main(int argc, char **argv)
 	printf("weight_bytes=%.0f\nlimit_tok_s=%.1f\n", bytes, copy / bytes);
 	if (dl_kv_cache_create(m, batch, max_len + gen, total, &c, &err) != DL_OK)
 		die("KV cache", &err);
-	logits = malloc((size_t) batch * m->cfg.vocab_size * sizeof(float));
 
 	/* batch 1: a warm-up run, then the timed ones */
-	run(m, c, prompts, lens, 1, gen < 8 ? gen : 8, logits, &pre, &dec, NULL);
+	run(m, c, prompts, lens, 1, gen < 8 ? gen : 8, &pre, &dec, NULL);
 	for (int r = 0; r < repeat; r++)
 	{
-		run(m, c, prompts, lens, 1, gen, logits, &pre, &dec, tokens);
+		run(m, c, prompts, lens, 1, gen, &pre, &dec, tokens);
 		times[r] = (gen - 1) / dec;
 	}
 	printf("b1_prefill_tok_s=%.1f\nb1_decode_tok_s=%.1f\n", lens[0] / pre, median(times, repeat));
@@ -302,16 +289,15 @@ main(int argc, char **argv)
 	/* the batch, the same way */
 	if (batch > 1)
 	{
-		run(m, c, prompts, lens, batch, gen < 8 ? gen : 8, logits, &pre, &dec, NULL);
+		run(m, c, prompts, lens, batch, gen < 8 ? gen : 8, &pre, &dec, NULL);
 		for (int r = 0; r < repeat; r++)
 		{
-			run(m, c, prompts, lens, batch, gen, logits, &pre, &dec, NULL);
+			run(m, c, prompts, lens, batch, gen, &pre, &dec, NULL);
 			times[r] = (double) batch * (gen - 1) / dec;
 		}
 		printf("batch=%d\nbN_prefill_tok_s=%.1f\nbN_decode_tok_s=%.1f\n", batch, total / pre,
 			   median(times, repeat));
 	}
-	free(logits);
 	dl_kv_cache_free(c);
 	dl_model_free(m);
 	be->destroy(be);

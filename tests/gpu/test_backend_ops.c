@@ -14,6 +14,9 @@
  * case keeps inexact inputs to check the rounding itself, at 1e-2 (bfloat16 operands:
  * 2^-9 relative per element).
  *
+ * Sampling compares token ids: a difference counts only where float rounding of a
+ * cumulative sum explains it.
+ *
  * Without a GPU (or without the plugin) every test says SKIP and why.
  */
 #include "harness.h"
@@ -1343,4 +1346,106 @@ TEST(ops_attention_train)
 	for (int b = 0; b < nb; b++)
 		for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++)
 			CHECK(attention_train_case(&tb[b], &cases[k]));
+}
+
+/* --- sampling --- */
+
+/* Parameter sets the rows of a sampling case cycle through: each warper on and off. */
+static const dl_sampling sample_params[] = {
+	{0, 1.0f, 0, 1.0f}, {1, 1.0f, 0, 1.0f}, {1, 0.6f, 0, 1.0f}, {1, 1.0f, 1, 1.0f},
+	{1, 1.0f, 40, 1.0f}, {1, 1.0f, 0, 0.9f}, {1, 1.4f, 0, 0.5f}, {1, 0.8f, 50, 0.95f},
+	{1, 1.0f, 0, 1e-7f}, {1, 2.0f, 1000, 0.999f}, {0, 1.0f, 7, 0.5f}, {1, 1.0f, 0, 0.05f},
+};
+#define N_SAMPLE_PARAMS ((int) (sizeof(sample_params) / sizeof(sample_params[0])))
+
+/*
+ * R rows of V random logits (scales 2 to 16; every fifth row rounded, so with ties;
+ * rows with a NaN, greedy and sampled, with -inf entries, all -inf, and with +inf, as R
+ * allows) sampled by backend tb and by the CPU backend with the same parameters and
+ * uniforms. A differing token is allowed only at a cumulative boundary: where the CPU,
+ * with u moved by 1e-6, draws the backend's token. The case fails on any other
+ * difference.
+ */
+static int
+sample_case(const test_backend *tb, int V, int R)
+{
+	dl_backend *be = tb->be,
+			   *cpu = reference_backend();
+	uint64_t	s = new_seed();
+	size_t		n = (size_t) R * V;
+	float	   *logits = randv(n, 1.0f, &s),
+			   *scratch = malloc(3 * (size_t) V * sizeof(float));
+	dl_sample_row *rows = malloc(R * sizeof(dl_sample_row));
+	int32_t    *got,
+			   *ref;
+	void	   *d_lg,
+			   *c_lg,
+			   *d_rows,
+			   *c_rows,
+			   *d_tok = put(be, NULL, R * sizeof(int32_t)),
+			   *c_tok = put(cpu, NULL, R * sizeof(int32_t)),
+			   *d_ws = put(be, NULL, be->sample_workspace(be, R, V)),
+			   *c_ws = put(cpu, NULL, cpu->sample_workspace(cpu, R, V));
+	int			differ = 0,
+				bad = 0;
+	char		shape[120];
+
+	for (int r = 0; r < R; r++)
+	{
+		float	   *x = logits + (size_t) r * V;
+		float		scale = 2.0f * (1 + r % 8);
+
+		for (int j = 0; j < V; j++)
+			x[j] = r % 5 == 1 ? roundf(x[j] * scale) : x[j] * scale;
+		if (r == 3 || r == 12)
+			x[V / 2] = NAN;
+		if (r == 4 || r == 9)
+			for (int j = 0; j < V; j += r == 4 ? 3 : 1)
+				x[j] = -INFINITY;
+		if (r == 6)
+			x[V - 1] = INFINITY;
+		rows[r].p = sample_params[r % N_SAMPLE_PARAMS];
+		rows[r].u = (frand(&s) + 1.0f) / 2;
+	}
+	d_lg = put(be, logits, n * 4), c_lg = put(cpu, logits, n * 4);
+	d_rows = put(be, rows, R * sizeof(dl_sample_row));
+	c_rows = put(cpu, rows, R * sizeof(dl_sample_row));
+	be->sample_forward(be, d_tok, d_lg, d_rows, R, V, d_ws);
+	cpu->sample_forward(cpu, c_tok, c_lg, c_rows, R, V, c_ws);
+	got = get(be, d_tok, R * sizeof(int32_t));
+	ref = get(cpu, c_tok, R * sizeof(int32_t));
+	for (int r = 0; r < R; r++)
+		if (got[r] != ref[r])
+		{
+			const float *x = logits + (size_t) r * V;
+			dl_sample_row lo = rows[r],
+						hi = rows[r];
+			int32_t    *ids = (int32_t *) (scratch + 2 * (size_t) V);
+
+			lo.u = fmax(0.0, lo.u - 1e-6);
+			hi.u = fmin(0x1.fffffffffffffp-1, hi.u + 1e-6);
+			differ++;
+			if (sample_draw(x, V, &lo, scratch, ids) != got[r] &&
+				sample_draw(x, V, &hi, scratch, ids) != got[r])
+			{
+				fprintf(stderr, "  row %d: %d, the CPU %d\n", r, got[r], ref[r]);
+				bad++;
+			}
+		}
+	snprintf(shape, sizeof(shape), "V %d R %d: %d differ at boundaries", V, R, differ - bad);
+	be->free(be, d_lg), be->free(be, d_rows), be->free(be, d_tok), be->free(be, d_ws);
+	cpu->free(cpu, c_lg), cpu->free(cpu, c_rows), cpu->free(cpu, c_tok), cpu->free(cpu, c_ws);
+	free(logits), free(scratch), free(rows), free(got), free(ref);
+	return report("sample", shape, tb->label, (double) bad, 0);
+}
+
+TEST(ops_sample)
+{
+	static const int shapes[][2] = {{50400, 64}, {50277, 13}, {1000, 64}, {4097, 24}, {7, 12},
+	{1, 3}};
+
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+		for (size_t k = 0; k < sizeof(shapes) / sizeof(shapes[0]); k++)
+			CHECK(sample_case(&tb[b], shapes[k][0], shapes[k][1]));
 }

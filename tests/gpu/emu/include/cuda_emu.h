@@ -210,6 +210,12 @@ __shfl_xor_sync(unsigned, float v, int lane_mask)
 	return __uint_as_float(emu::shuffle_xor(__float_as_uint(v), lane_mask));
 }
 
+static inline unsigned
+__shfl_xor_sync(unsigned, unsigned v, int lane_mask)
+{
+	return emu::shuffle_xor(v, lane_mask);
+}
+
 /* --- cuBLAS: the two products the plugin calls, in double --- */
 
 typedef struct emu_blas *cublasHandle_t;
