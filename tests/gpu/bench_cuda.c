@@ -18,32 +18,20 @@
 #include "../../src/engine/backend.h"
 #include "../../src/engine/cuda_plugin.h"
 #include "../../src/engine/model.h"
+#include "bench_util.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #define MAX_PROMPTS 256
 #define COPY_BYTES ((size_t) 1 << 30)
-
-/* Seconds on the monotonic clock. */
-static double
-now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 /* Print err and exit. */
 static void
 die(const char *what, const dl_error *err)
 {
-	fprintf(stderr, "bench_cuda: %s: %s%s%s\n", what, err->msg, err->hint[0] ? "\nhint: " : "",
-			err->hint);
-	exit(1);
+	bench_die("bench_cuda", what, err);
 }
 
 /* Median of n values (sorts them). */
@@ -81,13 +69,13 @@ copy_bandwidth(dl_backend *be)
 		die("copy warm-up", &err);
 	for (int r = 0; r < 5; r++)
 	{
-		double		t0 = now();
+		double		t0 = sys_now_s();
 
 		for (int i = 0; i < 10; i++)
 			be->copy(be, i % 2 ? a : b, i % 2 ? b : a, COPY_BYTES);
 		if (be->synchronize(be, &err) != DL_OK)
 			die("copy", &err);
-		t[r] = 2.0 * 10 * COPY_BYTES / (now() - t0);
+		t[r] = 2.0 * 10 * COPY_BYTES / (sys_now_s() - t0);
 	}
 	be->free(be, a);
 	be->free(be, b);
@@ -168,11 +156,11 @@ run(dl_model *m, dl_kv_cache *c, int32_t **prompts, const int *lens, int n, int 
 		seqs[i] = (dl_seq) {i, 0, lens[i], prompts[i], DL_LOGITS_LAST};
 		rows[i] = (dl_sample_row) {{0, 1.0f, 0, 1.0f}, 0.0};
 	}
-	t0 = now();
+	t0 = sys_now_s();
 	if (dl_model_sample(m, c, seqs, n, rows, next, &err) != DL_OK)
 		die("prefill", &err);
-	*prefill_s = now() - t0;
-	t0 = now();
+	*prefill_s = sys_now_s() - t0;
+	t0 = sys_now_s();
 	for (int step = 0; step < gen; step++)
 	{
 		for (int i = 0; i < n; i++)
@@ -184,7 +172,7 @@ run(dl_model *m, dl_kv_cache *c, int32_t **prompts, const int *lens, int n, int 
 		if (dl_model_sample(m, c, seqs, n, rows, next, &err) != DL_OK)
 			die("decode", &err);
 	}
-	*decode_s = now() - t0;
+	*decode_s = sys_now_s() - t0;
 }
 
 int
@@ -263,10 +251,10 @@ main(int argc, char **argv)
 	printf("copy_gbs=%.1f\n", copy / 1e9);
 	fflush(stdout);
 
-	t0 = now();
+	t0 = sys_now_s();
 	if (dl_model_load(model, be, &m, &err) != DL_OK)
 		die(model, &err);
-	printf("load_s=%.2f\n", now() - t0);
+	printf("load_s=%.2f\n", sys_now_s() - t0);
 	bytes = decode_bytes(m);
 	printf("weight_bytes=%.0f\nlimit_tok_s=%.1f\n", bytes, copy / bytes);
 	if (dl_kv_cache_create(m, batch, max_len + gen, total, &c, &err) != DL_OK)

@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import torch
 import transformers
+
+from bench_util import run_keyvalues
 from transformers import LogitsProcessor, LogitsProcessorList
 
 SEED = 1234
@@ -91,19 +91,7 @@ def ours(bench, path, prompts, args):
     """bench_cuda's key=value lines as a dict (numbers as floats); exits when it fails."""
     cmd = [bench, "--model", path, "--prompts", prompts, "--gen", str(args.gen_tokens),
            "--batch", str(args.batch), "--plugin", args.plugin]
-    print("$ " + " ".join(cmd), flush=True)
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    sys.stdout.write(p.stdout)
-    if p.returncode != 0:
-        sys.exit(f"bench_cuda failed ({p.returncode}):\n{p.stderr}")
-    out = {}
-    for line in p.stdout.splitlines():
-        k, _, v = line.partition("=")
-        try:
-            out[k] = float(v)
-        except ValueError:
-            out[k] = v
-    return out
+    return run_keyvalues(cmd)
 
 
 def fmt(x, digits=1):

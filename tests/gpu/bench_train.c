@@ -17,33 +17,22 @@
 #include "../../src/engine/cuda_plugin.h"
 #include "../../src/engine/model.h"
 #include "../../src/engine/train.h"
+#include "bench_util.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #define MAX_STEPS 64
-
-/* Seconds on the monotonic clock. */
-static double
-now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 /* Print err and exit. */
 static void
 die(const char *what, const dl_error *err)
 {
-	fprintf(stderr, "bench_train: %s: %s%s%s\n", what, err->msg, err->hint[0] ? "\nhint: " : "",
-			err->hint);
-	exit(1);
+	bench_die("bench_train", what, err);
 }
 
+/* Ascending order of doubles, for qsort. */
 static int
 by_value(const void *a, const void *b)
 {
@@ -153,7 +142,7 @@ main(int argc, char **argv)
 	/* two warm-up steps (cuBLAS picks its kernels, the scratch buffers grow), then the timed ones */
 	for (int i = -2; i < steps; i++)
 	{
-		double		t0 = now(),
+		double		t0 = sys_now_s(),
 					loss;
 		int64_t		labels;
 		float		lr,
@@ -163,7 +152,7 @@ main(int argc, char **argv)
 			trainer_update(tr, labels, i + 2, &lr, &norm, &err) != DL_OK)
 			die("training step", &err);
 		if (i >= 0)
-			times[i] = now() - t0;
+			times[i] = sys_now_s() - t0;
 		if (i == 0)
 			loss_first = loss / labels;
 		loss_last = loss / labels;

@@ -17,12 +17,12 @@ runs the same steps on a tiny model (a check of the script; on the CPU without a
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import time
 
 import torch
 import transformers
+
+from bench_util import run_keyvalues
 
 SEED = 1234
 
@@ -86,19 +86,7 @@ def ours(args, path):
            "--device", "0" if torch.cuda.is_available() else "-1"]
     if args.checkpoint:
         cmd.append("--checkpoint")
-    print("$ " + " ".join(cmd), flush=True)
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    sys.stdout.write(p.stdout)
-    if p.returncode != 0:
-        sys.exit(f"bench_train failed ({p.returncode}):\n{p.stderr}")
-    out = {}
-    for line in p.stdout.splitlines():
-        k, _, v = line.partition("=")
-        try:
-            out[k] = float(v)
-        except ValueError:
-            out[k] = v
-    return out
+    return run_keyvalues(cmd)
 
 
 def main():
