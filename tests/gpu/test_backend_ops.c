@@ -1340,6 +1340,7 @@ TEST(ops_attention_train)
 		{"dolly-v2-3b heads", 3, 80, 3, {33, 1, 17}},
 		{"head_dim 12", 2, 12, 3, {5, 1, 20}},
 		{"head_dim 6", 1, 6, 3, {1, 3, 12}},
+		{"spans past one query block", 2, 16, 3, {600, 5, 257}},
 	};
 
 	BACKENDS_OR_SKIP(tb, nb);

@@ -235,10 +235,12 @@ TEST(cuda_model_neox_par_bf16)
  * Mixed mode against torch's float32: every product rounds its operands to bfloat16
  * (2^-9 relative each), so a gradient carries errors of about 2^-9 times the square root
  * of its summation length relative to its tensor's largest entry, the loss about 2^-9
- * relative; 3e-2, 1e-2 and, over 10 AdamW steps that compound them, 3e-2 leave room for
- * that and still fail a wrong term, row or head (errors of order 1 on these scales).
+ * relative. Measured under the emulator (tests/gpu/emu): gradients within 2.1e-2, the
+ * loss within 3e-4, the 10 steps within 3.2e-3. 5e-2, 1e-2 and 3e-2 leave room for a
+ * GPU's own summation order and still fail a wrong term, row or head (errors of order 1
+ * on these scales).
  */
-static const train_tol TRAIN_TOL_BF16 = {3e-2, 1e-2, 3e-2};
+static const train_tol TRAIN_TOL_BF16 = {5e-2, 1e-2, 3e-2};
 
 /* The training checks of fixture `name` on every backend with float32 weights; bf16 refuses. */
 static void
