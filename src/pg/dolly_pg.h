@@ -126,4 +126,7 @@ extern void dolly_cuda_plugin_path(char *buf, size_t len);
 /* Does dolly.device ask for the GPU (cuda, or auto with a GPU that passed the self-test)? */
 extern bool dolly_want_cuda(void);
 
+/* Let this process's CUDA see only dolly.cuda_devices; before its first CUDA call. */
+extern void dolly_cuda_restrict(void);
+
 #endif

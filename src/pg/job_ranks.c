@@ -289,6 +289,7 @@ dolly_job_load_base(const char *base_path, int rank, int nranks, dl_backend **be
 
 	if (dolly_want_cuda())
 	{
+		dolly_cuda_restrict();
 		dolly_cuda_plugin_path(path, sizeof(path));
 		st = backend_cuda_create(path, rank, DL_CUDA_MIXED, be, err);
 		if (st == DL_EINVAL)

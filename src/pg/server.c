@@ -46,6 +46,13 @@ dolly_server_register(void)
 	RegisterBackgroundWorker(&worker);
 }
 
+void
+dolly_cuda_restrict(void)
+{
+	if (dolly_cuda_devices[0] != '\0')
+		setenv("CUDA_VISIBLE_DEVICES", dolly_cuda_devices, 1);
+}
+
 bool
 dolly_want_cuda(void)
 {
@@ -158,9 +165,7 @@ dolly_server_main(Datum arg)
 	/* requests a previous server took died with it; queued ones are ours to serve */
 	dolly_queue_fail_running("dolly model server restarted while the request ran");
 
-	/* must precede the first CUDA call of this process */
-	if (dolly_cuda_devices[0] != '\0')
-		setenv("CUDA_VISIBLE_DEVICES", dolly_cuda_devices, 1);
+	dolly_cuda_restrict();
 	pgstat_report_activity(STATE_RUNNING, "probing compute backends");
 	probe_cpu();
 	probe_cuda();
