@@ -63,6 +63,7 @@ layernorm_backward_kernel(float *din, float *partial, const float *dout, const f
 
 	for (int c = threadIdx.x; c < 2 * C; c += blockDim.x)
 		acc[c] = 0.0f;
+	/* the row loop's block sums order these zeroes before the first additions */
 	for (int t = blockIdx.x; t < T; t += gridDim.x)
 	{
 		const float *x = in + (size_t) t * C,
@@ -91,6 +92,7 @@ layernorm_backward_kernel(float *din, float *partial, const float *dout, const f
 			acc[C + c] += g[c];
 		}
 	}
+	__syncthreads();			/* acc[C + c] was added to by the thread of column c */
 	for (int c = threadIdx.x; c < 2 * C; c += blockDim.x)
 		partial[(size_t) blockIdx.x * 2 * C + c] = acc[c];
 }

@@ -128,10 +128,15 @@ if [ -n "$gpu" ] && command -v compute-sanitizer >/dev/null && [ "$(left)" -gt 6
 		$B/test_gpu ops_ > "$LOG/memcheck.log" 2>&1
 	rc=$?
 	summary+=("memcheck: exit $rc ($(grep -c 'Invalid' "$LOG/memcheck.log") invalid accesses; 124 = out of time)")
-	timeout $(($(left) - 10)) compute-sanitizer --tool racecheck --error-exitcode 9 \
-		$B/test_gpu ops_attention > "$LOG/racecheck.log" 2>&1
-	rc=$?
-	summary+=("racecheck (attention): exit $rc ($(grep -c 'Race' "$LOG/racecheck.log") races; 124 = out of time)")
+	# racecheck over the kernels that share memory between threads, as time allows
+	: > "$LOG/racecheck.log"
+	for f in ops_attention ops_layernorm ops_sample ops_crossentropy ops_sum_squares ops_matmul_backward; do
+		[ "$(left)" -gt 20 ] || break
+		timeout $(($(left) - 10)) compute-sanitizer --tool racecheck --error-exitcode 9 \
+			$B/test_gpu "$f" >> "$LOG/racecheck.log" 2>&1
+		rc=$?
+		summary+=("racecheck ($f): exit $rc ($(grep -c 'Race' "$LOG/racecheck.log") races so far; 124 = out of time)")
+	done
 fi
 
 note "summary"

@@ -124,6 +124,21 @@ complete_shuffle(int w, int nthreads)
 	return 1;
 }
 
+/*
+ * Whether threads run last to first between barriers ($EMU_ORDER=reverse): a thread that
+ * reads what another writes without a barrier between them then reads before the write
+ * in one of the two orders, so running the tests both ways finds such races.
+ */
+static int
+reverse_order(void)
+{
+	static int	reverse = -1;
+
+	if (reverse < 0)
+		reverse = getenv("EMU_ORDER") && strcmp(getenv("EMU_ORDER"), "reverse") == 0;
+	return reverse;
+}
+
 /* Run the threads of the current block until all have exited. */
 static void
 run_block(int nthreads)
@@ -147,12 +162,16 @@ run_block(int nthreads)
 					at_barrier = 0,
 					progress = 0;
 
-		for (int i = 0; i < nthreads; i++)
+		for (int k = 0; k < nthreads; k++)
+		{
+			int			i = reverse_order() ? nthreads - 1 - k : k;
+
 			if (fibers[i].st == RUNNABLE)
 			{
 				current = &fibers[i];
 				emu_swap(&scheduler_sp, fibers[i].sp);
 			}
+		}
 		for (int i = 0; i < nthreads; i++)
 		{
 			live += fibers[i].st != EXITED;
