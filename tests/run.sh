@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# run.sh: every test of dolly: engine unit tests, pg_regress on a temporary cluster with
+# run.sh: every test of dolly: engine unit tests, the CUDA plugin's kernels under the CPU
+# emulator against the CPU backend (tests/gpu/emu), pg_regress on a temporary cluster with
 # dolly preloaded, and the server tests (TAP). Installs and builds first (tests/setup.sh).
 # PostgreSQL refuses to run as root, so as root the cluster tests run as the unprivileged
 # user $DOLLY_TEST_USER (default postgres) in a copy of the tree that user owns.
@@ -10,6 +11,9 @@ bash tests/setup.sh
 status=0
 echo "== engine unit tests"
 build/run_tests || status=1
+
+echo "== the CUDA kernels under the CPU emulator (tests/gpu/emu)"
+bash tests/gpu/emu/run.sh || status=1
 
 echo "== pg_regress and server tests"
 if [ "$(id -u)" -eq 0 ]; then

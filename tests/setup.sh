@@ -9,7 +9,7 @@ SUDO=
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
 PACKAGES="build-essential pkg-config postgresql-15 postgresql-server-dev-15 libopenblas-dev
-	libjson-c-dev libpcre2-dev libipc-run-perl libkrb5-dev libicu-dev"
+	libjson-c-dev libpcre2-dev libipc-run-perl libkrb5-dev libicu-dev python3"
 missing=$(dpkg-query -W -f='${Package} ${Status}\n' $PACKAGES 2>/dev/null |
 	awk '$NF != "installed" {print $1}'; for p in $PACKAGES; do
 	dpkg-query -W "$p" >/dev/null 2>&1 || echo "$p"; done)
