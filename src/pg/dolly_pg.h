@@ -120,7 +120,7 @@ extern dl_status dolly_model_path(const char *name, char *path, bool *is_default
 /* Rewrite full paths under dolly.model_dir in err's message as paths relative to it. */
 extern void dolly_relative_paths(dl_error *err);
 
-/* Path of the CUDA plugin in $libdir. */
+/* Path of the CUDA plugin: $DOLLY_CUDA_PLUGIN of the postmaster's environment, else in $libdir. */
 extern void dolly_cuda_plugin_path(char *buf, size_t len);
 
 /* Does dolly.device ask for the GPU (cuda, or auto with a GPU that passed the self-test)? */

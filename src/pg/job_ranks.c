@@ -300,6 +300,7 @@ dolly_job_load_base(const char *base_path, int rank, int nranks, dl_backend **be
 		st = backend_cpu_create(Max(1, dolly_cpu_threads() / nranks), be, err);
 	if (st != DL_OK)
 		return st;
+	elog(LOG, "dolly: fine-tuning rank %d of %d trains on %s", rank, nranks, (*be)->name);
 	snprintf(path, sizeof(path), "%s/tokenizer.json", base_path);
 	if (tok_load(path, tok, err) != DL_OK ||
 		dl_model_load(base_path, *be, m, err) != DL_OK)

@@ -67,7 +67,12 @@ dolly_want_cuda(void)
 void
 dolly_cuda_plugin_path(char *buf, size_t len)
 {
-	snprintf(buf, len, "%s/%s", pkglib_path, DL_CUDA_PLUGIN_FILE);
+	const char *env = getenv("DOLLY_CUDA_PLUGIN");
+
+	if (env && env[0])
+		snprintf(buf, len, "%s", env);
+	else
+		snprintf(buf, len, "%s/%s", pkglib_path, DL_CUDA_PLUGIN_FILE);
 }
 
 /* Publish the CPU backend's facts. */

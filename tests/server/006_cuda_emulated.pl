@@ -1,0 +1,76 @@
+# 006_cuda_emulated.pl: the GPU paths of the server (the model server on the CUDA backend,
+# a fine-tuning job on GPU 0 in mixed precision) through PostgreSQL, with the CUDA plugin's
+# kernels emulated on the CPU (tests/gpu/emu; $DOLLY_CUDA_PLUGIN points the server at it):
+# the emulated GPU serves the greedy text the CPU serves, and a job trains there and saves
+# a model the CPU then serves. Skipped, visibly, when the emulated plugin was not built.
+use strict;
+use warnings;
+use Cwd qw(abs_path);
+use File::Basename qw(dirname);
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $root = abs_path(dirname(__FILE__) . '/../..');
+my $plugin = "$root/build/gpu-emu/dolly_cuda_emu.so";
+plan skip_all => "no emulated CUDA plugin: run tests/gpu/emu/run.sh first" unless -f $plugin;
+
+my $models = PostgreSQL::Test::Utils::tempdir();
+mkdir "$models/base";
+system('cp', glob("$root/tests/fixtures/neox-par-f32/*"), "$models/base/") == 0 or die 'cp';
+
+$ENV{DOLLY_CUDA_PLUGIN} = $plugin;
+my $node = PostgreSQL::Test::Cluster->new('cuda_emu');
+$node->init;
+$node->append_conf('postgresql.conf', qq{
+shared_preload_libraries = 'dolly'
+dolly.model_dir = '$models'
+dolly.model = 'base'
+dolly.device = 'cpu'
+dolly.threads = 2
+});
+$node->start;
+$node->safe_psql('postgres', q{
+CREATE EXTENSION dolly;
+CREATE TABLE records AS
+SELECT 'Spell the number ' || i AS instruction, 'It is ' || i || '.' AS response
+  FROM generate_series(1, 16) i;
+});
+
+like($node->safe_psql('postgres', "SELECT available, devices FROM dolly_backends() WHERE backend = 'cuda'"),
+	qr/^t\|1$/, 'the server sees one (emulated) GPU that passed the self-test');
+
+my $sql = "SELECT dolly_generate_raw('Tell me about tables.', max_new_tokens => 12, do_sample => false)";
+my $cpu = $node->safe_psql('postgres', $sql);
+is($node->safe_psql('postgres', "SELECT device FROM dolly_server"), 'cpu', 'served on the CPU first');
+
+$node->append_conf('postgresql.conf', "dolly.device = 'cuda'\n");
+$node->reload;
+$node->poll_query_until('postgres', "SELECT device FROM dolly_server", 'cuda:0')
+  or die 'the model did not move to the GPU';
+is($node->safe_psql('postgres', $sql), $cpu, 'the GPU serves the greedy text the CPU serves');
+
+# a job on the GPU: rank 0 on cuda:0 in mixed mode; its model then served by the CPU
+my $id = $node->safe_psql('postgres',
+	"SELECT dolly_finetune('records', 'tuned', base_model => 'base', epochs => 1, batch_size => 8, "
+	  . "learning_rate => 1e-3, warmup_steps => 0, eval_fraction => 0.125)");
+$node->poll_query_until('postgres',
+	"SELECT state NOT IN ('queued', 'running') FROM dolly_jobs WHERE id = $id")
+  or die "job $id did not finish";
+my ($state, $loss, $err) = split /\|/,
+  $node->safe_psql('postgres', "SELECT state, eval_loss, error FROM dolly_jobs WHERE id = $id");
+is($state, 'succeeded', 'a fine-tuning job succeeds with dolly.device = cuda' . ($err ? ": $err" : ''));
+ok($node->log_contains('fine-tuning rank 0 of 1 trains on cuda:0'), 'and trains on the GPU');
+cmp_ok($loss, '>', 0, "with a finite evaluation loss ($loss)");
+ok(-f "$models/tuned/model.safetensors", 'and saves the model');
+
+$node->append_conf('postgresql.conf', "dolly.device = 'cpu'\n");
+$node->reload;
+$node->poll_query_until('postgres', "SELECT count(*) = 0 FROM dolly_server WHERE device <> 'cpu'")
+  or die 'the models did not move back to the CPU';
+isnt($node->safe_psql('postgres',
+		"SELECT dolly_generate('Spell the number 3', model => 'tuned', max_new_tokens => 8, do_sample => false)"),
+	undef, 'the CPU serves the model the GPU trained');
+
+$node->stop;
+done_testing();
