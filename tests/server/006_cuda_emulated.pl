@@ -1,8 +1,10 @@
 # 006_cuda_emulated.pl: the GPU paths of the server (the model server on the CUDA backend,
-# a fine-tuning job on GPU 0 in mixed precision) through PostgreSQL, with the CUDA plugin's
-# kernels emulated on the CPU (tests/gpu/emu; $DOLLY_CUDA_PLUGIN points the server at it):
-# the emulated GPU serves the greedy text the CPU serves, and a job trains there and saves
-# a model the CPU then serves. Skipped, visibly, when the emulated plugin was not built.
+# fine-tuning jobs on GPUs in mixed precision, one rank a GPU) through PostgreSQL, with the
+# CUDA plugin's kernels emulated on the CPU (tests/gpu/emu; $DOLLY_CUDA_PLUGIN points the
+# server at it, $EMU_GPUS makes two GPUs): the emulated GPU serves the greedy text the CPU
+# serves; a job trains there and saves a model the CPU then serves; two ranks on two GPUs,
+# their gradients summed through host memory, train the model one GPU trains. Skipped,
+# visibly, when the emulated plugin was not built.
 use strict;
 use warnings;
 use Cwd qw(abs_path);
@@ -20,6 +22,7 @@ mkdir "$models/base";
 system('cp', glob("$root/tests/fixtures/neox-par-f32/*"), "$models/base/") == 0 or die 'cp';
 
 $ENV{DOLLY_CUDA_PLUGIN} = $plugin;
+$ENV{EMU_GPUS} = 2;
 my $node = PostgreSQL::Test::Cluster->new('cuda_emu');
 $node->init;
 $node->append_conf('postgresql.conf', qq{
@@ -38,7 +41,7 @@ SELECT 'Spell the number ' || i AS instruction, 'It is ' || i || '.' AS response
 });
 
 like($node->safe_psql('postgres', "SELECT available, devices FROM dolly_backends() WHERE backend = 'cuda'"),
-	qr/^t\|1$/, 'the server sees one (emulated) GPU that passed the self-test');
+	qr/^t\|2$/, 'the server sees two (emulated) GPUs that passed the self-test');
 
 my $sql = "SELECT dolly_generate_raw('Tell me about tables.', max_new_tokens => 12, do_sample => false)";
 my $cpu = $node->safe_psql('postgres', $sql);
@@ -50,19 +53,36 @@ $node->poll_query_until('postgres', "SELECT device FROM dolly_server", 'cuda:0')
   or die 'the model did not move to the GPU';
 is($node->safe_psql('postgres', $sql), $cpu, 'the GPU serves the greedy text the CPU serves');
 
+# run a job to its end; returns (id, "state|eval_loss|error")
+sub job
+{
+	my ($out) = @_;
+	my $id = $node->safe_psql('postgres',
+		"SELECT dolly_finetune('records', '$out', base_model => 'base', epochs => 1, batch_size => 8, "
+		  . "learning_rate => 1e-3, warmup_steps => 0, eval_fraction => 0.125)");
+	$node->poll_query_until('postgres',
+		"SELECT state NOT IN ('queued', 'running') FROM dolly_jobs WHERE id = $id")
+	  or die "job $id did not finish";
+	return ($id, $node->safe_psql('postgres', "SELECT state, eval_loss, error FROM dolly_jobs WHERE id = $id"));
+}
+
 # a job on the GPU: rank 0 on cuda:0 in mixed mode; its model then served by the CPU
-my $id = $node->safe_psql('postgres',
-	"SELECT dolly_finetune('records', 'tuned', base_model => 'base', epochs => 1, batch_size => 8, "
-	  . "learning_rate => 1e-3, warmup_steps => 0, eval_fraction => 0.125)");
-$node->poll_query_until('postgres',
-	"SELECT state NOT IN ('queued', 'running') FROM dolly_jobs WHERE id = $id")
-  or die "job $id did not finish";
-my ($state, $loss, $err) = split /\|/,
-  $node->safe_psql('postgres', "SELECT state, eval_loss, error FROM dolly_jobs WHERE id = $id");
+my ($id1, $one) = job('tuned');
+my ($state, $loss1, $err) = split /\|/, $one;
 is($state, 'succeeded', 'a fine-tuning job succeeds with dolly.device = cuda' . ($err ? ": $err" : ''));
 ok($node->log_contains('fine-tuning rank 0 of 1 trains on cuda:0'), 'and trains on the GPU');
-cmp_ok($loss, '>', 0, "with a finite evaluation loss ($loss)");
+cmp_ok($loss1, '>', 0, "with a finite evaluation loss ($loss1)");
 ok(-f "$models/tuned/model.safetensors", 'and saves the model');
+
+# two ranks, one a GPU: the gradients go down to host memory, are summed, and come back
+$node->append_conf('postgresql.conf', "dolly.train_workers = 2\n");
+$node->reload;
+my ($id2, $two) = job('tuned2');
+my ($state2, $loss2, $err2) = split /\|/, $two;
+is($state2, 'succeeded', 'a job of two ranks on two GPUs succeeds' . ($err2 ? ": $err2" : ''));
+ok($node->log_contains('fine-tuning rank 1 of 2 trains on cuda:1'), 'rank 1 trains on the second GPU');
+cmp_ok(abs($loss2 - $loss1), '<', 1e-2 * abs($loss1),
+	"the evaluation loss of one GPU's run, within bfloat16 rounding ($loss2 vs $loss1)");
 
 $node->append_conf('postgresql.conf', "dolly.device = 'cpu'\n");
 $node->reload;

@@ -242,17 +242,27 @@ emu_allow_dynamic_smem(int bytes)
 	return cudaSuccess;
 }
 
+/* How many GPUs to pretend: $EMU_GPUS (1 to 16), else 1. They share the host's memory. */
+static int
+emulated_gpus(void)
+{
+	const char *env = getenv("EMU_GPUS");
+	int			n = env ? atoi(env) : 1;
+
+	return n >= 1 && n <= 16 ? n : 1;
+}
+
 cudaError_t
 cudaGetDeviceCount(int *n)
 {
-	*n = 1;
+	*n = emulated_gpus();
 	return cudaSuccess;
 }
 
 cudaError_t
 cudaSetDevice(int dev)
 {
-	return dev == 0 ? cudaSuccess : cudaErrorInvalidValue;
+	return dev >= 0 && dev < emulated_gpus() ? cudaSuccess : cudaErrorInvalidValue;
 }
 
 cudaError_t
