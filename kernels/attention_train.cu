@@ -24,8 +24,9 @@
  * Memory: the workspace holds S (then P) and dP (then dS) as float32 [H, QBLOCK, L] for
  * the longest span, and in the bfloat16 modes P and dS once more as bfloat16 operands of
  * the products that follow: 8 H QBLOCK L8 bytes in fp32 mode, 12 H QBLOCK L8 otherwise,
- * L8 = L rounded up to 8 (GPT-J, H 16, at L 2048: 64 MiB and 96 MiB). cuda_gemm packs the
- * block's q, k, v and dO into its scratch slots in the bfloat16 modes.
+ * L8 = L rounded up to 8 (GPT-J, H 16, at L 2048: 64 MiB and 96 MiB). In the bfloat16
+ * modes the span's qkv (and dO) are packed to bfloat16 once, into two scratch slots, for
+ * all its products.
  */
 #include "common.cuh"
 
@@ -210,11 +211,27 @@ row_blocks(int H, int nq)
 	return (unsigned) (((size_t) H * nq + ROW_WARPS - 1) / ROW_WARPS);
 }
 
-/* H heads of D columns at p, rows ld apart, as one batched operand. */
-static cuda_mat
-heads_mat(const float *p, int ld, int D, int trans)
+/*
+ * The rows of a span that its products read: q | k | v [L, 3C] and (backward) dO [L, C],
+ * as bfloat16 copies packed once per span in the bfloat16 modes, else the float32 rows.
+ */
+typedef struct span_src
 {
-	return cuda_mat {p, 0, trans, ld, D};
+	const void *qkv;
+	const void *dout;
+	int			bf16;
+} span_src;
+
+/*
+ * H heads of D columns from column col of row `row` of a span's matrix at base (rows ld
+ * apart, in src's format), as one batched operand.
+ */
+static cuda_mat
+heads_mat(const span_src *src, const void *base, size_t row, int col, int ld, int D, int trans)
+{
+	size_t		es = src->bf16 ? sizeof(__nv_bfloat16) : sizeof(float);
+
+	return cuda_mat {(const char *) base + (row * ld + col) * es, src->bf16, trans, ld, D};
 }
 
 /* P or dS of a block as an operand: the float32 matrix in fp32 mode, else its bfloat16 copy. */
@@ -244,50 +261,74 @@ typedef struct attn_pass
 	float	   *dqkv;
 } attn_pass;
 
-/* One block of queries of the span whose rows start at `first`. */
-typedef void (*block_fn) (const attn_pass *a, size_t first, const qblock *b);
+/* One block of queries of the span whose rows start at `first`, its operands in src. */
+typedef void (*block_fn) (const attn_pass *a, size_t first, const span_src *src, const qblock *b);
 
-/* Run fn over the spans' blocks one after another: stream order lets each reuse the workspace. */
+/* Rows [first, first + L) of a [T, cols] float32 matrix as a span's operand (packed in slot). */
+static const void *
+span_rows(const attn_pass *a, const float *m, size_t first, int L, int cols, int slot)
+{
+	cuda_mat	rows = {m + first * cols, 0, 0, cols, 0};
+
+	if (!a->cb->bf16_math)
+		return rows.p;
+	return cuda_as_bf16(a->cb, rows, L, cols, 1, slot, a->op).p;
+}
+
+/*
+ * Run fn over the spans' blocks one after another (stream order lets each reuse the
+ * workspace), each span's operands packed first.
+ */
 static void
 each_block(const attn_pass *a, const dl_spans *spans, block_fn fn)
 {
+	int			C = a->H * a->D;
+
 	for (int s = 0; s < spans->n; s++)
 	{
 		const dl_span *sp = &spans->host[s];
+		span_src	src = {NULL, NULL, a->cb->bf16_math};
 
+		if (sp->len < 1)
+			continue;
+		src.qkv = span_rows(a, a->qkv, sp->first, sp->len, 3 * C, SCRATCH_QKV16);
+		if (a->dout)
+			src.dout = span_rows(a, a->dout, sp->first, sp->len, C, SCRATCH_DOUT16);
+		if (src.qkv == NULL || (a->dout && src.dout == NULL))
+			return;				/* no room: the failure is kept */
 		for (int q0 = 0; q0 < sp->len; q0 += QBLOCK)
 		{
 			qblock		b = qblock_carve(a->workspace, a->H, q0,
 										 sp->len - q0 < QBLOCK ? sp->len - q0 : QBLOCK);
 
-			fn(a, (size_t) sp->first, &b);
+			fn(a, (size_t) sp->first, &src, &b);
 		}
 	}
 }
 
-/* S = scale Q K^T for every head of the block (what both passes start from); q: the span's qkv. */
+/* S = scale Q K^T for every head of the block (what both passes start from). */
 static void
-block_scores(const attn_pass *a, const float *q, const qblock *b)
+block_scores(const attn_pass *a, const span_src *src, const qblock *b)
 {
-	int			ld = 3 * a->H * a->D;
+	int			C = a->H * a->D;
 
 	cuda_gemm(a->cb, a->op, b->nq, b->nk, a->D, a->scale,
-			  heads_mat(q + (size_t) b->q0 * ld, ld, a->D, 0), heads_mat(q + a->H * a->D, ld, a->D, 1),
+			  heads_mat(src, src->qkv, b->q0, 0, 3 * C, a->D, 0),
+			  heads_mat(src, src->qkv, 0, C, 3 * C, a->D, 1),
 			  0.0f, b->S, square_ld(b->nk), square_stride(b->nq, b->nk), a->H);
 }
 
 /* S, then P and lse, then O = P V for the block's queries. */
 static void
-forward_block(const attn_pass *a, size_t first, const qblock *b)
+forward_block(const attn_pass *a, size_t first, const span_src *src, const qblock *b)
 {
 	cuda_backend *cb = a->cb;
 	int			H = a->H,
 				D = a->D,
 				C = H * D;
-	const float *q = a->qkv + first * 3 * C;
 	float	   *lse = a->lse + first * H;
 
-	block_scores(a, q, b);
+	block_scores(a, src, b);
 	if (cb->bf16_math)
 		softmax_kernel<<<row_blocks(H, b->nq), ROW_WARPS * 32, 0, cb->stream>>>(b->P16, b->S, lse, b->q0,
 																				 b->nq, b->nk, H);
@@ -296,7 +337,8 @@ forward_block(const attn_pass *a, size_t first, const qblock *b)
 																				 b->nq, b->nk, H);
 	cuda_check_launch(cb, a->op);
 	cuda_gemm(cb, a->op, b->nq, D, b->nk, 1.0f, probs_mat(cb, b->S, b->P16, b, 0),
-			  heads_mat(q + 2 * C, 3 * C, D, 0), 0.0f, a->out + (first + b->q0) * C, C, D, H);
+			  heads_mat(src, src->qkv, 0, 2 * C, 3 * C, D, 0), 0.0f, a->out + (first + b->q0) * C,
+			  C, D, H);
 }
 
 /*
@@ -304,23 +346,20 @@ forward_block(const attn_pass *a, size_t first, const qblock *b)
  * of the keys it sees (added to what earlier blocks gave them).
  */
 static void
-backward_block(const attn_pass *a, size_t first, const qblock *b)
+backward_block(const attn_pass *a, size_t first, const span_src *src, const qblock *b)
 {
 	cuda_backend *cb = a->cb;
 	int			H = a->H,
 				D = a->D,
 				C = H * D;
-	const float *q = a->qkv + first * 3 * C,
-			   *O = a->saved_out + first * C,
+	const float *O = a->saved_out + first * C,
 			   *dO = a->dout + first * C,
 			   *lse = a->saved_lse + first * H;
-	const float *dOb = dO + (size_t) b->q0 * C,
-			   *qb = q + (size_t) b->q0 * 3 * C;
 	float	   *dq = a->dqkv + first * 3 * C;
 
-	block_scores(a, q, b);
-	cuda_gemm(cb, a->op, b->nq, b->nk, D, 1.0f, heads_mat(dOb, C, D, 0),
-			  heads_mat(q + 2 * C, 3 * C, D, 1), 0.0f, b->dP, square_ld(b->nk),
+	block_scores(a, src, b);
+	cuda_gemm(cb, a->op, b->nq, b->nk, D, 1.0f, heads_mat(src, src->dout, b->q0, 0, C, D, 0),
+			  heads_mat(src, src->qkv, 0, 2 * C, 3 * C, D, 1), 0.0f, b->dP, square_ld(b->nk),
 			  square_stride(b->nq, b->nk), H);
 	if (cb->bf16_math)
 		softmax_backward_kernel<<<row_blocks(H, b->nq), ROW_WARPS * 32, 0, cb->stream>>>(
@@ -330,11 +369,12 @@ backward_block(const attn_pass *a, size_t first, const qblock *b)
 			b->S, b->dP, b->S, b->dP, lse, O, dO, b->q0, b->nq, b->nk, H, D);
 	cuda_check_launch(cb, a->op);
 	cuda_gemm(cb, a->op, b->nk, D, b->nq, 1.0f, probs_mat(cb, b->S, b->P16, b, 1),
-			  heads_mat(dOb, C, D, 0), 1.0f, dq + 2 * C, 3 * C, D, H);
+			  heads_mat(src, src->dout, b->q0, 0, C, D, 0), 1.0f, dq + 2 * C, 3 * C, D, H);
 	cuda_gemm(cb, a->op, b->nq, D, b->nk, a->scale, probs_mat(cb, b->dP, b->dS16, b, 0),
-			  heads_mat(q + C, 3 * C, D, 0), 1.0f, dq + (size_t) b->q0 * 3 * C, 3 * C, D, H);
+			  heads_mat(src, src->qkv, 0, C, 3 * C, D, 0), 1.0f, dq + (size_t) b->q0 * 3 * C,
+			  3 * C, D, H);
 	cuda_gemm(cb, a->op, b->nk, D, b->nq, a->scale, probs_mat(cb, b->dP, b->dS16, b, 1),
-			  heads_mat(qb, 3 * C, D, 0), 1.0f, dq + C, 3 * C, D, H);
+			  heads_mat(src, src->qkv, b->q0, 0, 3 * C, D, 0), 1.0f, dq + C, 3 * C, D, H);
 }
 
 void

@@ -45,12 +45,13 @@ extern "C" {
 
 /*
  * Scratch buffers an operation uses while it runs (stream order keeps the next operation
- * from touching them early): the bfloat16 copies of a product's two operands, and
- * partial sums of reductions.
+ * from touching them early): the bfloat16 copies of a product's two operands, partial
+ * sums of reductions, and the training attention's bfloat16 copies of a span's qkv and
+ * dout (packed once for all its products).
  */
 enum
 {
-	SCRATCH_A16, SCRATCH_B16, SCRATCH_PARTIAL, CUDA_SCRATCH_SLOTS
+	SCRATCH_A16, SCRATCH_B16, SCRATCH_PARTIAL, SCRATCH_QKV16, SCRATCH_DOUT16, CUDA_SCRATCH_SLOTS
 };
 
 typedef struct cuda_backend
