@@ -67,11 +67,19 @@ max_rel_err(const float *a, const float *b, int n)
 	return worst;
 }
 
+/* The self-test's sizes: GELU on ST_N values, C[ST_M, ST_N2] = A[ST_M, ST_K] B[ST_N2, ST_K]^T. */
+enum
+{
+	ST_N = 4096, ST_M = 33, ST_N2 = 17, ST_K = 64,
+	/* host: x, y | a, b, c | ref (of the GELU, then of the product) */
+	ST_HOST_FLOATS = 2 * ST_N + ST_M * ST_K + ST_N2 * ST_K + ST_M * ST_N2 + ST_N
+};
+
 /* GELU kernel on n values and C[M,N] = A[M,K] B[N,K]^T through cuBLAS, both vs the host. */
 static dl_status
 run_selftest(float *host, float *dev, cublasHandle_t blas, dl_error *err)
 {
-	enum { n = 4096, M = 33, N = 17, K = 64 };
+	enum { n = ST_N, M = ST_M, N = ST_N2, K = ST_K };
 	float	   *x = host, *y = x + n, *a = y + n, *b = a + M * K, *c = b + N * K, *ref = c + M * N;
 	float	   *dx = dev, *dy = dx + n, *da = dy + n, *db = da + M * K, *dc = db + N * K;
 	const float one = 1.0f, zero = 0.0f;
@@ -113,7 +121,7 @@ run_selftest(float *host, float *dev, cublasHandle_t blas, dl_error *err)
 static dl_status
 selftest(int dev, dl_error *err)
 {
-	size_t		nfloats = 2 * 4096 + 2 * 33 * 64 + 17 * 64 + 2 * 33 * 17 + 64;
+	size_t		nfloats = ST_HOST_FLOATS;	/* the device needs fewer: no ref */
 	float	   *host = (float *) malloc(nfloats * sizeof(float));
 	float	   *devbuf = NULL;
 	cublasHandle_t blas = NULL;

@@ -438,6 +438,15 @@ step_model(ServedModel *m)
 			remove_seq(m, 0);
 		}
 		account(m, NULL, 0, 0);
+		/*
+		 * A GPU's failure (a kernel fault, a lost device) can leave its context unusable
+		 * for good: a new server process, which the postmaster starts within a second,
+		 * gets a new one, and serves what is queued.
+		 */
+		if (err.code == DL_EBACKEND && !backend->host_memory)
+			ereport(FATAL,
+					(errmsg("dolly model server: %s failed; restarting with a new GPU context", backend->name),
+					 errdetail("%s", err.msg)));
 		return;
 	}
 	INSTR_TIME_SET_CURRENT(elapsed);

@@ -2,9 +2,11 @@
 # fine-tuning jobs on GPUs in mixed precision, one rank a GPU) through PostgreSQL, with the
 # CUDA plugin's kernels emulated on the CPU (tests/gpu/emu; $DOLLY_CUDA_PLUGIN points the
 # server at it, $EMU_GPUS makes two GPUs): the emulated GPU serves the greedy text the CPU
-# serves; a job trains there and saves a model the CPU then serves; two ranks on two GPUs,
-# their gradients summed through host memory, train the model one GPU trains. Skipped,
-# visibly, when the emulated plugin was not built.
+# serves, and after a kernel faults ($EMU_FAIL_ONCE) the request gets an ERROR and a new
+# server serves again; a job trains there and saves a model the CPU then serves; two ranks
+# on two GPUs, their gradients summed through host memory, train the model one GPU trains;
+# without a GPU, dolly.device = cuda is an ERROR. Skipped, visibly, when the emulated plugin
+# was not built.
 use strict;
 use warnings;
 use Cwd qw(abs_path);
@@ -21,8 +23,10 @@ my $models = PostgreSQL::Test::Utils::tempdir();
 mkdir "$models/base";
 system('cp', glob("$root/tests/fixtures/neox-par-f32/*"), "$models/base/") == 0 or die 'cp';
 
+my $fault = "$models/fail-once";
 $ENV{DOLLY_CUDA_PLUGIN} = $plugin;
 $ENV{EMU_GPUS} = 2;
+$ENV{EMU_FAIL_ONCE} = $fault;
 my $node = PostgreSQL::Test::Cluster->new('cuda_emu');
 $node->init;
 $node->append_conf('postgresql.conf', qq{
@@ -53,6 +57,16 @@ $node->poll_query_until('postgres', "SELECT device FROM dolly_server", 'cuda:0')
   or die 'the model did not move to the GPU';
 is($node->safe_psql('postgres', $sql), $cpu, 'the GPU serves the greedy text the CPU serves');
 
+# a kernel that faults: that request gets an ERROR, the server starts again with a new
+# GPU context, and serves the next one
+open(my $fh, '>', $fault) or die "cannot create $fault";
+close $fh;
+my ($ret, $out, $err) = $node->psql('postgres', $sql);
+isnt($ret, 0, 'a request whose pass faults on the GPU fails');
+like($err, qr/CUDA .* failed on cuda:0/, 'with an ERROR that says what failed');
+$node->poll_query_until('postgres', $sql, $cpu) or die 'the server did not come back';
+ok($node->log_contains('restarting with a new GPU context'), 'the model server restarted, and serves again');
+
 # run a job to its end; returns (id, "state|eval_loss|error")
 sub job
 {
@@ -68,8 +82,8 @@ sub job
 
 # a job on the GPU: rank 0 on cuda:0 in mixed mode; its model then served by the CPU
 my ($id1, $one) = job('tuned');
-my ($state, $loss1, $err) = split /\|/, $one;
-is($state, 'succeeded', 'a fine-tuning job succeeds with dolly.device = cuda' . ($err ? ": $err" : ''));
+my ($state, $loss1, $err1) = split /\|/, $one;
+is($state, 'succeeded', 'a fine-tuning job succeeds with dolly.device = cuda' . ($err1 ? ": $err1" : ''));
 ok($node->log_contains('fine-tuning rank 0 of 1 trains on cuda:0'), 'and trains on the GPU');
 cmp_ok($loss1, '>', 0, "with a finite evaluation loss ($loss1)");
 ok(-f "$models/tuned/model.safetensors", 'and saves the model');
@@ -93,4 +107,25 @@ isnt($node->safe_psql('postgres',
 	undef, 'the CPU serves the model the GPU trained');
 
 $node->stop;
+
+# no GPU at all: dolly.device = cuda is an ERROR with a hint, and the CPU still serves
+$ENV{EMU_GPUS} = 0;
+my $nogpu = PostgreSQL::Test::Cluster->new('no_gpu');
+$nogpu->init;
+$nogpu->append_conf('postgresql.conf', qq{
+shared_preload_libraries = 'dolly'
+dolly.model_dir = '$models'
+dolly.model = 'base'
+dolly.device = 'cuda'
+dolly.threads = 2
+});
+$nogpu->start;
+$nogpu->safe_psql('postgres', 'CREATE EXTENSION dolly');
+($ret, $out, $err) = $nogpu->psql('postgres', $sql);
+like($err, qr/no CUDA GPU is visible/, 'without a GPU, dolly.device = cuda says so');
+$nogpu->append_conf('postgresql.conf', "dolly.device = 'cpu'\n");
+$nogpu->reload;
+$nogpu->poll_query_until('postgres', $sql, $cpu) or die 'the CPU did not take over';
+pass('and the CPU serves once dolly.device = cpu');
+$nogpu->stop;
 done_testing();

@@ -13,6 +13,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 #include <vector>
 
 namespace emu
@@ -214,6 +215,12 @@ emu::launch_cfg::run(std::function<void()> body)
 		last_error = cudaErrorInvalidValue;
 		return;
 	}
+	/* a fault on demand: the first launch after $EMU_FAIL_ONCE names an existing file fails */
+	if (getenv("EMU_FAIL_ONCE") && unlink(getenv("EMU_FAIL_ONCE")) == 0)
+	{
+		last_error = cudaErrorLaunchFailure;
+		return;
+	}
 	while (stacks.size() < (size_t) nthreads)
 		stacks.push_back((char *) malloc(STACK_BYTES));
 	fibers.resize(nthreads > (int) fibers.size() ? nthreads : fibers.size());
@@ -242,21 +249,21 @@ emu_allow_dynamic_smem(int bytes)
 	return cudaSuccess;
 }
 
-/* How many GPUs to pretend: $EMU_GPUS (1 to 16), else 1. They share the host's memory. */
+/* How many GPUs to pretend: $EMU_GPUS (0 to 16), else 1. They share the host's memory. */
 static int
 emulated_gpus(void)
 {
 	const char *env = getenv("EMU_GPUS");
 	int			n = env ? atoi(env) : 1;
 
-	return n >= 1 && n <= 16 ? n : 1;
+	return n >= 0 && n <= 16 ? n : 1;
 }
 
 cudaError_t
 cudaGetDeviceCount(int *n)
 {
 	*n = emulated_gpus();
-	return cudaSuccess;
+	return *n ? cudaSuccess : cudaErrorNoDevice;
 }
 
 cudaError_t

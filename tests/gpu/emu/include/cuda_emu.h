@@ -49,7 +49,8 @@ typedef struct emu_event *cudaEvent_t;
 enum cudaError_t
 {
 	cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2,
-	cudaErrorInvalidConfiguration = 9, cudaErrorInsufficientDriver = 35, cudaErrorNoDevice = 100
+	cudaErrorInvalidConfiguration = 9, cudaErrorInsufficientDriver = 35, cudaErrorNoDevice = 100,
+	cudaErrorLaunchFailure = 719
 };
 enum cudaMemcpyKind
 {
