@@ -122,7 +122,7 @@ if [ -n "$gpu" ] && [ "${1:-all}" != test ] && [ "$(left)" -gt 90 ]; then
 fi
 
 # --- out-of-bounds and shared-memory races, while time remains ---
-if [ -n "$gpu" ] && command -v compute-sanitizer >/dev/null && [ "$(left)" -gt 60 ]; then
+if [ -n "$gpu" ] && [ "${1:-all}" = all ] && command -v compute-sanitizer >/dev/null && [ "$(left)" -gt 60 ]; then
 	note "compute-sanitizer memcheck and racecheck over the op tests"
 	timeout $(($(left) / 2)) compute-sanitizer --tool memcheck --error-exitcode 9 \
 		$B/test_gpu ops_ > "$LOG/memcheck.log" 2>&1
