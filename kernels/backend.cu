@@ -69,6 +69,7 @@ cuda_destroy(dl_backend *be)
 
 	if (cb->stream)
 		cudaStreamSynchronize(cb->stream);
+	cuda_profile_report(cb);
 	cuda_stage_free(cb);
 	for (int i = 0; i < 2; i++)
 		if (cb->stage_done[i])
@@ -159,28 +160,19 @@ cuda_backend_create(int dev, int mode, dl_backend **out, dl_error *err)
 	cb->be.download = cuda_download;
 	cb->be.synchronize = cuda_synchronize;
 	cb->be.upload_tensor = cuda_upload_tensor;
-	cb->be.embedding_forward = cuda_embedding_forward;
-	cb->be.gather_rows_forward = cuda_gather_rows_forward;
-	cb->be.layernorm_forward = cuda_layernorm_forward;
-	cb->be.matmul_forward = cuda_matmul_forward;
-	cb->be.rotary_forward = cuda_rotary_forward;
-	cb->be.attention_forward = cuda_attention_forward;
+#define SET_OP(op) cb->be.op = cuda_##op;
+	CUDA_COMPUTE_OPS(SET_OP)
+#undef SET_OP
 	cb->be.attention_workspace = cuda_attention_workspace;
-	cb->be.gelu_forward = cuda_gelu_forward;
-	cb->be.crossentropy_forward = cuda_crossentropy_forward;
-	cb->be.embedding_backward = cuda_embedding_backward;
-	cb->be.layernorm_backward = cuda_layernorm_backward;
-	cb->be.matmul_backward = cuda_matmul_backward;
-	cb->be.rotary_backward = cuda_rotary_backward;
-	cb->be.gelu_backward = cuda_gelu_backward;
-	cb->be.sum_squares = cuda_sum_squares;
-	cb->be.adamw_update = cuda_adamw_update;
-	cb->be.attention_train_forward = cuda_attention_train_forward;
 	cb->be.attention_train_workspace = cuda_attention_train_workspace;
-	cb->be.attention_backward = cuda_attention_backward;
-	cb->be.sample_forward = cuda_sample_forward;
+	cb->be.sum_squares = cuda_sum_squares;
 	cb->be.sample_workspace = cuda_sample_workspace;
 	cb->be.destroy = cuda_destroy;
+	if ((st = cuda_profile_install(cb, err)) != DL_OK)
+	{
+		cuda_destroy(&cb->be);
+		return st;
+	}
 	*out = &cb->be;
 	return DL_OK;
 }

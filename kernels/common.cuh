@@ -69,6 +69,7 @@ typedef struct cuda_backend
 	int			host_pinned;	/* pinned unless the system refused (then malloc'd) */
 	void	   *dev_stage[2];	/* and device buffers for data that needs converting */
 	cudaEvent_t stage_done[2];	/* when the transfer out of each pair has completed */
+	struct cuda_profile *prof;	/* $DOLLY_CUDA_PROFILE: the operations' timings, else NULL */
 	void	   *scratch[CUDA_SCRATCH_SLOTS];	/* grown on demand: cuda_scratch */
 	size_t		scratch_bytes[CUDA_SCRATCH_SLOTS];
 } cuda_backend;
@@ -233,6 +234,22 @@ block_sum(float v, float *red)
 	__syncthreads();
 	return red[0];
 }
+
+/*
+ * The compute operations of the table, whose entry point is cuda_<name>: backend.cu
+ * fills the table from this list and profile.cu times them.
+ */
+#define CUDA_COMPUTE_OPS(X) \
+	X(embedding_forward) X(gather_rows_forward) X(layernorm_forward) X(matmul_forward) \
+	X(rotary_forward) X(attention_forward) X(gelu_forward) X(crossentropy_forward) \
+	X(embedding_backward) X(layernorm_backward) X(matmul_backward) X(rotary_backward) \
+	X(gelu_backward) X(adamw_update) X(attention_train_forward) X(attention_backward) \
+	X(sample_forward)
+
+/* profile.cu: with $DOLLY_CUDA_PROFILE set, time every compute operation (at create). */
+dl_status	cuda_profile_install(cuda_backend *cb, dl_error *err);
+/* Print where the GPU time went on stderr and free the profile (at destroy). */
+void		cuda_profile_report(cuda_backend *cb);
 
 /* --- entry points of the backend table, by file --- */
 

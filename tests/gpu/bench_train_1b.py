@@ -79,14 +79,15 @@ def torch_loop(model, config, args, device):
     return times[len(times) // 2], losses[0], losses[-1], peak
 
 
-def ours(args, path):
-    """bench_train's key=value lines as a dict (numbers as floats); exits when it fails."""
+def ours(args, path, steps, profile=False):
+    """bench_train's key=value lines as a dict (numbers as floats); exits when it fails.
+    With profile, the plugin's table of where the GPU time went is printed too."""
     cmd = [args.bench, "--model", path, "--batch", str(args.batch), "--seq", str(args.seq),
-           "--steps", str(args.steps), "--plugin", args.plugin,
+           "--steps", str(steps), "--plugin", args.plugin,
            "--device", "0" if torch.cuda.is_available() else "-1"]
     if args.checkpoint:
         cmd.append("--checkpoint")
-    return run_keyvalues(cmd)
+    return run_keyvalues(cmd, {"DOLLY_CUDA_PROFILE": "1"} if profile else None, profile)
 
 
 def main():
@@ -132,7 +133,7 @@ def main():
     if device == "cuda":
         torch.cuda.empty_cache()
 
-    o = ours(args, args.workdir)
+    o = ours(args, args.workdir, args.steps)
     gpu = o.get("gpu", "cpu")
     peak = peak_flops(gpu)
     tokens = args.batch * args.seq
@@ -167,6 +168,9 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"ours": o, "torch": hf, "flops_per_token": flops_per_token,
                        "peak": peak, "args": vars(args)}, f, indent=1)
+    if torch.cuda.is_available():
+        print("\nwhere our GPU time goes (a second run of 2 steps, every operation timed):")
+        ours(args, args.workdir, 2, profile=True)
 
 
 if __name__ == "__main__":

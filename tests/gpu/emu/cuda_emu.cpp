@@ -13,6 +13,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 #include <vector>
 
@@ -363,16 +364,33 @@ cudaStreamDestroy(cudaStream_t s)
 	return cudaSuccess;
 }
 
+/* An event: the host time of its last record (everything runs synchronously). */
+struct emu_event
+{
+	double		t;
+};
+
 cudaError_t
 cudaEventCreateWithFlags(cudaEvent_t *e, unsigned)
 {
-	*e = (cudaEvent_t) malloc(1);
+	*e = (cudaEvent_t) calloc(1, sizeof(emu_event));
 	return cudaSuccess;
 }
 
 cudaError_t
-cudaEventRecord(cudaEvent_t, cudaStream_t)
+cudaEventRecord(cudaEvent_t e, cudaStream_t)
 {
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	e->t = ts.tv_sec + ts.tv_nsec * 1e-9;
+	return cudaSuccess;
+}
+
+cudaError_t
+cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end)
+{
+	*ms = (float) ((end->t - start->t) * 1e3);
 	return cudaSuccess;
 }
 

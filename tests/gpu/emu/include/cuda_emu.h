@@ -61,6 +61,7 @@ enum cudaFuncAttribute
 	cudaFuncAttributeMaxDynamicSharedMemorySize
 };
 #define cudaStreamNonBlocking 1
+#define cudaEventDefault 0
 #define cudaEventDisableTiming 2
 #define cudaHostAllocDefault 0
 struct cudaDeviceProp
@@ -88,6 +89,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t s);
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags);
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s);
 cudaError_t cudaEventSynchronize(cudaEvent_t e);
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end);
 cudaError_t cudaEventDestroy(cudaEvent_t e);
 cudaError_t cudaGetLastError(void);
 const char *cudaGetErrorString(cudaError_t e);
