@@ -34,7 +34,9 @@ cuda_scratch(cuda_backend *cb, int slot, size_t bytes, const char *op)
 		return cb->scratch[slot];
 	while (want < bytes)
 		want *= 2;
-	cudaFree(cb->scratch[slot]);	/* waits for the operations still using it */
+	/* the operations queued before may still use the old buffer */
+	cudaStreamSynchronize(cb->stream);
+	cudaFree(cb->scratch[slot]);
 	cb->scratch[slot] = NULL;
 	cb->scratch_bytes[slot] = 0;
 	if (cudaMalloc(&cb->scratch[slot], want) != cudaSuccess)
