@@ -44,7 +44,7 @@ cuda_alloc(dl_backend *be, size_t bytes, dl_error *err)
 	return NULL;
 }
 
-/* Free device memory (waits for the device, as cudaFree does). */
+/* Free device memory, after the operations queued before (which may still use it). */
 void
 cuda_free(dl_backend *be, void *ptr)
 {
@@ -53,6 +53,7 @@ cuda_free(dl_backend *be, void *ptr)
 
 	if (ptr == NULL)
 		return;
+	cudaStreamSynchronize(cb->stream);
 	if ((e = cudaFree(ptr)) != cudaSuccess)
 		cuda_fail(cb, DL_EBACKEND, "cudaFree", cudaGetErrorString(e));
 }
