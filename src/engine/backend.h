@@ -7,8 +7,8 @@
  * pthread pool) is the reference; the CUDA plugin (kernels/) fills the same table.
  *
  * Pointers marked "device" are addresses in the backend's memory: the host may not
- * dereference them (on the CPU backend, host_memory, it happens to be able to). Shapes are written as
- * [rows, cols], row-major, in elements. Activations are float32 on every backend;
+ * dereference them (on the CPU backend, host_memory, it happens to be able to). Shapes
+ * are written as [rows, cols], row-major, in elements. Activations are float32 on every backend;
  * matrices ("weight format", DL_FMT_WEIGHT) are float32 on the CPU and may be narrower
  * elsewhere (bfloat16 on CUDA), so their size in bytes is weight_elem_size per element.
  * The KV cache is in the backend's kv format, kv_elem_size bytes per element.
