@@ -8,9 +8,10 @@
  *
  * Pointers marked "device" are addresses in the backend's memory: the host may not
  * dereference them (on the CPU backend, host_memory, it happens to be able to). Shapes
- * are written as [rows, cols], row-major, in elements. Activations are float32 on every backend;
- * matrices ("weight format", DL_FMT_WEIGHT) are float32 on the CPU and may be narrower
- * elsewhere (bfloat16 on CUDA), so their size in bytes is weight_elem_size per element.
+ * are written as [rows, cols], row-major, in elements. Activations are float32 on every
+ * backend; matrices ("weight format", DL_FMT_WEIGHT) are float32 on the CPU and may be
+ * narrower elsewhere (bfloat16 on CUDA), so their size in bytes is weight_elem_size per
+ * element.
  * The KV cache is in the backend's kv format, kv_elem_size bytes per element.
  *
  * Operations are named <op>_forward; training adds <op>_backward functions beside them,
