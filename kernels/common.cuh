@@ -202,37 +202,80 @@ convert_kernel(D *dst, const S *src, size_t n)
 
 /* --- reductions --- */
 
-/* Sum over the 32 lanes of a warp, every lane gets it. */
-static __device__ __forceinline__ float
-warp_sum(float v)
+/* v from the lane whose index differs by lane_mask; any type of whole 32-bit words. */
+template <typename T>
+static __device__ __forceinline__ T
+shfl_xor(T v, int lane_mask)
 {
-#pragma unroll
-	for (int off = 16; off > 0; off >>= 1)
-		v += __shfl_xor_sync(0xffffffffu, v, off);
+	uint32_t	w[sizeof(T) / 4];
+
+	static_assert(sizeof(T) % 4 == 0, "shuffled types are whole words");
+	memcpy(w, &v, sizeof(T));
+	for (int i = 0; i < (int) (sizeof(T) / 4); i++)
+		w[i] = __shfl_xor_sync(0xffffffffu, w[i], lane_mask);
+	memcpy(&v, w, sizeof(T));
 	return v;
 }
 
-/* Sum over the block (blockDim.x a multiple of 32, at most 1024); red: 32 floats of shared memory. */
-static __device__ __forceinline__ float
-block_sum(float v, float *red)
+/* op over the first `width` lanes (a power of two), every one of them gets it. */
+template <typename T, typename Op>
+static __device__ __forceinline__ T
+warp_reduce(T v, Op op, int width)
+{
+	for (int off = width / 2; off > 0; off >>= 1)
+		v = op(v, shfl_xor(v, off));
+	return v;
+}
+
+/*
+ * op (associative and commutative) over the block, every thread gets it: blockDim.x a
+ * power-of-two multiple of 32, at most 1024; red: blockDim.x / 32 elements of shared
+ * memory.
+ */
+template <typename T, typename Op>
+static __device__ __forceinline__ T
+block_reduce(T v, T *red, Op op)
 {
 	int			lane = threadIdx.x & 31,
 				warp = threadIdx.x >> 5,
 				nwarps = blockDim.x >> 5;
 
-	v = warp_sum(v);
+	v = warp_reduce(v, op, 32);
 	__syncthreads();			/* red may still be read from a previous call */
 	if (lane == 0)
 		red[warp] = v;
 	__syncthreads();
 	if (warp == 0)
 	{
-		v = warp_sum(lane < nwarps ? red[lane] : 0.0f);
+		/* lanes past the warps exchange only among themselves */
+		v = warp_reduce(red[lane % nwarps], op, nwarps);
 		if (lane == 0)
 			red[0] = v;
 	}
 	__syncthreads();
 	return red[0];
+}
+
+/* a + b, for the reductions. */
+template <typename T>
+static __device__ __forceinline__ T
+add(T a, T b)
+{
+	return a + b;
+}
+
+/* Sum over the 32 lanes of a warp, every lane gets it. */
+static __device__ __forceinline__ float
+warp_sum(float v)
+{
+	return warp_reduce(v, add<float>, 32);
+}
+
+/* Sum over the block (as block_reduce); red: 32 floats of shared memory. */
+static __device__ __forceinline__ float
+block_sum(float v, float *red)
+{
+	return block_reduce(v, red, add<float>);
 }
 
 /*

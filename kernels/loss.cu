@@ -5,33 +5,6 @@
  */
 #include "common.cuh"
 
-/* Largest value over the block (blockDim.x a multiple of 32); red: 32 floats of shared memory. */
-static __device__ __forceinline__ float
-block_max(float v, float *red)
-{
-	int			lane = threadIdx.x & 31,
-				warp = threadIdx.x >> 5;
-
-#pragma unroll
-	for (int off = 16; off > 0; off >>= 1)
-		v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-	__syncthreads();
-	if (lane == 0)
-		red[warp] = v;
-	__syncthreads();
-	if (warp == 0)
-	{
-		v = lane < (int) (blockDim.x >> 5) ? red[lane] : -INFINITY;
-#pragma unroll
-		for (int off = 16; off > 0; off >>= 1)
-			v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-		if (lane == 0)
-			red[0] = v;
-	}
-	__syncthreads();
-	return red[0];
-}
-
 /*
  * Row blockIdx.x: losses[t] = logsumexp(x) - x[y], d = softmax(x) - onehot(y); a masked
  * row (y < 0) has loss 0 and gradient 0. d may be x itself: x[y] is read first, and each
@@ -61,7 +34,7 @@ crossentropy_kernel(float *losses, float *dlogits, const float *logits, const in
 	xy = x[y];
 	for (int j = threadIdx.x; j < V; j += blockDim.x)
 		m = fmaxf(m, x[j]);
-	m = block_max(m, red);
+	m = block_reduce(m, red, [](float a, float b) { return fmaxf(a, b); });
 	for (int j = threadIdx.x; j < V; j += blockDim.x)
 		s += expf(x[j] - m);
 	lse = m + logf(block_sum(s, red));

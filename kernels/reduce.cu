@@ -67,6 +67,7 @@ void
 cuda_add_column_sums(cuda_backend *cb, float *out, const float *x, int M, int N, const char *op)
 {
 	int			chunks = (M + 255) / 256 < MAX_CHUNKS ? (M + 255) / 256 : MAX_CHUNKS;
+	dim3		grid((N + COLS - 1) / COLS, chunks);
 	float	   *partial;
 
 	if (M <= 0 || N <= 0)
@@ -74,40 +75,23 @@ cuda_add_column_sums(cuda_backend *cb, float *out, const float *x, int M, int N,
 	partial = (float *) cuda_scratch(cb, SCRATCH_PARTIAL, (size_t) chunks * N * sizeof(float), op);
 	if (partial == NULL)
 		return;
-	dim3		grid((N + COLS - 1) / COLS, chunks);
-
 	column_partial_kernel<<<grid, COLS * ROW_LANES, 0, cb->stream>>>(partial, x, M, N,
 																	 (M + chunks - 1) / chunks);
 	cuda_check_launch(cb, op);
 	cuda_add_partials(cb, out, partial, chunks, N, N, op);
 }
 
-/* Sum over the block in double (the shuffles of warp_sum carry 32 bits). */
-static __device__ double
-block_sum_double(double v, double *red)
-{
-	red[threadIdx.x] = v;
-	__syncthreads();
-	for (int half = blockDim.x / 2; half > 0; half /= 2)
-	{
-		if ((int) threadIdx.x < half)
-			red[threadIdx.x] += red[threadIdx.x + half];
-		__syncthreads();
-	}
-	return red[0];
-}
-
 /* partial[b] = sum of x[i]^2 over block b's grid-stride share, in double. */
 __global__ static void
 sum_squares_kernel(double *partial, const float *x, size_t n)
 {
-	__shared__ double red[DL_BLOCK];
+	__shared__ double red[DL_BLOCK / 32];
 	double		s = 0.0;
 
 	for (size_t i = blockIdx.x * (size_t) blockDim.x + threadIdx.x; i < n;
 		 i += (size_t) gridDim.x * blockDim.x)
 		s += (double) x[i] * x[i];
-	s = block_sum_double(s, red);
+	s = block_reduce(s, red, add<double>);
 	if (threadIdx.x == 0)
 		partial[blockIdx.x] = s;
 }
@@ -116,8 +100,8 @@ sum_squares_kernel(double *partial, const float *x, size_t n)
 __global__ static void
 sum_partials_kernel(double *out, const double *partial, int n)
 {
-	__shared__ double red[DL_BLOCK];
-	double		s = block_sum_double((int) threadIdx.x < n ? partial[threadIdx.x] : 0.0, red);
+	__shared__ double red[DL_BLOCK / 32];
+	double		s = block_reduce((int) threadIdx.x < n ? partial[threadIdx.x] : 0.0, red, add<double>);
 
 	if (threadIdx.x == 0)
 		*out = s;

@@ -30,58 +30,6 @@ typedef struct argmax_t
 	int32_t		i;
 } argmax_t;
 
-/* v from the lane whose index differs by lane_mask, any type of whole 32-bit words. */
-template <typename T>
-static __device__ __forceinline__ T
-shfl_xor(T v, int lane_mask)
-{
-	uint32_t	w[sizeof(T) / 4];
-
-	static_assert(sizeof(T) % 4 == 0, "shuffled types are whole words");
-	memcpy(w, &v, sizeof(T));
-	for (int i = 0; i < (int) (sizeof(T) / 4); i++)
-		w[i] = __shfl_xor_sync(0xffffffffu, w[i], lane_mask);
-	memcpy(&v, w, sizeof(T));
-	return v;
-}
-
-/* op over the first `width` lanes (a power of two), every one of them gets it. */
-template <typename T, typename Op>
-static __device__ __forceinline__ T
-warp_reduce(T v, Op op, int width)
-{
-	for (int off = width / 2; off > 0; off >>= 1)
-		v = op(v, shfl_xor(v, off));
-	return v;
-}
-
-/*
- * op (associative and commutative) over the block, every thread gets it; red: SAMPLE_WARPS
- * elements of shared memory.
- */
-template <typename T, typename Op>
-static __device__ __forceinline__ T
-block_reduce(T v, T *red, Op op)
-{
-	int			lane = threadIdx.x & 31,
-				warp = threadIdx.x >> 5;
-
-	v = warp_reduce(v, op, 32);
-	__syncthreads();			/* red may still be read from a previous call */
-	if (lane == 0)
-		red[warp] = v;
-	__syncthreads();
-	if (warp == 0)
-	{
-		/* lanes past the warps exchange only among themselves */
-		v = warp_reduce(red[lane % SAMPLE_WARPS], op, SAMPLE_WARPS);
-		if (lane == 0)
-			red[0] = v;
-	}
-	__syncthreads();
-	return red[0];
-}
-
 /* The first argmax of two candidates, NaN counting as the largest value (torch.argmax). */
 static __device__ __forceinline__ argmax_t
 first_argmax(argmax_t a, argmax_t b)
@@ -121,18 +69,6 @@ static __device__ __forceinline__ uint64_t
 topp_key(float x, int j)
 {
 	return (uint64_t) order_key(x) << 32 | (uint32_t) j;
-}
-
-static __device__ __forceinline__ int
-add_int(int a, int b)
-{
-	return a + b;
-}
-
-static __device__ __forceinline__ double
-add_double(double a, double b)
-{
-	return a + b;
 }
 
 static __device__ __forceinline__ fx192
@@ -202,7 +138,7 @@ kth_largest(const float *x, int V, int k, sample_red *red)
 
 		for (int j = threadIdx.x; j < V; j += blockDim.x)
 			n += order_key(x[j]) >= t;
-		if (block_reduce(n, red->i, add_int) >= k)
+		if (block_reduce(n, red->i, add<int>) >= k)
 			r = t;
 	}
 	return key_float(r);
@@ -315,7 +251,7 @@ sample_kernel(int32_t *tokens, const float *logits, const dl_sample_row *rows, i
 		p[j] = x[j] >= kth ? (float) exp((double) (x[j] - maxv)) : 0.0f;
 		sum += p[j];
 	}
-	sum = block_reduce(sum, red.d, add_double);
+	sum = block_reduce(sum, red.d, add<double>);
 	for (int j = threadIdx.x; j < V; j += blockDim.x)
 		p[j] = (float) (p[j] / sum);
 
