@@ -127,17 +127,14 @@ cuda_backend_init(cuda_backend *cb, int dev, dl_error *err)
 dl_status
 cuda_backend_create(int dev, int mode, dl_backend **out, dl_error *err)
 {
-	cuda_backend *cb = (cuda_backend *) calloc(1, sizeof(*cb));
+	cuda_backend *cb;
 	dl_status	st;
 
 	*out = NULL;
-	if (cb == NULL)
-		return dl_fail(err, DL_ENOMEM, "out of memory creating the CUDA backend");
 	if (mode != DL_CUDA_BF16 && mode != DL_CUDA_FP32 && mode != DL_CUDA_MIXED)
-	{
-		free(cb);
 		return dl_fail(err, DL_EINVAL, "unknown CUDA backend mode %d", mode);
-	}
+	if ((cb = (cuda_backend *) calloc(1, sizeof(*cb))) == NULL)
+		return dl_fail(err, DL_ENOMEM, "out of memory creating the CUDA backend");
 	cb->dev = dev;
 	cb->fp32 = mode != DL_CUDA_BF16;
 	cb->bf16_math = mode != DL_CUDA_FP32;

@@ -184,6 +184,13 @@ compare_grads(const train_fixture *f, const float *grads, int64_t n_labels, doub
 	return bad;
 }
 
+/* The fixture of a check: on be, or (NULL) on a CPU backend of 2 threads; as train_open. */
+static int
+check_open(const char *name, dl_backend *be, train_fixture *f, dl_error *err, dl_status *st)
+{
+	return be ? train_open_on(name, be, f, err, st) : train_open(name, 2, f, err, st);
+}
+
 /* Loss and every gradient of the fixture batch against torch. */
 void
 train_check_grads(const char *name, dl_backend *be, const train_tol *tol, int *failed_)
@@ -204,7 +211,7 @@ train_check_grads(const char *name, dl_backend *be, const train_tol *tol, int *f
 				bad = 0,
 				checked = 0;
 
-	if (!(be ? train_open_on(name, be, &f, &err, &st) : train_open(name, 2, &f, &err, &st)))
+	if (!check_open(name, be, &f, &err, &st))
 		SKIP("fixture %s/train_expected.safetensors absent", name);
 	if (st == DL_OK)
 	{
@@ -264,7 +271,7 @@ train_check_steps(const char *name, dl_backend *be, const train_tol *tol, int *f
 				worst_norm = 0,
 				worst_lr = 0;
 
-	if (!(be ? train_open_on(name, be, &f, &err, &st) : train_open(name, 2, &f, &err, &st)))
+	if (!check_open(name, be, &f, &err, &st))
 		SKIP("fixture %s/train_expected.safetensors absent", name);
 	losses = exp_f32(&f, "adamw_losses", &steps);
 	norms = exp_f32(&f, "adamw_grad_norms", NULL);
