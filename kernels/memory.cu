@@ -156,11 +156,17 @@ stage_init(cuda_backend *cb, dl_error *err)
 			}
 		for (int i = 0; i < 2 && !cb->host_pinned; i++)
 			if ((cb->host_stage[i] = malloc(STAGE_BYTES)) == NULL)
+			{
+				/* both or neither: the next upload sets them up again */
+				free(cb->host_stage[0]);
+				cb->host_stage[0] = NULL;
 				return dl_fail(err, DL_ENOMEM, "out of host memory for upload buffers");
+			}
 	}
 	for (int i = 0; i < 2; i++)
-		if (cb->dev_stage[i] == NULL)
-			CUDA_TRY(cudaMalloc(&cb->dev_stage[i], STAGE_BYTES), err);
+		if (cb->dev_stage[i] == NULL &&
+			(cb->dev_stage[i] = cuda_alloc(&cb->be, STAGE_BYTES, err)) == NULL)
+			return err->code;
 	return DL_OK;
 }
 

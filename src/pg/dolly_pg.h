@@ -66,19 +66,29 @@ typedef struct DollyModelStatus
 	double		tokens_per_second;	/* moving average over recent passes */
 } DollyModelStatus;
 
+/*
+ * One model server per device: server 0 probes the machine and serves on the CPU or on
+ * GPU 0; when dolly.device asks for GPUs it starts server g for each further GPU g.
+ */
+#define DOLLY_MAX_SERVERS DL_MAX_GPUS
+
+typedef struct DollyServer
+{
+	DollyServerState state;
+	pid_t		pid;			/* 0: none runs for this device */
+	Latch	   *latch;			/* set it to wake the server: a request is queued */
+	DollyModelStatus models[DOLLY_MAX_MODELS];
+} DollyServer;
+
 typedef struct DollyShared
 {
 	slock_t		mutex;			/* protects everything below */
-	DollyServerState state;
-	pid_t		server_pid;
-	Latch	   *server_latch;	/* set it to wake the server: a request is queued */
-	uint64		server_generation;	/* bumped at every (re)start of the model server */
 	int			cpu_threads;
 	char		cpu_detail[256];
 	bool		cuda_available;
 	int			cuda_ngpus;
 	char		cuda_detail[1024];	/* GPUs seen, or why CUDA cannot be used */
-	DollyModelStatus models[DOLLY_MAX_MODELS];
+	DollyServer servers[DOLLY_MAX_SERVERS];
 } DollyShared;
 
 extern DollyShared *dolly_shared;
@@ -103,12 +113,14 @@ extern bool dolly_model_name_ok(const char *name);
 /* ERROR unless name can name a directory under dolly.model_dir (no separators, no ".."). */
 extern void dolly_check_model_name(const char *name);
 
-/* The serving work of the model server (serve.c). */
-extern void dolly_serve_init(uint64 server_generation);
+/* The serving work of model server number `server` (serve.c). */
+extern void dolly_serve_init(int server);
 /* Take queued requests and run one pass of every model with work; true if there was work. */
 extern bool dolly_serve_tick(void);
-/* Apply a configuration reload (dolly.model changed). */
+/* Apply a configuration reload (dolly.model, dolly.device or dolly.threads changed). */
 extern void dolly_serve_reconfigure(void);
+/* Has this GPU's server no more work, now that dolly.device no longer asks for GPUs? */
+extern bool dolly_serve_retired(void);
 
 /*
  * The directory a model name stands for: "" is dolly.model (an absolute path, or a name

@@ -38,7 +38,7 @@ dolly_guc_init(void)
 							&dolly_threads, 0, 0, 1024,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomStringVariable("dolly.cuda_devices",
-							   "GPUs the model server and fine-tuning ranks may use (CUDA_VISIBLE_DEVICES), empty for all.",
+							   "GPUs the model servers and fine-tuning ranks may use (CUDA_VISIBLE_DEVICES), empty for all.",
 							   NULL,
 							   &dolly_cuda_devices, "",
 							   PGC_POSTMASTER, 0, NULL, NULL, NULL);

@@ -44,6 +44,7 @@ dolly_queue_shmem_init(void)
 		SpinLockInit(&queue->mutex);
 		queue->next_seqno = 0;
 		queue->nslots = MaxBackends;
+		memset(queue->taking, 0, sizeof(queue->taking));
 		memset(queue->state, 0, MaxBackends * sizeof(DollySlotState));
 	}
 }
@@ -124,7 +125,22 @@ dolly_queue_my_slot(void)
 	return req;
 }
 
-/* Wait for the answer; raise if the server is gone for too long. */
+/* Wake every model server: one of them takes the request, or drops it. */
+static void
+wake_servers(void)
+{
+	Latch	   *latches[DOLLY_MAX_SERVERS];
+
+	SpinLockAcquire(&dolly_shared->mutex);
+	for (int i = 0; i < DOLLY_MAX_SERVERS; i++)
+		latches[i] = dolly_shared->servers[i].latch;
+	SpinLockRelease(&dolly_shared->mutex);
+	for (int i = 0; i < DOLLY_MAX_SERVERS; i++)
+		if (latches[i])
+			SetLatch(latches[i]);
+}
+
+/* Wait for the answer; raise if every server is gone for too long. */
 static void
 wait_for_answer(DollyRequest *req)
 {
@@ -144,7 +160,9 @@ wait_for_answer(DollyRequest *req)
 					 req->errhint[0] ? errhint("%s", req->errhint) : 0));
 
 		SpinLockAcquire(&dolly_shared->mutex);
-		server_up = dolly_shared->state != DOLLY_SERVER_STOPPED;
+		server_up = false;
+		for (int i = 0; i < DOLLY_MAX_SERVERS; i++)
+			server_up |= dolly_shared->servers[i].state != DOLLY_SERVER_STOPPED;
 		SpinLockRelease(&dolly_shared->mutex);
 		gone_ms = server_up ? 0 : gone_ms + POLL_MS;
 		if (gone_ms >= SERVER_GONE_MS)
@@ -168,8 +186,6 @@ wait_for_answer(DollyRequest *req)
 void
 dolly_queue_submit_and_wait(DollyRequest *req)
 {
-	Latch	   *server_latch;
-
 	req->client_latch = MyLatch;
 	req->client_pid = MyProcPid;
 	req->client_role = GetUserId();
@@ -177,12 +193,7 @@ dolly_queue_submit_and_wait(DollyRequest *req)
 	req->seqno = ++queue->next_seqno;
 	queue->state[slot_index(req)] = SLOT_QUEUED;
 	SpinLockRelease(&queue->mutex);
-
-	SpinLockAcquire(&dolly_shared->mutex);
-	server_latch = dolly_shared->server_latch;
-	SpinLockRelease(&dolly_shared->mutex);
-	if (server_latch)
-		SetLatch(server_latch);
+	wake_servers();
 
 	PG_TRY();
 	{
@@ -191,11 +202,7 @@ dolly_queue_submit_and_wait(DollyRequest *req)
 	PG_CATCH();
 	{
 		abandon(req);
-		SpinLockAcquire(&dolly_shared->mutex);
-		server_latch = dolly_shared->server_latch;
-		SpinLockRelease(&dolly_shared->mutex);
-		if (server_latch)
-			SetLatch(server_latch);
+		wake_servers();
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
@@ -207,28 +214,50 @@ dolly_queue_release(DollyRequest *req)
 	abandon(req);
 }
 
-int
-dolly_queue_take(DollyRequest **taken, int max, uint64 generation)
+void
+dolly_queue_taking(int server, bool taking)
 {
-	int			n = 0;
+	SpinLockAcquire(&queue->mutex);
+	queue->taking[server] = taking;
+	SpinLockRelease(&queue->mutex);
+}
+
+/* Sequences of the model `model` each server runs (the queue's lock is held). */
+static void
+loads_of(const char *model, int *load)
+{
+	memset(load, 0, DOLLY_MAX_SERVERS * sizeof(int));
+	for (int i = 0; i < queue->nslots; i++)
+		if ((queue->state[i] == SLOT_RUNNING || queue->state[i] == SLOT_ABANDONED) &&
+			strcmp(slots[i].model, model) == 0)
+			load[slots[i].server]++;
+}
+
+DollyRequest *
+dolly_queue_take(int server)
+{
+	int			oldest = -1;
+	int			load[DOLLY_MAX_SERVERS];
 
 	SpinLockAcquire(&queue->mutex);
-	while (n < max)
+	for (int i = 0; i < queue->nslots; i++)
+		if (queue->state[i] == SLOT_QUEUED &&
+			(oldest < 0 || slots[i].seqno < slots[oldest].seqno))
+			oldest = i;
+	if (oldest >= 0)
 	{
-		int			oldest = -1;
-
-		for (int i = 0; i < queue->nslots; i++)
-			if (queue->state[i] == SLOT_QUEUED &&
-				(oldest < 0 || slots[i].seqno < slots[oldest].seqno))
-				oldest = i;
-		if (oldest < 0)
-			break;
+		loads_of(slots[oldest].model, load);
+		for (int s = 0; s < DOLLY_MAX_SERVERS; s++)
+			if (s != server && queue->taking[s] && load[s] < load[server])
+				oldest = -1;	/* a less busy server takes it */
+	}
+	if (oldest >= 0)
+	{
 		queue->state[oldest] = SLOT_RUNNING;
-		slots[oldest].server_generation = generation;
-		taken[n++] = &slots[oldest];
+		slots[oldest].server = server;
 	}
 	SpinLockRelease(&queue->mutex);
-	return n;
+	return oldest >= 0 ? &slots[oldest] : NULL;
 }
 
 void
@@ -284,7 +313,7 @@ dolly_queue_finish(DollyRequest *req, const dl_error *err)
 }
 
 void
-dolly_queue_fail_running(const char *why)
+dolly_queue_fail_running(int server, const char *why)
 {
 	dl_error	err;
 
@@ -295,7 +324,7 @@ dolly_queue_fail_running(const char *why)
 		DollySlotState s;
 
 		SpinLockAcquire(&queue->mutex);
-		s = queue->state[i];
+		s = slots[i].server == server ? queue->state[i] : SLOT_FREE;
 		if (s == SLOT_ABANDONED)
 			queue->state[i] = SLOT_FREE;
 		SpinLockRelease(&queue->mutex);

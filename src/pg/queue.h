@@ -7,6 +7,10 @@
  * QUEUED into FREE itself and RUNNING into ABANDONED, which the server frees when it drops
  * the sequence. Whoever owns the current state owns the slot's contents; state changes
  * happen under the queue's spinlock, which also orders the writes around them.
+ *
+ * With several model servers (one per GPU) every server takes from the one queue, and a
+ * request goes to the server running the fewest sequences of its model, so that concurrent
+ * requests spread over the GPUs.
  */
 #ifndef DOLLY_QUEUE_H
 #define DOLLY_QUEUE_H
@@ -16,6 +20,7 @@
 #include "storage/latch.h"
 #include "storage/spin.h"
 
+#include "dolly_pg.h"
 #include "error.h"
 
 #define DOLLY_TEXT_MAX 65536		/* bytes of request text and of result */
@@ -58,7 +63,7 @@ typedef struct DollyRequest
 	char		in[DOLLY_TEXT_MAX];
 
 	/* written by the server while RUNNING */
-	uint64		server_generation;
+	int			server;			/* which model server runs it */
 	int			prompt_tokens;
 	int			new_tokens;
 	int			out_len;
@@ -73,6 +78,7 @@ typedef struct DollyQueue
 	slock_t		mutex;
 	uint64		next_seqno;
 	int			nslots;
+	bool		taking[DOLLY_MAX_SERVERS];	/* which servers take requests now */
 	DollySlotState state[FLEXIBLE_ARRAY_MEMBER];	/* slots follow, MAXALIGN'd */
 } DollyQueue;
 
@@ -93,16 +99,21 @@ extern void dolly_queue_release(DollyRequest *req);
 
 /* --- server side --- */
 
-/* Take up to max QUEUED requests, oldest first, marking them RUNNING; returns how many. */
-extern int	dolly_queue_take(DollyRequest **taken, int max, uint64 generation);
+/* Server `server` starts (true) or stops (false) taking requests. */
+extern void dolly_queue_taking(int server, bool taking);
+/*
+ * Take the oldest QUEUED request for server `server`, marking it RUNNING; NULL when there is
+ * none, or when another server that takes requests runs fewer sequences of its model.
+ */
+extern DollyRequest *dolly_queue_take(int server);
 /* Put a taken request back in the queue (it keeps its place: its seqno). */
 extern void dolly_queue_requeue(DollyRequest *req);
 /* Is req abandoned by its client (so the server should drop it)? Frees it if so. */
 extern bool dolly_queue_abandoned(DollyRequest *req);
 /* Publish the result (DONE) or an error (FAILED, with err set) and wake the client. */
 extern void dolly_queue_finish(DollyRequest *req, const dl_error *err);
-/* At server start or exit: fail every RUNNING request (the server that took it is gone),
- * free ABANDONED ones. QUEUED requests stay for the next server. */
-extern void dolly_queue_fail_running(const char *why);
+/* At a server's start or exit: fail every RUNNING request it took (it is gone), free its
+ * ABANDONED ones. QUEUED requests stay for the other servers and the next one. */
+extern void dolly_queue_fail_running(int server, const char *why);
 
 #endif

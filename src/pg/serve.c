@@ -6,7 +6,8 @@
  * drops the sequences whose clients gave up, runs ONE forward pass per model with work,
  * and answers the sequences that finished. A long request never keeps a short one from
  * starting. Up to dolly.max_loaded_models models stay loaded; when another is needed the
- * least recently used idle one is unloaded.
+ * least recently used idle one is unloaded. Every device's server runs this code on its
+ * own device, and loads its own copy of the models.
  *
  * Everything here runs in the worker's main thread; the engine's compute threads never
  * call PostgreSQL. Engine failures come back as dl_error and become the request's ERROR.
@@ -25,7 +26,10 @@
 #include "prompt.h"
 #include "tokenizer.h"
 
-/* Tokens one forward pass may carry: bounds the activations and the prefill chunks. */
+/*
+ * Tokens one forward pass may carry: bounds the activations and the prefill chunks; a
+ * decode pass of every sequence at once needs dolly.max_batch of them.
+ */
 #define MAX_TOKENS_PER_PASS 512
 
 typedef struct Sequence
@@ -51,11 +55,12 @@ typedef struct ServedModel
 	int			max_seq;
 } ServedModel;
 
+static int	server;				/* which device: the CPU or GPU 0 for 0, GPU `server` else */
+static bool retiring;			/* a GPU's server that dolly.device no longer wants */
 static dl_backend *backend;
 static int	backend_threads;		/* its CPU threads; -1 for the GPU */
 static ServedModel *models;		/* [DOLLY_MAX_MODELS] */
 static uint64 use_clock;
-static uint64 generation;
 
 /* Publish a loaded model's row of dolly_server, or clear it (m->model == NULL). */
 static void
@@ -79,7 +84,7 @@ publish_model(ServedModel *m, double load_seconds)
 		row.max_context = m->cache->max_ctx;
 	}
 	SpinLockAcquire(&dolly_shared->mutex);
-	dolly_shared->models[m->status] = row;
+	dolly_shared->servers[server].models[m->status] = row;
 	SpinLockRelease(&dolly_shared->mutex);
 }
 
@@ -104,7 +109,8 @@ unload(ServedModel *m)
 static dl_status
 ensure_backend(dl_error *err)
 {
-	int			threads = dolly_want_cuda() ? -1 : dolly_cpu_threads();	/* -1: the GPU */
+	/* -1: the GPU; only server 0 runs on the CPU */
+	int			threads = server > 0 || dolly_want_cuda() ? -1 : dolly_cpu_threads();
 	char		plugin[MAXPGPATH];
 
 	if (backend != NULL && backend_threads == threads)
@@ -120,8 +126,8 @@ ensure_backend(dl_error *err)
 		backend->destroy(backend);
 	backend = NULL;
 	dolly_cuda_plugin_path(plugin, sizeof(plugin));
-	/* dolly.cuda_devices picks the GPUs; the server uses the first it sees */
-	if ((threads < 0 ? backend_cuda_create(plugin, 0, DL_CUDA_BF16, &backend, err)
+	/* dolly.cuda_devices picks the GPUs; server g uses the g-th it sees */
+	if ((threads < 0 ? backend_cuda_create(plugin, server, DL_CUDA_BF16, &backend, err)
 		 : backend_cpu_create(threads, &backend, err)) != DL_OK)
 		return err->code;
 	backend_threads = threads;
@@ -167,6 +173,8 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 
 	pgstat_report_activity(STATE_RUNNING, psprintf("loading model %s", path));
 	elog(LOG, "dolly: loading model \"%s\"", path);
+	/* the other servers take the requests that come meanwhile */
+	dolly_queue_taking(server, false);
 	INSTR_TIME_SET_CURRENT(start);
 	snprintf(tokpath, sizeof(tokpath), "%s/tokenizer.json", path);
 	if (tok_load(tokpath, &m->tok, err) != DL_OK)
@@ -176,7 +184,8 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 	max_ctx = m->model->cfg.max_pos;
 	if (dolly_max_context > 0 && dolly_max_context < max_ctx)
 		max_ctx = dolly_max_context;
-	if (dl_kv_cache_create(m->model, dolly_max_batch, max_ctx, MAX_TOKENS_PER_PASS, &m->cache, err) != DL_OK)
+	if (dl_kv_cache_create(m->model, dolly_max_batch, max_ctx, Max(MAX_TOKENS_PER_PASS, dolly_max_batch),
+						   &m->cache, err) != DL_OK)
 		goto fail;
 	if (gen_create(m->model, m->cache, &m->gen, err) != DL_OK)
 		goto fail;
@@ -201,6 +210,7 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 	elog(LOG, "dolly: model \"%s\" loaded in %.2f s (%s, %d layers, %zu MB of weights, %d x %d KV cache)",
 		 path, INSTR_TIME_GET_DOUBLE(elapsed), m->model->cfg.arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox",
 		 m->model->cfg.n_layer, m->model->param_bytes >> 20, m->max_seq, max_ctx);
+	dolly_queue_taking(server, !retiring);
 	*out = m;
 	return DL_OK;
 
@@ -212,6 +222,7 @@ fail:
 	dl_model_free(m->model);
 	tok_free(m->tok);
 	memset(m, 0, sizeof(*m));
+	dolly_queue_taking(server, !retiring);
 	return err->code;
 }
 
@@ -375,7 +386,7 @@ answer(ServedModel *m, Sequence *s)
 static void
 account(ServedModel *m, DollyRequest *req, int ntokens, double seconds)
 {
-	DollyModelStatus *st = &dolly_shared->models[m->status];
+	DollyModelStatus *st = &dolly_shared->servers[server].models[m->status];
 
 	SpinLockAcquire(&dolly_shared->mutex);
 	st->active = m->nseq;
@@ -476,7 +487,7 @@ take_requests(void)
 {
 	DollyRequest *req;
 
-	while (dolly_queue_take(&req, 1, generation) == 1)
+	while ((req = dolly_queue_take(server)) != NULL)
 	{
 		ServedModel *m;
 		dl_error	err;
@@ -498,7 +509,8 @@ take_requests(void)
 
 /*
  * After a configuration reload: unload an idle model that is no longer dolly.model, move
- * to the backend dolly.device and dolly.threads now ask for, and load dolly.model.
+ * to the backend dolly.device and dolly.threads now ask for, and load dolly.model. A GPU's
+ * server that dolly.device no longer wants takes no more requests, and finishes its own.
  */
 void
 dolly_serve_reconfigure(void)
@@ -508,10 +520,16 @@ dolly_serve_reconfigure(void)
 	dl_error	err;
 	bool		have_path = dolly_model[0] != '\0' && dolly_model_path("", path, &is_default, &err) == DL_OK;
 
+	retiring = server > 0 && !dolly_want_cuda();
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
-		if (models[i].model && models[i].is_default && models[i].nseq == 0 &&
-			(!have_path || strcmp(models[i].path, path) != 0))
+		if (models[i].model && models[i].nseq == 0 &&
+			(retiring || (models[i].is_default && (!have_path || strcmp(models[i].path, path) != 0))))
 			unload(&models[i]);
+	if (retiring)
+	{
+		dolly_queue_taking(server, false);
+		return;
+	}
 	/* dolly.device or dolly.threads changed: idle models leave the old backend now */
 	if (ensure_backend(&err) != DL_OK)
 		elog(LOG, "dolly: %s", err.msg);
@@ -525,12 +543,13 @@ dolly_serve_reconfigure(void)
 }
 
 void
-dolly_serve_init(uint64 server_generation)
+dolly_serve_init(int server_index)
 {
 	dl_error	err;
 
-	generation = server_generation;
+	server = server_index;
 	models = MemoryContextAllocZero(TopMemoryContext, DOLLY_MAX_MODELS * sizeof(ServedModel));
+	dolly_queue_taking(server, true);
 	if (dolly_model[0] != '\0')
 	{
 		ServedModel *m;
@@ -545,7 +564,8 @@ dolly_serve_tick(void)
 {
 	bool		busy = false;
 
-	take_requests();
+	if (!retiring)
+		take_requests();
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
 		if (models[i].model && models[i].nseq > 0)
 		{
@@ -553,4 +573,15 @@ dolly_serve_tick(void)
 			busy = true;
 		}
 	return busy;
+}
+
+bool
+dolly_serve_retired(void)
+{
+	if (!retiring)
+		return false;
+	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
+		if (models[i].model && models[i].nseq > 0)
+			return false;
+	return true;
 }

@@ -1,12 +1,17 @@
 /*
- * server.c: the model server, one background worker that holds the model for every session.
+ * server.c: the model servers, one background worker per device, each holding the models
+ * for every session.
  *
- * It finds out which compute backends the machine offers (CPU threads, the CUDA plugin and
- * its GPUs) and publishes that for dolly_backends(), loads dolly.model, then serves the
- * requests sessions queue (serve.c), sleeping on its latch when there is nothing to do.
- * CUDA is initialised here and nowhere else: CUDA state does not survive fork(), so the
- * postmaster and _PG_init must never touch it. SIGTERM ends the worker with FATAL; the
- * postmaster restarts it after bgw_restart_time unless the whole server is shutting down.
+ * Server 0, registered at postmaster start, finds out which compute backends the machine
+ * offers (CPU threads, the CUDA plugin and its GPUs) and publishes that for
+ * dolly_backends(). It serves on the CPU, or on GPU 0 when dolly.device asks for GPUs; then
+ * it starts server g for every further GPU g, as a dynamic background worker (how many GPUs
+ * there are is known only once CUDA ran, which the postmaster must never do: CUDA state
+ * does not survive fork()). Each server loads dolly.model, then serves the requests
+ * sessions queue (serve.c), sleeping on its latch when there is nothing to do. SIGTERM ends
+ * a server with FATAL; the postmaster restarts it after bgw_restart_time unless the whole
+ * server is shutting down. A GPU's server exits for good (code 0) when dolly.device no
+ * longer asks for GPUs, or when it finds its device served already.
  */
 #include "dolly_pg.h"
 #include "queue.h"
@@ -29,21 +34,69 @@
 
 PGDLLEXPORT void dolly_server_main(Datum arg);
 
+/* The worker that serves device `server`. */
+static void
+server_worker(int server, BackgroundWorker *worker)
+{
+	memset(worker, 0, sizeof(*worker));
+	/* a connection to no database: enough to appear in pg_stat_activity */
+	worker->bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker->bgw_start_time = BgWorkerStart_ConsistentState;
+	worker->bgw_restart_time = 1;
+	worker->bgw_main_arg = Int32GetDatum(server);
+	snprintf(worker->bgw_library_name, BGW_MAXLEN, "dolly");
+	snprintf(worker->bgw_function_name, BGW_MAXLEN, "dolly_server_main");
+	if (server == 0)
+		snprintf(worker->bgw_name, BGW_MAXLEN, DOLLY_SERVER_NAME);
+	else
+		snprintf(worker->bgw_name, BGW_MAXLEN, DOLLY_SERVER_NAME " for GPU %d", server);
+	snprintf(worker->bgw_type, BGW_MAXLEN, DOLLY_SERVER_NAME);
+}
+
 void
 dolly_server_register(void)
 {
 	BackgroundWorker worker;
 
-	memset(&worker, 0, sizeof(worker));
-	/* a connection to no database: enough to appear in pg_stat_activity */
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_ConsistentState;
-	worker.bgw_restart_time = 1;
-	snprintf(worker.bgw_library_name, BGW_MAXLEN, "dolly");
-	snprintf(worker.bgw_function_name, BGW_MAXLEN, "dolly_server_main");
-	snprintf(worker.bgw_name, BGW_MAXLEN, DOLLY_SERVER_NAME);
-	snprintf(worker.bgw_type, BGW_MAXLEN, DOLLY_SERVER_NAME);
+	server_worker(0, &worker);
 	RegisterBackgroundWorker(&worker);
+}
+
+/* Server 0: start a server for every further GPU that has none, when dolly.device wants GPUs. */
+static void
+start_gpu_servers(void)
+{
+	int			ngpus;
+
+	if (!dolly_want_cuda())
+		return;
+	SpinLockAcquire(&dolly_shared->mutex);
+	ngpus = dolly_shared->cuda_available ? Min(dolly_shared->cuda_ngpus, DOLLY_MAX_SERVERS) : 0;
+	SpinLockRelease(&dolly_shared->mutex);
+	for (int g = 1; g < ngpus; g++)
+	{
+		BackgroundWorker worker;
+		BackgroundWorkerHandle *handle;
+		bool		stopped;
+
+		SpinLockAcquire(&dolly_shared->mutex);
+		stopped = dolly_shared->servers[g].state == DOLLY_SERVER_STOPPED;
+		if (stopped)
+			dolly_shared->servers[g].state = DOLLY_SERVER_STARTING;
+		SpinLockRelease(&dolly_shared->mutex);
+		if (!stopped)
+			continue;
+		server_worker(g, &worker);
+		if (!RegisterDynamicBackgroundWorker(&worker, &handle))
+		{
+			SpinLockAcquire(&dolly_shared->mutex);
+			dolly_shared->servers[g].state = DOLLY_SERVER_STOPPED;
+			SpinLockRelease(&dolly_shared->mutex);
+			ereport(LOG,
+					(errmsg("dolly: no background worker slot for the model server of GPU %d; GPU %d serves nothing", g, g),
+					 errhint("Raise max_worker_processes: dolly needs one per GPU, and one per fine-tuning rank.")));
+		}
+	}
 }
 
 void
@@ -139,20 +192,57 @@ probe_cuda(void)
 static void
 server_on_exit(int code, Datum arg)
 {
+	int			server = DatumGetInt32(arg);
+	DollyServer *me = &dolly_shared->servers[server];
+
+	dolly_queue_taking(server, false);
 	SpinLockAcquire(&dolly_shared->mutex);
-	dolly_shared->state = DOLLY_SERVER_STOPPED;
-	dolly_shared->server_pid = 0;
-	dolly_shared->server_latch = NULL;
+	me->state = DOLLY_SERVER_STOPPED;
+	me->pid = 0;
+	me->latch = NULL;
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
-		dolly_shared->models[i].in_use = false;
+		me->models[i].in_use = false;
 	SpinLockRelease(&dolly_shared->mutex);
-	dolly_queue_fail_running("dolly model server stopped while the request ran");
+	dolly_queue_fail_running(server, "dolly model server stopped while the request ran");
+}
+
+/*
+ * Claim device `server` for this process. False when another live process serves it: a
+ * GPU's server registered twice (server 0 restarted while it was restarting) leaves.
+ */
+static bool
+claim(int server)
+{
+	DollyServer *me = &dolly_shared->servers[server];
+	bool		mine;
+
+	SpinLockAcquire(&dolly_shared->mutex);
+	mine = me->pid == 0;
+	if (mine)
+	{
+		me->pid = MyProcPid;
+		me->state = DOLLY_SERVER_STARTING;
+	}
+	SpinLockRelease(&dolly_shared->mutex);
+	return mine;
+}
+
+/* Does dolly.device (still) ask for a server on GPU `server` > 0? */
+static bool
+gpu_wanted(int server)
+{
+	int			ngpus;
+
+	SpinLockAcquire(&dolly_shared->mutex);
+	ngpus = dolly_shared->cuda_ngpus;
+	SpinLockRelease(&dolly_shared->mutex);
+	return dolly_want_cuda() && server < ngpus;
 }
 
 void
 dolly_server_main(Datum arg)
 {
-	uint64		generation;
+	int			server = DatumGetInt32(arg);
 	bool		was_busy = false;
 
 	pqsignal(SIGTERM, die);
@@ -161,26 +251,29 @@ dolly_server_main(Datum arg)
 	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
 	pgstat_report_appname(DOLLY_SERVER_NAME);
 
-	on_shmem_exit(server_on_exit, (Datum) 0);
-	SpinLockAcquire(&dolly_shared->mutex);
-	dolly_shared->state = DOLLY_SERVER_STARTING;
-	dolly_shared->server_pid = MyProcPid;
-	generation = ++dolly_shared->server_generation;
-	SpinLockRelease(&dolly_shared->mutex);
-	/* requests a previous server took died with it; queued ones are ours to serve */
-	dolly_queue_fail_running("dolly model server restarted while the request ran");
+	if (!claim(server))
+		proc_exit(0);
+	on_shmem_exit(server_on_exit, Int32GetDatum(server));
+	/* requests a previous server of this device took died with it; queued ones are served */
+	dolly_queue_fail_running(server, "dolly model server restarted while the request ran");
 
 	dolly_cuda_restrict();
-	pgstat_report_activity(STATE_RUNNING, "probing compute backends");
-	probe_cpu();
-	probe_cuda();
-	dolly_serve_init(generation);
+	if (server == 0)
+	{
+		pgstat_report_activity(STATE_RUNNING, "probing compute backends");
+		probe_cpu();
+		probe_cuda();
+		start_gpu_servers();
+	}
+	else if (!gpu_wanted(server))
+		proc_exit(0);
+	dolly_serve_init(server);
 	SpinLockAcquire(&dolly_shared->mutex);
-	dolly_shared->server_latch = MyLatch;
-	dolly_shared->state = DOLLY_SERVER_READY;
+	dolly_shared->servers[server].latch = MyLatch;
+	dolly_shared->servers[server].state = DOLLY_SERVER_READY;
 	SpinLockRelease(&dolly_shared->mutex);
 	pgstat_report_activity(STATE_IDLE, "");
-	elog(LOG, "dolly model server ready");
+	elog(LOG, "dolly model server ready%s", server ? psprintf(" on GPU %d", server) : "");
 
 	for (;;)
 	{
@@ -193,10 +286,18 @@ dolly_server_main(Datum arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
-			probe_cpu();
+			if (server == 0)
+				probe_cpu();
 			dolly_serve_reconfigure();
+			if (server == 0)
+				start_gpu_servers();
 		}
 		busy = dolly_serve_tick();
+		if (dolly_serve_retired())
+		{
+			elog(LOG, "dolly model server of GPU %d stops: dolly.device no longer asks for GPUs", server);
+			proc_exit(0);
+		}
 		if (busy != was_busy)
 			pgstat_report_activity(busy ? STATE_RUNNING : STATE_IDLE, busy ? "generating" : "");
 		was_busy = busy;

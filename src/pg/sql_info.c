@@ -33,8 +33,9 @@ wait_for_server(void)
 	{
 		DollyServerState state;
 
+		/* server 0 publishes what the machine offers */
 		SpinLockAcquire(&dolly_shared->mutex);
-		state = dolly_shared->state;
+		state = dolly_shared->servers[0].state;
 		SpinLockRelease(&dolly_shared->mutex);
 		if (state == DOLLY_SERVER_READY)
 			return;
@@ -55,74 +56,86 @@ Datum
 dolly_backends(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	DollyShared snap;
+	int			cpu_threads,
+				cuda_ngpus;
+	bool		cuda_available;
+	char		cpu_detail[sizeof(dolly_shared->cpu_detail)];
+	char		cuda_detail[sizeof(dolly_shared->cuda_detail)];
 	Datum		values[4];
 	bool		nulls[4] = {false, false, false, false};
 
 	wait_for_server();
 	SpinLockAcquire(&dolly_shared->mutex);
-	snap = *dolly_shared;
+	cpu_threads = dolly_shared->cpu_threads;
+	cuda_available = dolly_shared->cuda_available;
+	cuda_ngpus = dolly_shared->cuda_ngpus;
+	memcpy(cpu_detail, dolly_shared->cpu_detail, sizeof(cpu_detail));
+	memcpy(cuda_detail, dolly_shared->cuda_detail, sizeof(cuda_detail));
 	SpinLockRelease(&dolly_shared->mutex);
 
 	InitMaterializedSRF(fcinfo, 0);
 
 	values[0] = CStringGetTextDatum("cpu");
 	values[1] = BoolGetDatum(true);
-	values[2] = Int32GetDatum(snap.cpu_threads);
-	values[3] = CStringGetTextDatum(snap.cpu_detail);
+	values[2] = Int32GetDatum(cpu_threads);
+	values[3] = CStringGetTextDatum(cpu_detail);
 	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 
 	values[0] = CStringGetTextDatum("cuda");
-	values[1] = BoolGetDatum(snap.cuda_available);
-	values[2] = Int32GetDatum(snap.cuda_ngpus);
-	values[3] = CStringGetTextDatum(snap.cuda_detail);
+	values[1] = BoolGetDatum(cuda_available);
+	values[2] = Int32GetDatum(cuda_ngpus);
+	values[3] = CStringGetTextDatum(cuda_detail);
 	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 
 	return (Datum) 0;
 }
 
-/* dolly_server_status(): one row per model the server holds. */
+/* dolly_server_status(): one row per model each model server holds. */
 Datum
 dolly_server_status(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	DollyModelStatus *st = palloc(sizeof(DollyModelStatus) * DOLLY_MAX_MODELS);
-	pid_t		pid;
-
-	SpinLockAcquire(&dolly_shared->mutex);
-	memcpy(st, dolly_shared->models, sizeof(DollyModelStatus) * DOLLY_MAX_MODELS);
-	pid = dolly_shared->server_pid;
-	SpinLockRelease(&dolly_shared->mutex);
 
 	InitMaterializedSRF(fcinfo, 0);
-	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
+	for (int s = 0; s < DOLLY_MAX_SERVERS; s++)
 	{
-		Datum		values[16];
-		bool		nulls[16];
-		const char *slash = strrchr(st[i].path, '/');
-		int			c = 0;
+		pid_t		pid;
 
-		if (!st[i].in_use)
-			continue;
-		memset(nulls, 0, sizeof(nulls));
-		values[c++] = Int32GetDatum(pid);
-		/* the directory's name only: paths are for superusers (dolly.model is hidden too) */
-		values[c++] = CStringGetTextDatum(slash ? slash + 1 : st[i].path);
-		values[c++] = CStringGetTextDatum(st[i].arch);
-		values[c++] = CStringGetTextDatum(st[i].device);
-		values[c++] = TimestampTzGetDatum(st[i].loaded_at);
-		values[c++] = Float8GetDatum(st[i].load_seconds);
-		values[c++] = Int64GetDatum(st[i].params);
-		values[c++] = Int64GetDatum(st[i].param_bytes);
-		values[c++] = Int64GetDatum(st[i].cache_bytes);
-		values[c++] = Int32GetDatum(st[i].max_batch);
-		values[c++] = Int32GetDatum(st[i].max_context);
-		values[c++] = Int32GetDatum(st[i].active);
-		values[c++] = Int64GetDatum(st[i].requests);
-		values[c++] = Int64GetDatum(st[i].prompt_tokens);
-		values[c++] = Int64GetDatum(st[i].generated_tokens);
-		values[c++] = Float8GetDatum(st[i].tokens_per_second);
-		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+		SpinLockAcquire(&dolly_shared->mutex);
+		memcpy(st, dolly_shared->servers[s].models, sizeof(DollyModelStatus) * DOLLY_MAX_MODELS);
+		pid = dolly_shared->servers[s].pid;
+		SpinLockRelease(&dolly_shared->mutex);
+
+		for (int i = 0; i < DOLLY_MAX_MODELS; i++)
+		{
+			Datum		values[16];
+			bool		nulls[16];
+			const char *slash = strrchr(st[i].path, '/');
+			int			c = 0;
+
+			if (!st[i].in_use)
+				continue;
+			memset(nulls, 0, sizeof(nulls));
+			values[c++] = Int32GetDatum(pid);
+			/* the directory's name only: paths are for superusers (dolly.model is hidden too) */
+			values[c++] = CStringGetTextDatum(slash ? slash + 1 : st[i].path);
+			values[c++] = CStringGetTextDatum(st[i].arch);
+			values[c++] = CStringGetTextDatum(st[i].device);
+			values[c++] = TimestampTzGetDatum(st[i].loaded_at);
+			values[c++] = Float8GetDatum(st[i].load_seconds);
+			values[c++] = Int64GetDatum(st[i].params);
+			values[c++] = Int64GetDatum(st[i].param_bytes);
+			values[c++] = Int64GetDatum(st[i].cache_bytes);
+			values[c++] = Int32GetDatum(st[i].max_batch);
+			values[c++] = Int32GetDatum(st[i].max_context);
+			values[c++] = Int32GetDatum(st[i].active);
+			values[c++] = Int64GetDatum(st[i].requests);
+			values[c++] = Int64GetDatum(st[i].prompt_tokens);
+			values[c++] = Int64GetDatum(st[i].generated_tokens);
+			values[c++] = Float8GetDatum(st[i].tokens_per_second);
+			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+		}
 	}
 	return (Datum) 0;
 }

@@ -94,7 +94,8 @@ filters="ops_ cuda_model_ cuda_train_"
 [ "${1:-all}" = train ] && filters=""
 for filter in $filters; do
 	note "test_gpu $filter"
-	timeout 240 $B/test_gpu "$filter" 2>&1 | tee -a "$LOG/test.log"
+	# half the time left at most, so that a hung test leaves time for the others
+	timeout $(( $(left) > 20 ? $(left) / 2 : 10 )) $B/test_gpu "$filter" 2>&1 | tee -a "$LOG/test.log"
 	rc=${PIPESTATUS[0]}
 	[ "$rc" = 0 ] || test_rc=$rc
 	summary+=("test_gpu $filter: $(grep -E '^[0-9]+ passed' "$LOG/test.log" | tail -1) (exit $rc)")

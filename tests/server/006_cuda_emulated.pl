@@ -1,9 +1,11 @@
-# 006_cuda_emulated.pl: the GPU paths of the server (the model server on the CUDA backend,
-# fine-tuning jobs on GPUs in mixed precision, one rank a GPU) through PostgreSQL, with the
-# CUDA plugin's kernels emulated on the CPU (tests/gpu/emu; $DOLLY_CUDA_PLUGIN points the
-# server at it, $EMU_GPUS makes two GPUs): the emulated GPU serves the greedy text the CPU
-# serves, and after a kernel faults ($EMU_FAIL_ONCE) the request gets an ERROR and a new
-# server serves again; a job trains there and saves a model the CPU then serves; two ranks
+# 006_cuda_emulated.pl: the GPU paths of the server (one model server a GPU on the CUDA
+# backend, fine-tuning jobs on GPUs in mixed precision, one rank a GPU) through PostgreSQL,
+# with the CUDA plugin's kernels emulated on the CPU (tests/gpu/emu; $DOLLY_CUDA_PLUGIN
+# points the server at it, $EMU_GPUS makes two GPUs): each emulated GPU gets its own model
+# server, which serves the greedy text the CPU serves; concurrent requests are spread over
+# both; while one GPU's server restarts the other serves; after a kernel faults
+# ($EMU_FAIL_ONCE) the request gets an ERROR and a new server serves again; when
+# dolly.device goes back to cpu the second GPU's server stops; a job trains there and saves a model the CPU then serves; two ranks
 # on two GPUs, their gradients summed through host memory, train the model one GPU trains;
 # without a GPU, dolly.device = cuda is an ERROR. Skipped, visibly, when the emulated plugin
 # was not built.
@@ -11,6 +13,7 @@ use strict;
 use warnings;
 use Cwd qw(abs_path);
 use File::Basename qw(dirname);
+use IPC::Run;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -53,9 +56,52 @@ is($node->safe_psql('postgres', "SELECT device FROM dolly_server"), 'cpu', 'serv
 
 $node->append_conf('postgresql.conf', "dolly.device = 'cuda'\n");
 $node->reload;
-$node->poll_query_until('postgres', "SELECT device FROM dolly_server", 'cuda:0')
-  or die 'the model did not move to the GPU';
+$node->poll_query_until('postgres', "SELECT string_agg(device, ',' ORDER BY device) FROM dolly_server",
+	'cuda:0,cuda:1')
+  or die 'the model did not move to the GPUs';
 is($node->safe_psql('postgres', $sql), $cpu, 'the GPU serves the greedy text the CPU serves');
+is($node->safe_psql('postgres',
+		"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'dolly model server'"),
+	2, 'one model server a GPU');
+
+# four clients at once (released together from an advisory lock): each gets the greedy text,
+# and each GPU's server answers some of them
+my $locker = $node->background_psql('postgres');
+$locker->query_safe('SELECT pg_advisory_lock(42)');
+my (@h, @out, @err);
+for my $i (0 .. 3)
+{
+	push @h, IPC::Run::start(
+		[ 'psql', '-X', '-A', '-t', '-q', '-d', $node->connstr('postgres'),
+		  '-c', "$sql FROM (SELECT pg_advisory_lock_shared(42)) AS l" ],
+		'>', \$out[$i], '2>', \$err[$i]);
+}
+$node->poll_query_until('postgres',
+	"SELECT count(*) = 4 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+  or die 'clients did not reach the lock';
+my $before = $node->safe_psql('postgres', "SELECT string_agg(requests::text, ',' ORDER BY device) FROM dolly_server");
+$locker->query_safe('SELECT pg_advisory_unlock(42)');
+$_->finish for @h;
+chomp @out;
+diag("client: $_") for grep { $_ } @err;
+is(scalar(grep { $_ eq $cpu } @out), 4, 'four concurrent clients get the greedy text');
+my @after = split /,/, $node->safe_psql('postgres',
+	"SELECT string_agg(requests::text, ',' ORDER BY device) FROM dolly_server");
+my @b = split /,/, $before;
+my @answered = map { $after[$_] - $b[$_] } 0 .. 1;
+ok($answered[0] > 0 && $answered[1] > 0 && $answered[0] + $answered[1] == 4,
+	"and both GPUs' servers answer some of them (@answered)");
+
+# one GPU's server dies: the other serves meanwhile, and the postmaster starts it again
+my $pid1 = $node->safe_psql('postgres', "SELECT server_pid FROM dolly_server WHERE device = 'cuda:1'");
+$node->safe_psql('postgres', "SELECT pg_terminate_backend($pid1)");
+$node->poll_query_until('postgres', "SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $pid1")
+  or die "GPU 1's server did not stop";
+is($node->safe_psql('postgres', $sql), $cpu, "while GPU 1's server is down, GPU 0's serves");
+$node->poll_query_until('postgres',
+	"SELECT count(*) = 1 FROM dolly_server WHERE device = 'cuda:1' AND server_pid <> $pid1")
+  or die "GPU 1's server did not come back";
+pass("GPU 1's server comes back, with the model loaded");
 
 # a kernel that faults: that request gets an ERROR, the server starts again with a new
 # GPU context, and serves the next one
@@ -63,7 +109,7 @@ open(my $fh, '>', $fault) or die "cannot create $fault";
 close $fh;
 my ($ret, $out, $err) = $node->psql('postgres', $sql);
 isnt($ret, 0, 'a request whose pass faults on the GPU fails');
-like($err, qr/CUDA .* failed on cuda:0/, 'with an ERROR that says what failed');
+like($err, qr/CUDA .* failed on cuda:\d/, 'with an ERROR that says what failed');
 $node->poll_query_until('postgres', $sql, $cpu) or die 'the server did not come back';
 ok($node->log_contains('restarting with a new GPU context'), 'the model server restarted, and serves again');
 
@@ -102,6 +148,9 @@ $node->append_conf('postgresql.conf', "dolly.device = 'cpu'\n");
 $node->reload;
 $node->poll_query_until('postgres', "SELECT count(*) = 0 FROM dolly_server WHERE device <> 'cpu'")
   or die 'the models did not move back to the CPU';
+is($node->safe_psql('postgres',
+		"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'dolly model server'"),
+	1, "and GPU 1's server stopped");
 isnt($node->safe_psql('postgres',
 		"SELECT dolly_generate('Spell the number 3', model => 'tuned', max_new_tokens => 8, do_sample => false)"),
 	undef, 'the CPU serves the model the GPU trained');
