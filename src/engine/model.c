@@ -329,15 +329,18 @@ vocab_from_files(dl_config *c, const st_set *set, const char *dir, dl_error *err
 	return DL_OK;
 }
 
-/* Check every tensor of the map against the files, then upload them all. */
+/* Check every tensor of the map against the files, then upload them all, telling watch. */
 static dl_status
-load_params(dl_model *m, const st_set *set, const char *dir, dl_error *err)
+load_params(dl_model *m, const st_set *set, const char *dir, dl_load_fn watch, void *arg,
+			dl_error *err)
 {
 	const dl_config *c = &m->cfg;
 	const char *type = c->arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox";
 	const st_tensor *t;
 	dl_status	st = DL_OK;
 	int32_t    *rows = NULL;
+	int64_t		total = dl_model_param_count(m),
+				done = 0;
 
 	for (int i = 0; i < m->nmap; i++)
 	{
@@ -360,6 +363,9 @@ load_params(dl_model *m, const st_set *set, const char *dir, dl_error *err)
 		st = m->be->upload_tensor(m->be, (char *) m->param_mem + e->offset, e->fmt,
 								  st_find(set, e->name),
 								  e->rowmap == DL_ROWS_NEOX_QKV ? rows : NULL, err);
+		done += e->shape[0] * (e->ndim == 2 ? e->shape[1] : 1);
+		if (st == DL_OK && watch && watch(arg, done, total))
+			st = dl_fail(err, DL_ECANCELLED, "loading \"%s\" was stopped", dir);
 	}
 	if (st == DL_OK)
 		st = m->be->synchronize(m->be, err);
@@ -399,6 +405,13 @@ dl_model_create(const dl_config *cfg, dl_backend *be, dl_model **out, dl_error *
 dl_status
 dl_model_load(const char *dir, dl_backend *be, dl_model **out, dl_error *err)
 {
+	return dl_model_load_watched(dir, be, NULL, NULL, out, err);
+}
+
+dl_status
+dl_model_load_watched(const char *dir, dl_backend *be, dl_load_fn watch, void *arg,
+					  dl_model **out, dl_error *err)
+{
 	char		path[4096];
 	dl_config	cfg;
 	dl_model   *m = NULL;
@@ -417,7 +430,7 @@ dl_model_load(const char *dir, dl_backend *be, dl_model **out, dl_error *err)
 	if (st == DL_OK)
 		st = dl_model_create(&cfg, be, &m, err);
 	if (st == DL_OK)
-		st = load_params(m, set, dir, err);
+		st = load_params(m, set, dir, watch, arg, err);
 	st_close(set);
 	if (st != DL_OK)
 	{

@@ -91,6 +91,16 @@ typedef struct dl_model
 dl_status	dl_model_load(const char *dir, dl_backend *be, dl_model **out, dl_error *err);
 
 /*
+ * Called by dl_model_load_watched after each tensor it uploads, with the parameters loaded
+ * so far of all; a nonzero return stops the load (DL_ECANCELLED, nothing left allocated).
+ */
+typedef int (*dl_load_fn) (void *arg, int64_t done, int64_t total);
+
+/* dl_model_load, telling watch (unless NULL) how far it is. */
+dl_status	dl_model_load_watched(const char *dir, dl_backend *be, dl_load_fn watch, void *arg,
+								  dl_model **out, dl_error *err);
+
+/*
  * A model of configuration cfg (vocab_size set) on be: its tensor map, its one parameter
  * allocation pointed into (contents undefined) and its rotary table. dl_model_load fills
  * the parameters from files; fine-tuning fills them itself (random init, grown tables).

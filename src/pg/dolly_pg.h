@@ -13,6 +13,7 @@
 
 #include "cuda_plugin.h"
 #include "error.h"
+#include "model.h"
 
 /* dolly.device */
 typedef enum DollyDevice
@@ -112,6 +113,14 @@ extern bool dolly_model_name_ok(const char *name);
 
 /* ERROR unless name can name a directory under dolly.model_dir (no separators, no ".."). */
 extern void dolly_check_model_name(const char *name);
+
+/*
+ * Load the model in directory path onto be, showing "<activity>: N%" in pg_stat_activity as
+ * it goes. It stops (DL_ECANCELLED) when this process is asked to die, or when stop(arg)
+ * (unless NULL) says so; the caller's CHECK_FOR_INTERRUPTS then ends the process.
+ */
+extern dl_status dolly_load_model(const char *path, dl_backend *be, const char *activity,
+								  bool (*stop) (void *arg), void *arg, dl_model **out, dl_error *err);
 
 /* The serving work of model server number `server` (serve.c). */
 extern void dolly_serve_init(int server);

@@ -281,8 +281,9 @@ dolly_dp_train(DollyDP *d, int rank, dl_model *m, const dl_example *ex, int ntra
 }
 
 dl_status
-dolly_job_load_base(const char *base_path, int rank, int nranks, dl_backend **be,
-					dl_tokenizer **tok, dl_model **m, dl_error *err)
+dolly_job_load_base(const char *base_path, int rank, int nranks, const char *activity,
+					bool (*stop) (void *arg), void *arg, dl_backend **be, dl_tokenizer **tok,
+					dl_model **m, dl_error *err)
 {
 	char		path[MAXPGPATH + 32];
 	dl_status	st;
@@ -303,18 +304,25 @@ dolly_job_load_base(const char *base_path, int rank, int nranks, dl_backend **be
 	elog(LOG, "dolly: fine-tuning rank %d of %d trains on %s", rank, nranks, (*be)->name);
 	snprintf(path, sizeof(path), "%s/tokenizer.json", base_path);
 	if (tok_load(path, tok, err) != DL_OK ||
-		dl_model_load(base_path, *be, m, err) != DL_OK)
+		dolly_load_model(base_path, *be, activity, stop, arg, m, err) != DL_OK)
 		return err->code;
 	return model_add_dolly_tokens(m, *tok, err);
+}
+
+/* Does the group stop (a rank failed or was stopped)? */
+static bool
+group_stops(void *arg)
+{
+	DollyDP    *d = arg;
+
+	return d->abort || ProcDiePending;
 }
 
 /* Progress of ranks > 0: nothing to publish; stop when the group stops. */
 static int
 rank_progress(void *arg, const dl_train_progress *p)
 {
-	DollyDP    *d = arg;
-
-	return d->abort || ProcDiePending;
+	return group_stops(arg);
 }
 
 void
@@ -347,7 +355,8 @@ dolly_job_rank_main(Datum main_arg)
 		 (long long) DatumGetInt64(main_arg), my_rank, d->nranks);
 	pgstat_report_activity(STATE_RUNNING, "loading the base model");
 
-	if (dolly_job_load_base(d->base_path, my_rank, d->nranks, &be, &tok, &m, &err) != DL_OK)
+	if (dolly_job_load_base(d->base_path, my_rank, d->nranks, "loading the base model", group_stops, d,
+							&be, &tok, &m, &err) != DL_OK)
 	{
 		dolly_relative_paths(&err);
 		dolly_dp_abort(d, err.msg);

@@ -172,7 +172,7 @@ finish_job(const char *state, const char *error)
 
 /* Is the job asked to stop (dolly_cancel_job, or SIGTERM)? */
 static bool
-stop_requested(void)
+stop_requested(void *unused)
 {
 	bool		cancel;
 
@@ -202,7 +202,7 @@ claim(JobSpec *spec)
 	for (int waited = 0; waited < CLAIM_WAIT_MS; waited += 100)
 	{
 		Oid			argtypes[2] = {INT8OID, BOOLOID};
-		Datum		args[2] = {Int64GetDatum(my_job), BoolGetDatum(stop_requested())};
+		Datum		args[2] = {Int64GetDatum(my_job), BoolGetDatum(stop_requested(NULL))};
 		bool		claimed = false;
 		bool		gone = false;
 
@@ -275,7 +275,7 @@ on_progress(void *arg, const dl_train_progress *p)
 	my_slot->eval_loss = p->eval_loss;
 	my_slot->tokens_per_second = p->tokens_per_second;
 	SpinLockRelease(&dolly_jobs->mutex);
-	return stop_requested();
+	return stop_requested(NULL);
 }
 
 /* Dolly v2's learning rate is for billions of parameters; small models need larger ones. */
@@ -388,7 +388,9 @@ run_job(const JobSpec *spec)
 		goto fail;
 	snprintf(out_path, sizeof(out_path), "%s/%s", dolly_model_dir, spec->output);
 	snprintf(cfg_path, sizeof(cfg_path), "%s/config.json", base_path);
-	if (dolly_job_load_base(base_path, 0, nranks, &be, &tok, &m, &err) != DL_OK)
+	if (dolly_job_load_base(base_path, 0, nranks,
+							psprintf("dolly fine-tuning job %lld: loading the base model", (long long) my_job),
+							stop_requested, NULL, &be, &tok, &m, &err) != DL_OK)
 		goto fail;
 	params = dl_model_param_count(m);
 
@@ -427,12 +429,6 @@ run_job(const JobSpec *spec)
 	for (int i = 0; i < n; i++)
 		example_free(&ex[i]);
 	free(ex);
-	if (st == DL_ECANCELLED)
-	{
-		CHECK_FOR_INTERRUPTS();		/* SIGTERM: FATAL here; the view shows the job failed */
-		finish_job("cancelled", NULL);
-		goto done;
-	}
 	if (st != DL_OK)
 		goto fail;
 
@@ -443,8 +439,16 @@ run_job(const JobSpec *spec)
 	goto done;
 
 fail:
-	dolly_relative_paths(&err);
-	finish_job("failed", err.msg);
+	if (err.code == DL_ECANCELLED)
+	{
+		CHECK_FOR_INTERRUPTS();		/* SIGTERM: FATAL here; the view shows the job failed */
+		finish_job("cancelled", NULL);
+	}
+	else
+	{
+		dolly_relative_paths(&err);
+		finish_job("failed", err.msg);
+	}
 done:
 	dl_model_free(m);
 	tok_free(tok);

@@ -1,11 +1,14 @@
 /*
- * paths.c: model names and the directories they stand for. Model directories are for
- * superusers to choose (dolly.model, dolly.model_dir); sessions only name models, and a
- * name can only ever be one directory under dolly.model_dir.
+ * paths.c: model names, the directories they stand for, and loading them. Model
+ * directories are for superusers to choose (dolly.model, dolly.model_dir); sessions only
+ * name models, and a name can only ever be one directory under dolly.model_dir.
  */
 #include "dolly_pg.h"
 
 #include <sys/stat.h>
+
+#include "miscadmin.h"
+#include "pgstat.h"
 
 #include "queue.h"
 
@@ -86,4 +89,39 @@ dolly_relative_paths(dl_error *err)
 		return;
 	while ((p = strstr(err->msg, dolly_model_dir)) != NULL && p[dirlen] == '/')
 		memmove(p, p + dirlen + 1, strlen(p + dirlen + 1) + 1);
+}
+
+typedef struct LoadWatch
+{
+	const char *activity;
+	int			percent;		/* last shown */
+	bool		(*stop) (void *arg);
+	void	   *arg;
+} LoadWatch;
+
+/* dl_load_fn: show the progress when it changes by a percent; say whether to stop. */
+static int
+watch_load(void *arg, int64_t done, int64_t total)
+{
+	LoadWatch  *w = arg;
+	int			percent = total > 0 ? (int) (100 * done / total) : 100;
+
+	if (percent != w->percent)
+	{
+		char		line[MAXPGPATH + 64];
+
+		snprintf(line, sizeof(line), "%s: %d%%", w->activity, percent);
+		pgstat_report_activity(STATE_RUNNING, line);
+		w->percent = percent;
+	}
+	return ProcDiePending || (w->stop && w->stop(w->arg));
+}
+
+dl_status
+dolly_load_model(const char *path, dl_backend *be, const char *activity,
+				 bool (*stop) (void *arg), void *arg, dl_model **out, dl_error *err)
+{
+	LoadWatch	w = {activity, -1, stop, arg};
+
+	return dl_model_load_watched(path, be, watch_load, &w, out, err);
 }

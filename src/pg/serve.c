@@ -179,7 +179,7 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 	snprintf(tokpath, sizeof(tokpath), "%s/tokenizer.json", path);
 	if (tok_load(tokpath, &m->tok, err) != DL_OK)
 		goto fail;
-	if (dl_model_load(path, backend, &m->model, err) != DL_OK)
+	if (dolly_load_model(path, backend, psprintf("loading model %s", path), NULL, NULL, &m->model, err) != DL_OK)
 		goto fail;
 	max_ctx = m->model->cfg.max_pos;
 	if (dolly_max_context > 0 && dolly_max_context < max_ctx)

@@ -394,6 +394,51 @@ TEST(model_load_errors_name_the_tensor)
 	}
 }
 
+/* A load watcher that records what it was told and stops after stop_after calls (0: never). */
+typedef struct
+{
+	int			calls;
+	int			stop_after;
+	int64_t		last_done;
+	int64_t		total;
+	int			monotone;
+} load_watch;
+
+static int
+watch_load(void *arg, int64_t done, int64_t total)
+{
+	load_watch *w = arg;
+
+	w->monotone &= done > w->last_done && done <= total;
+	w->calls++;
+	w->last_done = done;
+	w->total = total;
+	return w->stop_after && w->calls >= w->stop_after;
+}
+
+TEST(model_load_reports_progress_and_stops)
+{
+	dl_backend *be;
+	dl_model   *m = NULL;
+	dl_error	err;
+	load_watch	w = {0, 0, 0, 0, 1};
+	load_watch	stop = {0, 3, 0, 0, 1};
+
+	if (access(fixture_path("gptj-f32"), R_OK) != 0)
+		SKIP("fixture models not present");
+	CHECK(backend_cpu_create(1, &be, &err) == DL_OK);
+	CHECK(dl_model_load_watched(fixture_path("gptj-f32"), be, watch_load, &w, &m, &err) == DL_OK);
+	CHECKF(w.calls == m->nmap && w.monotone && w.last_done == w.total &&
+		   w.total == dl_model_param_count(m),
+		   "%d calls for %d tensors, ended at %lld of %lld", w.calls, m->nmap,
+		   (long long) w.last_done, (long long) w.total);
+	dl_model_free(m);
+	m = NULL;
+	CHECK(dl_model_load_watched(fixture_path("gptj-f32"), be, watch_load, &stop, &m, &err) == DL_ECANCELLED);
+	CHECKF(m == NULL && stop.calls == 3 && strstr(err.msg, "was stopped"), "%d calls: %s", stop.calls, err.msg);
+	be->destroy(be);
+}
+
 TEST(model_forward_rejects_bad_batches)
 {
 	fixture		f;
