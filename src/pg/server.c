@@ -251,8 +251,18 @@ dolly_server_main(Datum arg)
 	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
 	pgstat_report_appname(DOLLY_SERVER_NAME);
 
-	if (!claim(server))
+	/* before claiming: a worker that leaves must not touch the state of its device */
+	if (server > 0 && !gpu_wanted(server))
+	{
+		/* server 0 starts it again once it has probed the GPUs, if they are wanted */
+		elog(LOG, "dolly: no model server for GPU %d: dolly.device does not ask for it, or it is not probed yet", server);
 		proc_exit(0);
+	}
+	if (!claim(server))
+	{
+		elog(LOG, "dolly: GPU %d has its model server already; this one leaves", server);
+		proc_exit(0);
+	}
 	on_shmem_exit(server_on_exit, Int32GetDatum(server));
 	/* requests a previous server of this device took died with it; queued ones are served */
 	dolly_queue_fail_running(server, "dolly model server restarted while the request ran");
@@ -265,8 +275,6 @@ dolly_server_main(Datum arg)
 		probe_cuda();
 		start_gpu_servers();
 	}
-	else if (!gpu_wanted(server))
-		proc_exit(0);
 	dolly_serve_init(server);
 	SpinLockAcquire(&dolly_shared->mutex);
 	dolly_shared->servers[server].latch = MyLatch;

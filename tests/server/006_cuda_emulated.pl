@@ -3,7 +3,8 @@
 # with the CUDA plugin's kernels emulated on the CPU (tests/gpu/emu; $DOLLY_CUDA_PLUGIN
 # points the server at it, $EMU_GPUS makes two GPUs): each emulated GPU gets its own model
 # server, which serves the greedy text the CPU serves; concurrent requests are spread over
-# both; while one GPU's server restarts the other serves; after a kernel faults
+# both; while one GPU's server restarts the other serves; after a crash (a server killed)
+# there is again exactly one server a GPU; after a kernel faults
 # ($EMU_FAIL_ONCE) the request gets an ERROR and a new server serves again; when
 # dolly.device goes back to cpu the second GPU's server stops; a job trains there and saves a model the CPU then serves; two ranks
 # on two GPUs, their gradients summed through host memory, train the model one GPU trains;
@@ -38,6 +39,7 @@ dolly.model_dir = '$models'
 dolly.model = 'base'
 dolly.device = 'cpu'
 dolly.threads = 2
+restart_after_crash = on
 });
 $node->start;
 $node->safe_psql('postgres', q{
@@ -102,6 +104,19 @@ $node->poll_query_until('postgres',
 	"SELECT count(*) = 1 FROM dolly_server WHERE device = 'cuda:1' AND server_pid <> $pid1")
   or die "GPU 1's server did not come back";
 pass("GPU 1's server comes back, with the model loaded");
+
+# one that is killed: the postmaster reinitialises everything, and there is again exactly
+# one server a GPU (GPU 1's worker, restarted by the postmaster or started anew by server 0)
+$pid1 = $node->safe_psql('postgres', "SELECT server_pid FROM dolly_server WHERE device = 'cuda:1'");
+kill 'KILL', $pid1;
+$node->poll_query_until('postgres', "SELECT string_agg(device, ',' ORDER BY device) FROM dolly_server",
+	'cuda:0,cuda:1')
+  or die 'the GPUs are not served again after a crash';
+sleep 2;
+is($node->safe_psql('postgres',
+		"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'dolly model server'"),
+	2, 'after a crash, again one model server a GPU');
+is($node->safe_psql('postgres', $sql), $cpu, 'which serve');
 
 # a kernel that faults: that request gets an ERROR, the server starts again with a new
 # GPU context, and serves the next one
