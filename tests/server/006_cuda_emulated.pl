@@ -1,15 +1,14 @@
-# 006_cuda_emulated.pl: the GPU paths of the server (one model server a GPU on the CUDA
-# backend, fine-tuning jobs on GPUs in mixed precision, one rank a GPU) through PostgreSQL,
-# with the CUDA plugin's kernels emulated on the CPU (tests/gpu/emu; $DOLLY_CUDA_PLUGIN
-# points the server at it, $EMU_GPUS makes two GPUs): each emulated GPU gets its own model
-# server, which serves the greedy text the CPU serves; concurrent requests are spread over
-# both; while one GPU's server restarts the other serves; after a crash (a server killed)
-# there is again exactly one server a GPU; after a kernel faults
-# ($EMU_FAIL_ONCE) the request gets an ERROR and a new server serves again; when
-# dolly.device goes back to cpu the second GPU's server stops; a job trains there and saves a model the CPU then serves; two ranks
-# on two GPUs, their gradients summed through host memory, train the model one GPU trains;
-# without a GPU, dolly.device = cuda is an ERROR. Skipped, visibly, when the emulated plugin
-# was not built.
+# 006_cuda_emulated.pl: the GPU paths of the server through PostgreSQL, with the CUDA
+# plugin's kernels emulated on the CPU (tests/gpu/emu; $DOLLY_CUDA_PLUGIN points the server
+# at it, $EMU_GPUS makes two GPUs). Serving: each emulated GPU gets its own model server,
+# which serves the greedy text the CPU serves; concurrent requests are spread over both;
+# while one GPU's server restarts the other serves; after a crash (a server killed) there
+# is again exactly one server a GPU; after a kernel faults ($EMU_FAIL_ONCE) the request gets
+# an ERROR and a new server serves again. Fine-tuning: a job trains on a GPU in mixed
+# precision and saves a model the CPU then serves; two ranks on two GPUs, their gradients
+# summed through host memory, train the model one GPU trains. When dolly.device goes back
+# to cpu the second GPU's server stops; without a GPU, dolly.device = cuda is an ERROR.
+# Skipped, visibly, when the emulated plugin was not built.
 use strict;
 use warnings;
 use Cwd qw(abs_path);
