@@ -222,6 +222,18 @@ dolly_queue_taking(int server, bool taking)
 	SpinLockRelease(&queue->mutex);
 }
 
+bool
+dolly_queue_others_taking(int server)
+{
+	bool		others = false;
+
+	SpinLockAcquire(&queue->mutex);
+	for (int s = 0; s < DOLLY_MAX_SERVERS; s++)
+		others |= s != server && queue->taking[s];
+	SpinLockRelease(&queue->mutex);
+	return others;
+}
+
 /* Sequences of the model `model` each server runs (the queue's lock is held). */
 static void
 loads_of(const char *model, int *load)

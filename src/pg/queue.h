@@ -101,6 +101,8 @@ extern void dolly_queue_release(DollyRequest *req);
 
 /* Server `server` starts (true) or stops (false) taking requests. */
 extern void dolly_queue_taking(int server, bool taking);
+/* Does a server other than `server` take requests now? */
+extern bool dolly_queue_others_taking(int server);
 /*
  * Take the oldest QUEUED request for server `server`, marking it RUNNING; NULL when there is
  * none, or when another server that takes requests runs fewer sequences of its model.

@@ -26,6 +26,9 @@
 #include "prompt.h"
 #include "tokenizer.h"
 
+/* How long a server whose device cannot hold a model leaves the requests to the others. */
+#define BACKOFF_MS 10000
+
 /*
  * Tokens one forward pass may carry: bounds the activations and the prefill chunks; a
  * decode pass of every sequence at once needs dolly.max_batch of them.
@@ -57,6 +60,7 @@ typedef struct ServedModel
 
 static int	server;				/* which device: the CPU or GPU 0 for 0, GPU `server` else */
 static bool retiring;			/* a GPU's server that dolly.device no longer wants */
+static TimestampTz backoff_until;	/* takes no requests until then */
 static dl_backend *backend;
 static int	backend_threads;		/* its CPU threads; -1 for the GPU */
 static ServedModel *models;		/* [DOLLY_MAX_MODELS] */
@@ -103,6 +107,13 @@ unload(ServedModel *m)
 	m->model = NULL;
 	m->tok = NULL;
 	publish_model(m, 0);
+}
+
+/* Does this server take requests now? */
+static bool
+taking_now(void)
+{
+	return !retiring && GetCurrentTimestamp() >= backoff_until;
 }
 
 /* Make sure the backend dolly.device and dolly.threads ask for exists. */
@@ -210,7 +221,7 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 	elog(LOG, "dolly: model \"%s\" loaded in %.2f s (%s, %d layers, %zu MB of weights, %d x %d KV cache)",
 		 path, INSTR_TIME_GET_DOUBLE(elapsed), m->model->cfg.arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox",
 		 m->model->cfg.n_layer, m->model->param_bytes >> 20, m->max_seq, max_ctx);
-	dolly_queue_taking(server, !retiring);
+	dolly_queue_taking(server, taking_now());
 	*out = m;
 	return DL_OK;
 
@@ -222,7 +233,7 @@ fail:
 	dl_model_free(m->model);
 	tok_free(m->tok);
 	memset(m, 0, sizeof(*m));
-	dolly_queue_taking(server, !retiring);
+	dolly_queue_taking(server, taking_now());
 	return err->code;
 }
 
@@ -493,7 +504,19 @@ take_requests(void)
 		dl_error	err;
 
 		if (model_for(req->model, &m, &err) != DL_OK)
+		{
+			/* a device without room (or in error) while another serves: it serves them */
+			if ((err.code == DL_ENOMEM || err.code == DL_EBACKEND) && dolly_queue_others_taking(server))
+			{
+				backoff_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), BACKOFF_MS);
+				dolly_queue_taking(server, false);
+				dolly_queue_requeue(req);
+				elog(LOG, "dolly: %s; for %d s the other model servers take this one's requests",
+					 err.msg, BACKOFF_MS / 1000);
+				return;
+			}
 			dolly_queue_finish(req, &err);
+		}
 		else if (req->kind != REQ_GENERATE)
 			run_tokenizer(m, req);
 		else if (m->nseq == m->max_seq)
@@ -526,10 +549,7 @@ dolly_serve_reconfigure(void)
 			(retiring || (models[i].is_default && (!have_path || strcmp(models[i].path, path) != 0))))
 			unload(&models[i]);
 	if (retiring)
-	{
-		dolly_queue_taking(server, false);
 		return;
-	}
 	/* dolly.device or dolly.threads changed: idle models leave the old backend now */
 	if (ensure_backend(&err) != DL_OK)
 		elog(LOG, "dolly: %s", err.msg);
@@ -549,7 +569,6 @@ dolly_serve_init(int server_index)
 
 	server = server_index;
 	models = MemoryContextAllocZero(TopMemoryContext, DOLLY_MAX_MODELS * sizeof(ServedModel));
-	dolly_queue_taking(server, true);
 	if (dolly_model[0] != '\0')
 	{
 		ServedModel *m;
@@ -563,8 +582,10 @@ bool
 dolly_serve_tick(void)
 {
 	bool		busy = false;
+	bool		take = taking_now();
 
-	if (!retiring)
+	dolly_queue_taking(server, take);
+	if (take)
 		take_requests();
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
 		if (models[i].model && models[i].nseq > 0)

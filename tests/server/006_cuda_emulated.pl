@@ -4,7 +4,8 @@
 # which serves the greedy text the CPU serves; concurrent requests are spread over both;
 # while one GPU's server restarts the other serves; after a crash (a server killed) there
 # is again exactly one server a GPU; after a kernel faults ($EMU_FAIL_ONCE) the request gets
-# an ERROR and a new server serves again. Fine-tuning: a job trains on a GPU in mixed
+# an ERROR and a new server serves again; a GPU without room for the model ($EMU_GPU_FULL)
+# leaves the requests to the other. Fine-tuning: a job trains on a GPU in mixed
 # precision and saves a model the CPU then serves; two ranks on two GPUs, their gradients
 # summed through host memory, train the model one GPU trains. When dolly.device goes back
 # to cpu the second GPU's server stops; without a GPU, dolly.device = cuda is an ERROR.
@@ -30,19 +31,28 @@ my $fault = "$models/fail-once";
 $ENV{DOLLY_CUDA_PLUGIN} = $plugin;
 $ENV{EMU_GPUS} = 2;
 $ENV{EMU_FAIL_ONCE} = $fault;
-my $node = PostgreSQL::Test::Cluster->new('cuda_emu');
-$node->init;
-$node->append_conf('postgresql.conf', qq{
+
+# a started cluster serving $models/base on dolly.device $device, dolly installed
+sub cluster
+{
+	my ($name, $device) = @_;
+	my $node = PostgreSQL::Test::Cluster->new($name);
+	$node->init;
+	$node->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'dolly'
 dolly.model_dir = '$models'
 dolly.model = 'base'
-dolly.device = 'cpu'
+dolly.device = '$device'
 dolly.threads = 2
 restart_after_crash = on
 });
-$node->start;
+	$node->start;
+	$node->safe_psql('postgres', 'CREATE EXTENSION dolly');
+	return $node;
+}
+
+my $node = cluster('cuda_emu', 'cpu');
 $node->safe_psql('postgres', q{
-CREATE EXTENSION dolly;
 CREATE TABLE records AS
 SELECT 'Spell the number ' || i AS instruction, 'It is ' || i || '.' AS response
   FROM generate_series(1, 16) i;
@@ -65,31 +75,40 @@ is($node->safe_psql('postgres',
 		"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'dolly model server'"),
 	2, 'one model server a GPU');
 
-# four clients at once (released together from an advisory lock): each gets the greedy text,
-# and each GPU's server answers some of them
-my $locker = $node->background_psql('postgres');
-$locker->query_safe('SELECT pg_advisory_lock(42)');
-my (@h, @out, @err);
-for my $i (0 .. 3)
+# Run $sql in four clients at once on $node (released together from an advisory lock),
+# calling $between after they wait and before they go; returns how many got $want.
+sub four_at_once
 {
-	push @h, IPC::Run::start(
-		[ 'psql', '-X', '-A', '-t', '-q', '-d', $node->connstr('postgres'),
-		  '-c', "$sql FROM (SELECT pg_advisory_lock_shared(42)) AS l" ],
-		'>', \$out[$i], '2>', \$err[$i]);
+	my ($node, $sql, $want, $between) = @_;
+	my $locker = $node->background_psql('postgres');
+	$locker->query_safe('SELECT pg_advisory_lock(42)');
+	my (@h, @out, @err);
+	for my $i (0 .. 3)
+	{
+		push @h, IPC::Run::start(
+			[ 'psql', '-X', '-A', '-t', '-q', '-d', $node->connstr('postgres'),
+			  '-c', "$sql FROM (SELECT pg_advisory_lock_shared(42)) AS l" ],
+			'>', \$out[$i], '2>', \$err[$i]);
+	}
+	$node->poll_query_until('postgres',
+		"SELECT count(*) = 4 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+	  or die 'clients did not reach the lock';
+	$between->() if $between;
+	$locker->query_safe('SELECT pg_advisory_unlock(42)');
+	$_->finish for @h;
+	$locker->quit;
+	chomp @out;
+	diag("client: $_") for grep { $_ } @err;
+	return scalar(grep { $_ eq $want } @out);
 }
-$node->poll_query_until('postgres',
-	"SELECT count(*) = 4 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-  or die 'clients did not reach the lock';
-my $before = $node->safe_psql('postgres', "SELECT string_agg(requests::text, ',' ORDER BY device) FROM dolly_server");
-$locker->query_safe('SELECT pg_advisory_unlock(42)');
-$_->finish for @h;
-chomp @out;
-diag("client: $_") for grep { $_ } @err;
-is(scalar(grep { $_ eq $cpu } @out), 4, 'four concurrent clients get the greedy text');
-my @after = split /,/, $node->safe_psql('postgres',
-	"SELECT string_agg(requests::text, ',' ORDER BY device) FROM dolly_server");
-my @b = split /,/, $before;
-my @answered = map { $after[$_] - $b[$_] } 0 .. 1;
+
+# four clients at once: each gets the greedy text, and each GPU's server answers some
+my $requests = "SELECT string_agg(requests::text, ',' ORDER BY device) FROM dolly_server";
+my @before;
+is(four_at_once($node, $sql, $cpu, sub { @before = split /,/, $node->safe_psql('postgres', $requests) }),
+	4, 'four concurrent clients get the greedy text');
+my @after = split /,/, $node->safe_psql('postgres', $requests);
+my @answered = map { $after[$_] - $before[$_] } 0 .. 1;
 ok($answered[0] > 0 && $answered[1] > 0 && $answered[0] + $answered[1] == 4,
 	"and both GPUs' servers answer some of them (@answered)");
 
@@ -171,19 +190,25 @@ isnt($node->safe_psql('postgres',
 
 $node->stop;
 
+# GPU 1 has no memory left: its server cannot load the model, and leaves the requests it
+# took to GPU 0's, which answers them all
+$ENV{EMU_GPU_FULL} = 1;
+my $full = cluster('gpu1_full', 'cuda');
+$full->poll_query_until('postgres',
+	"SELECT count(*) = 2 FROM pg_stat_activity WHERE backend_type = 'dolly model server'")
+  or die 'no second model server';
+is($full->safe_psql('postgres', "SELECT string_agg(device, ',') FROM dolly_server"), 'cuda:0',
+	'a GPU without room for the model holds none');
+is(four_at_once($full, $sql, $cpu), 4, 'four concurrent clients get the greedy text from the other GPU');
+ok($full->log_contains('out of GPU memory on cuda:1: .* MB needed, .* MB free')
+	  && $full->log_contains('the other model servers take this one.s requests'),
+	'the full GPU says how much it lacked, and hands its requests over');
+$full->stop;
+delete $ENV{EMU_GPU_FULL};
+
 # no GPU at all: dolly.device = cuda is an ERROR with a hint, and the CPU still serves
 $ENV{EMU_GPUS} = 0;
-my $nogpu = PostgreSQL::Test::Cluster->new('no_gpu');
-$nogpu->init;
-$nogpu->append_conf('postgresql.conf', qq{
-shared_preload_libraries = 'dolly'
-dolly.model_dir = '$models'
-dolly.model = 'base'
-dolly.device = 'cuda'
-dolly.threads = 2
-});
-$nogpu->start;
-$nogpu->safe_psql('postgres', 'CREATE EXTENSION dolly');
+my $nogpu = cluster('no_gpu', 'cuda');
 ($ret, $out, $err) = $nogpu->psql('postgres', $sql);
 like($err, qr/no CUDA GPU is visible/, 'without a GPU, dolly.device = cuda says so');
 $nogpu->append_conf('postgresql.conf', "dolly.device = 'cpu'\n");

@@ -267,10 +267,24 @@ cudaGetDeviceCount(int *n)
 	return *n ? cudaSuccess : cudaErrorNoDevice;
 }
 
+static int	current_device;
+
 cudaError_t
 cudaSetDevice(int dev)
 {
-	return dev >= 0 && dev < emulated_gpus() ? cudaSuccess : cudaErrorInvalidValue;
+	if (dev < 0 || dev >= emulated_gpus())
+		return cudaErrorInvalidValue;
+	current_device = dev;
+	return cudaSuccess;
+}
+
+/* Is the current GPU the one $EMU_GPU_FULL names, whose memory is all taken? */
+static bool
+device_full(void)
+{
+	const char *env = getenv("EMU_GPU_FULL");
+
+	return env && atoi(env) == current_device;
 }
 
 cudaError_t
@@ -287,7 +301,7 @@ cudaGetDeviceProperties(cudaDeviceProp *p, int dev)
 cudaError_t
 cudaMemGetInfo(size_t *free_b, size_t *total_b)
 {
-	*free_b = (size_t) 79 << 30;
+	*free_b = device_full() ? (size_t) 1 << 20 : (size_t) 79 << 30;
 	*total_b = (size_t) 80 << 30;
 	return cudaSuccess;
 }
@@ -295,7 +309,7 @@ cudaMemGetInfo(size_t *free_b, size_t *total_b)
 cudaError_t
 cudaMalloc(void **p, size_t bytes)
 {
-	if (bytes > ((size_t) 64 << 30))
+	if (bytes > ((size_t) 64 << 30) || (device_full() && bytes > ((size_t) 1 << 20)))
 		return last_error = cudaErrorMemoryAllocation;
 	*p = aligned_alloc(256, (bytes + 255) / 256 * 256);
 	memset(*p, 0x5a, bytes);
