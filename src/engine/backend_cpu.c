@@ -10,6 +10,7 @@
  * are written out below so that the loops vectorise (libm's are scalar calls).
  */
 #include "backend.h"
+#include "sysinfo.h"
 #include "threadpool.h"
 
 #include <cblas.h>
@@ -261,17 +262,31 @@ gelu_erf_grad(float x)
 
 /* --- memory --- */
 
-/* Host memory, CPU_ALIGN-aligned. */
+/* Allocations from this size on are checked against the memory the host has left. */
+#define CPU_CHECKED_BYTES ((size_t) 64 << 20)
+
+/*
+ * Host memory, CPU_ALIGN-aligned. A large allocation the host cannot back fails here:
+ * with overcommit malloc would succeed, and the kernel would kill the process (and with
+ * it every session of the server) once the pages were touched.
+ */
 static void *
 cpu_alloc(dl_backend *be, size_t bytes, dl_error *err)
 {
 	void	   *p;
+	long long	avail = bytes >= CPU_CHECKED_BYTES ? sys_mem_available() : -1;
 
 	(void) be;
 	bytes = (bytes + CPU_ALIGN - 1) / CPU_ALIGN * CPU_ALIGN;
+	if (avail >= 0 && (long long) bytes > avail)
+	{
+		dl_fail(err, DL_ENOMEM, "out of memory on the CPU: %.1f MB needed, %.1f MB available",
+				bytes / 1048576.0, avail / 1048576.0);
+		return NULL;
+	}
 	p = aligned_alloc(CPU_ALIGN, bytes ? bytes : CPU_ALIGN);
 	if (p == NULL)
-		dl_fail(err, DL_ENOMEM, "out of memory allocating %zu bytes", bytes);
+		dl_fail(err, DL_ENOMEM, "out of memory on the CPU: %.1f MB needed", bytes / 1048576.0);
 	return p;
 }
 

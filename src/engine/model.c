@@ -291,8 +291,11 @@ layout_params(dl_model *m, dl_error *err)
 	m->map = bld.map;
 	m->nmap = bld.n;
 	m->param_bytes = bld.off;
-	if (st == DL_OK && (st = model_alloc(m->be, m->param_bytes, &m->param_mem, err)) != DL_OK)
-		dl_hint(err, "the parameters need %zu MB", m->param_bytes >> 20);
+	/* the backend's own hint (the CUDA plugin's) says more than ours */
+	if (st == DL_OK && (st = model_alloc(m->be, m->param_bytes, &m->param_mem, err)) != DL_OK &&
+		err->hint[0] == '\0')
+		dl_hint(err, "the parameters need %zu MB: a smaller model, or a device with more memory",
+				m->param_bytes >> 20);
 	if (st == DL_OK)
 	{
 		for (int i = 0; i < bld.n; i++)

@@ -5,6 +5,8 @@
 #include <cblas.h>
 #include <sched.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -27,6 +29,124 @@ sys_blas_info(char *buf, size_t len)
 {
 	/* openblas_get_config() reads like "OpenBLAS 0.3.21 NO_AFFINITY Haswell MAX_THREADS=64" */
 	snprintf(buf, len, "%s, core %s", openblas_get_config(), openblas_get_corename());
+}
+
+/* The first number in file path (a "max" reads as no limit: -1), or -1. */
+static long long
+read_number(const char *path)
+{
+	FILE	   *f = fopen(path, "r");
+	long long	v = -1;
+
+	if (f == NULL)
+		return -1;
+	if (fscanf(f, "%lld", &v) != 1)
+		v = -1;
+	fclose(f);
+	return v;
+}
+
+/* The value of "key:" in /proc/meminfo, in bytes, or -1. */
+static long long
+meminfo(const char *key)
+{
+	FILE	   *f = fopen("/proc/meminfo", "r");
+	char		line[256];
+	long long	kb = -1;
+	size_t		n = strlen(key);
+
+	if (f == NULL)
+		return -1;
+	while (fgets(line, sizeof(line), f))
+		if (strncmp(line, key, n) == 0 && line[n] == ':')
+		{
+			kb = atoll(line + n + 1);
+			break;
+		}
+	fclose(f);
+	return kb < 0 ? -1 : kb * 1024;
+}
+
+/* This process's cgroup directory for a controller ("" for v2) from /proc/self/cgroup. */
+static int
+cgroup_dir(const char *controller, char *dir, size_t len)
+{
+	FILE	   *f = fopen("/proc/self/cgroup", "r");
+	char		line[1024];
+	int			found = 0;
+
+	if (f == NULL)
+		return 0;
+	while (!found && fgets(line, sizeof(line), f))
+	{
+		char	   *c = strchr(line, ':');
+		char	   *p = c ? strchr(c + 1, ':') : NULL;
+
+		if (p == NULL)
+			continue;
+		*p++ = '\0';
+		p[strcspn(p, "\n")] = '\0';
+		if (controller[0] ? strstr(c + 1, controller) != NULL : c[1] == '\0')
+		{
+			snprintf(dir, len, "/sys/fs/cgroup%s%s", controller[0] ? "/memory" : "",
+					 strcmp(p, "/") == 0 ? "" : p);
+			found = 1;
+		}
+	}
+	fclose(f);
+	return found;
+}
+
+/* What the cgroup's limit leaves (limit - usage) in directory dir, or -1 without a limit. */
+static long long
+cgroup_room_in(const char *dir, int v1)
+{
+	char		path[1100];
+	long long	limit,
+				usage;
+
+	snprintf(path, sizeof(path), "%s/%s", dir, v1 ? "memory.limit_in_bytes" : "memory.max");
+	limit = read_number(path);
+	snprintf(path, sizeof(path), "%s/%s", dir, v1 ? "memory.usage_in_bytes" : "memory.current");
+	usage = read_number(path);
+	/* v2 says "max", v1 a number near 2^63, for no limit */
+	if (limit <= 0 || limit >= (1LL << 62) || usage < 0)
+		return -1;
+	return limit > usage ? limit - usage : 0;
+}
+
+/*
+ * What the memory cgroup leaves, or -1: v2, then v1, each in this process's own cgroup
+ * directory, then at the root of the hierarchy (what a container sees of its own).
+ */
+static long long
+cgroup_room(void)
+{
+	char		dir[1024];
+
+	for (int v1 = 0; v1 < 2; v1++)
+	{
+		long long	room = -1;
+
+		if (cgroup_dir(v1 ? "memory" : "", dir, sizeof(dir)))
+			room = cgroup_room_in(dir, v1);
+		if (room < 0)
+			room = cgroup_room_in(v1 ? "/sys/fs/cgroup/memory" : "/sys/fs/cgroup", v1);
+		if (room >= 0)
+			return room;
+	}
+	return -1;
+}
+
+long long
+sys_mem_available(void)
+{
+	long long	avail = meminfo("MemAvailable");
+	long long	room = cgroup_room();
+
+	if (room >= 0 && (avail < 0 || room < avail))
+		return room;
+	return avail;
 }
 
 double

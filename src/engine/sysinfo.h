@@ -10,6 +10,13 @@ int			sys_cpu_count(void);
 /* Describe the BLAS library in use (OpenBLAS version, core, threading) into buf. */
 void		sys_blas_info(char *buf, size_t len);
 
+/*
+ * Bytes of memory this process can still take without the kernel reclaiming in earnest or
+ * killing it: MemAvailable, or less where its cgroup (v2 memory.max, v1 limit_in_bytes)
+ * leaves less. -1 when neither can be read.
+ */
+long long	sys_mem_available(void);
+
 /* Seconds on the monotonic clock (for timing; the origin is arbitrary). */
 double		sys_now_s(void);
 

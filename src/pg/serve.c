@@ -197,7 +197,12 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 		max_ctx = dolly_max_context;
 	if (dl_kv_cache_create(m->model, dolly_max_batch, max_ctx, Max(MAX_TOKENS_PER_PASS, dolly_max_batch),
 						   &m->cache, err) != DL_OK)
+	{
+		if (err->code == DL_ENOMEM)
+			dl_hint(err, "The KV cache holds dolly.max_batch (%d) sequences of %d tokens (dolly.max_context, "
+					"else the model's limit): lower either.", dolly_max_batch, max_ctx);
 		goto fail;
+	}
 	if (gen_create(m->model, m->cache, &m->gen, err) != DL_OK)
 		goto fail;
 	INSTR_TIME_SET_CURRENT(elapsed);

@@ -5,6 +5,7 @@
  */
 #include "harness.h"
 #include "../../src/engine/backend.h"
+#include "../../src/engine/sysinfo.h"
 #include "../../src/engine/threadpool.h"
 
 #include <math.h>
@@ -477,4 +478,24 @@ TEST(backend_cpu_attention_decode_many_heads)
 	/* float32 dot products of 24 terms and softmax over <= 50 positions: ~1e-6 */
 	CHECKF(worst < 1e-5, "decode attention with %d heads differs from the reference by %g", H, worst);
 	CHECK(stored);
+}
+
+/* More memory than the host has left is refused with the figures, not left to the OOM killer. */
+TEST(backend_cpu_alloc_refuses_what_the_host_lacks)
+{
+	dl_backend *be;
+	dl_error	err;
+	long long	avail = sys_mem_available();
+	void	   *p;
+
+	if (avail < 0)
+		SKIP("neither /proc/meminfo nor a memory cgroup is readable");
+	CHECK(backend_cpu_create(1, &be, &err) == DL_OK);
+	p = be->alloc(be, (size_t) avail + ((size_t) 1 << 30), &err);
+	CHECKF(p == NULL && err.code == DL_ENOMEM && strstr(err.msg, "MB needed") &&
+		   strstr(err.msg, "MB available"), "%s", p ? "allocated" : err.msg);
+	p = be->alloc(be, (size_t) 128 << 20, &err);
+	CHECKF(p != NULL, "%s", err.msg);
+	be->free(be, p);
+	be->destroy(be);
 }

@@ -1,5 +1,6 @@
 # 002_serving.pl: many sessions share one model server: concurrent greedy requests get the
-# answers they get alone, and dolly.model can be switched with a reload.
+# answers they get alone, and dolly.model can be switched with a reload; a broken model, or
+# one larger than the memory left, is an ERROR and the server serves on.
 use strict;
 use warnings;
 use Cwd qw(abs_path);
@@ -90,6 +91,38 @@ for (1 .. 50)
 }
 like($stderr, qr/cannot open "tokenizer\/config\.json"/, 'a model directory without config.json gets a clear error');
 is($node->safe_psql('postgres', generate_sql(1, 'neox-par-f32')), $neox, 'other models still serve');
+
+# a model far larger than the host's memory: refused before it is touched (no OOM killer),
+# with the figures, and the server stays up. Its config is GPT-NeoX at 32768 wide and 100
+# layers (5 TB of float32); its one tensor, the embedding, is 8 rows of bf16 zeros.
+my $huge = PostgreSQL::Test::Utils::tempdir();
+system('cp', "$fixtures/neox-par-f32/tokenizer.json", "$huge/") == 0 or die 'cp';
+my $config = do { local $/; open(my $f, '<', "$fixtures/neox-par-f32/config.json") or die; <$f> };
+$config =~ s/"hidden_size": *\d+/"hidden_size": 32768/;
+$config =~ s/"intermediate_size": *\d+/"intermediate_size": 131072/;
+$config =~ s/"num_attention_heads": *\d+/"num_attention_heads": 32/;
+$config =~ s/"num_hidden_layers": *\d+/"num_hidden_layers": 100/;
+open(my $cf, '>', "$huge/config.json") or die;
+print $cf $config;
+close $cf;
+my $header = '{"gpt_neox.embed_in.weight":{"dtype":"BF16","shape":[8,32768],"data_offsets":[0,524288]}}';
+open(my $sf, '>:raw', "$huge/model.safetensors") or die;
+print $sf pack('Q<', length($header)), $header, "\0" x 524288;
+close $sf;
+my $server = $node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'dolly model server'");
+$node->append_conf('postgresql.conf', "dolly.model = '$huge'\n");
+$node->reload;
+for (1 .. 50)
+{
+	($ret, $stdout, $stderr) = $node->psql('postgres', generate_sql(1));
+	last if $stderr =~ /MB needed/;
+	select(undef, undef, undef, 0.1);
+}
+like($stderr, qr/out of memory on the CPU: [\d.]+ MB needed, [\d.]+ MB available.*\n.*HINT:  the parameters need/,
+	'a model larger than the memory left is refused, with the figures and a hint');
+is($node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'dolly model server'"),
+	$server, 'by the same model server, which was not killed');
+is($node->safe_psql('postgres', generate_sql(1, 'neox-par-f32')), $neox, 'and still serves the others');
 
 $node->stop;
 done_testing();
