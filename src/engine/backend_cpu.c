@@ -25,10 +25,15 @@
 /* query tokens of one sequence per attention task (rows of its score block) */
 #define ATTN_QBLOCK 32
 
+/* floats of W's rows a thread widens from bfloat16 at a time for one sgemm (4 MB) */
+#define WIDEN_FLOATS ((size_t) 1 << 20)
+
 typedef struct cpu_backend
 {
 	dl_backend	be;				/* first: a dl_backend * is a cpu_backend * */
 	dl_threadpool *pool;
+	int			bf16;			/* matrices in bfloat16 (weight_elem_size 2) */
+	float	  **widen;			/* bf16: per thread, WIDEN_FLOATS for mm_sgemm */
 } cpu_backend;
 
 /* The pool behind a backend. */
@@ -85,6 +90,53 @@ vload(const float *p)
 
 	memcpy(&v, p, sizeof(v));
 	return v;
+}
+
+typedef uint16_t vbf16 __attribute__((vector_size(VEC_LANES * sizeof(uint16_t))));
+typedef uint32_t vu32 __attribute__((vector_size(VEC_LANES * sizeof(uint32_t))));
+
+/* VEC_LANES bfloat16 from p widened to float32: a bfloat16 is a float's upper 16 bits. */
+static inline vfloat
+vload_bf16(const uint16_t *p)
+{
+	vbf16		h;
+	vu32		u;
+	vfloat		v;
+
+	memcpy(&h, p, sizeof(h));
+	u = __builtin_convertvector(h, vu32) << 16;
+	memcpy(&v, &u, sizeof(v));
+	return v;
+}
+
+/* One bfloat16 as float32. */
+static inline float
+bf16_float(uint16_t h)
+{
+	uint32_t	u = (uint32_t) h << 16;
+	float		f;
+
+	memcpy(&f, &u, sizeof(f));
+	return f;
+}
+
+/* float32 to bfloat16, rounding to nearest even as torch does; a NaN stays a NaN. */
+static inline uint16_t
+float_bf16(float f)
+{
+	uint32_t	u;
+
+	memcpy(&u, &f, sizeof(u));
+	if ((u & 0x7fffffffu) > 0x7f800000u)
+		return (uint16_t) (u >> 16 | 0x40);
+	return (uint16_t) ((u + 0x7fffu + (u >> 16 & 1)) >> 16);
+}
+
+/* Element i of a matrix in weight format (bf16 or float32) as float32. */
+static inline float
+weight_at(const void *W, size_t i, int bf16)
+{
+	return bf16 ? bf16_float(((const uint16_t *) W)[i]) : ((const float *) W)[i];
 }
 
 /* Sum of the lanes of v. */
@@ -343,7 +395,32 @@ cpu_synchronize(dl_backend *be, dl_error *err)
 	return DL_OK;
 }
 
-/* Both formats are float32 here: convert, then permute rows if asked. */
+/*
+ * Matrices in bfloat16: each row (or, without a permutation, each run of up to 64K
+ * elements) converted to float32 through a small buffer, then rounded.
+ */
+static dl_status
+upload_bf16(uint16_t *dst, const st_tensor *t, int64_t cols, const int32_t *rows, dl_error *err)
+{
+	int64_t		unit = rows ? cols : (t->numel < 65536 ? t->numel : 65536);
+	float	   *buf = malloc((size_t) (unit ? unit : 1) * sizeof(float));
+	dl_status	st = DL_OK;
+
+	if (buf == NULL)
+		return dl_fail(err, DL_ENOMEM, "out of memory converting tensor \"%s\"", t->name);
+	for (int64_t off = 0, r = 0; off < t->numel && st == DL_OK; off += unit, r++)
+	{
+		int64_t		n = t->numel - off < unit ? t->numel - off : unit;
+
+		st = st_range_to_f32(t, rows ? (int64_t) rows[r] * cols : off, n, buf, err);
+		for (int64_t i = 0; i < n && st == DL_OK; i++)
+			dst[off + i] = float_bf16(buf[i]);
+	}
+	free(buf);
+	return st;
+}
+
+/* Convert to the format (float32, or bfloat16 matrices), then permute rows if asked. */
 static dl_status
 cpu_upload_tensor(dl_backend *be, void *dst, dl_fmt fmt, const st_tensor *t,
 				  const int32_t *rows, dl_error *err)
@@ -353,8 +430,8 @@ cpu_upload_tensor(dl_backend *be, void *dst, dl_fmt fmt, const st_tensor *t,
 	float	   *tmp;
 	dl_status	st;
 
-	(void) be;
-	(void) fmt;
+	if (fmt == DL_FMT_WEIGHT && ((cpu_backend *) be)->bf16)
+		return upload_bf16(dst, t, cols, rows, err);
 	if (rows == NULL)
 		return st_to_f32(t, dst, err);
 	tmp = malloc((size_t) t->numel * sizeof(float));
@@ -373,14 +450,15 @@ cpu_upload_tensor(dl_backend *be, void *dst, dl_fmt fmt, const st_tensor *t,
 typedef struct rows_args
 {
 	float	   *out;
-	const float *in;
+	const void *in;
+	int			bf16;			/* in is bfloat16 */
 	const int32_t *rows;
 	int			n;
 	int			C;
 	int			ntasks;
 } rows_args;
 
-/* Copy rows [lo, hi) of the selection. */
+/* Copy rows [lo, hi) of the selection, widened to float32 from bfloat16 if need be. */
 static void
 rows_task(void *p, int task, int thread)
 {
@@ -391,25 +469,33 @@ rows_task(void *p, int task, int thread)
 	(void) thread;
 	task_range(a->n, a->ntasks, task, &lo, &hi);
 	for (int i = lo; i < hi; i++)
-		memcpy(a->out + (size_t) i * a->C, a->in + (size_t) a->rows[i] * a->C,
-			   a->C * sizeof(float));
+	{
+		float	   *o = a->out + (size_t) i * a->C;
+		size_t		r = (size_t) a->rows[i] * a->C;
+
+		if (a->bf16)
+			for (int c = 0; c < a->C; c++)
+				o[c] = bf16_float(((const uint16_t *) a->in)[r + c]);
+		else
+			memcpy(o, (const float *) a->in + r, a->C * sizeof(float));
+	}
 }
 
 /* out[i] = in[rows[i]] over the pool. */
 static void
-copy_rows(dl_backend *be, float *out, const float *in, const int32_t *rows, int n, int C)
+copy_rows(dl_backend *be, float *out, const void *in, int bf16, const int32_t *rows, int n, int C)
 {
-	rows_args	a = {out, in, rows, n, C, row_tasks(be, n, C)};
+	rows_args	a = {out, in, bf16, rows, n, C, row_tasks(be, n, C)};
 
 	threadpool_run(pool_of(be), rows_task, &a, a.ntasks);
 }
 
-/* The table is float32 here, so an embedding lookup is a row gather. */
+/* An embedding lookup is a gather of the table's rows. */
 static void
 cpu_embedding_forward(dl_backend *be, float *out, const void *table, const int32_t *ids,
 					  int T, int C)
 {
-	copy_rows(be, out, table, ids, T, C);
+	copy_rows(be, out, table, ((cpu_backend *) be)->bf16, ids, T, C);
 }
 
 /* Rows whose logits are wanted. */
@@ -417,7 +503,7 @@ static void
 cpu_gather_rows_forward(dl_backend *be, float *out, const float *in, const int32_t *rows,
 						int n, int C)
 {
-	copy_rows(be, out, in, rows, n, C);
+	copy_rows(be, out, in, 0, rows, n, C);
 }
 
 typedef struct scatter_args
@@ -684,34 +770,43 @@ cpu_layernorm_backward(dl_backend *be, float *din, float *dw, float *db, const f
 #define MMV_MAX_M 64
 /* rows of W per task, about (slices are cut at multiples of 16, out's cache lines) */
 #define MMV_ROWS 64
-/* tiles ahead that are prefetched into L2: far enough to cover the memory's latency */
+/*
+ * tiles ahead that are prefetched into L2: far enough to cover the memory's latency (twice
+ * as many tiles of bfloat16, half the bytes each)
+ */
 #define MMV_PREFETCH_TILES 2
+#define MMV_AHEAD(bf16) ((bf16) ? 2 * MMV_PREFETCH_TILES : MMV_PREFETCH_TILES)
 
 typedef struct mm_args
 {
 	float	   *out;
 	const float *in;
-	const float *W;
+	const void *W;				/* float32, or bfloat16 when bf16 */
 	const float *bias;
 	int			M;
 	int			K;
 	int			N;
 	int			accumulate;
 	int			ntasks;
+	int			bf16;
+	float	  **widen;			/* bf16: per thread, WIDEN_FLOATS */
 } mm_args;
 
 /*
  * out[m .. m + mb, n .. n + nb] (+)= in rows times W rows (+ bias): nb x mb dot products
  * over all of K in registers. Always inlined with constant nb and mb, so that the
- * accumulators are registers and the loops unroll. Row i of the tile MMV_PREFETCH_TILES
- * ahead is prefetched into L2 where bit i of prefetch is set, a cache line per step, so
+ * accumulators are registers and the loops unroll. Row i of the tile MMV_AHEAD tiles
+ * ahead is prefetched into L2 where bit i of prefetch is set, a step's elements per step, so
  * that memory works while the FMAs do instead of the tile stalling on every new line.
+ * W's rows are float32, or bfloat16 (bf16, also constant) widened as they are loaded:
+ * half the bytes from memory for the same FMAs.
  */
 static inline __attribute__((always_inline)) void
-mmv_tile(const mm_args *a, int n, int m, const int nb, const int mb, int prefetch)
+mmv_tile(const mm_args *a, int n, int m, const int nb, const int mb, int prefetch, const int bf16)
 {
 	const int	K = a->K;
-	const float *w = a->W + (size_t) n * K;
+	const size_t es = bf16 ? sizeof(uint16_t) : sizeof(float);
+	const char *w = (const char *) a->W + (size_t) n * K * es;
 	const float *x = a->in + (size_t) m * K;
 	vfloat		acc[MMV_NB][MMV_MB];
 	int			k = 0;
@@ -729,10 +824,11 @@ mmv_tile(const mm_args *a, int n, int m, const int nb, const int mb, int prefetc
 		 */
 		for (int i = 0; i < nb; i++)
 		{
-			wv[i] = vload(w + (size_t) i * K + k);
+			wv[i] = bf16 ? vload_bf16((const uint16_t *) w + (size_t) i * K + k)
+				: vload((const float *) w + (size_t) i * K + k);
 			__asm__("" : "+x"(wv[i]));
 			if (prefetch >> i & 1)
-				__builtin_prefetch(w + (size_t) (MMV_PREFETCH_TILES * nb + i) * K + k, 0, 2);
+				__builtin_prefetch(w + ((size_t) (MMV_AHEAD(bf16) * nb + i) * K + k) * es, 0, 2);
 		}
 		for (int j = 0; j < mb; j++)
 		{
@@ -752,7 +848,7 @@ mmv_tile(const mm_args *a, int n, int m, const int nb, const int mb, int prefetc
 			float		s = vhsum(acc[i][j]);
 
 			for (int kk = k; kk < K; kk++)
-				s += w[(size_t) i * K + kk] * x[(size_t) j * K + kk];
+				s += weight_at(w, (size_t) i * K + kk, bf16) * x[(size_t) j * K + kk];
 			if (a->bias)
 				s += a->bias[n + i];
 			o[i] = a->accumulate ? o[i] + s : s;
@@ -761,32 +857,42 @@ mmv_tile(const mm_args *a, int n, int m, const int nb, const int mb, int prefetc
 }
 
 /* The cases of mmv_tile_any for tiles of nb rows of W. */
-#define MMV_CASES(nb, prefetch) \
-	case 1: mmv_tile(a, n, m, nb, 1, prefetch); break; \
-	case 2: mmv_tile(a, n, m, nb, 2, prefetch); break; \
-	case 3: mmv_tile(a, n, m, nb, 3, prefetch); break; \
-	case 4: mmv_tile(a, n, m, nb, 4, prefetch); break; \
-	case 5: mmv_tile(a, n, m, nb, 5, prefetch); break; \
-	case 6: mmv_tile(a, n, m, nb, 6, prefetch); break; \
-	case 7: mmv_tile(a, n, m, nb, 7, prefetch); break; \
-	default: mmv_tile(a, n, m, nb, MMV_MB, prefetch); break
+#define MMV_CASES(nb, prefetch, bf16) \
+	case 1: mmv_tile(a, n, m, nb, 1, prefetch, bf16); break; \
+	case 2: mmv_tile(a, n, m, nb, 2, prefetch, bf16); break; \
+	case 3: mmv_tile(a, n, m, nb, 3, prefetch, bf16); break; \
+	case 4: mmv_tile(a, n, m, nb, 4, prefetch, bf16); break; \
+	case 5: mmv_tile(a, n, m, nb, 5, prefetch, bf16); break; \
+	case 6: mmv_tile(a, n, m, nb, 6, prefetch, bf16); break; \
+	case 7: mmv_tile(a, n, m, nb, 7, prefetch, bf16); break; \
+	default: mmv_tile(a, n, m, nb, MMV_MB, prefetch, bf16); break
 
 /*
- * mmv_tile with nb = MMV_NB (full) or 1 (the rows left over), for mb = 1 .. MMV_MB;
- * full tiles prefetch as asked.
+ * mmv_tile with nb = MMV_NB (full) or 1 (the rows left over), for mb = 1 .. MMV_MB and
+ * both weight formats; full tiles prefetch as asked.
  */
 static void
 mmv_tile_any(const mm_args *a, int n, int m, int full, int mb, int prefetch)
 {
-	if (full)
+	if (full && a->bf16)
 		switch (mb)
 		{
-				MMV_CASES(MMV_NB, prefetch);
+				MMV_CASES(MMV_NB, prefetch, 1);
+		}
+	else if (full)
+		switch (mb)
+		{
+				MMV_CASES(MMV_NB, prefetch, 0);
+		}
+	else if (a->bf16)
+		switch (mb)
+		{
+				MMV_CASES(1, 0, 1);
 		}
 	else
 		switch (mb)
 		{
-				MMV_CASES(1, 0);
+				MMV_CASES(1, 0, 0);
 		}
 }
 
@@ -812,7 +918,7 @@ mmv_rows(const mm_args *a, int n0, int n1)
 						prefetch = 0;
 
 			task_range(a->M, nmb, b, &m0, &m1);
-			if (n + (MMV_PREFETCH_TILES + 1) * MMV_NB <= a->N)
+			if (n + (MMV_AHEAD(a->bf16) + 1) * MMV_NB <= a->N)
 				for (int i = 0; i < MMV_NB; i++)
 					prefetch |= (i % nmb == b) << i;
 			mmv_tile_any(a, n, m0, full, m1 - m0, prefetch);
@@ -821,11 +927,15 @@ mmv_rows(const mm_args *a, int n0, int n1)
 	}
 }
 
-/* Columns [n0, n1) of out, i.e. rows [n0, n1) of W, with a single-threaded BLAS call. */
+/*
+ * Columns [n0, n1) of out, i.e. rows [n0, n1) of W, with a single-threaded BLAS call; a
+ * bfloat16 W by chunks of rows widened into the thread's buffer, a call each.
+ */
 static void
-mm_sgemm(const mm_args *a, int n0, int n1)
+mm_sgemm(const mm_args *a, int n0, int n1, int thread)
 {
 	float		beta = a->accumulate ? 1.0f : 0.0f;
+	int			chunk;
 
 	if (a->bias)
 	{
@@ -842,8 +952,25 @@ mm_sgemm(const mm_args *a, int n0, int n1)
 		}
 		beta = 1.0f;
 	}
-	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->M, n1 - n0, a->K, 1.0f,
-				a->in, a->K, a->W + (size_t) n0 * a->K, a->K, beta, a->out + n0, a->N);
+	if (!a->bf16)
+	{
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->M, n1 - n0, a->K, 1.0f,
+					a->in, a->K, (const float *) a->W + (size_t) n0 * a->K, a->K, beta, a->out + n0, a->N);
+		return;
+	}
+	/* K is a width, at most MAX_WIDTH = WIDEN_FLOATS (config.c): a chunk has a row at least */
+	chunk = (int) (WIDEN_FLOATS / a->K);
+	for (int c0 = n0; c0 < n1; c0 += chunk)
+	{
+		int			c1 = c0 + chunk < n1 ? c0 + chunk : n1;
+		float	   *wf = a->widen[thread];
+		const uint16_t *wh = (const uint16_t *) a->W + (size_t) c0 * a->K;
+
+		for (size_t i = 0; i < (size_t) (c1 - c0) * a->K; i++)
+			wf[i] = bf16_float(wh[i]);
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->M, c1 - c0, a->K, 1.0f,
+					a->in, a->K, wf, a->K, beta, a->out + c0, a->N);
+	}
 }
 
 /* One slice of W's rows, 16-aligned so that rows of W and of out stay cache-line aligned. */
@@ -854,7 +981,6 @@ mm_task(void *p, int task, int thread)
 	int			n0,
 				n1;
 
-	(void) thread;
 	task_range((a->N + 15) / 16, a->ntasks, task, &n0, &n1);
 	n0 *= 16;
 	n1 = n1 * 16 < a->N ? n1 * 16 : a->N;
@@ -863,7 +989,7 @@ mm_task(void *p, int task, int thread)
 	if (a->M <= MMV_MAX_M)
 		mmv_rows(a, n0, n1);
 	else
-		mm_sgemm(a, n0, n1);
+		mm_sgemm(a, n0, n1, thread);
 }
 
 /*
@@ -875,9 +1001,10 @@ static void
 cpu_matmul_forward(dl_backend *be, float *out, const float *in, const void *W,
 				   const float *bias, int M, int K, int N, int accumulate)
 {
+	cpu_backend *cb = (cpu_backend *) be;
 	int			slices = (N + 15) / 16;
 	int			nt = threadpool_size(pool_of(be));
-	mm_args		a = {out, in, W, bias, M, K, N, accumulate, 0};
+	mm_args		a = {out, in, W, bias, M, K, N, accumulate, 0, cb->bf16, cb->widen};
 
 	if (M <= MMV_MAX_M)
 		nt = (N + MMV_ROWS - 1) / MMV_ROWS;
@@ -1771,12 +1898,17 @@ cpu_adamw_update(dl_backend *be, float *param, const float *grad, float *m, floa
 static void
 cpu_destroy(dl_backend *be)
 {
-	threadpool_free(pool_of(be));
-	free(be);
+	cpu_backend *cb = (cpu_backend *) be;
+
+	threadpool_free(cb->pool);
+	for (int i = 0; cb->widen && i < be->threads; i++)
+		free(cb->widen[i]);
+	free(cb->widen);
+	free(cb);
 }
 
 dl_status
-backend_cpu_create(int threads, dl_backend **out, dl_error *err)
+backend_cpu_create(int threads, int bf16, dl_backend **out, dl_error *err)
 {
 	cpu_backend *cb;
 	dl_status	st;
@@ -1790,14 +1922,28 @@ backend_cpu_create(int threads, dl_backend **out, dl_error *err)
 		free(cb);
 		return st;
 	}
+	cb->be.threads = threads;
+	cb->bf16 = bf16;
+	if (bf16)
+	{
+		int			ok = (cb->widen = calloc(threads, sizeof(float *))) != NULL;
+
+		for (int i = 0; ok && i < threads; i++)
+			ok = (cb->widen[i] = malloc(WIDEN_FLOATS * sizeof(float))) != NULL;
+		if (!ok)
+		{
+			cpu_destroy(&cb->be);
+			return dl_fail(err, DL_ENOMEM, "out of memory creating the CPU backend");
+		}
+	}
 	/* the pool parallelises every product itself; OpenBLAS must not add threads */
 	openblas_set_num_threads(1);
+	sys_blas_tune();
 
 	cb->be.name = "cpu";
-	cb->be.weight_elem_size = sizeof(float);
+	cb->be.weight_elem_size = bf16 ? sizeof(uint16_t) : sizeof(float);
 	cb->be.kv_elem_size = sizeof(float);
 	cb->be.alignment = CPU_ALIGN;
-	cb->be.threads = threads;
 	cb->be.host_memory = 1;
 	cb->be.alloc = cpu_alloc;
 	cb->be.free = cpu_free;

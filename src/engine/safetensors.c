@@ -1100,16 +1100,24 @@ bf16_to_f32(const uint8_t *src, float *dst, size_t n)
 dl_status
 st_to_f32(const st_tensor *t, float *dst, dl_error *err)
 {
+	return st_range_to_f32(t, 0, t->numel, dst, err);
+}
+
+dl_status
+st_range_to_f32(const st_tensor *t, int64_t first, int64_t n, float *dst, dl_error *err)
+{
+	const uint8_t *src = t->data;
+
 	switch (t->dtype)
 	{
 		case ST_F32:
-			memcpy(dst, t->data, (size_t) t->numel * sizeof(float));
+			memcpy(dst, src + first * 4, (size_t) n * sizeof(float));
 			return DL_OK;
 		case ST_F16:
-			f16_to_f32(t->data, dst, (size_t) t->numel);
+			f16_to_f32(src + first * 2, dst, (size_t) n);
 			return DL_OK;
 		case ST_BF16:
-			bf16_to_f32(t->data, dst, (size_t) t->numel);
+			bf16_to_f32(src + first * 2, dst, (size_t) n);
 			return DL_OK;
 		default:
 			dl_fail(err, DL_EUNSUPPORTED, "tensor \"%s\" has dtype %s, which cannot be converted to F32",

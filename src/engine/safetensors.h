@@ -75,6 +75,9 @@ const st_tensor *st_find(const st_set *set, const char *name);
 /* Convert a F32, F16 or BF16 tensor to float32 into dst (numel floats). */
 dl_status	st_to_f32(const st_tensor *t, float *dst, dl_error *err);
 
+/* The same for elements [first, first + n) of t only (a row, say), into dst (n floats). */
+dl_status	st_range_to_f32(const st_tensor *t, int64_t first, int64_t n, float *dst, dl_error *err);
+
 /* Unmap and free everything. NULL is accepted. */
 void		st_close(st_set *set);
 

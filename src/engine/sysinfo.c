@@ -24,11 +24,53 @@ sys_cpu_count(void)
 	return n > 0 ? (int) n : 1;
 }
 
+/* OpenBLAS's run-time core selection: exported by DYNAMIC_ARCH builds only, hence weak. */
+extern void gotoblas_dynamic_init(void) __attribute__((weak));
+extern void gotoblas_dynamic_quit(void) __attribute__((weak));
+
+/* The core OpenBLAS had chosen, when sys_blas_tune chose another. */
+static char blas_fallback[32];
+
+void
+sys_blas_tune(void)
+{
+	static const char *const fallbacks[] = {"Prescott", "Core2", "Penryn", "Dunnington", "Nehalem", "Unknown"};
+	static int	done;
+	const char *core = openblas_get_corename();
+	const char *best = NULL;
+	int			fallback = 0;
+
+	if (done || getenv("OPENBLAS_CORETYPE") || !gotoblas_dynamic_init || !gotoblas_dynamic_quit)
+		return;
+	done = 1;
+	for (size_t i = 0; i < sizeof(fallbacks) / sizeof(fallbacks[0]); i++)
+		fallback |= strcmp(core, fallbacks[i]) == 0;
+	__builtin_cpu_init();
+	if (__builtin_cpu_supports("avx512bf16"))
+		best = "Cooperlake";
+	else if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+			 __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+		best = "SkylakeX";
+	else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+		best = "Haswell";
+	else if (__builtin_cpu_supports("avx"))
+		best = "Sandybridge";
+	if (!fallback || best == NULL)
+		return;
+	snprintf(blas_fallback, sizeof(blas_fallback), "%s", core);
+	setenv("OPENBLAS_CORETYPE", best, 1);
+	gotoblas_dynamic_quit();
+	gotoblas_dynamic_init();
+	unsetenv("OPENBLAS_CORETYPE");
+}
+
 void
 sys_blas_info(char *buf, size_t len)
 {
 	/* openblas_get_config() reads like "OpenBLAS 0.3.21 NO_AFFINITY Haswell MAX_THREADS=64" */
-	snprintf(buf, len, "%s, core %s", openblas_get_config(), openblas_get_corename());
+	snprintf(buf, len, "%s, core %s%s%s%s", openblas_get_config(), openblas_get_corename(),
+			 blas_fallback[0] ? " (chosen by dolly: OpenBLAS fell back to " : "", blas_fallback,
+			 blas_fallback[0] ? " on this CPU)" : "");
 }
 
 /* The first number in file path (a "max" reads as no limit: -1), or -1. */

@@ -23,9 +23,17 @@ typedef enum DollyDevice
 	DOLLY_DEVICE_AUTO
 } DollyDevice;
 
+/* dolly.cpu_weights */
+typedef enum DollyWeights
+{
+	DOLLY_WEIGHTS_FLOAT32,
+	DOLLY_WEIGHTS_BFLOAT16
+} DollyWeights;
+
 /* GUCs (guc.c) */
 extern int	dolly_device;
 extern int	dolly_threads;
+extern int	dolly_cpu_weights;
 extern char *dolly_cuda_devices;
 extern char *dolly_model;
 extern char *dolly_model_dir;

@@ -8,6 +8,7 @@
 
 int			dolly_device = DOLLY_DEVICE_AUTO;
 int			dolly_threads = 0;
+int			dolly_cpu_weights = DOLLY_WEIGHTS_FLOAT32;
 char	   *dolly_cuda_devices = NULL;
 char	   *dolly_model = NULL;
 char	   *dolly_model_dir = NULL;
@@ -24,6 +25,12 @@ static const struct config_enum_entry device_options[] = {
 	{NULL, 0, false}
 };
 
+static const struct config_enum_entry weights_options[] = {
+	{"float32", DOLLY_WEIGHTS_FLOAT32, false},
+	{"bfloat16", DOLLY_WEIGHTS_BFLOAT16, false},
+	{NULL, 0, false}
+};
+
 void
 dolly_guc_init(void)
 {
@@ -37,6 +44,12 @@ dolly_guc_init(void)
 							"0 means one per CPU available to the server.",
 							&dolly_threads, 0, 0, 1024,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomEnumVariable("dolly.cpu_weights",
+							 "How the CPU backend holds the models' matrices: float32 or bfloat16.",
+							 "bfloat16 takes half the memory and decodes about twice as fast; float32 "
+							 "computes exactly what transformers does in float32.",
+							 &dolly_cpu_weights, DOLLY_WEIGHTS_FLOAT32, weights_options,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomStringVariable("dolly.cuda_devices",
 							   "GPUs the model servers and fine-tuning ranks may use (CUDA_VISIBLE_DEVICES), empty for all.",
 							   NULL,

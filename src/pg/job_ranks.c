@@ -298,7 +298,7 @@ dolly_job_load_base(const char *base_path, int rank, int nranks, const char *act
 					nranks);
 	}
 	else
-		st = backend_cpu_create(Max(1, dolly_cpu_threads() / nranks), be, err);
+		st = backend_cpu_create(Max(1, dolly_cpu_threads() / nranks), 0, be, err);
 	if (st != DL_OK)
 		return st;
 	elog(LOG, "dolly: fine-tuning rank %d of %d trains on %s", rank, nranks, (*be)->name);

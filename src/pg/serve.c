@@ -63,6 +63,7 @@ static bool retiring;			/* a GPU's server that dolly.device no longer wants */
 static TimestampTz backoff_until;	/* takes no requests until then */
 static dl_backend *backend;
 static int	backend_threads;		/* its CPU threads; -1 for the GPU */
+static int	backend_weights;		/* dolly.cpu_weights it was made with (CPU) */
 static ServedModel *models;		/* [DOLLY_MAX_MODELS] */
 static uint64 use_clock;
 
@@ -116,7 +117,7 @@ taking_now(void)
 	return !retiring && GetCurrentTimestamp() >= backoff_until;
 }
 
-/* Make sure the backend dolly.device and dolly.threads ask for exists. */
+/* Make sure the backend dolly.device, dolly.threads and dolly.cpu_weights ask for exists. */
 static dl_status
 ensure_backend(dl_error *err)
 {
@@ -124,7 +125,8 @@ ensure_backend(dl_error *err)
 	int			threads = server > 0 || dolly_want_cuda() ? -1 : dolly_cpu_threads();
 	char		plugin[MAXPGPATH];
 
-	if (backend != NULL && backend_threads == threads)
+	if (backend != NULL && backend_threads == threads &&
+		(threads < 0 || backend_weights == dolly_cpu_weights))
 		return DL_OK;
 	/* another backend: the models on the old one go first */
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
@@ -139,9 +141,10 @@ ensure_backend(dl_error *err)
 	dolly_cuda_plugin_path(plugin, sizeof(plugin));
 	/* dolly.cuda_devices picks the GPUs; server g uses the g-th it sees */
 	if ((threads < 0 ? backend_cuda_create(plugin, server, DL_CUDA_BF16, &backend, err)
-		 : backend_cpu_create(threads, &backend, err)) != DL_OK)
+		 : backend_cpu_create(threads, dolly_cpu_weights == DOLLY_WEIGHTS_BFLOAT16, &backend, err)) != DL_OK)
 		return err->code;
 	backend_threads = threads;
+	backend_weights = dolly_cpu_weights;
 	return DL_OK;
 }
 

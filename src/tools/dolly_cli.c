@@ -83,6 +83,7 @@ typedef struct options
 	int			warmup;
 	float		eval_fraction;
 	int			checkpoint;
+	int			bf16;			/* --bf16: CPU matrices in bfloat16 */
 } options;
 
 /* Print the usage text to f. */
@@ -91,10 +92,10 @@ usage(FILE *f)
 {
 	fprintf(f,
 			"usage:\n"
-			"  dolly-cli generate --model DIR [--device cpu|cuda[:N]] [--threads N] [--max-new-tokens N]\n"
+			"  dolly-cli generate --model DIR [--device cpu|cuda[:N]] [--threads N] [--bf16] [--max-new-tokens N]\n"
 			"                     [--temperature T] [--top-p P] [--top-k K] [--greedy] [--seed S]\n"
 			"                     [--context TEXT] [--raw] INSTRUCTION\n"
-			"  dolly-cli bench --model DIR [--device cpu|cuda[:N]] [--threads N] [--prompt-tokens N]\n"
+			"  dolly-cli bench --model DIR [--device cpu|cuda[:N]] [--threads N] [--bf16] [--prompt-tokens N]\n"
 			"                  [--gen-tokens N] [--batch B]\n"
 			"  dolly-cli bench-gemm --model DIR [--threads N] [--prompt-tokens N]\n"
 			"  dolly-cli init --arch gpt_neox|gptj --layers N --hidden H --heads A [--inner F]\n"
@@ -103,7 +104,8 @@ usage(FILE *f)
 			"  dolly-cli train --model DIR --data FILE.jsonl --out DIR [--device cpu|cuda[:N]] [--epochs 2]\n"
 			"                  [--lr 5e-6] [--batch-size 8] [--max-length N] [--max-tokens N] [--warmup 50]\n"
 			"                  [--seed 42] [--eval-fraction 0.05] [--threads N] [--checkpoint]\n"
-			"  dolly-cli logits --model DIR --out FILE.safetensors [--threads N] TEXT\n");
+			"  dolly-cli logits --model DIR --out FILE.safetensors [--threads N] [--bf16] TEXT\n"
+			"  (--bf16: the CPU keeps the matrices in bfloat16, half the memory)\n");
 }
 
 /* Report an engine error (and its hint) on stderr; returns the exit status 1. */
@@ -188,6 +190,11 @@ parse_options(int argc, char **argv, options *o)
 		if (strcmp(a, "--checkpoint") == 0)
 		{
 			o->checkpoint = 1;
+			continue;
+		}
+		if (strcmp(a, "--bf16") == 0)
+		{
+			o->bf16 = 1;
 			continue;
 		}
 		if (strncmp(a, "--", 2) != 0)
@@ -303,7 +310,7 @@ load(const options *o, dl_cuda_mode mode, dl_backend **be, dl_model **m, dl_erro
 	const char *plugin = getenv("DOLLY_CUDA_PLUGIN") ? getenv("DOLLY_CUDA_PLUGIN") : "./" DL_CUDA_PLUGIN_FILE;
 
 	if ((o->cuda_device >= 0 ? backend_cuda_create(plugin, o->cuda_device, mode, be, err)
-		 : backend_cpu_create(o->threads, be, err)) != DL_OK)
+		 : backend_cpu_create(o->threads, o->bf16, be, err)) != DL_OK)
 		return report(err);
 	if (dl_model_load(o->model, *be, m, err) != DL_OK)
 		return report(err);
@@ -714,7 +721,7 @@ cmd_init(const options *o)
 		goto fail;
 	cfg.vocab_size = cfg.config_vocab = tok_vocab_size(tok);
 	cfg.bos_id = cfg.eos_id = tok_token_id(tok, "<|endoftext|>");
-	if (backend_cpu_create(o->threads, &be, &err) != DL_OK ||
+	if (backend_cpu_create(o->threads, 0, &be, &err) != DL_OK ||
 		model_create_random(&cfg, be, o->seed_given ? o->seed : 42, &m, &err) != DL_OK ||
 		model_add_dolly_tokens(&m, tok, &err) != DL_OK ||
 		model_save(m, tok, NULL, o->out, &err) != DL_OK)

@@ -126,13 +126,15 @@ def run(cmd):
 
 
 def build_tools(workdir):
-    """Compile sgemm_peak and membw (OpenBLAS through pkg-config)."""
+    """Compile sgemm_peak (with the engine's OpenBLAS core choice, sysinfo.c) and membw."""
     flags = run(["pkg-config", "--cflags", "--libs", "openblas"]).split()
+    engine = os.path.join(BENCH_DIR, "..", "..", "src", "engine")
+    extra = {"sgemm_peak": ["-I" + engine, os.path.join(engine, "sysinfo.c")], "membw": []}
     tools = {}
     for name in ("sgemm_peak", "membw"):
         exe = os.path.join(workdir, name)
         run(["gcc", "-std=gnu11", "-O2", "-march=native", "-pthread",
-             os.path.join(BENCH_DIR, name + ".c"), "-o", exe] + flags)
+             os.path.join(BENCH_DIR, name + ".c")] + extra[name] + ["-o", exe] + flags)
         tools[name] = exe
     return tools
 
@@ -143,6 +145,9 @@ def sgemm_peak(tools, dims_, prompt_tokens, threads):
     out = {}
     for line in run([tools["sgemm_peak"], str(prompt_tokens), str(E), str(F), str(V),
                      str(layers), str(threads)]).splitlines():
+        if line.startswith("blas "):
+            out["blas"] = line[5:]
+            continue
         f = parse_fields(line)
         out[f.get("shape", "total")] = f
     return out
@@ -153,11 +158,11 @@ def bandwidth(tools, threads):
     return parse_fields(run([tools["membw"], str(MEMBW_MB), str(threads)]))["memcpy_gbs"]
 
 
-def ours(cli, path, args, batch):
-    """dolly-cli bench's fields, or None when it fails."""
+def ours(cli, path, args, batch, bf16=False):
+    """dolly-cli bench's fields (bf16: matrices in bfloat16), or None when it fails."""
     p = subprocess.run([cli, "bench", "--model", path, "--threads", str(args.threads),
                         "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens",
-                        str(args.gen_tokens), "--batch", str(batch)],
+                        str(args.gen_tokens), "--batch", str(batch)] + (["--bf16"] if bf16 else []),
                        capture_output=True, text=True)
     lines = [l for l in p.stdout.splitlines() if l.startswith("prefill_tok_s=")]
     if p.returncode != 0 or not lines:
@@ -216,12 +221,14 @@ def bench_arch(arch, args, tools, workdir):
     cli_ok = os.access(args.cli, os.X_OK)
     mine = {b: [ours(args.cli, path, args, b) for _ in range(R)] if cli_ok else []
             for b in args.batches}
+    mine16 = {b: [ours(args.cli, path, args, b, bf16=True) for _ in range(R)] if cli_ok else []
+              for b in args.batches}
     gemm = ours_gemm(args.cli, path, args) if cli_ok else None
     peaks.append(sgemm_peak(tools, d, P, args.threads))
     bws.append(bandwidth(tools, args.threads))
 
-    def our(b, field):
-        return best(m[field] for m in mine[b] if m)
+    def our(b, field, runs=mine):
+        return best(m[field] for m in runs[b] if m)
 
     our_prefill = our(args.batches[0], "prefill_tok_s")
     peak = best([p["total"]["gflops"] for p in peaks] + [gemm and gemm["cblas_gflops"]])
@@ -253,6 +260,11 @@ def bench_arch(arch, args, tools, workdir):
         limit = b * bw * 1e9 / (weight_bytes + b * kv_bytes)
         rows.append((f"decode tok/s, batch {b}, vs bandwidth limit", fmt(o),
                      fmt(limit) + " limit", fmt(ratio(o, limit), 2), "<= 1"))
+    for b in args.batches:
+        o = our(b, "decode_tok_s", mine16)
+        limit = b * bw * 1e9 / (weight_bytes / 2 + b * kv_bytes)
+        rows.append((f"decode tok/s, batch {b}, bf16 matrices, vs limit", fmt(o),
+                     fmt(limit) + " limit", fmt(ratio(o, limit), 2), "<= 1"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
@@ -264,7 +276,8 @@ def bench_arch(arch, args, tools, workdir):
           f"per sequence")
     print("   cblas_sgemm GFLOP/s per shape: " + "; ".join(
         f"{name} {int(f['K'])}x{int(f['N'])} {best(p[name]['gflops'] for p in peaks):.1f}"
-        for name, f in peaks[0].items() if name != "total"))
+        for name, f in peaks[0].items() if name not in ("total", "blas")))
+    print(f"   {peaks[0].get('blas', 'BLAS unknown')}")
 
 
 def model_name(arch):

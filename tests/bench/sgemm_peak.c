@@ -8,7 +8,7 @@
  * M tokens, width E, MLP width F, vocabulary V. Activations are [M, K] row-major and
  * weights [N, K] as Hugging Face stores them (y = x W^T: CblasTrans on W), the layout
  * the engine multiplies in. Prints one line per shape and a total over a prefill's
- * layer products (LAYERS x qkv, projection, MLP in, MLP out):
+ * layer products (LAYERS x qkv, projection, MLP in, MLP out), after the BLAS line:
  *   shape=qkv M=512 K=768 N=2304 gflops=... seconds=...
  *   total_layers gflops=... seconds=... threads=2
  * The [M, E] x [E, V] logits product is printed too but left out of the total: a
@@ -16,6 +16,8 @@
  */
 #include <cblas.h>
 #include <stdio.h>
+
+#include "sysinfo.h"
 #include <stdlib.h>
 #include <time.h>
 
@@ -83,6 +85,7 @@ main(int argc, char **argv)
 			   *C;
 	double		flops_total = 0.0,
 				secs_total = 0.0;
+	char		blas[256];
 
 	if (argc != 7 || (M = atoi(argv[1])) < 1 || (E = atoi(argv[2])) < 1 ||
 		(F = atoi(argv[3])) < 1 || (V = atoi(argv[4])) < 1 ||
@@ -115,7 +118,11 @@ main(int argc, char **argv)
 	A = random_floats((size_t) M * maxk, 1);
 	B = random_floats(maxn * maxk, 2);
 	C = random_floats((size_t) M * maxn, 3);
+	/* OpenBLAS's kernels as the engine runs them (sysinfo.c, compiled in) */
+	sys_blas_tune();
 	openblas_set_num_threads(threads);
+	sys_blas_info(blas, sizeof(blas));
+	printf("blas %s\n", blas);
 
 	for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
 	{

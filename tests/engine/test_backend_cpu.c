@@ -90,17 +90,35 @@ TEST(threadpool_runs_each_task_once)
 	CHECK(threadpool_create(0, &(dl_threadpool *) {NULL}, &err) == DL_EINVAL);
 }
 
+/* A bfloat16 as float32. */
+static float
+bf16_value(uint16_t h)
+{
+	uint32_t	u = (uint32_t) h << 16;
+	float		f;
+
+	memcpy(&f, &u, sizeof(f));
+	return f;
+}
+
+/*
+ * Products against a double reference, float32 and bfloat16 matrices (the reference then
+ * multiplies the rounded weights), on the decode path (M <= 64) and the sgemm one, where
+ * 65 x 1024 x 1100 widens its bfloat16 rows in two chunks.
+ */
 TEST(backend_cpu_matmul)
 {
-	static const int shapes[][3] = {{1, 33, 50}, {3, 64, 7}, {37, 70, 129}, {8, 16, 1}, {64, 128, 300}};
+	static const int shapes[][3] = {{1, 33, 50}, {3, 64, 7}, {37, 70, 129}, {8, 16, 1}, {64, 128, 300},
+	{100, 96, 70}, {65, 1024, 1100}};
 	dl_error	err;
 	uint64_t	seed = 1;
 
+	for (int bf16 = 0; bf16 <= 1; bf16++)
 	for (int threads = 1; threads <= 3; threads++)
 	{
 		dl_backend *be;
 
-		CHECK_OK(backend_cpu_create(threads, &be, &err), &err);
+		CHECK_OK(backend_cpu_create(threads, bf16, &be, &err), &err);
 		for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
 			for (int variant = 0; variant < 4; variant++)
 			{
@@ -114,8 +132,17 @@ TEST(backend_cpu_matmul)
 				float	   *bias = randv(N, &seed);
 				float	   *out = randv((size_t) M * N, &seed);
 				double	   *ref = malloc((size_t) M * N * sizeof(double));
+				uint16_t   *Wh = malloc((size_t) N * K * sizeof(uint16_t));
+				st_tensor	t = {.name = "W", .dtype = ST_F32, .ndim = 2, .shape = {N, K},
+				.numel = (int64_t) N * K, .nbytes = (size_t) N * K * sizeof(float), .data = (const uint8_t *) W};
 				double		d;
 
+				if (bf16)
+				{
+					CHECK_OK(be->upload_tensor(be, Wh, DL_FMT_WEIGHT, &t, NULL, &err), &err);
+					for (size_t i = 0; i < (size_t) N * K; i++)
+						W[i] = bf16_value(Wh[i]);
+				}
 				for (int m = 0; m < M; m++)
 					for (int n = 0; n < N; n++)
 					{
@@ -125,15 +152,17 @@ TEST(backend_cpu_matmul)
 							sum += (double) in[(size_t) m * K + k] * W[(size_t) n * K + k];
 						ref[(size_t) m * N + n] = sum + (has_bias ? bias[n] : 0);
 					}
-				be->matmul_forward(be, out, in, W, has_bias ? bias : NULL, M, K, N, acc);
+				be->matmul_forward(be, out, in, bf16 ? (const void *) Wh : W, has_bias ? bias : NULL,
+								   M, K, N, acc);
 				d = max_diff(out, ref, (size_t) M * N);
 				free(in);
 				free(W);
+				free(Wh);
 				free(bias);
 				free(out);
 				free(ref);
-				CHECKF(d < 1e-5 * K, "threads %d M %d K %d N %d bias %d acc %d: diff %g",
-					   threads, M, K, N, has_bias, acc, d);
+				CHECKF(d < 1e-5 * K, "bf16 %d threads %d M %d K %d N %d bias %d acc %d: diff %g",
+					   bf16, threads, M, K, N, has_bias, acc, d);
 			}
 		be->destroy(be);
 	}
@@ -157,7 +186,7 @@ TEST(backend_cpu_layernorm_gelu_rows)
 				gref[1000];
 	int32_t		rows[5] = {12, 0, 5, 5, 3};
 
-	CHECK_OK(backend_cpu_create(2, &be, &err), &err);
+	CHECK_OK(backend_cpu_create(2, 0, &be, &err), &err);
 	for (int i = 0; i < T * C; i++)
 		x[i] = x[i] * 3 + 0.5f;	/* an offset mean, as real activations have */
 	for (int t = 0; t < T; t++)
@@ -227,7 +256,7 @@ TEST(backend_cpu_rotary)
 				max_pos = 40;
 	int32_t		pos[9] = {0, 1, 2, 39, 7, 7, 20, 3, 11};
 
-	CHECK_OK(backend_cpu_create(2, &be, &err), &err);
+	CHECK_OK(backend_cpu_create(2, 0, &be, &err), &err);
 	for (int interleaved = 0; interleaved < 2; interleaved++)
 		for (int rd = 4; rd <= D; rd += 8)
 		{
@@ -350,7 +379,7 @@ TEST(backend_cpu_attention_mixed_batch)
 		memcpy(vc, vc0, (size_t) nslot * max_ctx * C * sizeof(float));
 		void	   *ws;
 
-		CHECK_OK(backend_cpu_create(threads, &be, &err), &err);
+		CHECK_OK(backend_cpu_create(threads, 0, &be, &err), &err);
 		ws = be->alloc(be, be->attention_workspace(be, max_ctx), &err);
 		be->attention_forward(be, out, qkv, kc, vc, max_ctx, &sp, n_head, D, scale, ws);
 		be->free(be, ws);
@@ -384,11 +413,40 @@ TEST(backend_cpu_upload_tensor_permutes_rows)
 	float		out[6];
 	static const float expect[6] = {5, -1, 1, 2, 3, 4};
 
-	CHECK_OK(backend_cpu_create(1, &be, &err), &err);
+	CHECK_OK(backend_cpu_create(1, 0, &be, &err), &err);
 	CHECK_OK(be->upload_tensor(be, out, DL_FMT_WEIGHT, &t, rows, &err), &err);
 	CHECK(memcmp(out, expect, sizeof(out)) == 0);
 	CHECK_OK(be->upload_tensor(be, out, DL_FMT_F32, &t, NULL, &err), &err);
 	CHECK(out[0] == 1 && out[5] == -1);
+	be->destroy(be);
+}
+
+/*
+ * bfloat16 matrices: float32 rounded to nearest even (ties to the even one, a NaN kept),
+ * rows permuted as asked, and the embedding lookup widening them back.
+ */
+TEST(backend_cpu_bf16_weights_round_and_embed)
+{
+	dl_backend *be;
+	dl_error	err;
+	/* 1 + 2^-8 and 1 + 3 * 2^-8: ties, to 1 and to 1 + 2^-6; -2; a NaN; just over the tie above 3 */
+	float		f[6] = {1.00390625f, 1.01171875f, -2.0f, NAN, 3.0078125f + 1e-5f, 0.0f};
+	st_tensor	t = {.name = "e", .dtype = ST_F32, .ndim = 2, .shape = {3, 2},
+	.numel = 6, .nbytes = sizeof(f), .data = (const uint8_t *) f};
+	int32_t		rows[3] = {1, 2, 0};
+	int32_t		ids[2] = {2, 0};
+	uint16_t	h[6];
+	float		out[4];
+
+	CHECK_OK(backend_cpu_create(1, 1, &be, &err), &err);
+	CHECK(be->weight_elem_size == 2);
+	CHECK_OK(be->upload_tensor(be, h, DL_FMT_WEIGHT, &t, NULL, &err), &err);
+	CHECKF(h[0] == 0x3f80 && h[1] == 0x3f82 && h[2] == 0xc000 && (h[3] & 0x7fff) > 0x7f80 &&
+		   h[4] == 0x4041 && h[5] == 0, "%04x %04x %04x %04x %04x %04x", h[0], h[1], h[2], h[3], h[4], h[5]);
+	CHECK_OK(be->upload_tensor(be, h, DL_FMT_WEIGHT, &t, rows, &err), &err);
+	CHECK(h[0] == 0xc000 && h[2] == 0x4041 && h[4] == 0x3f80 && h[5] == 0x3f82);
+	be->embedding_forward(be, out, h, ids, 2, 2);
+	CHECK(out[0] == 1.0f && out[1] == bf16_value(0x3f82) && out[2] == -2.0f && isnan(out[3]));
 	be->destroy(be);
 }
 
@@ -456,7 +514,7 @@ TEST(backend_cpu_attention_decode_many_heads)
 
 		memcpy(k2, kc, (size_t) B * ctx * C * sizeof(float));
 		memcpy(v2, vc, (size_t) B * ctx * C * sizeof(float));
-		CHECK_OK(backend_cpu_create(threads, &be, &err), &err);
+		CHECK_OK(backend_cpu_create(threads, 0, &be, &err), &err);
 		ws = be->alloc(be, be->attention_workspace(be, ctx), &err);
 		CHECK(ws != NULL);
 		be->attention_forward(be, out, qkv, k2, v2, ctx, &spans, H, D, 0.2f, ws);
@@ -490,7 +548,7 @@ TEST(backend_cpu_alloc_refuses_what_the_host_lacks)
 
 	if (avail < 0)
 		SKIP("neither /proc/meminfo nor a memory cgroup is readable");
-	CHECK(backend_cpu_create(1, &be, &err) == DL_OK);
+	CHECK(backend_cpu_create(1, 0, &be, &err) == DL_OK);
 	p = be->alloc(be, (size_t) avail + ((size_t) 1 << 30), &err);
 	CHECKF(p == NULL && err.code == DL_ENOMEM && strstr(err.msg, "MB needed") &&
 		   strstr(err.msg, "MB available"), "%s", p ? "allocated" : err.msg);

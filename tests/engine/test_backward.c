@@ -162,7 +162,7 @@ TEST(backward_embedding_repeated_ids)
 					   *g;
 			double		e;
 
-			CHECK_OK(backend_cpu_create(threads, &be, &err), &err);
+			CHECK_OK(backend_cpu_create(threads, 0, &be, &err), &err);
 			c = (emb_ctx) {be, buf_rand(&b, (size_t) V * C, 1, &seed), buf_zero(&b, (size_t) T * C),
 			buf_rand(&b, (size_t) T * C, 1, &seed), ids, T, C};
 			g0 = buf_rand(&b, (size_t) V * C, 1, &seed);
@@ -226,7 +226,7 @@ TEST(backward_layernorm)
 						ew,
 						eb;
 
-			CHECK_OK(backend_cpu_create(threads, &be, &err), &err);
+			CHECK_OK(backend_cpu_create(threads, 0, &be, &err), &err);
 			c = (ln_ctx) {be, buf_rand(&b, n, 2, &seed), buf_rand(&b, C, 1.5, &seed),
 				buf_rand(&b, C, 1, &seed), buf_zero(&b, n), buf_zero(&b, T), buf_zero(&b, T),
 			buf_rand(&b, n, 1, &seed), T, C};
@@ -302,7 +302,7 @@ TEST(backward_matmul)
 						eb;
 			int			same;
 
-			CHECK_OK(backend_cpu_create(threads, &be, &err), &err);
+			CHECK_OK(backend_cpu_create(threads, 0, &be, &err), &err);
 			c = (mm_ctx) {be, buf_rand(&b, (size_t) M * K, 1, &seed),
 				buf_rand(&b, (size_t) N * K, 1, &seed), buf_rand(&b, N, 1, &seed),
 			buf_zero(&b, (size_t) M * N), buf_rand(&b, (size_t) M * N, 1, &seed), M, K, N};
@@ -386,7 +386,7 @@ TEST(backward_rotary_both_layouts)
 			cs[p * rd + j] = (float) cos(th);
 			cs[p * rd + rd / 2 + j] = (float) sin(th);
 		}
-	CHECK_OK(backend_cpu_create(2, &be, &err), &err);
+	CHECK_OK(backend_cpu_create(2, 0, &be, &err), &err);
 	for (int interleaved = 0; interleaved <= 1; interleaved++)
 	{
 		rope_ctx	c = {be, buf_rand(&b, n, 1, &seed), buf_zero(&b, n), buf_rand(&b, n, 1, &seed),
@@ -507,7 +507,7 @@ TEST(backward_attention_several_sequences)
 		double		e,
 					eref;
 
-		CHECK_OK(backend_cpu_create(threads, &be, &err), &err);
+		CHECK_OK(backend_cpu_create(threads, 0, &be, &err), &err);
 		c = (attn_ctx) {be, buf_rand(&b, n, 1.5, &seed), buf_zero(&b, (size_t) T * C),
 			buf_zero(&b, (size_t) T * H), buf_rand(&b, (size_t) T * C, 1, &seed), &spans, T, H, D,
 			1.0f / sqrtf((float) D),
@@ -535,7 +535,7 @@ TEST(backward_gelu_both_forms)
 	bufs		b = {0};
 	double		worst = 0;
 
-	CHECK_OK(backend_cpu_create(2, &be, &err), &err);
+	CHECK_OK(backend_cpu_create(2, 0, &be, &err), &err);
 	for (int form = DL_GELU_TANH; form <= DL_GELU_ERF; form++)
 		/* below and above the size at which the op splits over threads */
 		for (size_t n = 301; n <= 4501; n += 4200)
@@ -619,7 +619,7 @@ TEST(backward_crossentropy_masked)
 		int			masked_zero = 1,
 					same;
 
-		CHECK_OK(backend_cpu_create(2, &be, &err), &err);
+		CHECK_OK(backend_cpu_create(2, 0, &be, &err), &err);
 		c = (xent_ctx) {be, buf_rand(&b, n, 4, &seed), buf_zero(&b, T), labels, T, V};
 		d = buf_rand(&b, n, 1, &seed);
 		be->crossentropy_forward(be, c.losses, d, c.logits, labels, T, V);
@@ -671,7 +671,7 @@ TEST(backward_sum_squares_and_adamw_match_torch_formulas)
 				e = 0;
 	dl_adamw	h = {1e-3f, 0.9f, 0.999f, 1e-8f, 0.01f, 0.5f, 0};
 
-	CHECK_OK(backend_cpu_create(2, &be, &err), &err);
+	CHECK_OK(backend_cpu_create(2, 0, &be, &err), &err);
 	for (size_t i = 0; i < n; i++)
 	{
 		ss += (double) g[i] * g[i];

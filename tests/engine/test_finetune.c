@@ -37,7 +37,7 @@ setup_open(setup *s, dl_error *err)
 	dl_status	st;
 
 	memset(s, 0, sizeof(*s));
-	st = backend_cpu_create(1, &s->be, err);
+	st = backend_cpu_create(1, 0, &s->be, err);
 	if (st == DL_OK)
 		st = dl_model_load(fixture_path("neox-par-f32"), s->be, &s->m, err);
 	if (st == DL_OK)

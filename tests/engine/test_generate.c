@@ -39,7 +39,7 @@ gen_fixture_open(const char *name, gen_fixture *f, dl_error *err, dl_status *st)
 	if (access(fixture_path(name), R_OK) != 0)
 		return 0;
 	snprintf(path, sizeof(path), "%s", fixture_path(name));
-	*st = backend_cpu_create(2, &f->be, err);
+	*st = backend_cpu_create(2, 0, &f->be, err);
 	if (*st == DL_OK)
 		*st = dl_model_load(path, f->be, &f->m, err);
 	snprintf(path, sizeof(path), "%s/expected.safetensors", fixture_path(name));

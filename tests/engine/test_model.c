@@ -30,9 +30,12 @@ typedef struct fixture
 	const st_tensor *greedy[MAX_PROMPTS];
 } fixture;
 
-/* Load tests/fixtures/<name>; returns 0 when the fixture is absent (test skips). */
+/*
+ * Load tests/fixtures/<name> (with bf16, its matrices in bfloat16); returns 0 when the
+ * fixture is absent (test skips).
+ */
 static int
-fixture_open(const char *name, int threads, fixture *f, dl_error *err, dl_status *st)
+fixture_open(const char *name, int threads, int bf16, fixture *f, dl_error *err, dl_status *st)
 {
 	char		dir[4096],
 				key[64];
@@ -41,7 +44,7 @@ fixture_open(const char *name, int threads, fixture *f, dl_error *err, dl_status
 	snprintf(dir, sizeof(dir), "%s", fixture_path(name));
 	if (access(dir, R_OK) != 0)
 		return 0;
-	*st = backend_cpu_create(threads, &f->be, err);
+	*st = backend_cpu_create(threads, bf16, &f->be, err);
 	if (*st == DL_OK)
 		*st = dl_model_load(dir, f->be, &f->m, err);
 	if (*st == DL_OK)
@@ -147,7 +150,7 @@ tol_bf16(double big)
 
 /* Every prompt alone, then all together in one batch, then split prefill + decode. */
 static void
-check_logits(const char *name, int *failed_)
+check_logits(const char *name, int bf16, int *failed_)
 {
 	fixture		f;
 	dl_error	err;
@@ -159,10 +162,11 @@ check_logits(const char *name, int *failed_)
 				total = 0,
 				ok = 1;
 
-	if (!fixture_open(name, 2, &f, &err, &st))
+	if (!fixture_open(name, 2, bf16, &f, &err, &st))
 		SKIP("fixture %s not present", name);
 	CHECKF(st == DL_OK, "%s", err.msg);
 	CHECK(f.nprompt > 0);
+	CHECK(f.be->weight_elem_size == (bf16 ? 2u : 4u));
 	V = f.m->cfg.vocab_size;
 	for (int i = 0; i < f.nprompt; i++)
 	{
@@ -266,27 +270,38 @@ check_logits(const char *name, int *failed_)
 
 TEST(model_logits_gptj_f32)
 {
-	check_logits("gptj-f32", failed_);
+	check_logits("gptj-f32", 0, failed_);
 }
 
 TEST(model_logits_neox_par_f32)
 {
-	check_logits("neox-par-f32", failed_);
+	check_logits("neox-par-f32", 0, failed_);
 }
 
 TEST(model_logits_neox_seq_f32_sharded)
 {
-	check_logits("neox-seq-f32", failed_);
+	check_logits("neox-seq-f32", 0, failed_);
 }
 
 TEST(model_logits_gptj_bf16)
 {
-	check_logits("gptj-bf16", failed_);
+	check_logits("gptj-bf16", 0, failed_);
 }
 
 TEST(model_logits_neox_par_bf16)
 {
-	check_logits("neox-par-bf16", failed_);
+	check_logits("neox-par-bf16", 0, failed_);
+}
+
+/* bfloat16 checkpoints kept in bfloat16 on the CPU: the same weights, the same checks */
+TEST(model_logits_gptj_bf16_weights)
+{
+	check_logits("gptj-bf16", 1, failed_);
+}
+
+TEST(model_logits_neox_par_bf16_weights)
+{
+	check_logits("neox-par-bf16", 1, failed_);
 }
 
 /* How to break a copy of a model: which tensor, and what to do to it. */
@@ -347,7 +362,7 @@ load_broken(const char *name, const char *victim, breakage how, dl_error *err)
 	snprintf(path, sizeof(path), "%s/model.safetensors", dir);
 	st = st_write(path, w, n, NULL, 0, err);
 	if (st == DL_OK)
-		st = backend_cpu_create(1, &be, err);
+		st = backend_cpu_create(1, 0, &be, err);
 	if (st == DL_OK)
 	{
 		st = dl_model_load(dir, be, &m, err);
@@ -426,7 +441,7 @@ TEST(model_load_reports_progress_and_stops)
 
 	if (access(fixture_path("gptj-f32"), R_OK) != 0)
 		SKIP("fixture models not present");
-	CHECK(backend_cpu_create(1, &be, &err) == DL_OK);
+	CHECK(backend_cpu_create(1, 0, &be, &err) == DL_OK);
 	CHECK(dl_model_load_watched(fixture_path("gptj-f32"), be, watch_load, &w, &m, &err) == DL_OK);
 	CHECKF(w.calls == m->nmap && w.monotone && w.last_done == w.total &&
 		   w.total == dl_model_param_count(m),
@@ -449,7 +464,7 @@ TEST(model_forward_rejects_bad_batches)
 				bad = -1;
 	float	   *lg;
 
-	if (!fixture_open("gptj-f32", 1, &f, &err, &st))
+	if (!fixture_open("gptj-f32", 1, 0, &f, &err, &st))
 		SKIP("fixture gptj-f32 not present");
 	CHECKF(st == DL_OK, "%s", err.msg);
 	CHECK_OK(dl_kv_cache_create(f.m, 2, 8, 4, &c, &err), &err);

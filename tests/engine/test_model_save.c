@@ -181,7 +181,7 @@ round_trip(const char *fixture, int *failed_)
 
 	CHECKF(scratch_dir(tmp, sizeof(tmp)) != NULL, "mkdtemp");
 	snprintf(out, sizeof(out), "%s/saved", tmp);
-	CHECK_OK(backend_cpu_create(1, &be, &err), &err);
+	CHECK_OK(backend_cpu_create(1, 0, &be, &err), &err);
 	CHECK_OK(dl_model_load(fixture_path(fixture), be, &m, &err), &err);
 	snprintf(cfgpath, sizeof(cfgpath), "%s/tokenizer.json", fixture_path(fixture));
 	CHECK_OK(tok_load(cfgpath, &tok, &err), &err);
@@ -264,7 +264,7 @@ random_round_trip(dl_arch arch, int tied, int *failed_)
 	CHECK(small_config(arch, tied, 515, &cfg));
 	CHECKF(scratch_dir(tmp, sizeof(tmp)) != NULL, "mkdtemp");
 	snprintf(out, sizeof(out), "%s/saved", tmp);
-	CHECK_OK(backend_cpu_create(1, &be, &err), &err);
+	CHECK_OK(backend_cpu_create(1, 0, &be, &err), &err);
 	CHECK_OK(tok_load(fixture_path("tokenizer/tokenizer.json"), &tok, &err), &err);
 	CHECK_OK(model_create_random(&cfg, be, 3, &m, &err), &err);
 	CHECK(tied ? m->p.lm_head == m->p.wte : m->p.lm_head != m->p.wte);
@@ -317,7 +317,7 @@ TEST(model_save_is_atomic)
 	dl_error	err;
 
 	CHECKF(scratch_dir(tmp, sizeof(tmp)) != NULL, "mkdtemp");
-	CHECK_OK(backend_cpu_create(1, &be, &err), &err);
+	CHECK_OK(backend_cpu_create(1, 0, &be, &err), &err);
 	CHECK_OK(dl_model_load(fixture_path("neox-par-f32"), be, &m, &err), &err);
 	CHECK_OK(tok_load(fixture_path("tokenizer/tokenizer.json"), &tok, &err), &err);
 
@@ -365,7 +365,7 @@ TEST(model_random_init_is_seeded_and_shaped)
 	int			differ = 0;
 
 	CHECK(small_config(DL_ARCH_GPTNEOX, 0, 600, &cfg));
-	CHECK_OK(backend_cpu_create(1, &be, &err), &err);
+	CHECK_OK(backend_cpu_create(1, 0, &be, &err), &err);
 	CHECK_OK(model_create_random(&cfg, be, 11, &a, &err), &err);
 	CHECK_OK(model_create_random(&cfg, be, 11, &b, &err), &err);
 	CHECK_OK(model_create_random(&cfg, be, 12, &c, &err), &err);
@@ -425,7 +425,7 @@ grow_case(dl_arch arch, int tied, int *failed_)
 	CHECK(tok != NULL);
 	V = tok_vocab_size(tok);
 	CHECK(small_config(arch, tied, V, &cfg));
-	CHECK_OK(backend_cpu_create(1, &be, &err), &err);
+	CHECK_OK(backend_cpu_create(1, 0, &be, &err), &err);
 	CHECK_OK(model_create_random(&cfg, be, 5, &m, &err), &err);
 	some_ids(ids, 12, V);
 	la = logits_of(m, ids, 12);
@@ -498,7 +498,7 @@ TEST(model_add_dolly_tokens_keeps_padded_tables)
 	int32_t		id;
 
 	CHECK(tok != NULL);
-	CHECK_OK(backend_cpu_create(1, &be, &err), &err);
+	CHECK_OK(backend_cpu_create(1, 0, &be, &err), &err);
 	/* 536 rows, as Pythia pads beyond its tokenizer */
 	CHECK_OK(dl_model_load(fixture_path("neox-par-f32"), be, &m, &err), &err);
 	g = m;

@@ -649,7 +649,7 @@ TEST(sampler_backend_op_equals_sample_token)
 	dl_error	err;
 	dl_rng		gen;
 
-	CHECK_OK(backend_cpu_create(3, &be, &err), &err);
+	CHECK_OK(backend_cpu_create(3, 0, &be, &err), &err);
 	rng_seed(&gen, 314);
 	for (size_t vi = 0; vi < sizeof(vocabs) / sizeof(vocabs[0]); vi++)
 	{

@@ -96,7 +96,7 @@ train_open(const char *name, int threads, train_fixture *f, dl_error *err, dl_st
 	dl_backend *be;
 
 	memset(f, 0, sizeof(*f));
-	if ((*st = backend_cpu_create(threads, &be, err)) != DL_OK)
+	if ((*st = backend_cpu_create(threads, 0, &be, err)) != DL_OK)
 		return 1;
 	if (!train_open_on(name, be, f, err, st))
 	{

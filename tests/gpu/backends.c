@@ -64,7 +64,7 @@ reference_backend(void)
 
 	if (cpu != NULL)
 		return cpu;
-	if (backend_cpu_create(2, &cpu, &err) != DL_OK)
+	if (backend_cpu_create(2, 0, &cpu, &err) != DL_OK)
 	{
 		fprintf(stderr, "cannot create the CPU backend: %s\n", err.msg);
 		exit(2);

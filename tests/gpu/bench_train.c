@@ -99,7 +99,7 @@ main(int argc, char **argv)
 				MAX_STEPS);
 		return 1;
 	}
-	if ((device < 0 ? backend_cpu_create(2, &be, &err)
+	if ((device < 0 ? backend_cpu_create(2, 0, &be, &err)
 		 : backend_cuda_create(plugin_path, device, DL_CUDA_MIXED, &be, &err)) != DL_OK)
 		die("backend", &err);
 	if (device >= 0)

@@ -1,6 +1,7 @@
 # 002_serving.pl: many sessions share one model server: concurrent greedy requests get the
 # answers they get alone, and dolly.model can be switched with a reload; a broken model, or
-# one larger than the memory left, is an ERROR and the server serves on.
+# one larger than the memory left, is an ERROR and the server serves on; dolly.cpu_weights
+# switches the matrices to bfloat16 with a reload.
 use strict;
 use warnings;
 use Cwd qw(abs_path);
@@ -123,6 +124,20 @@ like($stderr, qr/out of memory on the CPU: [\d.]+ MB needed, [\d.]+ MB available
 is($node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'dolly model server'"),
 	$server, 'by the same model server, which was not killed');
 is($node->safe_psql('postgres', generate_sql(1, 'neox-par-f32')), $neox, 'and still serves the others');
+
+# dolly.cpu_weights = bfloat16 with a reload: the models come back with half the weight
+# bytes, and a bfloat16 checkpoint (no rounding) answers what it answered in float32
+my $bf16_f32 = $node->safe_psql('postgres', generate_sql(1, 'gptj-bf16'));
+my $bytes = "SELECT weight_bytes FROM dolly_server WHERE model = 'gptj-bf16'";
+my $f32_bytes = $node->safe_psql('postgres', $bytes);
+$node->append_conf('postgresql.conf', "dolly.cpu_weights = 'bfloat16'\n");
+$node->reload;
+$node->poll_query_until('postgres', "SELECT current_setting('dolly.cpu_weights') = 'bfloat16'")
+  or die 'dolly.cpu_weights not reloaded';
+is($node->safe_psql('postgres', generate_sql(1, 'gptj-bf16')), $bf16_f32,
+	'with bfloat16 matrices a bfloat16 checkpoint answers as in float32');
+cmp_ok($node->safe_psql('postgres', $bytes), '<', 0.6 * $f32_bytes,
+	"in about half the memory ($f32_bytes bytes before)");
 
 $node->stop;
 done_testing();
