@@ -30,7 +30,9 @@ WERROR = -Wall -Wextra -Werror
 ENGINE_SRCS = $(wildcard src/engine/*.c)
 ENGINE_OBJS = $(ENGINE_SRCS:.c=.o)
 ENGINE_LIB = src/engine/libdolly_engine.a
-ENGINE_CFLAGS = -std=gnu11 -O3 -march=$(MARCH) -fPIC -pthread -g $(WERROR) \
+# -fno-math-errno: the engine never reads errno after libm, and sqrtf that may set it keeps
+# loops such as AdamW's from vectorising
+ENGINE_CFLAGS = -std=gnu11 -O3 -march=$(MARCH) -fno-math-errno -fPIC -pthread -g $(WERROR) \
 	$(shell pkg-config --cflags json-c libpcre2-8 icu-uc openblas)
 ENGINE_LIBS = $(shell pkg-config --libs json-c libpcre2-8 icu-uc openblas) -lpthread -lm -ldl
 
