@@ -135,6 +135,7 @@ probe_cpu(void)
 	char		blas[192];
 	int			threads = dolly_cpu_threads();
 
+	sys_blas_tune();			/* what the CPU backend will run, before it is described */
 	sys_blas_info(blas, sizeof(blas));
 	SpinLockAcquire(&dolly_shared->mutex);
 	dolly_shared->cpu_threads = threads;
