@@ -194,7 +194,16 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 	if (tok_load(tokpath, &m->tok, err) != DL_OK)
 		goto fail;
 	if (dolly_load_model(path, backend, psprintf("loading model %s", path), NULL, NULL, &m->model, err) != DL_OK)
+	{
+		if (err->code == DL_ENOMEM && backend->host_memory && dolly_cpu_weights == DOLLY_WEIGHTS_FLOAT32)
+		{
+			char		hint[sizeof(err->hint)];
+
+			strlcpy(hint, err->hint, sizeof(hint));
+			dl_hint(err, "%s%sdolly.cpu_weights = 'bfloat16' needs half as much.", hint, hint[0] ? "; " : "");
+		}
 		goto fail;
+	}
 	max_ctx = m->model->cfg.max_pos;
 	if (dolly_max_context > 0 && dolly_max_context < max_ctx)
 		max_ctx = dolly_max_context;
