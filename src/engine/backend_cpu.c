@@ -314,8 +314,10 @@ gelu_erf_grad(float x)
 
 /* --- memory --- */
 
-/* Allocations from this size on are checked against the memory the host has left. */
+/* Allocations from this size on are checked against the memory the host has left... */
 #define CPU_CHECKED_BYTES ((size_t) 64 << 20)
+/* ...of which they leave this much to the rest of the system (PostgreSQL's own processes) */
+#define CPU_HEADROOM_BYTES (256LL << 20)
 
 /*
  * Host memory, CPU_ALIGN-aligned. A large allocation the host cannot back fails here:
@@ -330,10 +332,11 @@ cpu_alloc(dl_backend *be, size_t bytes, dl_error *err)
 
 	(void) be;
 	bytes = (bytes + CPU_ALIGN - 1) / CPU_ALIGN * CPU_ALIGN;
-	if (avail >= 0 && (long long) bytes > avail)
+	if (avail >= 0 && (long long) bytes > avail - CPU_HEADROOM_BYTES)
 	{
-		dl_fail(err, DL_ENOMEM, "out of memory on the CPU: %.1f MB needed, %.1f MB available",
-				bytes / 1048576.0, avail / 1048576.0);
+		dl_fail(err, DL_ENOMEM, "out of memory on the CPU: %.1f MB needed, %.1f MB available "
+				"(%lld MB of it left to the rest of the system)",
+				bytes / 1048576.0, avail / 1048576.0, CPU_HEADROOM_BYTES >> 20);
 		return NULL;
 	}
 	p = aligned_alloc(CPU_ALIGN, bytes ? bytes : CPU_ALIGN);

@@ -148,6 +148,33 @@ ensure_backend(dl_error *err)
 	return DL_OK;
 }
 
+/*
+ * m's KV cache for dolly.max_batch sequences, or for as many as the device has memory for
+ * (halving down to one, with a LOG): a large model on a small machine then serves fewer
+ * sequences at once rather than none. Sets m->max_seq.
+ */
+static dl_status
+create_cache(ServedModel *m, const char *path, int max_ctx, dl_error *err)
+{
+	int			slots = dolly_max_batch;
+
+	while (dl_kv_cache_create(m->model, slots, max_ctx, Max(MAX_TOKENS_PER_PASS, slots), &m->cache,
+							  err) != DL_OK)
+	{
+		if (err->code != DL_ENOMEM)
+			return err->code;
+		if (slots == 1)
+			return dl_hint(err, "Not even one sequence of %d tokens fits: lower dolly.max_context "
+						   "(0 is the model's limit), or free memory.", max_ctx);
+		slots /= 2;
+	}
+	if (slots < dolly_max_batch)
+		elog(LOG, "dolly: model \"%s\": the KV cache holds %d sequences of %d tokens, not dolly.max_batch (%d): "
+			 "there is no memory for more", path, slots, max_ctx, dolly_max_batch);
+	m->max_seq = slots;
+	return DL_OK;
+}
+
 /* Load the model at path into a free entry (evicting the least recently used idle one). */
 static dl_status
 load(const char *path, bool is_default, ServedModel **out, dl_error *err)
@@ -207,22 +234,14 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 	max_ctx = m->model->cfg.max_pos;
 	if (dolly_max_context > 0 && dolly_max_context < max_ctx)
 		max_ctx = dolly_max_context;
-	if (dl_kv_cache_create(m->model, dolly_max_batch, max_ctx, Max(MAX_TOKENS_PER_PASS, dolly_max_batch),
-						   &m->cache, err) != DL_OK)
-	{
-		if (err->code == DL_ENOMEM)
-			dl_hint(err, "The KV cache holds dolly.max_batch (%d) sequences of %d tokens (dolly.max_context, "
-					"else the model's limit): lower either.", dolly_max_batch, max_ctx);
-		goto fail;
-	}
-	if (gen_create(m->model, m->cache, &m->gen, err) != DL_OK)
+	if (create_cache(m, path, max_ctx, err) != DL_OK ||
+		gen_create(m->model, m->cache, &m->gen, err) != DL_OK)
 		goto fail;
 	INSTR_TIME_SET_CURRENT(elapsed);
 	INSTR_TIME_SUBTRACT(elapsed, start);
 
 	strlcpy(m->path, path, sizeof(m->path));
 	m->is_default = is_default;
-	m->max_seq = dolly_max_batch;
 	m->seq = MemoryContextAllocZero(TopMemoryContext, m->max_seq * sizeof(Sequence));
 	m->nseq = 0;
 	m->eos_id = m->model->cfg.eos_id;

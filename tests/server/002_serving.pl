@@ -125,6 +125,33 @@ is($node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_
 	$server, 'by the same model server, which was not killed');
 is($node->safe_psql('postgres', generate_sql(1, 'neox-par-f32')), $neox, 'and still serves the others');
 
+# a model whose KV cache for dolly.max_batch (16) sequences is 2.7 times the memory left:
+# served with fewer sequences (the largest power-of-two share that fits), and said so. Its
+# context is sized from MemAvailable: a sixth of it per sequence.
+my ($avail_kb) = do { local @ARGV = ('/proc/meminfo'); map { /^MemAvailable:\s+(\d+)/ ? $1 : () } <> };
+my $positions = int($avail_kb * 1024 / 6 / (2 * 2 * 32 * 4));	# 2 layers, K and V of width 32
+SKIP:
+{
+	skip "MemAvailable is missing, or so large that the context would pass the config's limit", 3
+	  unless $avail_kb && $positions < (1 << 24);
+	my $long = PostgreSQL::Test::Utils::tempdir();
+	system('cp', glob("$fixtures/gptj-f32/*"), "$long/") == 0 or die 'cp';
+	my $cfg = do { local $/; open(my $f, '<', "$long/config.json") or die; <$f> };
+	$cfg =~ s/"n_positions": *\d+/"n_positions": $positions/;
+	open(my $cf, '>', "$long/config.json") or die;
+	print $cf $cfg;
+	close $cf;
+	$node->append_conf('postgresql.conf', "dolly.model = '$long'\n");
+	$node->reload;
+	$node->poll_query_until('postgres', "SELECT count(*) = 1 FROM dolly_server WHERE max_context = $positions")
+	  or die 'the long-context model was not loaded';
+	is($node->safe_psql('postgres', generate_sql(1)), $alone[0], 'a model whose KV cache does not fit serves');
+	cmp_ok($node->safe_psql('postgres', "SELECT max_batch FROM dolly_server WHERE max_context = $positions"),
+		'<', $clients, 'with fewer sequences at once than dolly.max_batch');
+	ok($node->log_contains("the KV cache holds \\d+ sequences of $positions tokens, not dolly.max_batch \\($clients\\)"),
+		'and the log says so');
+}
+
 # dolly.cpu_weights = bfloat16 with a reload: the models come back with half the weight
 # bytes, and a bfloat16 checkpoint (no rounding) answers what it answered in float32
 my $bf16_f32 = $node->safe_psql('postgres', generate_sql(1, 'gptj-bf16'));
