@@ -307,9 +307,9 @@ struct dl_backend
 
 /*
  * The CPU backend with `threads` compute threads (>= 1): OpenBLAS for matrix products,
- * a persistent thread pool for the other operations. With bf16 its matrices are bfloat16
- * (rounded to nearest even at load, widened to float32 in the products): half the
- * memory, and about twice the decode speed, which reads every weight once per token;
+ * a persistent thread pool for the other operations. With bf16 its matrices and its KV
+ * cache are bfloat16 (rounded to nearest even, widened to float32 in the products): half
+ * the memory, and a faster decode, which reads every weight and the cache at every token;
  * inference only (training needs float32 weights).
  */
 dl_status	backend_cpu_create(int threads, int bf16, dl_backend **out, dl_error *err);

@@ -154,20 +154,41 @@ vhsum(vfloat v)
 #endif
 }
 
-/* Dot product of a and b, n floats. */
+/* Dot product of a (float32) and b (float32, or bfloat16 widened when bf16), n values. */
 static inline float
-vdot(const float *a, const float *b, int n)
+vdot(const float *a, const void *b, int n, int bf16)
 {
 	vfloat		acc = {0};
 	float		s;
 	int			i = 0;
 
-	for (; i + VEC_LANES <= n; i += VEC_LANES)
-		acc += vload(a + i) * vload(b + i);
+	if (bf16)
+		for (; i + VEC_LANES <= n; i += VEC_LANES)
+			acc += vload(a + i) * vload_bf16((const uint16_t *) b + i);
+	else
+		for (; i + VEC_LANES <= n; i += VEC_LANES)
+			acc += vload(a + i) * vload((const float *) b + i);
 	s = vhsum(acc);
 	for (; i < n; i++)
-		s += a[i] * b[i];
+		s += a[i] * weight_at(b, i, bf16);
 	return s;
+}
+
+/* y[i] += alpha x[i], x float32 or (bf16) bfloat16, n values. */
+static inline void
+vaxpy(float *restrict y, const void *restrict x, float alpha, int n, int bf16)
+{
+	int			i = 0;
+
+	for (; i + VEC_LANES <= n; i += VEC_LANES)
+	{
+		vfloat		yv = vload(y + i) + alpha * (bf16 ? vload_bf16((const uint16_t *) x + i)
+											 : vload((const float *) x + i));
+
+		memcpy(y + i, &yv, sizeof(yv));
+	}
+	for (; i < n; i++)
+		y[i] += alpha * weight_at(x, i, bf16);
 }
 
 /* Sum of a[i]. */
@@ -1180,8 +1201,10 @@ typedef struct attn_args
 {
 	float	   *out;
 	const float *qkv;
-	float	   *k_cache;
-	float	   *v_cache;
+	void	   *k_cache;		/* float32, or bfloat16 when bf16 */
+	void	   *v_cache;
+	int			bf16;
+	float	  **widen;			/* bf16: per thread, for attend_block */
 	int			max_ctx;
 	const dl_spans *spans;
 	int			n_head;
@@ -1190,6 +1213,24 @@ typedef struct attn_args
 	float	   *scratch;		/* the workspace: ATTN_QBLOCK * max_ctx floats per thread */
 	int			groups;			/* decode: tasks per span, each a group of heads */
 } attn_args;
+
+/* cache[at .. at + n) = x, rounded to bfloat16 for a bfloat16 cache. */
+static inline void
+kv_put(void *cache, size_t at, const float *x, int n, int bf16)
+{
+	if (bf16)
+		for (int i = 0; i < n; i++)
+			((uint16_t *) cache)[at + i] = float_bf16(x[i]);
+	else
+		memcpy((float *) cache + at, x, n * sizeof(float));
+}
+
+/* Element `at` of a cache (or of any float32 / bfloat16 array) as an address. */
+static inline void *
+kv_at(void *cache, size_t at, int bf16)
+{
+	return (char *) cache + at * (bf16 ? sizeof(uint16_t) : sizeof(float));
+}
 
 /* Store the k and v rows of span `task` in its cache slot (decode spans store their own). */
 static void
@@ -1207,8 +1248,8 @@ kv_store_task(void *p, int task, int thread)
 		const float *row = a->qkv + (size_t) (sp->first + i) * 3 * C;
 		size_t		at = ((size_t) sp->slot * a->max_ctx + sp->pos + i) * C;
 
-		memcpy(a->k_cache + at, row + C, C * sizeof(float));
-		memcpy(a->v_cache + at, row + 2 * C, C * sizeof(float));
+		kv_put(a->k_cache, at, row + C, C, a->bf16);
+		kv_put(a->v_cache, at, row + 2 * C, C, a->bf16);
 	}
 }
 
@@ -1219,18 +1260,48 @@ span_tasks(const dl_span *sp, int n_head)
 	return (sp->len + ATTN_QBLOCK - 1) / ATTN_QBLOCK * n_head;
 }
 
+/* keys of a bfloat16 cache widened for one product of attend_block */
+#define ATTN_WIDEN_KEYS 128
+
+/*
+ * Keys (or values) [c0, c0 + n) of a bfloat16 cache, rows kvs apart, widened into wbuf as
+ * n rows of D floats: the operand of one product.
+ */
+static const float *
+widen_keys(float *wbuf, const void *k, int kvs, int c0, int n, int D)
+{
+	for (int j = 0; j < n; j++)
+		for (int d = 0; d < D; d++)
+			wbuf[(size_t) j * D + d] = bf16_float(((const uint16_t *) k)[(size_t) (c0 + j) * kvs + d]);
+	return wbuf;
+}
+
 /*
  * One head of a block of nq query rows whose positions are the last nq of nk keys:
  * S = scale * Q K^T (one product), the causal softmax of each row in place (row i sees
- * keys 0 .. nk - nq + i), then O = P V (one product). q, k and v rows are qs, kvs floats
+ * keys 0 .. nk - nq + i), then O = P V (one product). q, k and v rows are qs, kvs elements
  * apart, o rows os apart; with lse, the log-sum-exp of row i's scores goes to
- * lse[i * lses]. Single-threaded BLAS on the caller's scratch S [nq, nk].
+ * lse[i * lses]. Single-threaded BLAS on the caller's scratch S [nq, nk]. A bfloat16
+ * cache (wbuf given: WIDEN_FLOATS) is widened ATTN_WIDEN_KEYS keys at a time, a product
+ * each.
  */
 static void
-attend_block(const float *q, int qs, const float *k, const float *v, int kvs, float *o,
-			 int os, float *lse, int lses, int nq, int nk, int D, float scale, float *S)
+attend_block(const float *q, int qs, const void *k, const void *v, int kvs, float *o,
+			 int os, float *lse, int lses, int nq, int nk, int D, float scale, float *S,
+			 float *wbuf)
 {
-	if (nq == 1)
+	/* D is at most MAX_WIDTH = WIDEN_FLOATS (config.c): a chunk has a key at least */
+	int			chunk = WIDEN_FLOATS / D < ATTN_WIDEN_KEYS ? (int) (WIDEN_FLOATS / D) : ATTN_WIDEN_KEYS;
+
+	if (wbuf)
+		for (int c0 = 0; c0 < nk; c0 += chunk)
+		{
+			int			n = nk - c0 < chunk ? nk - c0 : chunk;
+
+			cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, n, D, scale, q, qs,
+						widen_keys(wbuf, k, kvs, c0, n, D), D, 0.0f, S + c0, nk);
+		}
+	else if (nq == 1)
 		cblas_sgemv(CblasRowMajor, CblasNoTrans, nk, D, scale, k, kvs, q, 1, 0.0f, S, 1);
 	else
 		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, D, scale,
@@ -1255,19 +1326,19 @@ attend_block(const float *q, int qs, const float *k, const float *v, int kvs, fl
 		if (lse)
 			lse[(size_t) i * lses] = m + logf(sum);
 	}
-	if (nq == 1)
+	if (wbuf)
+		for (int c0 = 0; c0 < nk; c0 += chunk)
+		{
+			int			n = nk - c0 < chunk ? nk - c0 : chunk;
+
+			cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, D, n, 1.0f, S + c0, nk,
+						widen_keys(wbuf, v, kvs, c0, n, D), D, c0 ? 1.0f : 0.0f, o, os);
+		}
+	else if (nq == 1)
 		cblas_sgemv(CblasRowMajor, CblasTrans, nk, D, 1.0f, v, kvs, S, 1, 0.0f, o, 1);
 	else
 		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, D, nk, 1.0f,
 					S, nk, v, kvs, 0.0f, o, os);
-}
-
-/* y[i] += alpha x[i], n floats. */
-static inline void
-vaxpy(float *restrict y, const float *restrict x, float alpha, int n)
-{
-	for (int i = 0; i < n; i++)
-		y[i] += alpha * x[i];
 }
 
 /*
@@ -1287,19 +1358,20 @@ attend_decode(const attn_args *a, const dl_span *sp, int group, int thread)
 	int			h0,
 				h1;
 	const float *q = a->qkv + (size_t) sp->first * 3 * C;
-	float	   *kc = a->k_cache + (size_t) sp->slot * a->max_ctx * C,
-			   *vc = a->v_cache + (size_t) sp->slot * a->max_ctx * C,
-			   *o = a->out + (size_t) sp->first * C,
+	size_t		c0 = (size_t) sp->slot * a->max_ctx * C;	/* the slot's first element */
+	void	   *kc = kv_at(a->k_cache, c0, a->bf16),
+			   *vc = kv_at(a->v_cache, c0, a->bf16);
+	float	   *o = a->out + (size_t) sp->first * C,
 			   *S = a->scratch + (size_t) thread * ATTN_QBLOCK * a->max_ctx;
 	float		inv[ATTN_QBLOCK];
 
 	task_range(a->n_head, a->groups, group, &h0, &h1);
-	memcpy(kc + (size_t) sp->pos * C + h0 * D, q + C + h0 * D, (h1 - h0) * D * sizeof(float));
-	memcpy(vc + (size_t) sp->pos * C + h0 * D, q + 2 * C + h0 * D, (h1 - h0) * D * sizeof(float));
+	kv_put(kc, (size_t) sp->pos * C + h0 * D, q + C + h0 * D, (h1 - h0) * D, a->bf16);
+	kv_put(vc, (size_t) sp->pos * C + h0 * D, q + 2 * C + h0 * D, (h1 - h0) * D, a->bf16);
 	for (int j = 0; j < n; j++)
 		for (int h = h0; h < h1; h++)
 			S[(size_t) (h - h0) * n + j] =
-				a->scale * vdot(q + h * D, kc + (size_t) j * C + h * D, D);
+				a->scale * vdot(q + h * D, kv_at(kc, (size_t) j * C + h * D, a->bf16), D, a->bf16);
 	for (int h = h0; h < h1; h++)
 	{
 		float	   *s = S + (size_t) (h - h0) * n;
@@ -1312,7 +1384,8 @@ attend_decode(const attn_args *a, const dl_span *sp, int group, int thread)
 	memset(o + h0 * D, 0, (h1 - h0) * D * sizeof(float));
 	for (int j = 0; j < n; j++)
 		for (int h = h0; h < h1; h++)
-			vaxpy(o + h * D, vc + (size_t) j * C + h * D, S[(size_t) (h - h0) * n + j], D);
+			vaxpy(o + h * D, kv_at(vc, (size_t) j * C + h * D, a->bf16), S[(size_t) (h - h0) * n + j], D,
+				  a->bf16);
 	for (int h = h0; h < h1; h++)
 		for (int d = 0; d < D; d++)
 			o[h * D + d] *= inv[h - h0];
@@ -1354,10 +1427,11 @@ attn_task(void *p, int task, int thread)
 	kv0 = (size_t) sp->slot * a->max_ctx * C + (size_t) h * D;
 	/* keys 0 .. the block's last position */
 	attend_block(a->qkv + (size_t) (sp->first + t0) * 3 * C + (size_t) h * D, 3 * C,
-				 a->k_cache + kv0, a->v_cache + kv0, C,
+				 kv_at(a->k_cache, kv0, a->bf16), kv_at(a->v_cache, kv0, a->bf16), C,
 				 a->out + (size_t) (sp->first + t0) * C + (size_t) h * D, C, NULL, 0,
 				 nq, sp->pos + t0 + nq, D, a->scale,
-				 a->scratch + (size_t) thread * ATTN_QBLOCK * a->max_ctx);
+				 a->scratch + (size_t) thread * ATTN_QBLOCK * a->max_ctx,
+				 a->bf16 ? a->widen[thread] : NULL);
 }
 
 /* Scores of one block of queries per thread. */
@@ -1383,8 +1457,9 @@ cpu_attention_forward(dl_backend *be, float *out, const float *qkv, void *k_cach
 	 * of 1 to 4 sequences on 2 threads that took 1.5 to 2.5 times as long as whole rows
 	 * on one thread, even with the other thread idle.
 	 */
-	attn_args	a = {out, qkv, k_cache, v_cache, max_ctx, spans, n_head, head_dim, scale,
-	workspace, (n_head + ATTN_QBLOCK - 1) / ATTN_QBLOCK};
+	cpu_backend *cb = (cpu_backend *) be;
+	attn_args	a = {out, qkv, k_cache, v_cache, cb->bf16, cb->widen, max_ctx, spans, n_head, head_dim,
+		scale, workspace, (n_head + ATTN_QBLOCK - 1) / ATTN_QBLOCK};
 	int			ntasks = 0,
 				ndecode = 0;
 
@@ -1469,7 +1544,7 @@ attn_train_task(void *p, int task, int thread)
 	attend_block(base + (size_t) t0 * 3 * C, 3 * C, base + C, base + 2 * C, 3 * C,
 				 a->out + (size_t) (sp->first + t0) * C + (size_t) h * D, C,
 				 a->lse + (size_t) (sp->first + t0) * a->n_head + h, a->n_head,
-				 nq, t0 + nq, D, a->scale, a->scratch + (size_t) thread * a->per_thread);
+				 nq, t0 + nq, D, a->scale, a->scratch + (size_t) thread * a->per_thread, NULL);
 }
 
 /* Causal attention within each span, keeping the log-sum-exp of every row and head. */
@@ -1945,7 +2020,7 @@ backend_cpu_create(int threads, int bf16, dl_backend **out, dl_error *err)
 
 	cb->be.name = "cpu";
 	cb->be.weight_elem_size = bf16 ? sizeof(uint16_t) : sizeof(float);
-	cb->be.kv_elem_size = sizeof(float);
+	cb->be.kv_elem_size = bf16 ? sizeof(uint16_t) : sizeof(float);
 	cb->be.alignment = CPU_ALIGN;
 	cb->be.host_memory = 1;
 	cb->be.alloc = cpu_alloc;

@@ -101,6 +101,16 @@ bf16_value(uint16_t h)
 	return f;
 }
 
+/* float32 to bfloat16 by rounding to nearest even (finite values). */
+static uint16_t
+bf16_bits(float f)
+{
+	uint32_t	u;
+
+	memcpy(&u, &f, sizeof(u));
+	return (uint16_t) ((u + 0x7fffu + (u >> 16 & 1)) >> 16);
+}
+
 /*
  * Products against a double reference, float32 and bfloat16 matrices (the reference then
  * multiplies the rounded weights), on the decode path (M <= 64) and the sgemm one, where
@@ -320,9 +330,15 @@ TEST(backend_cpu_attention_mixed_batch)
 	double	   *ref = malloc((size_t) T * C * sizeof(double));
 	double	   *sc = malloc(max_ctx * sizeof(double));
 
-	/* scale q up so that the softmax is far from uniform */
+	/* scale q up so that the softmax is far from uniform; keys and values exact in bfloat16,
+	 * so that a bfloat16 cache holds them unchanged and meets the same reference */
 	for (int i = 0; i < T * 3 * C; i++)
-		qkv[i] *= 4;
+		qkv[i] = i % (3 * C) < C ? qkv[i] * 4 : bf16_value(bf16_bits(qkv[i]));
+	for (size_t i = 0; i < (size_t) nslot * max_ctx * C; i++)
+	{
+		kc0[i] = bf16_value(bf16_bits(kc0[i]));
+		vc0[i] = bf16_value(bf16_bits(vc0[i]));
+	}
 	for (int s = 0; s < nspan; s++)
 		for (int i = 0; i < spans[s].len; i++)
 		{
@@ -366,25 +382,40 @@ TEST(backend_cpu_attention_mixed_batch)
 			}
 		}
 
+	/* a float32 cache, and a bfloat16 one (its blocks widened 128 keys at a time: 190 here) */
+	for (int bf16 = 0; bf16 <= 1; bf16++)
 	for (int threads = 1; threads <= 3; threads += 2)
 	{
 		dl_backend *be;
-		float	   *kc = malloc((size_t) nslot * max_ctx * C * sizeof(float));
-		float	   *vc = malloc((size_t) nslot * max_ctx * C * sizeof(float));
+		size_t		ncache = (size_t) nslot * max_ctx * C;
+		float	   *kc = malloc(ncache * sizeof(float));
+		float	   *vc = malloc(ncache * sizeof(float));
+		uint16_t   *kh = malloc(ncache * sizeof(uint16_t));
+		uint16_t   *vh = malloc(ncache * sizeof(uint16_t));
 		float	   *out = malloc((size_t) T * C * sizeof(float));
 		dl_spans	sp = {nspan, spans, spans};
 		double		d;
-
-		memcpy(kc, kc0, (size_t) nslot * max_ctx * C * sizeof(float));
-		memcpy(vc, vc0, (size_t) nslot * max_ctx * C * sizeof(float));
 		void	   *ws;
 
-		CHECK_OK(backend_cpu_create(threads, 0, &be, &err), &err);
+		memcpy(kc, kc0, ncache * sizeof(float));
+		memcpy(vc, vc0, ncache * sizeof(float));
+		for (size_t i = 0; i < ncache; i++)
+		{
+			kh[i] = bf16_bits(kc0[i]);
+			vh[i] = bf16_bits(vc0[i]);
+		}
+		CHECK_OK(backend_cpu_create(threads, bf16, &be, &err), &err);
 		ws = be->alloc(be, be->attention_workspace(be, max_ctx), &err);
-		be->attention_forward(be, out, qkv, kc, vc, max_ctx, &sp, n_head, D, scale, ws);
+		be->attention_forward(be, out, qkv, bf16 ? (void *) kh : (void *) kc, bf16 ? (void *) vh : (void *) vc,
+							  max_ctx, &sp, n_head, D, scale, ws);
 		be->free(be, ws);
 		d = max_diff(out, ref, (size_t) T * C);
 		/* the new keys and values landed in the cache */
+		for (size_t i = 0; bf16 && i < ncache; i++)
+		{
+			kc[i] = bf16_value(kh[i]);
+			vc[i] = bf16_value(vh[i]);
+		}
 		CHECK(memcmp(kc + ((size_t) 1 * max_ctx + 150 + 3) * C, qkv + (size_t) (6 + 3) * 3 * C + C,
 					 C * sizeof(float)) == 0);
 		CHECK(memcmp(vc + ((size_t) 3 * max_ctx + 299) * C, qkv + (size_t) 46 * 3 * C + 2 * C,
@@ -392,8 +423,10 @@ TEST(backend_cpu_attention_mixed_batch)
 		be->destroy(be);
 		free(kc);
 		free(vc);
+		free(kh);
+		free(vh);
 		free(out);
-		CHECKF(d < 1e-5, "threads %d: attention diff %g", threads, d);
+		CHECKF(d < 1e-5, "bf16 %d threads %d: attention diff %g", bf16, threads, d);
 	}
 	free(kc0);
 	free(vc0);

@@ -148,6 +148,18 @@ tol_bf16(double big)
 	return big / 32;
 }
 
+/*
+ * Tolerance against the float32 reference on our bfloat16 CPU backend for n logits of
+ * ours: its matrices are the checkpoint's own (exact), but its KV cache rounds every key
+ * and value once, 2^-9 relative, which moves the logits by about 2^-8 of the largest
+ * (0.004 of 5.4 and 0.013 of 3.6 on the fixtures); we allow 2^-7. Float32: TOL_F32.
+ */
+static double
+tol_backend(int bf16, const float *ours, size_t n)
+{
+	return bf16 ? max_abs(ours, n) / 128 : TOL_F32;
+}
+
 /* Every prompt alone, then all together in one batch, then split prefill + decode. */
 static void
 check_logits(const char *name, int bf16, int *failed_)
@@ -187,7 +199,8 @@ check_logits(const char *name, int bf16, int *failed_)
 		dl_seq		s = {i, 0, T, ids[i], DL_LOGITS_ALL};
 
 		st = dl_model_forward(f.m, c, &s, 1, ours, &err);
-		ok = st == DL_OK && logits_close("alone", f.logits[i], ours, (size_t) T * V, TOL_F32);
+		ok = st == DL_OK && logits_close("alone", f.logits[i], ours, (size_t) T * V,
+										 tol_backend(bf16, ours, (size_t) T * V));
 		if (ok && f.logits_bf16[i])
 			ok = logits_close("alone, bf16 reference", f.logits_bf16[i], ours, (size_t) T * V,
 							  tol_bf16(max_abs(ours, (size_t) T * V)));
@@ -206,7 +219,8 @@ check_logits(const char *name, int bf16, int *failed_)
 		CHECKF(st == DL_OK, "%s", err.msg);
 		for (int i = 0; i < f.nprompt && ok; i++)
 		{
-			ok = logits_close("batched", f.logits[i], ours + at, (size_t) f.ids[i]->numel * V, TOL_F32);
+			ok = logits_close("batched", f.logits[i], ours + at, (size_t) f.ids[i]->numel * V,
+							  tol_backend(bf16, ours + at, (size_t) f.ids[i]->numel * V));
 			at += (size_t) f.ids[i]->numel * V;
 		}
 		CHECKF(ok, "%s: logits of the prompts batched together differ", name);
@@ -253,7 +267,7 @@ check_logits(const char *name, int bf16, int *failed_)
 				double		d = max_abs_diff(ours + (size_t) k * V,
 											 ref + (size_t) seqs[k].pos * V, V);
 
-				ok = d <= TOL_F32;
+				ok = d <= tol_backend(bf16, ours + (size_t) k * V, V);
 				if (!ok)
 					fprintf(stderr, "  decode: prompt %d position %d differs by %g\n",
 							which[k], seqs[k].pos, d);
@@ -293,7 +307,7 @@ TEST(model_logits_neox_par_bf16)
 	check_logits("neox-par-bf16", 0, failed_);
 }
 
-/* bfloat16 checkpoints kept in bfloat16 on the CPU: the same weights, the same checks */
+/* bfloat16 checkpoints kept in bfloat16 on the CPU: the same weights, a bfloat16 KV cache */
 TEST(model_logits_gptj_bf16_weights)
 {
 	check_logits("gptj-bf16", 1, failed_);
