@@ -10,6 +10,7 @@
  * are written out below so that the loops vectorise (libm's are scalar calls).
  */
 #include "backend.h"
+#include "bf16.h"
 #include "sysinfo.h"
 #include "threadpool.h"
 
@@ -109,34 +110,11 @@ vload_bf16(const uint16_t *p)
 	return v;
 }
 
-/* One bfloat16 as float32. */
-static inline float
-bf16_float(uint16_t h)
-{
-	uint32_t	u = (uint32_t) h << 16;
-	float		f;
-
-	memcpy(&f, &u, sizeof(f));
-	return f;
-}
-
-/* float32 to bfloat16, rounding to nearest even as torch does; a NaN stays a NaN. */
-static inline uint16_t
-float_bf16(float f)
-{
-	uint32_t	u;
-
-	memcpy(&u, &f, sizeof(u));
-	if ((u & 0x7fffffffu) > 0x7f800000u)
-		return (uint16_t) (u >> 16 | 0x40);
-	return (uint16_t) ((u + 0x7fffu + (u >> 16 & 1)) >> 16);
-}
-
 /* Element i of a matrix in weight format (bf16 or float32) as float32. */
 static inline float
 weight_at(const void *W, size_t i, int bf16)
 {
-	return bf16 ? bf16_float(((const uint16_t *) W)[i]) : ((const float *) W)[i];
+	return bf16 ? bf16_to_float(((const uint16_t *) W)[i]) : ((const float *) W)[i];
 }
 
 /* Sum of the lanes of v. */
@@ -438,7 +416,7 @@ upload_bf16(uint16_t *dst, const st_tensor *t, int64_t cols, const int32_t *rows
 
 		st = st_range_to_f32(t, rows ? (int64_t) rows[r] * cols : off, n, buf, err);
 		for (int64_t i = 0; i < n && st == DL_OK; i++)
-			dst[off + i] = float_bf16(buf[i]);
+			dst[off + i] = float_to_bf16(buf[i]);
 	}
 	free(buf);
 	return st;
@@ -499,7 +477,7 @@ rows_task(void *p, int task, int thread)
 
 		if (a->bf16)
 			for (int c = 0; c < a->C; c++)
-				o[c] = bf16_float(((const uint16_t *) a->in)[r + c]);
+				o[c] = bf16_to_float(((const uint16_t *) a->in)[r + c]);
 		else
 			memcpy(o, (const float *) a->in + r, a->C * sizeof(float));
 	}
@@ -991,7 +969,7 @@ mm_sgemm(const mm_args *a, int n0, int n1, int thread)
 		const uint16_t *wh = (const uint16_t *) a->W + (size_t) c0 * a->K;
 
 		for (size_t i = 0; i < (size_t) (c1 - c0) * a->K; i++)
-			wf[i] = bf16_float(wh[i]);
+			wf[i] = bf16_to_float(wh[i]);
 		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->M, c1 - c0, a->K, 1.0f,
 					a->in, a->K, wf, a->K, beta, a->out + c0, a->N);
 	}
@@ -1220,7 +1198,7 @@ kv_put(void *cache, size_t at, const float *x, int n, int bf16)
 {
 	if (bf16)
 		for (int i = 0; i < n; i++)
-			((uint16_t *) cache)[at + i] = float_bf16(x[i]);
+			((uint16_t *) cache)[at + i] = float_to_bf16(x[i]);
 	else
 		memcpy((float *) cache + at, x, n * sizeof(float));
 }
@@ -1272,7 +1250,7 @@ widen_keys(float *wbuf, const void *k, int kvs, int c0, int n, int D)
 {
 	for (int j = 0; j < n; j++)
 		for (int d = 0; d < D; d++)
-			wbuf[(size_t) j * D + d] = bf16_float(((const uint16_t *) k)[(size_t) (c0 + j) * kvs + d]);
+			wbuf[(size_t) j * D + d] = bf16_to_float(((const uint16_t *) k)[(size_t) (c0 + j) * kvs + d]);
 	return wbuf;
 }
 

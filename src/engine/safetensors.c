@@ -7,6 +7,7 @@
  * Tensor data stays in the read-only private mapping; st_to_f32 converts on demand.
  */
 #include "safetensors.h"
+#include "bf16.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -1092,7 +1093,7 @@ bf16_to_f32(const uint8_t *src, float *dst, size_t n)
 		uint16_t	h;
 
 		memcpy(&h, src + 2 * i, sizeof(h));
-		dst[i] = float_from_bits((uint32_t) h << 16);
+		dst[i] = bf16_to_float(h);
 	}
 }
 

@@ -5,6 +5,7 @@
  */
 #include "harness.h"
 #include "../../src/engine/backend.h"
+#include "../../src/engine/bf16.h"
 #include "../../src/engine/sysinfo.h"
 #include "../../src/engine/threadpool.h"
 
@@ -90,27 +91,6 @@ TEST(threadpool_runs_each_task_once)
 	CHECK(threadpool_create(0, &(dl_threadpool *) {NULL}, &err) == DL_EINVAL);
 }
 
-/* A bfloat16 as float32. */
-static float
-bf16_value(uint16_t h)
-{
-	uint32_t	u = (uint32_t) h << 16;
-	float		f;
-
-	memcpy(&f, &u, sizeof(f));
-	return f;
-}
-
-/* float32 to bfloat16 by rounding to nearest even (finite values). */
-static uint16_t
-bf16_bits(float f)
-{
-	uint32_t	u;
-
-	memcpy(&u, &f, sizeof(u));
-	return (uint16_t) ((u + 0x7fffu + (u >> 16 & 1)) >> 16);
-}
-
 /*
  * Products against a double reference, float32 and bfloat16 matrices (the reference then
  * multiplies the rounded weights), on the decode path (M <= 64) and the sgemm one, where
@@ -151,7 +131,7 @@ TEST(backend_cpu_matmul)
 				{
 					CHECK_OK(be->upload_tensor(be, Wh, DL_FMT_WEIGHT, &t, NULL, &err), &err);
 					for (size_t i = 0; i < (size_t) N * K; i++)
-						W[i] = bf16_value(Wh[i]);
+						W[i] = bf16_to_float(Wh[i]);
 				}
 				for (int m = 0; m < M; m++)
 					for (int n = 0; n < N; n++)
@@ -333,11 +313,11 @@ TEST(backend_cpu_attention_mixed_batch)
 	/* scale q up so that the softmax is far from uniform; keys and values exact in bfloat16,
 	 * so that a bfloat16 cache holds them unchanged and meets the same reference */
 	for (int i = 0; i < T * 3 * C; i++)
-		qkv[i] = i % (3 * C) < C ? qkv[i] * 4 : bf16_value(bf16_bits(qkv[i]));
+		qkv[i] = i % (3 * C) < C ? qkv[i] * 4 : bf16_to_float(float_to_bf16(qkv[i]));
 	for (size_t i = 0; i < (size_t) nslot * max_ctx * C; i++)
 	{
-		kc0[i] = bf16_value(bf16_bits(kc0[i]));
-		vc0[i] = bf16_value(bf16_bits(vc0[i]));
+		kc0[i] = bf16_to_float(float_to_bf16(kc0[i]));
+		vc0[i] = bf16_to_float(float_to_bf16(vc0[i]));
 	}
 	for (int s = 0; s < nspan; s++)
 		for (int i = 0; i < spans[s].len; i++)
@@ -401,8 +381,8 @@ TEST(backend_cpu_attention_mixed_batch)
 		memcpy(vc, vc0, ncache * sizeof(float));
 		for (size_t i = 0; i < ncache; i++)
 		{
-			kh[i] = bf16_bits(kc0[i]);
-			vh[i] = bf16_bits(vc0[i]);
+			kh[i] = float_to_bf16(kc0[i]);
+			vh[i] = float_to_bf16(vc0[i]);
 		}
 		CHECK_OK(backend_cpu_create(threads, bf16, &be, &err), &err);
 		ws = be->alloc(be, be->attention_workspace(be, max_ctx), &err);
@@ -413,8 +393,8 @@ TEST(backend_cpu_attention_mixed_batch)
 		/* the new keys and values landed in the cache */
 		for (size_t i = 0; bf16 && i < ncache; i++)
 		{
-			kc[i] = bf16_value(kh[i]);
-			vc[i] = bf16_value(vh[i]);
+			kc[i] = bf16_to_float(kh[i]);
+			vc[i] = bf16_to_float(vh[i]);
 		}
 		CHECK(memcmp(kc + ((size_t) 1 * max_ctx + 150 + 3) * C, qkv + (size_t) (6 + 3) * 3 * C + C,
 					 C * sizeof(float)) == 0);
@@ -479,7 +459,7 @@ TEST(backend_cpu_bf16_weights_round_and_embed)
 	CHECK_OK(be->upload_tensor(be, h, DL_FMT_WEIGHT, &t, rows, &err), &err);
 	CHECK(h[0] == 0xc000 && h[2] == 0x4041 && h[4] == 0x3f80 && h[5] == 0x3f82);
 	be->embedding_forward(be, out, h, ids, 2, 2);
-	CHECK(out[0] == 1.0f && out[1] == bf16_value(0x3f82) && out[2] == -2.0f && isnan(out[3]));
+	CHECK(out[0] == 1.0f && out[1] == bf16_to_float(0x3f82) && out[2] == -2.0f && isnan(out[3]));
 	be->destroy(be);
 }
 

@@ -21,6 +21,7 @@
  */
 #include "harness.h"
 #include "backends.h"
+#include "bf16.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -58,36 +59,12 @@ randv(size_t n, float scale, uint64_t *s)
 	return v;
 }
 
-/* x rounded to the nearest bfloat16 (ties to even), as bits. */
-static uint16_t
-bf16_bits(float x)
-{
-	uint32_t	u;
-
-	memcpy(&u, &x, 4);
-	if ((u & 0x7fffffffu) > 0x7f800000u)
-		return (uint16_t) (u >> 16 | 0x40);
-	u += 0x7fffu + ((u >> 16) & 1);
-	return (uint16_t) (u >> 16);
-}
-
-/* A bfloat16 (bits) as float. */
-static float
-bf16_float(uint16_t b)
-{
-	uint32_t	u = (uint32_t) b << 16;
-	float		x;
-
-	memcpy(&x, &u, 4);
-	return x;
-}
-
 /* Round n floats to bfloat16 values in place. */
 static void
 round_bf16(float *v, size_t n)
 {
 	for (size_t i = 0; i < n; i++)
-		v[i] = bf16_float(bf16_bits(v[i]));
+		v[i] = bf16_to_float(float_to_bf16(v[i]));
 }
 
 /* Whether be stores weights (and the KV cache) as bfloat16. */
@@ -171,7 +148,7 @@ widen(const void *src, size_t n, size_t elem)
 	float	   *f = malloc(n * sizeof(float));
 
 	for (size_t i = 0; i < n; i++)
-		f[i] = elem == 2 ? bf16_float(((const uint16_t *) src)[i]) : ((const float *) src)[i];
+		f[i] = elem == 2 ? bf16_to_float(((const uint16_t *) src)[i]) : ((const float *) src)[i];
 	return f;
 }
 
@@ -220,7 +197,7 @@ put_kv(dl_backend *be, const float *v, size_t n)
 		return put(be, v, n * 4);
 	b = malloc(n * 2);
 	for (size_t i = 0; i < n; i++)
-		b[i] = bf16_bits(v[i]);
+		b[i] = float_to_bf16(v[i]);
 	d = put(be, b, n * 2);
 	free(b);
 	return d;
@@ -311,7 +288,7 @@ upload_case(const test_backend *tb, st_dtype dtype, dl_fmt fmt, int64_t rows, in
 			memcpy(raw + 4 * i, &x, 4);
 		else if (dtype == ST_BF16)
 		{
-			uint16_t	b = bf16_bits(x);
+			uint16_t	b = float_to_bf16(x);
 
 			memcpy(raw + 2 * i, &b, 2);
 		}
@@ -342,7 +319,7 @@ upload_case(const test_backend *tb, st_dtype dtype, dl_fmt fmt, int64_t rows, in
 			float		want = val[(size_t) (perm ? perm[r] : r) * cols + c];
 
 			if (des == 2)
-				want = bf16_float(bf16_bits(want));
+				want = bf16_to_float(float_to_bf16(want));
 			bad += memcmp(&back[r * cols + c], &want, 4) != 0;
 		}
 	snprintf(shape, sizeof(shape), "%s->%s [%lld,%lld]%s", dtype == ST_F32 ? "F32" : dtype == ST_F16 ? "F16" : "BF16",
