@@ -186,6 +186,7 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 				elapsed;
 	int			max_ctx;
 	int32		response_id;
+	char	   *activity;
 
 	if (ensure_backend(err) != DL_OK)
 		return err->code;
@@ -212,7 +213,8 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 		if (models[i].model == NULL)
 			m = &models[i];
 
-	pgstat_report_activity(STATE_RUNNING, psprintf("loading model %s", path));
+	activity = psprintf("loading model %s", path);
+	pgstat_report_activity(STATE_RUNNING, activity);
 	elog(LOG, "dolly: loading model \"%s\"", path);
 	/* the other servers take the requests that come meanwhile */
 	dolly_queue_taking(server, false);
@@ -220,7 +222,7 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 	snprintf(tokpath, sizeof(tokpath), "%s/tokenizer.json", path);
 	if (tok_load(tokpath, &m->tok, err) != DL_OK)
 		goto fail;
-	if (dolly_load_model(path, backend, psprintf("loading model %s", path), NULL, NULL, &m->model, err) != DL_OK)
+	if (dolly_load_model(path, backend, activity, NULL, NULL, &m->model, err) != DL_OK)
 	{
 		if (err->code == DL_ENOMEM && backend->host_memory && dolly_cpu_weights == DOLLY_WEIGHTS_FLOAT32)
 		{

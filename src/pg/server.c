@@ -62,18 +62,26 @@ dolly_server_register(void)
 	RegisterBackgroundWorker(&worker);
 }
 
+/*
+ * Does dolly.device (still) ask for a server on GPU `server` > 0: GPUs wanted, and that one
+ * seen by server 0's probe, with the self-test passed?
+ */
+static bool
+gpu_wanted(int server)
+{
+	bool		seen;
+
+	SpinLockAcquire(&dolly_shared->mutex);
+	seen = dolly_shared->cuda_available && server < dolly_shared->cuda_ngpus;
+	SpinLockRelease(&dolly_shared->mutex);
+	return seen && dolly_want_cuda();
+}
+
 /* Server 0: start a server for every further GPU that has none, when dolly.device wants GPUs. */
 static void
 start_gpu_servers(void)
 {
-	int			ngpus;
-
-	if (!dolly_want_cuda())
-		return;
-	SpinLockAcquire(&dolly_shared->mutex);
-	ngpus = dolly_shared->cuda_available ? Min(dolly_shared->cuda_ngpus, DOLLY_MAX_SERVERS) : 0;
-	SpinLockRelease(&dolly_shared->mutex);
-	for (int g = 1; g < ngpus; g++)
+	for (int g = 1; g < DOLLY_MAX_SERVERS && gpu_wanted(g); g++)
 	{
 		BackgroundWorker worker;
 		BackgroundWorkerHandle *handle;
@@ -226,18 +234,6 @@ claim(int server)
 	}
 	SpinLockRelease(&dolly_shared->mutex);
 	return mine;
-}
-
-/* Does dolly.device (still) ask for a server on GPU `server` > 0? */
-static bool
-gpu_wanted(int server)
-{
-	int			ngpus;
-
-	SpinLockAcquire(&dolly_shared->mutex);
-	ngpus = dolly_shared->cuda_ngpus;
-	SpinLockRelease(&dolly_shared->mutex);
-	return dolly_want_cuda() && server < ngpus;
 }
 
 void
