@@ -146,6 +146,21 @@ extern bool dolly_serve_retired(void);
  */
 extern dl_status dolly_model_path(const char *name, char *path, bool *is_default, dl_error *err);
 
+/*
+ * What identifies a model directory beyond its name: the file system's device and inode.
+ * The catalog records it when a model is registered; the server loads a named model only
+ * when its directory still has it, so a name dropped and reused (or a directory swapped
+ * in) is never served on the strength of the old entry's grants.
+ */
+typedef struct DollyModelIdent
+{
+	uint64		dev;
+	uint64		ino;
+} DollyModelIdent;
+
+/* The identity of directory path; false (errno set) when it cannot be read. */
+extern bool dolly_model_ident(const char *path, DollyModelIdent *out);
+
 /* Rewrite full paths under dolly.model_dir in err's message as paths relative to it. */
 extern void dolly_relative_paths(dl_error *err);
 

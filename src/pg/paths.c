@@ -75,6 +75,18 @@ dolly_model_path(const char *name, char *path, bool *is_default, dl_error *err)
 	return DL_OK;
 }
 
+bool
+dolly_model_ident(const char *path, DollyModelIdent *out)
+{
+	struct stat sb;
+
+	if (stat(path, &sb) != 0)
+		return false;
+	out->dev = (uint64) sb.st_dev;
+	out->ino = (uint64) sb.st_ino;
+	return true;
+}
+
 /*
  * Engine messages name files by full path; show them relative to dolly.model_dir, which
  * sessions know (and the log has the full story).
