@@ -322,6 +322,7 @@ model_save(const dl_model *m, const dl_tokenizer *tok, const char *base_config,
 	size_t		len = strlen(dir);
 	struct stat sb;
 	dl_status	st;
+	const char *slash;
 
 	/* "out/" must not become "out/.tmp-<pid>" inside the directory it names */
 	while (len > 1 && dir[len - 1] == '/')
@@ -335,7 +336,10 @@ model_save(const dl_model *m, const dl_tokenizer *tok, const char *base_config,
 		dl_fail(err, DL_EINVAL, "model directory \"%s\" already exists", final);
 		return dl_hint(err, "choose another name, or remove the old model first");
 	}
-	snprintf(tmp, sizeof(tmp), "%s.tmp-%ld", final, (long) getpid());
+	/* beside it, hidden: ".<name>" + DL_SAVE_TMP_MARK + "<pid>" */
+	slash = strrchr(final, '/');
+	snprintf(tmp, sizeof(tmp), "%.*s.%s%s%ld", slash ? (int) (slash - final + 1) : 0, final,
+			 slash ? slash + 1 : final, DL_SAVE_TMP_MARK, (long) getpid());
 	if (mkdir(tmp, 0755) != 0)
 		return dl_fail(err, DL_EIO, "cannot create \"%s\": %s", tmp, strerror(errno));
 

@@ -10,7 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define DOLLY_ENGINE_VERSION "0.1"
+#define DOLLY_ENGINE_VERSION "0.2"
 
 int
 sys_cpu_count(void)

@@ -164,9 +164,11 @@ dl_status	finetune_run(dl_model *m, const dl_example *train, int ntrain,
 /*
  * Save m as a Hugging Face model directory at dir: config.json (over base_config when
  * given), tokenizer.json, model.safetensors in F32 with Hugging Face's names and layout.
- * Written into dir + ".tmp-<pid>" and renamed when complete, so a crash never leaves a
- * half-written model under dir. dir must not exist.
+ * Written into a hidden directory beside it, ".<name>" DL_SAVE_TMP_MARK "<pid>" (no model
+ * name starts with "."), and renamed when complete, so a crash never leaves a half-written
+ * model under dir; what a crash leaves is found by that name. dir must not exist.
  */
+#define DL_SAVE_TMP_MARK ".tmp-"
 dl_status	model_save(const dl_model *m, const dl_tokenizer *tok, const char *base_config,
 					   const char *dir, dl_error *err);
 

@@ -161,6 +161,16 @@ typedef struct DollyModelIdent
 /* The identity of directory path; false (errno set) when it cannot be read. */
 extern bool dolly_model_ident(const char *path, DollyModelIdent *out);
 
+/* DL_OK when want is {0, 0} (not checked) or path (model `name`'s) still has it. */
+extern dl_status dolly_model_ident_check(const char *name, const char *path,
+										 const DollyModelIdent *want, dl_error *err);
+
+/*
+ * Remove the temporary directories of models being saved (see model_save) from
+ * dolly.model_dir: at postmaster start and after a crash, when no job can be saving.
+ */
+extern void dolly_remove_partial_models(void);
+
 /* Rewrite full paths under dolly.model_dir in err's message as paths relative to it. */
 extern void dolly_relative_paths(dl_error *err);
 

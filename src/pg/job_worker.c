@@ -2,15 +2,18 @@
  * job_worker.c: the background worker that runs one fine-tuning job.
  *
  * It connects as the role that called dolly_finetune, so reading the records goes through
- * that role's privileges and row-level security; only its writes to dolly_job are made as
- * the table's owner. Steps: claim the job (once the submitting transaction has committed),
+ * that role's privileges and row-level security; only its writes to dolly_job and
+ * dolly_model are made in the owner scope (catalog.c). Steps: wait for the submitting
+ * transaction to end and claim the job if it committed,
  * load the base model and give it Dolly's special tokens, read and tokenise the records
  * (counting those it must skip), split off the evaluation records, train
  * (finetune_run: progress into shared memory after every step), and save the model into
- * dolly.model_dir (written aside and renamed, so no half-written model ever appears).
+ * dolly.model_dir (written aside and renamed, so no half-written model ever appears), registered in the
+ * model catalog as the role's in the transaction that records the job's success.
  * Cancellation and SIGTERM stop it between steps; any failure is recorded in the job's row.
  */
 #include "dolly_pg.h"
+#include "catalog.h"
 #include "jobs.h"
 
 #include <math.h>
@@ -24,8 +27,10 @@
 #include "postmaster/bgworker.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/lmgr.h"
 #include "tcop/tcopprot.h"
 #include "utils/builtins.h"
+#include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
@@ -33,9 +38,6 @@
 
 #include "sampler.h"
 #include "train.h"
-
-/* How long to wait for the submitting transaction to commit the job's row. */
-#define CLAIM_WAIT_MS 60000
 
 /* What dolly_finetune recorded in the job's options. */
 typedef struct JobSpec
@@ -82,12 +84,12 @@ set_phase(const char *phase)
 	pgstat_report_activity(STATE_RUNNING, psprintf("dolly fine-tuning job %lld: %s", (long long) my_job, phase));
 }
 
-/* The identity xact_begin switched from, when it switched. */
-static Oid	xact_saved_user = InvalidOid;
-static int	xact_saved_sec;
+/* The owner scope xact_begin entered, when it did. */
+static bool xact_as_owner;
+static DollyOwnerScope xact_scope;
 
 /*
- * Start a transaction with a snapshot and SPI, as the table's owner (to write dolly_job)
+ * Start a transaction with a snapshot and SPI, in the owner scope (to write dolly's tables)
  * or as the calling role (to read the records); xact_end commits it.
  */
 static void
@@ -96,9 +98,9 @@ xact_begin(bool as_owner)
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	PushActiveSnapshot(GetTransactionSnapshot());
-	xact_saved_user = InvalidOid;
+	xact_as_owner = as_owner;
 	if (as_owner)
-		dolly_as_owner_begin(&xact_saved_user, &xact_saved_sec);
+		dolly_owner_begin(&xact_scope);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 }
@@ -108,64 +110,54 @@ static void
 xact_end(void)
 {
 	SPI_finish();
-	if (OidIsValid(xact_saved_user))
-		dolly_as_owner_end(xact_saved_user, xact_saved_sec);
+	if (xact_as_owner)
+		dolly_owner_end(&xact_scope);
 	PopActiveSnapshot();
 	CommitTransactionCommand();
 }
 
-/* Run an UPDATE of the job's row as the table's owner, in its own transaction; $1 is the
- * job id, $2.. are values (nulls[i] == 'n' for NULL, as SPI spells it). */
+/*
+ * Record the job's end: state, error (or NULL) and its last progress; a job that
+ * succeeded registers its model (at out_path) in the same transaction.
+ */
 static void
-update_job(const char *set_clause, int nargs, Oid *types, Datum *values, const char *nulls)
-{
-	Oid			argtypes[16] = {INT8OID};
-	Datum		args[16] = {Int64GetDatum(my_job)};
-	char		argnulls[16] = {' '};
-
-	for (int i = 0; i < nargs; i++)
-	{
-		argtypes[i + 1] = types[i];
-		args[i + 1] = values[i];
-		argnulls[i + 1] = nulls[i];
-	}
-	xact_begin(true);
-	if (SPI_execute_with_args(psprintf("UPDATE %s SET %s WHERE id = $1", dolly_jobs_table(), set_clause),
-							  nargs + 1, argtypes, args, argnulls, false, 0) != SPI_OK_UPDATE)
-		elog(ERROR, "cannot update fine-tuning job %lld", (long long) my_job);
-	xact_end();
-}
-
-/* Record the job's end: state, error (or NULL) and its last progress. */
-static void
-finish_job(const char *state, const char *error)
+finish_job(const char *state, const char *error, const JobSpec *spec, const char *out_path)
 {
 	DollyJobSlot s;
-	Oid			types[10] = {TEXTOID, TEXTOID, INT4OID, INT4OID, INT4OID, INT4OID, INT4OID,
+	Oid			types[11] = {INT8OID, TEXTOID, TEXTOID, INT4OID, INT4OID, INT4OID, INT4OID, INT4OID,
 		FLOAT8OID, FLOAT8OID, FLOAT8OID};
-	Datum		values[10];
-	char		nulls[10] = "          ";
+	Datum		values[11];
+	char		nulls[11] = "           ";
 
 	SpinLockAcquire(&dolly_jobs->mutex);
 	s = *my_slot;
 	SpinLockRelease(&dolly_jobs->mutex);
-	values[0] = CStringGetTextDatum(state);
-	values[1] = error ? CStringGetTextDatum(error) : (Datum) 0;
-	nulls[1] = error ? ' ' : 'n';
-	values[2] = Int32GetDatum(s.epoch);
-	values[3] = Int32GetDatum(s.step);
-	values[4] = Int32GetDatum(s.total_steps);
-	values[5] = Int32GetDatum(s.records);
-	values[6] = Int32GetDatum(s.skipped);
+	values[0] = Int64GetDatum(my_job);
+	values[1] = CStringGetTextDatum(state);
+	values[2] = error ? CStringGetTextDatum(error) : (Datum) 0;
+	nulls[2] = error ? ' ' : 'n';
+	values[3] = Int32GetDatum(s.epoch);
+	values[4] = Int32GetDatum(s.step);
+	values[5] = Int32GetDatum(s.total_steps);
+	values[6] = Int32GetDatum(s.records);
+	values[7] = Int32GetDatum(s.skipped);
 	/* a loss not measured yet is NaN, NULL in the table */
-	values[7] = Float8GetDatum(s.train_loss);
-	nulls[7] = isnan(s.train_loss) ? 'n' : ' ';
-	values[8] = Float8GetDatum(s.eval_loss);
-	nulls[8] = isnan(s.eval_loss) ? 'n' : ' ';
-	values[9] = Float8GetDatum(s.tokens_per_second);
-	update_job("state = $2, error = $3, finished = now(), epoch = $4, step = $5, "
-			   "total_steps = $6, records = $7, skipped = $8, train_loss = $9, "
-			   "eval_loss = $10, tokens_per_second = $11", 10, types, values, nulls);
+	values[8] = Float8GetDatum(s.train_loss);
+	nulls[8] = isnan(s.train_loss) ? 'n' : ' ';
+	values[9] = Float8GetDatum(s.eval_loss);
+	nulls[9] = isnan(s.eval_loss) ? 'n' : ' ';
+	values[10] = Float8GetDatum(s.tokens_per_second);
+	xact_begin(true);
+	if (out_path)
+		dolly_register_output(spec->output, GetSessionUserId(), spec->base, my_job, out_path);
+	if (SPI_execute_with_args(psprintf("UPDATE %s SET state = $2, error = $3, finished = pg_catalog.now(), "
+									   "epoch = $4, step = $5, total_steps = $6, records = $7, "
+									   "skipped = $8, train_loss = $9, eval_loss = $10, "
+									   "tokens_per_second = $11 WHERE id OPERATOR(pg_catalog.=) $1",
+									   dolly_table("dolly_job")),
+							  11, types, values, nulls, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "cannot update fine-tuning job %lld", (long long) my_job);
+	xact_end();
 	elog(LOG, "dolly: fine-tuning job %lld %s%s%s", (long long) my_job, state,
 		 error ? ": " : "", error ? error : "");
 }
@@ -191,75 +183,98 @@ getstr(HeapTuple tup, TupleDesc desc, int col)
 	return v ? MemoryContextStrdup(TopMemoryContext, v) : NULL;
 }
 
+/* The job option `key` as text in TopMemoryContext; NULL when it is absent or null. */
+static char *
+option(Jsonb *opts, const char *key)
+{
+	JsonbValue	v;
+	char	   *text;
+
+	if (!getKeyJsonValueFromContainer(&opts->root, key, strlen(key), &v))
+		return NULL;
+	switch (v.type)
+	{
+		case jbvString:
+			text = pnstrdup(v.val.string.val, v.val.string.len);
+			break;
+		case jbvNumeric:
+			text = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v.val.numeric)));
+			break;
+		case jbvBool:
+			text = v.val.boolean ? "true" : "false";
+			break;
+		default:
+			return NULL;
+	}
+	return MemoryContextStrdup(TopMemoryContext, text);
+}
+
+/* The options dolly_finetune recorded (read in C: no operator runs on them). */
+static void
+read_options(Jsonb *opts, JobSpec *spec)
+{
+	char	   *v;
+
+	spec->base = option(opts, "base_model");
+	spec->instr_col = option(opts, "instruction_column");
+	spec->ctx_col = option(opts, "context_column");
+	spec->resp_col = option(opts, "response_column");
+	spec->epochs = atoi(option(opts, "epochs"));
+	spec->batch_size = atoi(option(opts, "batch_size"));
+	spec->warmup_steps = atoi(option(opts, "warmup_steps"));
+	spec->linear = strcmp(option(opts, "lr_schedule"), "linear") == 0;
+	spec->weight_decay = strtod(option(opts, "weight_decay"), NULL);
+	spec->eval_fraction = strtod(option(opts, "eval_fraction"), NULL);
+	spec->learning_rate = (v = option(opts, "learning_rate")) ? strtod(v, NULL) : 0;
+	spec->max_length = (v = option(opts, "max_length")) ? atoi(v) : 0;
+	spec->seed = strtoll(option(opts, "seed"), NULL, 10);
+	spec->checkpoint = (v = option(opts, "checkpointing")) && strcmp(v, "true") == 0;
+}
+
 /*
- * Claim the job: once the row that dolly_finetune inserted is visible (its transaction
- * committed), move it from queued to running and read its options. False when the job
- * never became visible (the submitting transaction rolled back) or was cancelled.
+ * Claim the job: wait for the transaction that submitted it to end, however long it takes
+ * (a lock wait, interruptible), then, if the row it inserted is visible (it committed),
+ * move it from queued to running and read its options. False when the submitting
+ * transaction rolled back, or the job was cancelled before it started.
  */
 static bool
-claim(JobSpec *spec)
+claim(TransactionId submitter, JobSpec *spec)
 {
-	for (int waited = 0; waited < CLAIM_WAIT_MS; waited += 100)
+	Oid			argtypes[2] = {INT8OID, BOOLOID};
+	Datum		args[2];
+	bool		claimed = false;
+
+	StartTransactionCommand();
+	XactLockTableWait(submitter, NULL, NULL, XLTW_None);
+	CommitTransactionCommand();
+
+	args[0] = Int64GetDatum(my_job);
+	args[1] = BoolGetDatum(stop_requested(NULL));
+	xact_begin(true);
+	/* a job cancelled before it started ends here as cancelled */
+	if (SPI_execute_with_args(psprintf(
+					"UPDATE %s SET state = CASE WHEN $2 THEN 'cancelled' ELSE 'running' END, "
+					"started = pg_catalog.now(), finished = CASE WHEN $2 THEN pg_catalog.now() END "
+					"WHERE id OPERATOR(pg_catalog.=) $1 AND state OPERATOR(pg_catalog.=) 'queued' "
+					"RETURNING $2, output_model, source, options",
+					dolly_table("dolly_job")),
+							  2, argtypes, args, NULL, false, 1) != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "cannot claim fine-tuning job %lld", (long long) my_job);
+	if (SPI_processed == 1)
 	{
-		Oid			argtypes[2] = {INT8OID, BOOLOID};
-		Datum		args[2] = {Int64GetDatum(my_job), BoolGetDatum(stop_requested(NULL))};
-		bool		claimed = false;
-		bool		gone = false;
+		HeapTuple	t = SPI_tuptable->vals[0];
+		TupleDesc	d = SPI_tuptable->tupdesc;
+		bool		isnull;
 
-		CHECK_FOR_INTERRUPTS();
-		xact_begin(true);
-		/* a job cancelled before it started ends here as cancelled */
-		if (SPI_execute_with_args(psprintf(
-						"UPDATE %s SET state = CASE WHEN $2 THEN 'cancelled' ELSE 'running' END, "
-						"started = now(), finished = CASE WHEN $2 THEN now() END "
-						"WHERE id = $1 AND state = 'queued' RETURNING $2, output_model, source, "
-						"options->>'base_model', options->>'instruction_column', "
-						"options->>'context_column', options->>'response_column', "
-						"options->>'epochs', options->>'batch_size', options->>'warmup_steps', "
-						"options->>'lr_schedule', options->>'weight_decay', "
-						"options->>'eval_fraction', options->>'learning_rate', "
-						"options->>'max_length', options->>'seed', options->>'checkpointing'",
-						dolly_jobs_table()),
-								  2, argtypes, args, NULL, false, 1) != SPI_OK_UPDATE_RETURNING)
-			elog(ERROR, "cannot claim fine-tuning job %lld", (long long) my_job);
-		if (SPI_processed == 1)
-		{
-			HeapTuple	t = SPI_tuptable->vals[0];
-			TupleDesc	d = SPI_tuptable->tupdesc;
-			char	   *v;
-
-			gone = strcmp(SPI_getvalue(t, d, 1), "t") == 0;
-			spec->output = getstr(t, d, 2);
-			spec->source = getstr(t, d, 3);
-			spec->base = getstr(t, d, 4);
-			spec->instr_col = getstr(t, d, 5);
-			spec->ctx_col = getstr(t, d, 6);
-			spec->resp_col = getstr(t, d, 7);
-			spec->epochs = atoi(SPI_getvalue(t, d, 8));
-			spec->batch_size = atoi(SPI_getvalue(t, d, 9));
-			spec->warmup_steps = atoi(SPI_getvalue(t, d, 10));
-			spec->linear = strcmp(SPI_getvalue(t, d, 11), "linear") == 0;
-			spec->weight_decay = strtod(SPI_getvalue(t, d, 12), NULL);
-			spec->eval_fraction = strtod(SPI_getvalue(t, d, 13), NULL);
-			spec->learning_rate = (v = SPI_getvalue(t, d, 14)) ? strtod(v, NULL) : 0;
-			spec->max_length = (v = SPI_getvalue(t, d, 15)) ? atoi(v) : 0;
-			spec->seed = strtoll(SPI_getvalue(t, d, 16), NULL, 10);
-			spec->checkpoint = (v = SPI_getvalue(t, d, 17)) && strcmp(v, "true") == 0;
-			claimed = !gone;
-		}
-		else if (SPI_execute_with_args(psprintf("SELECT 1 FROM %s WHERE id = $1", dolly_jobs_table()),
-									   1, argtypes, args, NULL, true, 1) == SPI_OK_SELECT &&
-				 SPI_processed == 1)
-			gone = true;		/* visible but no longer queued: someone else decided */
-		xact_end();
-		if (claimed || gone)
-			return claimed;
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 100L,
-						 PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
+		claimed = strcmp(SPI_getvalue(t, d, 1), "t") != 0;
+		spec->output = getstr(t, d, 2);
+		spec->source = getstr(t, d, 3);
+		read_options(DatumGetJsonbP(SPI_getbinval(t, d, 4, &isnull)), spec);
 	}
-	elog(LOG, "dolly: fine-tuning job %lld was never committed; nothing to do", (long long) my_job);
-	return false;
+	xact_end();
+	if (!claimed)
+		elog(LOG, "dolly: fine-tuning job %lld was rolled back or cancelled before it started", (long long) my_job);
+	return claimed;
 }
 
 /* The progress callback: publish, and say whether to stop. */
@@ -291,18 +306,26 @@ default_learning_rate(int64 params)
 	return 1e-3;
 }
 
-/* Text of a record field in UTF-8 ("" for NULL). */
+/*
+ * Text of a record field in UTF-8 ("" for SQL NULL); NULL when it is not UTF-8 in a
+ * SQL_ASCII database, which stores any bytes (the record is skipped, not the job failed).
+ */
 static const char *
 field_utf8(HeapTuple tup, TupleDesc desc, int col)
 {
 	char	   *v = SPI_getvalue(tup, desc, col);
 
-	return v ? pg_server_to_any(v, strlen(v), PG_UTF8) : "";
+	if (v == NULL)
+		return "";
+	if (GetDatabaseEncoding() == PG_SQL_ASCII)
+		return pg_verify_mbstr(PG_UTF8, v, strlen(v), true) ? v : NULL;
+	return pg_server_to_any(v, strlen(v), PG_UTF8);
 }
 
 /*
  * Read the records as the calling role (privileges and row-level security apply) and
- * turn them into examples; unusable records are counted in *skipped.
+ * turn them into examples; unusable records (empty, too long, not UTF-8) are counted in
+ * *skipped.
  */
 static dl_example *
 read_records(const JobSpec *spec, const dl_tokenizer *tok, int max_length, int *n, int *skipped)
@@ -331,6 +354,9 @@ read_records(const JobSpec *spec, const dl_tokenizer *tok, int max_length, int *
 		{
 			HeapTuple	t = SPI_tuptable->vals[i];
 			TupleDesc	d = SPI_tuptable->tupdesc;
+			const char *instr = field_utf8(t, d, 1);
+			const char *ctx = field_utf8(t, d, 2);
+			const char *resp = field_utf8(t, d, 3);
 			dl_error	err;
 
 			if (*n == cap)
@@ -342,8 +368,8 @@ read_records(const JobSpec *spec, const dl_tokenizer *tok, int max_length, int *
 				ex = grown;
 				cap *= 2;
 			}
-			if (example_from_record(tok, field_utf8(t, d, 1), field_utf8(t, d, 2),
-									field_utf8(t, d, 3), max_length, &ex[*n], &err) == DL_OK)
+			if (instr && ctx && resp &&
+				example_from_record(tok, instr, ctx, resp, max_length, &ex[*n], &err) == DL_OK)
 				(*n)++;
 			else
 				(*skipped)++;
@@ -382,9 +408,18 @@ run_job(const JobSpec *spec)
 	dl_train_progress last;
 	dl_status	st;
 	int			nranks = dolly_train_workers;	/* read once: a reload must not change it midway */
+	DollyModelIdent base_ident = {0, 0};
 
 	set_phase("loading the base model");
-	if (dolly_model_path(spec->base ? spec->base : "", base_path, &is_default, &err) != DL_OK)
+	/* the role may still use the base, and it is still the directory the catalog knows */
+	if (spec->base)
+	{
+		xact_begin(false);
+		dolly_check_model_use(spec->base, &base_ident);
+		xact_end();
+	}
+	if (dolly_model_path(spec->base ? spec->base : "", base_path, &is_default, &err) != DL_OK ||
+		(spec->base && dolly_model_ident_check(spec->base, base_path, &base_ident, &err) != DL_OK))
 		goto fail;
 	snprintf(out_path, sizeof(out_path), "%s/%s", dolly_model_dir, spec->output);
 	snprintf(cfg_path, sizeof(cfg_path), "%s/config.json", base_path);
@@ -435,19 +470,19 @@ run_job(const JobSpec *spec)
 	set_phase("saving");
 	if (model_save(m, tok, cfg_path, out_path, &err) != DL_OK)
 		goto fail;
-	finish_job("succeeded", NULL);
+	finish_job("succeeded", NULL, spec, out_path);
 	goto done;
 
 fail:
 	if (err.code == DL_ECANCELLED)
 	{
 		CHECK_FOR_INTERRUPTS();		/* SIGTERM: FATAL here; the view shows the job failed */
-		finish_job("cancelled", NULL);
+		finish_job("cancelled", NULL, spec, NULL);
 	}
 	else
 	{
 		dolly_relative_paths(&err);
-		finish_job("failed", err.msg);
+		finish_job("failed", err.msg, spec, NULL);
 	}
 done:
 	dl_model_free(m);
@@ -460,14 +495,16 @@ void
 dolly_job_main(Datum main_arg)
 {
 	Oid			ids[2];
+	TransactionId submitter;
 	JobSpec		spec;
 
 	my_job = DatumGetInt64(main_arg);
 	memcpy(ids, MyBgworkerEntry->bgw_extra, sizeof(ids));
+	memcpy(&submitter, MyBgworkerEntry->bgw_extra + sizeof(ids), sizeof(submitter));
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
-	BackgroundWorkerInitializeConnectionByOid(ids[0], ids[1], 0);
 
+	/* the slot is freed however the worker exits, even when it cannot connect */
 	SpinLockAcquire(&dolly_jobs->mutex);
 	for (int i = 0; i < DOLLY_MAX_JOBS; i++)
 		if (dolly_jobs->slots[i].job_id == my_job)
@@ -479,11 +516,12 @@ dolly_job_main(Datum main_arg)
 	if (my_slot == NULL)
 		proc_exit(0);			/* the submitting session freed it: nothing to run */
 	on_shmem_exit(release_at_exit, (Datum) 0);
+	BackgroundWorkerInitializeConnectionByOid(ids[0], ids[1], 0);
 	pgstat_report_appname(MyBgworkerEntry->bgw_name);
 
 	memset(&spec, 0, sizeof(spec));
 	spec.id = my_job;
-	if (!claim(&spec))
+	if (!claim(submitter, &spec))
 		proc_exit(0);
 
 	PG_TRY();
@@ -499,7 +537,7 @@ dolly_job_main(Datum main_arg)
 		edata = CopyErrorData();
 		FlushErrorState();
 		AbortOutOfAnyTransaction();
-		finish_job("failed", edata->message);
+		finish_job("failed", edata->message, &spec, NULL);
 	}
 	PG_END_TRY();
 	proc_exit(0);

@@ -4,31 +4,32 @@
  * dolly_finetune checks everything it can in the caller's session (privileges, the table
  * and its columns, the options, the names), records the job in dolly_job, and starts a
  * background worker that runs it as the calling role (job_worker.c). The job id comes
- * back at once. Writes to dolly_job are made as the extension's owner: users read jobs
- * through the dolly_jobs view and cannot forge them.
+ * back at once. Writes to dolly_job are made in the owner scope (catalog.c): users read
+ * jobs through the dolly_jobs view and cannot forge them, nor run their own operators with
+ * the owner's rights.
  */
 #include "dolly_pg.h"
+#include "catalog.h"
 #include "jobs.h"
 
 #include <math.h>
 #include <sys/stat.h>
 
-#include "access/genam.h"
 #include "access/htup_details.h"
-#include "access/table.h"
+#include "access/xact.h"
+#include "catalog/pg_authid.h"
+#include "catalog/pg_database.h"
 #include "catalog/namespace.h"
-#include "catalog/pg_class.h"
-#include "catalog/pg_extension.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "postmaster/bgworker.h"
+#include "storage/procarray.h"
 #include "storage/shmem.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
-#include "utils/fmgroids.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -57,68 +58,6 @@ dolly_jobs_shmem_init(void)
 		memset(dolly_jobs, 0, sizeof(DollyJobs));
 		SpinLockInit(&dolly_jobs->mutex);
 	}
-}
-
-/* The schema dolly is installed in (get_extension_schema is not exported before PG 16). */
-static Oid
-extension_schema(void)
-{
-	Relation	rel = table_open(ExtensionRelationId, AccessShareLock);
-	ScanKeyData key;
-	SysScanDesc scan;
-	HeapTuple	tup;
-	Oid			nsp = InvalidOid;
-
-	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber, F_NAMEEQ,
-				CStringGetDatum("dolly"));
-	scan = systable_beginscan(rel, ExtensionNameIndexId, true, NULL, 1, &key);
-	if (HeapTupleIsValid(tup = systable_getnext(scan)))
-		nsp = ((Form_pg_extension) GETSTRUCT(tup))->extnamespace;
-	systable_endscan(scan);
-	table_close(rel, AccessShareLock);
-	if (!OidIsValid(nsp))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("extension \"dolly\" is not installed in this database"),
-				 errhint("Run CREATE EXTENSION dolly.")));
-	return nsp;
-}
-
-/* The owner of the dolly_job table: the identity that writes job records. */
-static Oid
-jobs_owner(void)
-{
-	Oid			relid = get_relname_relid("dolly_job", extension_schema());
-	HeapTuple	tup;
-	Oid			owner;
-
-	if (!OidIsValid(relid))
-		elog(ERROR, "dolly: table dolly_job is missing");
-	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
-	if (!HeapTupleIsValid(tup))
-		elog(ERROR, "cache lookup failed for relation %u", relid);
-	owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
-	ReleaseSysCache(tup);
-	return owner;
-}
-
-void
-dolly_as_owner_begin(Oid *saved_user, int *saved_sec)
-{
-	GetUserIdAndSecContext(saved_user, saved_sec);
-	SetUserIdAndSecContext(jobs_owner(), *saved_sec | SECURITY_LOCAL_USERID_CHANGE);
-}
-
-void
-dolly_as_owner_end(Oid saved_user, int saved_sec)
-{
-	SetUserIdAndSecContext(saved_user, saved_sec);
-}
-
-const char *
-dolly_jobs_table(void)
-{
-	return quote_qualified_identifier(get_namespace_name(extension_schema()), "dolly_job");
 }
 
 /*
@@ -194,14 +133,20 @@ dolly_job_worker_init(BackgroundWorker *w, int64 job_id, const char *function)
 	memcpy(w->bgw_extra, ids, sizeof(ids));
 }
 
-/* Start the worker of job_id in this database as the current role. */
+/*
+ * Start the worker of job_id in this database as the current role. It waits for this
+ * transaction (its top-level xid follows the two OIDs in bgw_extra) to end, however long
+ * that takes, and runs the job if the transaction committed it.
+ */
 static void
 start_worker(int64 job_id)
 {
 	BackgroundWorker worker;
 	BackgroundWorkerHandle *handle;
+	TransactionId xid = GetTopTransactionId();
 
 	dolly_job_worker_init(&worker, job_id, "dolly_job_main");
+	memcpy(worker.bgw_extra + 2 * sizeof(Oid), &xid, sizeof(xid));
 	if (!RegisterDynamicBackgroundWorker(&worker, &handle))
 		ereport(ERROR,
 				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
@@ -222,6 +167,7 @@ claim_slot(int64 job_id)
 			memset(&dolly_jobs->slots[i], 0, sizeof(DollyJobSlot));
 			dolly_jobs->slots[i].job_id = job_id;
 			dolly_jobs->slots[i].dboid = MyDatabaseId;
+			dolly_jobs->slots[i].role = GetUserId();
 			strlcpy(dolly_jobs->slots[i].phase, "starting", sizeof(dolly_jobs->slots[i].phase));
 			break;
 		}
@@ -242,6 +188,48 @@ release_slot(int64 job_id)
 		if (dolly_jobs->slots[i].job_id == job_id)
 			dolly_jobs->slots[i].job_id = 0;
 	SpinLockRelease(&dolly_jobs->mutex);
+}
+
+/*
+ * ERROR unless a background worker can connect as the current role to this database, as
+ * the job's worker will: a NOLOGIN role (dolly_trainer itself after SET ROLE), a role at
+ * its connection limit, or one without CONNECT would leave a worker that dies at once.
+ */
+static void
+check_can_connect(void)
+{
+	Oid			role = GetUserId();
+	HeapTuple	tup = SearchSysCache1(AUTHOID, ObjectIdGetDatum(role));
+	Form_pg_authid form;
+	bool		login;
+	int			limit;
+
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for role %u", role);
+	form = (Form_pg_authid) GETSTRUCT(tup);
+	login = form->rolcanlogin;
+	limit = form->rolconnlimit;
+	ReleaseSysCache(tup);
+	if (!login)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
+				 errmsg("role \"%s\" cannot log in, so a fine-tuning job cannot run as it",
+						GetUserNameFromId(role, false)),
+				 errhint("A job's worker connects as the role that calls dolly_finetune: call it as a role with LOGIN (RESET ROLE first).")));
+	if (superuser())
+		return;
+	if (limit >= 0 && CountUserBackends(role) >= limit)
+		ereport(ERROR,
+				(errcode(ERRCODE_TOO_MANY_CONNECTIONS),
+				 errmsg("role \"%s\" is at its connection limit (%d), so a fine-tuning job cannot run as it",
+						GetUserNameFromId(role, false), limit),
+				 errhint("A job's worker is one more connection of the role: close a session, or raise the role's CONNECTION LIMIT.")));
+	if (pg_database_aclcheck(MyDatabaseId, role, ACL_CONNECT) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("role \"%s\" may not connect to this database, so a fine-tuning job cannot run in it",
+						GetUserNameFromId(role, false)),
+				 errhint("GRANT CONNECT ON DATABASE to the role.")));
 }
 
 /* dolly_finetune's parameters, in order, for messages. */
@@ -280,10 +268,10 @@ dolly_finetune(PG_FUNCTION_ARGS)
 	bool		is_default;
 	dl_error	err;
 	StringInfoData opts;
-	Oid			saved_user;
-	int			saved_sec;
+	DollyOwnerScope scope;
+	DollyModelIdent ident;
 	int64		job_id;
-	Oid			argtypes[4] = {NAMEOID, TEXTOID, TEXTOID, JSONBOID};
+	Oid			argtypes[4] = {OIDOID, TEXTOID, TEXTOID, JSONBOID};
 	Datum		args[4];
 	bool		isnull;
 
@@ -339,13 +327,17 @@ dolly_finetune(PG_FUNCTION_ARGS)
 	if (ctx_col && !check_column(relid, "context", ctx_col, strcmp(ctx_col, "context") == 0))
 		ctx_col = NULL;
 
-	/* where the model goes: a new directory under dolly.model_dir */
-	if (stat(model_dir_path(output), &sb) == 0)
+	check_can_connect();
+
+	/* where the model goes: a new name, and a new directory under dolly.model_dir */
+	if (dolly_model_registered(output) || stat(model_dir_path(output), &sb) == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_DUPLICATE_OBJECT),
 				 errmsg("model \"%s\" already exists in dolly.model_dir", output),
 				 errhint("Choose another output_model, or remove that directory.")));
-	/* the base: a model under dolly.model_dir, or the served model */
+	/* the base: a model the caller may use, or the served model */
+	if (base)
+		dolly_check_model_use(base, &ident);
 	if (dolly_model_path(base ? base : "", base_path, &is_default, &err) != DL_OK)
 		dolly_report(ERROR, &err);
 
@@ -377,22 +369,22 @@ dolly_finetune(PG_FUNCTION_ARGS)
 		appendStringInfo(&opts, ", \"max_length\": %d", max_length);
 	appendStringInfoChar(&opts, '}');
 
-	/* record the job (as the table's owner), then start its worker */
-	args[0] = DirectFunctionCall1(namein, CStringGetDatum(GetUserNameFromId(GetUserId(), false)));
+	/* record the job (in the owner scope), then start its worker */
+	args[0] = ObjectIdGetDatum(GetUserId());
 	args[1] = CStringGetTextDatum(quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
 															 get_rel_name(relid)));
 	args[2] = CStringGetTextDatum(output);
 	args[3] = DirectFunctionCall1(jsonb_in, CStringGetDatum(opts.data));
-	dolly_as_owner_begin(&saved_user, &saved_sec);
+	dolly_owner_begin(&scope);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	if (SPI_execute_with_args(psprintf("INSERT INTO %s (role, source, output_model, options) "
-									   "VALUES ($1, $2, $3, $4) RETURNING id", dolly_jobs_table()),
+									   "VALUES ($1, $2, $3, $4) RETURNING id", dolly_table("dolly_job")),
 							  4, argtypes, args, NULL, false, 1) != SPI_OK_INSERT_RETURNING)
 		elog(ERROR, "cannot record the fine-tuning job");
 	job_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	SPI_finish();
-	dolly_as_owner_end(saved_user, saved_sec);
+	dolly_owner_end(&scope);
 
 	claim_slot(job_id);
 	PG_TRY();
@@ -432,42 +424,40 @@ dolly_cancel_job(PG_FUNCTION_ARGS)
 	int64		job_id = PG_GETARG_INT64(0);
 	Oid			argtypes[1] = {INT8OID};
 	Datum		args[1] = {Int64GetDatum(job_id)};
-	Oid			saved_user;
-	int			saved_sec;
-	char	   *role = NULL;
+	DollyOwnerScope scope;
+	Oid			role = InvalidOid;
 	char	   *state = NULL;
 	bool		asked;
+	bool		isnull;
 
-	dolly_as_owner_begin(&saved_user, &saved_sec);
+	dolly_owner_begin(&scope);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (SPI_execute_with_args(psprintf("SELECT role, state FROM %s WHERE id = $1", dolly_jobs_table()),
+	if (SPI_execute_with_args(psprintf("SELECT role, state FROM %s WHERE id OPERATOR(pg_catalog.=) $1",
+									   dolly_table("dolly_job")),
 							  1, argtypes, args, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "cannot read dolly_job");
 	if (SPI_processed == 1)
 	{
-		role = pstrdup(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1));
+		role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 		state = pstrdup(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2));
 	}
 	SPI_finish();
-	dolly_as_owner_end(saved_user, saved_sec);
+	dolly_owner_end(&scope);
 
-	if (role == NULL)
+	/* a job of another role is as unknown as one that does not exist */
+	if (state == NULL || !has_privs_of_role(GetUserId(), role))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("fine-tuning job %lld does not exist", (long long) job_id)));
-	if (!has_privs_of_role(GetUserId(), get_role_oid(role, false)))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("permission denied to cancel fine-tuning job %lld", (long long) job_id),
-				 errhint("Only the role that started a job (or a superuser) may cancel it.")));
+				 errmsg("fine-tuning job %lld does not exist, or is not the current role's", (long long) job_id),
+				 errhint("Only the role that started a job (or a superuser) may cancel it; dolly_jobs lists the current role's jobs.")));
 	if (strcmp(state, "queued") != 0 && strcmp(state, "running") != 0)
 		PG_RETURN_BOOL(false);
 	asked = request_cancel(job_id);
 	PG_RETURN_BOOL(asked);
 }
 
-/* dolly_job_progress(): the live state of the jobs running in this database. */
+/* dolly_job_progress(): the live state of the current role's jobs running in this database. */
 Datum
 dolly_job_progress(PG_FUNCTION_ARGS)
 {
@@ -486,7 +476,7 @@ dolly_job_progress(PG_FUNCTION_ARGS)
 		bool		nulls[11] = {0};
 		int			c = 0;
 
-		if (j->job_id == 0 || j->dboid != MyDatabaseId)
+		if (j->job_id == 0 || j->dboid != MyDatabaseId || !has_privs_of_role(GetUserId(), j->role))
 			continue;
 		values[c++] = Int64GetDatum(j->job_id);
 		values[c++] = Int32GetDatum(j->pid);

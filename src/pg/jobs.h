@@ -17,6 +17,7 @@ typedef struct DollyJobSlot
 {
 	int64		job_id;			/* 0: free */
 	Oid			dboid;
+	Oid			role;			/* who submitted it: who may see its progress */
 	pid_t		pid;			/* the worker, once started */
 	bool		cancel;			/* dolly_cancel_job asked it to stop */
 	char		phase[64];
@@ -80,16 +81,10 @@ PGDLLEXPORT void dolly_job_rank_main(Datum main_arg);
 
 /*
  * Fill w for a fine-tuning worker of job_id: a database connection as the current role
- * (their OIDs first in bgw_extra), never restarted, entering `function` of dolly.so.
+ * (their OIDs first in bgw_extra, the caller's own arguments after them), never restarted,
+ * entering `function` of dolly.so.
  */
 struct BackgroundWorker;
 extern void dolly_job_worker_init(struct BackgroundWorker *w, int64 job_id, const char *function);
-
-/* The schema-qualified name of the dolly_job table, for SPI. */
-extern const char *dolly_jobs_table(void);
-
-/* Switch to the identity that owns dolly_job (for writes to it), and back. */
-extern void dolly_as_owner_begin(Oid *saved_user, int *saved_sec);
-extern void dolly_as_owner_end(Oid saved_user, int saved_sec);
 
 #endif

@@ -5,12 +5,14 @@
  */
 #include "dolly_pg.h"
 
+#include <dirent.h>
 #include <sys/stat.h>
 
 #include "miscadmin.h"
 #include "pgstat.h"
 
 #include "queue.h"
+#include "train.h"
 
 /* A model name is one directory under dolly.model_dir: no separators, no way out of it. */
 bool
@@ -87,6 +89,20 @@ dolly_model_ident(const char *path, DollyModelIdent *out)
 	return true;
 }
 
+dl_status
+dolly_model_ident_check(const char *name, const char *path, const DollyModelIdent *want,
+						dl_error *err)
+{
+	DollyModelIdent have;
+
+	if (want->dev == 0 && want->ino == 0)
+		return DL_OK;
+	if (dolly_model_ident(path, &have) && have.dev == want->dev && have.ino == want->ino)
+		return DL_OK;
+	dl_fail(err, DL_EINVAL, "model \"%s\" has changed since it was registered", name);
+	return dl_hint(err, "A superuser registers it again with dolly_register_model('%s').", name);
+}
+
 /*
  * Engine messages name files by full path; show them relative to dolly.model_dir, which
  * sessions know (and the log has the full story).
@@ -136,4 +152,25 @@ dolly_load_model(const char *path, dl_backend *be, const char *activity,
 	LoadWatch	w = {activity, -1, stop, arg};
 
 	return dl_model_load_watched(path, be, watch_load, &w, out, err);
+}
+
+void
+dolly_remove_partial_models(void)
+{
+	DIR		   *dir;
+	struct dirent *de;
+
+	if (dolly_model_dir[0] == '\0' || (dir = opendir(dolly_model_dir)) == NULL)
+		return;
+	while ((de = readdir(dir)) != NULL)
+		if (de->d_name[0] == '.' && strstr(de->d_name, DL_SAVE_TMP_MARK) != NULL)
+		{
+			char		path[MAXPGPATH];
+
+			snprintf(path, sizeof(path), "%s/%s", dolly_model_dir, de->d_name);
+			ereport(LOG,
+					(errmsg("dolly: removing \"%s\", a model a crash left half-written", path)));
+			(void) rmtree(path, true);
+		}
+	closedir(dir);
 }

@@ -52,6 +52,7 @@ typedef struct DollyRequest
 	Oid			client_role;
 	uint64		seqno;			/* submission order, for FIFO admission */
 	char		model[DOLLY_MODEL_NAME_MAX];	/* "" = dolly.model */
+	DollyModelIdent ident;		/* its directory's, from the catalog; {0, 0}: unchecked */
 	bool		extract_response;
 	int			max_new_tokens;
 	double		temperature;

@@ -37,6 +37,8 @@ dolly_shmem_startup(void)
 	{
 		memset(dolly_shared, 0, sizeof(DollyShared));
 		SpinLockInit(&dolly_shared->mutex);
+		/* new shared memory: the server starts, or restarts after a crash; no job runs */
+		dolly_remove_partial_models();
 	}
 	dolly_queue_shmem_init();
 	dolly_jobs_shmem_init();

@@ -4,11 +4,14 @@
  * session, so that a mistake gets an ERROR naming the parameter before anything is queued.
  */
 #include "dolly_pg.h"
+#include "catalog.h"
 #include "queue.h"
 
 #include "catalog/pg_type.h"
 #include "common/pg_prng.h"
 #include "fmgr.h"
+#include "catalog/namespace.h"
+#include "lib/stringinfo.h"
 #include "mb/pg_wchar.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -28,7 +31,10 @@ PG_FUNCTION_INFO_V1(dolly_detokenize);
 #define DEFAULT_TOP_P 0.92
 #define DEFAULT_TOP_K 0
 
-/* Copy the optional model argument at position argno into req. */
+/*
+ * Copy the optional model argument at position argno into req, with the identity the
+ * server must find, once the model catalog says the current role may use it.
+ */
 static void
 set_model(DollyRequest *req, FunctionCallInfo fcinfo, int argno)
 {
@@ -37,19 +43,36 @@ set_model(DollyRequest *req, FunctionCallInfo fcinfo, int argno)
 	if (PG_NARGS() <= argno || PG_ARGISNULL(argno))
 		return;
 	name = text_to_cstring(PG_GETARG_TEXT_PP(argno));
-	dolly_check_model_name(name);
+	dolly_check_model_use(name, &req->ident);
 	strlcpy(req->model, name, sizeof(req->model));
 }
 
-/* Copy bytes into the request's input buffer, or fail clearly if they do not fit. */
+/* ERROR unless len bytes fit in a request. */
 static void
-set_input(DollyRequest *req, const char *what, const char *data, size_t len)
+check_length(const char *what, size_t len)
 {
 	if (len > DOLLY_TEXT_MAX)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("%s of %zu bytes is longer than the %d bytes a request may carry",
 						what, len, DOLLY_TEXT_MAX)));
+}
+
+/* A text argument, its length checked before anything is copied or converted. */
+static char *
+text_arg(FunctionCallInfo fcinfo, int argno, const char *what)
+{
+	text	   *t = PG_GETARG_TEXT_PP(argno);
+
+	check_length(what, VARSIZE_ANY_EXHDR(t));
+	return text_to_cstring(t);
+}
+
+/* Copy bytes into the request's input buffer, or fail clearly if they do not fit. */
+static void
+set_input(DollyRequest *req, const char *what, const char *data, size_t len)
+{
+	check_length(what, len);
 	memcpy(req->in, data, len);
 	req->in_len = (int) len;
 }
@@ -58,18 +81,60 @@ set_input(DollyRequest *req, const char *what, const char *data, size_t len)
 static void
 set_input_text(DollyRequest *req, const char *what, const char *text, size_t len)
 {
-	char	   *utf8 = pg_server_to_any(text, (int) len, PG_UTF8);
+	char	   *utf8;
 
+	check_length(what, len);
+	utf8 = pg_server_to_any(text, (int) len, PG_UTF8);
 	set_input(req, what, utf8, utf8 == text ? len : strlen(utf8));
 }
 
-/* The request's UTF-8 result as a text datum in the database encoding. */
+/*
+ * The request's UTF-8 result as a text datum in the database encoding. A character the
+ * database encoding cannot hold (a LATIN1 database, say) becomes "?", as a model's answer
+ * is text to read, not data to fail on; a SQL_ASCII database takes the UTF-8 as it is.
+ */
 static text *
 result_text(DollyRequest *req)
 {
-	char	   *s = pg_any_to_server(req->out, req->out_len, PG_UTF8);
+	int			enc = GetDatabaseEncoding();
+	Oid			proc;
+	StringInfoData buf;
+	const unsigned char *src = (const unsigned char *) req->out;
+	int			left = req->out_len;
 
-	return cstring_to_text_with_len(s, s == req->out ? req->out_len : strlen(s));
+	if (enc == PG_UTF8)
+		(void) pg_verify_mbstr(PG_UTF8, req->out, req->out_len, false);
+	if (enc == PG_UTF8 || enc == PG_SQL_ASCII)
+		return cstring_to_text_with_len(req->out, req->out_len);
+	proc = FindDefaultConversionProc(PG_UTF8, enc);
+	if (!OidIsValid(proc))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_FUNCTION),
+				 errmsg("no conversion from UTF8 to %s", GetDatabaseEncodingName())));
+	initStringInfo(&buf);
+	while (left > 0)
+	{
+		/* convert up to the first character the target lacks; the output may be 4x longer */
+		char	   *dst;
+		int			done;
+
+		enlargeStringInfo(&buf, (size_t) left * MAX_CONVERSION_GROWTH + 1);
+		dst = buf.data + buf.len;
+		done = pg_do_encoding_conversion_buf(proc, PG_UTF8, enc, (unsigned char *) src, left,
+											 (unsigned char *) dst, buf.maxlen - buf.len, true);
+		buf.len += strlen(dst);
+		src += done;
+		left -= done;
+		if (left > 0)
+		{
+			int			skip = Min(pg_utf_mblen(src), left);
+
+			appendStringInfoChar(&buf, '?');
+			src += skip;
+			left -= skip;
+		}
+	}
+	return cstring_to_text_with_len(buf.data, buf.len);
 }
 
 /*
@@ -131,8 +196,8 @@ dolly_generate(PG_FUNCTION_ARGS)
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
-	prompt = prompt_format(text_to_cstring(PG_GETARG_TEXT_PP(0)),
-						   PG_ARGISNULL(1) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(1)));
+	prompt = prompt_format(text_arg(fcinfo, 0, "instruction"),
+						   PG_ARGISNULL(1) ? NULL : text_arg(fcinfo, 1, "context"));
 	if (prompt == NULL)
 		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
 	copy = pstrdup(prompt);
@@ -146,7 +211,7 @@ dolly_generate_raw(PG_FUNCTION_ARGS)
 {
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
-	PG_RETURN_TEXT_P(run_generate(fcinfo, text_to_cstring(PG_GETARG_TEXT_PP(0)), false, 1));
+	PG_RETURN_TEXT_P(run_generate(fcinfo, text_arg(fcinfo, 0, "prompt"), false, 1));
 }
 
 /* dolly_tokenize(text, model): the model tokenizer's ids for text. */

@@ -1,0 +1,53 @@
+/*
+ * catalog.h: dolly's tables, queried with their owner's rights (catalog.c), and the model
+ * catalog: who owns a model and who may use it (models.c).
+ */
+#ifndef DOLLY_CATALOG_H
+#define DOLLY_CATALOG_H
+
+#include "postgres.h"
+
+#include "dolly_pg.h"
+
+/* The schema dolly is installed in (ERROR if it is not installed in this database). */
+extern Oid	dolly_extension_schema(void);
+
+/* The schema-qualified, quoted name of one of dolly's tables, for SPI. */
+extern const char *dolly_table(const char *name);
+
+/*
+ * Run queries as the owner of dolly's tables, with SECURITY_RESTRICTED_OPERATION and
+ * search_path pinned to pg_catalog, pg_temp; every query run in the scope still qualifies
+ * its operators and functions. Scopes nest; an ERROR inside one is undone by the
+ * transaction's abort.
+ */
+typedef struct DollyOwnerScope
+{
+	Oid			saved_user;
+	int			saved_sec;
+	int			guc_level;
+} DollyOwnerScope;
+
+extern void dolly_owner_begin(DollyOwnerScope *scope);
+extern void dolly_owner_end(const DollyOwnerScope *scope);
+
+/*
+ * ERROR unless the current role may use the model `name` (a name under dolly.model_dir):
+ * dolly.model is everyone's; any other model must be registered in this database's catalog
+ * and owned by, or granted to, the role (or PUBLIC); superusers may use every registered
+ * model. Sets *ident to the identity the server must find ({0, 0} for dolly.model).
+ */
+extern void dolly_check_model_use(const char *name, DollyModelIdent *ident);
+
+/*
+ * Register the model a job wrote at path as `name`, owned by `owner` (the job's role), with
+ * its base model and job; inside the job's transaction, so that the model is registered
+ * exactly when the job is recorded as succeeded.
+ */
+extern void dolly_register_output(const char *name, Oid owner, const char *base, int64 job,
+								  const char *path);
+
+/* Is `name` registered in this database's catalog (whoever owns it)? */
+extern bool dolly_model_registered(const char *name);
+
+#endif
