@@ -8,8 +8,8 @@
 -- Jobs record their role by OID: dropping a role no longer breaks dolly_jobs.
 DROP VIEW dolly_jobs;
 ALTER TABLE dolly_job ADD COLUMN role_id oid;
-UPDATE dolly_job j SET role_id = pg_catalog.coalesce(
-	(SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) j.role), 0);
+UPDATE dolly_job j SET role_id = COALESCE(
+	(SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) j.role), 0::oid);
 ALTER TABLE dolly_job DROP COLUMN role;
 ALTER TABLE dolly_job RENAME COLUMN role_id TO role;
 ALTER TABLE dolly_job ALTER COLUMN role SET NOT NULL;
@@ -26,14 +26,14 @@ SELECT j.id, pg_catalog.pg_get_userbyid(j.role) AS role, j.source, j.output_mode
 	   CASE WHEN j.state OPERATOR(pg_catalog.=) ANY ('{queued,running}') AND p.id IS NULL
 			THEN 'failed' ELSE j.state END AS state,
 	   p.phase,
-	   pg_catalog.coalesce(p.epoch, j.epoch) AS epoch,
-	   pg_catalog.coalesce(p.step, j.step) AS step,
-	   pg_catalog.coalesce(p.total_steps, j.total_steps) AS total_steps,
-	   pg_catalog.coalesce(p.train_loss, j.train_loss) AS train_loss,
-	   pg_catalog.coalesce(p.eval_loss, j.eval_loss) AS eval_loss,
-	   pg_catalog.coalesce(p.tokens_per_second, j.tokens_per_second) AS tokens_per_second,
-	   pg_catalog.coalesce(p.records, j.records) AS records,
-	   pg_catalog.coalesce(p.skipped, j.skipped) AS skipped,
+	   COALESCE(p.epoch, j.epoch) AS epoch,
+	   COALESCE(p.step, j.step) AS step,
+	   COALESCE(p.total_steps, j.total_steps) AS total_steps,
+	   COALESCE(p.train_loss, j.train_loss) AS train_loss,
+	   COALESCE(p.eval_loss, j.eval_loss) AS eval_loss,
+	   COALESCE(p.tokens_per_second, j.tokens_per_second) AS tokens_per_second,
+	   COALESCE(p.records, j.records) AS records,
+	   COALESCE(p.skipped, j.skipped) AS skipped,
 	   j.submitted, j.started, j.finished,
 	   CASE WHEN j.state OPERATOR(pg_catalog.=) 'running' AND p.id IS NULL
 			THEN 'the server stopped while the job ran'

@@ -445,12 +445,15 @@ dolly_cancel_job(PG_FUNCTION_ARGS)
 	SPI_finish();
 	dolly_owner_end(&scope);
 
-	/* a job of another role is as unknown as one that does not exist */
-	if (state == NULL || !has_privs_of_role(GetUserId(), role))
+	if (state == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("fine-tuning job %lld does not exist, or is not the current role's", (long long) job_id),
-				 errhint("Only the role that started a job (or a superuser) may cancel it; dolly_jobs lists the current role's jobs.")));
+				 errmsg("fine-tuning job %lld does not exist", (long long) job_id)));
+	if (!has_privs_of_role(GetUserId(), role))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to cancel fine-tuning job %lld", (long long) job_id),
+				 errhint("Only the role that started a job (or a superuser) may cancel it.")));
 	if (strcmp(state, "queued") != 0 && strcmp(state, "running") != 0)
 		PG_RETURN_BOOL(false);
 	asked = request_cancel(job_id);

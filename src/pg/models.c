@@ -205,7 +205,7 @@ register_model(const char *name, Oid owner, const char *base, int64 job, const c
 		elog(ERROR, "SPI_connect failed");
 	if (SPI_execute_with_args(psprintf("INSERT INTO %s AS m (name, owner, base_model, job, size_bytes, dir_dev, dir_ino) "
 									   "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO UPDATE "
-									   "SET owner = pg_catalog.coalesce($2, m.owner), size_bytes = $5, "
+									   "SET owner = COALESCE($2, m.owner), size_bytes = $5, "
 									   "dir_dev = $6, dir_ino = $7",
 									   dolly_table("dolly_model")),
 							  7, argtypes, args, nulls, false, 0) != SPI_OK_INSERT)
