@@ -191,13 +191,14 @@ run_generate(FunctionCallInfo fcinfo, const char *prompt, bool extract_response,
 Datum
 dolly_generate(PG_FUNCTION_ARGS)
 {
+	char	   *instruction;
 	char	   *prompt;
 	char	   *copy;
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
-	prompt = prompt_format(text_arg(fcinfo, 0, "instruction"),
-						   PG_ARGISNULL(1) ? NULL : text_arg(fcinfo, 1, "context"));
+	instruction = text_arg(fcinfo, 0, "instruction");
+	prompt = prompt_format(instruction, PG_ARGISNULL(1) ? NULL : text_arg(fcinfo, 1, "context"));
 	if (prompt == NULL)
 		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
 	copy = pstrdup(prompt);
