@@ -47,6 +47,9 @@ extern void dolly_check_model_use(const char *name, DollyModelIdent *ident);
 extern void dolly_register_output(const char *name, Oid owner, const char *base, int64 job,
 								  const char *path);
 
+/* May the current role see the loaded model at path (in dolly_server)? */
+extern bool dolly_model_visible(const char *path);
+
 /* Is `name` registered in this database's catalog (whoever owns it)? */
 extern bool dolly_model_registered(const char *name);
 

@@ -125,21 +125,50 @@ unknown_model(const char *name)
 			 errhint("dolly_models lists the models the current role may use; a model's owner grants it with dolly_grant_model().")));
 }
 
-void
-dolly_check_model_use(const char *name, DollyModelIdent *ident)
+/* May the current role use model `name`; *ident is what the server must find. */
+static bool
+usable(const char *name, DollyModelIdent *ident)
 {
 	ModelEntry	e;
 
-	dolly_check_model_name(name);
 	memset(ident, 0, sizeof(*ident));
 	if (is_default_model(name))
-		return;
+		return true;
 	model_lookup(name, &e);
 	if (e.found && may_use(&e))
+	{
 		*ident = e.ident;
+		return true;
+	}
 	/* superusers may name any directory under dolly.model_dir: they can read it anyway */
-	else if (!superuser())
+	return superuser();
+}
+
+void
+dolly_check_model_use(const char *name, DollyModelIdent *ident)
+{
+	dolly_check_model_name(name);
+	if (!usable(name, ident))
 		unknown_model(name);
+}
+
+bool
+dolly_model_visible(const char *path)
+{
+	char		dflt[MAXPGPATH];
+	bool		is_default;
+	dl_error	err;
+	const char *slash = strrchr(path, '/');
+	size_t		dirlen = strlen(dolly_model_dir);
+	DollyModelIdent ident;
+
+	if (superuser() ||
+		(dolly_model_path("", dflt, &is_default, &err) == DL_OK && strcmp(dflt, path) == 0))
+		return true;
+	/* a model under dolly.model_dir, by its name */
+	return slash && dirlen > 0 && (size_t) (slash - path) == dirlen &&
+		strncmp(path, dolly_model_dir, dirlen) == 0 && dolly_model_name_ok(slash + 1) &&
+		usable(slash + 1, &ident);
 }
 
 bool

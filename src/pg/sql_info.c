@@ -1,5 +1,6 @@
 /* sql_info.c: SQL functions that describe the installation and the model server. */
 #include "dolly_pg.h"
+#include "catalog.h"
 
 #include "fmgr.h"
 #include "funcapi.h"
@@ -90,7 +91,10 @@ dolly_backends(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
-/* dolly_server_status(): one row per model each model server holds. */
+/*
+ * dolly_server_status(): one row per model each model server holds, of the models the
+ * current role may use (superusers: all).
+ */
 Datum
 dolly_server_status(PG_FUNCTION_ARGS)
 {
@@ -114,7 +118,7 @@ dolly_server_status(PG_FUNCTION_ARGS)
 			const char *slash = strrchr(st[i].path, '/');
 			int			c = 0;
 
-			if (!st[i].in_use)
+			if (!st[i].in_use || !dolly_model_visible(st[i].path))
 				continue;
 			memset(nulls, 0, sizeof(nulls));
 			values[c++] = Int32GetDatum(pid);

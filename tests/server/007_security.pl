@@ -121,6 +121,8 @@ like($e, qr/may not use it/, 'nor grant it to himself');
 like($e, qr/may not use it/, 'nor drop it');
 ($out, $e) = as('alice', "$gen, model => 'alice-model')");
 is($e, '', 'alice generates with her model');
+is((as('alice', "SELECT count(*) FROM dolly_server WHERE model = 'alice-model'"))[0], '1', 'and sees it loaded');
+is((as('bob', "SELECT string_agg(model, ',') FROM dolly_server"))[0], 'gptj-f32', 'bob sees only dolly.model loaded');
 
 # grants
 as('alice', "SELECT dolly_grant_model('alice-model', 'bob')");
