@@ -14,6 +14,9 @@ ALTER TABLE dolly_job DROP COLUMN role;
 ALTER TABLE dolly_job RENAME COLUMN role_id TO role;
 ALTER TABLE dolly_job ALTER COLUMN role SET NOT NULL;
 
+-- dolly_server shows a role the loaded models it may use, so every role may read it.
+GRANT SELECT ON dolly_server TO PUBLIC;
+
 -- The live progress of the current role's jobs (superusers: all).
 COMMENT ON FUNCTION dolly_job_progress() IS 'the live progress of the current role''s running fine-tuning jobs';
 

@@ -121,7 +121,8 @@ like($e, qr/may not use it/, 'nor grant it to himself');
 like($e, qr/may not use it/, 'nor drop it');
 ($out, $e) = as('alice', "$gen, model => 'alice-model')");
 is($e, '', 'alice generates with her model');
-is((as('alice', "SELECT count(*) FROM dolly_server WHERE model = 'alice-model'"))[0], '1', 'and sees it loaded');
+($out, $e) = as('alice', "SELECT count(*) FROM dolly_server WHERE model = 'alice-model'");
+is($out, '1', 'and sees it loaded') or diag($e);
 is((as('bob', "SELECT string_agg(model, ',') FROM dolly_server"))[0], 'gptj-f32', 'bob sees only dolly.model loaded');
 
 # grants
