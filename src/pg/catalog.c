@@ -18,6 +18,7 @@
 #include "access/table.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_extension.h"
+#include "executor/spi.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
@@ -74,8 +75,13 @@ tables_owner(void)
 	return owner;
 }
 
-void
-dolly_owner_begin(DollyOwnerScope *scope)
+/*
+ * Switch to the tables' owner with SECURITY_RESTRICTED_OPERATION and search_path pinned to
+ * pg_catalog, pg_temp in a GUC nest level of its own. Scopes nest; an ERROR inside one is
+ * undone by the transaction's abort.
+ */
+static void
+owner_begin(DollyOwnerScope *scope)
 {
 	Oid			owner = tables_owner();
 
@@ -87,9 +93,29 @@ dolly_owner_begin(DollyOwnerScope *scope)
 							 GUC_ACTION_SAVE, true, 0, false);
 }
 
-void
-dolly_owner_end(const DollyOwnerScope *scope)
+static void
+owner_end(const DollyOwnerScope *scope)
 {
 	AtEOXact_GUC(true, scope->guc_level);
 	SetUserIdAndSecContext(scope->saved_user, scope->saved_sec);
+}
+
+void
+dolly_owner_query(DollyOwnerScope *scope, const char *sql, const char *table, int nargs,
+				  Oid *types, Datum *values, const char *nulls, int expect)
+{
+	char	   *query = psprintf(sql, dolly_table(table));
+
+	owner_begin(scope);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (SPI_execute_with_args(query, nargs, types, values, nulls, expect == SPI_OK_SELECT, 0) != expect)
+		elog(ERROR, "dolly: a query of %s failed", table);
+}
+
+void
+dolly_owner_query_end(const DollyOwnerScope *scope)
+{
+	SPI_finish();
+	owner_end(scope);
 }

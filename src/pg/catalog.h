@@ -16,10 +16,9 @@ extern Oid	dolly_extension_schema(void);
 extern const char *dolly_table(const char *name);
 
 /*
- * Run queries as the owner of dolly's tables, with SECURITY_RESTRICTED_OPERATION and
- * search_path pinned to pg_catalog, pg_temp; every query run in the scope still qualifies
- * its operators and functions. Scopes nest; an ERROR inside one is undone by the
- * transaction's abort.
+ * Queries on dolly's tables with their owner's rights: in a scope that runs with
+ * SECURITY_RESTRICTED_OPERATION and search_path pinned to pg_catalog, pg_temp, and whose
+ * queries still qualify every operator and function.
  */
 typedef struct DollyOwnerScope
 {
@@ -28,8 +27,16 @@ typedef struct DollyOwnerScope
 	int			guc_level;
 } DollyOwnerScope;
 
-extern void dolly_owner_begin(DollyOwnerScope *scope);
-extern void dolly_owner_end(const DollyOwnerScope *scope);
+/*
+ * Run sql (its "%s" the quoted name of dolly's table `table`) with SPI's arguments in the
+ * owner scope; ERROR unless SPI answers `expect` (SPI_OK_SELECT: a read-only query). The
+ * result is in SPI_tuptable, in memory that dolly_owner_query_end frees (copy what you
+ * keep with SPI_palloc), which must follow.
+ */
+extern void dolly_owner_query(DollyOwnerScope *scope, const char *sql, const char *table,
+							  int nargs, Oid *types, Datum *values, const char *nulls,
+							  int expect);
+extern void dolly_owner_query_end(const DollyOwnerScope *scope);
 
 /*
  * ERROR unless the current role may use the model `name` (a name under dolly.model_dir):

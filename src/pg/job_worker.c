@@ -84,34 +84,18 @@ set_phase(const char *phase)
 	pgstat_report_activity(STATE_RUNNING, psprintf("dolly fine-tuning job %lld: %s", (long long) my_job, phase));
 }
 
-/* The owner scope xact_begin entered, when it did. */
-static bool xact_as_owner;
-static DollyOwnerScope xact_scope;
-
-/*
- * Start a transaction with a snapshot and SPI, in the owner scope (to write dolly's tables)
- * or as the calling role (to read the records); xact_end commits it.
- */
+/* Start a transaction with a snapshot; xact_end commits it. */
 static void
-xact_begin(bool as_owner)
+xact_begin(void)
 {
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	PushActiveSnapshot(GetTransactionSnapshot());
-	xact_as_owner = as_owner;
-	if (as_owner)
-		dolly_owner_begin(&xact_scope);
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
 }
 
-/* Finish what xact_begin started. */
 static void
 xact_end(void)
 {
-	SPI_finish();
-	if (xact_as_owner)
-		dolly_owner_end(&xact_scope);
 	PopActiveSnapshot();
 	CommitTransactionCommand();
 }
@@ -128,6 +112,7 @@ finish_job(const char *state, const char *error, const JobSpec *spec, const char
 		FLOAT8OID, FLOAT8OID, FLOAT8OID};
 	Datum		values[11];
 	char		nulls[11] = "           ";
+	DollyOwnerScope scope;
 
 	SpinLockAcquire(&dolly_jobs->mutex);
 	s = *my_slot;
@@ -147,16 +132,15 @@ finish_job(const char *state, const char *error, const JobSpec *spec, const char
 	values[9] = Float8GetDatum(s.eval_loss);
 	nulls[9] = isnan(s.eval_loss) ? 'n' : ' ';
 	values[10] = Float8GetDatum(s.tokens_per_second);
-	xact_begin(true);
+	xact_begin();
 	if (out_path)
 		dolly_register_output(spec->output, GetSessionUserId(), spec->base, my_job, out_path);
-	if (SPI_execute_with_args(psprintf("UPDATE %s SET state = $2, error = $3, finished = pg_catalog.now(), "
-									   "epoch = $4, step = $5, total_steps = $6, records = $7, "
-									   "skipped = $8, train_loss = $9, eval_loss = $10, "
-									   "tokens_per_second = $11 WHERE id OPERATOR(pg_catalog.=) $1",
-									   dolly_table("dolly_job")),
-							  11, types, values, nulls, false, 0) != SPI_OK_UPDATE)
-		elog(ERROR, "cannot update fine-tuning job %lld", (long long) my_job);
+	dolly_owner_query(&scope, "UPDATE %s SET state = $2, error = $3, finished = pg_catalog.now(), "
+					  "epoch = $4, step = $5, total_steps = $6, records = $7, skipped = $8, "
+					  "train_loss = $9, eval_loss = $10, tokens_per_second = $11 "
+					  "WHERE id OPERATOR(pg_catalog.=) $1", "dolly_job",
+					  11, types, values, nulls, SPI_OK_UPDATE);
+	dolly_owner_query_end(&scope);
 	xact_end();
 	elog(LOG, "dolly: fine-tuning job %lld %s%s%s", (long long) my_job, state,
 		 error ? ": " : "", error ? error : "");
@@ -243,6 +227,7 @@ claim(TransactionId submitter, JobSpec *spec)
 	Oid			argtypes[2] = {INT8OID, BOOLOID};
 	Datum		args[2];
 	bool		claimed = false;
+	DollyOwnerScope scope;
 
 	StartTransactionCommand();
 	XactLockTableWait(submitter, NULL, NULL, XLTW_None);
@@ -250,16 +235,13 @@ claim(TransactionId submitter, JobSpec *spec)
 
 	args[0] = Int64GetDatum(my_job);
 	args[1] = BoolGetDatum(stop_requested(NULL));
-	xact_begin(true);
+	xact_begin();
 	/* a job cancelled before it started ends here as cancelled */
-	if (SPI_execute_with_args(psprintf(
-					"UPDATE %s SET state = CASE WHEN $2 THEN 'cancelled' ELSE 'running' END, "
-					"started = pg_catalog.now(), finished = CASE WHEN $2 THEN pg_catalog.now() END "
-					"WHERE id OPERATOR(pg_catalog.=) $1 AND state OPERATOR(pg_catalog.=) 'queued' "
-					"RETURNING $2, output_model, source, options",
-					dolly_table("dolly_job")),
-							  2, argtypes, args, NULL, false, 1) != SPI_OK_UPDATE_RETURNING)
-		elog(ERROR, "cannot claim fine-tuning job %lld", (long long) my_job);
+	dolly_owner_query(&scope, "UPDATE %s SET state = CASE WHEN $2 THEN 'cancelled' ELSE 'running' END, "
+					  "started = pg_catalog.now(), finished = CASE WHEN $2 THEN pg_catalog.now() END "
+					  "WHERE id OPERATOR(pg_catalog.=) $1 AND state OPERATOR(pg_catalog.=) 'queued' "
+					  "RETURNING $2, output_model, source, options", "dolly_job",
+					  2, argtypes, args, NULL, SPI_OK_UPDATE_RETURNING);
 	if (SPI_processed == 1)
 	{
 		HeapTuple	t = SPI_tuptable->vals[0];
@@ -271,6 +253,7 @@ claim(TransactionId submitter, JobSpec *spec)
 		spec->source = getstr(t, d, 3);
 		read_options(DatumGetJsonbP(SPI_getbinval(t, d, 4, &isnull)), spec);
 	}
+	dolly_owner_query_end(&scope);
 	xact_end();
 	if (!claimed)
 		elog(LOG, "dolly: fine-tuning job %lld was rolled back or cancelled before it started", (long long) my_job);
@@ -343,7 +326,9 @@ read_records(const JobSpec *spec, const dl_tokenizer *tok, int max_length, int *
 					 quote_identifier(spec->instr_col),
 					 spec->ctx_col ? quote_identifier(spec->ctx_col) : "NULL",
 					 quote_identifier(spec->resp_col), spec->source);
-	xact_begin(false);
+	xact_begin();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
 	cursor = SPI_cursor_open_with_args(NULL, query, 0, NULL, NULL, NULL, true, 0);
 	for (;;)
 	{
@@ -382,6 +367,7 @@ read_records(const JobSpec *spec, const dl_tokenizer *tok, int max_length, int *
 		CHECK_FOR_INTERRUPTS();
 	}
 	SPI_cursor_close(cursor);
+	SPI_finish();
 	xact_end();
 	return ex;
 }
@@ -414,7 +400,7 @@ run_job(const JobSpec *spec)
 	/* the role may still use the base, and it is still the directory the catalog knows */
 	if (spec->base)
 	{
-		xact_begin(false);
+		xact_begin();
 		dolly_check_model_use(spec->base, &base_ident);
 		xact_end();
 	}

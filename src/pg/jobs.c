@@ -375,16 +375,11 @@ dolly_finetune(PG_FUNCTION_ARGS)
 															 get_rel_name(relid)));
 	args[2] = CStringGetTextDatum(output);
 	args[3] = DirectFunctionCall1(jsonb_in, CStringGetDatum(opts.data));
-	dolly_owner_begin(&scope);
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	if (SPI_execute_with_args(psprintf("INSERT INTO %s (role, source, output_model, options) "
-									   "VALUES ($1, $2, $3, $4) RETURNING id", dolly_table("dolly_job")),
-							  4, argtypes, args, NULL, false, 1) != SPI_OK_INSERT_RETURNING)
-		elog(ERROR, "cannot record the fine-tuning job");
+	dolly_owner_query(&scope, "INSERT INTO %s (role, source, output_model, options) "
+					  "VALUES ($1, $2, $3, $4) RETURNING id", "dolly_job",
+					  4, argtypes, args, NULL, SPI_OK_INSERT_RETURNING);
 	job_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	SPI_finish();
-	dolly_owner_end(&scope);
+	dolly_owner_query_end(&scope);
 
 	claim_slot(job_id);
 	PG_TRY();
@@ -425,27 +420,24 @@ dolly_cancel_job(PG_FUNCTION_ARGS)
 	Oid			argtypes[1] = {INT8OID};
 	Datum		args[1] = {Int64GetDatum(job_id)};
 	DollyOwnerScope scope;
+	bool		found;
 	Oid			role = InvalidOid;
-	char	   *state = NULL;
+	bool		live = false;
 	bool		asked;
 	bool		isnull;
 
-	dolly_owner_begin(&scope);
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	if (SPI_execute_with_args(psprintf("SELECT role, state FROM %s WHERE id OPERATOR(pg_catalog.=) $1",
-									   dolly_table("dolly_job")),
-							  1, argtypes, args, NULL, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "cannot read dolly_job");
-	if (SPI_processed == 1)
+	dolly_owner_query(&scope, "SELECT role, state OPERATOR(pg_catalog.=) ANY ('{queued,running}') "
+					  "FROM %s WHERE id OPERATOR(pg_catalog.=) $1", "dolly_job",
+					  1, argtypes, args, NULL, SPI_OK_SELECT);
+	found = SPI_processed == 1;
+	if (found)
 	{
 		role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-		state = pstrdup(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2));
+		live = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	}
-	SPI_finish();
-	dolly_owner_end(&scope);
+	dolly_owner_query_end(&scope);
 
-	if (state == NULL)
+	if (!found)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("fine-tuning job %lld does not exist", (long long) job_id)));
@@ -454,7 +446,7 @@ dolly_cancel_job(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied to cancel fine-tuning job %lld", (long long) job_id),
 				 errhint("Only the role that started a job (or a superuser) may cancel it.")));
-	if (strcmp(state, "queued") != 0 && strcmp(state, "running") != 0)
+	if (!live)
 		PG_RETURN_BOOL(false);
 	asked = request_cancel(job_id);
 	PG_RETURN_BOOL(asked);

@@ -55,13 +55,9 @@ model_lookup(const char *name, ModelEntry *e)
 	Datum		args[1] = {CStringGetTextDatum(name)};
 
 	memset(e, 0, sizeof(*e));
-	dolly_owner_begin(&scope);
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	if (SPI_execute_with_args(psprintf("SELECT owner, users, dir_dev, dir_ino, job IS NOT NULL FROM %s "
-									   "WHERE name OPERATOR(pg_catalog.=) $1", dolly_table("dolly_model")),
-							  1, argtypes, args, NULL, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "cannot read dolly_model");
+	dolly_owner_query(&scope, "SELECT owner, users, dir_dev, dir_ino, job IS NOT NULL FROM %s "
+					  "WHERE name OPERATOR(pg_catalog.=) $1", "dolly_model",
+					  1, argtypes, args, NULL, SPI_OK_SELECT);
 	if (SPI_processed == 1)
 	{
 		HeapTuple	t = SPI_tuptable->vals[0];
@@ -82,8 +78,7 @@ model_lookup(const char *name, ModelEntry *e)
 		e->ident.ino = (uint64) DatumGetInt64(SPI_getbinval(t, d, 4, &isnull));
 		e->written_by_dolly = DatumGetBool(SPI_getbinval(t, d, 5, &isnull));
 	}
-	SPI_finish();
-	dolly_owner_end(&scope);
+	dolly_owner_query_end(&scope);
 }
 
 /* Does the current role have the owner's privileges on the entry (or is it a superuser)? */
@@ -229,24 +224,32 @@ register_model(const char *name, Oid owner, const char *base, int64 job, const c
 	args[5] = Int64GetDatum((int64) ident.dev);
 	args[6] = Int64GetDatum((int64) ident.ino);
 
-	dolly_owner_begin(&scope);
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	if (SPI_execute_with_args(psprintf("INSERT INTO %s AS m (name, owner, base_model, job, size_bytes, dir_dev, dir_ino) "
-									   "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO UPDATE "
-									   "SET owner = COALESCE($2, m.owner), size_bytes = $5, "
-									   "dir_dev = $6, dir_ino = $7",
-									   dolly_table("dolly_model")),
-							  7, argtypes, args, nulls, false, 0) != SPI_OK_INSERT)
-		elog(ERROR, "cannot write dolly_model");
-	SPI_finish();
-	dolly_owner_end(&scope);
+	dolly_owner_query(&scope, "INSERT INTO %s AS m (name, owner, base_model, job, size_bytes, dir_dev, dir_ino) "
+					  "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO UPDATE "
+					  "SET owner = COALESCE($2, m.owner), size_bytes = $5, dir_dev = $6, dir_ino = $7",
+					  "dolly_model", 7, argtypes, args, nulls, SPI_OK_INSERT);
+	dolly_owner_query_end(&scope);
 }
 
 void
 dolly_register_output(const char *name, Oid owner, const char *base, int64 job, const char *path)
 {
 	register_model(name, owner, base ? base : (dolly_model[0] != '/' ? dolly_model : NULL), job, path);
+}
+
+/* The model name in argument 0: not NULL, and a name. */
+static char *
+model_arg(FunctionCallInfo fcinfo)
+{
+	char	   *name;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("model must not be NULL")));
+	name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	dolly_check_model_name(name);
+	return name;
 }
 
 /*
@@ -270,12 +273,7 @@ dolly_register_model(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("only superusers may register models"),
 				 errhint("Models a role fine-tunes are registered as that role's when the job succeeds.")));
-	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("model must not be NULL")));
-	name = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	dolly_check_model_name(name);
+	name = model_arg(fcinfo);
 	if (dolly_model_path(name, path, &is_default, &err) != DL_OK)
 		dolly_report(ERROR, &err);
 	snprintf(config, sizeof(config), "%s/config.json", path);
@@ -296,14 +294,8 @@ dolly_register_model(PG_FUNCTION_ARGS)
 static char *
 owned_model(FunctionCallInfo fcinfo, const char *action, ModelEntry *e)
 {
-	char	   *name;
+	char	   *name = model_arg(fcinfo);
 
-	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("model must not be NULL")));
-	name = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	dolly_check_model_name(name);
 	model_lookup(name, e);
 	if (!e->found || !may_use(e))
 		unknown_model(name);
@@ -343,20 +335,13 @@ change_grant(FunctionCallInfo fcinfo, bool grant)
 	Oid			argtypes[2] = {TEXTOID, OIDOID};
 	Datum		args[2] = {CStringGetTextDatum(name), ObjectIdGetDatum(grantee)};
 
-	dolly_owner_begin(&scope);
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	if (SPI_execute_with_args(psprintf(grant ?
-									   "UPDATE %s SET users = pg_catalog.array_append(users, $2) "
-									   "WHERE name OPERATOR(pg_catalog.=) $1 "
-									   "AND NOT $2 OPERATOR(pg_catalog.=) ANY (users)" :
-									   "UPDATE %s SET users = pg_catalog.array_remove(users, $2) "
-									   "WHERE name OPERATOR(pg_catalog.=) $1",
-									   dolly_table("dolly_model")),
-							  2, argtypes, args, NULL, false, 0) != SPI_OK_UPDATE)
-		elog(ERROR, "cannot write dolly_model");
-	SPI_finish();
-	dolly_owner_end(&scope);
+	dolly_owner_query(&scope, grant ?
+					  "UPDATE %s SET users = pg_catalog.array_append(users, $2) "
+					  "WHERE name OPERATOR(pg_catalog.=) $1 AND NOT $2 OPERATOR(pg_catalog.=) ANY (users)" :
+					  "UPDATE %s SET users = pg_catalog.array_remove(users, $2) "
+					  "WHERE name OPERATOR(pg_catalog.=) $1",
+					  "dolly_model", 2, argtypes, args, NULL, SPI_OK_UPDATE);
+	dolly_owner_query_end(&scope);
 }
 
 /* dolly_grant_model(model, grantee): let a role (or PUBLIC) use a model. */
@@ -413,15 +398,9 @@ dolly_drop_model(PG_FUNCTION_ARGS)
 	bool		is_default;
 	dl_error	err;
 
-	dolly_owner_begin(&scope);
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	if (SPI_execute_with_args(psprintf("DELETE FROM %s WHERE name OPERATOR(pg_catalog.=) $1",
-									   dolly_table("dolly_model")),
-							  1, argtypes, args, NULL, false, 0) != SPI_OK_DELETE)
-		elog(ERROR, "cannot write dolly_model");
-	SPI_finish();
-	dolly_owner_end(&scope);
+	dolly_owner_query(&scope, "DELETE FROM %s WHERE name OPERATOR(pg_catalog.=) $1", "dolly_model",
+					  1, argtypes, args, NULL, SPI_OK_DELETE);
+	dolly_owner_query_end(&scope);
 
 	if (e.written_by_dolly && dolly_model_path(name, path, &is_default, &err) == DL_OK)
 	{

@@ -13,31 +13,15 @@
 # - Huge arguments are refused before they are copied.
 use strict;
 use warnings;
-use Cwd qw(abs_path);
-use File::Basename qw(dirname);
+use FindBin;
+use lib $FindBin::Bin;
+use DollyTest;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
-my $root = abs_path(dirname(__FILE__) . '/../..');
-my $models = PostgreSQL::Test::Utils::tempdir();
-for my $m ('gptj-f32', 'neox-par-f32')
-{
-	mkdir "$models/$m";
-	system('cp', glob("$root/tests/fixtures/$m/*"), "$models/$m/") == 0 or die "cp $m";
-}
-
-my $node = PostgreSQL::Test::Cluster->new('security');
-$node->init;
-$node->append_conf('postgresql.conf', qq{
-shared_preload_libraries = 'dolly'
-dolly.model_dir = '$models'
-dolly.model = 'gptj-f32'
-dolly.threads = 2
-});
-$node->start;
+my ($node, $models) = dolly_cluster('security', models => [ 'gptj-f32', 'neox-par-f32' ]);
 $node->safe_psql('postgres', q{
-CREATE EXTENSION dolly;
 CREATE ROLE alice LOGIN IN ROLE dolly_trainer;
 CREATE ROLE bob LOGIN IN ROLE dolly_trainer;
 CREATE ROLE carol LOGIN IN ROLE dolly_trainer;

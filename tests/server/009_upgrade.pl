@@ -5,29 +5,16 @@
 # day a version gets a full script of its own).
 use strict;
 use warnings;
-use Cwd qw(abs_path);
-use File::Basename qw(dirname);
+use FindBin;
+use lib $FindBin::Bin;
+use DollyTest;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
-my $root = abs_path(dirname(__FILE__) . '/../..');
-my $models = PostgreSQL::Test::Utils::tempdir();
-for my $m ('gptj-f32', 'old-model')
-{
-	mkdir "$models/$m";
-	system('cp', glob("$root/tests/fixtures/gptj-f32/*"), "$models/$m/") == 0 or die "cp $m";
-}
-
-my $node = PostgreSQL::Test::Cluster->new('upgrade');
-$node->init;
-$node->append_conf('postgresql.conf', qq{
-shared_preload_libraries = 'dolly'
-dolly.model_dir = '$models'
-dolly.model = 'gptj-f32'
-dolly.threads = 2
-});
-$node->start;
+my ($node, $models) = dolly_cluster('upgrade', models => [ 'gptj-f32' ]);
+mkdir "$models/old-model";
+system('cp', glob("$fixtures/gptj-f32/*"), "$models/old-model/") == 0 or die 'cp';
 $node->safe_psql('postgres', 'CREATE ROLE alice LOGIN; CREATE DATABASE fresh; CREATE DATABASE old');
 $node->safe_psql('fresh', 'CREATE EXTENSION dolly');
 $node->safe_psql('old', q{

@@ -3,30 +3,17 @@
 # LATIN1 lacks become "?" instead of failing the call.
 use strict;
 use warnings;
-use Cwd qw(abs_path);
-use File::Basename qw(dirname);
+use FindBin;
+use lib $FindBin::Bin;
+use DollyTest;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
-my $root = abs_path(dirname(__FILE__) . '/../..');
-my $models = PostgreSQL::Test::Utils::tempdir();
-mkdir "$models/gptj-f32";
-system('cp', glob("$root/tests/fixtures/gptj-f32/*"), "$models/gptj-f32/") == 0 or die 'cp';
-
-my $node = PostgreSQL::Test::Cluster->new('encodings');
-$node->init;
-$node->append_conf('postgresql.conf', qq{
-shared_preload_libraries = 'dolly'
-dolly.model_dir = '$models'
-dolly.model = 'gptj-f32'
-dolly.threads = 2
-});
-$node->start;
+my ($node) = dolly_cluster('encodings', models => [ 'gptj-f32' ]);
 $node->safe_psql('postgres', q{
 CREATE DATABASE ascii ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0;
 CREATE DATABASE latin1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0;
-CREATE EXTENSION dolly;
 });
 
 # SQL_ASCII: one record of Latin-1 bytes among UTF-8 ones

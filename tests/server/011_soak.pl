@@ -4,30 +4,19 @@
 # requests a client (1000 by default).
 use strict;
 use warnings;
-use Cwd qw(abs_path);
-use File::Basename qw(dirname);
+use FindBin;
+use lib $FindBin::Bin;
+use DollyTest;
 use IPC::Run;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
-my $fixtures = abs_path(dirname(__FILE__) . '/../fixtures');
 my $clients = 64;
 my $requests = $ENV{DOLLY_SOAK_REQUESTS} || 1000;
 my $prompts = 32;
 
-my $node = PostgreSQL::Test::Cluster->new('soak');
-$node->init;
-$node->append_conf('postgresql.conf', qq{
-shared_preload_libraries = 'dolly'
-dolly.model_dir = '$fixtures'
-dolly.model = 'neox-par-f32'
-dolly.max_batch = 16
-dolly.threads = 2
-max_connections = 100
-});
-$node->start;
-$node->safe_psql('postgres', 'CREATE EXTENSION dolly');
+my ($node) = dolly_cluster('soak', conf => "dolly.model = 'neox-par-f32'\ndolly.max_batch = 16\n");
 
 sub request { return "SELECT $_[0] || ':' || dolly_generate_raw('Soak prompt number $_[0] says', max_new_tokens => 12, do_sample => false);\n" }
 

@@ -1,0 +1,42 @@
+# DollyTest.pm: what the server tests share: a started cluster with dolly preloaded, its
+# extension created, serving the fixture models or copies of some in a directory of its own.
+package DollyTest;
+use strict;
+use warnings;
+use Cwd qw(abs_path);
+use File::Basename qw(dirname);
+use Exporter 'import';
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+
+our @EXPORT = qw(dolly_cluster $fixtures);
+our $fixtures = abs_path(dirname(__FILE__) . '/../fixtures');
+
+# dolly_cluster(name, models => [fixture names], conf => lines): the node and its
+# dolly.model_dir: copies of the named fixtures in a new directory (which the test may
+# write), or tests/fixtures itself without `models`. dolly.model is gptj-f32 unless conf
+# sets it; conf's lines come last.
+sub dolly_cluster
+{
+	my ($name, %opt) = @_;
+	my $dir = $fixtures;
+	if ($opt{models})
+	{
+		$dir = PostgreSQL::Test::Utils::tempdir();
+		for my $m (@{ $opt{models} })
+		{
+			mkdir "$dir/$m";
+			system('cp', glob("$fixtures/$m/*"), "$dir/$m/") == 0 or die "cannot copy $m";
+		}
+	}
+	my $node = PostgreSQL::Test::Cluster->new($name);
+	$node->init;
+	$node->append_conf('postgresql.conf', "shared_preload_libraries = 'dolly'\n"
+		  . "dolly.model_dir = '$dir'\ndolly.model = 'gptj-f32'\ndolly.threads = 2\n"
+		  . ($opt{conf} // ''));
+	$node->start;
+	$node->safe_psql('postgres', 'CREATE EXTENSION dolly');
+	return ($node, $dir);
+}
+
+1;
