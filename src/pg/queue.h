@@ -78,7 +78,7 @@ typedef struct DollyRequest
 
 typedef struct DollyQueue
 {
-	LWLock	   *lock;
+	LWLock	   *lock;			/* the slots' states, next_seqno and taking */
 	uint64		next_seqno;
 	int			nslots;
 	bool		taking[DOLLY_MAX_SERVERS];	/* which servers take requests now */

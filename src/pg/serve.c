@@ -350,14 +350,22 @@ fail:
 	return err->code;
 }
 
+/* Do a and b identify the same directory? */
 static bool
 ident_equal(const DollyModelIdent *a, const DollyModelIdent *b)
 {
 	return a->dev == b->dev && a->ino == b->ino;
 }
 
+/* Does a request carry a registered identity ({0,0} and NULL: no check)? */
+static bool
+ident_given(const DollyModelIdent *id)
+{
+	return id != NULL && (id->dev != 0 || id->ino != 0);
+}
+
 /*
- * The directory model name `name` stands for now. want (unless NULL or {0,0}) is the
+ * The directory model name `name` stands for now. want (unless not ident_given) is the
  * identity the catalog registered for it: a directory that no longer has it (dropped and
  * replaced, swapped in) is refused, whatever the name says.
  */
@@ -369,7 +377,7 @@ resolve(const char *name, const DollyModelIdent *want, ModelRef *ref, dl_error *
 	strlcpy(ref->name, dolly_model_display_name(name), sizeof(ref->name));
 	if (!dolly_model_ident(ref->path, &ref->ident))
 		return dl_fail(err, DL_EIO, "model \"%s\" cannot be read: %s", ref->name, strerror(errno));
-	if (want && (want->dev != 0 || want->ino != 0) && !ident_equal(want, &ref->ident))
+	if (ident_given(want) && !ident_equal(want, &ref->ident))
 	{
 		dl_fail(err, DL_EINVAL, "model \"%s\" has changed since it was registered", name);
 		return dl_hint(err, "A superuser registers it again with dolly_register_model('%s').", name);
@@ -378,25 +386,24 @@ resolve(const char *name, const DollyModelIdent *want, ModelRef *ref, dl_error *
 }
 
 /*
- * The loaded copy of ref's model, or NULL. With a registered identity (want), a copy of
- * another directory once at that path is not it: that one was replaced, and LRU evicts it.
+ * The loaded copy of ref's model, or NULL. With a registered identity (want, which resolve
+ * found the directory has), a copy of another directory once at that path is not it: that
+ * one was replaced, and LRU evicts it.
  */
 static ServedModel *
 find_loaded(const ModelRef *ref, const DollyModelIdent *want)
 {
-	bool		check = want->dev != 0 || want->ino != 0;
-
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
 		if (models[i].model && strcmp(models[i].path, ref->path) == 0 &&
-			(!check || ident_equal(&models[i].ident, &ref->ident)))
+			(!ident_given(want) || ident_equal(&models[i].ident, &ref->ident)))
 			return &models[i];
 	return NULL;
 }
 
 /*
  * May req cause one more model load? Loading stalls the device for everyone, so a role may
- * cause dolly.max_model_loads a minute; loads of dolly.model and superusers' requests are
- * free. Counts this one when it may.
+ * cause dolly.max_model_loads a minute (on each device: every model server counts its own);
+ * loads of dolly.model and superusers' requests are free. Counts this one when it may.
  */
 static dl_status
 charge_load(const DollyRequest *req, const ModelRef *ref, dl_error *err)
@@ -439,12 +446,11 @@ static dl_status
 load_default(dl_error *err)
 {
 	ModelRef	ref;
-	DollyModelIdent any = {0, 0};
 	ServedModel *m;
 
 	if (resolve("", NULL, &ref, err) != DL_OK)
 		return err->code;
-	if (find_loaded(&ref, &any) != NULL)
+	if (find_loaded(&ref, NULL) != NULL)
 		return DL_OK;
 	return load(&ref, &m, err);
 }
