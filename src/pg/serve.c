@@ -829,8 +829,8 @@ take_requests(void)
 		if (m == NULL || m->nseq == m->max_seq)
 		{
 			/* it waits, keeping its place, for the load or for a sequence of its model */
+			skipped = req->seqno;	/* read first: once queued, the slot is its client's */
 			dolly_queue_requeue(req);
-			skipped = req->seqno;
 			continue;
 		}
 		m->last_used = ++use_clock;
