@@ -1016,8 +1016,8 @@ tok_encode(const dl_tokenizer *tok, const char *text, size_t len,
 }
 
 dl_status
-tok_decode(const dl_tokenizer *tok, const int32_t *ids, int n, int skip_special,
-		   char **text, dl_error *err)
+tok_decode_len(const dl_tokenizer *tok, const int32_t *ids, int n, int skip_special,
+			   char **text, size_t *text_len, dl_error *err)
 {
 	size_t		total = 0,
 				len = 0,
@@ -1078,7 +1078,17 @@ tok_decode(const dl_tokenizer *tok, const int32_t *ids, int n, int skip_special,
 	out[total] = '\0';
 	free(bytes);
 	*text = out;
+	*text_len = total;
 	return DL_OK;
+}
+
+dl_status
+tok_decode(const dl_tokenizer *tok, const int32_t *ids, int n, int skip_special,
+		   char **text, dl_error *err)
+{
+	size_t		len;
+
+	return tok_decode_len(tok, ids, n, skip_special, text, &len, err);
 }
 
 int32_t

@@ -40,6 +40,10 @@ dl_status	tok_encode(const dl_tokenizer *tok, const char *text, size_t len,
 dl_status	tok_decode(const dl_tokenizer *tok, const int32_t *ids, int n, int skip_special,
 					   char **text, dl_error *err);
 
+/* tok_decode, also giving the text's length: it contains a NUL where a token decodes to byte 0. */
+dl_status	tok_decode_len(const dl_tokenizer *tok, const int32_t *ids, int n, int skip_special,
+						   char **text, size_t *text_len, dl_error *err);
+
 /* Id of a token given its exact content (vocabulary entry or added token); -1 if none. */
 int32_t		tok_token_id(const dl_tokenizer *tok, const char *content);
 

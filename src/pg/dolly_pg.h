@@ -41,6 +41,7 @@ extern int	dolly_max_batch;
 extern int	dolly_max_context;
 extern int	dolly_max_new_tokens;
 extern int	dolly_max_loaded_models;
+extern int	dolly_max_model_loads;
 extern int	dolly_train_workers;
 
 /* What the model server found out about the machine; written by it, read by SQL functions. */
@@ -173,6 +174,15 @@ extern void dolly_remove_partial_models(void);
 
 /* Rewrite full paths under dolly.model_dir in err's message as paths relative to it. */
 extern void dolly_relative_paths(dl_error *err);
+
+/*
+ * The name sessions know a request's model by, for messages: its name under
+ * dolly.model_dir, or "dolly.model" for a default given as a path (paths are for superusers).
+ */
+extern const char *dolly_model_display_name(const char *name);
+
+/* Replace path by name in err's message and hint (the full path belongs in the log). */
+extern void dolly_hide_path(dl_error *err, const char *path, const char *name);
 
 /* Path of the CUDA plugin: $DOLLY_CUDA_PLUGIN of the postmaster's environment, else in $libdir. */
 extern void dolly_cuda_plugin_path(char *buf, size_t len);

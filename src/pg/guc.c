@@ -16,6 +16,7 @@ int			dolly_max_batch = 16;
 int			dolly_max_context = 0;
 int			dolly_max_new_tokens = 1024;
 int			dolly_max_loaded_models = 2;
+int			dolly_max_model_loads = 10;
 int			dolly_train_workers = 1;
 
 static const struct config_enum_entry device_options[] = {
@@ -85,6 +86,12 @@ dolly_guc_init(void)
 							"Models the model server keeps loaded at once.",
 							"When another is needed, the least recently used idle one is unloaded.",
 							&dolly_max_loaded_models, 2, 1, 64,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("dolly.max_model_loads",
+							"Model loads per minute that one role may cause; 0 means no limit.",
+							"Loading a model stalls the device for everyone; loads of dolly.model, "
+							"and requests of superusers, do not count.",
+							&dolly_max_model_loads, 10, 0, 1000000,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("dolly.train_workers",
 							"Worker processes (data-parallel ranks) per fine-tuning job.",

@@ -57,7 +57,11 @@ dolly_model_path(const char *name, char *path, bool *is_default, dl_error *err)
 	if (name[0] == '/')
 		strlcpy(path, name, MAXPGPATH);
 	else if (!dolly_model_name_ok(name))
-		return dl_fail(err, DL_EINVAL, "dolly.model \"%s\" is neither an absolute path nor a model name", name);
+	{
+		/* only a superuser may see what dolly.model says */
+		elog(LOG, "dolly: dolly.model \"%s\" is neither an absolute path nor a model name", name);
+		return dl_fail(err, DL_EINVAL, "dolly.model is neither an absolute path nor a model name");
+	}
 	else if (dolly_model_dir[0] == '\0')
 	{
 		dl_fail(err, DL_EINVAL, "model \"%s\" cannot be found because dolly.model_dir is not set", name);
@@ -103,6 +107,48 @@ dolly_model_ident_check(const char *name, const char *path, const DollyModelIden
 	return dl_hint(err, "A superuser registers it again with dolly_register_model('%s').", name);
 }
 
+const char *
+dolly_model_display_name(const char *name)
+{
+	if (name[0] != '\0')
+		return name;
+	return dolly_model[0] == '/' ? "dolly.model" : dolly_model;
+}
+
+/* Replace every occurrence of s in buf (of size len) by by. */
+static void
+replace_all(char *buf, size_t len, const char *s, const char *by)
+{
+	size_t		slen = strlen(s),
+				bylen = strlen(by);
+	char	   *p = buf;
+
+	while (slen > 0 && (p = strstr(p, s)) != NULL)
+	{
+		size_t		off = p - buf;
+		size_t		tail = strlen(p + slen) + 1;	/* with its NUL */
+
+		/* what no longer fits is cut: the log has the full message */
+		if (off + bylen >= len)
+		{
+			*p = '\0';
+			break;
+		}
+		tail = Min(tail, len - off - bylen);
+		memmove(p + bylen, p + slen, tail);
+		memcpy(p, by, bylen);
+		buf[off + bylen + tail - 1] = '\0';
+		p += bylen;
+	}
+}
+
+void
+dolly_hide_path(dl_error *err, const char *path, const char *name)
+{
+	replace_all(err->msg, sizeof(err->msg), path, name);
+	replace_all(err->hint, sizeof(err->hint), path, name);
+}
+
 /*
  * Engine messages name files by full path; show them relative to dolly.model_dir, which
  * sessions know (and the log has the full story).
@@ -110,13 +156,12 @@ dolly_model_ident_check(const char *name, const char *path, const DollyModelIden
 void
 dolly_relative_paths(dl_error *err)
 {
-	size_t		dirlen = strlen(dolly_model_dir);
-	char	   *p;
+	char		dir[MAXPGPATH + 1];
 
-	if (dirlen == 0)
+	if (dolly_model_dir[0] == '\0')
 		return;
-	while ((p = strstr(err->msg, dolly_model_dir)) != NULL && p[dirlen] == '/')
-		memmove(p, p + dirlen + 1, strlen(p + dirlen + 1) + 1);
+	snprintf(dir, sizeof(dir), "%s/", dolly_model_dir);
+	dolly_hide_path(err, dir, "");
 }
 
 typedef struct LoadWatch

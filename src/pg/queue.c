@@ -19,6 +19,8 @@ static DollyQueue *queue;
 static DollyRequest *slots;
 static bool exit_callback_registered = false;
 
+#define QUEUE_TRANCHE "dolly queue"
+
 static Size
 slots_offset(int nslots)
 {
@@ -33,6 +35,12 @@ dolly_queue_shmem_size(void)
 }
 
 void
+dolly_queue_request_lock(void)
+{
+	RequestNamedLWLockTranche(QUEUE_TRANCHE, 1);
+}
+
+void
 dolly_queue_shmem_init(void)
 {
 	bool		found;
@@ -41,7 +49,7 @@ dolly_queue_shmem_init(void)
 	slots = (DollyRequest *) ((char *) queue + slots_offset(MaxBackends));
 	if (!found)
 	{
-		SpinLockInit(&queue->mutex);
+		queue->lock = &(GetNamedLWLockTranche(QUEUE_TRANCHE))->lock;
 		queue->next_seqno = 0;
 		queue->nslots = MaxBackends;
 		memset(queue->taking, 0, sizeof(queue->taking));
@@ -61,7 +69,7 @@ abandon(DollyRequest *req)
 {
 	int			i = slot_index(req);
 
-	SpinLockAcquire(&queue->mutex);
+	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
 	switch (queue->state[i])
 	{
 		case SLOT_QUEUED:
@@ -76,7 +84,7 @@ abandon(DollyRequest *req)
 		case SLOT_ABANDONED:
 			break;
 	}
-	SpinLockRelease(&queue->mutex);
+	LWLockRelease(queue->lock);
 }
 
 /* Backend exit (including FATAL and a lost connection) abandons a request in flight. */
@@ -93,9 +101,9 @@ slot_state(const DollyRequest *req)
 {
 	DollySlotState s;
 
-	SpinLockAcquire(&queue->mutex);
+	LWLockAcquire(queue->lock, LW_SHARED);
 	s = queue->state[slot_index(req)];
-	SpinLockRelease(&queue->mutex);
+	LWLockRelease(queue->lock);
 	return s;
 }
 
@@ -189,10 +197,11 @@ dolly_queue_submit_and_wait(DollyRequest *req)
 	req->client_latch = MyLatch;
 	req->client_pid = MyProcPid;
 	req->client_role = GetUserId();
-	SpinLockAcquire(&queue->mutex);
+	req->client_superuser = superuser();
+	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
 	req->seqno = ++queue->next_seqno;
 	queue->state[slot_index(req)] = SLOT_QUEUED;
-	SpinLockRelease(&queue->mutex);
+	LWLockRelease(queue->lock);
 	wake_servers();
 
 	PG_TRY();
@@ -217,9 +226,9 @@ dolly_queue_release(DollyRequest *req)
 void
 dolly_queue_taking(int server, bool taking)
 {
-	SpinLockAcquire(&queue->mutex);
+	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
 	queue->taking[server] = taking;
-	SpinLockRelease(&queue->mutex);
+	LWLockRelease(queue->lock);
 }
 
 bool
@@ -227,10 +236,10 @@ dolly_queue_others_taking(int server)
 {
 	bool		others = false;
 
-	SpinLockAcquire(&queue->mutex);
+	LWLockAcquire(queue->lock, LW_SHARED);
 	for (int s = 0; s < DOLLY_MAX_SERVERS; s++)
 		others |= s != server && queue->taking[s];
-	SpinLockRelease(&queue->mutex);
+	LWLockRelease(queue->lock);
 	return others;
 }
 
@@ -245,31 +254,47 @@ loads_of(const char *model, int *load)
 			load[slots[i].server]++;
 }
 
-DollyRequest *
-dolly_queue_take(int server)
+/* The oldest QUEUED slot submitted after seqno `after`, or -1 (the queue's lock is held). */
+static int
+oldest_after(uint64 after)
 {
 	int			oldest = -1;
-	int			load[DOLLY_MAX_SERVERS];
 
-	SpinLockAcquire(&queue->mutex);
 	for (int i = 0; i < queue->nslots; i++)
-		if (queue->state[i] == SLOT_QUEUED &&
+		if (queue->state[i] == SLOT_QUEUED && slots[i].seqno > after &&
 			(oldest < 0 || slots[i].seqno < slots[oldest].seqno))
 			oldest = i;
-	if (oldest >= 0)
+	return oldest;
+}
+
+/* Does a server other than `server`, taking requests, run fewer sequences of slot i's model? */
+static bool
+less_busy_elsewhere(int server, int i)
+{
+	int			load[DOLLY_MAX_SERVERS];
+
+	loads_of(slots[i].model, load);
+	for (int s = 0; s < DOLLY_MAX_SERVERS; s++)
+		if (s != server && queue->taking[s] && load[s] < load[server])
+			return true;
+	return false;
+}
+
+DollyRequest *
+dolly_queue_take(int server, uint64 after)
+{
+	int			i;
+
+	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
+	while ((i = oldest_after(after)) >= 0 && less_busy_elsewhere(server, i))
+		after = slots[i].seqno;
+	if (i >= 0)
 	{
-		loads_of(slots[oldest].model, load);
-		for (int s = 0; s < DOLLY_MAX_SERVERS; s++)
-			if (s != server && queue->taking[s] && load[s] < load[server])
-				oldest = -1;	/* a less busy server takes it */
+		queue->state[i] = SLOT_RUNNING;
+		slots[i].server = server;
 	}
-	if (oldest >= 0)
-	{
-		queue->state[oldest] = SLOT_RUNNING;
-		slots[oldest].server = server;
-	}
-	SpinLockRelease(&queue->mutex);
-	return oldest >= 0 ? &slots[oldest] : NULL;
+	LWLockRelease(queue->lock);
+	return i >= 0 ? &slots[i] : NULL;
 }
 
 void
@@ -277,12 +302,12 @@ dolly_queue_requeue(DollyRequest *req)
 {
 	int			i = slot_index(req);
 
-	SpinLockAcquire(&queue->mutex);
+	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
 	if (queue->state[i] == SLOT_RUNNING)
 		queue->state[i] = SLOT_QUEUED;
 	else if (queue->state[i] == SLOT_ABANDONED)
 		queue->state[i] = SLOT_FREE;
-	SpinLockRelease(&queue->mutex);
+	LWLockRelease(queue->lock);
 }
 
 bool
@@ -291,11 +316,11 @@ dolly_queue_abandoned(DollyRequest *req)
 	bool		abandoned;
 	int			i = slot_index(req);
 
-	SpinLockAcquire(&queue->mutex);
+	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
 	abandoned = queue->state[i] == SLOT_ABANDONED;
 	if (abandoned)
 		queue->state[i] = SLOT_FREE;
-	SpinLockRelease(&queue->mutex);
+	LWLockRelease(queue->lock);
 	return abandoned;
 }
 
@@ -303,7 +328,7 @@ void
 dolly_queue_finish(DollyRequest *req, const dl_error *err)
 {
 	int			i = slot_index(req);
-	bool		wake = false;
+	Latch	   *latch = NULL;
 
 	if (err)
 	{
@@ -311,17 +336,18 @@ dolly_queue_finish(DollyRequest *req, const dl_error *err)
 		strlcpy(req->errmsg, err->msg, sizeof(req->errmsg));
 		strlcpy(req->errhint, err->hint, sizeof(req->errhint));
 	}
-	SpinLockAcquire(&queue->mutex);
+	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
 	if (queue->state[i] == SLOT_RUNNING)
 	{
+		/* read before the slot is handed back: its client may reuse it at once */
+		latch = req->client_latch;
 		queue->state[i] = err ? SLOT_FAILED : SLOT_DONE;
-		wake = true;
 	}
 	else if (queue->state[i] == SLOT_ABANDONED)
 		queue->state[i] = SLOT_FREE;
-	SpinLockRelease(&queue->mutex);
-	if (wake)
-		SetLatch(req->client_latch);
+	LWLockRelease(queue->lock);
+	if (latch)
+		SetLatch(latch);
 }
 
 void
@@ -335,11 +361,11 @@ dolly_queue_fail_running(int server, const char *why)
 	{
 		DollySlotState s;
 
-		SpinLockAcquire(&queue->mutex);
+		LWLockAcquire(queue->lock, LW_EXCLUSIVE);
 		s = slots[i].server == server ? queue->state[i] : SLOT_FREE;
 		if (s == SLOT_ABANDONED)
 			queue->state[i] = SLOT_FREE;
-		SpinLockRelease(&queue->mutex);
+		LWLockRelease(queue->lock);
 		if (s == SLOT_RUNNING)
 			dolly_queue_finish(&slots[i], &err);
 	}

@@ -6,7 +6,8 @@
  * (server) -> FREE (client); a client that stops waiting (cancel, timeout, exit) turns
  * QUEUED into FREE itself and RUNNING into ABANDONED, which the server frees when it drops
  * the sequence. Whoever owns the current state owns the slot's contents; state changes
- * happen under the queue's spinlock, which also orders the writes around them.
+ * happen under the queue's LWLock, which also orders the writes around them (an LWLock, not
+a spinlock: taking a request scans every slot).
  *
  * With several model servers (one per GPU) every server takes from the one queue, and a
  * request goes to the server running the fewest sequences of its model, so that concurrent
@@ -18,7 +19,7 @@
 #include "postgres.h"
 
 #include "storage/latch.h"
-#include "storage/spin.h"
+#include "storage/lwlock.h"
 
 #include "dolly_pg.h"
 #include "error.h"
@@ -50,6 +51,7 @@ typedef struct DollyRequest
 	Latch	   *client_latch;
 	pid_t		client_pid;
 	Oid			client_role;
+	bool		client_superuser;	/* loads it causes are not limited */
 	uint64		seqno;			/* submission order, for FIFO admission */
 	char		model[DOLLY_MODEL_NAME_MAX];	/* "" = dolly.model */
 	DollyModelIdent ident;		/* its directory's, from the catalog; {0, 0}: unchecked */
@@ -76,15 +78,16 @@ typedef struct DollyRequest
 
 typedef struct DollyQueue
 {
-	slock_t		mutex;
+	LWLock	   *lock;			/* the slots' states, next_seqno and taking */
 	uint64		next_seqno;
 	int			nslots;
 	bool		taking[DOLLY_MAX_SERVERS];	/* which servers take requests now */
 	DollySlotState state[FLEXIBLE_ARRAY_MEMBER];	/* slots follow, MAXALIGN'd */
 } DollyQueue;
 
-/* Shared memory the queue needs (asked for in shmem_request_hook). */
+/* Shared memory the queue needs, and its lock (asked for in shmem_request_hook). */
 extern Size dolly_queue_shmem_size(void);
+extern void dolly_queue_request_lock(void);
 /* Create or attach in shmem_startup_hook. */
 extern void dolly_queue_shmem_init(void);
 
@@ -105,10 +108,11 @@ extern void dolly_queue_taking(int server, bool taking);
 /* Does a server other than `server` take requests now? */
 extern bool dolly_queue_others_taking(int server);
 /*
- * Take the oldest QUEUED request for server `server`, marking it RUNNING; NULL when there is
- * none, or when another server that takes requests runs fewer sequences of its model.
+ * Take the oldest QUEUED request submitted after seqno `after` (0: any) that server `server`
+ * should run, marking it RUNNING; NULL when there is none. A request is left to another
+ * server that takes requests and runs fewer sequences of its model.
  */
-extern DollyRequest *dolly_queue_take(int server);
+extern DollyRequest *dolly_queue_take(int server, uint64 after);
 /* Put a taken request back in the queue (it keeps its place: its seqno). */
 extern void dolly_queue_requeue(DollyRequest *req);
 /* Is req abandoned by its client (so the server should drop it)? Frees it if so. */

@@ -9,12 +9,20 @@
  * least recently used idle one is unloaded. Every device's server runs this code on its
  * own device, and loads its own copy of the models.
  *
+ * A request that cannot start now (its model has no free sequence) keeps its place in the
+ * queue and does not hold up the requests behind it. Tokenizer requests need only the
+ * model's tokenizer, never its weights. Loading a model takes seconds to minutes: between
+ * two of its tensors the loaded models run a pass (serve_between_tensors), so a load stalls
+ * no one; how many loads a role may cause is limited (dolly.max_model_loads).
+ *
  * Everything here runs in the worker's main thread; the engine's compute threads never
- * call PostgreSQL. Engine failures come back as dl_error and become the request's ERROR.
+ * call PostgreSQL. Engine failures come back as dl_error and become the request's ERROR,
+ * which names the model, never its directory (paths are for superusers and the log).
  */
 #include "dolly_pg.h"
 #include "queue.h"
 
+#include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "portability/instr_time.h"
@@ -35,15 +43,30 @@
  */
 #define MAX_TOKENS_PER_PASS 512
 
+/* Tokenizers kept for models that are not loaded (dolly_tokenize, dolly_detokenize). */
+#define CACHED_TOKENIZERS 4
+
+/* Where a request's model is, and what sessions call it. */
+typedef struct ModelRef
+{
+	char		path[MAXPGPATH];
+	char		name[DOLLY_MODEL_NAME_MAX];	/* dolly_model_display_name */
+	bool		is_default;		/* dolly.model */
+	DollyModelIdent ident;		/* of the directory now */
+} ModelRef;
+
 typedef struct Sequence
 {
 	DollyRequest *req;
 	int			id;				/* in the model's generator */
+	int			prompt_tokens;	/* for the statistics, once req is handed back */
 } Sequence;
 
 typedef struct ServedModel
 {
 	char		path[MAXPGPATH];
+	char		name[DOLLY_MODEL_NAME_MAX];	/* for messages */
+	DollyModelIdent ident;		/* of the directory when it was loaded */
 	bool		is_default;		/* loaded as dolly.model */
 	uint64		last_used;
 	dl_model   *model;
@@ -66,6 +89,30 @@ static int	backend_threads;		/* its CPU threads; -1 for the GPU */
 static int	backend_weights;		/* dolly.cpu_weights it was made with (CPU) */
 static ServedModel *models;		/* [DOLLY_MAX_MODELS] */
 static uint64 use_clock;
+static bool loading;			/* a load is under way: start no other */
+
+typedef struct CachedTokenizer
+{
+	char		path[MAXPGPATH];
+	DollyModelIdent ident;
+	dl_tokenizer *tok;			/* NULL: a free entry */
+	uint64		last_used;
+} CachedTokenizer;
+
+static CachedTokenizer tokenizers[CACHED_TOKENIZERS];
+
+/* A model load a role caused, for dolly.max_model_loads. */
+typedef struct LoadCharge
+{
+	Oid			role;
+	TimestampTz at;
+} LoadCharge;
+
+static LoadCharge *charges;		/* of the last minute, in TopMemoryContext */
+static int	ncharges;
+static int	maxcharges;
+
+static bool serve_pass(bool take);
 
 /* Publish a loaded model's row of dolly_server, or clear it (m->model == NULL). */
 static void
@@ -142,7 +189,11 @@ ensure_backend(dl_error *err)
 	/* dolly.cuda_devices picks the GPUs; server g uses the g-th it sees */
 	if ((threads < 0 ? backend_cuda_create(plugin, server, DL_CUDA_BF16, &backend, err)
 		 : backend_cpu_create(threads, dolly_cpu_weights == DOLLY_WEIGHTS_BFLOAT16, &backend, err)) != DL_OK)
+	{
+		elog(LOG, "dolly: %s", err->msg);
+		dolly_hide_path(err, plugin, DL_CUDA_PLUGIN_FILE);
 		return err->code;
+	}
 	backend_threads = threads;
 	backend_weights = dolly_cpu_weights;
 	return DL_OK;
@@ -175,9 +226,25 @@ create_cache(ServedModel *m, const char *path, int max_ctx, dl_error *err)
 	return DL_OK;
 }
 
-/* Load the model at path into a free entry (evicting the least recently used idle one). */
+/*
+ * Between two tensors of a load (dolly_load_model's stop callback): one pass of the loaded
+ * models, admitting the queued requests they can take, so that a multi-GB load proceeds in
+ * slices between decode steps and stalls no one. The pass is the tick's own (serve_pass);
+ * what keeps it re-entrancy-safe: `loading` makes take_requests start no other load (a
+ * request that needs one keeps its place), and the model being loaded is invisible until it
+ * is complete (its entry has no model yet, the engine hands it over at the end). Nothing
+ * here unwinds through the engine: an ERROR in a background worker ends the process.
+ */
+static bool
+serve_between_tensors(void *arg)
+{
+	(void) serve_pass(taking_now());
+	return false;
+}
+
+/* Load the model ref names into a free entry (evicting the least recently used idle one). */
 static dl_status
-load(const char *path, bool is_default, ServedModel **out, dl_error *err)
+load(const ModelRef *ref, ServedModel **out, dl_error *err)
 {
 	ServedModel *m = NULL;
 	int			loaded = 0;
@@ -187,6 +254,7 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 	int			max_ctx;
 	int32		response_id;
 	char	   *activity;
+	dl_status	st;
 
 	if (ensure_backend(err) != DL_OK)
 		return err->code;
@@ -204,7 +272,7 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 		if (lru == NULL)
 		{
 			dl_fail(err, DL_EINVAL, "all %d loaded models are busy, so \"%s\" cannot be loaded",
-					loaded, path);
+					loaded, ref->name);
 			return dl_hint(err, "Raise dolly.max_loaded_models, or retry when requests finish.");
 		}
 		unload(lru);
@@ -213,16 +281,19 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 		if (models[i].model == NULL)
 			m = &models[i];
 
-	activity = psprintf("loading model %s", path);
+	activity = psprintf("loading model %s", ref->path);
 	pgstat_report_activity(STATE_RUNNING, activity);
-	elog(LOG, "dolly: loading model \"%s\"", path);
+	elog(LOG, "dolly: loading model \"%s\"", ref->path);
 	/* the other servers take the requests that come meanwhile */
 	dolly_queue_taking(server, false);
 	INSTR_TIME_SET_CURRENT(start);
-	snprintf(tokpath, sizeof(tokpath), "%s/tokenizer.json", path);
+	snprintf(tokpath, sizeof(tokpath), "%s/tokenizer.json", ref->path);
 	if (tok_load(tokpath, &m->tok, err) != DL_OK)
 		goto fail;
-	if (dolly_load_model(path, backend, activity, NULL, NULL, &m->model, err) != DL_OK)
+	loading = true;
+	st = dolly_load_model(ref->path, backend, activity, serve_between_tensors, NULL, &m->model, err);
+	loading = false;
+	if (st != DL_OK)
 	{
 		if (err->code == DL_ENOMEM && backend->host_memory && dolly_cpu_weights == DOLLY_WEIGHTS_FLOAT32)
 		{
@@ -236,14 +307,17 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 	max_ctx = m->model->cfg.max_pos;
 	if (dolly_max_context > 0 && dolly_max_context < max_ctx)
 		max_ctx = dolly_max_context;
-	if (create_cache(m, path, max_ctx, err) != DL_OK ||
+	if (create_cache(m, ref->path, max_ctx, err) != DL_OK ||
 		gen_create(m->model, m->cache, &m->gen, err) != DL_OK)
 		goto fail;
 	INSTR_TIME_SET_CURRENT(elapsed);
 	INSTR_TIME_SUBTRACT(elapsed, start);
 
-	strlcpy(m->path, path, sizeof(m->path));
-	m->is_default = is_default;
+	strlcpy(m->path, ref->path, sizeof(m->path));
+	strlcpy(m->name, ref->name, sizeof(m->name));
+	m->ident = ref->ident;
+	m->is_default = ref->is_default;
+	m->last_used = ++use_clock;
 	m->seq = MemoryContextAllocZero(TopMemoryContext, m->max_seq * sizeof(Sequence));
 	m->nseq = 0;
 	m->eos_id = m->model->cfg.eos_id;
@@ -251,20 +325,21 @@ load(const char *path, bool is_default, ServedModel **out, dl_error *err)
 	response_id = tok_token_id(m->tok, DOLLY_RESPONSE_KEY_NL);
 	if (m->end_id < 0 || response_id < 0)
 	{
-		elog(LOG, "dolly: model \"%s\" lacks Dolly's special tokens; dolly_generate stops at its end-of-text token", path);
+		elog(LOG, "dolly: model \"%s\" lacks Dolly's special tokens; dolly_generate stops at its end-of-text token", ref->path);
 		m->end_id = m->eos_id;
 	}
 	m->status = m - models;
 	publish_model(m, INSTR_TIME_GET_DOUBLE(elapsed));
 	elog(LOG, "dolly: model \"%s\" loaded in %.2f s (%s, %d layers, %zu MB of weights, %d x %d KV cache)",
-		 path, INSTR_TIME_GET_DOUBLE(elapsed), m->model->cfg.arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox",
+		 ref->path, INSTR_TIME_GET_DOUBLE(elapsed), m->model->cfg.arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox",
 		 m->model->cfg.n_layer, m->model->param_bytes >> 20, m->max_seq, max_ctx);
 	dolly_queue_taking(server, taking_now());
 	*out = m;
 	return DL_OK;
 
 fail:
-	elog(LOG, "dolly: cannot load model \"%s\": %s", path, err->msg);
+	elog(LOG, "dolly: cannot load model \"%s\": %s", ref->path, err->msg);
+	dolly_hide_path(err, ref->path, ref->name);
 	dolly_relative_paths(err);
 	gen_free(m->gen);
 	dl_kv_cache_free(m->cache);
@@ -275,29 +350,180 @@ fail:
 	return err->code;
 }
 
-/* The loaded model a request names, loading it if needed. */
-static dl_status
-model_for(const char *name, ServedModel **out, dl_error *err)
+/* Do a and b identify the same directory? */
+static bool
+ident_equal(const DollyModelIdent *a, const DollyModelIdent *b)
 {
-	char		path[MAXPGPATH];
-	bool		is_default;
+	return a->dev == b->dev && a->ino == b->ino;
+}
 
-	if (dolly_model_path(name, path, &is_default, err) != DL_OK)
+/* Does a request carry a registered identity ({0,0} and NULL: no check)? */
+static bool
+ident_given(const DollyModelIdent *id)
+{
+	return id != NULL && (id->dev != 0 || id->ino != 0);
+}
+
+/*
+ * The directory model name `name` stands for now. want (unless not ident_given) is the
+ * identity the catalog registered for it: a directory that no longer has it (dropped and
+ * replaced, swapped in) is refused, whatever the name says.
+ */
+static dl_status
+resolve(const char *name, const DollyModelIdent *want, ModelRef *ref, dl_error *err)
+{
+	if (dolly_model_path(name, ref->path, &ref->is_default, err) != DL_OK)
 		return err->code;
+	strlcpy(ref->name, dolly_model_display_name(name), sizeof(ref->name));
+	if (!dolly_model_ident(ref->path, &ref->ident))
+		return dl_fail(err, DL_EIO, "model \"%s\" cannot be read: %s", ref->name, strerror(errno));
+	return want ? dolly_model_ident_check(name, ref->path, want, err) : DL_OK;
+}
+
+/*
+ * The loaded copy of ref's model, or NULL. With a registered identity (want, which resolve
+ * found the directory has), a copy of another directory once at that path is not it: that
+ * one was replaced, and LRU evicts it.
+ */
+static ServedModel *
+find_loaded(const ModelRef *ref, const DollyModelIdent *want)
+{
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
-		if (models[i].model && strcmp(models[i].path, path) == 0)
+		if (models[i].model && strcmp(models[i].path, ref->path) == 0 &&
+			(!ident_given(want) || ident_equal(&models[i].ident, &ref->ident)))
+			return &models[i];
+	return NULL;
+}
+
+/*
+ * May req cause one more model load? Loading stalls the device for everyone, so a role may
+ * cause dolly.max_model_loads a minute (on each device: every model server counts its own);
+ * loads of dolly.model and superusers' requests are free. Counts this one when it may.
+ */
+static dl_status
+charge_load(const DollyRequest *req, const ModelRef *ref, dl_error *err)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz minute_ago = TimestampTzPlusMilliseconds(now, -60 * 1000);
+	int			kept = 0,
+				used = 0;
+
+	if (ref->is_default || req->client_superuser || dolly_max_model_loads == 0)
+		return DL_OK;
+	for (int i = 0; i < ncharges; i++)
+		if (charges[i].at > minute_ago)
 		{
-			*out = &models[i];
-			models[i].last_used = ++use_clock;
-			return DL_OK;
+			used += charges[i].role == req->client_role;
+			charges[kept++] = charges[i];
 		}
-	if (load(path, is_default, out, err) != DL_OK)
-		return err->code;
-	(*out)->last_used = ++use_clock;
+	ncharges = kept;
+	if (used >= dolly_max_model_loads)
+	{
+		dl_fail(err, DL_EINVAL, "model \"%s\" is not loaded, and this role has caused %d model loads in the last minute",
+				ref->name, used);
+		return dl_hint(err, "dolly.max_model_loads limits the model loads one role may cause per minute: "
+					   "retry later, or ask an administrator to raise it.");
+	}
+	if (ncharges == maxcharges)
+	{
+		maxcharges = Max(16, 2 * maxcharges);
+		charges = charges ? repalloc(charges, maxcharges * sizeof(LoadCharge))
+			: MemoryContextAlloc(TopMemoryContext, maxcharges * sizeof(LoadCharge));
+	}
+	charges[ncharges].role = req->client_role;
+	charges[ncharges].at = now;
+	ncharges++;
 	return DL_OK;
 }
 
-/* Write text (UTF-8) as a request's result, or fail it when it does not fit. */
+/* Load dolly.model unless it is loaded, so that the first request does not wait for it. */
+static dl_status
+load_default(dl_error *err)
+{
+	ModelRef	ref;
+	ServedModel *m;
+
+	if (resolve("", NULL, &ref, err) != DL_OK)
+		return err->code;
+	if (find_loaded(&ref, NULL) != NULL)
+		return DL_OK;
+	return load(&ref, &m, err);
+}
+
+/*
+ * The tokenizer of ref's model: the loaded model's (m, unless NULL), else tokenizer.json
+ * alone, kept in a small cache: tokenizing needs no weights.
+ */
+static dl_status
+tokenizer_for(const ModelRef *ref, ServedModel *m, dl_tokenizer **out, dl_error *err)
+{
+	CachedTokenizer *c = NULL;
+	char		tokpath[MAXPGPATH];
+
+	if (m != NULL)
+	{
+		*out = m->tok;
+		return DL_OK;
+	}
+	for (int i = 0; i < CACHED_TOKENIZERS; i++)
+		if (tokenizers[i].tok && strcmp(tokenizers[i].path, ref->path) == 0 &&
+			ident_equal(&tokenizers[i].ident, &ref->ident))
+			c = &tokenizers[i];
+	if (c == NULL)
+	{
+		/* a free entry, else the least recently used */
+		c = &tokenizers[0];
+		for (int i = 1; i < CACHED_TOKENIZERS && c->tok; i++)
+			if (tokenizers[i].tok == NULL || tokenizers[i].last_used < c->last_used)
+				c = &tokenizers[i];
+		tok_free(c->tok);
+		c->tok = NULL;
+		snprintf(tokpath, sizeof(tokpath), "%s/tokenizer.json", ref->path);
+		if (tok_load(tokpath, &c->tok, err) != DL_OK)
+		{
+			elog(LOG, "dolly: cannot load tokenizer \"%s\": %s", tokpath, err->msg);
+			dolly_hide_path(err, ref->path, ref->name);
+			dolly_relative_paths(err);
+			return err->code;
+		}
+		strlcpy(c->path, ref->path, sizeof(c->path));
+		c->ident = ref->ident;
+	}
+	c->last_used = ++use_clock;
+	*out = c->tok;
+	return DL_OK;
+}
+
+/*
+ * Token ids as text (palloc'd). A token that decodes to byte 0 (a model can emit it)
+ * becomes U+FFFD, as invalid UTF-8 does: a NUL would cut the text datum short, and the
+ * response extraction too.
+ */
+static dl_status
+decode(const dl_tokenizer *tok, const int32 *ids, int n, char **text, dl_error *err)
+{
+	char	   *raw;
+	size_t		len;
+	StringInfoData buf;
+
+	if (tok_decode_len(tok, ids, n, 0, &raw, &len, err) != DL_OK)
+		return err->code;
+	initStringInfo(&buf);
+	for (size_t i = 0; i < len; i++)
+	{
+		size_t		span = strnlen(raw + i, len - i);
+
+		appendBinaryStringInfo(&buf, raw + i, span);
+		i += span;
+		if (i < len)
+			appendBinaryStringInfo(&buf, "\xEF\xBF\xBD", 3);
+	}
+	free(raw);
+	*text = buf.data;
+	return DL_OK;
+}
+
+/* Write text (UTF-8, from decode) as a request's result, or fail it when it does not fit. */
 static void
 finish_text(DollyRequest *req, const char *text)
 {
@@ -318,16 +544,16 @@ finish_text(DollyRequest *req, const char *text)
 
 /* Tokenize or detokenize: answered at once. */
 static void
-run_tokenizer(ServedModel *m, DollyRequest *req)
+run_tokenizer(const dl_tokenizer *tok, DollyRequest *req)
 {
 	dl_error	err;
 	int32_t    *ids = NULL;
-	char	   *text = NULL;
+	char	   *text;
 	int			n;
 
 	if (req->kind == REQ_TOKENIZE)
 	{
-		if (tok_encode(m->tok, req->in, req->in_len, &ids, &n, &err) != DL_OK)
+		if (tok_encode(tok, req->in, req->in_len, &ids, &n, &err) != DL_OK)
 			dolly_queue_finish(req, &err);
 		else if (n * sizeof(int32) > DOLLY_TEXT_MAX)
 		{
@@ -340,13 +566,15 @@ run_tokenizer(ServedModel *m, DollyRequest *req)
 			req->out_len = n * sizeof(int32);
 			dolly_queue_finish(req, NULL);
 		}
+		free(ids);
 	}
-	else if (tok_decode(m->tok, (const int32_t *) req->in, req->in_len / sizeof(int32), 0, &text, &err) != DL_OK)
+	else if (decode(tok, (const int32 *) req->in, req->in_len / sizeof(int32), &text, &err) != DL_OK)
 		dolly_queue_finish(req, &err);
 	else
+	{
 		finish_text(req, text);
-	free(ids);
-	free(text);
+		pfree(text);
+	}
 }
 
 /* Admit a generation request into its model's generator. */
@@ -361,8 +589,8 @@ admit(ServedModel *m, DollyRequest *req)
 
 	if (m->nseq == m->max_seq)
 	{
-		/* cannot happen: requests are taken only while slots are free */
-		dl_fail(&err, DL_EINVAL, "model \"%s\" has no free sequence slot", m->path);
+		/* cannot happen: requests are admitted only while slots are free */
+		dl_fail(&err, DL_EINVAL, "model \"%s\" has no free sequence slot", m->name);
 		dolly_queue_finish(req, &err);
 		return;
 	}
@@ -393,6 +621,7 @@ admit(ServedModel *m, DollyRequest *req)
 		req->prompt_tokens = n;
 		m->seq[m->nseq].req = req;
 		m->seq[m->nseq].id = id;
+		m->seq[m->nseq].prompt_tokens = n;
 		m->nseq++;
 	}
 	free(ids);
@@ -406,16 +635,19 @@ answer(ServedModel *m, Sequence *s)
 	dl_error	err;
 	const int32_t *toks;
 	int			n;
-	char	   *text = NULL;
+	char	   *text;
 
 	toks = gen_tokens(m->gen, s->id, &n);
 	req->new_tokens = n;
 	/* the end token is not part of the answer */
 	if (gen_finished(m->gen, s->id) == DL_FINISH_END)
 		n--;
-	if (tok_decode(m->tok, toks, n, 0, &text, &err) != DL_OK)
+	if (decode(m->tok, toks, n, &text, &err) != DL_OK)
+	{
 		dolly_queue_finish(req, &err);
-	else if (req->extract_response)
+		return;
+	}
+	if (req->extract_response)
 	{
 		/* Dolly's pipeline reads the response out of prompt + generation */
 		char	   *full = psprintf("%.*s%s", req->in_len, req->in, text);
@@ -425,24 +657,28 @@ answer(ServedModel *m, Sequence *s)
 			elog(ERROR, "out of memory");
 		finish_text(req, response);
 		free(response);
+		pfree(full);
 	}
 	else
 		finish_text(req, text);
-	free(text);
+	pfree(text);
 }
 
-/* Account a finished or dropped sequence in the model's row of dolly_server. */
+/*
+ * Account in the model's row of dolly_server: the sequences in flight, an answered
+ * sequence (unless NULL; its request may belong to its client again), and a pass.
+ */
 static void
-account(ServedModel *m, DollyRequest *req, int ntokens, double seconds)
+account(ServedModel *m, const Sequence *answered, int ntokens, double seconds)
 {
 	DollyModelStatus *st = &dolly_shared->servers[server].models[m->status];
 
 	SpinLockAcquire(&dolly_shared->mutex);
 	st->active = m->nseq;
-	if (req)
+	if (answered)
 	{
 		st->requests++;
-		st->prompt_tokens += req->prompt_tokens;
+		st->prompt_tokens += answered->prompt_tokens;
 	}
 	if (ntokens > 0 && seconds > 0)
 	{
@@ -520,52 +756,98 @@ step_model(ServedModel *m)
 		after += n;
 		if (gen_finished(m->gen, m->seq[i].id) != DL_FINISH_NONE)
 		{
-			DollyRequest *req = m->seq[i].req;
+			Sequence	done = m->seq[i];
 
-			answer(m, &m->seq[i]);
+			answer(m, &done);
 			remove_seq(m, i);
-			account(m, req, 0, 0);
+			account(m, &done, 0, 0);
 		}
 	}
 	account(m, NULL, after - before, INSTR_TIME_GET_DOUBLE(elapsed));
 }
 
-/* Take queued requests, oldest first, until one finds its model full. */
+/*
+ * Take queued requests, oldest first. One that cannot start now (its model has no free
+ * sequence, or needs loading while another load is under way) is put back, keeping its
+ * place, and the requests behind it are taken all the same.
+ */
 static void
 take_requests(void)
 {
 	DollyRequest *req;
+	uint64		skipped = 0;	/* seqno of the last request put back */
 
-	while ((req = dolly_queue_take(server)) != NULL)
+	while ((req = dolly_queue_take(server, skipped)) != NULL)
 	{
+		ModelRef	ref;
 		ServedModel *m;
+		dl_tokenizer *tok = NULL;
 		dl_error	err;
 
-		if (model_for(req->model, &m, &err) != DL_OK)
+		if (resolve(req->model, &req->ident, &ref, &err) != DL_OK)
 		{
-			/* a device without room (or in error) while another serves: it serves them */
-			if ((err.code == DL_ENOMEM || err.code == DL_EBACKEND) && dolly_queue_others_taking(server))
-			{
-				backoff_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), BACKOFF_MS);
-				dolly_queue_taking(server, false);
-				dolly_queue_requeue(req);
-				elog(LOG, "dolly: %s; for %d s the other model servers take this one's requests",
-					 err.msg, BACKOFF_MS / 1000);
-				return;
-			}
 			dolly_queue_finish(req, &err);
+			continue;
 		}
-		else if (req->kind != REQ_GENERATE)
-			run_tokenizer(m, req);
-		else if (m->nseq == m->max_seq)
+		m = find_loaded(&ref, &req->ident);
+		if (req->kind != REQ_GENERATE)
 		{
-			/* it waits, first in line, until a sequence of that model finishes */
-			dolly_queue_requeue(req);
-			return;
+			if (tokenizer_for(&ref, m, &tok, &err) != DL_OK)
+				dolly_queue_finish(req, &err);
+			else
+				run_tokenizer(tok, req);
+			continue;
 		}
-		else
-			admit(m, req);
+		if (m == NULL && !loading)
+		{
+			if (charge_load(req, &ref, &err) != DL_OK)
+			{
+				dolly_queue_finish(req, &err);
+				continue;
+			}
+			if (load(&ref, &m, &err) != DL_OK)
+			{
+				/* a device without room (or in error) while another serves: it serves them */
+				if ((err.code == DL_ENOMEM || err.code == DL_EBACKEND) && dolly_queue_others_taking(server))
+				{
+					backoff_until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), BACKOFF_MS);
+					dolly_queue_taking(server, false);
+					dolly_queue_requeue(req);
+					elog(LOG, "dolly: %s; for %d s the other model servers take this one's requests",
+						 err.msg, BACKOFF_MS / 1000);
+					return;
+				}
+				dolly_queue_finish(req, &err);
+				continue;
+			}
+		}
+		if (m == NULL || m->nseq == m->max_seq)
+		{
+			/* it waits, keeping its place, for the load or for a sequence of its model */
+			skipped = req->seqno;	/* read first: once queued, the slot is its client's */
+			dolly_queue_requeue(req);
+			continue;
+		}
+		m->last_used = ++use_clock;
+		admit(m, req);
 	}
+}
+
+/* Take requests (when take) and run one pass of every model with work; true if there was work. */
+static bool
+serve_pass(bool take)
+{
+	bool		busy = false;
+
+	if (take)
+		take_requests();
+	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
+		if (models[i].model && models[i].nseq > 0)
+		{
+			step_model(&models[i]);
+			busy = true;
+		}
+	return busy;
 }
 
 /*
@@ -588,16 +870,10 @@ dolly_serve_reconfigure(void)
 			unload(&models[i]);
 	if (retiring)
 		return;
-	/* dolly.device or dolly.threads changed: idle models leave the old backend now */
-	if (ensure_backend(&err) != DL_OK)
-		elog(LOG, "dolly: %s", err.msg);
-	/* load the new default now, so the first request does not wait for it */
+	/* dolly.device or dolly.threads changed: idle models leave the old backend now (it logs why not) */
+	(void) ensure_backend(&err);
 	if (have_path)
-	{
-		ServedModel *m;
-
-		(void) model_for("", &m, &err);
-	}
+		(void) load_default(&err);
 }
 
 void
@@ -607,31 +883,17 @@ dolly_serve_init(int server_index)
 
 	server = server_index;
 	models = MemoryContextAllocZero(TopMemoryContext, DOLLY_MAX_MODELS * sizeof(ServedModel));
-	if (dolly_model[0] != '\0')
-	{
-		ServedModel *m;
-
-		if (model_for("", &m, &err) != DL_OK)
-			elog(LOG, "dolly: the model server runs without a model: %s", err.msg);
-	}
+	if (dolly_model[0] != '\0' && load_default(&err) != DL_OK)
+		elog(LOG, "dolly: the model server runs without a model: %s", err.msg);
 }
 
 bool
 dolly_serve_tick(void)
 {
-	bool		busy = false;
 	bool		take = taking_now();
 
 	dolly_queue_taking(server, take);
-	if (take)
-		take_requests();
-	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
-		if (models[i].model && models[i].nseq > 0)
-		{
-			step_model(&models[i]);
-			busy = true;
-		}
-	return busy;
+	return serve_pass(take);
 }
 
 bool

@@ -26,6 +26,7 @@
 #include "storage/latch.h"
 #include "tcop/tcopprot.h"
 #include "utils/guc.h"
+#include "utils/memutils.h"
 #include "utils/wait_event.h"
 
 #include "sysinfo.h"
@@ -241,6 +242,7 @@ dolly_server_main(Datum arg)
 {
 	int			server = DatumGetInt32(arg);
 	bool		was_busy = false;
+	MemoryContext tick_context;
 
 	pqsignal(SIGTERM, die);
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
@@ -280,10 +282,18 @@ dolly_server_main(Datum arg)
 	pgstat_report_activity(STATE_IDLE, "");
 	elog(LOG, "dolly model server ready%s", server ? psprintf(" on GPU %d", server) : "");
 
+	/*
+	 * What a tick allocates (answers' texts, activity lines) lives until the next one, so
+	 * that a server that runs for months does not grow; what lasts is in TopMemoryContext.
+	 */
+	tick_context = AllocSetContextCreate(TopMemoryContext, "dolly model server tick",
+										 ALLOCSET_DEFAULT_SIZES);
+	MemoryContextSwitchTo(tick_context);
 	for (;;)
 	{
 		bool		busy;
 
+		MemoryContextReset(tick_context);
 		/* reset first: a request queued during the tick sets it again, nothing is missed */
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();

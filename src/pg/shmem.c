@@ -21,6 +21,7 @@ dolly_shmem_request(void)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(add_size(add_size(MAXALIGN(sizeof(DollyShared)), dolly_queue_shmem_size()),
 									dolly_jobs_shmem_size()));
+	dolly_queue_request_lock();
 }
 
 /* Create (postmaster) or attach to (EXEC_BACKEND children) the shared state. */

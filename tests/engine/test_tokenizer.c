@@ -571,6 +571,26 @@ TEST(tokenizer_bad_input)
 	tok_free(tok);
 }
 
+/* A token that decodes to byte 0 ("\u0100" in the byte-level alphabet): the length counts past it. */
+TEST(tokenizer_decode_byte_zero)
+{
+	dl_tokenizer *tok = load_fixture("tokenizer/tokenizer.json");
+	dl_error	err = {0};
+	int32_t		ids[3];
+	char	   *text;
+	size_t		len;
+
+	CHECK(tok != NULL);
+	ids[0] = tok_token_id(tok, "a");
+	ids[1] = tok_token_id(tok, "\xC4\x80");
+	ids[2] = tok_token_id(tok, "b");
+	CHECK(ids[0] >= 0 && ids[1] >= 0 && ids[2] >= 0);
+	CHECK_OK(tok_decode_len(tok, ids, 3, 0, &text, &len, &err), &err);
+	CHECK(len == 3 && memcmp(text, "a\0b", 4) == 0);
+	free(text);
+	tok_free(tok);
+}
+
 TEST(tokenizer_long_input)
 {
 	dl_tokenizer *tok = load_fixture("tokenizer/tokenizer.json");

@@ -4,7 +4,8 @@
 # - Models have owners: a fine-tuned model is served only to its owner, superusers and the
 #   roles it is granted to, is listed only to them, and is no one else's base model;
 #   directories an administrator placed are usable once registered and granted;
-#   dolly.model is everyone's; a dropped model's files go at commit.
+#   dolly.model is everyone's; the model server refuses a registered model whose directory
+#   was replaced; a dropped model's files go at commit.
 # - dolly_jobs is a security barrier, dolly_job_progress shows one's own jobs, and both
 #   survive DROP ROLE of a job's role.
 # - A role that cannot log in cannot leak job slots; a job whose transaction commits after
@@ -20,7 +21,7 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
-my ($node, $models) = dolly_cluster('security', models => [ 'gptj-f32', 'neox-par-f32' ]);
+my ($node, $models) = dolly_cluster('security', models => [ 'gptj-f32', 'neox-par-f32', 'neox-seq-f32' ]);
 $node->safe_psql('postgres', q{
 CREATE ROLE alice LOGIN IN ROLE dolly_trainer;
 CREATE ROLE bob LOGIN IN ROLE dolly_trainer;
@@ -134,6 +135,19 @@ is($e, '', 'registered and granted to PUBLIC, every role may use it');
 is($e, '', 'dolly.model is everyone\'s');
 ($out, $e) = as('bob', "$gen, model => 'gptj-f32')");
 is($e, '', 'also by its name');
+
+# the server does not trust a name: a registered directory replaced on disk is refused
+$node->safe_psql('postgres', "SELECT dolly_register_model('neox-seq-f32'); SELECT dolly_grant_model('neox-seq-f32', 'public')");
+($out, $e) = as('bob', "$gen, model => 'neox-seq-f32')");
+is($e, '', 'a registered model is served');
+rename("$models/neox-seq-f32", "$models/neox-seq-old") or die;
+system('cp', '-r', "$models/neox-seq-old", "$models/neox-seq-f32") == 0 or die;
+($out, $e) = as('bob', "$gen, model => 'neox-seq-f32')");
+like($e, qr/model "neox-seq-f32" has changed since it was registered.*\n.*HINT:  A superuser registers it again/,
+	'its directory replaced, the model server refuses it');
+$node->safe_psql('postgres', "SELECT dolly_register_model('neox-seq-f32')");
+($out, $e) = as('bob', "$gen, model => 'neox-seq-f32')");
+is($e, '', 'registered again, it is served again, with its grants');
 
 # dropping
 ($out, $e) = as('alice', "BEGIN; SELECT dolly_drop_model('alice-model'); ROLLBACK");
