@@ -198,7 +198,7 @@ directory_size(const char *path)
 
 /*
  * Write model `name`'s row for the directory at path: a new row, or, for a name already
- * registered, its identity and size again (the owner too when owner is valid).
+ * registered, its owner, identity and size again.
  */
 static void
 register_model(const char *name, Oid owner, const char *base, int64 job, const char *path)
@@ -215,7 +215,6 @@ register_model(const char *name, Oid owner, const char *base, int64 job, const c
 				 errmsg("cannot read the directory of model \"%s\": %m", name)));
 	args[0] = CStringGetTextDatum(name);
 	args[1] = ObjectIdGetDatum(owner);
-	nulls[1] = OidIsValid(owner) ? ' ' : 'n';
 	args[2] = base ? CStringGetTextDatum(base) : (Datum) 0;
 	nulls[2] = base ? ' ' : 'n';
 	args[3] = Int64GetDatum(job);
@@ -224,9 +223,9 @@ register_model(const char *name, Oid owner, const char *base, int64 job, const c
 	args[5] = Int64GetDatum((int64) ident.dev);
 	args[6] = Int64GetDatum((int64) ident.ino);
 
-	dolly_owner_query(&scope, "INSERT INTO %s AS m (name, owner, base_model, job, size_bytes, dir_dev, dir_ino) "
+	dolly_owner_query(&scope, "INSERT INTO %s (name, owner, base_model, job, size_bytes, dir_dev, dir_ino) "
 					  "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO UPDATE "
-					  "SET owner = COALESCE($2, m.owner), size_bytes = $5, dir_dev = $6, dir_ino = $7",
+					  "SET owner = $2, size_bytes = $5, dir_dev = $6, dir_ino = $7",
 					  "dolly_model", 7, argtypes, args, nulls, SPI_OK_INSERT);
 	dolly_owner_query_end(&scope);
 }
@@ -283,9 +282,15 @@ dolly_register_model(PG_FUNCTION_ARGS)
 				 errmsg("directory \"%s\" under dolly.model_dir has no config.json", name),
 				 errhint("A model directory holds config.json, a tokenizer and the weights, as Hugging Face stores them.")));
 	/* a new row without an owner given belongs to the caller; a registered one keeps its */
-	owner = PG_ARGISNULL(1) ? InvalidOid : PG_GETARG_OID(1);
-	if (!OidIsValid(owner) && !dolly_model_registered(name))
-		owner = GetUserId();
+	if (PG_ARGISNULL(1))
+	{
+		ModelEntry	e;
+
+		model_lookup(name, &e);
+		owner = e.found ? e.owner : GetUserId();
+	}
+	else
+		owner = PG_GETARG_OID(1);
 	register_model(name, owner, NULL, 0, path);
 	PG_RETURN_VOID();
 }

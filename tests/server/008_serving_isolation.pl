@@ -120,6 +120,9 @@ dolly.threads = 2
 $node->start;
 $node->safe_psql('postgres', 'CREATE EXTENSION dolly');
 $node->safe_psql('postgres', 'CREATE ROLE alice LOGIN; CREATE ROLE bob LOGIN');
+# the models ordinary roles name below, usable by every role
+$node->safe_psql('postgres', "SELECT dolly_register_model('$_'); SELECT dolly_grant_model('$_', 'public')")
+  for qw(neox-seq-f32 gptj-bf16 neox-par-bf16);
 
 # --- a token that decodes to byte 0 ("Ā", id 189 in the fixture tokenizer) between "a" and "b"
 is($node->safe_psql('postgres',
