@@ -91,7 +91,7 @@ SELECT pg_catalog.pg_extension_config_dump('dolly_job_id_seq', '');
 -- Members of dolly_trainer (and superusers) may fine-tune.
 DO $$
 BEGIN
-	IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'dolly_trainer') THEN
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'dolly_trainer') THEN
 		CREATE ROLE dolly_trainer NOLOGIN;
 	END IF;
 END
@@ -139,7 +139,7 @@ CREATE FUNCTION dolly_job_progress(
 -- A job recorded as running whose worker is gone (the server restarted) shows as failed.
 CREATE VIEW dolly_jobs AS
 SELECT j.id, j.role, j.source, j.output_model,
-	   CASE WHEN j.state = 'running' AND p.id IS NULL THEN 'failed' ELSE j.state END AS state,
+	   CASE WHEN j.state OPERATOR(pg_catalog.=) 'running' AND p.id IS NULL THEN 'failed' ELSE j.state END AS state,
 	   p.phase,
 	   coalesce(p.epoch, j.epoch) AS epoch,
 	   coalesce(p.step, j.step) AS step,
@@ -150,9 +150,9 @@ SELECT j.id, j.role, j.source, j.output_model,
 	   coalesce(p.records, j.records) AS records,
 	   coalesce(p.skipped, j.skipped) AS skipped,
 	   j.submitted, j.started, j.finished,
-	   CASE WHEN j.state = 'running' AND p.id IS NULL
+	   CASE WHEN j.state OPERATOR(pg_catalog.=) 'running' AND p.id IS NULL
 			THEN 'the server stopped while the job ran' ELSE j.error END AS error,
 	   j.options
-  FROM dolly_job j LEFT JOIN dolly_job_progress() p ON p.id = j.id
+  FROM dolly_job j LEFT JOIN dolly_job_progress() p ON p.id OPERATOR(pg_catalog.=) j.id
  WHERE pg_catalog.pg_has_role(current_user, j.role, 'MEMBER');
 GRANT SELECT ON dolly_jobs TO PUBLIC;
