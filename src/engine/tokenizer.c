@@ -349,7 +349,8 @@ arena_add(dl_tokenizer *tok, const char *s, size_t n, uint32_t *off, dl_error *e
 
 	if (tok->arena_len + n > UINT32_MAX)
 		return dl_fail(err, DL_EUNSUPPORTED, "tokenizer strings exceed 4 GiB");
-	if (!grow(&p, &tok->arena_cap, tok->arena_len + n, 1))
+	/* + 1: the arena exists even when the first string is empty ("" can be a vocab key) */
+	if (!grow(&p, &tok->arena_cap, tok->arena_len + n + 1, 1))
 		return dl_fail(err, DL_ENOMEM, "out of memory storing tokenizer strings");
 	tok->arena = p;
 	memcpy(tok->arena + tok->arena_len, s, n);
