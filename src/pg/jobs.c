@@ -19,6 +19,7 @@
 #include "access/xact.h"
 #include "catalog/pg_authid.h"
 #include "catalog/pg_database.h"
+#include "commands/dbcommands.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -192,8 +193,9 @@ release_slot(int64 job_id)
 
 /*
  * ERROR unless a background worker can connect as the current role to this database, as
- * the job's worker will: a NOLOGIN role (dolly_trainer itself after SET ROLE), a role at
- * its connection limit, or one without CONNECT would leave a worker that dies at once.
+ * the job's worker will: a NOLOGIN role (dolly_trainer itself after SET ROLE), a database
+ * that no longer allows connections, a role at its connection limit, or one without
+ * CONNECT would leave a worker that dies at once.
  */
 static void
 check_can_connect(void)
@@ -216,6 +218,17 @@ check_can_connect(void)
 				 errmsg("role \"%s\" cannot log in, so a fine-tuning job cannot run as it",
 						GetUserNameFromId(role, false)),
 				 errhint("A job's worker connects as the role that calls dolly_finetune: call it as a role with LOGIN (RESET ROLE first).")));
+	tup = SearchSysCache1(DATABASEOID, ObjectIdGetDatum(MyDatabaseId));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for database %u", MyDatabaseId);
+	login = ((Form_pg_database) GETSTRUCT(tup))->datallowconn;
+	ReleaseSysCache(tup);
+	if (!login)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("database \"%s\" does not allow connections, so a fine-tuning job cannot run in it",
+						get_database_name(MyDatabaseId)),
+				 errhint("ALTER DATABASE ... ALLOW_CONNECTIONS true.")));
 	if (superuser())
 		return;
 	if (limit >= 0 && CountUserBackends(role) >= limit)

@@ -191,6 +191,16 @@ for (1 .. 9)
 	$refused++ if $e =~ /role "dolly_trainer" cannot log in, so a fine-tuning job cannot run as it/;
 }
 is($refused, 9, 'a role that cannot log in is refused at submission');
+$node->safe_psql('postgres', 'CREATE DATABASE closed');
+$node->safe_psql('closed', q{CREATE EXTENSION dolly;
+	CREATE TABLE records (instruction text, response text); ALTER TABLE records OWNER TO alice});
+my $inside = $node->background_psql('closed', extra_params => [ '-U', 'alice' ]);
+$node->safe_psql('postgres', 'ALTER DATABASE closed ALLOW_CONNECTIONS false');
+$inside->{stdin} .= "\\set ON_ERROR_STOP 0\nSELECT dolly_finetune('records', 'closed-model');\nSELECT 'after';\n";
+$inside->{run}->pump until $inside->{stdout} =~ /after/ || $inside->{timeout}->is_expired;
+like($inside->{stderr}, qr/database "closed" does not allow connections, so a fine-tuning job cannot run in it/,
+	'nor a job in a database that no longer allows connections');
+$inside->quit;
 my $slow = $node->background_psql('postgres', extra_params => [ '-U', 'alice' ]);
 $slow->query_safe('BEGIN');
 my $late = $slow->query_safe("SELECT dolly_finetune('alice.records', 'late-model', epochs => 1, batch_size => 4)");
