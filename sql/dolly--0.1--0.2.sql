@@ -1,5 +1,5 @@
 -- dolly--0.1--0.2.sql: models with owners and grants; jobs that record their role by OID
--- and show only to it.
+-- and show only to it; dolly_generate over an array of instructions.
 \echo Use "ALTER EXTENSION dolly UPDATE TO '0.2'" to load this file. \quit
 
 -- Every query here qualifies its operators and functions: an extension script runs with
@@ -116,3 +116,18 @@ BEGIN
 	END LOOP;
 END
 $$;
+
+-- Dolly's answers to many instructions at once, in their order (NULL elements give NULL):
+-- up to dolly.query_batch of them are decoded together.
+CREATE FUNCTION dolly_generate(
+	instructions text[],
+	contexts text[] DEFAULT NULL,
+	model text DEFAULT NULL,
+	max_new_tokens integer DEFAULT 256,
+	temperature double precision DEFAULT 1.0,
+	top_p double precision DEFAULT 0.92,
+	top_k integer DEFAULT 0,
+	do_sample boolean DEFAULT true,
+	seed bigint DEFAULT NULL)
+	RETURNS text[]
+	AS 'MODULE_PATHNAME', 'dolly_generate_array' LANGUAGE C VOLATILE PARALLEL RESTRICTED;

@@ -43,6 +43,8 @@ extern int	dolly_max_new_tokens;
 extern int	dolly_max_loaded_models;
 extern int	dolly_max_model_loads;
 extern int	dolly_train_workers;
+extern int	dolly_request_slots;
+extern int	dolly_query_batch;
 
 /* What the model server found out about the machine; written by it, read by SQL functions. */
 typedef enum DollyServerState

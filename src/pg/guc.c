@@ -18,6 +18,8 @@ int			dolly_max_new_tokens = 1024;
 int			dolly_max_loaded_models = 2;
 int			dolly_max_model_loads = 10;
 int			dolly_train_workers = 1;
+int			dolly_request_slots = 64;
+int			dolly_query_batch = 0;
 
 static const struct config_enum_entry device_options[] = {
 	{"cpu", DOLLY_DEVICE_CPU, false},
@@ -99,6 +101,17 @@ dolly_guc_init(void)
 							"The CPU threads of dolly.threads are divided among them.",
 							&dolly_train_workers, 1, 1, DOLLY_MAX_RANKS,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("dolly.request_slots",
+							"Request slots that sessions borrow to have several requests in flight.",
+							"Every session has one slot of its own; a batched call (an array of instructions) "
+							"borrows more from this pool, and runs with fewer when it is empty.",
+							&dolly_request_slots, 64, 0, 65536,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("dolly.query_batch",
+							"Requests one call keeps in flight at once; 0 means dolly.max_batch.",
+							"1 sends them one at a time.",
+							&dolly_query_batch, 0, 0, 65536,
+							PGC_USERSET, 0, NULL, NULL, NULL);
 	MarkGUCPrefixReserved("dolly");
 }
 

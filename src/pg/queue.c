@@ -2,12 +2,14 @@
 #include "dolly_pg.h"
 #include "queue.h"
 
+#include "access/xact.h"
 #include "libpq/libpq.h"
 #include "miscadmin.h"
 #include "storage/backendid.h"
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
+#include "utils/memutils.h"
 #include "utils/wait_event.h"
 
 /* How long a client waits for a model server that is not running before giving up. */
@@ -16,22 +18,39 @@
 #define POLL_MS 100
 
 static DollyQueue *queue;
+static pid_t *borrower;			/* [nslots]: who borrowed a pool slot; 0: nobody */
 static DollyRequest *slots;
 static bool exit_callback_registered = false;
 
+/* The pool slots this backend borrowed (abandoned with its own at exit or on an ERROR). */
+static int *borrowed;
+static int	nborrowed;
+
 #define QUEUE_TRANCHE "dolly queue"
+
+/* One slot per backend that can run SQL (MaxBackends is known in shmem_request_hook), then the pool. */
+static int
+total_slots(void)
+{
+	return MaxBackends + dolly_request_slots;
+}
+
+static Size
+borrowers_offset(int nslots)
+{
+	return MAXALIGN(offsetof(DollyQueue, state) + nslots * sizeof(DollySlotState));
+}
 
 static Size
 slots_offset(int nslots)
 {
-	return MAXALIGN(offsetof(DollyQueue, state) + nslots * sizeof(DollySlotState));
+	return borrowers_offset(nslots) + MAXALIGN(nslots * sizeof(pid_t));
 }
 
 Size
 dolly_queue_shmem_size(void)
 {
-	/* one slot per backend that can run SQL: MaxBackends is known in shmem_request_hook */
-	return add_size(slots_offset(MaxBackends), mul_size(MaxBackends, sizeof(DollyRequest)));
+	return add_size(slots_offset(total_slots()), mul_size(total_slots(), sizeof(DollyRequest)));
 }
 
 void
@@ -46,14 +65,17 @@ dolly_queue_shmem_init(void)
 	bool		found;
 
 	queue = ShmemInitStruct("dolly queue", dolly_queue_shmem_size(), &found);
-	slots = (DollyRequest *) ((char *) queue + slots_offset(MaxBackends));
+	borrower = (pid_t *) ((char *) queue + borrowers_offset(total_slots()));
+	slots = (DollyRequest *) ((char *) queue + slots_offset(total_slots()));
 	if (!found)
 	{
 		queue->lock = &(GetNamedLWLockTranche(QUEUE_TRANCHE))->lock;
 		queue->next_seqno = 0;
-		queue->nslots = MaxBackends;
+		queue->nslots = total_slots();
+		queue->nown = MaxBackends;
 		memset(queue->taking, 0, sizeof(queue->taking));
-		memset(queue->state, 0, MaxBackends * sizeof(DollySlotState));
+		memset(queue->state, 0, total_slots() * sizeof(DollySlotState));
+		memset(borrower, 0, total_slots() * sizeof(pid_t));
 	}
 }
 
@@ -61,38 +83,6 @@ static int
 slot_index(const DollyRequest *req)
 {
 	return req - slots;
-}
-
-/* Give up this backend's request: the server drops it if it is running. */
-static void
-abandon(DollyRequest *req)
-{
-	int			i = slot_index(req);
-
-	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
-	switch (queue->state[i])
-	{
-		case SLOT_QUEUED:
-		case SLOT_DONE:
-		case SLOT_FAILED:
-			queue->state[i] = SLOT_FREE;
-			break;
-		case SLOT_RUNNING:
-			queue->state[i] = SLOT_ABANDONED;
-			break;
-		case SLOT_FREE:
-		case SLOT_ABANDONED:
-			break;
-	}
-	LWLockRelease(queue->lock);
-}
-
-/* Backend exit (including FATAL and a lost connection) abandons a request in flight. */
-static void
-abandon_at_exit(int code, Datum arg)
-{
-	if (MyBackendId != InvalidBackendId && MyBackendId <= queue->nslots)
-		abandon(&slots[MyBackendId - 1]);
 }
 
 /* The slot's state, read under the lock. */
@@ -105,32 +95,6 @@ slot_state(const DollyRequest *req)
 	s = queue->state[slot_index(req)];
 	LWLockRelease(queue->lock);
 	return s;
-}
-
-DollyRequest *
-dolly_queue_my_slot(void)
-{
-	DollyRequest *req;
-
-	if (MyBackendId == InvalidBackendId || MyBackendId > queue->nslots)
-		elog(ERROR, "dolly: backend id %d has no request slot", MyBackendId);
-	req = &slots[MyBackendId - 1];
-	if (!exit_callback_registered)
-	{
-		before_shmem_exit(abandon_at_exit, (Datum) 0);
-		exit_callback_registered = true;
-	}
-	/* a request we abandoned may still be in the server's hands until its next step */
-	abandon(req);
-	while (slot_state(req) != SLOT_FREE)
-	{
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 10L,
-						 PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
-		CHECK_FOR_INTERRUPTS();
-	}
-	memset(req, 0, offsetof(DollyRequest, in));
-	return req;
 }
 
 /* Wake every model server: one of them takes the request, or drops it. */
@@ -147,6 +111,138 @@ wake_servers(void)
 		if (latches[i])
 			SetLatch(latches[i]);
 }
+
+/* Slot i is FREE again; a pool slot goes back to the pool (the queue's lock is held). */
+static void
+set_free(int i)
+{
+	queue->state[i] = SLOT_FREE;
+	if (i >= queue->nown)
+		borrower[i] = 0;
+}
+
+/* Give up a request: the server drops it if it is running; a pool slot is returned. */
+static void
+abandon(DollyRequest *req)
+{
+	int			i = slot_index(req);
+
+	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
+	switch (queue->state[i])
+	{
+		case SLOT_QUEUED:
+		case SLOT_DONE:
+		case SLOT_FAILED:
+		case SLOT_FREE:
+			set_free(i);
+			break;
+		case SLOT_RUNNING:
+			queue->state[i] = SLOT_ABANDONED;
+			break;
+		case SLOT_ABANDONED:
+			break;
+	}
+	LWLockRelease(queue->lock);
+	for (int b = 0; b < nborrowed; b++)
+		if (borrowed[b] == i)
+			borrowed[b] = borrowed[--nborrowed];
+}
+
+/* Give up every request this backend has in flight; the servers drop them at their next step. */
+static void
+abandon_all(void)
+{
+	if (nborrowed == 0 &&
+		(MyBackendId == InvalidBackendId || MyBackendId > queue->nown ||
+		 slot_state(&slots[MyBackendId - 1]) == SLOT_FREE))
+		return;
+	while (nborrowed > 0)
+		abandon(&slots[borrowed[0]]);
+	if (MyBackendId != InvalidBackendId && MyBackendId <= queue->nown)
+		abandon(&slots[MyBackendId - 1]);
+	wake_servers();
+}
+
+/* Backend exit (including FATAL and a lost connection) abandons the requests in flight. */
+static void
+abandon_at_exit(int code, Datum arg)
+{
+	abandon_all();
+}
+
+/* An ERROR (or a cancel, a timeout) ends the requests of the (sub)transaction's statement. */
+static void
+abandon_at_abort(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT)
+		abandon_all();
+}
+
+static void
+abandon_at_subabort(SubXactEvent event, SubTransactionId sub, SubTransactionId parent, void *arg)
+{
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+		abandon_all();
+}
+
+/* Abandon what this backend has in flight when it exits or its statement fails. */
+static void
+register_exit_callback(void)
+{
+	if (!exit_callback_registered)
+	{
+		borrowed = MemoryContextAlloc(TopMemoryContext, Max(dolly_request_slots, 1) * sizeof(int));
+		before_shmem_exit(abandon_at_exit, (Datum) 0);
+		RegisterXactCallback(abandon_at_abort, NULL);
+		RegisterSubXactCallback(abandon_at_subabort, NULL);
+		exit_callback_registered = true;
+	}
+}
+
+
+DollyRequest *
+dolly_queue_my_slot(void)
+{
+	DollyRequest *req;
+
+	if (MyBackendId == InvalidBackendId || MyBackendId > queue->nown)
+		elog(ERROR, "dolly: backend id %d has no request slot", MyBackendId);
+	req = &slots[MyBackendId - 1];
+	register_exit_callback();
+	/* a request we abandoned may still be in the server's hands until its next step */
+	abandon(req);
+	while (slot_state(req) != SLOT_FREE)
+	{
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 10L,
+						 PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+	memset(req, 0, offsetof(DollyRequest, in));
+	return req;
+}
+
+DollyRequest *
+dolly_queue_borrow(void)
+{
+	int			i;
+
+	register_exit_callback();
+	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
+	for (i = queue->nown; i < queue->nslots; i++)
+		if (queue->state[i] == SLOT_FREE && borrower[i] == 0)
+		{
+			borrower[i] = MyProcPid;
+			break;
+		}
+	LWLockRelease(queue->lock);
+	if (i == queue->nslots)
+		return NULL;
+	borrowed[nborrowed++] = i;
+	memset(&slots[i], 0, offsetof(DollyRequest, in));
+	return &slots[i];
+}
+
 
 /* Wait for the answer; raise if every server is gone for too long. */
 static void
@@ -192,7 +288,7 @@ wait_for_answer(DollyRequest *req)
 }
 
 void
-dolly_queue_submit_and_wait(DollyRequest *req)
+dolly_queue_submit(DollyRequest *req)
 {
 	req->client_latch = MyLatch;
 	req->client_pid = MyProcPid;
@@ -203,20 +299,13 @@ dolly_queue_submit_and_wait(DollyRequest *req)
 	queue->state[slot_index(req)] = SLOT_QUEUED;
 	LWLockRelease(queue->lock);
 	wake_servers();
-
-	PG_TRY();
-	{
-		wait_for_answer(req);
-	}
-	PG_CATCH();
-	{
-		abandon(req);
-		wake_servers();
-		PG_RE_THROW();
-	}
-	PG_END_TRY();
 }
 
+void
+dolly_queue_wait(DollyRequest *req)
+{
+	wait_for_answer(req);
+}
 void
 dolly_queue_release(DollyRequest *req)
 {
@@ -306,7 +395,7 @@ dolly_queue_requeue(DollyRequest *req)
 	if (queue->state[i] == SLOT_RUNNING)
 		queue->state[i] = SLOT_QUEUED;
 	else if (queue->state[i] == SLOT_ABANDONED)
-		queue->state[i] = SLOT_FREE;
+		set_free(i);
 	LWLockRelease(queue->lock);
 }
 
@@ -319,7 +408,7 @@ dolly_queue_abandoned(DollyRequest *req)
 	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
 	abandoned = queue->state[i] == SLOT_ABANDONED;
 	if (abandoned)
-		queue->state[i] = SLOT_FREE;
+		set_free(i);
 	LWLockRelease(queue->lock);
 	return abandoned;
 }
@@ -344,7 +433,7 @@ dolly_queue_finish(DollyRequest *req, const dl_error *err)
 		queue->state[i] = err ? SLOT_FAILED : SLOT_DONE;
 	}
 	else if (queue->state[i] == SLOT_ABANDONED)
-		queue->state[i] = SLOT_FREE;
+		set_free(i);
 	LWLockRelease(queue->lock);
 	if (latch)
 		SetLatch(latch);
@@ -364,7 +453,7 @@ dolly_queue_fail_running(int server, const char *why)
 		LWLockAcquire(queue->lock, LW_EXCLUSIVE);
 		s = slots[i].server == server ? queue->state[i] : SLOT_FREE;
 		if (s == SLOT_ABANDONED)
-			queue->state[i] = SLOT_FREE;
+			set_free(i);
 		LWLockRelease(queue->lock);
 		if (s == SLOT_RUNNING)
 			dolly_queue_finish(&slots[i], &err);

@@ -2,12 +2,13 @@
  * queue.h: requests from sessions to the model server, through slots in shared memory.
  *
  * Each backend owns one slot (indexed by its BackendId), so submitting never waits for a
- * free slot. A slot moves FREE -> QUEUED (client) -> RUNNING (server) -> DONE or FAILED
+ * free slot; a call that keeps several requests in flight (an array of instructions)
+ * borrows more from a shared pool (dolly.request_slots), each with its borrower. A slot moves FREE -> QUEUED (client) -> RUNNING (server) -> DONE or FAILED
  * (server) -> FREE (client); a client that stops waiting (cancel, timeout, exit) turns
  * QUEUED into FREE itself and RUNNING into ABANDONED, which the server frees when it drops
  * the sequence. Whoever owns the current state owns the slot's contents; state changes
  * happen under the queue's LWLock, which also orders the writes around them (an LWLock, not
-a spinlock: taking a request scans every slot).
+ * a spinlock: taking a request scans every slot).
  *
  * With several model servers (one per GPU) every server takes from the one queue, and a
  * request goes to the server running the fewest sequences of its model, so that concurrent
@@ -80,7 +81,8 @@ typedef struct DollyQueue
 {
 	LWLock	   *lock;			/* the slots' states, next_seqno and taking */
 	uint64		next_seqno;
-	int			nslots;
+	int			nslots;			/* every backend's own slot, then the pool */
+	int			nown;			/* MaxBackends: slot BackendId - 1 is that backend's */
 	bool		taking[DOLLY_MAX_SERVERS];	/* which servers take requests now */
 	DollySlotState state[FLEXIBLE_ARRAY_MEMBER];	/* slots follow, MAXALIGN'd */
 } DollyQueue;
@@ -93,12 +95,23 @@ extern void dolly_queue_shmem_init(void);
 
 /* --- client side --- */
 
-/* This backend's slot, FREE, ready to fill. */
+/* This backend's own slot, FREE, ready to fill (it waits until the server let it go). */
 extern DollyRequest *dolly_queue_my_slot(void);
-/* Queue the filled slot, wake the server and wait (interruptibly) for its answer. On
- * return the slot is DONE (FAILED raises the server's ERROR); call dolly_queue_release. */
-extern void dolly_queue_submit_and_wait(DollyRequest *req);
-/* Free the slot after reading the result. */
+/*
+ * One more slot, borrowed from the shared pool (dolly.request_slots), FREE and ready to fill;
+ * NULL when the pool has none free now. It goes back with dolly_queue_release.
+ */
+extern DollyRequest *dolly_queue_borrow(void);
+/* Queue the filled slot and wake the servers. */
+extern void dolly_queue_submit(DollyRequest *req);
+/*
+ * Wait (interruptibly) for a submitted slot's answer. On return the slot is DONE (FAILED
+ * raises the server's ERROR); call dolly_queue_release. An ERROR, a cancel or a timeout
+ * abandons every request this backend has in flight (at the (sub)transaction's abort), and
+ * so does the backend's exit.
+ */
+extern void dolly_queue_wait(DollyRequest *req);
+/* Free the slot after reading the result (a borrowed one goes back to the pool). */
 extern void dolly_queue_release(DollyRequest *req);
 
 /* --- server side --- */

@@ -22,6 +22,7 @@
 
 PG_FUNCTION_INFO_V1(dolly_generate);
 PG_FUNCTION_INFO_V1(dolly_generate_raw);
+PG_FUNCTION_INFO_V1(dolly_generate_array);
 PG_FUNCTION_INFO_V1(dolly_tokenize);
 PG_FUNCTION_INFO_V1(dolly_detokenize);
 
@@ -32,19 +33,20 @@ PG_FUNCTION_INFO_V1(dolly_detokenize);
 #define DEFAULT_TOP_K 0
 
 /*
- * Copy the optional model argument at position argno into req, with the identity the
- * server must find, once the model catalog says the current role may use it.
+ * The optional model argument at position argno (into model, of DOLLY_MODEL_NAME_MAX bytes),
+ * with the identity the server must find, once the model catalog says the current role may
+ * use it; "" (dolly.model) when the argument is absent or NULL.
  */
 static void
-set_model(DollyRequest *req, FunctionCallInfo fcinfo, int argno)
+set_model(char *model, DollyModelIdent *ident, FunctionCallInfo fcinfo, int argno)
 {
 	char	   *name;
 
 	if (PG_NARGS() <= argno || PG_ARGISNULL(argno))
 		return;
 	name = text_to_cstring(PG_GETARG_TEXT_PP(argno));
-	dolly_check_model_use(name, &req->ident);
-	strlcpy(req->model, name, sizeof(req->model));
+	dolly_check_model_use(name, ident);
+	strlcpy(model, name, DOLLY_MODEL_NAME_MAX);
 }
 
 /* ERROR unless len bytes fit in a request. */
@@ -137,50 +139,117 @@ result_text(DollyRequest *req)
 	return cstring_to_text_with_len(buf.data, buf.len);
 }
 
+/* A generation call's options, read and checked once for all its requests. */
+typedef struct GenOptions
+{
+	char		model[DOLLY_MODEL_NAME_MAX];	/* "" = dolly.model */
+	DollyModelIdent ident;
+	bool		extract_response;
+	int			max_new_tokens;
+	double		temperature;
+	double		top_p;
+	int			top_k;
+	bool		do_sample;
+	bool		seeded;
+	uint64		seed;
+} GenOptions;
+
 /*
  * Read the generation arguments that follow the prompt (model, max_new_tokens,
- * temperature, top_p, top_k, do_sample, seed, starting at argument first), check them
- * and run the request. Returns the generated text.
+ * temperature, top_p, top_k, do_sample, seed, starting at argument first) and check them.
  */
-static text *
-run_generate(FunctionCallInfo fcinfo, const char *prompt, bool extract_response, int first)
+static void
+read_options(FunctionCallInfo fcinfo, int first, bool extract_response, GenOptions *o)
 {
-	DollyRequest *req = dolly_queue_my_slot();
 	dl_sampling sp;
 	dl_error	err;
-	text	   *result;
 
+	memset(o, 0, sizeof(*o));
 #define ARG_OR(n, get, dflt) (PG_ARGISNULL(first + (n)) ? (dflt) : get(first + (n)))
-	set_model(req, fcinfo, first);
-	req->max_new_tokens = ARG_OR(1, PG_GETARG_INT32, DEFAULT_MAX_NEW_TOKENS);
-	req->temperature = ARG_OR(2, PG_GETARG_FLOAT8, DEFAULT_TEMPERATURE);
-	req->top_p = ARG_OR(3, PG_GETARG_FLOAT8, DEFAULT_TOP_P);
-	req->top_k = ARG_OR(4, PG_GETARG_INT32, DEFAULT_TOP_K);
-	req->do_sample = ARG_OR(5, PG_GETARG_BOOL, true);
-	/* no seed: a fresh one per call, as an unseeded sampler would draw */
-	req->seed = PG_ARGISNULL(first + 6) ? pg_prng_uint64(&pg_global_prng_state)
-		: (uint64) PG_GETARG_INT64(first + 6);
+	set_model(o->model, &o->ident, fcinfo, first);
+	o->extract_response = extract_response;
+	o->max_new_tokens = ARG_OR(1, PG_GETARG_INT32, DEFAULT_MAX_NEW_TOKENS);
+	o->temperature = ARG_OR(2, PG_GETARG_FLOAT8, DEFAULT_TEMPERATURE);
+	o->top_p = ARG_OR(3, PG_GETARG_FLOAT8, DEFAULT_TOP_P);
+	o->top_k = ARG_OR(4, PG_GETARG_INT32, DEFAULT_TOP_K);
+	o->do_sample = ARG_OR(5, PG_GETARG_BOOL, true);
+	o->seeded = !PG_ARGISNULL(first + 6);
+	o->seed = o->seeded ? (uint64) PG_GETARG_INT64(first + 6) : 0;
 #undef ARG_OR
 
-	if (req->max_new_tokens < 1 || req->max_new_tokens > dolly_max_new_tokens)
+	if (o->max_new_tokens < 1 || o->max_new_tokens > dolly_max_new_tokens)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("max_new_tokens must be between 1 and %d", dolly_max_new_tokens),
 				 errhint("The upper bound is the server setting dolly.max_new_tokens.")));
-	sp.do_sample = req->do_sample;
-	sp.temperature = (float) req->temperature;
-	sp.top_k = req->top_k;
-	sp.top_p = (float) req->top_p;
+	sp.do_sample = o->do_sample;
+	sp.temperature = (float) o->temperature;
+	sp.top_k = o->top_k;
+	sp.top_p = (float) o->top_p;
 	if (sampling_check(&sp, &err) != DL_OK)
 		dolly_report(ERROR, &err);
+}
 
+/* Fill a FREE slot with the request to continue prompt, and queue it. */
+static void
+submit_generate(DollyRequest *req, const GenOptions *o, const char *prompt)
+{
+	strlcpy(req->model, o->model, sizeof(req->model));
+	req->ident = o->ident;
 	req->kind = REQ_GENERATE;
-	req->extract_response = extract_response;
+	req->extract_response = o->extract_response;
+	req->max_new_tokens = o->max_new_tokens;
+	req->temperature = o->temperature;
+	req->top_p = o->top_p;
+	req->top_k = o->top_k;
+	req->do_sample = o->do_sample;
+	/* no seed: a fresh one per request, as an unseeded sampler would draw */
+	req->seed = o->seeded ? o->seed : pg_prng_uint64(&pg_global_prng_state);
 	set_input_text(req, "prompt", prompt, strlen(prompt));
-	dolly_queue_submit_and_wait(req);
+	dolly_queue_submit(req);
+}
+
+/* The answer of a submitted request, as text; its slot is released. */
+static text *
+collect(DollyRequest *req)
+{
+	text	   *result;
+
+	dolly_queue_wait(req);
 	result = result_text(req);
 	dolly_queue_release(req);
 	return result;
+}
+
+/* Dolly's prompt for an instruction and its context (NULL: none), its lengths checked first. */
+static char *
+dolly_prompt(text *instruction, text *context)
+{
+	char	   *prompt;
+	char	   *copy;
+
+	check_length("instruction", VARSIZE_ANY_EXHDR(instruction));
+	if (context)
+		check_length("context", VARSIZE_ANY_EXHDR(context));
+	prompt = prompt_format(text_to_cstring(instruction), context ? text_to_cstring(context) : NULL);
+	if (prompt == NULL)
+		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+	copy = pstrdup(prompt);
+	free(prompt);
+	return copy;
+}
+
+/* One request in this session's own slot: the answer to prompt. */
+static text *
+generate_one(FunctionCallInfo fcinfo, const char *prompt, bool extract_response, int first)
+{
+	GenOptions	o;
+	DollyRequest *req;
+
+	read_options(fcinfo, first, extract_response, &o);
+	req = dolly_queue_my_slot();
+	submit_generate(req, &o, prompt);
+	return collect(req);
 }
 
 /*
@@ -191,19 +260,11 @@ run_generate(FunctionCallInfo fcinfo, const char *prompt, bool extract_response,
 Datum
 dolly_generate(PG_FUNCTION_ARGS)
 {
-	char	   *instruction;
-	char	   *prompt;
-	char	   *copy;
-
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
-	instruction = text_arg(fcinfo, 0, "instruction");
-	prompt = prompt_format(instruction, PG_ARGISNULL(1) ? NULL : text_arg(fcinfo, 1, "context"));
-	if (prompt == NULL)
-		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
-	copy = pstrdup(prompt);
-	free(prompt);
-	PG_RETURN_TEXT_P(run_generate(fcinfo, copy, true, 2));
+	PG_RETURN_TEXT_P(generate_one(fcinfo, dolly_prompt(PG_GETARG_TEXT_PP(0),
+													   PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1)),
+								  true, 2));
 }
 
 /* dolly_generate_raw(prompt, model, ...): the model's continuation of prompt, no template. */
@@ -212,7 +273,101 @@ dolly_generate_raw(PG_FUNCTION_ARGS)
 {
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
-	PG_RETURN_TEXT_P(run_generate(fcinfo, text_arg(fcinfo, 0, "prompt"), false, 1));
+	PG_RETURN_TEXT_P(generate_one(fcinfo, text_arg(fcinfo, 0, "prompt"), false, 1));
+}
+
+/* The elements of a one-dimensional text array argument (NULL elements flagged). */
+static int
+text_elements(FunctionCallInfo fcinfo, int argno, const char *what, Datum **elems, bool **nulls)
+{
+	ArrayType  *arr = PG_GETARG_ARRAYTYPE_P(argno);
+	int			n;
+
+	if (ARR_NDIM(arr) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("%s must be a one-dimensional array", what)));
+	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, elems, nulls, &n);
+	return n;
+}
+
+/*
+ * dolly_generate(instructions text[], contexts text[], model, ...): Dolly's answers to many
+ * instructions, in their order; NULL elements give NULL. Up to dolly.query_batch requests
+ * are in flight at once (this session's own slot and slots borrowed from the pool, fewer
+ * when the pool is empty), so the server decodes them together; each is the request that
+ * dolly_generate(instruction, context, ...) makes, so the answers are the same.
+ */
+Datum
+dolly_generate_array(PG_FUNCTION_ARGS)
+{
+	Datum	   *instr,
+			   *ctx = NULL;
+	bool	   *instr_null,
+			   *ctx_null = NULL;
+	int			n;
+	GenOptions	o;
+	int			window = dolly_query_batch > 0 ? dolly_query_batch : dolly_max_batch;
+	DollyRequest **flight;		/* in element order: a ring of `window` */
+	int		   *flight_elem;
+	int			head = 0,
+				count = 0,
+				next = 0;
+	DollyRequest *own = NULL;	/* this session's slot, while a request uses it */
+	Datum	   *answers;
+	bool	   *answer_null;
+	int			dims[1],
+				lbs[1] = {1};
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	n = text_elements(fcinfo, 0, "instructions", &instr, &instr_null);
+	if (!PG_ARGISNULL(1) && text_elements(fcinfo, 1, "contexts", &ctx, &ctx_null) != n)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("contexts must have as many elements as instructions (%d)", n)));
+	read_options(fcinfo, 2, true, &o);
+
+	flight = palloc(window * sizeof(DollyRequest *));
+	flight_elem = palloc(window * sizeof(int));
+	answers = palloc0(Max(n, 1) * sizeof(Datum));
+	answer_null = palloc(Max(n, 1) * sizeof(bool));
+	while (next < n || count > 0)
+	{
+		/* submit what the window and the free slots allow */
+		while (next < n && count < window)
+		{
+			DollyRequest *req;
+
+			answer_null[next] = instr_null[next];
+			if (instr_null[next])
+			{
+				next++;
+				continue;
+			}
+			req = own == NULL ? (own = dolly_queue_my_slot()) : dolly_queue_borrow();
+			if (req == NULL)
+				break;
+			submit_generate(req, &o, dolly_prompt(DatumGetTextPP(instr[next]),
+												  ctx && !ctx_null[next] ? DatumGetTextPP(ctx[next]) : NULL));
+			flight[(head + count) % window] = req;
+			flight_elem[(head + count) % window] = next++;
+			count++;
+		}
+		if (count == 0)
+			continue;
+		/* the oldest answer first: the window moves in element order */
+		answers[flight_elem[head]] = PointerGetDatum(collect(flight[head]));
+		if (flight[head] == own)
+			own = NULL;
+		head = (head + 1) % window;
+		count--;
+	}
+	if (n == 0)
+		PG_RETURN_ARRAYTYPE_P(construct_empty_array(TEXTOID));
+	dims[0] = n;
+	PG_RETURN_ARRAYTYPE_P(construct_md_array(answers, answer_null, 1, dims, lbs, TEXTOID, -1, false,
+											 TYPALIGN_INT));
 }
 
 /* dolly_tokenize(text, model): the model tokenizer's ids for text. */
@@ -228,10 +383,11 @@ dolly_tokenize(PG_FUNCTION_ARGS)
 		PG_RETURN_NULL();
 	t = PG_GETARG_TEXT_PP(0);
 	req = dolly_queue_my_slot();
-	set_model(req, fcinfo, 1);
+	set_model(req->model, &req->ident, fcinfo, 1);
 	req->kind = REQ_TOKENIZE;
 	set_input_text(req, "text", VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
-	dolly_queue_submit_and_wait(req);
+	dolly_queue_submit(req);
+	dolly_queue_wait(req);
 	n = req->out_len / sizeof(int32);
 	elems = palloc(Max(n, 1) * sizeof(Datum));
 	for (int i = 0; i < n; i++)
@@ -270,10 +426,11 @@ dolly_detokenize(PG_FUNCTION_ARGS)
 		ids[i] = DatumGetInt32(elems[i]);
 	}
 	req = dolly_queue_my_slot();
-	set_model(req, fcinfo, 1);
+	set_model(req->model, &req->ident, fcinfo, 1);
 	req->kind = REQ_DETOKENIZE;
 	set_input(req, "token array", (const char *) ids, n * sizeof(int32));
-	dolly_queue_submit_and_wait(req);
+	dolly_queue_submit(req);
+	dolly_queue_wait(req);
 	result = result_text(req);
 	dolly_queue_release(req);
 	PG_RETURN_TEXT_P(result);
