@@ -1,0 +1,66 @@
+# 012_batch.pl: a call with many requests in flight (dolly_generate over an array). A cancel
+# or statement_timeout in the middle leaves no sequence running in the server and every
+# borrowed slot back in the pool; two sessions batching at once each get their own answers;
+# a pool smaller than the batch only narrows it.
+use strict;
+use warnings;
+use FindBin;
+use lib $FindBin::Bin;
+use DollyTest;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my ($node) = dolly_cluster('batch', conf => "dolly.max_batch = 8\ndolly.request_slots = 6\n");
+
+sub batch_sql
+{
+	my ($from, $to, $tokens) = @_;
+	return "SELECT dolly_generate(array_agg('Say the number ' || i ORDER BY i), "
+	  . "max_new_tokens => $tokens, do_sample => false) FROM generate_series($from, $to) i";
+}
+my $one_by_one = "SELECT array_agg(dolly_generate('Say the number ' || i, max_new_tokens => 6, do_sample => false) ORDER BY i) "
+  . "FROM generate_series(1, 24) i";
+my $alone = $node->safe_psql('postgres', $one_by_one);
+
+# a long batch, cancelled while its requests run
+my $long = $node->background_psql('postgres');
+my $pid = $long->query_safe('SELECT pg_backend_pid()');
+$long->{stdin} .= "\\set ON_ERROR_STOP 0\n" . batch_sql(1, 200, 1000) . ";\nSELECT 'after';\n";
+$long->{run}->pump_nb;
+$node->poll_query_until('postgres', 'SELECT coalesce(sum(active_requests), 0) >= 7 FROM dolly_server')
+  or die 'the batch never had its requests in flight';
+pass('a batch keeps several requests in flight');
+$node->safe_psql('postgres', "SELECT pg_cancel_backend($pid)");
+$long->{run}->pump until $long->{stdout} =~ /after/ || $long->{timeout}->is_expired;
+like($long->{stderr}, qr/canceling statement due to user request/, 'the batch is cancelled');
+$node->poll_query_until('postgres', 'SELECT coalesce(sum(active_requests), 0) = 0 FROM dolly_server')
+  or die 'sequences keep running';
+pass('and the server runs none of its sequences any more');
+
+# statement_timeout in the same session: the pool came back, the batch is full again
+$long->{stderr} = '';
+$long->{stdin} .= "SET statement_timeout = '500ms';\n" . batch_sql(1, 5000, 1000) . ";\nRESET statement_timeout;\nSELECT 'again';\n";
+$long->{run}->pump until $long->{stdout} =~ /again/ || $long->{timeout}->is_expired;
+like($long->{stderr}, qr/canceling statement due to statement timeout/, 'statement_timeout stops a batch');
+$node->poll_query_until('postgres', 'SELECT coalesce(sum(active_requests), 0) = 0 FROM dolly_server')
+  or die 'sequences keep running after the timeout';
+pass('and leaves no sequence running');
+$long->quit;
+
+# two sessions at once, each batching more than the pool (6 slots for both) holds
+my @s = map { $node->background_psql('postgres') } 1 .. 2;
+$_->{stdin} .= batch_sql(1, 24, 6) . ";\nSELECT 'done';\n" for @s;
+for my $h (@s)
+{
+	$h->{run}->pump until $h->{stdout} =~ /done/ || $h->{timeout}->is_expired;
+}
+for my $i (0 .. 1)
+{
+	my ($answers) = split /\n/, $s[$i]->{stdout};
+	is($answers, $alone, "session $i gets its own answers, in order, from a shared pool");
+	$s[$i]->quit;
+}
+is($node->safe_psql('postgres', batch_sql(1, 24, 6)), $alone, 'and so does a batch after them');
+
+done_testing();
