@@ -244,24 +244,27 @@ dolly_queue_borrow(void)
 }
 
 
-/* Wait for the answer; raise if every server is gone for too long. */
-static void
-wait_for_answer(DollyRequest *req)
+int
+dolly_queue_wait_any(DollyRequest **reqs, int n)
 {
 	int			gone_ms = 0;
 
 	for (;;)
 	{
-		DollySlotState s = slot_state(req);
 		bool		server_up;
 
-		if (s == SLOT_DONE)
-			return;
-		if (s == SLOT_FAILED)
-			ereport(ERROR,
-					(errcode(dolly_errcode(req->errcode)),
-					 errmsg("%s", req->errmsg),
-					 req->errhint[0] ? errhint("%s", req->errhint) : 0));
+		for (int i = 0; i < n; i++)
+		{
+			DollySlotState s = slot_state(reqs[i]);
+
+			if (s == SLOT_DONE)
+				return i;
+			if (s == SLOT_FAILED)
+				ereport(ERROR,
+						(errcode(dolly_errcode(reqs[i]->errcode)),
+						 errmsg("%s", reqs[i]->errmsg),
+						 reqs[i]->errhint[0] ? errhint("%s", reqs[i]->errhint) : 0));
+		}
 
 		SpinLockAcquire(&dolly_shared->mutex);
 		server_up = false;
@@ -304,7 +307,7 @@ dolly_queue_submit(DollyRequest *req)
 void
 dolly_queue_wait(DollyRequest *req)
 {
-	wait_for_answer(req);
+	(void) dolly_queue_wait_any(&req, 1);
 }
 void
 dolly_queue_release(DollyRequest *req)

@@ -111,6 +111,8 @@ extern void dolly_queue_submit(DollyRequest *req);
  * so does the backend's exit.
  */
 extern void dolly_queue_wait(DollyRequest *req);
+/* The same for n submitted slots: the index of one that is DONE (any FAILED raises). */
+extern int	dolly_queue_wait_any(DollyRequest **reqs, int n);
 /* Free the slot after reading the result (a borrowed one goes back to the pool). */
 extern void dolly_queue_release(DollyRequest *req);
 

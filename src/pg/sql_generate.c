@@ -295,8 +295,9 @@ text_elements(FunctionCallInfo fcinfo, int argno, const char *what, Datum **elem
  * dolly_generate(instructions text[], contexts text[], model, ...): Dolly's answers to many
  * instructions, in their order; NULL elements give NULL. Up to dolly.query_batch requests
  * are in flight at once (this session's own slot and slots borrowed from the pool, fewer
- * when the pool is empty), so the server decodes them together; each is the request that
- * dolly_generate(instruction, context, ...) makes, so the answers are the same.
+ * when the pool is empty), so the server decodes them together, and a finished one makes
+ * room for the next at once; each is the request dolly_generate(instruction, context, ...)
+ * makes, so the answers are the same.
  */
 Datum
 dolly_generate_array(PG_FUNCTION_ARGS)
@@ -308,10 +309,9 @@ dolly_generate_array(PG_FUNCTION_ARGS)
 	int			n;
 	GenOptions	o;
 	int			window = dolly_query_batch > 0 ? dolly_query_batch : dolly_max_batch;
-	DollyRequest **flight;		/* in element order: a ring of `window` */
+	DollyRequest **flight;		/* the requests in flight, and their elements */
 	int		   *flight_elem;
-	int			head = 0,
-				count = 0,
+	int			count = 0,
 				next = 0;
 	DollyRequest *own = NULL;	/* this session's slot, while a request uses it */
 	Datum	   *answers;
@@ -327,13 +327,17 @@ dolly_generate_array(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
 				 errmsg("contexts must have as many elements as instructions (%d)", n)));
 	read_options(fcinfo, 2, true, &o);
+	if (n == 0)
+		PG_RETURN_ARRAYTYPE_P(construct_empty_array(TEXTOID));
 
 	flight = palloc(window * sizeof(DollyRequest *));
 	flight_elem = palloc(window * sizeof(int));
-	answers = palloc0(Max(n, 1) * sizeof(Datum));
-	answer_null = palloc(Max(n, 1) * sizeof(bool));
+	answers = palloc0(n * sizeof(Datum));
+	answer_null = palloc(n * sizeof(bool));
 	while (next < n || count > 0)
 	{
+		int			done;
+
 		/* submit what the window and the free slots allow */
 		while (next < n && count < window)
 		{
@@ -350,21 +354,19 @@ dolly_generate_array(PG_FUNCTION_ARGS)
 				break;
 			submit_generate(req, &o, dolly_prompt(DatumGetTextPP(instr[next]),
 												  ctx && !ctx_null[next] ? DatumGetTextPP(ctx[next]) : NULL));
-			flight[(head + count) % window] = req;
-			flight_elem[(head + count) % window] = next++;
-			count++;
+			flight[count] = req;
+			flight_elem[count++] = next++;
 		}
 		if (count == 0)
 			continue;
-		/* the oldest answer first: the window moves in element order */
-		answers[flight_elem[head]] = PointerGetDatum(collect(flight[head]));
-		if (flight[head] == own)
+		/* whichever answer comes first; each goes to its element */
+		done = dolly_queue_wait_any(flight, count);
+		answers[flight_elem[done]] = PointerGetDatum(collect(flight[done]));
+		if (flight[done] == own)
 			own = NULL;
-		head = (head + 1) % window;
-		count--;
+		flight[done] = flight[--count];
+		flight_elem[done] = flight_elem[count];
 	}
-	if (n == 0)
-		PG_RETURN_ARRAYTYPE_P(construct_empty_array(TEXTOID));
 	dims[0] = n;
 	PG_RETURN_ARRAYTYPE_P(construct_md_array(answers, answer_null, 1, dims, lbs, TEXTOID, -1, false,
 											 TYPALIGN_INT));

@@ -4,7 +4,10 @@
 1. Aggregate generated tokens/s with 1, 4 and 16 concurrent sessions (pgbench, greedy, distinct
    prompts per client), counted by the server itself (dolly_server.generated_tokens), on a
    random GPT-NeoX model of about 100M parameters made by `dolly-cli init` (never committed).
-2. The SQL path's overhead: one session calling dolly_generate_raw against dolly-cli generating
+2. One statement over 64 rows (Dolly's template, greedy): a call per row, which decodes at
+   batch 1, against one call over the array of the 64 instructions, which keeps
+   dolly.max_batch of them in flight, in generated tokens/s.
+3. The SQL path's overhead: one session calling dolly_generate_raw against dolly-cli generating
    the same greedy continuation of the same prompt with the same model and threads.
 
 Needs dolly installed (make install), PostgreSQL 15's binaries and pgbench; run as a user that
@@ -34,6 +37,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64, help="max_new_tokens per request")
     ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--batch-tokens", type=int, default=32, help="max_new_tokens of the 64-row statement")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--cli", default=os.path.join(ROOT, "build", "dolly-cli"))
@@ -92,6 +96,22 @@ max_connections = {max(clients) + 10}
         print("|---|---|---|")
         for n, tps in rows:
             print(f"| {n} | {tps:.1f} | {tps / base:.2f}x |")
+
+        # one statement over 64 rows: a call per row, and one call over their array
+        def statement_tps(q):
+            before = int(sql("SELECT generated_tokens FROM dolly_server"))
+            t0 = time.time()
+            sql(q)
+            elapsed = time.time() - t0
+            return (int(sql("SELECT generated_tokens FROM dolly_server")) - before) / elapsed
+
+        rows_q = "FROM generate_series(1, 64) i"
+        opts = f"max_new_tokens => {args.batch_tokens}, do_sample => false"
+        per_row = statement_tps(f"SELECT count(dolly_generate('Tell me about item ' || i, {opts})) {rows_q}")
+        array = statement_tps(f"SELECT cardinality(dolly_generate(array_agg('Tell me about item ' || i ORDER BY i), {opts})) {rows_q}")
+        print(f"\none statement over 64 rows, {args.batch_tokens} new tokens: a call per row {per_row:.1f} tokens/s; "
+              f"one call over the array {array:.1f} tokens/s ({array / per_row:.2f}x); "
+              f"{max(clients)} sessions above: {rows[-1][1]:.1f} tokens/s (array / sessions {array / rows[-1][1]:.2f})")
 
         # overhead of the SQL path: the same greedy continuation, alone, both ways
         prompt = "The history of the database begins"
