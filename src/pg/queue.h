@@ -45,6 +45,18 @@ typedef enum DollyRequestKind
 	REQ_DETOKENIZE				/* int32 ids in `in` -> text */
 } DollyRequestKind;
 
+/* How a generation request generates. */
+typedef struct DollyGenParams
+{
+	bool		extract_response;	/* Dolly's response out of prompt + generation */
+	int			max_new_tokens;
+	double		temperature;
+	double		top_p;
+	int			top_k;
+	bool		do_sample;
+	uint64		seed;
+} DollyGenParams;
+
 typedef struct DollyRequest
 {
 	/* written by the client before QUEUED */
@@ -56,13 +68,7 @@ typedef struct DollyRequest
 	uint64		seqno;			/* submission order, for FIFO admission */
 	char		model[DOLLY_MODEL_NAME_MAX];	/* "" = dolly.model */
 	DollyModelIdent ident;		/* its directory's, from the catalog; {0, 0}: unchecked */
-	bool		extract_response;
-	int			max_new_tokens;
-	double		temperature;
-	double		top_p;
-	int			top_k;
-	bool		do_sample;
-	uint64		seed;
+	DollyGenParams gen;			/* REQ_GENERATE */
 	int			in_len;
 	char		in[DOLLY_TEXT_MAX];
 

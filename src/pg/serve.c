@@ -602,13 +602,13 @@ admit(ServedModel *m, DollyRequest *req)
 	memset(&gr, 0, sizeof(gr));
 	gr.prompt = ids;
 	gr.n_prompt = n;
-	gr.max_new_tokens = req->max_new_tokens;
-	gr.end_id = req->extract_response ? m->end_id : m->eos_id;
-	gr.sampling.do_sample = req->do_sample;
-	gr.sampling.temperature = (float) req->temperature;
-	gr.sampling.top_k = req->top_k;
-	gr.sampling.top_p = (float) req->top_p;
-	gr.seed = req->seed;
+	gr.max_new_tokens = req->gen.max_new_tokens;
+	gr.end_id = req->gen.extract_response ? m->end_id : m->eos_id;
+	gr.sampling.do_sample = req->gen.do_sample;
+	gr.sampling.temperature = (float) req->gen.temperature;
+	gr.sampling.top_k = req->gen.top_k;
+	gr.sampling.top_p = (float) req->gen.top_p;
+	gr.seed = req->gen.seed;
 	if (gen_add(m->gen, &gr, &id, &err) != DL_OK)
 	{
 		if (n >= m->cache->max_ctx)
@@ -647,7 +647,7 @@ answer(ServedModel *m, Sequence *s)
 		dolly_queue_finish(req, &err);
 		return;
 	}
-	if (req->extract_response)
+	if (req->gen.extract_response)
 	{
 		/* Dolly's pipeline reads the response out of prompt + generation */
 		char	   *full = psprintf("%.*s%s", req->in_len, req->in, text);

@@ -144,14 +144,8 @@ typedef struct GenOptions
 {
 	char		model[DOLLY_MODEL_NAME_MAX];	/* "" = dolly.model */
 	DollyModelIdent ident;
-	bool		extract_response;
-	int			max_new_tokens;
-	double		temperature;
-	double		top_p;
-	int			top_k;
-	bool		do_sample;
-	bool		seeded;
-	uint64		seed;
+	DollyGenParams gen;
+	bool		seeded;			/* else every request draws its own seed */
 } GenOptions;
 
 /*
@@ -167,25 +161,25 @@ read_options(FunctionCallInfo fcinfo, int first, bool extract_response, GenOptio
 	memset(o, 0, sizeof(*o));
 #define ARG_OR(n, get, dflt) (PG_ARGISNULL(first + (n)) ? (dflt) : get(first + (n)))
 	set_model(o->model, &o->ident, fcinfo, first);
-	o->extract_response = extract_response;
-	o->max_new_tokens = ARG_OR(1, PG_GETARG_INT32, DEFAULT_MAX_NEW_TOKENS);
-	o->temperature = ARG_OR(2, PG_GETARG_FLOAT8, DEFAULT_TEMPERATURE);
-	o->top_p = ARG_OR(3, PG_GETARG_FLOAT8, DEFAULT_TOP_P);
-	o->top_k = ARG_OR(4, PG_GETARG_INT32, DEFAULT_TOP_K);
-	o->do_sample = ARG_OR(5, PG_GETARG_BOOL, true);
+	o->gen.extract_response = extract_response;
+	o->gen.max_new_tokens = ARG_OR(1, PG_GETARG_INT32, DEFAULT_MAX_NEW_TOKENS);
+	o->gen.temperature = ARG_OR(2, PG_GETARG_FLOAT8, DEFAULT_TEMPERATURE);
+	o->gen.top_p = ARG_OR(3, PG_GETARG_FLOAT8, DEFAULT_TOP_P);
+	o->gen.top_k = ARG_OR(4, PG_GETARG_INT32, DEFAULT_TOP_K);
+	o->gen.do_sample = ARG_OR(5, PG_GETARG_BOOL, true);
 	o->seeded = !PG_ARGISNULL(first + 6);
-	o->seed = o->seeded ? (uint64) PG_GETARG_INT64(first + 6) : 0;
+	o->gen.seed = o->seeded ? (uint64) PG_GETARG_INT64(first + 6) : 0;
 #undef ARG_OR
 
-	if (o->max_new_tokens < 1 || o->max_new_tokens > dolly_max_new_tokens)
+	if (o->gen.max_new_tokens < 1 || o->gen.max_new_tokens > dolly_max_new_tokens)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("max_new_tokens must be between 1 and %d", dolly_max_new_tokens),
 				 errhint("The upper bound is the server setting dolly.max_new_tokens.")));
-	sp.do_sample = o->do_sample;
-	sp.temperature = (float) o->temperature;
-	sp.top_k = o->top_k;
-	sp.top_p = (float) o->top_p;
+	sp.do_sample = o->gen.do_sample;
+	sp.temperature = (float) o->gen.temperature;
+	sp.top_k = o->gen.top_k;
+	sp.top_p = (float) o->gen.top_p;
 	if (sampling_check(&sp, &err) != DL_OK)
 		dolly_report(ERROR, &err);
 }
@@ -197,14 +191,10 @@ submit_generate(DollyRequest *req, const GenOptions *o, const char *prompt)
 	strlcpy(req->model, o->model, sizeof(req->model));
 	req->ident = o->ident;
 	req->kind = REQ_GENERATE;
-	req->extract_response = o->extract_response;
-	req->max_new_tokens = o->max_new_tokens;
-	req->temperature = o->temperature;
-	req->top_p = o->top_p;
-	req->top_k = o->top_k;
-	req->do_sample = o->do_sample;
+	req->gen = o->gen;
 	/* no seed: a fresh one per request, as an unseeded sampler would draw */
-	req->seed = o->seeded ? o->seed : pg_prng_uint64(&pg_global_prng_state);
+	if (!o->seeded)
+		req->gen.seed = pg_prng_uint64(&pg_global_prng_state);
 	set_input_text(req, "prompt", prompt, strlen(prompt));
 	dolly_queue_submit(req);
 }
