@@ -15,7 +15,7 @@ OBJS = $(patsubst %.c,%.o,$(wildcard src/pg/*.c))
 DATA = $(wildcard sql/dolly--*.sql)
 PGFILEDESC = "dolly - instruction-following language models inside PostgreSQL"
 
-REGRESS = dolly_setup dolly_generate dolly_batch
+REGRESS = dolly_setup dolly_generate dolly_batch dolly_batch_scan
 REGRESS_OPTS = --temp-instance=tmp_check --temp-config=build/regress.conf --inputdir=. \
 	--encoding=UTF8 --no-locale
 REGRESS_PREP = build/regress.conf

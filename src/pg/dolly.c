@@ -25,6 +25,7 @@ _PG_init(void)
 	dolly_guc_init();
 	dolly_shmem_init();
 	dolly_server_register();
+	dolly_batch_init();
 }
 
 /* Map engine status codes to SQLSTATEs a client can act on. */

@@ -109,6 +109,7 @@ extern DollyShared *dolly_shared;
 extern void dolly_guc_init(void);
 extern void dolly_shmem_init(void);
 extern void dolly_server_register(void);
+extern void dolly_batch_init(void);
 
 /* Number of threads the CPU backend uses: dolly.threads, or every CPU when it is 0. */
 extern int	dolly_cpu_threads(void);

@@ -19,6 +19,7 @@
 
 #include "postgres.h"
 
+#include "fmgr.h"
 #include "storage/latch.h"
 #include "storage/lwlock.h"
 
@@ -121,6 +122,26 @@ extern void dolly_queue_wait(DollyRequest *req);
 extern int	dolly_queue_wait_any(DollyRequest **reqs, int n);
 /* Free the slot after reading the result (a borrowed one goes back to the pool). */
 extern void dolly_queue_release(DollyRequest *req);
+
+/* --- dolly calls whose requests the executor submits itself (sql_generate.c) --- */
+
+typedef enum DollyCallKind
+{
+	DOLLY_CALL_NONE = 0,
+	DOLLY_CALL_GENERATE,		/* dolly_generate(instruction, context, model, ...) */
+	DOLLY_CALL_GENERATE_RAW		/* dolly_generate_raw(prompt, model, ...) */
+} DollyCallKind;
+
+/* Which dolly call (if any) the function funcid is. */
+extern DollyCallKind dolly_call_kind(Oid funcid);
+/*
+ * Check the call's arguments (fcinfo's, all of them, as the function gets them) and submit
+ * its request in the FREE slot req; false, with nothing submitted, when the call returns
+ * NULL (a NULL instruction or prompt).
+ */
+extern bool dolly_call_submit(DollyCallKind kind, FunctionCallInfo fcinfo, DollyRequest *req);
+/* The call's answer: waits for req, reads its text, releases the slot. */
+extern text *dolly_call_answer(DollyRequest *req);
 
 /* --- server side --- */
 

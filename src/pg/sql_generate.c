@@ -11,6 +11,10 @@
 #include "common/pg_prng.h"
 #include "fmgr.h"
 #include "catalog/namespace.h"
+#include "access/htup_details.h"
+#include "catalog/pg_language.h"
+#include "catalog/pg_proc.h"
+#include "utils/syscache.h"
 #include "lib/stringinfo.h"
 #include "mb/pg_wchar.h"
 #include "utils/array.h"
@@ -227,6 +231,59 @@ dolly_prompt(text *instruction, text *context)
 	copy = pstrdup(prompt);
 	free(prompt);
 	return copy;
+}
+
+DollyCallKind
+dolly_call_kind(Oid funcid)
+{
+	HeapTuple	tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(funcid));
+	DollyCallKind kind = DOLLY_CALL_NONE;
+
+	if (!HeapTupleIsValid(tup))
+		return DOLLY_CALL_NONE;
+	/* a C function of this library named so; other libraries' functions are not loaded */
+	if (((Form_pg_proc) GETSTRUCT(tup))->prolang == ClanguageId)
+	{
+		bool		isnull;
+		Datum		bin = SysCacheGetAttr(PROCOID, tup, Anum_pg_proc_probin, &isnull);
+
+		if (!isnull && strcmp(TextDatumGetCString(bin), "$libdir/dolly") == 0)
+		{
+			char	   *src = TextDatumGetCString(SysCacheGetAttr(PROCOID, tup, Anum_pg_proc_prosrc, &isnull));
+
+			kind = strcmp(src, "dolly_generate") == 0 ? DOLLY_CALL_GENERATE
+				: strcmp(src, "dolly_generate_raw") == 0 ? DOLLY_CALL_GENERATE_RAW : DOLLY_CALL_NONE;
+		}
+	}
+	ReleaseSysCache(tup);
+	return kind;
+}
+
+bool
+dolly_call_submit(DollyCallKind kind, FunctionCallInfo fcinfo, DollyRequest *req)
+{
+	GenOptions	o;
+
+	if (PG_ARGISNULL(0))
+		return false;
+	if (kind == DOLLY_CALL_GENERATE)
+	{
+		read_options(fcinfo, 2, true, &o);
+		submit_generate(req, &o, dolly_prompt(PG_GETARG_TEXT_PP(0),
+											  PG_ARGISNULL(1) ? NULL : PG_GETARG_TEXT_PP(1)));
+	}
+	else
+	{
+		read_options(fcinfo, 1, false, &o);
+		submit_generate(req, &o, text_arg(fcinfo, 0, "prompt"));
+	}
+	return true;
+}
+
+text *
+dolly_call_answer(DollyRequest *req)
+{
+	return collect(req);
 }
 
 /* One request in this session's own slot: the answer to prompt. */
