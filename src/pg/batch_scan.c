@@ -280,6 +280,9 @@ plan_batchable(Plan *plan)
 	bool		any = false;
 	ListCell   *lc;
 
+	/* one row (SELECT dolly_generate('...'), PL/pgSQL's simple expressions): nothing to batch */
+	if (IsA(plan, Result) && plan->lefttree == NULL)
+		return false;
 	switch (nodeTag(plan))
 	{
 		case T_ModifyTable:
@@ -407,6 +410,21 @@ batch_drop(BatchState *bs)
 	MemoryContextReset(bs->rows_cxt);
 }
 
+/* The arguments of call c of the child's row in slot, as the function would get them. */
+static void
+call_args(BatchState *bs, int c, TupleTableSlot *slot, FunctionCallInfo fcinfo)
+{
+	ListCell   *lc;
+	int			a = 0;
+
+	InitFunctionCallInfoData(*fcinfo, NULL, list_length(bs->args[c]), InvalidOid, NULL, NULL);
+	foreach(lc, bs->args[c])
+	{
+		fcinfo->args[a].value = slot_getattr(slot, lfirst_int(lc), &fcinfo->args[a].isnull);
+		a++;
+	}
+}
+
 /* Read rows ahead while the window has room. */
 static void
 read_ahead(BatchState *bs)
@@ -416,11 +434,18 @@ read_ahead(BatchState *bs)
 		TupleTableSlot *slot = ExecProcNode(bs->child);
 		BatchRow   *row;
 		MemoryContext old;
+		LOCAL_FCINFO(fcinfo, FUNC_MAX_ARGS);
 
 		if (TupIsNull(slot))
 		{
 			bs->child_done = true;
 			break;
+		}
+		/* an argument too long for a request fails before the row is copied */
+		for (int c = 0; c < bs->ncalls; c++)
+		{
+			call_args(bs, c, slot, fcinfo);
+			dolly_call_check(bs->kind[c], fcinfo);
 		}
 		row = &bs->rows[(bs->head + bs->count++) % bs->window];
 		old = MemoryContextSwitchTo(bs->rows_cxt);
@@ -444,21 +469,13 @@ submit_ahead(BatchState *bs)
 			BatchCall  *call = &row->calls[c];
 			LOCAL_FCINFO(fcinfo, FUNC_MAX_ARGS);
 			DollyRequest *req;
-			ListCell   *lc;
-			int			a = 0;
 
 			if (call->submitted)
 				continue;
 			req = bs->own == NULL ? (bs->own = dolly_queue_my_slot()) : dolly_queue_borrow();
 			if (req == NULL)
 				return;
-			ExecStoreMinimalTuple(row->tuple, bs->child_slot, false);
-			InitFunctionCallInfoData(*fcinfo, NULL, list_length(bs->args[c]), InvalidOid, NULL, NULL);
-			foreach(lc, bs->args[c])
-			{
-				fcinfo->args[a].value = slot_getattr(bs->child_slot, lfirst_int(lc), &fcinfo->args[a].isnull);
-				a++;
-			}
+			call_args(bs, c, ExecStoreMinimalTuple(row->tuple, bs->child_slot, false), fcinfo);
 			call->submitted = true;
 			if (dolly_call_submit(bs->kind[c], fcinfo, req))
 			{

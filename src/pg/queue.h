@@ -134,6 +134,8 @@ typedef enum DollyCallKind
 
 /* Which dolly call (if any) the function funcid is. */
 extern DollyCallKind dolly_call_kind(Oid funcid);
+/* ERROR, as the call would, when a text argument is too long for a request. */
+extern void dolly_call_check(DollyCallKind kind, FunctionCallInfo fcinfo);
 /*
  * Check the call's arguments (fcinfo's, all of them, as the function gets them) and submit
  * its request in the FREE slot req; false, with nothing submitted, when the call returns

@@ -10,6 +10,7 @@
 #include "catalog/pg_type.h"
 #include "common/pg_prng.h"
 #include "fmgr.h"
+#include "access/detoast.h"
 #include "catalog/namespace.h"
 #include "access/htup_details.h"
 #include "catalog/pg_language.h"
@@ -257,6 +258,21 @@ dolly_call_kind(Oid funcid)
 	}
 	ReleaseSysCache(tup);
 	return kind;
+}
+
+void
+dolly_call_check(DollyCallKind kind, FunctionCallInfo fcinfo)
+{
+	if (PG_ARGISNULL(0))
+		return;
+	if (kind == DOLLY_CALL_GENERATE)
+	{
+		check_length("instruction", toast_raw_datum_size(PG_GETARG_DATUM(0)) - VARHDRSZ);
+		if (!PG_ARGISNULL(1))
+			check_length("context", toast_raw_datum_size(PG_GETARG_DATUM(1)) - VARHDRSZ);
+	}
+	else
+		check_length("prompt", toast_raw_datum_size(PG_GETARG_DATUM(0)) - VARHDRSZ);
 }
 
 bool

@@ -1,7 +1,9 @@
-# 012_batch.pl: a call with many requests in flight (dolly_generate over an array). A cancel
-# or statement_timeout in the middle leaves no sequence running in the server and every
-# borrowed slot back in the pool; two sessions batching at once each get their own answers;
-# a pool smaller than the batch only narrows it.
+# 012_batch.pl: statements with many requests in flight (dolly_generate over an array, and
+# the Dolly Batch node). A cancel or statement_timeout in the middle leaves no sequence
+# running in the server, every borrowed slot back in the pool, and (for a batched UPDATE)
+# no row changed; LIMIT 3 generates at most 3 answers more than the look-ahead; two
+# sessions batching at once each get their own answers; a pool smaller than the batch
+# only narrows it.
 use strict;
 use warnings;
 use FindBin;
@@ -47,6 +49,30 @@ $node->poll_query_until('postgres', 'SELECT coalesce(sum(active_requests), 0) = 
   or die 'sequences keep running after the timeout';
 pass('and leaves no sequence running');
 $long->quit;
+
+# a batched UPDATE, cancelled in the middle, changes no row
+$node->safe_psql('postgres', "CREATE TABLE tasks AS SELECT i AS id, 'Say the number ' || i AS q, NULL::text AS answer "
+	  . "FROM generate_series(1, 1000) i");
+my $upd = $node->background_psql('postgres');
+$pid = $upd->query_safe('SELECT pg_backend_pid()');
+$upd->{stdin} .= "\\set ON_ERROR_STOP 0\nUPDATE tasks SET answer = dolly_generate(q, max_new_tokens => 1000, do_sample => false);\nSELECT 'after';\n";
+$upd->{run}->pump_nb;
+$node->poll_query_until('postgres', 'SELECT coalesce(sum(active_requests), 0) >= 7 FROM dolly_server')
+  or die 'the UPDATE never had its requests in flight';
+$node->safe_psql('postgres', "SELECT pg_cancel_backend($pid)");
+$upd->{run}->pump until $upd->{stdout} =~ /after/ || $upd->{timeout}->is_expired;
+like($upd->{stderr}, qr/canceling statement due to user request/, 'a batched UPDATE is cancelled');
+$upd->quit;
+$node->poll_query_until('postgres', 'SELECT coalesce(sum(active_requests), 0) = 0 FROM dolly_server')
+  or die 'sequences keep running after the UPDATE';
+is($node->safe_psql('postgres', 'SELECT count(answer) FROM tasks'), '0', 'and changes no row, leaving no sequence running');
+
+# LIMIT 3 over 1,000 rows: at most the look-ahead (dolly.max_batch = 8) more answers
+my $before = $node->safe_psql('postgres', 'SELECT coalesce(sum(requests), 0) FROM dolly_server');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM (SELECT dolly_generate(q, max_new_tokens => 4, do_sample => false) '
+	  . 'FROM tasks ORDER BY id LIMIT 3) s'), '3', 'LIMIT 3 returns 3 rows');
+cmp_ok($node->safe_psql('postgres', "SELECT coalesce(sum(requests), 0) - $before FROM dolly_server"), '<=', 3 + 8,
+	'and generates at most 3 + the look-ahead answers');
 
 # two sessions at once, each batching more than the pool (6 slots for both) holds
 my @s = map { $node->background_psql('postgres') } 1 .. 2;
