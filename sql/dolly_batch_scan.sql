@@ -38,6 +38,16 @@ SELECT batched = per_row AS same FROM both_ways($$
 	SELECT id, dolly_generate(dolly_generate(q, max_new_tokens => 4, do_sample => false),
 							  max_new_tokens => 4, do_sample => false) FROM scan_tasks ORDER BY id$$);
 
+-- per-row calls below a batch whose requests are in flight, and two batches in one plan
+SELECT batched = per_row AS same FROM both_ways($$
+	SELECT s.id, dolly_generate(s.q, max_new_tokens => 4, do_sample => false) FROM (
+		SELECT id, q FROM scan_tasks WHERE dolly_generate(q, max_new_tokens => 2, do_sample => false) IS NOT NULL
+		 ORDER BY id LIMIT 12) s$$);
+SELECT batched = per_row AS same FROM both_ways($$
+	SELECT s.id, dolly_generate(s.a, max_new_tokens => 4, do_sample => false) FROM (
+		SELECT id, dolly_generate_raw(q, max_new_tokens => 4, seed => id) AS a FROM scan_tasks
+		 ORDER BY id LIMIT 12) s$$);
+
 -- the plans: the node above what computes the arguments, with its batch size
 EXPLAIN (COSTS OFF) SELECT id, dolly_generate(q) FROM scan_tasks WHERE id > 3 ORDER BY id;
 EXPLAIN (COSTS OFF) SELECT id FROM scan_tasks WHERE dolly_generate(q) IS NOT NULL;

@@ -67,7 +67,6 @@ typedef struct BatchState
 	int			head;
 	int			count;
 	bool		child_done;
-	DollyRequest *own;			/* this session's slot, while a call uses it */
 	MemoryContext rows_cxt;		/* rows read ahead, and their answers */
 	BatchRow	returned;		/* the last row returned, freed at the next */
 	DollyRequest **flight;		/* [window * ncalls]: for dolly_queue_wait_any */
@@ -405,7 +404,6 @@ batch_drop(BatchState *bs)
 				dolly_queue_release(row->calls[c].req);
 	}
 	bs->head = bs->count = 0;
-	bs->own = NULL;
 	bs->returned.tuple = NULL;
 	MemoryContextReset(bs->rows_cxt);
 }
@@ -456,6 +454,17 @@ read_ahead(BatchState *bs)
 	}
 }
 
+/* Has this node a request in flight? */
+static bool
+in_flight(BatchState *bs)
+{
+	for (int r = 0; r < bs->count; r++)
+		for (int c = 0; c < bs->ncalls; c++)
+			if (bs->rows[(bs->head + r) % bs->window].calls[c].req)
+				return true;
+	return false;
+}
+
 /* Submit the calls of the rows read ahead, in order, while there are slots. */
 static void
 submit_ahead(BatchState *bs)
@@ -472,8 +481,8 @@ submit_ahead(BatchState *bs)
 
 			if (call->submitted)
 				continue;
-			req = bs->own == NULL ? (bs->own = dolly_queue_my_slot()) : dolly_queue_borrow();
-			if (req == NULL)
+			/* with nothing of this node in flight, a slot there must be */
+			if ((req = dolly_queue_acquire(!in_flight(bs))) == NULL)
 				return;
 			call_args(bs, c, ExecStoreMinimalTuple(row->tuple, bs->child_slot, false), fcinfo);
 			call->submitted = true;
@@ -486,8 +495,6 @@ submit_ahead(BatchState *bs)
 			{
 				/* a NULL instruction: NULL, as the call returns */
 				dolly_queue_release(req);
-				if (req == bs->own)
-					bs->own = NULL;
 				call->answer_null = true;
 				row->pending--;
 			}
@@ -520,8 +527,6 @@ collect_one(BatchState *bs)
 	old = MemoryContextSwitchTo(bs->rows_cxt);
 	bs->flight_call[done]->answer = PointerGetDatum(dolly_call_answer(bs->flight[done]));
 	MemoryContextSwitchTo(old);
-	if (bs->flight[done] == bs->own)
-		bs->own = NULL;
 	bs->flight_call[done]->req = NULL;
 	bs->flight_row[done]->pending--;
 }

@@ -25,6 +25,7 @@ static bool exit_callback_registered = false;
 /* The pool slots this backend borrowed (abandoned with its own at exit or on an ERROR). */
 static int *borrowed;
 static int	nborrowed;
+static bool own_in_use;			/* this backend's own slot holds a request of its own */
 
 #define QUEUE_TRANCHE "dolly queue"
 
@@ -146,6 +147,8 @@ abandon(DollyRequest *req)
 	for (int b = 0; b < nborrowed; b++)
 		if (borrowed[b] == i)
 			borrowed[b] = borrowed[--nborrowed];
+	if (i < queue->nown)
+		own_in_use = false;
 }
 
 /* Give up every request this backend has in flight; the servers drop them at their next step. */
@@ -155,7 +158,10 @@ abandon_all(void)
 	if (nborrowed == 0 &&
 		(MyBackendId == InvalidBackendId || MyBackendId > queue->nown ||
 		 slot_state(&slots[MyBackendId - 1]) == SLOT_FREE))
+	{
+		own_in_use = false;
 		return;
+	}
 	while (nborrowed > 0)
 		abandon(&slots[borrowed[0]]);
 	if (MyBackendId != InvalidBackendId && MyBackendId <= queue->nown)
@@ -200,17 +206,16 @@ register_exit_callback(void)
 }
 
 
-DollyRequest *
-dolly_queue_my_slot(void)
+/* This backend's own slot, once the server let go of what it ran there before. */
+static DollyRequest *
+own_slot(void)
 {
 	DollyRequest *req;
 
 	if (MyBackendId == InvalidBackendId || MyBackendId > queue->nown)
 		elog(ERROR, "dolly: backend id %d has no request slot", MyBackendId);
 	req = &slots[MyBackendId - 1];
-	register_exit_callback();
 	/* a request we abandoned may still be in the server's hands until its next step */
-	abandon(req);
 	while (slot_state(req) != SLOT_FREE)
 	{
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 10L,
@@ -218,16 +223,16 @@ dolly_queue_my_slot(void)
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 	}
-	memset(req, 0, offsetof(DollyRequest, in));
+	own_in_use = true;
 	return req;
 }
 
-DollyRequest *
-dolly_queue_borrow(void)
+/* A slot of the pool for this backend, or NULL when none is free. */
+static DollyRequest *
+borrow(void)
 {
 	int			i;
 
-	register_exit_callback();
 	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
 	for (i = queue->nown; i < queue->nslots; i++)
 		if (queue->state[i] == SLOT_FREE && borrower[i] == 0)
@@ -239,10 +244,26 @@ dolly_queue_borrow(void)
 	if (i == queue->nslots)
 		return NULL;
 	borrowed[nborrowed++] = i;
-	memset(&slots[i], 0, offsetof(DollyRequest, in));
 	return &slots[i];
 }
 
+DollyRequest *
+dolly_queue_acquire(bool must)
+{
+	DollyRequest *req;
+
+	register_exit_callback();
+	req = own_in_use ? borrow() : own_slot();
+	if (req == NULL && must)
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("no dolly request slot is free for this session"),
+				 errhint("This session's batched statements hold its own slot, and the %d slots of dolly.request_slots are taken; raise it, or lower dolly.query_batch.",
+						 dolly_request_slots)));
+	if (req)
+		memset(req, 0, offsetof(DollyRequest, in));
+	return req;
+}
 
 int
 dolly_queue_wait_any(DollyRequest **reqs, int n)

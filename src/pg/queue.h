@@ -102,13 +102,13 @@ extern void dolly_queue_shmem_init(void);
 
 /* --- client side --- */
 
-/* This backend's own slot, FREE, ready to fill (it waits until the server let it go). */
-extern DollyRequest *dolly_queue_my_slot(void);
 /*
- * One more slot, borrowed from the shared pool (dolly.request_slots), FREE and ready to fill;
- * NULL when the pool has none free now. It goes back with dolly_queue_release.
+ * A FREE slot for one more request of this backend, ready to fill: its own slot when no
+ * request of its own is there, else one borrowed from the shared pool (dolly.request_slots).
+ * When none is free: NULL, or an ERROR with `must` (a caller with nothing in flight to
+ * wait for). It goes back with dolly_queue_release.
  */
-extern DollyRequest *dolly_queue_borrow(void);
+extern DollyRequest *dolly_queue_acquire(bool must);
 /* Queue the filled slot and wake the servers. */
 extern void dolly_queue_submit(DollyRequest *req);
 /*

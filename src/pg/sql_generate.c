@@ -302,7 +302,7 @@ dolly_call_answer(DollyRequest *req)
 	return collect(req);
 }
 
-/* One request in this session's own slot: the answer to prompt. */
+/* One request: the answer to prompt. */
 static text *
 generate_one(FunctionCallInfo fcinfo, const char *prompt, bool extract_response, int first)
 {
@@ -310,7 +310,7 @@ generate_one(FunctionCallInfo fcinfo, const char *prompt, bool extract_response,
 	DollyRequest *req;
 
 	read_options(fcinfo, first, extract_response, &o);
-	req = dolly_queue_my_slot();
+	req = dolly_queue_acquire(true);
 	submit_generate(req, &o, prompt);
 	return collect(req);
 }
@@ -376,7 +376,6 @@ dolly_generate_array(PG_FUNCTION_ARGS)
 	int		   *flight_elem;
 	int			count = 0,
 				next = 0;
-	DollyRequest *own = NULL;	/* this session's slot, while a request uses it */
 	Datum	   *answers;
 	bool	   *answer_null;
 	int			dims[1],
@@ -412,8 +411,7 @@ dolly_generate_array(PG_FUNCTION_ARGS)
 				next++;
 				continue;
 			}
-			req = own == NULL ? (own = dolly_queue_my_slot()) : dolly_queue_borrow();
-			if (req == NULL)
+			if ((req = dolly_queue_acquire(count == 0)) == NULL)
 				break;
 			submit_generate(req, &o, dolly_prompt(DatumGetTextPP(instr[next]),
 												  ctx && !ctx_null[next] ? DatumGetTextPP(ctx[next]) : NULL));
@@ -425,8 +423,6 @@ dolly_generate_array(PG_FUNCTION_ARGS)
 		/* whichever answer comes first; each goes to its element */
 		done = dolly_queue_wait_any(flight, count);
 		answers[flight_elem[done]] = PointerGetDatum(collect(flight[done]));
-		if (flight[done] == own)
-			own = NULL;
 		flight[done] = flight[--count];
 		flight_elem[done] = flight_elem[count];
 	}
@@ -447,7 +443,7 @@ dolly_tokenize(PG_FUNCTION_ARGS)
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
 	t = PG_GETARG_TEXT_PP(0);
-	req = dolly_queue_my_slot();
+	req = dolly_queue_acquire(true);
 	set_model(req->model, &req->ident, fcinfo, 1);
 	req->kind = REQ_TOKENIZE;
 	set_input_text(req, "text", VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
@@ -490,7 +486,7 @@ dolly_detokenize(PG_FUNCTION_ARGS)
 					 errmsg("token ids must not be NULL")));
 		ids[i] = DatumGetInt32(elems[i]);
 	}
-	req = dolly_queue_my_slot();
+	req = dolly_queue_acquire(true);
 	set_model(req->model, &req->ident, fcinfo, 1);
 	req->kind = REQ_DETOKENIZE;
 	set_input(req, "token array", (const char *) ids, n * sizeof(int32));
