@@ -1,7 +1,8 @@
 # 006_cuda_emulated.pl: the GPU paths of the server through PostgreSQL, with the CUDA
 # plugin's kernels emulated on the CPU (tests/gpu/emu; $DOLLY_CUDA_PLUGIN points the server
 # at it, $EMU_GPUS makes two GPUs). Serving: each emulated GPU gets its own model server,
-# which serves the greedy text the CPU serves; concurrent requests are spread over both;
+# which serves the greedy text the CPU serves (a statement's rows too, decoded together by
+# Dolly Batch); concurrent requests are spread over both;
 # while one GPU's server restarts the other serves; after a crash (a server killed) there
 # is again exactly one server a GPU; after a kernel faults ($EMU_FAIL_ONCE) the request gets
 # an ERROR and a new server serves again; a GPU without room for the model ($EMU_GPU_FULL)
@@ -64,6 +65,10 @@ like($node->safe_psql('postgres', "SELECT available, devices FROM dolly_backends
 my $sql = "SELECT dolly_generate_raw('Tell me about tables.', max_new_tokens => 12, do_sample => false)";
 my $cpu = $node->safe_psql('postgres', $sql);
 is($node->safe_psql('postgres', "SELECT device FROM dolly_server"), 'cpu', 'served on the CPU first');
+# ten rows of one statement: a call per row on the CPU, through Dolly Batch on the GPUs below
+my $rows_sql = "SELECT string_agg(a, '|' ORDER BY i) FROM (SELECT i, dolly_generate_raw('Row ' || i || ' says', "
+  . "max_new_tokens => 8, do_sample => false) AS a FROM generate_series(1, 10) i) s";
+my $cpu_rows = $node->safe_psql('postgres', "SET dolly.query_batch = 1; $rows_sql");
 
 $node->append_conf('postgresql.conf', "dolly.device = 'cuda'\n");
 $node->reload;
@@ -71,6 +76,8 @@ $node->poll_query_until('postgres', "SELECT string_agg(device, ',' ORDER BY devi
 	'cuda:0,cuda:1')
   or die 'the model did not move to the GPUs';
 is($node->safe_psql('postgres', $sql), $cpu, 'the GPU serves the greedy text the CPU serves');
+is($node->safe_psql('postgres', $rows_sql), $cpu_rows,
+	'a statement through Dolly Batch gets from the GPUs, its rows decoded together, what a call per row gets on the CPU');
 is($node->safe_psql('postgres',
 		"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'dolly model server'"),
 	2, 'one model server a GPU');
