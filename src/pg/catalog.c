@@ -26,10 +26,10 @@
 #include "utils/lsyscache.h"
 #include "utils/syscache.h"
 
-Oid
-dolly_extension_schema(void)
+/* The schema dolly is installed in (get_extension_schema is not exported before PG 16). */
+static Oid
+extension_schema(void)
 {
-	/* get_extension_schema is not exported before PostgreSQL 16 */
 	Relation	rel = table_open(ExtensionRelationId, AccessShareLock);
 	ScanKeyData key;
 	SysScanDesc scan;
@@ -51,17 +51,11 @@ dolly_extension_schema(void)
 	return nsp;
 }
 
-const char *
-dolly_table(const char *name)
-{
-	return quote_qualified_identifier(get_namespace_name(dolly_extension_schema()), name);
-}
-
-/* The owner of the dolly_job table: the identity that writes dolly's tables. */
+/* The owner of the dolly_job table in schema nsp: the identity that writes dolly's tables. */
 static Oid
-tables_owner(void)
+tables_owner(Oid nsp)
 {
-	Oid			relid = get_relname_relid("dolly_job", dolly_extension_schema());
+	Oid			relid = get_relname_relid("dolly_job", nsp);
 	HeapTuple	tup;
 	Oid			owner;
 
@@ -81,10 +75,8 @@ tables_owner(void)
  * undone by the transaction's abort.
  */
 static void
-owner_begin(DollyOwnerScope *scope)
+owner_begin(DollyOwnerScope *scope, Oid owner)
 {
-	Oid			owner = tables_owner();
-
 	GetUserIdAndSecContext(&scope->saved_user, &scope->saved_sec);
 	SetUserIdAndSecContext(owner, scope->saved_sec | SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_RESTRICTED_OPERATION);
@@ -104,9 +96,10 @@ void
 dolly_owner_query(DollyOwnerScope *scope, const char *sql, const char *table, int nargs,
 				  Oid *types, Datum *values, const char *nulls, int expect)
 {
-	char	   *query = psprintf(sql, dolly_table(table));
+	Oid			nsp = extension_schema();
+	char	   *query = psprintf(sql, quote_qualified_identifier(get_namespace_name(nsp), table));
 
-	owner_begin(scope);
+	owner_begin(scope, tables_owner(nsp));
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	if (SPI_execute_with_args(query, nargs, types, values, nulls, expect == SPI_OK_SELECT, 0) != expect)

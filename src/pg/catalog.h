@@ -9,12 +9,6 @@
 
 #include "dolly_pg.h"
 
-/* The schema dolly is installed in (ERROR if it is not installed in this database). */
-extern Oid	dolly_extension_schema(void);
-
-/* The schema-qualified, quoted name of one of dolly's tables, for SPI. */
-extern const char *dolly_table(const char *name);
-
 /*
  * Queries on dolly's tables with their owner's rights: in a scope that runs with
  * SECURITY_RESTRICTED_OPERATION and search_path pinned to pg_catalog, pg_temp, and whose
@@ -28,8 +22,8 @@ typedef struct DollyOwnerScope
 } DollyOwnerScope;
 
 /*
- * Run sql (its "%s" the quoted name of dolly's table `table`) with SPI's arguments in the
- * owner scope; ERROR unless SPI answers `expect` (SPI_OK_SELECT: a read-only query). The
+ * Run sql (its "%s" the schema-qualified, quoted name of dolly's table `table`; ERROR if
+ * dolly is not installed in this database) with SPI's arguments in the owner scope; ERROR unless SPI answers `expect` (SPI_OK_SELECT: a read-only query). The
  * result is in SPI_tuptable, in memory that dolly_owner_query_end frees (copy what you
  * keep with SPI_palloc), which must follow.
  */
@@ -41,8 +35,9 @@ extern void dolly_owner_query_end(const DollyOwnerScope *scope);
 /*
  * ERROR unless the current role may use the model `name` (a name under dolly.model_dir):
  * dolly.model is everyone's; any other model must be registered in this database's catalog
- * and owned by, or granted to, the role (or PUBLIC); superusers may use every registered
- * model. Sets *ident to the identity the server must find ({0, 0} for dolly.model).
+ * and owned by, or granted to, the role (or PUBLIC); superusers may name any directory
+ * under dolly.model_dir, registered or not. Sets *ident to the identity the server must
+ * find ({0, 0}: not checked, as for dolly.model).
  */
 extern void dolly_check_model_use(const char *name, DollyModelIdent *ident);
 

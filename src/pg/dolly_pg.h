@@ -165,9 +165,13 @@ typedef struct DollyModelIdent
 /* The identity of directory path; false (errno set) when it cannot be read. */
 extern bool dolly_model_ident(const char *path, DollyModelIdent *out);
 
-/* DL_OK when want is {0, 0} (not checked) or path (model `name`'s) still has it. */
+/*
+ * Read the identity of model `name`'s directory at path into *have; DL_OK when want is
+ * NULL or {0, 0} (not checked) or the directory still has it.
+ */
 extern dl_status dolly_model_ident_check(const char *name, const char *path,
-										 const DollyModelIdent *want, dl_error *err);
+										 const DollyModelIdent *want, DollyModelIdent *have,
+										 dl_error *err);
 
 /*
  * Remove the temporary directories of models being saved (see model_save) from

@@ -395,6 +395,7 @@ run_job(const JobSpec *spec)
 	dl_status	st;
 	int			nranks = dolly_train_workers;	/* read once: a reload must not change it midway */
 	DollyModelIdent base_ident = {0, 0};
+	DollyModelIdent base_have;
 
 	set_phase("loading the base model");
 	/* the role may still use the base, and it is still the directory the catalog knows */
@@ -405,7 +406,7 @@ run_job(const JobSpec *spec)
 		xact_end();
 	}
 	if (dolly_model_path(spec->base ? spec->base : "", base_path, &is_default, &err) != DL_OK ||
-		(spec->base && dolly_model_ident_check(spec->base, base_path, &base_ident, &err) != DL_OK))
+		(spec->base && dolly_model_ident_check(spec->base, base_path, &base_ident, &base_have, &err) != DL_OK))
 		goto fail;
 	snprintf(out_path, sizeof(out_path), "%s/%s", dolly_model_dir, spec->output);
 	snprintf(cfg_path, sizeof(cfg_path), "%s/config.json", base_path);

@@ -95,13 +95,12 @@ dolly_model_ident(const char *path, DollyModelIdent *out)
 
 dl_status
 dolly_model_ident_check(const char *name, const char *path, const DollyModelIdent *want,
-						dl_error *err)
+						DollyModelIdent *have, dl_error *err)
 {
-	DollyModelIdent have;
-
-	if (want->dev == 0 && want->ino == 0)
-		return DL_OK;
-	if (dolly_model_ident(path, &have) && have.dev == want->dev && have.ino == want->ino)
+	if (!dolly_model_ident(path, have))
+		return dl_fail(err, DL_EIO, "model \"%s\" cannot be read: %s", name, strerror(errno));
+	if (want == NULL || (want->dev == 0 && want->ino == 0) ||
+		(have->dev == want->dev && have->ino == want->ino))
 		return DL_OK;
 	dl_fail(err, DL_EINVAL, "model \"%s\" has changed since it was registered", name);
 	return dl_hint(err, "A superuser registers it again with dolly_register_model('%s').", name);

@@ -375,9 +375,7 @@ resolve(const char *name, const DollyModelIdent *want, ModelRef *ref, dl_error *
 	if (dolly_model_path(name, ref->path, &ref->is_default, err) != DL_OK)
 		return err->code;
 	strlcpy(ref->name, dolly_model_display_name(name), sizeof(ref->name));
-	if (!dolly_model_ident(ref->path, &ref->ident))
-		return dl_fail(err, DL_EIO, "model \"%s\" cannot be read: %s", ref->name, strerror(errno));
-	return want ? dolly_model_ident_check(name, ref->path, want, err) : DL_OK;
+	return dolly_model_ident_check(ref->name, ref->path, want, &ref->ident, err);
 }
 
 /*
