@@ -36,11 +36,11 @@
 
 #define BATCH_NAME "Dolly Batch"
 
-/* One dolly call of a row: its request, then its answer. */
+/* One dolly call of a row: submitted, then answered. */
 typedef struct BatchCall
 {
-	DollyRequest *req;			/* in flight; NULL before and after */
 	bool		submitted;
+	bool		answered;
 	Datum		answer;
 	bool		answer_null;
 } BatchCall;
@@ -50,7 +50,6 @@ typedef struct BatchRow
 {
 	MinimalTuple tuple;
 	BatchCall  *calls;			/* [ncalls] */
-	int			pending;		/* calls not answered yet */
 } BatchRow;
 
 typedef struct BatchState
@@ -69,9 +68,7 @@ typedef struct BatchState
 	bool		child_done;
 	MemoryContext rows_cxt;		/* rows read ahead, and their answers */
 	BatchRow	returned;		/* the last row returned, freed at the next */
-	DollyRequest **flight;		/* [window * ncalls]: for dolly_queue_wait_any */
-	BatchCall **flight_call;
-	BatchRow  **flight_row;
+	DollyFlight flight;			/* the calls' requests, tagged with their BatchCall */
 	int64		requests;		/* for EXPLAIN ANALYZE */
 	int64		tokens;
 } BatchState;
@@ -370,6 +367,7 @@ batch_begin(CustomScanState *node, EState *estate, int eflags)
 	CustomScan *cscan = (CustomScan *) node->ss.ps.plan;
 	ListCell   *lc;
 	int			i = 0;
+	MemoryContext old;
 
 	bs->child = ExecInitNode(linitial(cscan->custom_plans), estate, eflags);
 	node->custom_ps = list_make1(bs->child);
@@ -386,23 +384,16 @@ batch_begin(CustomScanState *node, EState *estate, int eflags)
 	bs->window = dolly_query_batch > 0 ? dolly_query_batch : dolly_max_batch;
 	bs->rows_cxt = AllocSetContextCreate(estate->es_query_cxt, "Dolly Batch rows", ALLOCSET_DEFAULT_SIZES);
 	bs->rows = MemoryContextAllocZero(estate->es_query_cxt, bs->window * sizeof(BatchRow));
-	bs->flight = MemoryContextAlloc(estate->es_query_cxt, bs->window * bs->ncalls * sizeof(DollyRequest *));
-	bs->flight_call = MemoryContextAlloc(estate->es_query_cxt, bs->window * bs->ncalls * sizeof(BatchCall *));
-	bs->flight_row = MemoryContextAlloc(estate->es_query_cxt, bs->window * bs->ncalls * sizeof(BatchRow *));
+	old = MemoryContextSwitchTo(estate->es_query_cxt);
+	dolly_flight_init(&bs->flight, bs->window * bs->ncalls);
+	MemoryContextSwitchTo(old);
 }
 
 /* Give up every request still in flight (a LIMIT satisfied, a rescan, the end). */
 static void
 batch_drop(BatchState *bs)
 {
-	for (int r = 0; r < bs->count; r++)
-	{
-		BatchRow   *row = &bs->rows[(bs->head + r) % bs->window];
-
-		for (int c = 0; c < bs->ncalls; c++)
-			if (row->calls[c].req)
-				dolly_queue_release(row->calls[c].req);
-	}
+	dolly_flight_release(&bs->flight);
 	bs->head = bs->count = 0;
 	bs->returned.tuple = NULL;
 	MemoryContextReset(bs->rows_cxt);
@@ -449,20 +440,18 @@ read_ahead(BatchState *bs)
 		old = MemoryContextSwitchTo(bs->rows_cxt);
 		row->tuple = ExecCopySlotMinimalTuple(slot);
 		row->calls = palloc0(bs->ncalls * sizeof(BatchCall));
-		row->pending = bs->ncalls;
 		MemoryContextSwitchTo(old);
 	}
 }
 
-/* Has this node a request in flight? */
+/* Are all of the row's calls answered? */
 static bool
-in_flight(BatchState *bs)
+row_answered(BatchState *bs, BatchRow *row)
 {
-	for (int r = 0; r < bs->count; r++)
-		for (int c = 0; c < bs->ncalls; c++)
-			if (bs->rows[(bs->head + r) % bs->window].calls[c].req)
-				return true;
-	return false;
+	for (int c = 0; c < bs->ncalls; c++)
+		if (!row->calls[c].answered)
+			return false;
+	return true;
 }
 
 /* Submit the calls of the rows read ahead, in order, while there are slots. */
@@ -481,14 +470,13 @@ submit_ahead(BatchState *bs)
 
 			if (call->submitted)
 				continue;
-			/* with nothing of this node in flight, a slot there must be */
-			if ((req = dolly_queue_acquire(!in_flight(bs))) == NULL)
+			if ((req = dolly_flight_acquire(&bs->flight)) == NULL)
 				return;
 			call_args(bs, c, ExecStoreMinimalTuple(row->tuple, bs->child_slot, false), fcinfo);
 			call->submitted = true;
 			if (dolly_call_submit(bs->kind[c], fcinfo, req))
 			{
-				call->req = req;
+				dolly_flight_add(&bs->flight, req, call);
 				bs->requests++;
 			}
 			else
@@ -496,39 +484,26 @@ submit_ahead(BatchState *bs)
 				/* a NULL instruction: NULL, as the call returns */
 				dolly_queue_release(req);
 				call->answer_null = true;
-				row->pending--;
+				call->answered = true;
 			}
 		}
 	}
 }
 
-/* Wait for one answer of the rows in flight and keep it with its row. */
+/* Wait for one answer of the calls in flight and keep it with its call. */
 static void
 collect_one(BatchState *bs)
 {
-	int			n = 0;
-	int			done;
+	void	   *tag;
+	DollyRequest *req = dolly_flight_wait(&bs->flight, &tag);
+	BatchCall  *call = tag;
 	MemoryContext old;
 
-	for (int r = 0; r < bs->count; r++)
-	{
-		BatchRow   *row = &bs->rows[(bs->head + r) % bs->window];
-
-		for (int c = 0; c < bs->ncalls; c++)
-			if (row->calls[c].req)
-			{
-				bs->flight[n] = row->calls[c].req;
-				bs->flight_call[n] = &row->calls[c];
-				bs->flight_row[n++] = row;
-			}
-	}
-	done = dolly_queue_wait_any(bs->flight, n);
-	bs->tokens += bs->flight[done]->new_tokens;
+	bs->tokens += req->new_tokens;
 	old = MemoryContextSwitchTo(bs->rows_cxt);
-	bs->flight_call[done]->answer = PointerGetDatum(dolly_call_answer(bs->flight[done]));
+	call->answer = PointerGetDatum(dolly_call_answer(req));
 	MemoryContextSwitchTo(old);
-	bs->flight_call[done]->req = NULL;
-	bs->flight_row[done]->pending--;
+	call->answered = true;
 }
 
 /* Free what the row returned last held (its tuple, its answers). */
@@ -561,7 +536,7 @@ batch_exec(CustomScanState *node)
 			return NULL;
 		submit_ahead(bs);
 		row = &bs->rows[bs->head];
-		if (row->pending == 0)
+		if (row_answered(bs, row))
 			break;
 		collect_one(bs);
 	}

@@ -265,6 +265,46 @@ dolly_queue_acquire(bool must)
 	return req;
 }
 
+void
+dolly_flight_init(DollyFlight *f, int cap)
+{
+	f->reqs = palloc(cap * sizeof(DollyRequest *));
+	f->tags = palloc(cap * sizeof(void *));
+	f->count = 0;
+}
+
+DollyRequest *
+dolly_flight_acquire(DollyFlight *f)
+{
+	return dolly_queue_acquire(f->count == 0);
+}
+
+void
+dolly_flight_add(DollyFlight *f, DollyRequest *req, void *tag)
+{
+	f->reqs[f->count] = req;
+	f->tags[f->count++] = tag;
+}
+
+DollyRequest *
+dolly_flight_wait(DollyFlight *f, void **tag)
+{
+	int			done = dolly_queue_wait_any(f->reqs, f->count);
+	DollyRequest *req = f->reqs[done];
+
+	*tag = f->tags[done];
+	f->reqs[done] = f->reqs[--f->count];
+	f->tags[done] = f->tags[f->count];
+	return req;
+}
+
+void
+dolly_flight_release(DollyFlight *f)
+{
+	while (f->count > 0)
+		dolly_queue_release(f->reqs[--f->count]);
+}
+
 int
 dolly_queue_wait_any(DollyRequest **reqs, int n)
 {

@@ -123,6 +123,28 @@ extern int	dolly_queue_wait_any(DollyRequest **reqs, int n);
 /* Free the slot after reading the result (a borrowed one goes back to the pool). */
 extern void dolly_queue_release(DollyRequest *req);
 
+/*
+ * A caller's requests in flight, each with a tag of the caller's (what its answer is for),
+ * answered in whichever order they finish: the array form and Dolly Batch keep theirs so.
+ */
+typedef struct DollyFlight
+{
+	DollyRequest **reqs;
+	void	  **tags;
+	int			count;
+} DollyFlight;
+
+/* An empty set for up to cap requests (in the current memory context). */
+extern void dolly_flight_init(DollyFlight *f, int cap);
+/* A slot for one more request (dolly_queue_acquire); it must be found when none is in flight. */
+extern DollyRequest *dolly_flight_acquire(DollyFlight *f);
+/* Add a submitted request and its tag. */
+extern void dolly_flight_add(DollyFlight *f, DollyRequest *req, void *tag);
+/* Wait for one answer: its request (DONE, to read and release) leaves the set, *tag its tag. */
+extern DollyRequest *dolly_flight_wait(DollyFlight *f, void **tag);
+/* Release every request of the set (a statement that stops early). */
+extern void dolly_flight_release(DollyFlight *f);
+
 /* --- dolly calls whose requests the executor submits itself (sql_generate.c) --- */
 
 typedef enum DollyCallKind

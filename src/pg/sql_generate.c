@@ -372,10 +372,8 @@ dolly_generate_array(PG_FUNCTION_ARGS)
 	int			n;
 	GenOptions	o;
 	int			window = dolly_query_batch > 0 ? dolly_query_batch : dolly_max_batch;
-	DollyRequest **flight;		/* the requests in flight, and their elements */
-	int		   *flight_elem;
-	int			count = 0,
-				next = 0;
+	DollyFlight flight;			/* tagged with their answers' places */
+	int			next = 0;
 	Datum	   *answers;
 	bool	   *answer_null;
 	int			dims[1],
@@ -392,39 +390,34 @@ dolly_generate_array(PG_FUNCTION_ARGS)
 	if (n == 0)
 		PG_RETURN_ARRAYTYPE_P(construct_empty_array(TEXTOID));
 
-	flight = palloc(window * sizeof(DollyRequest *));
-	flight_elem = palloc(window * sizeof(int));
+	dolly_flight_init(&flight, window);
 	answers = palloc0(n * sizeof(Datum));
 	answer_null = palloc(n * sizeof(bool));
-	while (next < n || count > 0)
+	while (next < n || flight.count > 0)
 	{
-		int			done;
+		DollyRequest *req;
+		void	   *answer;
 
 		/* submit what the window and the free slots allow */
-		while (next < n && count < window)
+		while (next < n && flight.count < window)
 		{
-			DollyRequest *req;
-
 			answer_null[next] = instr_null[next];
 			if (instr_null[next])
 			{
 				next++;
 				continue;
 			}
-			if ((req = dolly_queue_acquire(count == 0)) == NULL)
+			if ((req = dolly_flight_acquire(&flight)) == NULL)
 				break;
 			submit_generate(req, &o, dolly_prompt(DatumGetTextPP(instr[next]),
 												  ctx && !ctx_null[next] ? DatumGetTextPP(ctx[next]) : NULL));
-			flight[count] = req;
-			flight_elem[count++] = next++;
+			dolly_flight_add(&flight, req, &answers[next++]);
 		}
-		if (count == 0)
+		if (flight.count == 0)
 			continue;
 		/* whichever answer comes first; each goes to its element */
-		done = dolly_queue_wait_any(flight, count);
-		answers[flight_elem[done]] = PointerGetDatum(collect(flight[done]));
-		flight[done] = flight[--count];
-		flight_elem[done] = flight_elem[count];
+		req = dolly_flight_wait(&flight, &answer);
+		*(Datum *) answer = PointerGetDatum(collect(req));
 	}
 	dims[0] = n;
 	PG_RETURN_ARRAYTYPE_P(construct_md_array(answers, answer_null, 1, dims, lbs, TEXTOID, -1, false,
