@@ -204,6 +204,7 @@ check_can_connect(void)
 	HeapTuple	tup = SearchSysCache1(AUTHOID, ObjectIdGetDatum(role));
 	Form_pg_authid form;
 	bool		login;
+	bool		allow_conn;
 	int			limit;
 
 	if (!HeapTupleIsValid(tup))
@@ -221,9 +222,9 @@ check_can_connect(void)
 	tup = SearchSysCache1(DATABASEOID, ObjectIdGetDatum(MyDatabaseId));
 	if (!HeapTupleIsValid(tup))
 		elog(ERROR, "cache lookup failed for database %u", MyDatabaseId);
-	login = ((Form_pg_database) GETSTRUCT(tup))->datallowconn;
+	allow_conn = ((Form_pg_database) GETSTRUCT(tup))->datallowconn;
 	ReleaseSysCache(tup);
-	if (!login)
+	if (!allow_conn)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("database \"%s\" does not allow connections, so a fine-tuning job cannot run in it",
