@@ -37,6 +37,8 @@ struct dl_generator
 	int		   *batch_seq;		/* which sequence each batch entry is */
 	dl_sample_row *rows;		/* [n_slots] how each logit row of a step is sampled */
 	int32_t    *tokens;			/* [n_slots] and the tokens that came out */
+	int			last_decode;	/* the last step's shape, for gen_last_step */
+	int			last_prefill;
 };
 
 dl_status
@@ -195,6 +197,13 @@ gen_step(dl_generator *g, dl_error *err)
 			after = s->order + 1;
 		}
 	}
+	g->last_decode = 0;
+	g->last_prefill = 0;
+	for (int k = 0; k < n; k++)
+		if (g->seqs[g->batch_seq[k]].n_gen > 0)
+			g->last_decode++;
+		else
+			g->last_prefill += g->batch[k].n_tokens;
 	if (n == 0)
 		return DL_OK;
 
@@ -219,6 +228,13 @@ gen_step(dl_generator *g, dl_error *err)
 			gen_accept(g, s, g->tokens[row++]);
 	}
 	return DL_OK;
+}
+
+void
+gen_last_step(const dl_generator *g, int *decode, int *prefill_tokens)
+{
+	*decode = g->last_decode;
+	*prefill_tokens = g->last_prefill;
 }
 
 int

@@ -59,6 +59,9 @@ dl_status	gen_add(dl_generator *g, const dl_gen_request *req, int *id, dl_error 
 /* One forward pass for all unfinished sequences, then sampling. */
 dl_status	gen_step(dl_generator *g, dl_error *err);
 
+/* What the last gen_step carried: sequences that decoded a token, prompt tokens prefilled. */
+void		gen_last_step(const dl_generator *g, int *decode, int *prefill_tokens);
+
 /* Number of admitted sequences that have not finished. */
 int			gen_running(const dl_generator *g);
 

@@ -45,6 +45,7 @@ extern int	dolly_max_model_loads;
 extern int	dolly_train_workers;
 extern int	dolly_request_slots;
 extern int	dolly_query_batch;
+extern char *dolly_step_trace;
 
 /* What the model server found out about the machine; written by it, read by SQL functions. */
 typedef enum DollyServerState
@@ -133,6 +134,25 @@ extern void dolly_check_model_name(const char *name);
  */
 extern dl_status dolly_load_model(const char *path, dl_backend *be, const char *activity,
 								  bool (*stop) (void *arg), void *arg, dl_model **out, dl_error *err);
+
+/* One pass of one model, as dolly.step_trace records it (step_trace.c); times in seconds. */
+typedef struct DollyPassTrace
+{
+	double		start;			/* since the epoch */
+	const char *model;
+	double		gap;			/* since the end of the server's previous pass */
+	double		take;			/* taking requests before it */
+	int			sequences;		/* in the model's batch */
+	int			decode_rows;
+	int			prefill_tokens;
+	double		step;			/* the forward pass and sampling */
+	double		answer;			/* answering the sequences that finished */
+	int			answered;
+} DollyPassTrace;
+
+extern void dolly_trace_configure(void);
+extern void dolly_trace_pass(int server, const DollyPassTrace *t);
+extern void dolly_trace_flush(void);
 
 /* The serving work of model server number `server` (serve.c). */
 extern void dolly_serve_init(int server);

@@ -20,6 +20,7 @@ int			dolly_max_model_loads = 10;
 int			dolly_train_workers = 1;
 int			dolly_request_slots = 64;
 int			dolly_query_batch = 0;
+char	   *dolly_step_trace = NULL;
 
 static const struct config_enum_entry device_options[] = {
 	{"cpu", DOLLY_DEVICE_CPU, false},
@@ -112,6 +113,12 @@ dolly_guc_init(void)
 							"1 sends them one at a time.",
 							&dolly_query_batch, 0, 0, 65536,
 							PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("dolly.step_trace",
+							   "File to which the model servers append one CSV line per pass of a model, empty for none.",
+							   "For finding where a server's time goes (tests/bench/bench_serving.py reads it); "
+							   "a relative path is in the data directory.",
+							   &dolly_step_trace, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 	MarkGUCPrefixReserved("dolly");
 }
 

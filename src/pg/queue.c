@@ -26,6 +26,7 @@ static bool exit_callback_registered = false;
 static int *borrowed;
 static int	nborrowed;
 static bool own_in_use;			/* this backend's own slot holds a request of its own */
+static bool unannounced;		/* requests queued since the servers were last woken */
 
 #define QUEUE_TRANCHE "dolly queue"
 
@@ -310,6 +311,11 @@ dolly_queue_wait_any(DollyRequest **reqs, int n)
 {
 	int			gone_ms = 0;
 
+	if (unannounced)
+	{
+		unannounced = false;
+		wake_servers();
+	}
 	for (;;)
 	{
 		bool		server_up;
@@ -362,7 +368,7 @@ dolly_queue_submit(DollyRequest *req)
 	req->seqno = ++queue->next_seqno;
 	queue->state[slot_index(req)] = SLOT_QUEUED;
 	LWLockRelease(queue->lock);
-	wake_servers();
+	unannounced = true;
 }
 
 void

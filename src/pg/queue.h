@@ -109,7 +109,10 @@ extern void dolly_queue_shmem_init(void);
  * wait for). It goes back with dolly_queue_release.
  */
 extern DollyRequest *dolly_queue_acquire(bool must);
-/* Queue the filled slot and wake the servers. */
+/*
+ * Queue the filled slot. The servers are woken when the backend first waits, so that the
+ * requests a statement submits together reach the server's next pass together.
+ */
 extern void dolly_queue_submit(DollyRequest *req);
 /*
  * Wait (interruptibly) for a submitted slot's answer. On return the slot is DONE (FAILED

@@ -696,15 +696,26 @@ remove_seq(ServedModel *m, int i)
 	m->seq[i] = m->seq[--m->nseq];
 }
 
-/* One pass of model m: drop abandoned sequences, step, answer finished ones. */
+/* Seconds since the epoch, for the trace. */
+static double
+now_seconds(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* One pass of model m: drop abandoned sequences, step, answer finished ones (timed in t). */
 static void
-step_model(ServedModel *m)
+step_model(ServedModel *m, DollyPassTrace *t)
 {
 	dl_error	err;
 	instr_time	start,
 				elapsed;
 	int			before = 0,
 				after = 0;
+	double		answered_at;
 
 	for (int i = m->nseq - 1; i >= 0; i--)
 		if (dolly_queue_abandoned(m->seq[i].req))
@@ -745,7 +756,11 @@ step_model(ServedModel *m)
 	}
 	INSTR_TIME_SET_CURRENT(elapsed);
 	INSTR_TIME_SUBTRACT(elapsed, start);
+	t->sequences = m->nseq;
+	gen_last_step(m->gen, &t->decode_rows, &t->prefill_tokens);
+	t->step = INSTR_TIME_GET_DOUBLE(elapsed);
 
+	answered_at = now_seconds();
 	for (int i = m->nseq - 1; i >= 0; i--)
 	{
 		int			n;
@@ -759,9 +774,11 @@ step_model(ServedModel *m)
 			answer(m, &done);
 			remove_seq(m, i);
 			account(m, &done, 0, 0);
+			t->answered++;
 		}
 	}
-	account(m, NULL, after - before, INSTR_TIME_GET_DOUBLE(elapsed));
+	t->answer = now_seconds() - answered_at;
+	account(m, NULL, after - before, t->step);
 }
 
 /*
@@ -831,20 +848,38 @@ take_requests(void)
 	}
 }
 
-/* Take requests (when take) and run one pass of every model with work; true if there was work. */
+/*
+ * Take requests (when take) and run one pass of every model with work; true if there was
+ * work. Each model's pass is a line of dolly.step_trace: the time since the previous pass
+ * and the taking go to the first.
+ */
 static bool
 serve_pass(bool take)
 {
+	static double last_end;		/* of the previous pass that had work */
+	double		begin = now_seconds(),
+				taken;
 	bool		busy = false;
 
 	if (take)
 		take_requests();
+	taken = now_seconds();
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
 		if (models[i].model && models[i].nseq > 0)
 		{
-			step_model(&models[i]);
+			DollyPassTrace t = {.start = begin, .model = models[i].name};
+
+			if (!busy)
+			{
+				t.gap = last_end > 0 ? begin - last_end : 0;
+				t.take = taken - begin;
+			}
+			step_model(&models[i], &t);
+			dolly_trace_pass(server, &t);
 			busy = true;
 		}
+	if (busy)
+		last_end = now_seconds();
 	return busy;
 }
 
@@ -861,6 +896,7 @@ dolly_serve_reconfigure(void)
 	dl_error	err;
 	bool		have_path = dolly_model[0] != '\0' && dolly_model_path("", path, &is_default, &err) == DL_OK;
 
+	dolly_trace_configure();
 	retiring = server > 0 && !dolly_want_cuda();
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
 		if (models[i].model && models[i].nseq == 0 &&
@@ -880,6 +916,7 @@ dolly_serve_init(int server_index)
 	dl_error	err;
 
 	server = server_index;
+	dolly_trace_configure();
 	models = MemoryContextAllocZero(TopMemoryContext, DOLLY_MAX_MODELS * sizeof(ServedModel));
 	if (dolly_model[0] != '\0' && load_default(&err) != DL_OK)
 		elog(LOG, "dolly: the model server runs without a model: %s", err.msg);

@@ -317,7 +317,10 @@ dolly_server_main(Datum arg)
 			pgstat_report_activity(busy ? STATE_RUNNING : STATE_IDLE, busy ? "generating" : "");
 		was_busy = busy;
 		if (!busy)
+		{
+			dolly_trace_flush();
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 							 1000L, PG_WAIT_EXTENSION);
+		}
 	}
 }

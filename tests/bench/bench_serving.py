@@ -8,8 +8,13 @@
    row (dolly.query_batch = 1), which decodes at batch 1; the same statement through the Dolly
    Batch node, which keeps dolly.max_batch rows in flight; one call over the array of the 64
    instructions.
-3. The SQL path's overhead: one session calling dolly_generate_raw against dolly-cli generating
+   The busiest run is traced by the server (dolly.step_trace): where its time went (forward
+   passes, answering, taking requests, between passes) and how full its passes were.
+3. What Dolly Batch's planner hook costs a query without dolly calls (pgbench, simple protocol).
+4. The SQL path's overhead: one session calling dolly_generate_raw against dolly-cli generating
    the same greedy continuation of the same prompt with the same model and threads.
+5. The busiest run against the engine alone: `dolly-cli bench --batch N` (decode only) on the
+   same model, threads and prompt length.
 
 Needs dolly installed (make install), PostgreSQL 15's binaries and pgbench; run as a user that
 may run PostgreSQL (not root). Usage: python3 tests/bench/bench_serving.py [--seconds 30]
@@ -84,14 +89,25 @@ max_connections = {max(clients) + 10}
             f.write(f"SELECT dolly_generate_raw('Request ' || :client_id || ' asks about ' || "
                     f"(random() * 1000)::int, max_new_tokens => {args.tokens}, do_sample => false);\n")
         rows = []
+        trace = os.path.join(work, "trace.csv")
         for n in clients:
-            before = int(sql("SELECT generated_tokens FROM dolly_server"))
+            if n == max(clients):
+                # the server's own account of its passes (dolly.step_trace) for the busiest run
+                sql(f"ALTER SYSTEM SET dolly.step_trace = '{trace}'")
+                sql("SELECT pg_reload_conf()")
+                time.sleep(1)
+            before = sql("SELECT generated_tokens || ',' || prompt_tokens || ',' || requests FROM dolly_server")
             t0 = time.time()
             run([os.path.join(BIN, "pgbench"), "-n", "-h", sock, "-p", port, "-c", str(n), "-j", str(n),
                  "-T", str(args.seconds), "-f", script, "postgres"])
             elapsed = time.time() - t0
-            after = int(sql("SELECT generated_tokens FROM dolly_server"))
-            rows.append((n, (after - before) / elapsed))
+            after = sql("SELECT generated_tokens || ',' || prompt_tokens || ',' || requests FROM dolly_server")
+            gen0, prompt0, req0 = map(int, before.split(","))
+            gen1, prompt1, req1 = map(int, after.split(","))
+            rows.append((n, (gen1 - gen0) / elapsed))
+            mean_prompt = round((prompt1 - prompt0) / max(1, req1 - req0))
+        sql("ALTER SYSTEM RESET dolly.step_trace")
+        sql("SELECT pg_reload_conf()")
         base = rows[0][1]
         print("\n| sessions | generated tokens/s | vs 1 session |")
         print("|---|---|---|")
@@ -118,6 +134,23 @@ max_connections = {max(clients) + 10}
               f"({batched / per_row:.2f}x); one call over their array {array:.1f} ({array / per_row:.2f}x); "
               f"{max(clients)} sessions above {sessions:.1f} (Dolly Batch / sessions {batched / sessions:.2f})")
 
+        # what Dolly Batch's planner hook costs a query that has no dolly call: an indexed
+        # lookup through the simple protocol (planned every time), the hook walking each plan
+        # against dolly.query_batch = 1 (which skips the walk), alternated, best of 3
+        run([os.path.join(BIN, "pgbench"), "-i", "-s", "2", "-h", sock, "-p", port, "postgres"])
+        lookup = os.path.join(work, "lookup.sql")
+        with open(lookup, "w") as f:
+            f.write("\\set aid random(1, 200000)\n"
+                    "SELECT abalance, lower(filler), length(filler) + 1 FROM pgbench_accounts WHERE aid = :aid;\n")
+        tps = {0: [], 1: []}
+        for _ in range(3):
+            for qb in (0, 1):
+                out = run([os.path.join(BIN, "pgbench"), "-n", "-M", "simple", "-h", sock, "-p", port, "-c", "1",
+                           "-T", "5", "-f", lookup, "postgres"], env=dict(os.environ, PGOPTIONS=f"-c dolly.query_batch={qb}")).stdout
+                tps[qb].append(float(re.search(r"tps = ([\d.]+)", out).group(1)))
+        print(f"\nplanner hook, a query without dolly calls: {max(tps[0]):.0f} queries/s planned with the hook, "
+              f"{max(tps[1]):.0f} with dolly.query_batch = 1 ({max(tps[0]) / max(tps[1]):.3f}x)")
+
         # overhead of the SQL path: the same greedy continuation, alone, both ways
         prompt = "The history of the database begins"
         before = int(sql("SELECT generated_tokens FROM dolly_server"))
@@ -139,10 +172,42 @@ max_connections = {max(clients) + 10}
         print(f"\nSQL path, one session: {ntok} tokens in {sql_s * 1000:.0f} ms (in one session, as \\timing sees it); "
               f"dolly-cli: {cli_tokens} tokens in {cli_s * 1000:.0f} ms (model load excluded); "
               f"overhead {100 * (sql_s / cli_s - 1):+.1f}%")
+
+        # the engine alone at the batch the busiest run had: its prompts' length, decode only
+        n = max(clients)
+        out = run([args.cli, "bench", "--model", model, "--threads", str(args.threads), "--batch", str(n),
+                   "--prompt-tokens", str(mean_prompt), "--gen-tokens", str(args.tokens)]).stdout
+        engine = float(re.search(r"decode_tok_s=([\d.]+)", out).group(1))
+        print(f"\n{n} sessions: {rows[-1][1]:.1f} tokens/s; dolly-cli bench --batch {n} --prompt-tokens {mean_prompt} "
+              f"decodes {engine:.1f} tokens/s ({rows[-1][1] / engine:.2f} of it)")
+        summarise_trace(trace, n, 1000.0 * n / engine)
     finally:
         subprocess.run([os.path.join(BIN, "pg_ctl"), "-D", data, "-m", "immediate", "stop"],
                        capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def summarise_trace(path, batch, engine_step_ms):
+    """Where the server's time went in the traced run (dolly.step_trace's CSV)."""
+    import csv
+    with open(path) as f:
+        passes = [p for p in csv.DictReader(f)]
+    if len(passes) < 2:
+        print("no trace")
+        return
+    wall = float(passes[-1]["start_s"]) - float(passes[0]["start_s"])
+    total = {k: sum(float(p[k]) for p in passes[1:]) / 1000 for k in ("gap_ms", "take_ms", "step_ms", "answer_ms")}
+    rows = [int(p["decode_rows"]) for p in passes]
+    prefill = [int(p["prefill_tokens"]) for p in passes]
+    full = [float(p["step_ms"]) for p in passes if int(p["decode_rows"]) == batch and int(p["prefill_tokens"]) == 0]
+    print(f"server trace: {len(passes)} passes in {wall:.1f} s; time in the forward pass "
+          f"{100 * total['step_ms'] / wall:.1f}%, answering {100 * total['answer_ms'] / wall:.1f}%, "
+          f"taking requests {100 * total['take_ms'] / wall:.1f}%, between passes {100 * total['gap_ms'] / wall:.1f}%")
+    print(f"  per pass: {statistics.mean(rows):.1f} decoding sequences of {batch} at most, "
+          f"{statistics.mean(prefill):.1f} prompt tokens prefilled ({100 * sum(1 for t in prefill if t) / len(passes):.0f}% "
+          f"of passes prefill); passes with {batch} decoding and no prefill: {len(full)}, "
+          + (f"median {statistics.median(full):.1f} ms against dolly-cli's {engine_step_ms:.1f} ms a step"
+             if full else f"dolly-cli's step {engine_step_ms:.1f} ms"))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 # running in the server, every borrowed slot back in the pool, and (for a batched UPDATE)
 # no row changed; LIMIT 3 generates at most 3 answers more than the look-ahead; two
 # sessions batching at once each get their own answers; a pool smaller than the batch
-# only narrows it.
+# only narrows it. The server's trace (dolly.step_trace) shows one statement's rows decoding
+# in the same passes.
 use strict;
 use warnings;
 use FindBin;
@@ -12,6 +13,7 @@ use DollyTest;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes qw(usleep);
 
 my ($node) = dolly_cluster('batch', conf => "dolly.max_batch = 8\ndolly.request_slots = 6\n");
 
@@ -88,5 +90,33 @@ for my $i (0 .. 1)
 	$s[$i]->quit;
 }
 is($node->safe_psql('postgres', batch_sql(1, 24, 6)), $alone, 'and so does a batch after them');
+
+# the server's per-pass trace: one batched statement's rows decode together
+my $trace = $node->data_dir . '/step_trace.csv';
+$node->safe_psql('postgres', "ALTER SYSTEM SET dolly.step_trace = 'step_trace.csv'; SELECT pg_reload_conf()");
+$node->poll_query_until('postgres', "SELECT (pg_stat_file('step_trace.csv', true)).size IS NOT NULL")
+  or die 'the model server did not open the trace';
+$node->safe_psql('postgres', "CREATE TABLE traced AS SELECT dolly_generate('Say the number ' || i, max_new_tokens => 6, "
+	  . "do_sample => false) FROM generate_series(1, 6) i");
+$node->safe_psql('postgres', "ALTER SYSTEM RESET dolly.step_trace; SELECT pg_reload_conf()");
+# the server writes what it holds when it goes idle
+my ($header, $decode, $answered);
+for (1 .. 600)
+{
+	my @lines = split /\n/, slurp_file($trace);
+	($header, $decode, $answered) = (shift @lines, 0, 0);
+	for (@lines)
+	{
+		my @f = split /,/;
+		$decode = $f[6] if $f[6] > $decode;
+		$answered += $f[10];
+	}
+	last if $answered >= 6;
+	usleep(100_000);
+}
+is($header, 'server,start_s,model,gap_ms,take_ms,sequences,decode_rows,prefill_tokens,step_ms,answer_ms,answered',
+	'the trace starts with its header');
+is($decode, 6, 'a pass of the statement decodes its 6 rows together');
+is($answered, 6, 'and the trace counts its 6 answers');
 
 done_testing();
