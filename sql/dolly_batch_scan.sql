@@ -8,42 +8,52 @@ SELECT i AS id, 'Say the number ' || i AS q, CASE WHEN i % 4 = 0 THEN 'ctx ' || 
 CREATE SEQUENCE scan_seq;
 CREATE TABLE scan_groups AS SELECT g AS grp, 'group ' || g AS label FROM generate_series(0, 2) g;
 
--- run a statement with the node and without, keeping both results
-CREATE FUNCTION both_ways(sql text, OUT batched text, OUT per_row text) LANGUAGE plpgsql AS $$
+-- run a statement with the node and without: the rows that differ, by position (none should)
+CREATE FUNCTION both_ways(sql text) RETURNS TABLE (n bigint, per_row text, batched text)
+LANGUAGE plpgsql AS $$
+DECLARE
+	a text[];
+	b text[];
 BEGIN
 	SET LOCAL dolly.query_batch = 1;
-	EXECUTE 'SELECT string_agg(r::text, E''\n'') FROM (' || sql || ') r' INTO per_row;
+	EXECUTE 'SELECT array_agg(r::text) FROM (' || sql || ') r' INTO a;
 	SET LOCAL dolly.query_batch = 0;
-	EXECUTE 'SELECT string_agg(r::text, E''\n'') FROM (' || sql || ') r' INTO batched;
+	EXECUTE 'SELECT array_agg(r::text) FROM (' || sql || ') r' INTO b;
+	IF a IS NULL THEN
+		RAISE EXCEPTION 'the statement returned no rows';
+	END IF;
+	RETURN QUERY SELECT coalesce(x.n, y.n), x.v, y.v
+	  FROM unnest(a) WITH ORDINALITY x(v, n) FULL JOIN unnest(b) WITH ORDINALITY y(v, n) ON x.n = y.n
+	 WHERE x.v IS DISTINCT FROM y.v;
 END $$;
 
 -- SELECT with WHERE, ORDER BY, a join, a subquery, two calls, seeded sampling
-SELECT batched = per_row AS same, batched IS NOT NULL AS answered FROM both_ways($$
+SELECT * FROM both_ways($$
 	SELECT id, dolly_generate(q, ctx, max_new_tokens => 8, do_sample => false) FROM scan_tasks
 	 WHERE id % 2 = 0 ORDER BY id DESC$$);
-SELECT batched = per_row AS same FROM both_ways($$
+SELECT * FROM both_ways($$
 	SELECT t.id, g.label, dolly_generate_raw(t.q || ' in ' || g.label, model => 'neox-par-f32',
 											 max_new_tokens => 8, seed => t.id)
 	  FROM scan_tasks t JOIN scan_groups g USING (grp) ORDER BY t.id$$);
-SELECT batched = per_row AS same FROM both_ways($$
+SELECT * FROM both_ways($$
 	SELECT s.id, upper(s.a), length(s.b) FROM (
 		SELECT id, dolly_generate(q, max_new_tokens => 6, do_sample => false) AS a,
 			   dolly_generate_raw(q, max_new_tokens => 6, seed => 3) AS b
 		  FROM scan_tasks ORDER BY id) s WHERE s.id < 20$$);
 -- not batched, and still the same: a call in WHERE, a call over a call
-SELECT batched = per_row AS same FROM both_ways($$
+SELECT * FROM both_ways($$
 	SELECT id FROM scan_tasks
 	 WHERE length(dolly_generate(q, max_new_tokens => 4, do_sample => false)) > 0 ORDER BY id$$);
-SELECT batched = per_row AS same FROM both_ways($$
+SELECT * FROM both_ways($$
 	SELECT id, dolly_generate(dolly_generate(q, max_new_tokens => 4, do_sample => false),
 							  max_new_tokens => 4, do_sample => false) FROM scan_tasks ORDER BY id$$);
 
 -- per-row calls below a batch whose requests are in flight, and two batches in one plan
-SELECT batched = per_row AS same FROM both_ways($$
+SELECT * FROM both_ways($$
 	SELECT s.id, dolly_generate(s.q, max_new_tokens => 4, do_sample => false) FROM (
 		SELECT id, q FROM scan_tasks WHERE dolly_generate(q, max_new_tokens => 2, do_sample => false) IS NOT NULL
 		 ORDER BY id LIMIT 12) s$$);
-SELECT batched = per_row AS same FROM both_ways($$
+SELECT * FROM both_ways($$
 	SELECT s.id, dolly_generate(s.a, max_new_tokens => 4, do_sample => false) FROM (
 		SELECT id, dolly_generate_raw(q, max_new_tokens => 4, seed => id) AS a FROM scan_tasks
 		 ORDER BY id LIMIT 12) s$$);
@@ -82,7 +92,7 @@ SELECT (SELECT array_agg(a ORDER BY id) FROM answers_batched) = (SELECT array_ag
 	   (SELECT count(answer) FROM scan_tasks) AS updated;
 
 -- LIMIT and a cursor
-SELECT batched = per_row AS same FROM both_ways($$
+SELECT * FROM both_ways($$
 	SELECT id, dolly_generate(q, max_new_tokens => 4, do_sample => false) FROM scan_tasks ORDER BY id LIMIT 3$$);
 BEGIN;
 DECLARE c CURSOR FOR SELECT id, dolly_generate(q, max_new_tokens => 6, do_sample => false) = a AS same
