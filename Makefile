@@ -7,6 +7,9 @@
 #   make unittest        engine unit tests ("N passed, N failed")
 #   make installcheck    pg_regress (temporary cluster with dolly preloaded) and TAP tests
 #   make gputest         every backend operation on every backend (SKIP without a GPU)
+#   make emutest         the same against the CUDA kernels emulated on the CPU (tests/gpu/emu;
+#                        FILTER=name runs some); about 6 minutes on 2 cores
+#   make fuzz            libFuzzer targets build/fuzz/fuzz_* (clang; see tests/fuzz)
 #   MARCH=x86-64-v2      portable build instead of -march=native
 #   STRICT=1             warnings are errors (CI and developers; a release build does not
 #                        fail on a newer compiler's new warning)
@@ -116,10 +119,33 @@ build/bench_cuda build/bench_train: build/bench_%: tests/gpu/bench_%.c $(ENGINE_
 gputest: build/test_gpu $(CUDA_PLUGIN)
 	DOLLY_CUDA_PLUGIN=$(CURDIR)/dolly_cuda.so build/test_gpu
 
+# the CUDA plugin's kernels rewritten for the CPU emulator (tests/gpu/emu/README.md)
+EMU = tests/gpu/emu
+build/gpu-emu/dolly_cuda_emu.so: $(wildcard kernels/*.cu kernels/*.cuh $(EMU)/*.cpp $(EMU)/*.py $(EMU)/include/*) src/engine/error.c
+	rm -rf build/gpu-emu && mkdir -p build/gpu-emu/src
+	cp kernels/*.cuh build/gpu-emu/src/
+	python3 $(EMU)/transform.py build/gpu-emu/src kernels/*.cu
+	$(CXX) -std=c++17 -O1 -g -fPIC -shared -w -I$(EMU)/include -Isrc/engine -o $@ \
+		build/gpu-emu/src/*.cpp $(EMU)/cuda_emu.cpp -x c src/engine/error.c
+
+# then the operations again with the threads of a block run last to first: races show
+emutest: build/test_gpu build/gpu-emu/dolly_cuda_emu.so
+	DOLLY_CUDA_PLUGIN=$(CURDIR)/build/gpu-emu/dolly_cuda_emu.so build/test_gpu $(FILTER)
+	EMU_ORDER=reverse DOLLY_CUDA_PLUGIN=$(CURDIR)/build/gpu-emu/dolly_cuda_emu.so build/test_gpu $(or $(FILTER),ops_)
+
+# libFuzzer targets: each tests/fuzz/fuzz_*.c over the engine's sources, with ASan and UBSan
+FUZZ_TARGETS = $(patsubst tests/fuzz/%.c,build/fuzz/%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_CFLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Isrc/engine \
+	$(shell pkg-config --cflags json-c libpcre2-8 icu-uc openblas)
+fuzz: $(FUZZ_TARGETS)
+build/fuzz/%: tests/fuzz/%.c $(ENGINE_SRCS) $(wildcard src/engine/*.h)
+	@mkdir -p build/fuzz
+	clang $(FUZZ_CFLAGS) -o $@ $< $(ENGINE_SRCS) $(ENGINE_LIBS)
+
 install: install-cuda-plugin
 install-cuda-plugin: $(CUDA_PLUGIN)
 ifneq ($(CUDA_PLUGIN),)
 	$(INSTALL_SHLIB) $(CUDA_PLUGIN) '$(DESTDIR)$(pkglibdir)/'
 endif
 
-.PHONY: unittest gputest install-cuda-plugin
+.PHONY: unittest gputest emutest fuzz install-cuda-plugin

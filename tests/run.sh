@@ -13,7 +13,7 @@ echo "== engine unit tests"
 build/run_tests || status=1
 
 echo "== the CUDA kernels under the CPU emulator (tests/gpu/emu)"
-bash tests/gpu/emu/run.sh || status=1
+make -s emutest || status=1
 
 echo "== pg_regress and server tests"
 if [ "$(id -u)" -eq 0 ]; then

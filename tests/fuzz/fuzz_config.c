@@ -3,13 +3,11 @@
  *
  * Build and run from the repository root (seeds: the fixtures' config.json files):
  *
- *   clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
- *       -Isrc/engine $(pkg-config --cflags json-c) tests/fuzz/fuzz_config.c \
- *       src/engine/config.c src/engine/error.c $(pkg-config --libs json-c) -o /tmp/fuzz_config
+ *   make build/fuzz/fuzz_config
  *   mkdir -p /tmp/cfg_corpus
  *   for m in gptj-f32 neox-par-f32 neox-seq-f32; do
  *       cp tests/fixtures/$m/config.json /tmp/cfg_corpus/$m; done
- *   /tmp/fuzz_config -max_total_time=120 -max_len=2048 /tmp/cfg_corpus
+ *   build/fuzz/fuzz_config -max_total_time=120 -max_len=2048 /tmp/cfg_corpus
  *
  * A config that parses must satisfy what the model code relies on.
  */

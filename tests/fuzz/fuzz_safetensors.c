@@ -4,10 +4,7 @@
  *
  * Build and run from the repository root (seeds written by the reference Python writer):
  *
- *   clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
- *       -Isrc/engine $(pkg-config --cflags json-c) tests/fuzz/fuzz_safetensors.c \
- *       src/engine/safetensors.c src/engine/error.c $(pkg-config --libs json-c) \
- *       -o /tmp/fuzz_safetensors
+ *   make build/fuzz/fuzz_safetensors
  *   mkdir -p /tmp/st_corpus && python3 -c "
  *   import numpy as np; from safetensors.numpy import save_file
  *   d = '/tmp/st_corpus/'
@@ -17,7 +14,7 @@
  *             d + 'mixed', metadata={'format': 'pt'})
  *   save_file({}, d + 'empty')"
  *   cp tests/fixtures/neox-par-bf16/model.safetensors /tmp/st_corpus/bf16
- *   /tmp/fuzz_safetensors -max_total_time=300 -max_len=4096 /tmp/st_corpus
+ *   build/fuzz/fuzz_safetensors -max_total_time=300 -max_len=4096 /tmp/st_corpus
  *
  * Beyond "no crash, no sanitizer report", it checks what st_parse promises: tensors
  * inside the buffer with nbytes = numel * dtype size, names sorted and unique, and

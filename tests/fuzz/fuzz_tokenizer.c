@@ -4,11 +4,9 @@
  *
  * Build and run from the repository root (seeds: the fixture tokenizers):
  *
- *   clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
- *       -Isrc/engine src/engine/tokenizer.c src/engine/error.c tests/fuzz/fuzz_tokenizer.c \
- *       $(pkg-config --cflags --libs json-c libpcre2-8 icu-uc) -o /tmp/fuzz_tokenizer
+ *   make build/fuzz/fuzz_tokenizer
  *   mkdir -p /tmp/fuzz_tok_corpus && cp tests/fixtures/tokenizer/tokenizer*.json /tmp/fuzz_tok_corpus/
- *   /tmp/fuzz_tokenizer -max_len=65536 -max_total_time=300 -timeout=10 /tmp/fuzz_tok_corpus
+ *   build/fuzz/fuzz_tokenizer -max_len=65536 -max_total_time=300 -timeout=10 /tmp/fuzz_tok_corpus
  */
 #include "tokenizer.h"
 

@@ -22,7 +22,7 @@ use Test::More;
 
 my $root = abs_path(dirname(__FILE__) . '/../..');
 my $plugin = "$root/build/gpu-emu/dolly_cuda_emu.so";
-plan skip_all => "no emulated CUDA plugin: run tests/gpu/emu/run.sh first" unless -f $plugin;
+plan skip_all => "no emulated CUDA plugin: run make emutest (or make build/gpu-emu/dolly_cuda_emu.so) first" unless -f $plugin;
 
 my $models = PostgreSQL::Test::Utils::tempdir();
 mkdir "$models/base";
