@@ -306,9 +306,9 @@ parse_config(const char *json, size_t len, const char *fname, dl_config *cfg, dl
 		st = dl_fail(err, DL_EFORMAT, "%s: no model_type", fname);
 		dl_hint(err, SUPPORTED_HINT);
 	}
-	else if (st == DL_OK && strcmp(model_type, "gptj") == 0)
+	else if (st == DL_OK && strcmp(model_type, config_arch_name(DL_ARCH_GPTJ)) == 0)
 		st = parse_gptj(root, cfg, fname, err);
-	else if (st == DL_OK && strcmp(model_type, "gpt_neox") == 0)
+	else if (st == DL_OK && strcmp(model_type, config_arch_name(DL_ARCH_GPTNEOX)) == 0)
 		st = parse_neox(root, cfg, fname, err);
 	else if (st == DL_OK)
 	{
@@ -336,6 +336,20 @@ parse_config(const char *json, size_t len, const char *fname, dl_config *cfg, dl
 }
 
 /* Parse config.json text held in memory. */
+dl_block
+config_block(const dl_config *cfg)
+{
+	if (cfg->arch == DL_ARCH_GPTJ)
+		return DL_BLOCK_SHARED_NORM;
+	return cfg->parallel_residual ? DL_BLOCK_PARALLEL : DL_BLOCK_SEQUENTIAL;
+}
+
+const char *
+config_arch_name(dl_arch arch)
+{
+	return arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox";
+}
+
 dl_status
 config_parse(const char *json, size_t len, dl_config *cfg, dl_error *err)
 {
@@ -414,7 +428,7 @@ config_fill(json_object *o, const dl_config *cfg)
 		SET("architectures", json_object_new_array());
 		json_object_array_add(json_object_object_get(o, "architectures"),
 							  json_object_new_string("GPTJForCausalLM"));
-		SET("model_type", json_object_new_string("gptj"));
+		SET("model_type", json_object_new_string(config_arch_name(DL_ARCH_GPTJ)));
 		SET("n_embd", json_object_new_int(cfg->n_embd));
 		SET("n_layer", json_object_new_int(cfg->n_layer));
 		SET("n_head", json_object_new_int(cfg->n_head));
@@ -429,7 +443,7 @@ config_fill(json_object *o, const dl_config *cfg)
 		SET("architectures", json_object_new_array());
 		json_object_array_add(json_object_object_get(o, "architectures"),
 							  json_object_new_string("GPTNeoXForCausalLM"));
-		SET("model_type", json_object_new_string("gpt_neox"));
+		SET("model_type", json_object_new_string(config_arch_name(DL_ARCH_GPTNEOX)));
 		SET("hidden_size", json_object_new_int(cfg->n_embd));
 		SET("num_hidden_layers", json_object_new_int(cfg->n_layer));
 		SET("num_attention_heads", json_object_new_int(cfg->n_head));

@@ -49,6 +49,26 @@ typedef struct dl_config
 	int			eos_id;			/* -1 if absent */
 } dl_config;
 
+/*
+ * How a block's two branches meet the residual stream x: the one place where the three
+ * layer shapes are told apart (inference's forward pass, training's forward and backward
+ * switch on it).
+ *   DL_BLOCK_SHARED_NORM  GPT-J:                   x += attn(ln1(x)) + mlp(ln1(x))
+ *   DL_BLOCK_PARALLEL     NeoX, parallel residual: x += attn(ln1(x)) + mlp(ln2(x))
+ *   DL_BLOCK_SEQUENTIAL   NeoX otherwise:          x += attn(ln1(x)); x += mlp(ln2(x))
+ */
+typedef enum dl_block
+{
+	DL_BLOCK_SHARED_NORM,
+	DL_BLOCK_PARALLEL,
+	DL_BLOCK_SEQUENTIAL
+} dl_block;
+
+dl_block	config_block(const dl_config *cfg);
+
+/* "gptj" or "gpt_neox", as config.json's model_type spells it. */
+const char *config_arch_name(dl_arch arch);
+
 /* Parse config.json text (len bytes, need not be NUL-terminated). */
 dl_status	config_parse(const char *json, size_t len, dl_config *cfg, dl_error *err);
 

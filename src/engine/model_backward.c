@@ -116,7 +116,7 @@ layout(dl_train_acts *a, char *base)
 				E = c->n_embd,
 				F = c->n_inner,
 				off = 0;
-	int			neox = c->arch == DL_ARCH_GPTNEOX;
+	dl_block	block = config_block(c);
 
 	for (int l = 0; l <= c->n_layer; l++)
 	{
@@ -139,13 +139,13 @@ layout(dl_train_acts *a, char *base)
 		L->qkv = place(base, &off, T * 3 * E, al);
 		L->att = place(base, &off, T * E, al);
 		L->lse = place(base, &off, T * c->n_head, al);
-		if (neox)
+		if (block != DL_BLOCK_SHARED_NORM)
 		{
 			L->ln2 = place(base, &off, T * E, al);
 			L->ln2_mean = place(base, &off, T, al);
 			L->ln2_rstd = place(base, &off, T, al);
 		}
-		if (neox && !c->parallel_residual)
+		if (block == DL_BLOCK_SEQUENTIAL)
 			L->xmid = place(base, &off, T * E, al);
 		L->fc = place(base, &off, T * F, al);
 	}
@@ -420,9 +420,11 @@ layer_forward(dl_model *m, dl_train_acts *a, int l, const pass *ps, float *xo)
 						   cfg->rotary_interleaved, ps->pos, m->rope);
 	be->attention_train_forward(be, la->att, la->lse, la->qkv, &ps->spans, cfg->n_head, D,
 								1.0f / sqrtf((float) D), a->attn_ws);
-	if (cfg->arch == DL_ARCH_GPTNEOX && !cfg->parallel_residual)
+	dl_block	block = config_block(cfg);
+
+	if (block == DL_BLOCK_SEQUENTIAL)
 	{
-		/* sequential: LN2 reads x + attention, kept even without xo */
+		/* LN2 reads x + attention, kept even without xo */
 		be->copy(be, la->xmid, la->x, row_bytes);
 		be->matmul_forward(be, la->xmid, la->att, L->proj_w, L->proj_b, T, E, E, 1);
 		be->layernorm_forward(be, la->ln2, la->ln2_mean, la->ln2_rstd, la->xmid, L->ln2_w,
@@ -432,7 +434,7 @@ layer_forward(dl_model *m, dl_train_acts *a, int l, const pass *ps, float *xo)
 	}
 	else
 	{
-		if (cfg->arch == DL_ARCH_GPTNEOX)
+		if (block == DL_BLOCK_PARALLEL)
 			be->layernorm_forward(be, la->ln2, la->ln2_mean, la->ln2_rstd, la->x, L->ln2_w,
 								  L->ln2_b, T, E, cfg->ln_eps);
 		if (xo)
@@ -441,7 +443,7 @@ layer_forward(dl_model *m, dl_train_acts *a, int l, const pass *ps, float *xo)
 			be->matmul_forward(be, xo, la->att, L->proj_w, L->proj_b, T, E, E, 1);
 		}
 	}
-	mlp_forward(m, a, L, la, cfg->arch == DL_ARCH_GPTJ ? la->ln1 : la->ln2, xo, T);
+	mlp_forward(m, a, L, la, block == DL_BLOCK_SHARED_NORM ? la->ln1 : la->ln2, xo, T);
 }
 
 /*
@@ -552,34 +554,34 @@ layer_backward(dl_model *m, dl_train_acts *a, int l, const pass *ps)
 				E = cfg->n_embd;
 	size_t		row_bytes = (size_t) T * E * sizeof(float);
 
-	if (cfg->arch == DL_ARCH_GPTJ)
+	switch (config_block(cfg))
 	{
-		/* both branches read LN1's output: their gradients meet in dln */
-		proj_backward(m, a, L, &G, la, T);
-		be->zero(be, a->dln, row_bytes);
-		mlp_backward(m, a, L, &G, la, la->ln1, T);
-		attn_backward(m, a, L, &G, la, ps);
-	}
-	else if (cfg->parallel_residual)
-	{
-		proj_backward(m, a, L, &G, la, T);
-		be->zero(be, a->dln, row_bytes);
-		mlp_backward(m, a, L, &G, la, la->ln2, T);
-		be->layernorm_backward(be, a->dx, G.ln2_w, G.ln2_b, a->dln, la->x, la->ln2_mean,
-							   la->ln2_rstd, L->ln2_w, T, E);
-		be->zero(be, a->dln, row_bytes);
-		attn_backward(m, a, L, &G, la, ps);
-	}
-	else
-	{
-		be->zero(be, a->dln, row_bytes);
-		mlp_backward(m, a, L, &G, la, la->ln2, T);
-		/* dx becomes the gradient of the mid-layer residual */
-		be->layernorm_backward(be, a->dx, G.ln2_w, G.ln2_b, a->dln, la->xmid, la->ln2_mean,
-							   la->ln2_rstd, L->ln2_w, T, E);
-		proj_backward(m, a, L, &G, la, T);
-		be->zero(be, a->dln, row_bytes);
-		attn_backward(m, a, L, &G, la, ps);
+		case DL_BLOCK_SHARED_NORM:
+			/* both branches read LN1's output: their gradients meet in dln */
+			proj_backward(m, a, L, &G, la, T);
+			be->zero(be, a->dln, row_bytes);
+			mlp_backward(m, a, L, &G, la, la->ln1, T);
+			attn_backward(m, a, L, &G, la, ps);
+			break;
+		case DL_BLOCK_PARALLEL:
+			proj_backward(m, a, L, &G, la, T);
+			be->zero(be, a->dln, row_bytes);
+			mlp_backward(m, a, L, &G, la, la->ln2, T);
+			be->layernorm_backward(be, a->dx, G.ln2_w, G.ln2_b, a->dln, la->x, la->ln2_mean,
+								   la->ln2_rstd, L->ln2_w, T, E);
+			be->zero(be, a->dln, row_bytes);
+			attn_backward(m, a, L, &G, la, ps);
+			break;
+		case DL_BLOCK_SEQUENTIAL:
+			be->zero(be, a->dln, row_bytes);
+			mlp_backward(m, a, L, &G, la, la->ln2, T);
+			/* dx becomes the gradient of the mid-layer residual */
+			be->layernorm_backward(be, a->dx, G.ln2_w, G.ln2_b, a->dln, la->xmid, la->ln2_mean,
+								   la->ln2_rstd, L->ln2_w, T, E);
+			proj_backward(m, a, L, &G, la, T);
+			be->zero(be, a->dln, row_bytes);
+			attn_backward(m, a, L, &G, la, ps);
+			break;
 	}
 	be->layernorm_backward(be, a->dx, G.ln1_w, G.ln1_b, a->dln, la->x, la->ln1_mean,
 						   la->ln1_rstd, L->ln1_w, T, E);

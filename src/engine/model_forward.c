@@ -263,25 +263,23 @@ forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n, float *logits,
 							   cfg->rotary_interleaved, d_pos, m->rope);
 		be->attention_forward(be, c->att, c->qkv, k_cache, v_cache, c->max_ctx, &spans,
 							  cfg->n_head, D, 1.0f / sqrtf((float) D), c->attn_ws);
-		if (cfg->arch == DL_ARCH_GPTJ)
+		switch (config_block(cfg))
 		{
-			/* one norm feeds both branches */
-			be->matmul_forward(be, c->x, c->att, L->proj_w, L->proj_b, T, E, E, 1);
-			mlp_forward(m, c, L, c->ln, T);
+			case DL_BLOCK_SHARED_NORM:
+				/* one norm feeds both branches */
+				be->matmul_forward(be, c->x, c->att, L->proj_w, L->proj_b, T, E, E, 1);
+				break;
+			case DL_BLOCK_PARALLEL:
+				/* the MLP sees the layer's input: normalise it before x changes */
+				be->layernorm_forward(be, c->ln, NULL, NULL, c->x, L->ln2_w, L->ln2_b, T, E, cfg->ln_eps);
+				be->matmul_forward(be, c->x, c->att, L->proj_w, L->proj_b, T, E, E, 1);
+				break;
+			case DL_BLOCK_SEQUENTIAL:
+				be->matmul_forward(be, c->x, c->att, L->proj_w, L->proj_b, T, E, E, 1);
+				be->layernorm_forward(be, c->ln, NULL, NULL, c->x, L->ln2_w, L->ln2_b, T, E, cfg->ln_eps);
+				break;
 		}
-		else if (cfg->parallel_residual)
-		{
-			/* the MLP sees the layer's input: normalise it before x changes */
-			be->layernorm_forward(be, c->ln, NULL, NULL, c->x, L->ln2_w, L->ln2_b, T, E, cfg->ln_eps);
-			be->matmul_forward(be, c->x, c->att, L->proj_w, L->proj_b, T, E, E, 1);
-			mlp_forward(m, c, L, c->ln, T);
-		}
-		else
-		{
-			be->matmul_forward(be, c->x, c->att, L->proj_w, L->proj_b, T, E, E, 1);
-			be->layernorm_forward(be, c->ln, NULL, NULL, c->x, L->ln2_w, L->ln2_b, T, E, cfg->ln_eps);
-			mlp_forward(m, c, L, c->ln, T);
-		}
+		mlp_forward(m, c, L, c->ln, T);
 	}
 
 	/* logits of the wanted rows, logit_rows at a time */

@@ -315,7 +315,7 @@ load(const options *o, dl_cuda_mode mode, dl_backend **be, dl_model **m, dl_erro
 	if (dl_model_load(o->model, *be, m, err) != DL_OK)
 		return report(err);
 	fprintf(stderr, "loaded %s: %s, %d layers, width %d, vocabulary %d, %zu MB, %.2f s, %d threads\n",
-			o->model, (*m)->cfg.arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox", (*m)->cfg.n_layer,
+			o->model, config_arch_name((*m)->cfg.arch), (*m)->cfg.n_layer,
 			(*m)->cfg.n_embd, (*m)->cfg.vocab_size, (*m)->param_bytes >> 20, sys_now_s() - t0, o->threads);
 	return 0;
 }
@@ -680,7 +680,7 @@ cmd_init(const options *o)
 	int			neox,
 				rc = 1;
 
-	if (o->arch == NULL || (strcmp(o->arch, "gpt_neox") != 0 && strcmp(o->arch, "gptj") != 0))
+	if (o->arch == NULL || (strcmp(o->arch, config_arch_name(DL_ARCH_GPTNEOX)) != 0 && strcmp(o->arch, config_arch_name(DL_ARCH_GPTJ)) != 0))
 	{
 		fprintf(stderr, "dolly-cli: init needs --arch gpt_neox or --arch gptj\n");
 		return 1;
@@ -698,7 +698,7 @@ cmd_init(const options *o)
 				o->hidden, o->heads, (double) o->rotary_pct);
 		return 1;
 	}
-	neox = strcmp(o->arch, "gpt_neox") == 0;
+	neox = strcmp(o->arch, config_arch_name(DL_ARCH_GPTNEOX)) == 0;
 	memset(&cfg, 0, sizeof(cfg));
 	cfg.arch = neox ? DL_ARCH_GPTNEOX : DL_ARCH_GPTJ;
 	cfg.n_layer = o->layers;

@@ -317,7 +317,7 @@ layer_act_bytes(const dl_model *m, size_t T)
 		placed(m->be, T * E) + placed(m->be, T * c->n_head) + placed(m->be, T * c->n_inner);
 	if (c->arch == DL_ARCH_GPTNEOX)
 		b += placed(m->be, T * E) + 2 * placed(m->be, T);
-	if (c->arch == DL_ARCH_GPTNEOX && !c->parallel_residual)
+	if (config_block(c) == DL_BLOCK_SEQUENTIAL)
 		b += placed(m->be, T * E);
 	return b;
 }
