@@ -45,7 +45,9 @@ ENGINE_LIBS = $(shell pkg-config --libs json-c libpcre2-8 icu-uc openblas) -lpth
 
 PG_CPPFLAGS = -Isrc/engine
 PG_CFLAGS = $(WARN_FLAGS) -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
-SHLIB_LINK = $(ENGINE_LIB) $(ENGINE_LIBS)
+# the engine's symbols stay inside dolly.so: the server process (and a CUDA plugin it loads,
+# which has its own copy of error.c) sees only the SQL functions and _PG_init
+SHLIB_LINK = $(ENGINE_LIB) $(ENGINE_LIBS) -Wl,--exclude-libs,ALL
 
 TOOLS = build/dolly-cli
 TEST_SRCS = $(wildcard tests/engine/*.c)
