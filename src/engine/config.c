@@ -23,7 +23,7 @@
 #define MAX_POSITIONS (1 << 24)
 #define MAX_TOKEN_ID (1 << 30)
 
-#define SUPPORTED_HINT "supported model types: gptj (GPT-J, dolly-v1) and gpt_neox (GPT-NeoX, Pythia, dolly-v2)"
+#define SUPPORTED_HINT "The supported model types are gptj (GPT-J, dolly-v1) and gpt_neox (GPT-NeoX, Pythia, dolly-v2)."
 #define ACT_HINT "supported activations: gelu_new, gelu_fast, gelu_pytorch_tanh (tanh form) and gelu (erf form)"
 
 /* The value of key in obj, or NULL when absent or JSON null (transformers' None). */
@@ -249,7 +249,7 @@ parse_neox(json_object *root, dl_config *cfg, const char *fname, dl_error *err)
 		if (strcmp(rope_type, "default") != 0)
 		{
 			dl_fail(err, DL_EUNSUPPORTED, "%s: rope_type \"%s\" is not supported", fname, rope_type);
-			return dl_hint(err, "only the default rotary embedding (no scaling) is implemented");
+			return dl_hint(err, "Only the default rotary embedding (no scaling) is implemented.");
 		}
 	}
 	if (!(pct >= 0.0 && pct <= 1.0))

@@ -22,13 +22,13 @@ cuda_plugin_load(const char *path, const dl_cuda_plugin **out, dl_error *err)
 	if (access(path, R_OK) != 0)
 	{
 		dl_fail(err, DL_EUNSUPPORTED, "CUDA plugin \"%s\" is not installed", path);
-		return dl_hint(err, "build dolly on a machine with the CUDA toolkit (nvcc) and run \"make install\"");
+		return dl_hint(err, "Build dolly on a machine with the CUDA toolkit (nvcc) and run \"make install\".");
 	}
 	handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
 	if (handle == NULL)
 	{
 		dl_fail(err, DL_EBACKEND, "CUDA plugin cannot be loaded: %s", dlerror());
-		return dl_hint(err, "the NVIDIA driver and the CUDA runtime libraries (libcudart, libcublas) must be installed");
+		return dl_hint(err, "The NVIDIA driver and the CUDA runtime libraries (libcudart, libcublas) must be installed.");
 	}
 	entry = (dl_cuda_plugin_fn) dlsym(handle, DL_CUDA_PLUGIN_SYMBOL);
 	if (entry == NULL)
@@ -43,7 +43,7 @@ cuda_plugin_load(const char *path, const dl_cuda_plugin **out, dl_error *err)
 		dl_fail(err, DL_EBACKEND, "CUDA plugin \"%s\" has ABI %d, this engine needs %d",
 				path, plugin ? plugin->abi : -1, DL_CUDA_PLUGIN_ABI);
 		dlclose(handle);
-		return dl_hint(err, "reinstall dolly so that dolly.so and dolly_cuda.so come from the same build");
+		return dl_hint(err, "Reinstall dolly so that dolly.so and dolly_cuda.so come from the same build.");
 	}
 	loaded = plugin;
 	*out = plugin;

@@ -32,7 +32,7 @@ example_from_record(const dl_tokenizer *tok, const char *instruction, const char
 	if (key < 0)
 	{
 		dl_fail(err, DL_EINVAL, "the tokenizer has no \"### Response:\\n\" token");
-		return dl_hint(err, "add Dolly's special tokens to the model first (model_add_dolly_tokens)");
+		return dl_hint(err, "Add Dolly's special tokens to the model first (model_add_dolly_tokens).");
 	}
 	text = prompt_format_record(instruction, context, response);
 	if (text == NULL)
@@ -55,7 +55,7 @@ example_from_record(const dl_tokenizer *tok, const char *instruction, const char
 	{
 		free(ids);
 		dl_fail(err, DL_EINVAL, "the tokens of the record do not contain the \"### Response:\\n\" token");
-		return dl_hint(err, "the tokenizer must split \"### Response:\\n\" out as an added special token");
+		return dl_hint(err, "The tokenizer must split \"### Response:\\n\" out as an added special token.");
 	}
 	ex->ids = ids;
 	ex->n = n;

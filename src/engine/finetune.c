@@ -40,7 +40,7 @@ check_example(const dl_example *ex, const char *set, int i, int vocab, dl_error 
 		{
 			dl_fail(err, DL_EINVAL, "%s example %d has token id %d, outside the model's %d rows",
 					set, i, ex->ids[t], vocab);
-			return dl_hint(err, "tokenise with the model's own tokenizer, after model_add_dolly_tokens");
+			return dl_hint(err, "Tokenize with the model's own tokenizer, after model_add_dolly_tokens.");
 		}
 	return DL_OK;
 }

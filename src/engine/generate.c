@@ -100,7 +100,7 @@ gen_add(dl_generator *g, const dl_gen_request *req, int *id, dl_error *err)
 	{
 		dl_fail(err, DL_EINVAL, "the prompt has %d tokens, more than the context of %d",
 				req->n_prompt, ctx);
-		return dl_hint(err, "shorten the prompt");
+		return dl_hint(err, "Shorten the prompt.");
 	}
 	if (req->max_new_tokens < 1)
 		return dl_fail(err, DL_EINVAL, "max_new_tokens must be at least 1, not %d", req->max_new_tokens);

@@ -183,7 +183,7 @@ dl_train_acts_create(dl_model *m, int max_tokens, int max_len, int checkpoint,
 	{
 		dl_fail(err, DL_EUNSUPPORTED, "training on backend \"%s\" is not supported: its weights are %zu-byte values",
 				be->name, be->weight_elem_size);
-		return dl_hint(err, "training needs float32 weights, with gradients laid out like them");
+		return dl_hint(err, "Training needs float32 weights, with gradients laid out like them.");
 	}
 	if (max_tokens < 1 || max_tokens > 1 << 20)
 		return dl_fail(err, DL_EINVAL, "tokens per training batch %d is out of range (1 .. %d)",
@@ -191,7 +191,7 @@ dl_train_acts_create(dl_model *m, int max_tokens, int max_len, int checkpoint,
 	if (max_len < 1 || max_len > cfg->max_pos)
 	{
 		dl_fail(err, DL_EINVAL, "example length %d is out of range (1 .. %d)", max_len, cfg->max_pos);
-		return dl_hint(err, "the model was trained with %d positions", cfg->max_pos);
+		return dl_hint(err, "The model was trained with %d positions.", cfg->max_pos);
 	}
 	a = calloc(1, sizeof(*a));
 	if (a == NULL)
@@ -215,13 +215,13 @@ dl_train_acts_create(dl_model *m, int max_tokens, int max_len, int checkpoint,
 	if (st != DL_OK)
 	{
 		if (a->checkpoint)
-			dl_hint(err, "the activations of a training batch of %d tokens need %zu MB with checkpointing; lower the batch size or the maximum length",
+			dl_hint(err, "The activations of a training batch of %d tokens need %zu MB with checkpointing: lower the batch size or the maximum length.",
 					max_tokens, bytes >> 20);
 		else
 		{
 			/* the layout of the same batch with checkpointing, to say what it saves */
 			a->checkpoint = 1;
-			dl_hint(err, "the activations of a training batch of %d tokens need %zu MB, %zu MB with checkpointing; turn it on, or lower the batch size or the maximum length",
+			dl_hint(err, "The activations of a training batch of %d tokens need %zu MB, %zu MB with checkpointing: turn it on, or lower the batch size or the maximum length.",
 					max_tokens, bytes >> 20, layout(a, NULL) >> 20);
 		}
 		goto fail;
@@ -271,7 +271,7 @@ check_examples(const dl_model *m, const dl_train_acts *a, const dl_example *batc
 		{
 			dl_fail(err, DL_EINVAL, "example %d of the batch has %d tokens; the limit is %d",
 					i, ex->n, a->max_len);
-			return dl_hint(err, "raise the maximum length or leave out longer records");
+			return dl_hint(err, "Raise the maximum length, or leave out longer records.");
 		}
 		if (ex->first_label < 1 || ex->first_label > ex->n)
 			return dl_fail(err, DL_EINVAL, "example %d: first label %d is out of range (1 .. %d)",
@@ -286,7 +286,7 @@ check_examples(const dl_model *m, const dl_train_acts *a, const dl_example *batc
 	{
 		dl_fail(err, DL_EINVAL, "a training batch of %lld tokens exceeds the limit of %d",
 				total, a->max_tokens);
-		return dl_hint(err, "lower the batch size or raise the tokens per batch");
+		return dl_hint(err, "Lower the batch size, or raise the tokens per batch.");
 	}
 	*ntok = (int) total;
 	return DL_OK;

@@ -50,7 +50,7 @@ dl_kv_cache_create(dl_model *m, int n_slots, int max_ctx, int max_tokens,
 	if (max_ctx < 1 || max_ctx > cfg->max_pos)
 	{
 		dl_fail(err, DL_EINVAL, "context length %d is out of range (1 .. %d)", max_ctx, cfg->max_pos);
-		return dl_hint(err, "the model was trained with %d positions", cfg->max_pos);
+		return dl_hint(err, "The model was trained with %d positions.", cfg->max_pos);
 	}
 	if (max_tokens < 1 || max_tokens > 1 << 20)
 		return dl_fail(err, DL_EINVAL, "tokens per forward pass %d is out of range (1 .. %d)",
@@ -71,7 +71,7 @@ dl_kv_cache_create(dl_model *m, int n_slots, int max_ctx, int max_tokens,
 	st = model_alloc(be, 2 * c->layer_stride * cfg->n_layer, &c->kv, err);
 	if (st != DL_OK)
 	{
-		dl_hint(err, "the KV cache of %d sequences of %d tokens needs %zu MB", n_slots, max_ctx,
+		dl_hint(err, "The KV cache of %d sequences of %d tokens needs %zu MB.", n_slots, max_ctx,
 				2 * c->layer_stride * cfg->n_layer >> 20);
 		goto fail;
 	}
@@ -162,7 +162,7 @@ check_batch(const dl_model *m, const dl_kv_cache *c, const dl_seq *seqs, int n,
 		{
 			dl_fail(err, DL_EINVAL, "sequence %d: positions %d .. %d exceed the context of %d tokens",
 					i, s->pos, s->pos + s->n_tokens - 1, c->max_ctx);
-			return dl_hint(err, "shorten the prompt or the number of new tokens");
+			return dl_hint(err, "Shorten the prompt, or ask for fewer new tokens.");
 		}
 		for (int j = 0; j < s->n_tokens; j++)
 			if (s->ids[j] < 0 || s->ids[j] >= m->cfg.vocab_size)

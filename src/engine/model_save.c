@@ -185,7 +185,7 @@ model_add_dolly_tokens(dl_model **mp, dl_tokenizer *tok, dl_error *err)
 		return DL_OK;
 	cfg.vocab_size = tok_vocab_size(tok);
 	if ((st = dl_model_create(&cfg, m->be, &g, err)) != DL_OK)
-		return dl_hint(err, "growing the vocabulary to %d needs a second copy of the model", cfg.vocab_size);
+		return dl_hint(err, "Growing the vocabulary to %d needs a second copy of the model.", cfg.vocab_size);
 	buf = malloc(largest_entry(g) * sizeof(float));
 	mean = calloc(cfg.n_embd, sizeof(double));
 	if (buf == NULL || mean == NULL)
@@ -334,7 +334,7 @@ model_save(const dl_model *m, const dl_tokenizer *tok, const char *base_config,
 	if (lstat(final, &sb) == 0)
 	{
 		dl_fail(err, DL_EINVAL, "model directory \"%s\" already exists", final);
-		return dl_hint(err, "choose another name, or remove the old model first");
+		return dl_hint(err, "Choose another name, or remove the old model first.");
 	}
 	/* beside it, hidden: ".<name>" + DL_SAVE_TMP_MARK + "<pid>" */
 	slash = strrchr(final, '/');
@@ -360,7 +360,7 @@ model_save(const dl_model *m, const dl_tokenizer *tok, const char *base_config,
 	{
 		st = dl_fail(err, DL_EIO, "cannot rename \"%s\" to \"%s\": %s", tmp, final, strerror(errno));
 		if (errno == EEXIST)
-			dl_hint(err, "another process created \"%s\" meanwhile", final);
+			dl_hint(err, "Another process created \"%s\" meanwhile.", final);
 	}
 	if (st != DL_OK)
 	{

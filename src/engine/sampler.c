@@ -113,8 +113,8 @@ sampling_check(const dl_sampling *p, dl_error *err)
 	{
 		dl_fail(err, DL_EINVAL, "temperature must be > 0 and <= 100, got %g",
 				(double) p->temperature);
-		return dl_hint(err, "for greedy decoding turn sampling off instead of setting "
-					   "temperature 0");
+		return dl_hint(err, "For greedy decoding, turn sampling off instead of setting "
+					   "the temperature to 0.");
 	}
 	if (p->top_k < 0)
 		return dl_fail(err, DL_EINVAL, "top_k must be >= 0 (0 turns it off), got %d", p->top_k);

@@ -64,7 +64,7 @@ check_config(const dl_train_config *c, const dl_model *m, dl_error *err)
 	{
 		dl_fail(err, DL_EINVAL, "maximum length %d exceeds the model's %d positions",
 				c->max_length, m->cfg.max_pos);
-		return dl_hint(err, "set the maximum length to %d or less", m->cfg.max_pos);
+		return dl_hint(err, "Set the maximum length to %d or less.", m->cfg.max_pos);
 	}
 	return DL_OK;
 }
@@ -93,7 +93,7 @@ trainer_create(dl_model *m, const dl_train_config *cfg, dl_trainer **out, dl_err
 	st = model_alloc(be, 3 * bytes, &tr->mem, err);
 	if (st != DL_OK)
 	{
-		dl_hint(err, "gradients and AdamW moments need %zu MB (three times the parameters)",
+		dl_hint(err, "Gradients and AdamW moments need %zu MB (three times the parameters).",
 				3 * bytes >> 20);
 		goto fail;
 	}
@@ -180,7 +180,7 @@ trainer_update(dl_trainer *tr, int64_t n_labels, int step, float *lr, float *gra
 	{
 		be->zero(be, tr->grads, m->param_bytes);
 		dl_fail(err, DL_EINVAL, "a training step has no label tokens");
-		return dl_hint(err, "every example needs response tokens after \"### Response:\"");
+		return dl_hint(err, "Every example needs response tokens after \"### Response:\".");
 	}
 	if (step < 0)
 		return dl_fail(err, DL_EINVAL, "training step %d is negative", step);
@@ -194,7 +194,7 @@ trainer_update(dl_trainer *tr, int64_t n_labels, int step, float *lr, float *gra
 	{
 		be->zero(be, tr->grads, m->param_bytes);
 		dl_fail(err, DL_EINVAL, "the gradient norm is not finite: training diverged");
-		return dl_hint(err, "lower the learning rate");
+		return dl_hint(err, "Lower the learning rate.");
 	}
 	/* torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), at most 1 */
 	if (tr->cfg.max_grad_norm > 0.0f)

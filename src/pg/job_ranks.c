@@ -294,7 +294,7 @@ dolly_job_load_base(const char *base_path, int rank, int nranks, const char *act
 		dolly_cuda_plugin_path(path, sizeof(path));
 		st = backend_cuda_create(path, rank, DL_CUDA_MIXED, be, err);
 		if (st == DL_EINVAL)
-			dl_hint(err, "dolly.train_workers (%d) asks for a GPU per rank; lower it to the number of GPUs",
+			dl_hint(err, "dolly.train_workers (%d) asks for a GPU per rank: lower it to the number of GPUs.",
 					nranks);
 	}
 	else
