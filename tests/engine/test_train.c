@@ -462,7 +462,7 @@ TEST(train_acts_out_of_memory_suggests_checkpointing)
 	f.be->alloc = alloc;
 	train_close(&f);
 	CHECK(st == DL_OK);
-	CHECKF(strstr(hint[0], "MB with checkpointing; turn it on") != NULL, "hint: %s", hint[0]);
+	CHECKF(strstr(hint[0], "MB with checkpointing: turn it on") != NULL, "hint: %s", hint[0]);
 	CHECKF(strstr(hint[1], "with checkpointing; lower the batch size") != NULL, "hint: %s", hint[1]);
 }
 
