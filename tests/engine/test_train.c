@@ -463,7 +463,7 @@ TEST(train_acts_out_of_memory_suggests_checkpointing)
 	train_close(&f);
 	CHECK(st == DL_OK);
 	CHECKF(strstr(hint[0], "MB with checkpointing: turn it on") != NULL, "hint: %s", hint[0]);
-	CHECKF(strstr(hint[1], "with checkpointing; lower the batch size") != NULL, "hint: %s", hint[1]);
+	CHECKF(strstr(hint[1], "with checkpointing: lower the batch size") != NULL, "hint: %s", hint[1]);
 }
 
 /* Warmup from 0, then constant or linear decay to 0 at total_steps (and no further). */
