@@ -10,8 +10,9 @@
  *   dolly-cli train --model DIR --data FILE.jsonl --out DIR [options]
  *   dolly-cli logits --model DIR --out FILE.safetensors TEXT
  *
- * generate wraps the instruction in Dolly's template (unless --raw), stops at "### End",
- * prints the response on stdout and the prefill and decode speeds on stderr. bench prints
+ * generate answers by Dolly's pipeline (pipeline.h: the template unless --raw, the stop
+ * token, the response read out), as the model server does, on stdout; the prefill and
+ * decode speeds on stderr. bench prints
  * one line "prefill_tok_s=X decode_tok_s=Y batch=B threads=N" (seeded random prompt ids;
  * the B prompts prefill in one pass, then B sequences decode together: aggregate tokens/s). bench-gemm times the
  * matrix products of a prefill through the backend against cblas_sgemm itself on the same
@@ -30,6 +31,7 @@
 #include "cuda_plugin.h"
 #include "generate.h"
 #include "model.h"
+#include "pipeline.h"
 #include "prompt.h"
 #include "safetensors.h"
 #include "sampler.h"
@@ -298,50 +300,61 @@ parse_options(int argc, char **argv, options *o)
 }
 
 /*
- * Backend, model and nothing else; 0 on success. On a GPU, mode says how: bfloat16 to
- * generate, mixed (float32 master weights, bfloat16 products) to train.
+ * The backend o asks for; 0 on success. On a GPU, mode says how: bfloat16 to generate,
+ * mixed (float32 master weights, bfloat16 products) to train.
  */
 static int
-load(const options *o, dl_cuda_mode mode, dl_backend **be, dl_model **m, dl_error *err)
+backend(const options *o, dl_cuda_mode mode, dl_backend **be, dl_error *err)
 {
-	double		t0 = sys_now_s();
-
 	/* the CUDA plugin: $DOLLY_CUDA_PLUGIN, else the one built next to us (make) */
 	const char *plugin = getenv("DOLLY_CUDA_PLUGIN") ? getenv("DOLLY_CUDA_PLUGIN") : "./" DL_CUDA_PLUGIN_FILE;
 
 	if ((o->cuda_device >= 0 ? backend_cuda_create(plugin, o->cuda_device, mode, be, err)
 		 : backend_cpu_create(o->threads, o->bf16, be, err)) != DL_OK)
 		return report(err);
-	if (dl_model_load(o->model, *be, m, err) != DL_OK)
-		return report(err);
-	fprintf(stderr, "loaded %s: %s, %d layers, width %d, vocabulary %d, %zu MB, %.2f s, %d threads\n",
-			o->model, config_arch_name((*m)->cfg.arch), (*m)->cfg.n_layer,
-			(*m)->cfg.n_embd, (*m)->cfg.vocab_size, (*m)->param_bytes >> 20, sys_now_s() - t0, o->threads);
 	return 0;
 }
 
-/* generate: one instruction through Dolly's template, the response on stdout. */
+/* What was loaded, and how long it took since t0. */
+static void
+loaded(const options *o, const dl_model *m, double t0)
+{
+	fprintf(stderr, "loaded %s: %s, %d layers, width %d, vocabulary %d, %zu MB, %.2f s, %d threads\n",
+			o->model, config_arch_name(m->cfg.arch), m->cfg.n_layer, m->cfg.n_embd,
+			m->cfg.vocab_size, m->param_bytes >> 20, sys_now_s() - t0, o->threads);
+}
+
+/* Backend and model, no tokenizer (the benchmarks); 0 on success. */
+static int
+load(const options *o, dl_cuda_mode mode, dl_backend **be, dl_model **m, dl_error *err)
+{
+	double		t0 = sys_now_s();
+
+	if (backend(o, mode, be, err))
+		return 1;
+	if (dl_model_load(o->model, *be, m, err) != DL_OK)
+		return report(err);
+	loaded(o, *m, t0);
+	return 0;
+}
+
+/* generate: one instruction through Dolly's pipeline (or --raw, a continuation), on stdout. */
 static int
 cmd_generate(const options *o)
 {
-	char		path[4096];
 	dl_error	err;
 	dl_backend *be = NULL;
-	dl_model   *m = NULL;
-	dl_tokenizer *tok = NULL;
+	dl_pipeline *p = NULL;
 	dl_kv_cache *c = NULL;
 	dl_generator *g = NULL;
-	char	   *prompt = NULL,
-			   *text = NULL,
-			   *response = NULL;
-	int32_t    *ids = NULL,
-			   *all = NULL;
+	char	   *answer = NULL;
+	int32_t    *ids = NULL;
 	int			n_ids,
 				n_gen,
 				id,
 				rc = 1;
 	const int32_t *gen;
-	double		t0,
+	double		t0 = sys_now_s(),
 				t1,
 				t2;
 	dl_gen_request req;
@@ -356,31 +369,20 @@ cmd_generate(const options *o)
 		fprintf(stderr, "dolly-cli: --context needs the Dolly template; leave out --raw\n");
 		return 1;
 	}
-	if (load(o, DL_CUDA_BF16, &be, &m, &err))
+	if (backend(o, DL_CUDA_BF16, &be, &err))
 		goto done;
-	snprintf(path, sizeof(path), "%s/tokenizer.json", o->model);
-	if (tok_load(path, &tok, &err) != DL_OK)
+	if (pipeline_open(o->model, be, NULL, NULL, &p, &err) != DL_OK ||
+		pipeline_prompt(p, o->instruction, o->context, o->raw, &ids, &n_ids, &err) != DL_OK)
 	{
 		report(&err);
 		goto done;
 	}
-	prompt = o->raw ? strdup(o->instruction) : prompt_format(o->instruction, o->context);
-	if (prompt == NULL || tok_encode(tok, prompt, strlen(prompt), &ids, &n_ids, &err) != DL_OK)
-	{
-		if (prompt)
-			report(&err);
-		goto done;
-	}
-	req = (dl_gen_request) {ids, n_ids, o->max_new, m->cfg.eos_id, o->sampling, o->seed};
-	/* Dolly's pipeline stops at the "### End" token when the tokenizer has it */
-	if (!o->raw && tok_token_id(tok, DOLLY_END_KEY) >= 0)
-		req.end_id = tok_token_id(tok, DOLLY_END_KEY);
-	if (req.end_id >= m->cfg.vocab_size)
-		req.end_id = -1;
+	loaded(o, p->model, t0);
+	req = (dl_gen_request) {ids, n_ids, o->max_new, pipeline_stop_id(p, o->raw), o->sampling, o->seed};
 	/* a cache just long enough; a prompt beyond the model's context fails in gen_add */
-	if (dl_kv_cache_create(m, 1, n_ids + o->max_new < m->cfg.max_pos ? n_ids + o->max_new : m->cfg.max_pos,
+	if (dl_kv_cache_create(p->model, 1, n_ids + o->max_new < p->model->cfg.max_pos ? n_ids + o->max_new : p->model->cfg.max_pos,
 						   512, &c, &err) != DL_OK ||
-		gen_create(m, c, &g, &err) != DL_OK ||
+		gen_create(p->model, c, &g, &err) != DL_OK ||
 		gen_add(g, &req, &id, &err) != DL_OK)
 	{
 		report(&err);
@@ -404,44 +406,21 @@ cmd_generate(const options *o)
 	t2 = sys_now_s();
 
 	gen = gen_tokens(g, id, &n_gen);
-	if (o->raw)
+	if (pipeline_answer(p, ids, n_ids, gen, n_gen, o->raw, &answer, &err) != DL_OK)
 	{
-		if (tok_decode(tok, gen, n_gen, 0, &text, &err) != DL_OK)
-		{
-			report(&err);
-			goto done;
-		}
-		printf("%s\n", text);
+		report(&err);
+		goto done;
 	}
-	else
-	{
-		/* the pipeline's rules look at the whole sequence, prompt included */
-		all = malloc((n_ids + n_gen) * sizeof(int32_t));
-		if (all == NULL)
-			goto done;
-		memcpy(all, ids, n_ids * sizeof(int32_t));
-		memcpy(all + n_ids, gen, n_gen * sizeof(int32_t));
-		if (tok_decode(tok, all, n_ids + n_gen, 0, &text, &err) != DL_OK)
-		{
-			report(&err);
-			goto done;
-		}
-		response = prompt_extract_response(text);
-		printf("%s\n", response ? response : "");
-	}
+	printf("%s\n", answer);
 	fprintf(stderr, "prefill: %d tokens, %.1f tokens/s; decode: %d tokens, %.1f tokens/s\n",
 			n_ids, n_ids / (t1 - t0), n_gen - 1, n_gen > 1 ? (n_gen - 1) / (t2 - t1) : 0.0);
 	rc = 0;
 done:
-	free(all);
-	free(text);
-	free(response);
+	free(answer);
 	free(ids);
-	free(prompt);
 	gen_free(g);
 	dl_kv_cache_free(c);
-	tok_free(tok);
-	dl_model_free(m);
+	pipeline_close(p);
 	if (be)
 		be->destroy(be);
 	return rc;
