@@ -17,36 +17,6 @@
 
 #include "sysinfo.h"
 
-
-void
-dolly_cuda_restrict(void)
-{
-	if (dolly_cuda_devices[0] != '\0')
-		setenv("CUDA_VISIBLE_DEVICES", dolly_cuda_devices, 1);
-}
-
-bool
-dolly_want_cuda(void)
-{
-	bool		available;
-
-	SpinLockAcquire(&dolly_shared->mutex);
-	available = dolly_shared->cuda_available;
-	SpinLockRelease(&dolly_shared->mutex);
-	return dolly_device == DOLLY_DEVICE_CUDA || (dolly_device == DOLLY_DEVICE_AUTO && available);
-}
-
-void
-dolly_cuda_plugin_path(char *buf, size_t len)
-{
-	const char *env = getenv("DOLLY_CUDA_PLUGIN");
-
-	if (env && env[0])
-		snprintf(buf, len, "%s", env);
-	else
-		snprintf(buf, len, "%s/%s", pkglib_path, DL_CUDA_PLUGIN_FILE);
-}
-
 void
 dolly_probe_cpu(void)
 {
@@ -103,9 +73,37 @@ dolly_probe_cuda(void)
 	SpinLockRelease(&dolly_shared->mutex);
 }
 
-
 int
 dolly_cpu_threads(void)
 {
 	return dolly_threads > 0 ? dolly_threads : sys_cpu_count();
+}
+
+bool
+dolly_want_cuda(void)
+{
+	bool		available;
+
+	SpinLockAcquire(&dolly_shared->mutex);
+	available = dolly_shared->cuda_available;
+	SpinLockRelease(&dolly_shared->mutex);
+	return dolly_device == DOLLY_DEVICE_CUDA || (dolly_device == DOLLY_DEVICE_AUTO && available);
+}
+
+void
+dolly_cuda_plugin_path(char *buf, size_t len)
+{
+	const char *env = getenv("DOLLY_CUDA_PLUGIN");
+
+	if (env && env[0])
+		snprintf(buf, len, "%s", env);
+	else
+		snprintf(buf, len, "%s/%s", pkglib_path, DL_CUDA_PLUGIN_FILE);
+}
+
+void
+dolly_cuda_restrict(void)
+{
+	if (dolly_cuda_devices[0] != '\0')
+		setenv("CUDA_VISIBLE_DEVICES", dolly_cuda_devices, 1);
 }
