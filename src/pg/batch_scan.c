@@ -19,8 +19,12 @@
  * function or a subquery, under a volatile or set-returning function, a node whose quals
  * call dolly, the inner side of a merge join, a scrollable cursor, or dolly.query_batch = 1.
  */
-#include "dolly_pg.h"
+#include "postgres.h"
+
+#include "batch_scan.h"
 #include "queue.h"
+#include "settings.h"
+#include "sql_generate.h"
 
 #include "catalog/pg_proc.h"
 #include "commands/explain.h"

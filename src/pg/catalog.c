@@ -10,7 +10,8 @@
  * (OPERATOR(pg_catalog.=), pg_catalog.now()), as PostgreSQL's guidance for security
  * definer functions and extension scripts asks.
  */
-#include "dolly_pg.h"
+#include "postgres.h"
+
 #include "catalog.h"
 
 #include "access/genam.h"

@@ -5,9 +5,7 @@
 #ifndef DOLLY_CATALOG_H
 #define DOLLY_CATALOG_H
 
-#include "postgres.h"
-
-#include "dolly_pg.h"
+#include "paths.h"
 
 /*
  * Queries on dolly's tables with their owner's rights: in a scope that runs with

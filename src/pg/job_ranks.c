@@ -15,8 +15,12 @@
  * that fails or is told to stop raises `abort`; a rank whose peer process is gone does
  * too; everyone then leaves at their next barrier instead of waiting forever.
  */
-#include "dolly_pg.h"
+#include "postgres.h"
+
+#include "devices.h"
+#include "errors.h"
 #include "jobs.h"
+#include "paths.h"
 
 #include <errno.h>
 #include <signal.h>

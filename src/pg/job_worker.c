@@ -12,9 +12,13 @@
  * model catalog as the role's in the transaction that records the job's success.
  * Cancellation and SIGTERM stop it between steps; any failure is recorded in the job's row.
  */
-#include "dolly_pg.h"
+#include "postgres.h"
+
 #include "catalog.h"
+#include "errors.h"
 #include "jobs.h"
+#include "paths.h"
+#include "settings.h"
 
 #include <math.h>
 

@@ -8,9 +8,13 @@
  * jobs through the dolly_jobs view and cannot forge them, nor run their own operators with
  * the owner's rights.
  */
-#include "dolly_pg.h"
+#include "postgres.h"
+
 #include "catalog.h"
+#include "errors.h"
 #include "jobs.h"
+#include "paths.h"
+#include "settings.h"
 
 #include <math.h>
 #include <sys/stat.h>

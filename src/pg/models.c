@@ -14,8 +14,12 @@
  * Sessions check here before a request is queued; the rows are read and written in the
  * owner scope (catalog.c), and privileges are judged afterwards, as the caller.
  */
-#include "dolly_pg.h"
+#include "postgres.h"
+
 #include "catalog.h"
+#include "errors.h"
+#include "paths.h"
+#include "settings.h"
 
 #include <dirent.h>
 #include <sys/stat.h>

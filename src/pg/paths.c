@@ -3,7 +3,10 @@
  * directories are for superusers to choose (dolly.model, dolly.model_dir); sessions only
  * name models, and a name can only ever be one directory under dolly.model_dir.
  */
-#include "dolly_pg.h"
+#include "postgres.h"
+
+#include "paths.h"
+#include "settings.h"
 
 #include <dirent.h>
 #include <sys/stat.h>
@@ -11,7 +14,6 @@
 #include "miscadmin.h"
 #include "pgstat.h"
 
-#include "queue.h"
 #include "train.h"
 
 /* A model name is one directory under dolly.model_dir: no separators, no way out of it. */
@@ -112,55 +114,6 @@ dolly_model_display_name(const char *name)
 	if (name[0] != '\0')
 		return name;
 	return dolly_model[0] == '/' ? "dolly.model" : dolly_model;
-}
-
-/* Replace every occurrence of s in buf (of size len) by by. */
-static void
-replace_all(char *buf, size_t len, const char *s, const char *by)
-{
-	size_t		slen = strlen(s),
-				bylen = strlen(by);
-	char	   *p = buf;
-
-	while (slen > 0 && (p = strstr(p, s)) != NULL)
-	{
-		size_t		off = p - buf;
-		size_t		tail = strlen(p + slen) + 1;	/* with its NUL */
-
-		/* what no longer fits is cut: the log has the full message */
-		if (off + bylen >= len)
-		{
-			*p = '\0';
-			break;
-		}
-		tail = Min(tail, len - off - bylen);
-		memmove(p + bylen, p + slen, tail);
-		memcpy(p, by, bylen);
-		buf[off + bylen + tail - 1] = '\0';
-		p += bylen;
-	}
-}
-
-void
-dolly_hide_path(dl_error *err, const char *path, const char *name)
-{
-	replace_all(err->msg, sizeof(err->msg), path, name);
-	replace_all(err->hint, sizeof(err->hint), path, name);
-}
-
-/*
- * Engine messages name files by full path; show them relative to dolly.model_dir, which
- * sessions know (and the log has the full story).
- */
-void
-dolly_relative_paths(dl_error *err)
-{
-	char		dir[MAXPGPATH + 1];
-
-	if (dolly_model_dir[0] == '\0')
-		return;
-	snprintf(dir, sizeof(dir), "%s/", dolly_model_dir);
-	dolly_hide_path(err, dir, "");
 }
 
 typedef struct LoadWatch

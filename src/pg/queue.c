@@ -1,6 +1,10 @@
 /* queue.c: the request slots between sessions and the model server; see queue.h. */
+#include "postgres.h"
+
 #include "dolly_pg.h"
+#include "errors.h"
 #include "queue.h"
+#include "settings.h"
 
 #include "access/xact.h"
 #include "libpq/libpq.h"
@@ -327,10 +331,7 @@ dolly_queue_wait_any(DollyRequest **reqs, int n)
 			if (s == SLOT_DONE)
 				return i;
 			if (s == SLOT_FAILED)
-				ereport(ERROR,
-						(errcode(dolly_errcode(reqs[i]->errcode)),
-						 errmsg("%s", reqs[i]->errmsg),
-						 reqs[i]->errhint[0] ? errhint("%s", reqs[i]->errhint) : 0));
+				dolly_report(ERROR, &reqs[i]->err);
 		}
 
 		SpinLockAcquire(&dolly_shared->mutex);
@@ -490,11 +491,7 @@ dolly_queue_finish(DollyRequest *req, const dl_error *err)
 	Latch	   *latch = NULL;
 
 	if (err)
-	{
-		req->errcode = err->code;
-		strlcpy(req->errmsg, err->msg, sizeof(req->errmsg));
-		strlcpy(req->errhint, err->hint, sizeof(req->errhint));
-	}
+		req->err = *err;
 	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
 	if (queue->state[i] == SLOT_RUNNING)
 	{

@@ -17,17 +17,14 @@
 #ifndef DOLLY_QUEUE_H
 #define DOLLY_QUEUE_H
 
-#include "postgres.h"
-
-#include "fmgr.h"
 #include "storage/latch.h"
 #include "storage/lwlock.h"
 
 #include "dolly_pg.h"
 #include "error.h"
+#include "paths.h"
 
 #define DOLLY_TEXT_MAX 65536		/* bytes of request text and of result */
-#define DOLLY_MODEL_NAME_MAX 256
 
 typedef enum DollySlotState
 {
@@ -78,9 +75,7 @@ typedef struct DollyRequest
 	int			prompt_tokens;
 	int			new_tokens;
 	int			out_len;
-	int			errcode;		/* dl_status of a failure */
-	char		errmsg[512];
-	char		errhint[512];
+	dl_error	err;			/* a failure's, reported in the client's session */
 	char		out[DOLLY_TEXT_MAX];
 } DollyRequest;
 
@@ -147,28 +142,6 @@ extern void dolly_flight_add(DollyFlight *f, DollyRequest *req, void *tag);
 extern DollyRequest *dolly_flight_wait(DollyFlight *f, void **tag);
 /* Release every request of the set (a statement that stops early). */
 extern void dolly_flight_release(DollyFlight *f);
-
-/* --- dolly calls whose requests the executor submits itself (sql_generate.c) --- */
-
-typedef enum DollyCallKind
-{
-	DOLLY_CALL_NONE = 0,
-	DOLLY_CALL_GENERATE,		/* dolly_generate(instruction, context, model, ...) */
-	DOLLY_CALL_GENERATE_RAW		/* dolly_generate_raw(prompt, model, ...) */
-} DollyCallKind;
-
-/* Which dolly call (if any) the function funcid is. */
-extern DollyCallKind dolly_call_kind(Oid funcid);
-/* ERROR, as the call would, when a text argument is too long for a request. */
-extern void dolly_call_check(DollyCallKind kind, FunctionCallInfo fcinfo);
-/*
- * Check the call's arguments (fcinfo's, all of them, as the function gets them) and submit
- * its request in the FREE slot req; false, with nothing submitted, when the call returns
- * NULL (a NULL instruction or prompt).
- */
-extern bool dolly_call_submit(DollyCallKind kind, FunctionCallInfo fcinfo, DollyRequest *req);
-/* The call's answer: waits for req, reads its text, releases the slot. */
-extern text *dolly_call_answer(DollyRequest *req);
 
 /* --- server side --- */
 

@@ -3,9 +3,13 @@
  * dolly_generate_raw, dolly_tokenize, dolly_detokenize. Arguments are checked here, in the
  * session, so that a mistake gets an ERROR naming the parameter before anything is queued.
  */
-#include "dolly_pg.h"
+#include "postgres.h"
+
 #include "catalog.h"
+#include "errors.h"
 #include "queue.h"
+#include "settings.h"
+#include "sql_generate.h"
 
 #include "catalog/pg_type.h"
 #include "common/pg_prng.h"

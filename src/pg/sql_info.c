@@ -1,4 +1,6 @@
 /* sql_info.c: SQL functions that describe the installation and the model server. */
+#include "postgres.h"
+
 #include "dolly_pg.h"
 #include "catalog.h"
 

@@ -7,7 +7,10 @@
  * tests/bench/bench_serving.py reads it. Off (empty) by default; a server writes only its
  * own lines, each in one write, so the servers of several devices may share a file.
  */
-#include "dolly_pg.h"
+#include "postgres.h"
+
+#include "settings.h"
+#include "step_trace.h"
 
 #include <fcntl.h>
 #include <unistd.h>

@@ -1,22 +1,26 @@
 /*
- * server.c: the model servers, one background worker per device, each holding the models
- * for every session.
+ * model_server.c: the model servers' background workers, one per device, and their main
+ * loop; the serving work each tick does is the batcher's (batcher.c).
  *
  * Server 0, registered at postmaster start, finds out which compute backends the machine
- * offers (CPU threads, the CUDA plugin and its GPUs) and publishes that for
- * dolly_backends(). It serves on the CPU, or on GPU 0 when dolly.device asks for GPUs; then
- * it starts server g for every further GPU g, as a dynamic background worker (how many GPUs
- * there are is known only once CUDA ran, which the postmaster must never do: CUDA state
- * does not survive fork()). Each server loads dolly.model, then serves the requests
- * sessions queue (serve.c), sleeping on its latch when there is nothing to do. SIGTERM ends
- * a server with FATAL; the postmaster restarts it after bgw_restart_time unless the whole
- * server is shutting down. A GPU's server exits for good (code 0) when dolly.device no
- * longer asks for GPUs, or when it finds its device served already.
+ * offers (devices.c) and publishes that for dolly_backends(). It serves on the CPU, or on
+ * GPU 0 when dolly.device asks for GPUs; then it starts server g for every further GPU g,
+ * as a dynamic background worker (how many GPUs there are is known only once CUDA ran,
+ * which the postmaster must never do: CUDA state does not survive fork()). Each server
+ * loads dolly.model, then serves the requests sessions queue, sleeping on its latch when
+ * there is nothing to do. SIGTERM ends a server with FATAL; the postmaster restarts it
+ * after bgw_restart_time unless the whole server is shutting down. A GPU's server exits for
+ * good (code 0) when dolly.device no longer asks for GPUs, or when it finds its device
+ * served already.
  */
-#include "dolly_pg.h"
-#include "queue.h"
+#include "postgres.h"
 
-#include <stdlib.h>
+#include "dolly_pg.h"
+#include "batcher.h"
+#include "devices.h"
+#include "model_server.h"
+#include "queue.h"
+#include "step_trace.h"
 
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -29,11 +33,7 @@
 #include "utils/memutils.h"
 #include "utils/wait_event.h"
 
-#include "sysinfo.h"
-
 #define DOLLY_SERVER_NAME "dolly model server"
-
-PGDLLEXPORT void dolly_server_main(Datum arg);
 
 /* The worker that serves device `server`. */
 static void
@@ -46,7 +46,7 @@ server_worker(int server, BackgroundWorker *worker)
 	worker->bgw_restart_time = 1;
 	worker->bgw_main_arg = Int32GetDatum(server);
 	snprintf(worker->bgw_library_name, BGW_MAXLEN, "dolly");
-	snprintf(worker->bgw_function_name, BGW_MAXLEN, "dolly_server_main");
+	snprintf(worker->bgw_function_name, BGW_MAXLEN, "dolly_model_server_main");
 	if (server == 0)
 		snprintf(worker->bgw_name, BGW_MAXLEN, DOLLY_SERVER_NAME);
 	else
@@ -55,7 +55,7 @@ server_worker(int server, BackgroundWorker *worker)
 }
 
 void
-dolly_server_register(void)
+dolly_model_server_register(void)
 {
 	BackgroundWorker worker;
 
@@ -108,96 +108,6 @@ start_gpu_servers(void)
 	}
 }
 
-void
-dolly_cuda_restrict(void)
-{
-	if (dolly_cuda_devices[0] != '\0')
-		setenv("CUDA_VISIBLE_DEVICES", dolly_cuda_devices, 1);
-}
-
-bool
-dolly_want_cuda(void)
-{
-	bool		available;
-
-	SpinLockAcquire(&dolly_shared->mutex);
-	available = dolly_shared->cuda_available;
-	SpinLockRelease(&dolly_shared->mutex);
-	return dolly_device == DOLLY_DEVICE_CUDA || (dolly_device == DOLLY_DEVICE_AUTO && available);
-}
-
-void
-dolly_cuda_plugin_path(char *buf, size_t len)
-{
-	const char *env = getenv("DOLLY_CUDA_PLUGIN");
-
-	if (env && env[0])
-		snprintf(buf, len, "%s", env);
-	else
-		snprintf(buf, len, "%s/%s", pkglib_path, DL_CUDA_PLUGIN_FILE);
-}
-
-/* Publish the CPU backend's facts. */
-static void
-probe_cpu(void)
-{
-	char		blas[192];
-	int			threads = dolly_cpu_threads();
-
-	sys_blas_tune();			/* what the CPU backend will run, before it is described */
-	sys_blas_info(blas, sizeof(blas));
-	SpinLockAcquire(&dolly_shared->mutex);
-	dolly_shared->cpu_threads = threads;
-	snprintf(dolly_shared->cpu_detail, sizeof(dolly_shared->cpu_detail),
-			 "%d threads of %d CPUs; %s", threads, sys_cpu_count(), blas);
-	SpinLockRelease(&dolly_shared->mutex);
-}
-
-/*
- * Load the CUDA plugin, count GPUs and, unless dolly.device = cpu, run its self-test on
- * the first GPU. Publishes what it found, or why CUDA cannot be used.
- */
-static void
-probe_cuda(void)
-{
-	char		path[MAXPGPATH];
-	char		detail[1024];
-	const dl_cuda_plugin *plugin;
-	dl_gpu_info gpus[DL_MAX_GPUS];
-	int			ngpus = 0;
-	bool		available = false;
-	dl_error	err;
-
-	dolly_cuda_plugin_path(path, sizeof(path));
-	if (cuda_plugin_load(path, &plugin, &err) != DL_OK ||
-		plugin->probe(gpus, DL_MAX_GPUS, &ngpus, &err) != DL_OK)
-		snprintf(detail, sizeof(detail), "%s", err.msg);
-	else if (ngpus == 0)
-		snprintf(detail, sizeof(detail), "CUDA plugin %s loaded, but no GPU is visible",
-				 plugin->cuda_version);
-	else if (dolly_device != DOLLY_DEVICE_CPU && plugin->selftest(0, &err) != DL_OK)
-		snprintf(detail, sizeof(detail), "%s", err.msg);
-	else
-	{
-		int			len;
-
-		available = true;
-		len = snprintf(detail, sizeof(detail), "CUDA %s:", plugin->cuda_version);
-		for (int i = 0; i < ngpus && i < DL_MAX_GPUS && len < (int) sizeof(detail); i++)
-			len += snprintf(detail + len, sizeof(detail) - len, "%s GPU %d %s (sm_%d%d, %.1f GiB)",
-							i ? ";" : "", i, gpus[i].name, gpus[i].cc_major, gpus[i].cc_minor,
-							gpus[i].total_bytes / 1073741824.0);
-	}
-	if (!available)
-		elog(LOG, "dolly: CUDA backend unavailable: %s", detail);
-
-	SpinLockAcquire(&dolly_shared->mutex);
-	dolly_shared->cuda_available = available;
-	dolly_shared->cuda_ngpus = ngpus;
-	snprintf(dolly_shared->cuda_detail, sizeof(dolly_shared->cuda_detail), "%s", detail);
-	SpinLockRelease(&dolly_shared->mutex);
-}
-
 /* Mark the server gone and fail what it was running, so that no session waits for it. */
 static void
 server_on_exit(int code, Datum arg)
@@ -238,7 +148,7 @@ claim(int server)
 }
 
 void
-dolly_server_main(Datum arg)
+dolly_model_server_main(Datum arg)
 {
 	int			server = DatumGetInt32(arg);
 	bool		was_busy = false;
@@ -270,11 +180,11 @@ dolly_server_main(Datum arg)
 	if (server == 0)
 	{
 		pgstat_report_activity(STATE_RUNNING, "probing compute backends");
-		probe_cpu();
-		probe_cuda();
+		dolly_probe_cpu();
+		dolly_probe_cuda();
 		start_gpu_servers();
 	}
-	dolly_serve_init(server);
+	dolly_batcher_init(server);
 	SpinLockAcquire(&dolly_shared->mutex);
 	dolly_shared->servers[server].latch = MyLatch;
 	dolly_shared->servers[server].state = DOLLY_SERVER_READY;
@@ -302,13 +212,13 @@ dolly_server_main(Datum arg)
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
 			if (server == 0)
-				probe_cpu();
-			dolly_serve_reconfigure();
+				dolly_probe_cpu();
+			dolly_batcher_reconfigure();
 			if (server == 0)
 				start_gpu_servers();
 		}
-		busy = dolly_serve_tick();
-		if (dolly_serve_retired())
+		busy = dolly_batcher_tick();
+		if (dolly_batcher_retired())
 		{
 			elog(LOG, "dolly model server of GPU %d stops: dolly.device no longer asks for GPUs", server);
 			proc_exit(0);

@@ -1,10 +1,10 @@
-/* guc.c: the dolly.* configuration parameters, all declared here, then the prefix reserved. */
-#include "dolly_pg.h"
+/* settings.c: the dolly.* configuration parameters, all declared here, then the prefix reserved. */
+#include "postgres.h"
+
+#include "settings.h"
 #include "jobs.h"
 
 #include "utils/guc.h"
-
-#include "sysinfo.h"
 
 int			dolly_device = DOLLY_DEVICE_AUTO;
 int			dolly_threads = 0;
@@ -36,7 +36,7 @@ static const struct config_enum_entry weights_options[] = {
 };
 
 void
-dolly_guc_init(void)
+dolly_settings_init(void)
 {
 	DefineCustomEnumVariable("dolly.device",
 							 "Where the model server runs models: cpu, cuda or auto.",
@@ -120,10 +120,4 @@ dolly_guc_init(void)
 							   &dolly_step_trace, "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 	MarkGUCPrefixReserved("dolly");
-}
-
-int
-dolly_cpu_threads(void)
-{
-	return dolly_threads > 0 ? dolly_threads : sys_cpu_count();
 }
