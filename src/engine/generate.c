@@ -264,6 +264,13 @@ gen_tokens(const dl_generator *g, int id, int *n)
 	return g->seqs[id].tokens + g->seqs[id].n_prompt;
 }
 
+const int32_t *
+gen_prompt(const dl_generator *g, int id, int *n)
+{
+	*n = g->seqs[id].n_prompt;
+	return g->seqs[id].tokens;
+}
+
 dl_finish
 gen_finished(const dl_generator *g, int id)
 {

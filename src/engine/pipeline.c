@@ -69,29 +69,36 @@ pipeline_stop_id(const dl_pipeline *p, bool raw)
 	return raw ? p->eos_id : p->end_id;
 }
 
-/* Replace each NUL of text[0..len) by U+FFFD, in a new string. */
-static char *
-without_nul(const char *text, size_t len)
+dl_status
+pipeline_decode(const dl_pipeline *p, const int32_t *ids, int n, char **text, dl_error *err)
 {
-	size_t		nul = 0;
-	char	   *out,
-			   *o;
+	char	   *raw;
+	size_t		len,
+				nul = 0;
+	char	   *o;
+	dl_status	st = tok_decode_len(p->tok, ids, n, 0, &raw, &len, err);
 
+	if (st != DL_OK)
+		return st;
 	for (size_t i = 0; i < len; i++)
-		nul += text[i] == '\0';
-	out = o = malloc(len + 2 * nul + 1);
-	if (out == NULL)
-		return NULL;
+		nul += raw[i] == '\0';
+	*text = o = malloc(len + 2 * nul + 1);
+	if (o == NULL)
+	{
+		free(raw);
+		return dl_fail(err, DL_ENOMEM, "out of memory decoding tokens");
+	}
 	for (size_t i = 0; i < len; i++)
-		if (text[i] == '\0')
+		if (raw[i] == '\0')
 		{
 			memcpy(o, "\xEF\xBF\xBD", 3);
 			o += 3;
 		}
 		else
-			*o++ = text[i];
+			*o++ = raw[i];
 	*o = '\0';
-	return out;
+	free(raw);
+	return DL_OK;
 }
 
 dl_status
@@ -99,17 +106,15 @@ pipeline_answer(const dl_pipeline *p, const int32_t *prompt, int n_prompt, const
 				int n_gen, bool raw, char **answer, dl_error *err)
 {
 	int32_t		stop = pipeline_stop_id(p, raw);
-	int32_t    *all = NULL;
-	char	   *raw_text = NULL,
-			   *text;
-	size_t		len;
+	int32_t    *all;
+	char	   *text;
 	dl_status	st;
 
 	/* the stop token is not part of the answer */
 	if (n_gen > 0 && stop >= 0 && gen[n_gen - 1] == stop)
 		n_gen--;
 	if (raw)
-		st = tok_decode_len(p->tok, gen, n_gen, 0, &raw_text, &len, err);
+		st = pipeline_decode(p, gen, n_gen, &text, err);
 	else
 	{
 		/* the pipeline's rules look at the whole sequence, prompt included */
@@ -118,15 +123,11 @@ pipeline_answer(const dl_pipeline *p, const int32_t *prompt, int n_prompt, const
 			return dl_fail(err, DL_ENOMEM, "out of memory decoding an answer");
 		memcpy(all, prompt, n_prompt * sizeof(int32_t));
 		memcpy(all + n_prompt, gen, n_gen * sizeof(int32_t));
-		st = tok_decode_len(p->tok, all, n_prompt + n_gen, 0, &raw_text, &len, err);
+		st = pipeline_decode(p, all, n_prompt + n_gen, &text, err);
 		free(all);
 	}
 	if (st != DL_OK)
 		return st;
-	text = without_nul(raw_text, len);
-	free(raw_text);
-	if (text == NULL)
-		return dl_fail(err, DL_ENOMEM, "out of memory decoding an answer");
 	if (!raw)
 	{
 		char	   *response = prompt_extract_response(text);

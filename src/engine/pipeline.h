@@ -51,6 +51,12 @@ dl_status	pipeline_prompt(const dl_pipeline *p, const char *instruction, const c
 int32_t		pipeline_stop_id(const dl_pipeline *p, bool raw);
 
 /*
+ * Token ids as text (malloc'd, UTF-8 without NUL: a token that decodes to byte 0, which a
+ * model can emit, becomes U+FFFD as invalid UTF-8 does, so that no NUL cuts it short).
+ */
+dl_status	pipeline_decode(const dl_pipeline *p, const int32_t *ids, int n, char **text, dl_error *err);
+
+/*
  * The answer (malloc'd, UTF-8 without NUL: a token that decodes to byte 0 becomes U+FFFD,
  * as invalid UTF-8 does) to a prompt and what was generated after it, the stop token
  * included or not: the response Dolly's pipeline extracts from both decoded together, or,

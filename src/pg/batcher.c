@@ -97,36 +97,7 @@ load_default(dl_error *err)
 	return load(&ref, &m, err);
 }
 
-/*
- * Token ids as text (palloc'd). A token that decodes to byte 0 (a model can emit it)
- * becomes U+FFFD, as invalid UTF-8 does: a NUL would cut the text datum short, and the
- * response extraction too.
- */
-static dl_status
-decode(const dl_tokenizer *tok, const int32 *ids, int n, char **text, dl_error *err)
-{
-	char	   *raw;
-	size_t		len;
-	StringInfoData buf;
-
-	if (tok_decode_len(tok, ids, n, 0, &raw, &len, err) != DL_OK)
-		return err->code;
-	initStringInfo(&buf);
-	for (size_t i = 0; i < len; i++)
-	{
-		size_t		span = strnlen(raw + i, len - i);
-
-		appendBinaryStringInfo(&buf, raw + i, span);
-		i += span;
-		if (i < len)
-			appendBinaryStringInfo(&buf, "\xEF\xBF\xBD", 3);
-	}
-	free(raw);
-	*text = buf.data;
-	return DL_OK;
-}
-
-/* Write text (UTF-8, from decode) as a request's result, or fail it when it does not fit. */
+/* Write text (UTF-8, from the pipeline) as a request's result, or fail it when it does not fit. */
 static void
 finish_text(DollyRequest *req, const char *text)
 {
@@ -147,7 +118,7 @@ finish_text(DollyRequest *req, const char *text)
 
 /* Tokenize or detokenize: answered at once. */
 static void
-run_tokenizer(const dl_tokenizer *tok, DollyRequest *req)
+run_tokenizer(const dl_pipeline *p, DollyRequest *req)
 {
 	dl_error	err;
 	int32_t    *ids = NULL;
@@ -156,7 +127,7 @@ run_tokenizer(const dl_tokenizer *tok, DollyRequest *req)
 
 	if (req->kind == REQ_TOKENIZE)
 	{
-		if (tok_encode(tok, req->in, req->in_len, &ids, &n, &err) != DL_OK)
+		if (tok_encode(p->tok, req->in, req->in_len, &ids, &n, &err) != DL_OK)
 			dolly_queue_finish(req, &err);
 		else if (n * sizeof(int32) > DOLLY_TEXT_MAX)
 		{
@@ -171,12 +142,12 @@ run_tokenizer(const dl_tokenizer *tok, DollyRequest *req)
 		}
 		free(ids);
 	}
-	else if (decode(tok, (const int32 *) req->in, req->in_len / sizeof(int32), &text, &err) != DL_OK)
+	else if (pipeline_decode(p, (const int32 *) req->in, req->in_len / sizeof(int32), &text, &err) != DL_OK)
 		dolly_queue_finish(req, &err);
 	else
 	{
 		finish_text(req, text);
-		pfree(text);
+		free(text);
 	}
 }
 
@@ -197,7 +168,8 @@ admit(ServedModel *m, DollyRequest *req)
 		dolly_queue_finish(req, &err);
 		return;
 	}
-	if (tok_encode(m->tok, req->in, req->in_len, &ids, &n, &err) != DL_OK)
+	/* the session formatted the prompt (Dolly's template, prompt_format) */
+	if (tok_encode(m->pipe->tok, req->in, req->in_len, &ids, &n, &err) != DL_OK)
 	{
 		dolly_queue_finish(req, &err);
 		return;
@@ -206,7 +178,7 @@ admit(ServedModel *m, DollyRequest *req)
 	gr.prompt = ids;
 	gr.n_prompt = n;
 	gr.max_new_tokens = req->gen.max_new_tokens;
-	gr.end_id = req->gen.extract_response ? m->end_id : m->eos_id;
+	gr.end_id = pipeline_stop_id(m->pipe, !req->gen.extract_response);
 	gr.sampling.do_sample = req->gen.do_sample;
 	gr.sampling.temperature = (float) req->gen.temperature;
 	gr.sampling.top_k = req->gen.top_k;
@@ -230,41 +202,28 @@ admit(ServedModel *m, DollyRequest *req)
 	free(ids);
 }
 
-/* Answer a finished sequence: decode its tokens (and extract Dolly's response). */
+/* Answer a finished sequence: its raw continuation, or Dolly's response read out of it. */
 static void
 answer(ServedModel *m, Sequence *s)
 {
 	DollyRequest *req = s->req;
 	dl_error	err;
-	const int32_t *toks;
-	int			n;
+	const int32_t *prompt,
+			   *toks;
+	int			n_prompt,
+				n;
 	char	   *text;
 
+	prompt = gen_prompt(m->gen, s->id, &n_prompt);
 	toks = gen_tokens(m->gen, s->id, &n);
 	req->new_tokens = n;
-	/* the end token is not part of the answer */
-	if (gen_finished(m->gen, s->id) == DL_FINISH_END)
-		n--;
-	if (decode(m->tok, toks, n, &text, &err) != DL_OK)
+	if (pipeline_answer(m->pipe, prompt, n_prompt, toks, n, !req->gen.extract_response, &text, &err) != DL_OK)
 	{
 		dolly_queue_finish(req, &err);
 		return;
 	}
-	if (req->gen.extract_response)
-	{
-		/* Dolly's pipeline reads the response out of prompt + generation */
-		char	   *full = psprintf("%.*s%s", req->in_len, req->in, text);
-		char	   *response = prompt_extract_response(full);
-
-		if (response == NULL)
-			elog(ERROR, "out of memory");
-		finish_text(req, response);
-		free(response);
-		pfree(full);
-	}
-	else
-		finish_text(req, text);
-	pfree(text);
+	finish_text(req, text);
+	free(text);
 }
 
 /*
@@ -353,9 +312,9 @@ step_model(ServedModel *m, DollyPassTrace *t)
 		 * for good: a new server process, which the postmaster starts within a second,
 		 * gets a new one, and serves what is queued.
 		 */
-		if (err.code == DL_EBACKEND && !m->model->be->host_memory)
+		if (err.code == DL_EBACKEND && !m->pipe->model->be->host_memory)
 			ereport(FATAL,
-					(errmsg("dolly model server: %s failed; restarting with a new GPU context", m->model->be->name),
+					(errmsg("dolly model server: %s failed; restarting with a new GPU context", m->pipe->model->be->name),
 					 errdetail("%s", err.msg)));
 		return;
 	}
@@ -401,7 +360,7 @@ take_requests(void)
 	{
 		ModelRef	ref;
 		ServedModel *m;
-		dl_tokenizer *tok = NULL;
+		const dl_pipeline *tokenizing = NULL;
 		dl_error	err;
 
 		if (dolly_served_resolve(req->model, &req->ident, &ref, &err) != DL_OK)
@@ -412,10 +371,10 @@ take_requests(void)
 		m = dolly_served_find(&ref, &req->ident);
 		if (req->kind != REQ_GENERATE)
 		{
-			if (dolly_served_tokenizer(&ref, m, &tok, &err) != DL_OK)
+			if (dolly_served_tokenizer(&ref, m, &tokenizing, &err) != DL_OK)
 				dolly_queue_finish(req, &err);
 			else
-				run_tokenizer(tok, req);
+				run_tokenizer(tokenizing, req);
 			continue;
 		}
 		if (m == NULL && !loading)
@@ -470,7 +429,7 @@ serve_pass(bool take)
 		take_requests();
 	taken = now_seconds();
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
-		if (dolly_served[i].model && dolly_served[i].nseq > 0)
+		if (dolly_served[i].pipe && dolly_served[i].nseq > 0)
 		{
 			DollyPassTrace t = {.start = begin, .model = dolly_served[i].name};
 
@@ -504,7 +463,7 @@ dolly_batcher_reconfigure(void)
 	dolly_trace_configure();
 	retiring = server > 0 && !dolly_want_cuda();
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
-		if (dolly_served[i].model && dolly_served[i].nseq == 0 &&
+		if (dolly_served[i].pipe && dolly_served[i].nseq == 0 &&
 			(retiring || (dolly_served[i].is_default && (!have_path || strcmp(dolly_served[i].path, path) != 0))))
 			dolly_served_unload(&dolly_served[i]);
 	if (retiring)
@@ -542,7 +501,7 @@ dolly_batcher_retired(void)
 	if (!retiring)
 		return false;
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
-		if (dolly_served[i].model && dolly_served[i].nseq > 0)
+		if (dolly_served[i].pipe && dolly_served[i].nseq > 0)
 			return false;
 	return true;
 }

@@ -286,8 +286,8 @@ dolly_dp_train(DollyDP *d, int rank, dl_model *m, const dl_example *ex, int ntra
 
 dl_status
 dolly_job_load_base(const char *base_path, int rank, int nranks, const char *activity,
-					bool (*stop) (void *arg), void *arg, dl_backend **be, dl_tokenizer **tok,
-					dl_model **m, dl_error *err)
+					bool (*stop) (void *arg), void *arg, dl_backend **be, dl_pipeline **base,
+					dl_error *err)
 {
 	char		path[MAXPGPATH + 32];
 	dl_status	st;
@@ -306,11 +306,9 @@ dolly_job_load_base(const char *base_path, int rank, int nranks, const char *act
 	if (st != DL_OK)
 		return st;
 	elog(LOG, "dolly: fine-tuning rank %d of %d trains on %s", rank, nranks, (*be)->name);
-	snprintf(path, sizeof(path), "%s/tokenizer.json", base_path);
-	if (tok_load(path, tok, err) != DL_OK ||
-		dolly_load_model(base_path, *be, activity, stop, arg, m, err) != DL_OK)
+	if (dolly_open_model(base_path, *be, activity, stop, arg, base, err) != DL_OK)
 		return err->code;
-	return model_add_dolly_tokens(m, *tok, err);
+	return model_add_dolly_tokens(&(*base)->model, (*base)->tok, err);
 }
 
 /* Does the group stop (a rank failed or was stopped)? */
@@ -337,8 +335,7 @@ dolly_job_rank_main(Datum main_arg)
 	dsm_segment *seg;
 	DollyDP    *d;
 	dl_backend *be = NULL;
-	dl_tokenizer *tok = NULL;
-	dl_model   *m = NULL;
+	dl_pipeline *base = NULL;
 	dl_error	err;
 	dl_finetune_opts o;
 	dl_train_progress last;
@@ -360,7 +357,7 @@ dolly_job_rank_main(Datum main_arg)
 	pgstat_report_activity(STATE_RUNNING, "loading the base model");
 
 	if (dolly_job_load_base(d->base_path, my_rank, d->nranks, "loading the base model", group_stops, d,
-							&be, &tok, &m, &err) != DL_OK)
+							&be, &base, &err) != DL_OK)
 	{
 		dolly_relative_paths(&err);
 		dolly_dp_abort(d, err.msg);
@@ -371,10 +368,9 @@ dolly_job_rank_main(Datum main_arg)
 		o.progress = rank_progress;
 		o.progress_arg = d;
 		pgstat_report_activity(STATE_RUNNING, "training");
-		(void) dolly_dp_train(d, my_rank, m, examples_of(d), d->ntrain, d->neval, &o, &last, &err);
+		(void) dolly_dp_train(d, my_rank, base->model, examples_of(d), d->ntrain, d->neval, &o, &last, &err);
 	}
-	dl_model_free(m);
-	tok_free(tok);
+	pipeline_close(base);
 	if (be)
 		be->destroy(be);
 	proc_exit(0);

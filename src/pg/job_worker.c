@@ -386,8 +386,7 @@ run_job(const JobSpec *spec)
 	bool		is_default;
 	dl_error	err;
 	dl_backend *be = NULL;
-	dl_model   *m = NULL;
-	dl_tokenizer *tok = NULL;
+	dl_pipeline *base = NULL;	/* the base model, Dolly's tokens added */
 	dl_example *ex;
 	int			n,
 				skipped,
@@ -416,13 +415,13 @@ run_job(const JobSpec *spec)
 	snprintf(cfg_path, sizeof(cfg_path), "%s/config.json", base_path);
 	if (dolly_job_load_base(base_path, 0, nranks,
 							psprintf("dolly fine-tuning job %lld: loading the base model", (long long) my_job),
-							stop_requested, NULL, &be, &tok, &m, &err) != DL_OK)
+							stop_requested, NULL, &be, &base, &err) != DL_OK)
 		goto fail;
-	params = dl_model_param_count(m);
+	params = dl_model_param_count(base->model);
 
 	set_phase("reading records");
-	max_length = spec->max_length > 0 ? spec->max_length : m->cfg.max_pos;
-	ex = read_records(spec, tok, max_length, &n, &skipped);
+	max_length = spec->max_length > 0 ? spec->max_length : base->model->cfg.max_pos;
+	ex = read_records(spec, base->tok, max_length, &n, &skipped);
 	if (n < 1)
 	{
 		dl_fail(&err, DL_EINVAL, "no usable records in %s: %d skipped (NULL or empty instruction or response, or %d tokens or more)",
@@ -449,9 +448,9 @@ run_job(const JobSpec *spec)
 	set_phase("training");
 	if (nranks > 1)
 		st = dolly_dp_train(dolly_dp_start(nranks, ex, n - neval, neval, base_path, &o, my_job),
-							0, m, ex, n - neval, neval, &o, &last, &err);
+							0, base->model, ex, n - neval, neval, &o, &last, &err);
 	else
-		st = finetune_run(m, ex + neval, n - neval, ex, neval, &o, &last, &err);
+		st = finetune_run(base->model, ex + neval, n - neval, ex, neval, &o, &last, &err);
 	for (int i = 0; i < n; i++)
 		example_free(&ex[i]);
 	free(ex);
@@ -459,7 +458,7 @@ run_job(const JobSpec *spec)
 		goto fail;
 
 	set_phase("saving");
-	if (model_save(m, tok, cfg_path, out_path, &err) != DL_OK)
+	if (model_save(base->model, base->tok, cfg_path, out_path, &err) != DL_OK)
 		goto fail;
 	finish_job("succeeded", NULL, spec, out_path);
 	goto done;
@@ -476,8 +475,7 @@ fail:
 		finish_job("failed", err.msg, spec, NULL);
 	}
 done:
-	dl_model_free(m);
-	tok_free(tok);
+	pipeline_close(base);
 	if (be)
 		be->destroy(be);
 }

@@ -68,14 +68,14 @@ extern void dolly_dp_abort(DollyDP *d, const char *error);
  * What rank `rank` of nranks trains from: GPU `rank` in mixed mode when dolly.device asks
  * for the GPU, else a CPU backend with its share (1/nranks) of dolly.threads; the base
  * model's tokenizer and weights, with Dolly's special tokens added. The load shows its
- * progress as activity and stops when stop(arg) says so (see dolly_load_model).
+ * progress as activity and stops when stop(arg) says so (see dolly_open_model).
  */
 struct dl_backend;
-struct dl_tokenizer;
+struct dl_pipeline;
 extern dl_status dolly_job_load_base(const char *base_path, int rank, int nranks,
 									 const char *activity, bool (*stop) (void *arg), void *arg,
-									 struct dl_backend **be, struct dl_tokenizer **tok,
-									 struct dl_model **m, dl_error *err);
+									 struct dl_backend **be, struct dl_pipeline **base,
+									 dl_error *err);
 /* Ranks 1..n-1 start here. */
 PGDLLEXPORT void dolly_job_rank_main(Datum main_arg);
 

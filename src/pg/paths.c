@@ -143,12 +143,12 @@ watch_load(void *arg, int64_t done, int64_t total)
 }
 
 dl_status
-dolly_load_model(const char *path, dl_backend *be, const char *activity,
-				 bool (*stop) (void *arg), void *arg, dl_model **out, dl_error *err)
+dolly_open_model(const char *path, dl_backend *be, const char *activity,
+				 bool (*stop) (void *arg), void *arg, dl_pipeline **out, dl_error *err)
 {
 	LoadWatch	w = {activity, -1, stop, arg};
 
-	return dl_model_load_watched(path, be, watch_load, &w, out, err);
+	return pipeline_open(path, be, watch_load, &w, out, err);
 }
 
 void

@@ -5,7 +5,7 @@
 #define DOLLY_PATHS_H
 
 #include "error.h"
-#include "model.h"
+#include "pipeline.h"
 
 #define DOLLY_MODEL_NAME_MAX 256
 
@@ -52,12 +52,13 @@ extern dl_status dolly_model_ident_check(const char *name, const char *path,
 										 dl_error *err);
 
 /*
- * Load the model in directory path onto be, showing "<activity>: N%" in pg_stat_activity as
- * it goes. It stops (DL_ECANCELLED) when this process is asked to die, or when stop(arg)
- * (unless NULL) says so; the caller's CHECK_FOR_INTERRUPTS then ends the process.
+ * Open the model directory path through the engine's Dolly pipeline: its tokenizer, and
+ * (unless be is NULL) its model on be, showing "<activity>: N%" in pg_stat_activity as it
+ * loads. The load stops (DL_ECANCELLED) when this process is asked to die, or when
+ * stop(arg) (unless NULL) says so; the caller's CHECK_FOR_INTERRUPTS then ends the process.
  */
-extern dl_status dolly_load_model(const char *path, dl_backend *be, const char *activity,
-								  bool (*stop) (void *arg), void *arg, dl_model **out, dl_error *err);
+extern dl_status dolly_open_model(const char *path, dl_backend *be, const char *activity,
+								  bool (*stop) (void *arg), void *arg, dl_pipeline **out, dl_error *err);
 
 /*
  * Remove the temporary directories of models being saved (see model_save) from

@@ -51,7 +51,7 @@ typedef struct CachedTokenizer
 {
 	char		path[MAXPGPATH];
 	DollyModelIdent ident;
-	dl_tokenizer *tok;			/* NULL: a free entry */
+	dl_pipeline *pipe;			/* its tokenizer alone; NULL: a free entry */
 	uint64		last_used;
 } CachedTokenizer;
 
@@ -68,24 +68,26 @@ static LoadCharge *charges;		/* of the last minute, in TopMemoryContext */
 static int	ncharges;
 static int	maxcharges;
 
-/* Publish a loaded model's row of dolly_server, or clear it (m->model == NULL). */
+/* Publish a loaded model's row of dolly_server, or clear it (m->pipe == NULL). */
 static void
 publish_model(ServedModel *m, double load_seconds)
 {
 	DollyModelStatus row;
 
 	memset(&row, 0, sizeof(row));
-	if (m->model != NULL)
+	if (m->pipe != NULL)
 	{
+		const dl_model *model = m->pipe->model;
+
 		row.in_use = true;
 		strlcpy(row.path, m->path, sizeof(row.path));
-		strlcpy(row.arch, m->model->cfg.arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox", sizeof(row.arch));
+		strlcpy(row.arch, config_arch_name(model->cfg.arch), sizeof(row.arch));
 		strlcpy(row.device, backend->name, sizeof(row.device));
 		row.loaded_at = GetCurrentTimestamp();
 		row.load_seconds = load_seconds;
-		row.param_bytes = m->model->param_bytes;
-		row.params = dl_model_param_count(m->model);
-		row.cache_bytes = 2 * m->cache->layer_stride * m->model->cfg.n_layer;
+		row.param_bytes = model->param_bytes;
+		row.params = dl_model_param_count(model);
+		row.cache_bytes = 2 * m->cache->layer_stride * model->cfg.n_layer;
 		row.max_batch = m->max_seq;
 		row.max_context = m->cache->max_ctx;
 	}
@@ -100,13 +102,11 @@ dolly_served_unload(ServedModel *m)
 	elog(LOG, "dolly: unloading model \"%s\"", m->path);
 	gen_free(m->gen);
 	dl_kv_cache_free(m->cache);
-	dl_model_free(m->model);
-	tok_free(m->tok);
+	pipeline_close(m->pipe);
 	pfree(m->seq);
 	m->gen = NULL;
 	m->cache = NULL;
-	m->model = NULL;
-	m->tok = NULL;
+	m->pipe = NULL;
 	publish_model(m, 0);
 }
 
@@ -122,10 +122,10 @@ dolly_served_backend(dl_error *err)
 		return DL_OK;
 	/* another backend: the models on the old one go first */
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
-		if (dolly_served[i].model && dolly_served[i].nseq == 0)
+		if (dolly_served[i].pipe && dolly_served[i].nseq == 0)
 			dolly_served_unload(&dolly_served[i]);
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
-		if (dolly_served[i].model)
+		if (dolly_served[i].pipe)
 			return DL_OK;		/* busy: switch once they are done */
 	if (backend)
 		backend->destroy(backend);
@@ -154,7 +154,7 @@ create_cache(ServedModel *m, const char *path, int max_ctx, dl_error *err)
 {
 	int			slots = dolly_max_batch;
 
-	while (dl_kv_cache_create(m->model, slots, max_ctx, Max(MAX_TOKENS_PER_PASS, slots), &m->cache,
+	while (dl_kv_cache_create(m->pipe->model, slots, max_ctx, Max(MAX_TOKENS_PER_PASS, slots), &m->cache,
 							  err) != DL_OK)
 	{
 		if (err->code != DL_ENOMEM)
@@ -177,24 +177,22 @@ dolly_served_load(const ModelRef *ref, bool (*between_tensors) (void *arg), Serv
 {
 	ServedModel *m = NULL;
 	int			loaded = 0;
-	char		tokpath[MAXPGPATH];
 	instr_time	start,
 				elapsed;
 	int			max_ctx;
-	int32		response_id;
 	char	   *activity;
 
 	if (dolly_served_backend(err) != DL_OK)
 		return err->code;
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
-		if (dolly_served[i].model)
+		if (dolly_served[i].pipe)
 			loaded++;
 	if (loaded >= dolly_max_loaded_models)
 	{
 		ServedModel *lru = NULL;
 
 		for (int i = 0; i < DOLLY_MAX_MODELS; i++)
-			if (dolly_served[i].model && dolly_served[i].nseq == 0 &&
+			if (dolly_served[i].pipe && dolly_served[i].nseq == 0 &&
 				(lru == NULL || dolly_served[i].last_used < lru->last_used))
 				lru = &dolly_served[i];
 		if (lru == NULL)
@@ -206,17 +204,14 @@ dolly_served_load(const ModelRef *ref, bool (*between_tensors) (void *arg), Serv
 		dolly_served_unload(lru);
 	}
 	for (int i = 0; i < DOLLY_MAX_MODELS && m == NULL; i++)
-		if (dolly_served[i].model == NULL)
+		if (dolly_served[i].pipe == NULL)
 			m = &dolly_served[i];
 
 	activity = psprintf("loading model %s", ref->path);
 	pgstat_report_activity(STATE_RUNNING, activity);
 	elog(LOG, "dolly: loading model \"%s\"", ref->path);
 	INSTR_TIME_SET_CURRENT(start);
-	snprintf(tokpath, sizeof(tokpath), "%s/tokenizer.json", ref->path);
-	if (tok_load(tokpath, &m->tok, err) != DL_OK)
-		goto fail;
-	if (dolly_load_model(ref->path, backend, activity, between_tensors, NULL, &m->model, err) != DL_OK)
+	if (dolly_open_model(ref->path, backend, activity, between_tensors, NULL, &m->pipe, err) != DL_OK)
 	{
 		if (err->code == DL_ENOMEM && backend->host_memory && dolly_cpu_weights == DOLLY_WEIGHTS_FLOAT32)
 		{
@@ -227,11 +222,11 @@ dolly_served_load(const ModelRef *ref, bool (*between_tensors) (void *arg), Serv
 		}
 		goto fail;
 	}
-	max_ctx = m->model->cfg.max_pos;
+	max_ctx = m->pipe->model->cfg.max_pos;
 	if (dolly_max_context > 0 && dolly_max_context < max_ctx)
 		max_ctx = dolly_max_context;
 	if (create_cache(m, ref->path, max_ctx, err) != DL_OK ||
-		gen_create(m->model, m->cache, &m->gen, err) != DL_OK)
+		gen_create(m->pipe->model, m->cache, &m->gen, err) != DL_OK)
 		goto fail;
 	INSTR_TIME_SET_CURRENT(elapsed);
 	INSTR_TIME_SUBTRACT(elapsed, start);
@@ -243,19 +238,13 @@ dolly_served_load(const ModelRef *ref, bool (*between_tensors) (void *arg), Serv
 	dolly_served_touch(m);
 	m->seq = MemoryContextAllocZero(TopMemoryContext, m->max_seq * sizeof(Sequence));
 	m->nseq = 0;
-	m->eos_id = m->model->cfg.eos_id;
-	m->end_id = tok_token_id(m->tok, DOLLY_END_KEY);
-	response_id = tok_token_id(m->tok, DOLLY_RESPONSE_KEY_NL);
-	if (m->end_id < 0 || response_id < 0)
-	{
+	if (!m->pipe->dolly_tokens)
 		elog(LOG, "dolly: model \"%s\" lacks Dolly's special tokens; dolly_generate stops at its end-of-text token", ref->path);
-		m->end_id = m->eos_id;
-	}
 	m->status = m - dolly_served;
 	publish_model(m, INSTR_TIME_GET_DOUBLE(elapsed));
 	elog(LOG, "dolly: model \"%s\" loaded in %.2f s (%s, %d layers, %zu MB of weights, %d x %d KV cache)",
-		 ref->path, INSTR_TIME_GET_DOUBLE(elapsed), m->model->cfg.arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox",
-		 m->model->cfg.n_layer, m->model->param_bytes >> 20, m->max_seq, max_ctx);
+		 ref->path, INSTR_TIME_GET_DOUBLE(elapsed), config_arch_name(m->pipe->model->cfg.arch),
+		 m->pipe->model->cfg.n_layer, m->pipe->model->param_bytes >> 20, m->max_seq, max_ctx);
 	*out = m;
 	return DL_OK;
 
@@ -265,8 +254,7 @@ fail:
 	dolly_relative_paths(err);
 	gen_free(m->gen);
 	dl_kv_cache_free(m->cache);
-	dl_model_free(m->model);
-	tok_free(m->tok);
+	pipeline_close(m->pipe);
 	memset(m, 0, sizeof(*m));
 	return err->code;
 }
@@ -304,7 +292,7 @@ ServedModel *
 dolly_served_find(const ModelRef *ref, const DollyModelIdent *want)
 {
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
-		if (dolly_served[i].model && strcmp(dolly_served[i].path, ref->path) == 0 &&
+		if (dolly_served[i].pipe && strcmp(dolly_served[i].path, ref->path) == 0 &&
 			(!ident_given(want) || ident_equal(&dolly_served[i].ident, &ref->ident)))
 			return &dolly_served[i];
 	return NULL;
@@ -347,33 +335,31 @@ dolly_served_charge_load(const DollyRequest *req, const ModelRef *ref, dl_error 
 }
 
 dl_status
-dolly_served_tokenizer(const ModelRef *ref, ServedModel *m, dl_tokenizer **out, dl_error *err)
+dolly_served_tokenizer(const ModelRef *ref, ServedModel *m, const dl_pipeline **out, dl_error *err)
 {
 	CachedTokenizer *c = NULL;
-	char		tokpath[MAXPGPATH];
 
 	if (m != NULL)
 	{
-		*out = m->tok;
+		*out = m->pipe;
 		return DL_OK;
 	}
 	for (int i = 0; i < CACHED_TOKENIZERS; i++)
-		if (tokenizers[i].tok && strcmp(tokenizers[i].path, ref->path) == 0 &&
+		if (tokenizers[i].pipe && strcmp(tokenizers[i].path, ref->path) == 0 &&
 			ident_equal(&tokenizers[i].ident, &ref->ident))
 			c = &tokenizers[i];
 	if (c == NULL)
 	{
 		/* a free entry, else the least recently used */
 		c = &tokenizers[0];
-		for (int i = 1; i < CACHED_TOKENIZERS && c->tok; i++)
-			if (tokenizers[i].tok == NULL || tokenizers[i].last_used < c->last_used)
+		for (int i = 1; i < CACHED_TOKENIZERS && c->pipe; i++)
+			if (tokenizers[i].pipe == NULL || tokenizers[i].last_used < c->last_used)
 				c = &tokenizers[i];
-		tok_free(c->tok);
-		c->tok = NULL;
-		snprintf(tokpath, sizeof(tokpath), "%s/tokenizer.json", ref->path);
-		if (tok_load(tokpath, &c->tok, err) != DL_OK)
+		pipeline_close(c->pipe);
+		c->pipe = NULL;
+		if (dolly_open_model(ref->path, NULL, NULL, NULL, NULL, &c->pipe, err) != DL_OK)
 		{
-			elog(LOG, "dolly: cannot load tokenizer \"%s\": %s", tokpath, err->msg);
+			elog(LOG, "dolly: cannot load the tokenizer of \"%s\": %s", ref->path, err->msg);
 			dolly_hide_path(err, ref->path, ref->name);
 			dolly_relative_paths(err);
 			return err->code;
@@ -382,7 +368,7 @@ dolly_served_tokenizer(const ModelRef *ref, ServedModel *m, dl_tokenizer **out, 
 		c->ident = ref->ident;
 	}
 	c->last_used = ++use_clock;
-	*out = c->tok;
+	*out = c->pipe;
 	return DL_OK;
 }
 

@@ -6,8 +6,7 @@
 #define DOLLY_SERVED_MODELS_H
 
 #include "generate.h"
-#include "model.h"
-#include "tokenizer.h"
+#include "pipeline.h"
 
 #include "paths.h"
 #include "queue.h"
@@ -36,19 +35,16 @@ typedef struct ServedModel
 	DollyModelIdent ident;		/* of the directory when it was loaded */
 	bool		is_default;		/* loaded as dolly.model */
 	uint64		last_used;
-	dl_model   *model;
+	dl_pipeline *pipe;			/* model, tokenizer and stop tokens; NULL: a free entry */
 	dl_kv_cache *cache;
 	dl_generator *gen;
-	dl_tokenizer *tok;
-	int32		end_id;			/* "### End", else the config's eos, else -1 */
-	int32		eos_id;
 	int			status;			/* index in dolly_shared->models */
 	int			nseq;
 	Sequence   *seq;			/* [dolly.max_batch at load] */
 	int			max_seq;
 } ServedModel;
 
-/* [DOLLY_MAX_MODELS]: the loaded models; an entry without a model is free. */
+/* [DOLLY_MAX_MODELS]: the loaded models; an entry without a pipeline is free. */
 extern ServedModel *dolly_served;
 
 /* For model server `server`, before anything else here. */
@@ -96,10 +92,10 @@ extern void dolly_served_touch(ServedModel *m);
 extern dl_status dolly_served_backend(dl_error *err);
 
 /*
- * The tokenizer of ref's model: the loaded model's (m, unless NULL), else tokenizer.json
- * alone, kept in a small cache: tokenizing needs no weights.
+ * The pipeline of ref's model for tokenizing: the loaded model's (m, unless NULL), else one
+ * opened for its tokenizer alone, kept in a small cache: tokenizing needs no weights.
  */
-extern dl_status dolly_served_tokenizer(const ModelRef *ref, ServedModel *m, dl_tokenizer **out,
+extern dl_status dolly_served_tokenizer(const ModelRef *ref, ServedModel *m, const dl_pipeline **out,
 										dl_error *err);
 
 #endif

@@ -1,7 +1,8 @@
-# 013_pipeline.pl: one Dolly pipeline. dolly-cli and the model server open a model directory
-# and answer an instruction through the same engine entry (pipeline.h), so they give the
-# same answer, templated or raw, with Dolly's special tokens in the tokenizer and without
-# them (then generation stops at end-of-text and the response is read out of the text).
+# 013_pipeline.pl: one Dolly pipeline. dolly-cli, the model server and the fine-tuning ranks
+# open a model directory through the same engine entry (pipeline.h), and the first two answer
+# through it: they give the same answer, templated or raw, with Dolly's special tokens in the
+# tokenizer and without them (then generation stops at end-of-text and the response is read
+# out of the text). 004_finetune.pl serves what the ranks trained.
 use strict;
 use warnings;
 use FindBin;
