@@ -20,6 +20,8 @@
  * surface at the next call that returns a dl_status (download, synchronize).
  *
  * A backend is used by one thread at a time.
+ *
+ * See docs/ARCHITECTURE.md, the parts.
  */
 #ifndef DOLLY_BACKEND_H
 #define DOLLY_BACKEND_H

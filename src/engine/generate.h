@@ -11,6 +11,8 @@
  * or when its context is full; gen_remove frees its slot (also to drop a cancelled
  * request at any time). dolly-cli loops gen_step until done; the model server calls it
  * once per tick, admitting and retiring between ticks.
+ *
+ * See docs/ARCHITECTURE.md, the life of a request.
  */
 #ifndef DOLLY_GENERATE_H
 #define DOLLY_GENERATE_H

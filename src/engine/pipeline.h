@@ -9,6 +9,8 @@
  * when the tokenizer has both it and "### Response:\n" as tokens, else at the model's
  * end-of-text; the answer is read out of the prompt and the generation decoded together.
  * A raw continuation (no template) stops at end-of-text and is the generation alone.
+ *
+ * See docs/ARCHITECTURE.md, the life of a request.
  */
 #ifndef DOLLY_PIPELINE_H
 #define DOLLY_PIPELINE_H

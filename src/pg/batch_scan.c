@@ -18,6 +18,8 @@
  * plan stays a call per row: a dolly call in another's arguments, in an aggregate, a window
  * function or a subquery, under a volatile or set-returning function, a node whose quals
  * call dolly, the inner side of a merge join, a scrollable cursor, or dolly.query_batch = 1.
+ *
+ * See docs/ARCHITECTURE.md, the life of a request.
  */
 #include "postgres.h"
 

@@ -16,6 +16,8 @@
  *
  * Everything here runs in the worker's main thread; the engine's compute threads never
  * call PostgreSQL. Engine failures come back as dl_error and become the request's ERROR.
+ *
+ * See docs/ARCHITECTURE.md, the life of a request.
  */
 #include "postgres.h"
 

@@ -4,6 +4,8 @@
  * and create each module's share (as PostgreSQL's ipci.c does for its own). CUDA is never
  * touched here (nor in the postmaster): only the model server worker initialises it, after
  * fork.
+ *
+ * See docs/ARCHITECTURE.md, the parts.
  */
 #include "postgres.h"
 

@@ -6,6 +6,8 @@
  * request's answer, a job's row), so they make it fit for the session first: a model's
  * directory is a superuser's business, shown by the model's name, or relative to
  * dolly.model_dir (the log keeps the full path).
+ *
+ * See docs/ARCHITECTURE.md, the parts.
  */
 #include "postgres.h"
 

@@ -14,6 +14,8 @@
  * The barrier is a generation counter and a condition variable in the segment. A rank
  * that fails or is told to stop raises `abort`; a rank whose peer process is gone does
  * too; everyone then leaves at their next barrier instead of waiting forever.
+ *
+ * See docs/ARCHITECTURE.md, the life of a fine-tuning job.
  */
 #include "postgres.h"
 

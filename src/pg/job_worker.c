@@ -11,6 +11,8 @@
  * dolly.model_dir (written aside and renamed, so no half-written model ever appears), registered in the
  * model catalog as the role's in the transaction that records the job's success.
  * Cancellation and SIGTERM stop it between steps; any failure is recorded in the job's row.
+ *
+ * See docs/ARCHITECTURE.md, the life of a fine-tuning job.
  */
 #include "postgres.h"
 

@@ -7,6 +7,8 @@
  * back at once. Writes to dolly_job are made in the owner scope (catalog.c): users read
  * jobs through the dolly_jobs view and cannot forge them, nor run their own operators with
  * the owner's rights.
+ *
+ * See docs/ARCHITECTURE.md, the life of a fine-tuning job.
  */
 #include "postgres.h"
 

@@ -12,6 +12,8 @@
  * after bgw_restart_time unless the whole server is shutting down. A GPU's server exits for
  * good (code 0) when dolly.device no longer asks for GPUs, or when it finds its device
  * served already.
+ *
+ * See docs/ARCHITECTURE.md, the life of a request.
  */
 #include "postgres.h"
 

@@ -1,4 +1,7 @@
-/* queue.c: the request slots between sessions and the model server; see queue.h. */
+/*
+ * queue.c: the request slots between sessions and the model server; see queue.h, and
+ * docs/ARCHITECTURE.md, the life of a request.
+ */
 #include "postgres.h"
 
 #include "dolly_pg.h"

@@ -13,6 +13,8 @@
  *
  * Engine failures come back as dl_error, which names the model, never its directory
  * (paths are for superusers and the log).
+ *
+ * See docs/ARCHITECTURE.md, the life of a request.
  */
 #include "postgres.h"
 

@@ -2,6 +2,8 @@
  * sql_generate.c: the SQL functions that talk to the model server: dolly_generate,
  * dolly_generate_raw, dolly_tokenize, dolly_detokenize. Arguments are checked here, in the
  * session, so that a mistake gets an ERROR naming the parameter before anything is queued.
+ *
+ * See docs/ARCHITECTURE.md, the life of a request.
  */
 #include "postgres.h"
 
