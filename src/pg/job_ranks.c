@@ -302,8 +302,7 @@ dolly_job_load_base(const char *base_path, int rank, int nranks, const char *act
 	if (st != DL_OK)
 		return st;
 	elog(LOG, "dolly: fine-tuning rank %d of %d trains on %s", rank, nranks, (*be)->name);
-	snprintf(path, sizeof(path), "%s/tokenizer.json", base_path);
-	if (tok_load(path, tok, err) != DL_OK ||
+	if (tok_load_dir(base_path, tok, err) != DL_OK ||
 		dolly_load_model(base_path, *be, activity, stop, arg, m, err) != DL_OK)
 		return err->code;
 	return model_add_dolly_tokens(m, *tok, err);

@@ -248,7 +248,6 @@ load(const ModelRef *ref, ServedModel **out, dl_error *err)
 {
 	ServedModel *m = NULL;
 	int			loaded = 0;
-	char		tokpath[MAXPGPATH];
 	instr_time	start,
 				elapsed;
 	int			max_ctx;
@@ -287,8 +286,7 @@ load(const ModelRef *ref, ServedModel **out, dl_error *err)
 	/* the other servers take the requests that come meanwhile */
 	dolly_queue_taking(server, false);
 	INSTR_TIME_SET_CURRENT(start);
-	snprintf(tokpath, sizeof(tokpath), "%s/tokenizer.json", ref->path);
-	if (tok_load(tokpath, &m->tok, err) != DL_OK)
+	if (tok_load_dir(ref->path, &m->tok, err) != DL_OK)
 		goto fail;
 	loading = true;
 	st = dolly_load_model(ref->path, backend, activity, serve_between_tensors, NULL, &m->model, err);
@@ -449,14 +447,13 @@ load_default(dl_error *err)
 }
 
 /*
- * The tokenizer of ref's model: the loaded model's (m, unless NULL), else tokenizer.json
+ * The tokenizer of ref's model: the loaded model's (m, unless NULL), else the tokenizer files
  * alone, kept in a small cache: tokenizing needs no weights.
  */
 static dl_status
 tokenizer_for(const ModelRef *ref, ServedModel *m, dl_tokenizer **out, dl_error *err)
 {
 	CachedTokenizer *c = NULL;
-	char		tokpath[MAXPGPATH];
 
 	if (m != NULL)
 	{
@@ -476,10 +473,9 @@ tokenizer_for(const ModelRef *ref, ServedModel *m, dl_tokenizer **out, dl_error 
 				c = &tokenizers[i];
 		tok_free(c->tok);
 		c->tok = NULL;
-		snprintf(tokpath, sizeof(tokpath), "%s/tokenizer.json", ref->path);
-		if (tok_load(tokpath, &c->tok, err) != DL_OK)
+		if (tok_load_dir(ref->path, &c->tok, err) != DL_OK)
 		{
-			elog(LOG, "dolly: cannot load tokenizer \"%s\": %s", tokpath, err->msg);
+			elog(LOG, "dolly: cannot load the tokenizer of \"%s\": %s", ref->path, err->msg);
 			dolly_hide_path(err, ref->path, ref->name);
 			dolly_relative_paths(err);
 			return err->code;
