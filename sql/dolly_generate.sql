@@ -58,6 +58,14 @@ SELECT dolly_detokenize('{67,65,70,128,103,221,159,247,244,221,512}') = E'café 
 SELECT dolly_tokenize(E'### Instruction:\x0aName three primary colors.\x0a\x0a### Response:\x0a') = '{513,199,46,65,77,69,261,271,69,281,276,77,458,503,280,83,14,199,199,514}'::int[] AS tokenize;
 SELECT dolly_detokenize('{513,199,46,65,77,69,261,271,69,281,276,77,458,503,280,83,14,199,199,514}') = E'### Instruction:\x0aName three primary colors.\x0a\x0a### Response:\x0a' AS detokenize;
 
+-- a model whose tokenizer is in the older files (vocab.json, merges.txt, ...) reads and writes
+-- the ids of its tokenizer.json twin, and continues the same
+SELECT dolly_tokenize(E'### Instruction:\x0aName three primary colors.\x0a\x0a### Response:\x0a', 'gptj-legacy-tok')
+     = dolly_tokenize(E'### Instruction:\x0aName three primary colors.\x0a\x0a### Response:\x0a') AS older_tokenizer_files;
+SELECT dolly_detokenize('{67,65,70,128,103,221,159,247,244,221,512}', 'gptj-legacy-tok') = E'café ☕ ### End' AS older_detokenize;
+SELECT dolly_generate(E'Name three primary colors.', model => 'gptj-legacy-tok', max_new_tokens => 32, do_sample => false)
+     = dolly_generate(E'Name three primary colors.', max_new_tokens => 32, do_sample => false) AS older_generate;
+
 -- NULL instruction, NULL text: NULL
 SELECT dolly_generate(NULL) IS NULL AS null_instruction;
 SELECT dolly_generate_raw(NULL) IS NULL AS null_prompt;
