@@ -65,6 +65,20 @@ SELECT to_json(got) AS "tokenize" FROM (SELECT dolly_tokenize(E'### Instruction:
 SELECT to_json(got) AS "detokenize" FROM (SELECT dolly_detokenize('{513,199,46,65,77,69,261,271,69,281,276,77,458,503,280,83,14,199,199,514}') AS got) r
      WHERE got IS DISTINCT FROM E'### Instruction:\x0aName three primary colors.\x0a\x0a### Response:\x0a';
 
+-- a model whose tokenizer is in the older files (vocab.json, merges.txt, ...) reads and writes
+-- the ids of its tokenizer.json twin, and continues the same
+SELECT older, newer FROM (
+	SELECT dolly_tokenize(E'### Instruction:\x0aName three primary colors.\x0a\x0a### Response:\x0a', 'gptj-legacy-tok') AS older,
+		   dolly_tokenize(E'### Instruction:\x0aName three primary colors.\x0a\x0a### Response:\x0a') AS newer) r
+ WHERE older IS DISTINCT FROM newer;
+SELECT to_json(got) AS older_detokenize FROM (
+	SELECT dolly_detokenize('{67,65,70,128,103,221,159,247,244,221,512}', 'gptj-legacy-tok') AS got) r
+ WHERE got IS DISTINCT FROM E'café ☕ ### End';
+SELECT to_json(older) AS older, to_json(newer) AS newer FROM (
+	SELECT dolly_generate(E'Name three primary colors.', model => 'gptj-legacy-tok', max_new_tokens => 32, do_sample => false) AS older,
+		   dolly_generate(E'Name three primary colors.', max_new_tokens => 32, do_sample => false) AS newer) r
+ WHERE older IS DISTINCT FROM newer;
+
 -- NULL instruction, NULL text: NULL
 SELECT dolly_generate(NULL) IS NULL AS null_instruction;
 SELECT dolly_generate_raw(NULL) IS NULL AS null_prompt;

@@ -17,6 +17,9 @@ Layout written under --out:
   <model>/                               config.json, tokenizer files, *.safetensors,
                                          expected.safetensors (see expected_outputs)
   <model>/train_expected.safetensors     f32 models: loss, gradients, AdamW steps (build_train)
+  tokenizer-legacy*/                     the tokenizer as vocab.json, merges.txt, ... and
+                                         decode_cases.json (build_older_tokenizers)
+  gptj-legacy-tok/                       gptj-f32 with the tokenizer in those files only
 
 Each artefact has its own function so that later fixtures (gradients for the
 trainer, say) can be added beside them and called from main().
@@ -810,6 +813,100 @@ def build_models(out, hf_tok):
 
 
 # ---------------------------------------------------------------------------
+# The tokenizer in the older files
+# ---------------------------------------------------------------------------
+
+# directory -> whether tokenizer_config.json has added_tokens_decoder (transformers >= 4.34)
+OLDER_TOKENIZERS = {"tokenizer-legacy": False, "tokenizer-legacy-decoder": True}
+OLDER_TWIN = ("gptj-legacy-tok", "gptj-f32", "tokenizer-legacy")
+
+
+def json_text(obj):
+    """JSON as transformers 4 wrote its tokenizer files."""
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def older_tokenizer_files(tokenizer_json, with_decoder):
+    """The fixture tokenizer as transformers 4's GPT2Tokenizer.save_pretrained wrote it once
+    Dolly's trainer had added its keys: vocab.json, merges.txt, added_tokens.json,
+    special_tokens_map.json and tokenizer_config.json, the last with added_tokens_decoder as
+    transformers >= 4.34 wrote it, or without as earlier ones did.  Special tokens appear both
+    as strings and as AddedToken objects, as in GPT-2's and Dolly's own files."""
+    j = json.loads(tokenizer_json)
+    vocab = j["model"]["vocab"]
+    added = {t["content"]: t["id"] for t in j["added_tokens"] if t["content"] not in vocab}
+    eot = {"content": EOT, "lstrip": False, "normalized": True, "rstrip": False,
+           "single_word": False}
+    config = {"add_bos_token": False, "add_prefix_space": False, "errors": "replace",
+              "model_max_length": 2048, "special_tokens_map_file": None,
+              "tokenizer_class": "GPT2Tokenizer"}
+    if with_decoder:
+        flags = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+        config.update(added_tokens_decoder={str(t["id"]): {k: t[k] for k in flags}
+                                            for t in j["added_tokens"]},
+                      additional_special_tokens=DOLLY_SPECIALS, bos_token=EOT, eos_token=EOT,
+                      pad_token=EOT, unk_token=EOT, clean_up_tokenization_spaces=True)
+    else:
+        config.update({k: dict(eot, __type="AddedToken") for k in
+                       ("bos_token", "eos_token", "unk_token")}, pad_token=None)
+    return {
+        "vocab.json": json_text(vocab),
+        "merges.txt": "#version: 0.2\n" + "".join("%s %s\n" % (a, b)
+                                                  for a, b in j["model"]["merges"]),
+        "added_tokens.json": json_text(added),
+        "special_tokens_map.json": json_text({"additional_special_tokens": DOLLY_SPECIALS,
+                                              "bos_token": eot, "eos_token": EOT,
+                                              "pad_token": EOT, "unk_token": eot}),
+        "tokenizer_config.json": json_text(config),
+    }
+
+
+def build_older_tokenizers(out):
+    """<OLDER_TOKENIZERS>/: the fixture tokenizer in the older files (older_tokenizer_files),
+    with decode_cases.json as transformers decodes with what it reads from them; checked to
+    encode tokenizer/'s corpus and multi-line documents to tokenizer/'s ids, as
+    GPT2TokenizerFast.from_pretrained reads them.  gptj-legacy-tok/: gptj-f32 with its
+    tokenizer in tokenizer-legacy/'s files instead of tokenizer.json, checked (verify) to give
+    gptj-f32's expected outputs through AutoTokenizer."""
+    src = os.path.join(out, "tokenizer")
+    with open(os.path.join(src, "tokenizer.json"), encoding="utf-8") as f:
+        tokenizer_json = f.read()
+    with open(os.path.join(src, "corpus_ids.txt"), encoding="utf-8") as f:
+        corpus_ids = [[int(i) for i in line.split()] for line in f]
+    with open(os.path.join(src, "multi_line.json"), encoding="utf-8") as f:
+        multi_line = json.load(f)
+    lines = corpus_lines()
+    for name, with_decoder in OLDER_TOKENIZERS.items():
+        d = os.path.join(out, name)
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        for fname, text in older_tokenizer_files(tokenizer_json, with_decoder).items():
+            write_text(os.path.join(d, fname), text)
+        tok = transformers.GPT2TokenizerFast.from_pretrained(d)
+        assert not os.path.exists(os.path.join(d, "tokenizer.json"))
+        assert [tok(s)["input_ids"] for s in lines] == corpus_ids, name
+        assert [tok(s)["input_ids"] for s in multi_line["docs"]] == multi_line["ids"], name
+        write_text(os.path.join(d, "decode_cases.json"),
+                   json.dumps(decode_cases(tok.backend_tokenizer), ensure_ascii=False,
+                              indent=1) + "\n")
+        print("%-24s %d ids; special: %s" % (name, len(tok), ", ".join(
+            repr(t.content) for t in tok.added_tokens_decoder.values() if t.special)))
+
+    twin, model, files = OLDER_TWIN
+    d = os.path.join(out, twin)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    for fname in ("config.json", "generation_config.json", "model.safetensors",
+                  "expected.safetensors"):
+        shutil.copy(os.path.join(out, model, fname), d)
+    for fname in older_tokenizer_files(tokenizer_json, False):
+        shutil.copy(os.path.join(out, files, fname), d)
+    torch.set_num_threads(1)
+    verify(d, torch.float32)
+    print("%-24s %s with the tokenizer of %s: same expected outputs" % (twin, model, files))
+
+
+# ---------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------
 
@@ -962,6 +1059,7 @@ def main():
     args = ap.parse_args()
     hf_tok = build_tokenizer(args.out)
     build_models(args.out, hf_tok)
+    build_older_tokenizers(args.out)
     build_train(args.out)
 
 

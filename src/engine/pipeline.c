@@ -14,13 +14,11 @@ pipeline_open(const char *dir, dl_backend *be, dl_load_fn watch, void *arg, dl_p
 			  dl_error *err)
 {
 	dl_pipeline *p = calloc(1, sizeof(*p));
-	char		path[4096];
 	dl_status	st;
 
 	if (p == NULL)
 		return dl_fail(err, DL_ENOMEM, "out of memory opening a model");
-	snprintf(path, sizeof(path), "%s/tokenizer.json", dir);
-	st = tok_load(path, &p->tok, err);
+	st = tok_load_dir(dir, &p->tok, err);
 	if (st == DL_OK && be != NULL)
 		st = dl_model_load_watched(dir, be, watch, arg, &p->model, err);
 	if (st != DL_OK)

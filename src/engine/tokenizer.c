@@ -15,28 +15,25 @@
  * made valid as Rust's String::from_utf8_lossy does.
  *
  * The parsed JSON is kept so that tok_save can write back exactly what was read plus the
- * special tokens that fine-tuning adds.
+ * special tokens that fine-tuning adds. tokenizer_files.c makes such a tree of the older
+ * vocab.json + merges.txt files and builds from it with tok_from_json.
  */
-#include "tokenizer.h"
+#include "tokenizer_int.h"
 
 #include <errno.h>
 #include <limits.h>
-#include <stdbool.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <json.h>
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 #include <unicode/uchar.h>
 #include <unicode/unorm2.h>
 #include <unicode/ustring.h>
-
-/* Ids are array indexes; this bounds what a hostile file can make us allocate. */
-#define TOK_MAX_ID			(1 << 24)
 
 /* GPT-2's pre-tokenisation regex (tokenizers' pre_tokenizers/byte_level.rs). */
 #define TOK_GPT2_REGEX \
@@ -261,9 +258,8 @@ utf8_char(const unsigned char *s, size_t n, uint32_t *cp, size_t *bad)
 	return need + 1;
 }
 
-/* Offset of the first invalid UTF-8 byte in s, or n if all of it is valid. */
-static size_t
-utf8_invalid_at(const char *s, size_t n)
+size_t
+tok_utf8_invalid_at(const char *s, size_t n)
 {
 	size_t		i = 0,
 				bad,
@@ -985,7 +981,7 @@ tok_encode(const dl_tokenizer *tok, const char *text, size_t len,
 		   int32_t **ids, int *n, dl_error *err)
 {
 	tok_enc		e = {.tok = tok,.err = err};
-	size_t		bad = utf8_invalid_at(text, len);
+	size_t		bad = tok_utf8_invalid_at(text, len);
 	dl_status	st;
 
 	*ids = NULL;
@@ -1104,9 +1100,8 @@ tok_vocab_size(const dl_tokenizer *tok)
 	return tok->nids;
 }
 
-/* Member key of object obj, or NULL when absent or JSON null. */
-static json_object *
-json_member(json_object *obj, const char *key)
+json_object *
+tok_json_member(json_object *obj, const char *key)
 {
 	json_object *v = NULL;
 
@@ -1115,11 +1110,10 @@ json_member(json_object *obj, const char *key)
 	return v;
 }
 
-/* Read boolean member key of obj into *out (def when absent). */
-static dl_status
-json_read_bool(json_object *obj, const char *key, bool def, bool *out, const char *what, dl_error *err)
+dl_status
+tok_json_bool(json_object *obj, const char *key, bool def, bool *out, const char *what, dl_error *err)
 {
-	json_object *v = json_member(obj, key);
+	json_object *v = tok_json_member(obj, key);
 
 	if (v == NULL)
 	{
@@ -1132,9 +1126,8 @@ json_read_bool(json_object *obj, const char *key, bool def, bool *out, const cha
 	return DL_OK;
 }
 
-/* Read a token id (an integer in [0, TOK_MAX_ID)) from v. */
-static dl_status
-json_read_id(json_object *v, int32_t *id, const char *what, const char *content, dl_error *err)
+dl_status
+tok_json_id(json_object *v, int32_t *id, const char *what, const char *content, dl_error *err)
 {
 	int64_t		x;
 
@@ -1145,7 +1138,7 @@ json_read_id(json_object *v, int32_t *id, const char *what, const char *content,
 	{
 		dl_fail(err, DL_EFORMAT, "%s: \"%s\" has id %lld, out of range", what, content,
 				(long long) x);
-		return dl_hint(err, "ids must lie in [0, %d)", TOK_MAX_ID);
+		return dl_hint(err, "Token ids must lie in [0, %d).", TOK_MAX_ID);
 	}
 	*id = (int32_t) x;
 	return DL_OK;
@@ -1159,7 +1152,7 @@ define_id(dl_tokenizer *tok, int32_t id, const char *s, size_t n, uint8_t flags,
 	int32_t		other;
 	dl_status	st;
 
-	if (utf8_invalid_at(s, n) < n)
+	if (tok_utf8_invalid_at(s, n) < n)
 		return dl_fail(err, DL_EFORMAT, "%s: token %d is not valid UTF-8", what, id);
 	if (tok->ids[id].flags & TOK_PRESENT)
 		return dl_fail(err, DL_EFORMAT, "%s: duplicate id %d (\"%.*s\" and \"%.*s\")", what, id,
@@ -1174,9 +1167,9 @@ define_id(dl_tokenizer *tok, int32_t id, const char *s, size_t n, uint8_t flags,
 	return map_put(tok, id, err);
 }
 
-/* Fill in the vocabulary: model.vocab, an object of token -> id. */
+/* Fill in the vocabulary: model.vocab (called vocab_name), an object of token -> id. */
 static dl_status
-parse_vocab(dl_tokenizer *tok, json_object *vocab, dl_error *err)
+parse_vocab(dl_tokenizer *tok, json_object *vocab, const char *vocab_name, dl_error *err)
 {
 	struct json_object_iterator it = json_object_iter_begin(vocab),
 				end = json_object_iter_end(vocab);
@@ -1187,8 +1180,8 @@ parse_vocab(dl_tokenizer *tok, json_object *vocab, dl_error *err)
 		const char *key = json_object_iter_peek_name(&it);
 		int32_t		id = -1;
 
-		if ((st = json_read_id(json_object_iter_peek_value(&it), &id, "model.vocab", key, err)) != DL_OK ||
-			(st = define_id(tok, id, key, strlen(key), TOK_IN_VOCAB, "model.vocab", err)) != DL_OK)
+		if ((st = tok_json_id(json_object_iter_peek_value(&it), &id, vocab_name, key, err)) != DL_OK ||
+			(st = define_id(tok, id, key, strlen(key), TOK_IN_VOCAB, vocab_name, err)) != DL_OK)
 			return st;
 	}
 	return DL_OK;
@@ -1285,17 +1278,31 @@ parse_merges(dl_tokenizer *tok, json_object *merges, dl_error *err)
 }
 
 /*
+ * The id that tokenizers gives new added content (AddedVocabulary::add_tokens): the vocabulary's
+ * size, or one past the highest added id when that is higher.
+ */
+static int32_t
+next_added_id(const dl_tokenizer *tok)
+{
+	int32_t		id = tok->vocab_count;
+
+	for (int32_t k = 0; k < tok->nadded; k++)
+		if (tok->added[k].id >= id)
+			id = tok->added[k].id + 1;
+	return id;
+}
+
+/*
  * Read added_tokens ([{id, content, single_word, lstrip, rstrip, normalized, special}]) as
  * tokenizers does: the ids in the file are not used; content already known (a vocabulary
  * entry, an earlier added token) keeps its id, with the flags of its last entry, and other
- * content gets the next id after the vocabulary, in file order. Files that tokenizers
- * wrote list exactly these ids.
+ * content gets next_added_id, in file order. Files that tokenizers wrote list exactly these
+ * ids; where an entry says another, it is corrected so that tok_save writes the id in use.
  */
 static dl_status
 parse_added(dl_tokenizer *tok, json_object *arr, dl_error *err)
 {
 	size_t		n = json_object_array_length(arr);
-	int32_t		next_id = tok->vocab_count;
 
 	tok->added = calloc(n + 1, sizeof(tok_added));
 	if (tok->added == NULL)
@@ -1303,7 +1310,8 @@ parse_added(dl_tokenizer *tok, json_object *arr, dl_error *err)
 	for (size_t k = 0; k < n; k++)
 	{
 		json_object *t = json_object_array_get_idx(arr, k);
-		json_object *c = json_member(t, "content");
+		json_object *c = tok_json_member(t, "content");
+		json_object *id = tok_json_member(t, "id");
 		tok_added	f = {0};
 		tok_added  *a = NULL;
 		const char *content;
@@ -1315,20 +1323,33 @@ parse_added(dl_tokenizer *tok, json_object *arr, dl_error *err)
 			return dl_fail(err, DL_EFORMAT, "added_tokens[%zu] has no \"content\" string", k);
 		content = json_object_get_string(c);
 		len = (size_t) json_object_get_string_len(c);
-		if ((st = json_read_bool(t, "special", false, &f.special, "added_tokens", err)) != DL_OK ||
-			(st = json_read_bool(t, "single_word", false, &f.single_word, "added_tokens", err)) != DL_OK ||
-			(st = json_read_bool(t, "lstrip", false, &f.lstrip, "added_tokens", err)) != DL_OK ||
-			(st = json_read_bool(t, "rstrip", false, &f.rstrip, "added_tokens", err)) != DL_OK ||
-			(st = json_read_bool(t, "normalized", !f.special, &f.normalized, "added_tokens", err)) != DL_OK)
+		if ((st = tok_json_bool(t, "special", false, &f.special, "added_tokens", err)) != DL_OK ||
+			(st = tok_json_bool(t, "single_word", false, &f.single_word, "added_tokens", err)) != DL_OK ||
+			(st = tok_json_bool(t, "lstrip", false, &f.lstrip, "added_tokens", err)) != DL_OK ||
+			(st = tok_json_bool(t, "rstrip", false, &f.rstrip, "added_tokens", err)) != DL_OK ||
+			(st = tok_json_bool(t, "normalized", !f.special, &f.normalized, "added_tokens", err)) != DL_OK)
 			return st;
 		if (len == 0)
 			continue;			/* tokenizers ignores empty tokens */
 		f.id = map_get(tok, content, len);
 		if (f.id < 0)
 		{
-			f.id = next_id++;
-			if ((st = define_id(tok, f.id, content, len, 0, "added_tokens", err)) != DL_OK)
+			f.id = next_added_id(tok);
+			if (f.id >= TOK_MAX_ID)
+				return dl_fail(err, DL_EUNSUPPORTED, "tokenizer has more than %d ids", TOK_MAX_ID);
+			if ((st = ids_reserve(tok, f.id + 1, err)) != DL_OK ||
+				(st = define_id(tok, f.id, content, len, 0, "added_tokens", err)) != DL_OK)
 				return st;
+		}
+		if (id == NULL || !json_object_is_type(id, json_type_int) || json_object_get_int64(id) != f.id)
+		{
+			json_object *v = json_object_new_int(f.id);
+
+			if (v == NULL || json_object_object_add(t, "id", v) != 0)
+			{
+				json_object_put(v);
+				return dl_fail(err, DL_ENOMEM, "out of memory for %zu added tokens", n);
+			}
 		}
 		for (int32_t j = 0; j < tok->nadded; j++)
 			if (tok->added[j].id == f.id)
@@ -1411,7 +1432,7 @@ add_step(dl_tokenizer *tok, tok_step_kind kind, const char *pattern, size_t len,
 static dl_status
 parse_pretok_one(dl_tokenizer *tok, json_object *pt, bool *byte_level, dl_error *err)
 {
-	json_object *type = json_member(pt, "type");
+	json_object *type = tok_json_member(pt, "type");
 	const char *name = type ? json_object_get_string(type) : "";
 	dl_status	st;
 
@@ -1425,8 +1446,8 @@ parse_pretok_one(dl_tokenizer *tok, json_object *pt, bool *byte_level, dl_error 
 		bool		prefix = false,
 					use_regex = false;
 
-		if ((st = json_read_bool(pt, "add_prefix_space", true, &prefix, "pre_tokenizer", err)) != DL_OK ||
-			(st = json_read_bool(pt, "use_regex", true, &use_regex, "pre_tokenizer", err)) != DL_OK)
+		if ((st = tok_json_bool(pt, "add_prefix_space", true, &prefix, "pre_tokenizer", err)) != DL_OK ||
+			(st = tok_json_bool(pt, "use_regex", true, &use_regex, "pre_tokenizer", err)) != DL_OK)
 			return st;
 		if (prefix && (st = add_step(tok, TOK_STEP_PREFIX_SPACE, NULL, 0, false, err)) != DL_OK)
 			return st;
@@ -1438,14 +1459,14 @@ parse_pretok_one(dl_tokenizer *tok, json_object *pt, bool *byte_level, dl_error 
 	}
 	if (strcmp(name, "Split") == 0)
 	{
-		json_object *pat = json_member(pt, "pattern");
-		json_object *behavior = json_member(pt, "behavior");
-		json_object *re = json_member(pat, "Regex");
-		json_object *lit = json_member(pat, "String");
+		json_object *pat = tok_json_member(pt, "pattern");
+		json_object *behavior = tok_json_member(pt, "behavior");
+		json_object *re = tok_json_member(pat, "Regex");
+		json_object *lit = tok_json_member(pat, "String");
 		json_object *s = re ? re : lit;
 		bool		invert = false;
 
-		if ((st = json_read_bool(pt, "invert", false, &invert, "pre_tokenizer Split", err)) != DL_OK)
+		if ((st = tok_json_bool(pt, "invert", false, &invert, "pre_tokenizer Split", err)) != DL_OK)
 			return st;
 		if (s == NULL || !json_object_is_type(s, json_type_string))
 			return dl_fail(err, DL_EFORMAT, "pre_tokenizer Split has no \"pattern\" Regex or String");
@@ -1462,7 +1483,7 @@ parse_pretok_one(dl_tokenizer *tok, json_object *pt, bool *byte_level, dl_error 
 static dl_status
 parse_pretok(dl_tokenizer *tok, json_object *pt, dl_error *err)
 {
-	json_object *type = json_member(pt, "type");
+	json_object *type = tok_json_member(pt, "type");
 	bool		byte_level = false;
 	dl_status	st;
 
@@ -1471,7 +1492,7 @@ parse_pretok(dl_tokenizer *tok, json_object *pt, dl_error *err)
 	if (type != NULL && json_object_is_type(type, json_type_string) &&
 		strcmp(json_object_get_string(type), "Sequence") == 0)
 	{
-		json_object *list = json_member(pt, "pretokenizers");
+		json_object *list = tok_json_member(pt, "pretokenizers");
 
 		if (list == NULL || !json_object_is_type(list, json_type_array))
 			return dl_fail(err, DL_EFORMAT, "pre_tokenizer Sequence has no \"pretokenizers\" array");
@@ -1501,7 +1522,7 @@ parse_normalizer(dl_tokenizer *tok, json_object *nz, dl_error *err)
 		{"NFKC", "nfkc", UNORM2_COMPOSE},
 		{"NFKD", "nfkc", UNORM2_DECOMPOSE},
 	};
-	json_object *type = json_member(nz, "type");
+	json_object *type = tok_json_member(nz, "type");
 	const char *name = type ? json_object_get_string(type) : "(no type)";
 
 	if (nz == NULL)
@@ -1546,15 +1567,18 @@ normalize_added(dl_tokenizer *tok, dl_error *err)
 	return DL_OK;
 }
 
-/* Check the model section, size the id table and read vocab, added tokens and merges. */
+/*
+ * Check the model section, size the id table and read vocab (called vocab_name in messages),
+ * added tokens and merges.
+ */
 static dl_status
-parse_model(dl_tokenizer *tok, dl_error *err)
+parse_model(dl_tokenizer *tok, const char *vocab_name, dl_error *err)
 {
-	json_object *model = json_member(tok->root, "model");
-	json_object *type = json_member(model, "type");
-	json_object *vocab = json_member(model, "vocab");
-	json_object *merges = json_member(model, "merges");
-	json_object *added = json_member(tok->root, "added_tokens");
+	json_object *model = tok_json_member(tok->root, "model");
+	json_object *type = tok_json_member(model, "type");
+	json_object *vocab = tok_json_member(model, "vocab");
+	json_object *merges = tok_json_member(model, "merges");
+	json_object *added = tok_json_member(tok->root, "added_tokens");
 	json_object *v;
 	int64_t		maxid = -1;
 	dl_status	st;
@@ -1571,12 +1595,12 @@ parse_model(dl_tokenizer *tok, dl_error *err)
 		return dl_fail(err, DL_EFORMAT, "model has no \"merges\" array");
 	if (added != NULL && !json_object_is_type(added, json_type_array))
 		return dl_fail(err, DL_EFORMAT, "\"added_tokens\" is not an array");
-	if ((v = json_member(model, "dropout")) != NULL && json_object_get_double(v) != 0.0)
+	if ((v = tok_json_member(model, "dropout")) != NULL && json_object_get_double(v) != 0.0)
 		return dl_fail(err, DL_EUNSUPPORTED, "BPE dropout is not supported");
-	if (((v = json_member(model, "continuing_subword_prefix")) != NULL && json_object_get_string_len(v) > 0) ||
-		((v = json_member(model, "end_of_word_suffix")) != NULL && json_object_get_string_len(v) > 0))
+	if (((v = tok_json_member(model, "continuing_subword_prefix")) != NULL && json_object_get_string_len(v) > 0) ||
+		((v = tok_json_member(model, "end_of_word_suffix")) != NULL && json_object_get_string_len(v) > 0))
 		return dl_fail(err, DL_EUNSUPPORTED, "BPE with subword prefixes or suffixes is not supported");
-	if ((st = json_read_bool(model, "ignore_merges", false, &tok->ignore_merges, "model", err)) != DL_OK)
+	if ((st = tok_json_bool(model, "ignore_merges", false, &tok->ignore_merges, "model", err)) != DL_OK)
 		return st;
 
 	/* the id table spans the vocabulary and the ids that added tokens can take */
@@ -1600,7 +1624,7 @@ parse_model(dl_tokenizer *tok, dl_error *err)
 			return dl_fail(err, DL_EUNSUPPORTED, "tokenizer has more than %d ids", TOK_MAX_ID);
 	}
 	if ((st = ids_reserve(tok, (int32_t) (maxid + 1), err)) != DL_OK ||
-		(st = parse_vocab(tok, vocab, err)) != DL_OK ||
+		(st = parse_vocab(tok, vocab, vocab_name, err)) != DL_OK ||
 		(st = parse_merges(tok, merges, err)) != DL_OK)
 		return st;
 	if (added != NULL)
@@ -1614,9 +1638,9 @@ parse_model(dl_tokenizer *tok, dl_error *err)
 	return st;
 }
 
-/* The byte-level alphabet (MODEL_SPEC.md section 7) and each byte's vocabulary id. */
+/* The byte-level alphabet (MODEL_SPEC.md section 7) and each byte's id in vocab_name. */
 static dl_status
-setup_bytes(dl_tokenizer *tok, dl_error *err)
+setup_bytes(dl_tokenizer *tok, const char *vocab_name, dl_error *err)
 {
 	int			shifted = 0;
 
@@ -1642,9 +1666,9 @@ setup_bytes(dl_tokenizer *tok, dl_error *err)
 		id = map_get(tok, (const char *) tok->byte_utf8[b], tok->byte_utf8_len[b]);
 		if (id < 0 || !(tok->ids[id].flags & TOK_IN_VOCAB))
 		{
-			dl_fail(err, DL_EFORMAT, "model.vocab has no symbol \"%.*s\" for byte 0x%02x",
+			dl_fail(err, DL_EFORMAT, "%s has no symbol \"%.*s\" for byte 0x%02x", vocab_name,
 					tok->byte_utf8_len[b], (const char *) tok->byte_utf8[b], b);
-			return dl_hint(err, "a byte-level BPE vocabulary holds all 256 byte symbols");
+			return dl_hint(err, "A byte-level BPE vocabulary holds the symbols of all 256 bytes.");
 		}
 		tok->byte_id[b] = id;
 	}
@@ -1652,34 +1676,33 @@ setup_bytes(dl_tokenizer *tok, dl_error *err)
 }
 
 dl_status
-tok_parse(const char *json, size_t len, dl_tokenizer **out, dl_error *err)
+tok_json_parse(const char *text, size_t len, json_object **out, dl_error *err)
 {
 	json_tokener *jt;
-	dl_tokenizer *tok;
+	json_object *root;
 	size_t		end;
 	dl_status	st;
 
 	*out = NULL;
 	if (len > INT_MAX)
-		return dl_fail(err, DL_EUNSUPPORTED, "tokenizer JSON of %zu bytes is too large", len);
-	tok = calloc(1, sizeof(dl_tokenizer));
+		return dl_fail(err, DL_EUNSUPPORTED, "JSON of %zu bytes is too large", len);
 	jt = json_tokener_new();
-	if (tok == NULL || jt == NULL)
-	{
-		free(tok);
-		if (jt)
-			json_tokener_free(jt);
-		return dl_fail(err, DL_ENOMEM, "out of memory loading the tokenizer");
-	}
+	if (jt == NULL)
+		return dl_fail(err, DL_ENOMEM, "out of memory parsing JSON");
 	json_tokener_set_flags(jt, JSON_TOKENER_STRICT | JSON_TOKENER_VALIDATE_UTF8);
-	tok->root = json_tokener_parse_ex(jt, json, (int) len);
-	end = tok->root ? json_tokener_get_parse_end(jt) : 0;
-	while (end < len && strchr(" \t\r\n", json[end]) != NULL && json[end] != '\0')
+	root = json_tokener_parse_ex(jt, text, (int) len);
+	end = root ? json_tokener_get_parse_end(jt) : 0;
+	while (end < len && strchr(" \t\r\n", text[end]) != NULL && text[end] != '\0')
 		end++;
-	if (tok->root == NULL || end < len)
+	if (root != NULL && end == len)
+	{
+		json_tokener_free(jt);
+		*out = root;
+		return DL_OK;
+	}
 	{
 		enum json_tokener_error je = json_tokener_get_error(jt);
-		size_t		at = tok->root ? end : json_tokener_get_parse_end(jt);
+		size_t		at = root ? end : json_tokener_get_parse_end(jt);
 
 		if (je == json_tokener_continue)
 			st = dl_fail(err, DL_EFORMAT, "malformed JSON: unexpected end of input at byte %zu", at);
@@ -1688,17 +1711,31 @@ tok_parse(const char *json, size_t len, dl_tokenizer **out, dl_error *err)
 						 json_tokener_error_desc(je));
 		else
 			st = dl_fail(err, DL_EFORMAT, "malformed JSON: data after the end at byte %zu", at);
-		json_tokener_free(jt);
-		tok_free(tok);
-		return st;
 	}
+	json_object_put(root);
 	json_tokener_free(jt);
+	return st;
+}
+
+dl_status
+tok_from_json(json_object *root, const char *vocab_name, dl_tokenizer **out, dl_error *err)
+{
+	dl_tokenizer *tok = calloc(1, sizeof(dl_tokenizer));
+	dl_status	st;
+
+	*out = NULL;
+	if (tok == NULL)
+	{
+		json_object_put(root);
+		return dl_fail(err, DL_ENOMEM, "out of memory loading the tokenizer");
+	}
+	tok->root = root;
 	if (!json_object_is_type(tok->root, json_type_object))
 		st = dl_fail(err, DL_EFORMAT, "tokenizer JSON is not an object");
-	else if ((st = parse_model(tok, err)) == DL_OK &&
-			 (st = setup_bytes(tok, err)) == DL_OK &&
-			 (st = parse_normalizer(tok, json_member(tok->root, "normalizer"), err)) == DL_OK &&
-			 (st = parse_pretok(tok, json_member(tok->root, "pre_tokenizer"), err)) == DL_OK &&
+	else if ((st = parse_model(tok, vocab_name, err)) == DL_OK &&
+			 (st = setup_bytes(tok, vocab_name, err)) == DL_OK &&
+			 (st = parse_normalizer(tok, tok_json_member(tok->root, "normalizer"), err)) == DL_OK &&
+			 (st = parse_pretok(tok, tok_json_member(tok->root, "pre_tokenizer"), err)) == DL_OK &&
 			 (st = normalize_added(tok, err)) == DL_OK &&
 			 (st = matcher_build(tok, &tok->match_raw, false, err)) == DL_OK &&
 			 (st = matcher_build(tok, &tok->match_norm, true, err)) == DL_OK)
@@ -1731,50 +1768,91 @@ tok_parse(const char *json, size_t len, dl_tokenizer **out, dl_error *err)
 }
 
 dl_status
-tok_load(const char *path, dl_tokenizer **out, dl_error *err)
+tok_parse(const char *json, size_t len, dl_tokenizer **out, dl_error *err)
+{
+	json_object *root;
+	dl_status	st = tok_json_parse(json, len, &root, err);
+
+	*out = NULL;
+	if (st != DL_OK)
+		return st;
+	return tok_from_json(root, "model.vocab", out, err);
+}
+
+dl_status
+tok_read_file(const char *path, char **buf, size_t *len, dl_error *err)
 {
 	FILE	   *f = fopen(path, "rb");
 	struct stat sb;
-	char	   *buf;
-	dl_status	st;
+	int			e;
 
-	*out = NULL;
+	*buf = NULL;
 	if (f == NULL)
 	{
-		dl_fail(err, DL_EIO, "could not open tokenizer \"%s\": %s", path, strerror(errno));
-		return errno == ENOENT ?
-			dl_hint(err, "a Hugging Face model directory has tokenizer.json beside config.json") :
-			DL_EIO;
+		e = errno;
+		dl_fail(err, DL_EIO, "could not open tokenizer file \"%s\": %s", path, strerror(e));
+		errno = e;
+		return DL_EIO;
 	}
 	if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode))
 	{
 		fclose(f);
-		return dl_fail(err, DL_EIO, "tokenizer \"%s\" is not a regular file", path);
+		return dl_fail(err, DL_EIO, "tokenizer file \"%s\" is not a regular file", path);
 	}
-	buf = malloc((size_t) sb.st_size + 1);
-	if (buf == NULL)
+	*buf = malloc((size_t) sb.st_size + 1);
+	if (*buf == NULL)
 	{
 		fclose(f);
-		return dl_fail(err, DL_ENOMEM, "out of memory reading tokenizer \"%s\"", path);
+		return dl_fail(err, DL_ENOMEM, "out of memory reading tokenizer file \"%s\"", path);
 	}
-	if (fread(buf, 1, (size_t) sb.st_size, f) != (size_t) sb.st_size)
+	if (fread(*buf, 1, (size_t) sb.st_size, f) != (size_t) sb.st_size)
 	{
-		free(buf);
+		free(*buf);
+		*buf = NULL;
 		fclose(f);
-		return dl_fail(err, DL_EIO, "could not read tokenizer \"%s\"", path);
+		return dl_fail(err, DL_EIO, "could not read tokenizer file \"%s\"", path);
 	}
 	fclose(f);
-	st = tok_parse(buf, (size_t) sb.st_size, out, err);
-	free(buf);
-	if (st != DL_OK && err != NULL)
-	{
-		/* name the file; dl_fail clears the hint, so keep it */
-		dl_error	inner = *err;
+	(*buf)[sb.st_size] = '\0';
+	*len = (size_t) sb.st_size;
+	return DL_OK;
+}
 
-		dl_fail(err, st, "tokenizer \"%s\": %s", path, inner.msg);
-		memcpy(err->hint, inner.hint, sizeof(err->hint));
-	}
+dl_status
+tok_fail_in(dl_error *err, dl_status st, const char *fmt,...)
+{
+	dl_error	inner;
+	char		prefix[DL_ERRMSG_LEN];
+	va_list		ap;
+
+	if (err == NULL)
+		return st;
+	inner = *err;
+	va_start(ap, fmt);
+	vsnprintf(prefix, sizeof(prefix), fmt, ap);
+	va_end(ap);
+	/* dl_fail clears the hint, so keep it */
+	dl_fail(err, st, "%s: %s", prefix, inner.msg);
+	memcpy(err->hint, inner.hint, sizeof(err->hint));
 	return st;
+}
+
+dl_status
+tok_load(const char *path, dl_tokenizer **out, dl_error *err)
+{
+	char	   *buf;
+	size_t		len;
+	dl_status	st;
+
+	*out = NULL;
+	if ((st = tok_read_file(path, &buf, &len, err)) != DL_OK)
+		return st == DL_EIO && errno == ENOENT ?
+			dl_hint(err, "A Hugging Face model directory has tokenizer.json beside config.json.") : st;
+	st = tok_parse(buf, len, out, err);
+	free(buf);
+	if (st != DL_OK)
+		return tok_fail_in(err, st, "tokenizer \"%s\"", path);
+	return DL_OK;
 }
 
 void
@@ -1822,14 +1900,14 @@ tok_add_special(dl_tokenizer *tok, const char *content, int32_t *id, dl_error *e
 {
 	size_t		len = strlen(content);
 	int32_t		tid = map_get(tok, content, len);
-	json_object *arr = json_member(tok->root, "added_tokens");
+	json_object *arr = tok_json_member(tok->root, "added_tokens");
 	json_object *o;
 	tok_added  *a = NULL;
 	size_t		at;
 	dl_status	st;
 
 	*id = -1;
-	if (len == 0 || utf8_invalid_at(content, len) < len)
+	if (len == 0 || tok_utf8_invalid_at(content, len) < len)
 		return dl_fail(err, DL_EINVAL, "special token \"%s\" is empty or not valid UTF-8", content);
 	for (int32_t k = 0; k < tok->nadded; k++)
 		if (tok->added[k].id == tid)
@@ -1855,10 +1933,7 @@ tok_add_special(dl_tokenizer *tok, const char *content, int32_t *id, dl_error *e
 		/* a vocabulary entry keeps its id; new content gets the next, as tokenizers counts */
 		if (tid < 0)
 		{
-			tid = tok->vocab_count;
-			for (int32_t k = 0; k < tok->nadded; k++)
-				if (tok->added[k].id >= tid)
-					tid = tok->added[k].id + 1;
+			tid = next_added_id(tok);
 			if (tid >= TOK_MAX_ID)
 				return dl_fail(err, DL_EUNSUPPORTED, "no id left for special token \"%s\"", content);
 			if ((st = ids_reserve(tok, tid + 1, err)) != DL_OK ||
@@ -1878,7 +1953,7 @@ tok_add_special(dl_tokenizer *tok, const char *content, int32_t *id, dl_error *e
 		/* an added token that differs is replaced, as tokenizers' add_tokens does */
 		for (at = 0; at < json_object_array_length(arr); at++)
 		{
-			json_object *t = json_member(json_object_array_get_idx(arr, at), "id");
+			json_object *t = tok_json_member(json_object_array_get_idx(arr, at), "id");
 
 			if (t != NULL && json_object_get_int64(t) == tid)
 				break;

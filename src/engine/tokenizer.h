@@ -1,5 +1,6 @@
 /*
- * tokenizer.h: GPT-2 byte-level BPE as stored in a Hugging Face tokenizer.json.
+ * tokenizer.h: GPT-2 byte-level BPE as stored in a Hugging Face tokenizer.json (or, in older
+ * repositories, vocab.json and merges.txt).
  *
  * Added tokens are split out of the text first (longest match, honouring lstrip/rstrip);
  * the rest is pre-tokenised with GPT-2's regex (PCRE2, Unicode), mapped to the byte-level
@@ -18,6 +19,13 @@ typedef struct dl_tokenizer dl_tokenizer;
 
 /* Load tokenizer.json from path. */
 dl_status	tok_load(const char *path, dl_tokenizer **out, dl_error *err);
+
+/*
+ * Load the tokenizer of the model directory dir: its tokenizer.json, or where it has none
+ * the older vocab.json and merges.txt (with added_tokens.json, special_tokens_map.json and
+ * tokenizer_config.json), read as transformers' GPT2Tokenizer reads them.
+ */
+dl_status	tok_load_dir(const char *dir, dl_tokenizer **out, dl_error *err);
 
 /* Load from JSON text in memory (len bytes); used by tok_load and the fuzzer. */
 dl_status	tok_parse(const char *json, size_t len, dl_tokenizer **out, dl_error *err);

@@ -874,8 +874,7 @@ cmd_train(const options *o)
 	}
 	if (load(o, DL_CUDA_MIXED, &be, &m, &err))
 		goto done;
-	snprintf(path, sizeof(path), "%s/tokenizer.json", o->model);
-	if (tok_load(path, &tok, &err) != DL_OK || model_add_dolly_tokens(&m, tok, &err) != DL_OK)
+	if (tok_load_dir(o->model, &tok, &err) != DL_OK || model_add_dolly_tokens(&m, tok, &err) != DL_OK)
 	{
 		report(&err);
 		goto done;
@@ -940,7 +939,6 @@ done:
 static int
 cmd_logits(const options *o)
 {
-	char		path[4096];
 	dl_error	err;
 	dl_backend *be = NULL;
 	dl_model   *m = NULL;
@@ -958,8 +956,7 @@ cmd_logits(const options *o)
 	}
 	if (load(o, DL_CUDA_BF16, &be, &m, &err))
 		goto done;
-	snprintf(path, sizeof(path), "%s/tokenizer.json", o->model);
-	if (tok_load(path, &tok, &err) != DL_OK ||
+	if (tok_load_dir(o->model, &tok, &err) != DL_OK ||
 		tok_encode(tok, o->instruction, strlen(o->instruction), &ids, &n, &err) != DL_OK)
 	{
 		report(&err);

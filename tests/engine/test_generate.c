@@ -3,11 +3,14 @@
  * fixture model and prompt, alone, all at once, and admitted while others decode (with a
  * small tokens-per-pass budget so that prompts prefill in chunks); seeded sampling on
  * the backend draws what sample_token draws from downloaded logits and does not depend
- * on the company a sequence keeps; bad requests get clear errors.
+ * on the company a sequence keeps; bad requests get clear errors. gptj-legacy-tok, whose
+ * tokenizer is in the files that older repositories ship, encodes, generates and decodes as
+ * its tokenizer.json twin gptj-f32.
  */
 #include "harness.h"
 #include "../../src/engine/generate.h"
 #include "../../src/engine/safetensors.h"
+#include "../../src/engine/tokenizer.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -184,6 +187,63 @@ TEST(generate_greedy_gptj_bf16)
 TEST(generate_greedy_neox_par_bf16)
 {
 	check_greedy("neox-par-bf16", failed_);
+}
+
+/* gptj-f32 with its tokenizer in vocab.json, merges.txt and the rest (tokenizer-legacy) */
+TEST(generate_greedy_gptj_legacy_tok)
+{
+	check_greedy("gptj-legacy-tok", failed_);
+}
+
+/*
+ * gptj-legacy-tok's tokenizer encodes each prompt (as its tokenizer.json twin decodes the
+ * prompt's ids) to those ids, which generate the expected tokens (generate_greedy_gptj_legacy_tok),
+ * and decodes prompt and continuation as the twin does.
+ */
+TEST(generate_gptj_tokenizer_files_twin)
+{
+	gen_fixture f;
+	dl_error	err;
+	dl_status	st = DL_OK;
+	dl_tokenizer *older = NULL,
+			   *twin = NULL;
+
+	if (!gen_fixture_open("gptj-legacy-tok", &f, &err, &st))
+		SKIP("fixture gptj-legacy-tok not present");
+	CHECKF(st == DL_OK, "%s", err.msg);
+	CHECK_OK(tok_load_dir(fixture_path("gptj-legacy-tok"), &older, &err), &err);
+	CHECK_OK(tok_load_dir(fixture_path("gptj-f32"), &twin, &err), &err);
+	CHECK(f.n > 0);
+	for (int i = 0; i < f.n; i++)
+	{
+		const int32_t *want = (const int32_t *) f.ids[i]->data;
+		int			n = (int) f.ids[i]->numel;
+		char	   *text,
+				   *again,
+				   *cont,
+				   *cont_twin;
+		int32_t    *ids;
+		int			nids;
+
+		CHECK_OK(tok_decode(twin, want, n, 0, &text, &err), &err);
+		CHECK_OK(tok_decode(older, want, n, 0, &again, &err), &err);
+		CHECKF(strcmp(text, again) == 0, "prompt %d decodes to \"%s\", not \"%s\"", i, again, text);
+		CHECK_OK(tok_encode(older, text, strlen(text), &ids, &nids, &err), &err);
+		CHECKF(nids == n && memcmp(ids, want, n * sizeof(int32_t)) == 0, "prompt %d: \"%s\"", i, text);
+		CHECK_OK(tok_decode(older, (const int32_t *) f.greedy[i]->data, (int) f.greedy[i]->numel, 0,
+							&cont, &err), &err);
+		CHECK_OK(tok_decode(twin, (const int32_t *) f.greedy[i]->data, (int) f.greedy[i]->numel, 0,
+							&cont_twin, &err), &err);
+		CHECKF(strcmp(cont, cont_twin) == 0, "prompt %d continues \"%s\", not \"%s\"", i, cont, cont_twin);
+		free(text);
+		free(again);
+		free(ids);
+		free(cont);
+		free(cont_twin);
+	}
+	tok_free(older);
+	tok_free(twin);
+	gen_fixture_close(&f);
 }
 
 TEST(generate_sampling_is_seeded_per_sequence)

@@ -5,9 +5,11 @@
 #include "harness.h"
 #include "tokenizer.h"
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <json.h>
@@ -114,15 +116,28 @@ parse_id_line(const char *s, size_t len, int32_t *ids, int cap)
 	return n;
 }
 
+/* Load the fixture tokenizer rel (a tokenizer.json, or a directory as models have), or NULL. */
+static dl_tokenizer *
+load_fixture(const char *rel)
+{
+	dl_error	err = {0};
+	dl_tokenizer *tok = NULL;
+	struct stat sb;
+	const char *path = fixture_path(rel);
+
+	if ((stat(path, &sb) == 0 && S_ISDIR(sb.st_mode) ? tok_load_dir(path, &tok, &err) :
+		 tok_load(path, &tok, &err)) != DL_OK)
+		fprintf(stderr, "  %s: %s\n", rel, err.msg);
+	return tok;
+}
+
 /*
- * Check every line of corpus.txt against corpus_ids.txt with the tokenizer in file tokfile;
+ * Check every line of corpus.txt against corpus_ids.txt with tok (called tokfile in reports);
  * returns the number of lines checked, or -1 after reporting the first mismatch.
  */
 static int
-check_corpus(const char *tokfile)
+check_corpus(const dl_tokenizer *tok, const char *tokfile)
 {
-	dl_error	err = {0};
-	dl_tokenizer *tok;
 	size_t		tlen,
 				ilen;
 	char	   *text = read_fixture("tokenizer/corpus.txt", &tlen);
@@ -132,10 +147,9 @@ check_corpus(const char *tokfile)
 	int			line = 0;
 	int32_t    *want = malloc(65536 * sizeof(int32_t));
 
-	if (text == NULL || idtext == NULL || want == NULL ||
-		tok_load(fixture_path(tokfile), &tok, &err) != DL_OK)
+	if (text == NULL || idtext == NULL || want == NULL || tok == NULL)
 	{
-		fprintf(stderr, "  cannot read the corpus fixtures or %s: %s\n", tokfile, err.msg);
+		fprintf(stderr, "  cannot read the corpus fixtures or %s\n", tokfile);
 		line = -1;
 		goto out;
 	}
@@ -163,7 +177,6 @@ check_corpus(const char *tokfile)
 		t = te + 1;
 		d = de + 1;
 	}
-	tok_free(tok);
 out:
 	free(text);
 	free(idtext);
@@ -171,47 +184,46 @@ out:
 	return line;
 }
 
-/* Load the fixture tokenizer, or NULL. */
-static dl_tokenizer *
-load_fixture(const char *rel)
+/* check_corpus with the fixture tokenizer tokfile. */
+static int
+check_corpus_of(const char *tokfile)
 {
-	dl_error	err = {0};
-	dl_tokenizer *tok = NULL;
+	dl_tokenizer *tok = load_fixture(tokfile);
+	int			lines = tok ? check_corpus(tok, tokfile) : -1;
 
-	if (tok_load(fixture_path(rel), &tok, &err) != DL_OK)
-		fprintf(stderr, "  %s: %s\n", rel, err.msg);
-	return tok;
+	tok_free(tok);
+	return lines;
 }
 
 TEST(tokenizer_corpus)
 {
-	int			lines = check_corpus("tokenizer/tokenizer.json");
-
-	CHECK(lines >= 2000);
+	CHECK(check_corpus_of("tokenizer/tokenizer.json") >= 2000);
 }
 
 TEST(tokenizer_legacy_merges)
 {
-	int			lines = check_corpus("tokenizer/tokenizer_legacy_merges.json");
-
-	CHECK(lines >= 2000);
+	CHECK(check_corpus_of("tokenizer/tokenizer_legacy_merges.json") >= 2000);
 }
 
-TEST(tokenizer_multi_line)
+/* Whether the fixture tokenizer tokfile encodes tokenizer/multi_line.json's documents to their ids. */
+static bool
+check_multi_line(const char *tokfile)
 {
-	dl_tokenizer *tok = load_fixture("tokenizer/tokenizer.json");
+	dl_tokenizer *tok = load_fixture(tokfile);
 	char	   *text = read_fixture("tokenizer/multi_line.json", NULL);
 	json_object *root = text ? json_tokener_parse(text) : NULL;
-	json_object *docs,
-			   *ids;
-	bool		ok = true;
+	json_object *docs = NULL,
+			   *ids = NULL;
+	bool		ok;
 
 	free(text);
-	CHECK(tok != NULL && root != NULL);
-	CHECK(json_object_object_get_ex(root, "docs", &docs) && json_object_object_get_ex(root, "ids", &ids));
-	CHECK(json_object_array_length(docs) == json_object_array_length(ids) &&
-		  json_object_array_length(docs) > 0);
-	for (size_t i = 0; i < json_object_array_length(docs) && ok; i++)
+	ok = tok != NULL && root != NULL &&
+		json_object_object_get_ex(root, "docs", &docs) && json_object_object_get_ex(root, "ids", &ids) &&
+		json_object_array_length(docs) == json_object_array_length(ids) &&
+		json_object_array_length(docs) > 0;
+	if (!ok)
+		fprintf(stderr, "  cannot read tokenizer/multi_line.json or %s\n", tokfile);
+	for (size_t i = 0; ok && i < json_object_array_length(docs); i++)
 	{
 		json_object *doc = json_object_array_get_idx(docs, i);
 		json_object *want = json_object_array_get_idx(ids, i);
@@ -221,23 +233,34 @@ TEST(tokenizer_multi_line)
 
 		for (int k = 0; k < n; k++)
 			w[k] = json_object_get_int(json_object_array_get_idx(want, k));
-		snprintf(what, sizeof(what), "multi_line doc %zu", i);
+		snprintf(what, sizeof(what), "%s: multi_line doc %zu", tokfile, i);
 		ok = encode_matches(tok, what, json_object_get_string(doc),
 							(size_t) json_object_get_string_len(doc), w, n);
 		free(w);
 	}
 	json_object_put(root);
 	tok_free(tok);
-	CHECK(ok);
+	return ok;
 }
 
-TEST(tokenizer_decode_cases)
+TEST(tokenizer_multi_line)
 {
-	dl_tokenizer *tok = load_fixture("tokenizer/tokenizer.json");
-	char	   *text = read_fixture("tokenizer/decode_cases.json", NULL);
-	json_object *cases = text ? json_tokener_parse(text) : NULL;
+	CHECK(check_multi_line("tokenizer/tokenizer.json"));
+}
+
+/* The tokenizer of fixture directory dir decodes the ids of its decode_cases.json to their texts. */
+static void
+check_decode_cases(const char *dir, int *failed_)
+{
+	dl_tokenizer *tok = load_fixture(dir);
+	char		rel[256];
+	char	   *text;
+	json_object *cases;
 	bool		ok = true;
 
+	snprintf(rel, sizeof(rel), "%s/decode_cases.json", dir);
+	text = read_fixture(rel, NULL);
+	cases = text ? json_tokener_parse(text) : NULL;
 	free(text);
 	CHECK(tok != NULL && cases != NULL && json_object_array_length(cases) > 0);
 	for (size_t i = 0; i < json_object_array_length(cases) && ok; i++)
@@ -266,8 +289,8 @@ TEST(tokenizer_decode_cases)
 		ok = strcmp(got, json_object_get_string(want)) == 0 &&
 			strcmp(got_skip, json_object_get_string(want_skip)) == 0;
 		if (!ok)
-			fprintf(stderr, "  %s: got \"%s\" / \"%s\", expected \"%s\" / \"%s\"\n",
-					json_object_get_string(name), got, got_skip,
+			fprintf(stderr, "  %s %s: got \"%s\" / \"%s\", expected \"%s\" / \"%s\"\n",
+					dir, json_object_get_string(name), got, got_skip,
 					json_object_get_string(want), json_object_get_string(want_skip));
 		free(got);
 		free(got_skip);
@@ -277,6 +300,11 @@ TEST(tokenizer_decode_cases)
 	CHECK(ok);
 }
 
+TEST(tokenizer_decode_cases)
+{
+	check_decode_cases("tokenizer", failed_);
+}
+
 /* Encode s and check that it gives exactly the ids want[0..n). */
 static bool
 encodes_to(const dl_tokenizer *tok, const char *s, const int32_t *want, int n)
@@ -284,9 +312,11 @@ encodes_to(const dl_tokenizer *tok, const char *s, const int32_t *want, int n)
 	return encode_matches(tok, "inline text", s, strlen(s), want, n);
 }
 
-TEST(tokenizer_special_tokens)
+/* Dolly's keys and <|endoftext|> are one token each in the fixture tokenizer rel. */
+static void
+check_special_tokens(const char *rel, int *failed_)
 {
-	dl_tokenizer *tok = load_fixture("tokenizer/tokenizer.json");
+	dl_tokenizer *tok = load_fixture(rel);
 	const char *specials[] = {"<|endoftext|>", "### End", "### Instruction:", "### Response:\n"};
 	int32_t		sid[4];
 	int32_t    *ids;
@@ -323,6 +353,11 @@ TEST(tokenizer_special_tokens)
 	tok_free(tok);
 }
 
+TEST(tokenizer_special_tokens)
+{
+	check_special_tokens("tokenizer/tokenizer.json", failed_);
+}
+
 /* The fixture tokenizer.json with text `insert` put right after the first `after`. */
 static char *
 edited_fixture(const char *after, const char *insert, size_t *len)
@@ -348,9 +383,14 @@ edited_fixture(const char *after, const char *insert, size_t *len)
 	return out;
 }
 
-TEST(tokenizer_add_special_save_reload)
+/*
+ * Fine-tuning's tok_add_special on the fixture tokenizer rel, saved as tokenizer.json and
+ * loaded again.
+ */
+static void
+check_add_special_save_reload(const char *rel, int *failed_)
 {
-	dl_tokenizer *tok = load_fixture("tokenizer/tokenizer.json");
+	dl_tokenizer *tok = load_fixture(rel);
 	dl_tokenizer *back = NULL;
 	dl_error	err = {0};
 	char		dir[] = "/tmp/dolly_tok_XXXXXX";
@@ -397,11 +437,11 @@ TEST(tokenizer_add_special_save_reload)
 	CHECK(strcmp(text, s) == 0);
 	free(text);
 	free(ids);
-	tok_free(back);
-	tok_free(tok);
 
 	/* the saved file still encodes the corpus as before */
-	CHECK(check_corpus("tokenizer/tokenizer.json") >= 2000);
+	CHECK(check_corpus(back, path) >= 2000);
+	tok_free(back);
+	tok_free(tok);
 	{
 		char		cmp[96];
 
@@ -410,6 +450,11 @@ TEST(tokenizer_add_special_save_reload)
 	}
 	unlink(path);
 	rmdir(dir);
+}
+
+TEST(tokenizer_add_special_save_reload)
+{
+	check_add_special_save_reload("tokenizer/tokenizer.json", failed_);
 }
 
 TEST(tokenizer_add_special_existing)
@@ -624,4 +669,154 @@ TEST(tokenizer_long_input)
 	}
 	free(s);
 	tok_free(tok);
+}
+
+/* The fixture tokenizer in the older files, with and without added_tokens_decoder. */
+static const char *const older_dirs[] = {"tokenizer-legacy", "tokenizer-legacy-decoder"};
+
+TEST(tokenizer_files_corpus)
+{
+	for (int i = 0; i < 2; i++)
+	{
+		CHECKF(check_corpus_of(older_dirs[i]) >= 2000, "%s", older_dirs[i]);
+		CHECKF(check_multi_line(older_dirs[i]), "%s", older_dirs[i]);
+	}
+}
+
+/* transformers 5 makes Dolly's keys special only where tokenizer_config.json says so */
+TEST(tokenizer_files_decode_cases)
+{
+	for (int i = 0; i < 2; i++)
+	{
+		check_decode_cases(older_dirs[i], failed_);
+		check_special_tokens(older_dirs[i], failed_);
+		check_add_special_save_reload(older_dirs[i], failed_);
+	}
+}
+
+/* Write text (NULL: remove the file) as dir/name. */
+static bool
+put_file(const char *dir, const char *name, const char *text)
+{
+	char		path[256];
+	FILE	   *f;
+	bool		ok;
+
+	snprintf(path, sizeof(path), "%s/%s", dir, name);
+	if (text == NULL)
+		return unlink(path) == 0 || errno == ENOENT;
+	if ((f = fopen(path, "wb")) == NULL)
+		return false;
+	ok = fwrite(text, 1, strlen(text), f) == strlen(text);
+	return fclose(f) == 0 && ok;
+}
+
+/*
+ * In dir, which holds tokenizer-legacy's files, replace file name by text (NULL: remove it),
+ * expect tok_load_dir to fail with code, a message containing needle and a hint that is a
+ * sentence; then put the fixture's file back.
+ */
+static bool
+older_files_fail(const char *dir, const char *name, const char *text, dl_status code,
+				 const char *needle)
+{
+	char		rel[128];
+	char	   *orig;
+	dl_error	err = {0};
+	dl_tokenizer *tok = NULL;
+	dl_status	st;
+	size_t		h;
+	bool		ok;
+
+	snprintf(rel, sizeof(rel), "tokenizer-legacy/%s", name);
+	orig = read_fixture(rel, NULL);
+	if (!put_file(dir, name, text))
+		return false;
+	st = tok_load_dir(dir, &tok, &err);
+	h = strlen(err.hint);
+	ok = st == code && tok == NULL && strstr(err.msg, needle) != NULL &&
+		h > 1 && err.hint[0] >= 'A' && err.hint[0] <= 'Z' && err.hint[h - 1] == '.';
+	if (!ok)
+		fprintf(stderr, "  %s: expected %s with \"%s\", got %s: %s (hint: %s)\n", name,
+				dl_status_name(code), needle, dl_status_name(st), err.msg, err.hint);
+	tok_free(tok);
+	ok = put_file(dir, name, orig) && ok;
+	free(orig);
+	return ok;
+}
+
+/* A broken file (text NULL: a missing one) in a directory of older tokenizer files. */
+typedef struct older_files_case
+{
+	const char *file;
+	const char *text;
+	dl_status	code;
+	const char *needle;			/* in the message */
+} older_files_case;
+
+TEST(tokenizer_files_errors)
+{
+	static const char *const names[] = {"vocab.json", "merges.txt", "added_tokens.json",
+	"special_tokens_map.json", "tokenizer_config.json"};
+	static const older_files_case cases[] = {
+		{"merges.txt", NULL, DL_EIO, "no merges.txt beside vocab.json"},
+		{"vocab.json", "{\"a\": 1, ", DL_EFORMAT, "vocab.json: malformed JSON: unexpected end"},
+		{"vocab.json", "[1, 2]", DL_EFORMAT, "vocab.json is not an object"},
+		{"vocab.json", "{\"a\": \"1\"}", DL_EFORMAT, "vocab.json: the id of \"a\" is not an integer"},
+		{"merges.txt", "#version: 0.2\na b\nzq b\n", DL_EFORMAT,
+		"merges.txt line 3 (\"zq b\") needs \"zq\", which vocab.json does not have"},
+		{"merges.txt", "#version: 0.2\na b\n\n", DL_EFORMAT, "merges.txt line 3 (\"\") is not two tokens"},
+		{"merges.txt", "#version: 0.2\na b\nh \xC3\n", DL_EFORMAT, "merges.txt is not valid UTF-8 at line 3"},
+		{"added_tokens.json", "[\"### End\"]", DL_EFORMAT, "added_tokens.json is not an object"},
+		{"special_tokens_map.json", "{\"eos_token\": 5}", DL_EFORMAT,
+		"special_tokens_map.json: eos_token is neither a string nor an object"},
+		{"tokenizer_config.json", "{\"split_special_tokens\": true}", DL_EUNSUPPORTED,
+		"split_special_tokens is not supported"},
+		{"tokenizer_config.json", "{\"added_tokens_decoder\": {\"x\": {}}}", DL_EFORMAT,
+		"added_tokens_decoder key \"x\" is not an id"},
+	};
+	char		dir[] = "/tmp/dolly_tokfiles_XXXXXX";
+	dl_tokenizer *tok = NULL;
+	dl_error	err = {0};
+	char	   *vocab,
+			   *text;
+	const char *at;
+
+	CHECK(mkdtemp(dir) != NULL);
+	CHECK(older_files_fail(dir, "vocab.json", NULL, DL_EIO, "no tokenizer.json, and no vocab.json"));
+	for (int i = 0; i < 5; i++)
+	{
+		char		rel[128];
+
+		snprintf(rel, sizeof(rel), "tokenizer-legacy/%s", names[i]);
+		text = read_fixture(rel, NULL);
+		CHECK(text != NULL && put_file(dir, names[i], text));
+		free(text);
+	}
+	CHECK_OK(tok_load_dir(dir, &tok, &err), &err);
+	tok_free(tok);
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		CHECK(older_files_fail(dir, cases[i].file, cases[i].text, cases[i].code, cases[i].needle));
+
+	/* a byte-level vocabulary holds all 256 byte symbols: rename "!" (byte 0x21), keeping its id */
+	vocab = read_fixture("tokenizer-legacy/vocab.json", NULL);
+	CHECK(vocab != NULL && (at = strstr(vocab, "\n  \"!\": ")) != NULL);
+	text = malloc(strlen(vocab) + 8);
+	sprintf(text, "%.*s\n  \"!?!\"%s", (int) (at - vocab), vocab, at + 6);
+	CHECK(older_files_fail(dir, "vocab.json", text, DL_EFORMAT, "vocab.json has no symbol \"!\""));
+	free(text);
+	free(vocab);
+
+	/* tokenizer.json comes first, as transformers reads it: the broken vocab.json is not read */
+	text = read_fixture("tokenizer/tokenizer.json", NULL);
+	CHECK(text != NULL && put_file(dir, "tokenizer.json", text) && put_file(dir, "vocab.json", "{"));
+	free(text);
+	CHECK_OK(tok_load_dir(dir, &tok, &err), &err);
+	CHECK(tok_vocab_size(tok) == 515);
+	tok_free(tok);
+	CHECK(put_file(dir, "tokenizer.json", NULL));
+	for (int i = 0; i < 5; i++)
+		CHECK(put_file(dir, names[i], NULL));
+	CHECK(rmdir(dir) == 0);
 }

@@ -1,14 +1,23 @@
 /*
- * fuzz_tokenizer.c: libFuzzer target for the tokenizer.json loader, and for encoding and
- * decoding with whatever loads.
+ * fuzz_tokenizer.c: libFuzzer target for the tokenizer readers (tokenizer.json, and the older
+ * vocab.json + merges.txt files), and for encoding and decoding with whatever loads.
+ *
+ * An input holding the byte 0x1e is the older files, split at it in the order of
+ * tok_file_names (vocab.json, merges.txt, added_tokens.json, special_tokens_map.json,
+ * tokenizer_config.json; files past the last part are absent); any other input is a
+ * tokenizer.json, in which that byte cannot stand.
  *
  * Build and run from the repository root (seeds: the fixture tokenizers):
  *
  *   make build/fuzz/fuzz_tokenizer
  *   mkdir -p /tmp/fuzz_tok_corpus && cp tests/fixtures/tokenizer/tokenizer*.json /tmp/fuzz_tok_corpus/
+ *   for d in tests/fixtures/tokenizer-legacy*; do
+ *       for f in vocab.json merges.txt added_tokens.json special_tokens_map.json \
+ *           tokenizer_config.json; do cat $d/$f; printf ''; done > /tmp/fuzz_tok_corpus/$(basename $d)
+ *   done
  *   build/fuzz/fuzz_tokenizer -max_len=65536 -max_total_time=300 -timeout=10 /tmp/fuzz_tok_corpus
  */
-#include "tokenizer.h"
+#include "tokenizer_int.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +31,27 @@ static const char *const texts[] = {
 
 int			LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+/* Load the input as a tokenizer.json, or as the older files where it holds 0x1e. */
+static dl_status
+parse_input(const uint8_t *data, size_t size, dl_tokenizer **tok, dl_error *err)
+{
+	tok_files	files = {0};
+	const char *s = (const char *) data,
+			   *end = s + size;
+
+	if (memchr(data, 0x1e, size) == NULL)
+		return tok_parse(s, size, tok, err);
+	for (int f = 0; f < TOK_NFILES && s <= end; f++)
+	{
+		const char *sep = memchr(s, 0x1e, end - s);
+
+		files.text[f] = s;
+		files.len[f] = sep ? (size_t) (sep - s) : (size_t) (end - s);
+		s += files.len[f] + 1;
+	}
+	return tok_parse_files(&files, tok, err);
+}
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -34,7 +64,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	int32_t		id;
 	int			nraw = 0;
 
-	if (tok_parse((const char *) data, size, &tok, &err) != DL_OK)
+	if (parse_input(data, size, &tok, &err) != DL_OK)
 		return 0;
 
 	/* the file itself is text that uses its own vocabulary; it may be invalid UTF-8 */
