@@ -337,7 +337,7 @@ vocab_from_files(dl_config *c, const st_set *set, const char *dir, dl_error *err
  * than this (an embedding) is uploaded a slice of rows at a time, so that the process
  * holds the parameters and at most this much of the file, whatever the model.
  */
-#define LOAD_SLICE_BYTES ((size_t) 64 << 20)
+#define LOAD_SLICE_BYTES ((size_t) 16 << 20)
 
 /*
  * Upload one tensor of the files to its place in the parameters, then release its pages
@@ -347,12 +347,14 @@ static dl_status
 load_tensor(dl_model *m, const st_set *set, const dl_tensor_map *e, const st_tensor *t,
 			const int32_t *rows, dl_error *err)
 {
-	size_t		row_bytes = t->shape[0] ? t->nbytes / t->shape[0] : 0,
+	/* check_tensor made the shape the map's: at least one row of at least one element */
+	size_t		row_bytes = t->nbytes / t->shape[0],
 				dst_row = (size_t) (e->ndim == 2 ? e->shape[1] : 1) *
 		(e->fmt == DL_FMT_WEIGHT ? m->be->weight_elem_size : sizeof(float));
-	int64_t		step = rows || row_bytes == 0 ? t->shape[0] :
-		(int64_t) (LOAD_SLICE_BYTES / row_bytes > 0 ? LOAD_SLICE_BYTES / row_bytes : 1);
+	int64_t		step = rows ? t->shape[0] : (int64_t) (LOAD_SLICE_BYTES / row_bytes);
 	dl_status	st = DL_OK;
+
+	step = step > 0 ? step : 1;
 
 	for (int64_t r = 0; r < t->shape[0] && st == DL_OK; r += step)
 	{
