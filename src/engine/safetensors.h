@@ -79,7 +79,7 @@ dl_status	st_to_f32(const st_tensor *t, float *dst, dl_error *err);
 dl_status	st_range_to_f32(const st_tensor *t, int64_t first, int64_t n, float *dst, dl_error *err);
 
 /*
- * Rows [first, first + n) of t (its first dimension) as a tensor of their own: a view of
+ * Rows [first, first + n) of t (at least one dimension) as a tensor of their own: a view of
  * the same bytes under the same name, so that a large tensor can be loaded a part at a time.
  */
 st_tensor	st_rows(const st_tensor *t, int64_t first, int64_t n);

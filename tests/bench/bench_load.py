@@ -101,8 +101,9 @@ def measure(cmd):
     p = subprocess.run(cmd, capture_output=True, text=True)
     fields = parse_fields(p.stdout) if p.returncode == 0 else None
     if fields is None:
-        why = (p.stderr.strip().splitlines() or ["exit status %d" % p.returncode])[-1]
-        return None, why
+        lines = p.stderr.strip().splitlines()
+        said = [l for l in lines if l.startswith("dolly-cli:")] or lines[-1:]
+        return None, said[0] if said else "exit status %d" % p.returncode
     return fields, None
 
 
@@ -119,7 +120,8 @@ def best(runs):
 
 
 def fmt(x, spec):
-    return format(x, spec) if x is not None else "n/a"
+    """x formatted as spec, or "n/a" as wide."""
+    return format(x, spec) if x is not None else format("n/a", ">" + re.match(r"\d*", spec).group())
 
 
 def main():
