@@ -69,6 +69,7 @@ typedef struct cuda_backend
 	int			host_pinned;	/* pinned unless the system refused (then malloc'd) */
 	void	   *dev_stage[2];	/* and device buffers for data that needs converting */
 	cudaEvent_t stage_done[2];	/* when the transfer out of each pair has completed */
+	int			stage_turn;		/* the pair the next chunk goes through */
 	struct cuda_profile *prof;	/* $DOLLY_CUDA_PROFILE: the operations' timings, else NULL */
 	void	   *scratch[CUDA_SCRATCH_SLOTS];	/* grown on demand: cuda_scratch */
 	size_t		scratch_bytes[CUDA_SCRATCH_SLOTS];

@@ -186,7 +186,8 @@ cuda_stage_free(cuda_backend *cb)
 
 /*
  * Convert tensor t, seen as [nrows, cols], into dst (fmt), row r of dst from row rows[r]
- * of t (or row r). Chunks of whole rows go through the staging pair k % 2: wait until
+ * of t (or row r). Chunks of whole rows go through the staging pairs in turn (across
+ * calls too, so that a model loaded a slice at a time overlaps as well): wait until
  * that pair's previous transfer is done, gather the rows into its pinned buffer, then
  * queue either a copy straight into dst (same format) or a copy to the device staging
  * buffer and a conversion kernel from there into dst.
@@ -220,9 +221,9 @@ cuda_upload_tensor(dl_backend *be, void *dst, dl_fmt fmt, const st_tensor *t,
 	if ((st = stage_init(cb, err)) != DL_OK)
 		return st;
 	per_chunk = (int64_t) (STAGE_BYTES / unit_bytes);
-	for (int64_t u0 = 0, k = 0; u0 < nunits; u0 += per_chunk, k++)
+	for (int64_t u0 = 0; u0 < nunits; u0 += per_chunk)
 	{
-		int			slot = (int) (k & 1);
+		int			slot = cb->stage_turn;
 		int64_t		n = nunits - u0 < per_chunk ? nunits - u0 : per_chunk;
 		size_t		bytes = (size_t) n * unit_bytes;
 		char	   *stage = (char *) cb->host_stage[slot];
@@ -257,6 +258,7 @@ cuda_upload_tensor(dl_backend *be, void *dst, dl_fmt fmt, const st_tensor *t,
 			CUDA_TRY(cudaGetLastError(), err);
 		}
 		CUDA_TRY(cudaEventRecord(cb->stage_done[slot], cb->stream), err);
+		cb->stage_turn ^= 1;
 	}
 	return DL_OK;
 }

@@ -21,6 +21,8 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #define CPU_ALIGN 64
 /* query tokens of one sequence per attention task (rows of its score block) */
@@ -397,54 +399,102 @@ cpu_synchronize(dl_backend *be, dl_error *err)
 	return DL_OK;
 }
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23	/* Linux's value, for C libraries older than the flag */
+#endif
+
 /*
- * Matrices in bfloat16: each row (or, without a permutation, each run of up to 64K
- * elements) converted to float32 through a small buffer, then rounded.
+ * Map the whole pages of [p, p + bytes) at once (Linux 5.14's MADV_POPULATE_WRITE; older
+ * kernels refuse it and the copy faults them in as before): a fault per 4 KB page of a
+ * fresh allocation costs more than the copy itself, most of all in a virtual machine.
  */
-static dl_status
-upload_bf16(uint16_t *dst, const st_tensor *t, int64_t cols, const int32_t *rows, dl_error *err)
+static void
+prefault(void *p, size_t bytes)
 {
-	int64_t		unit = rows ? cols : (t->numel < 65536 ? t->numel : 65536);
-	float	   *buf = malloc((size_t) (unit ? unit : 1) * sizeof(float));
-	dl_status	st = DL_OK;
+	uintptr_t	page = (uintptr_t) sysconf(_SC_PAGESIZE),
+				lo = ((uintptr_t) p + page - 1) & ~(page - 1),
+				hi = ((uintptr_t) p + bytes) & ~(page - 1);
 
-	if (buf == NULL)
-		return dl_fail(err, DL_ENOMEM, "out of memory converting tensor \"%s\"", t->name);
-	for (int64_t off = 0, r = 0; off < t->numel && st == DL_OK; off += unit, r++)
-	{
-		int64_t		n = t->numel - off < unit ? t->numel - off : unit;
-
-		st = st_range_to_f32(t, rows ? (int64_t) rows[r] * cols : off, n, buf, err);
-		for (int64_t i = 0; i < n && st == DL_OK; i++)
-			dst[off + i] = float_to_bf16(buf[i]);
-	}
-	free(buf);
-	return st;
+	if (hi > lo)
+		madvise((void *) lo, hi - lo, MADV_POPULATE_WRITE);
 }
 
-/* Convert to the format (float32, or bfloat16 matrices), then permute rows if asked. */
+/* One upload_tensor: dst (fmt) from t, row r from row rows[r] when rows is not NULL. */
+typedef struct upload_args
+{
+	void	   *dst;
+	int			bf16;			/* dst is bfloat16, else float32 */
+	const st_tensor *t;
+	const int32_t *rows;
+	int64_t		cols;
+	int64_t		numel;
+	int			ntasks;
+	float	  **widen;			/* bf16: per thread, WIDEN_FLOATS for F32 and F16 sources */
+} upload_args;
+
+/* elements of a tensor below which one upload task is not worth sharing out (4 MB of floats) */
+#define UPLOAD_TASK_ELEMS ((int64_t) 1 << 20)
+
+/*
+ * Elements [lo, hi) of dst, in runs that are contiguous in the file (to the end of a row
+ * under a permutation): the file's bytes copied as they are where the formats agree,
+ * widened to float32, or rounded to bfloat16 through the thread's buffer.
+ */
+static void
+upload_task(void *arg, int task, int thread)
+{
+	upload_args *a = arg;
+	int64_t		lo = a->numel * task / a->ntasks,
+				hi = a->numel * (task + 1) / a->ntasks,
+				n;
+	size_t		es = a->bf16 ? 2 : 4;
+
+	prefault((char *) a->dst + lo * es, (size_t) (hi - lo) * es);
+	for (int64_t e = lo; e < hi; e += n)
+	{
+		int64_t		r = a->rows ? e / a->cols : 0,
+					end = a->rows && (r + 1) * a->cols < hi ? (r + 1) * a->cols : hi,
+					from = a->rows ? (int64_t) a->rows[r] * a->cols + e - r * a->cols : e;
+		uint16_t   *d16 = (uint16_t *) a->dst + e;
+
+		n = end - e;
+		if (!a->bf16)
+			st_range_to_f32(a->t, from, n, (float *) a->dst + e, NULL);
+		else if (a->t->dtype == ST_BF16)
+			memcpy(d16, a->t->data + from * 2, (size_t) n * 2);
+		else
+		{
+			n = n < (int64_t) WIDEN_FLOATS ? n : (int64_t) WIDEN_FLOATS;
+			st_range_to_f32(a->t, from, n, a->widen[thread], NULL);
+			for (int64_t i = 0; i < n; i++)
+				d16[i] = float_to_bf16(a->widen[thread][i]);
+		}
+	}
+}
+
+/*
+ * Convert to the format (float32, or bfloat16 matrices) with rows permuted if asked, on
+ * the pool: a load runs at the speed of memory, not of one core.
+ */
 static dl_status
 cpu_upload_tensor(dl_backend *be, void *dst, dl_fmt fmt, const st_tensor *t,
 				  const int32_t *rows, dl_error *err)
 {
+	cpu_backend *cb = (cpu_backend *) be;
 	int64_t		cols = t->ndim > 1 ? t->shape[t->ndim - 1] : 1;
 	int64_t		nrows = cols ? t->numel / cols : 0;
-	float	   *tmp;
-	dl_status	st;
+	int64_t		tasks = (t->numel + UPLOAD_TASK_ELEMS - 1) / UPLOAD_TASK_ELEMS;
+	upload_args a = {dst, fmt == DL_FMT_WEIGHT && cb->bf16, t, rows, cols, t->numel, 0, cb->widen};
 
-	if (fmt == DL_FMT_WEIGHT && ((cpu_backend *) be)->bf16)
-		return upload_bf16(dst, t, cols, rows, err);
-	if (rows == NULL)
-		return st_to_f32(t, dst, err);
-	tmp = malloc((size_t) t->numel * sizeof(float));
-	if (tmp == NULL)
-		return dl_fail(err, DL_ENOMEM, "out of memory converting tensor \"%s\"", t->name);
-	st = st_to_f32(t, tmp, err);
-	if (st == DL_OK)
-		for (int64_t r = 0; r < nrows; r++)
-			memcpy((float *) dst + r * cols, tmp + (int64_t) rows[r] * cols, cols * sizeof(float));
-	free(tmp);
-	return st;
+	if (t->dtype != ST_F32 && t->dtype != ST_F16 && t->dtype != ST_BF16)
+		return dl_fail(err, DL_EUNSUPPORTED, "tensor \"%s\" is neither F32, F16 nor BF16", t->name);
+	for (int64_t r = 0; rows && r < nrows; r++)
+		if (rows[r] < 0 || rows[r] >= nrows)
+			return dl_fail(err, DL_EINVAL, "tensor \"%s\": row %d of %lld does not exist",
+						   t->name, rows[r], (long long) nrows);
+	a.ntasks = (int) (tasks < 4 * be->threads ? tasks : 4 * be->threads);
+	threadpool_run(cb->pool, upload_task, &a, a.ntasks);
+	return DL_OK;
 }
 
 /* --- row copies: embedding and gather --- */

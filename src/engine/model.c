@@ -332,6 +332,41 @@ vocab_from_files(dl_config *c, const st_set *set, const char *dir, dl_error *err
 	return DL_OK;
 }
 
+/*
+ * Bytes of a file a load copies before it drops them from its mapping: a tensor larger
+ * than this (an embedding) is uploaded a slice of rows at a time, so that the process
+ * holds the parameters and at most this much of the file, whatever the model.
+ */
+#define LOAD_SLICE_BYTES ((size_t) 16 << 20)
+
+/*
+ * Upload one tensor of the files to its place in the parameters, then release its pages
+ * (st_release). A permuted tensor goes whole, as its rows come from anywhere in it.
+ */
+static dl_status
+load_tensor(dl_model *m, const st_set *set, const dl_tensor_map *e, const st_tensor *t,
+			const int32_t *rows, dl_error *err)
+{
+	/* check_tensor made the shape the map's: at least one row of at least one element */
+	size_t		row_bytes = t->nbytes / t->shape[0],
+				dst_row = (size_t) (e->ndim == 2 ? e->shape[1] : 1) *
+		(e->fmt == DL_FMT_WEIGHT ? m->be->weight_elem_size : sizeof(float));
+	int64_t		step = rows ? t->shape[0] : (int64_t) (LOAD_SLICE_BYTES / row_bytes);
+	dl_status	st = DL_OK;
+
+	step = step > 0 ? step : 1;
+
+	for (int64_t r = 0; r < t->shape[0] && st == DL_OK; r += step)
+	{
+		st_tensor	part = st_rows(t, r, t->shape[0] - r < step ? t->shape[0] - r : step);
+
+		st = m->be->upload_tensor(m->be, (char *) m->param_mem + e->offset + r * dst_row, e->fmt,
+								  &part, rows, err);
+		st_release(set, &part);
+	}
+	return st;
+}
+
 /* Check every tensor of the map against the files, then upload them all, telling watch. */
 static dl_status
 load_params(dl_model *m, const st_set *set, const char *dir, dl_load_fn watch, void *arg,
@@ -363,9 +398,8 @@ load_params(dl_model *m, const st_set *set, const char *dir, dl_load_fn watch, v
 			for (int r = 0; r < 3 * c->n_embd; r++)
 				rows[r] = model_neox_qkv_hf_row(c->n_head, c->head_dim, r);
 		}
-		st = m->be->upload_tensor(m->be, (char *) m->param_mem + e->offset, e->fmt,
-								  st_find(set, e->name),
-								  e->rowmap == DL_ROWS_NEOX_QKV ? rows : NULL, err);
+		st = load_tensor(m, set, e, st_find(set, e->name),
+						 e->rowmap == DL_ROWS_NEOX_QKV ? rows : NULL, err);
 		done += e->shape[0] * (e->ndim == 2 ? e->shape[1] : 1);
 		if (st == DL_OK && watch && watch(arg, done, total))
 			st = dl_fail(err, DL_ECANCELLED, "loading \"%s\" was stopped", dir);

@@ -87,6 +87,8 @@ typedef struct dl_model
  * Load the model in directory dir (config.json, model.safetensors or its sharded index)
  * onto backend be, converting F32/F16/BF16 to the backend's formats. Every tensor is
  * checked for presence, dtype and shape; an error names the tensor and the file.
+ * Tensors are copied a slice of at most 16 MB of file at a time, whose pages are then
+ * dropped from the process (st_release): a load peaks at the parameters plus one slice.
  */
 dl_status	dl_model_load(const char *dir, dl_backend *be, dl_model **out, dl_error *err);
 

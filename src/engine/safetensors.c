@@ -4,7 +4,8 @@
  * The header is parsed with json-c; a small scanner over the already-parsed text adds
  * what json-c does not give: duplicate keys (json-c keeps the last one silently) and the
  * strictness of the reference reader (no single quotes, NaN or raw control characters).
- * Tensor data stays in the read-only private mapping; st_to_f32 converts on demand.
+ * Tensor data stays in the read-only private mapping; st_to_f32 converts on demand, and
+ * st_release drops a tensor's pages from the mapping once a load has copied them.
  */
 #include "safetensors.h"
 #include "bf16.h"
@@ -1125,6 +1126,38 @@ st_range_to_f32(const st_tensor *t, int64_t first, int64_t n, float *dst, dl_err
 					t->name, st_dtype_name(t->dtype));
 			return dl_hint(err, "model weights must be F32, F16 or BF16");
 	}
+}
+
+st_tensor
+st_rows(const st_tensor *t, int64_t first, int64_t n)
+{
+	st_tensor	part = *t;
+	int64_t		row = t->shape[0] ? t->numel / t->shape[0] : 0;
+
+	part.shape[0] = n;
+	part.numel = n * row;
+	part.nbytes = (size_t) part.numel * st_dtype_size(t->dtype);
+	part.data = t->data + (size_t) (first * row) * st_dtype_size(t->dtype);
+	return part;
+}
+
+void
+st_release(const st_set *set, const st_tensor *t)
+{
+	const uint8_t *map;
+	uintptr_t	page = (uintptr_t) sysconf(_SC_PAGESIZE),
+				lo,
+				hi;
+
+	if (t->file < 0 || t->file >= set->nfiles || t->nbytes == 0)
+		return;
+	map = set->maps[t->file];
+	if (map == NULL || t->data < map || t->data + t->nbytes > map + set->sizes[t->file])
+		return;
+	/* whole pages, rounded outward: a neighbour on a shared page reads it again from the cache */
+	lo = (uintptr_t) t->data & ~(page - 1);
+	hi = ((uintptr_t) (t->data + t->nbytes) + page - 1) & ~(page - 1);
+	madvise((void *) lo, hi - lo, MADV_DONTNEED);
 }
 
 /* Unmap the shards and free the set. */

@@ -78,6 +78,21 @@ dl_status	st_to_f32(const st_tensor *t, float *dst, dl_error *err);
 /* The same for elements [first, first + n) of t only (a row, say), into dst (n floats). */
 dl_status	st_range_to_f32(const st_tensor *t, int64_t first, int64_t n, float *dst, dl_error *err);
 
+/*
+ * Rows [first, first + n) of t (at least one dimension) as a tensor of their own: a view of
+ * the same bytes under the same name, so that a large tensor can be loaded a part at a time.
+ */
+st_tensor	st_rows(const st_tensor *t, int64_t first, int64_t n);
+
+/*
+ * The process is done with t's bytes: where they lie in one of set's file mappings, its
+ * pages are dropped from the mapping (madvise MADV_DONTNEED), so that they stop counting
+ * in the process's resident memory; the page cache keeps them, and a later read of the
+ * same bytes (a neighbour's on a shared page) finds them there. Bytes outside the
+ * mappings (a copy in memory) are left alone. A load calls this once a tensor is copied.
+ */
+void		st_release(const st_set *set, const st_tensor *t);
+
 /* Unmap and free everything. NULL is accepted. */
 void		st_close(st_set *set);
 

@@ -5,6 +5,7 @@
  *   dolly-cli generate --model DIR [options] INSTRUCTION
  *   dolly-cli bench --model DIR [--threads N] [--prompt-tokens 512] [--gen-tokens 64] [--batch B]
  *   dolly-cli bench-gemm --model DIR [--threads N] [--prompt-tokens 512]
+ *   dolly-cli load --model DIR [--device cpu|cuda[:N]] [--threads N] [--bf16]
  *   dolly-cli init --arch gpt_neox|gptj --layers N --hidden H --heads A [options]
  *                  --tokenizer FILE --out DIR
  *   dolly-cli train --model DIR --data FILE.jsonl --out DIR [options]
@@ -16,7 +17,8 @@
  * one line "prefill_tok_s=X decode_tok_s=Y batch=B threads=N" (seeded random prompt ids;
  * the B prompts prefill in one pass, then B sequences decode together: aggregate tokens/s). bench-gemm times the
  * matrix products of a prefill through the backend against cblas_sgemm itself on the same
- * shapes, and the share of a prefill spent in them.
+ * shapes, and the share of a prefill spent in them. load only loads the model and prints one
+ * line "load_s=X peak_rss_mb=Y param_mb=Z" (tests/bench/bench_load.py).
  *
  * init writes a model directory with seeded random weights (model_create_random) and
  * the tokenizer with Dolly's special tokens, ready to fine-tune. train fine-tunes with
@@ -100,6 +102,7 @@ usage(FILE *f)
 			"  dolly-cli bench --model DIR [--device cpu|cuda[:N]] [--threads N] [--bf16] [--prompt-tokens N]\n"
 			"                  [--gen-tokens N] [--batch B]\n"
 			"  dolly-cli bench-gemm --model DIR [--threads N] [--prompt-tokens N]\n"
+			"  dolly-cli load --model DIR [--device cpu|cuda[:N]] [--threads N] [--bf16]\n"
 			"  dolly-cli init --arch gpt_neox|gptj --layers N --hidden H --heads A [--inner F]\n"
 			"                 [--context C] [--rotary-pct P] [--tie-embeddings] --tokenizer FILE\n"
 			"                 [--seed S] --out DIR\n"
@@ -829,6 +832,25 @@ peak_rss_mb(void)
 	return mb;
 }
 
+/* load: the time and peak memory of loading the model, nothing else. */
+static int
+cmd_load(const options *o)
+{
+	dl_error	err;
+	dl_backend *be = NULL;
+	dl_model   *m = NULL;
+	double		t0 = sys_now_s();
+	int			rc = load(o, DL_CUDA_BF16, &be, &m, &err);
+
+	if (rc == 0)
+		printf("load_s=%.3f peak_rss_mb=%.1f param_mb=%.1f\n", sys_now_s() - t0, peak_rss_mb(),
+			   m->param_bytes / 1048576.0);
+	dl_model_free(m);
+	if (be)
+		be->destroy(be);
+	return rc;
+}
+
 /* Progress of train on stderr, one line per step or evaluation. */
 static int
 print_progress(void *arg, const dl_train_progress *p)
@@ -1021,6 +1043,8 @@ main(int argc, char **argv)
 		return cmd_bench(&o);
 	if (strcmp(argv[1], "bench-gemm") == 0)
 		return cmd_bench_gemm(&o);
+	if (strcmp(argv[1], "load") == 0)
+		return cmd_load(&o);
 	if (strcmp(argv[1], "init") == 0)
 		return cmd_init(&o);
 	if (strcmp(argv[1], "train") == 0)

@@ -435,6 +435,82 @@ TEST(backend_cpu_upload_tensor_permutes_rows)
 }
 
 /*
+ * upload_tensor shares a tensor out over the pool (tasks that end mid-row, and with one
+ * thread tasks longer than the bfloat16 rounding buffer): every source dtype into float32
+ * and into bfloat16 matrices, with and without a permutation, equals converting row by
+ * row; bfloat16 bytes are kept as the file has them (a signalling NaN stays one).
+ * A permutation naming a row that does not exist is refused.
+ */
+TEST(backend_cpu_upload_tensor_on_the_pool)
+{
+	enum {R = 1101, C = 4096};
+	static const st_dtype dtypes[3] = {ST_F32, ST_F16, ST_BF16};
+	uint32_t   *src = malloc((size_t) R * C * 4);
+	float	   *row = malloc(C * sizeof(float));
+	uint32_t   *want = malloc((size_t) R * C * 4),
+			   *got = malloc((size_t) R * C * 4);
+	int32_t    *perm = malloc(R * sizeof(int32_t));
+	uint64_t	seed = 11;
+	dl_error	err;
+
+	CHECK(src && row && want && got && perm);
+	for (size_t i = 0; i < (size_t) R * C; i++)
+		src[i] = (uint32_t) (frand(&seed) * 2147483648.0f);
+	((uint16_t *) src)[5] = 0x7f81;	/* a signalling bfloat16 NaN */
+	for (int r = 0; r < R; r++)
+		perm[r] = (r * 7 + 3) % R;
+	for (int threads = 1; threads <= 3; threads += 2)
+		for (int bf16 = 0; bf16 < 2; bf16++)
+		{
+			dl_backend *be;
+
+			CHECK_OK(backend_cpu_create(threads, bf16, &be, &err), &err);
+			for (int d = 0; d < 3; d++)
+				for (int p = 0; p < 2; p++)
+				{
+					st_tensor	t = {.name = "w", .dtype = dtypes[d], .ndim = 2, .shape = {R, C},
+					.numel = (int64_t) R * C, .data = (const uint8_t *) src};
+					const int32_t *rows = p ? perm : NULL;
+					size_t		es = bf16 ? 2 : 4;
+
+					t.nbytes = (size_t) t.numel * st_dtype_size(t.dtype);
+					for (int r = 0; r < R; r++)
+					{
+						int64_t		from = rows ? rows[r] : r;
+						char	   *w = (char *) want + (size_t) r * C * es;
+
+						CHECK_OK(st_range_to_f32(&t, from * C, C, row, &err), &err);
+						if (!bf16)
+							memcpy(w, row, C * sizeof(float));
+						else if (t.dtype == ST_BF16)
+							memcpy(w, t.data + from * C * 2, C * 2);
+						else
+							for (int c = 0; c < C; c++)
+								((uint16_t *) w)[c] = float_to_bf16(row[c]);
+					}
+					memset(got, 0xa5, (size_t) R * C * es);
+					CHECK_OK(be->upload_tensor(be, got, DL_FMT_WEIGHT, &t, rows, &err), &err);
+					CHECKF(memcmp(got, want, (size_t) R * C * es) == 0, "%d threads, %s into %s, %s",
+						   threads, st_dtype_name(t.dtype), bf16 ? "bf16" : "f32",
+						   p ? "permuted" : "in order");
+				}
+			perm[7] = R;
+			CHECK(be->upload_tensor(be, got, DL_FMT_WEIGHT,
+									&(st_tensor) {.name = "w", .dtype = ST_F32, .ndim = 2, .shape = {R, C},
+									.numel = (int64_t) R * C, .data = (const uint8_t *) src},
+									perm, &err) == DL_EINVAL);
+			CHECKF(strstr(err.msg, "\"w\"") && strstr(err.msg, "1101"), "%s", err.msg);
+			perm[7] = (7 * 7 + 3) % R;
+			be->destroy(be);
+		}
+	free(src);
+	free(row);
+	free(want);
+	free(got);
+	free(perm);
+}
+
+/*
  * bfloat16 matrices: float32 rounded to nearest even (ties to the even one, a NaN kept),
  * rows permuted as asked, and the embedding lookup widening them back.
  */

@@ -508,6 +508,79 @@ TEST(st_write_rejects_bad_input)
 	remove_tmpdir(dir);
 }
 
+/* Resident kB of the mapping that holds addr (/proc/self/smaps), -1 if not found. */
+static long
+mapping_rss_kb(const void *addr)
+{
+	FILE	   *f = fopen("/proc/self/smaps", "r");
+	char		line[512];
+	unsigned long lo,
+				hi;
+	long		kb = -1;
+	bool		in = false;
+
+	while (f && fgets(line, sizeof(line), f))
+	{
+		if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2)
+			in = (uintptr_t) addr >= lo && (uintptr_t) addr < hi;
+		else if (in && sscanf(line, "Rss: %ld kB", &kb) == 1)
+			break;
+	}
+	if (f)
+		fclose(f);
+	return kb;
+}
+
+/*
+ * A load drops a tensor's pages from its mapping once copied: the mapping's resident
+ * memory falls, the bytes read the same afterwards (from the page cache), and bytes that
+ * are not in the set's mappings (a copy in memory) are left alone. st_rows views rows.
+ */
+TEST(st_release_drops_mapped_pages_only)
+{
+	char	   *dir = make_tmpdir();
+	size_t		n = 1 << 20;	/* 4 MB */
+	float	   *v = malloc(n * sizeof(float)),
+			   *heap = malloc(n * sizeof(float));
+	st_write_tensor w[] = {{"big", ST_F32, 2, {1 << 10, 1 << 10}, v}};
+	st_set	   *set;
+	const st_tensor *t;
+	st_tensor	rows,
+				copy;
+	double		sum = 0;
+	long		before,
+				after;
+	dl_error	err;
+
+	CHECK(dir != NULL && v != NULL && heap != NULL);
+	for (size_t i = 0; i < n; i++)
+		v[i] = (float) i;
+	CHECK_OK(st_write(in_dir(dir, "m.safetensors"), w, 1, NULL, 0, &err), &err);
+	CHECK_OK(st_open_file(in_dir(dir, "m.safetensors"), &set, &err), &err);
+	t = st_find(set, "big");
+	for (size_t i = 0; i < t->nbytes; i += 512)
+		sum += t->data[i];
+	before = mapping_rss_kb(t->data);
+	st_release(set, t);
+	after = mapping_rss_kb(t->data);
+	CHECKF(before >= 4096 && after >= 0 && after <= 8, "resident %ld kB, then %ld kB (%g)", before, after, sum);
+	CHECK(memcmp(t->data, v, t->nbytes) == 0);
+
+	rows = st_rows(t, 3, 2);
+	CHECK(rows.shape[0] == 2 && rows.shape[1] == 1024 && rows.numel == 2048 &&
+		  rows.nbytes == 8192 && memcmp(rows.data, v + 3 * 1024, 8192) == 0);
+
+	memcpy(heap, v, n * sizeof(float));
+	copy = *t;
+	copy.data = (const uint8_t *) heap;
+	st_release(set, &copy);
+	CHECK(memcmp(heap, v, n * sizeof(float)) == 0);
+	st_close(set);
+	free(v);
+	free(heap);
+	remove_tmpdir(dir);
+}
+
 /* Two shards: "a" and "b" in shard 1, "c" in shard 2. */
 static void
 write_shards(const char *dir, dl_error *err)
