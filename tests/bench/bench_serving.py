@@ -128,7 +128,15 @@ max_connections = {max(clients) + 10}
         batched = statement_tps(f"CREATE TEMP TABLE a AS {rows_q}")
         array = statement_tps(f"SELECT cardinality(dolly_generate(array_agg('Tell me about item ' || i ORDER BY i), {opts})) "
                               f"FROM generate_series(1, 64) i")
+        # the most common way to fill a column, both ways
+        sql("CREATE TABLE tasks AS SELECT i, 'Tell me about item ' || i AS q, NULL::text AS answer "
+            "FROM generate_series(1, 64) i")
+        update = f"UPDATE tasks SET answer = dolly_generate(q, {opts})"
+        update_per_row = statement_tps(f"SET dolly.query_batch = 1; {update}")
+        update_batched = statement_tps(update)
         sessions = rows[-1][1]
+        print(f"\nUPDATE tasks SET answer = dolly_generate(q, ...) over 64 rows, tokens/s: a call per row "
+              f"{update_per_row:.1f}; through Dolly Batch {update_batched:.1f} ({update_batched / update_per_row:.2f}x)")
         print(f"\none statement over 64 rows, {args.batch_tokens} new tokens, tokens/s: a call per row "
               f"(dolly.query_batch = 1) {per_row:.1f}; the same statement through Dolly Batch {batched:.1f} "
               f"({batched / per_row:.2f}x); one call over their array {array:.1f} ({array / per_row:.2f}x); "
