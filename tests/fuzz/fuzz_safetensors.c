@@ -6,7 +6,8 @@
  *
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
  *       -Isrc/engine $(pkg-config --cflags json-c) tests/fuzz/fuzz_safetensors.c \
- *       src/engine/safetensors.c src/engine/error.c $(pkg-config --libs json-c) \
+ *       src/engine/safetensors.c src/engine/torch_ckpt.c src/engine/zip.c src/engine/error.c \
+ *       $(pkg-config --libs json-c) \
  *       -o /tmp/fuzz_safetensors
  *   mkdir -p /tmp/st_corpus && python3 -c "
  *   import numpy as np; from safetensors.numpy import save_file
