@@ -499,7 +499,7 @@ pk_dims(const pk_machine *m, int32_t i, bool sizes, int64_t *out, int *n)
 static dl_status
 pk_rebuild_tensor(pk_machine *m, int32_t args)
 {
-	const int32_t *a = m->kids + m->v[args].a;
+	const int32_t *a;
 	int			nargs = m->v[args].b,
 				nstride;
 	pk_tensor	t = {0};
@@ -512,6 +512,7 @@ pk_rebuild_tensor(pk_machine *m, int32_t args)
 
 	if (nargs != 6 && nargs != 7)
 		return pk_fail(m, DL_EUNSUPPORTED, "_rebuild_tensor_v2 with %d arguments, not 6 or 7", nargs);
+	a = m->kids + m->v[args].a;
 	if (m->v[a[0]].kind != PK_STORAGE || m->v[a[1]].kind != PK_INT || m->v[a[1]].a < 0 ||
 		!pk_dims(m, a[2], true, t.shape, &t.ndim) || !pk_dims(m, a[3], false, stride, &nstride) ||
 		nstride != t.ndim || m->v[a[4]].kind != PK_BOOL)
@@ -530,8 +531,11 @@ pk_rebuild_tensor(pk_machine *m, int32_t args)
 	for (int d = t.ndim - 1; d >= 0 && numel > 0; d--)
 	{
 		if (t.shape[d] != 1 && stride[d] != want)
-			return pk_fail(m, DL_EUNSUPPORTED, "a tensor that is not contiguous (dimension %d has stride %lld, not %lld); save the state dict with contiguous tensors",
-						   d, (long long) stride[d], (long long) want);
+		{
+			pk_fail(m, DL_EUNSUPPORTED, "a tensor that is not contiguous (dimension %d has stride %lld, not %lld)",
+					d, (long long) stride[d], (long long) want);
+			return dl_hint(m->err, "save the state dict with contiguous tensors, as transformers does: {k: v.contiguous() for k, v in state_dict.items()}");
+		}
 		want *= t.shape[d];
 	}
 	if (__builtin_add_overflow(t.offset, numel, &end) || end > s->numel)
