@@ -472,12 +472,15 @@ copy_model_file(const char *dir, const char *tmp, const char *name, bool require
 	return st;
 }
 
+/* The file name of a converted shard. */
+typedef char shard_name[48];
+
 /*
  * model.safetensors.index.json as save_pretrained writes it: the tensors' total size and,
  * name by name, the shard (shards[file]) that holds each of set's tensors kept.
  */
 static dl_status
-write_index(const st_set *set, char *const *shards, const char *path, dl_error *err)
+write_index(const st_set *set, const shard_name *shards, const char *path, dl_error *err)
 {
 	json_object *root = json_object_new_object(),
 			   *meta = json_object_new_object(),
@@ -510,7 +513,7 @@ write_shards(const st_set *set, const char *tmp, dl_error *err)
 {
 	static const char *const meta[] = {"format", "pt"};
 	st_write_tensor *w = calloc(set->ntensors ? set->ntensors : 1, sizeof(*w));
-	char	  **shards = calloc(set->nfiles, sizeof(*shards));
+	shard_name *shards = calloc(set->nfiles, sizeof(*shards));
 	char		path[4300];
 	int			nshards = 0,
 				k = 0;
@@ -526,6 +529,8 @@ write_shards(const st_set *set, const char *tmp, dl_error *err)
 				nshards++;
 				break;
 			}
+	if (st == DL_OK && nshards == 0)
+		st = dl_fail(err, DL_EFORMAT, "the model holds no tensors but buffers to convert");
 	for (int f = 0, s = 0; st == DL_OK && f < set->nfiles; f++)
 	{
 		int			n = 0;
@@ -542,16 +547,10 @@ write_shards(const st_set *set, const char *tmp, dl_error *err)
 		}
 		if (n == 0)
 			continue;
-		shards[f] = malloc(64);
-		if (shards[f] == NULL)
-		{
-			st = dl_fail(err, DL_ENOMEM, "out of memory converting a model");
-			break;
-		}
 		if (nshards == 1)
-			snprintf(shards[f], 64, "model.safetensors");
+			snprintf(shards[f], sizeof(shards[f]), "model.safetensors");
 		else
-			snprintf(shards[f], 64, "model-%05d-of-%05d.safetensors", ++s, nshards);
+			snprintf(shards[f], sizeof(shards[f]), "model-%05d-of-%05d.safetensors", ++s, nshards);
 		snprintf(path, sizeof(path), "%s/%s", tmp, shards[f]);
 		st = st_write(path, w + k, n, meta, 1, err);
 		k += n;
@@ -561,8 +560,6 @@ write_shards(const st_set *set, const char *tmp, dl_error *err)
 		snprintf(path, sizeof(path), "%s/model.safetensors.index.json", tmp);
 		st = write_index(set, shards, path, err);
 	}
-	for (int f = 0; shards && f < set->nfiles; f++)
-		free(shards[f]);
 	free(shards);
 	free(w);
 	return st;

@@ -1,19 +1,12 @@
 /*
  * torch_ckpt.c: PyTorch checkpoints (torch.save's zip format) read without running them.
  *
- * Two layers, each checked as strictly as safetensors.c checks its header:
- *
- * The zip archive (APPNOTE.TXT). The end record must close the file; with ZIP64 (torch's
- * writer, miniz, uses it past 4 GB) its values come from the ZIP64 end record, which must
- * sit right before its locator, and the central directory must end where they begin.
- * Every central entry's local header must agree with it (name, flags, method; sizes and
- * CRC, or the data descriptor that follows the data when flag 3 is set, as torch writes
- * it: 8-byte sizes where the local header has a ZIP64 field). Entries must lie inside the
- * file, before the directory, without overlapping; names are unique and all under one
- * folder. Only stored (uncompressed) entries are read: torch writes no other kind, and
- * the weights are then used in place, in the mapping, as safetensors' are. data.pkl's
- * CRC is checked; the storages' are not (that would read every page of the weights
- * twice; safetensors has no checksum at all).
+ * Two layers, each checked as strictly as safetensors.c checks its header. The zip
+ * archive: zip.c checks its whole directory (zip.h); every entry must sit under the
+ * folder of the first, as torch's reader requires; only stored (uncompressed) entries are
+ * read, as torch writes them, so the weights are used in place, in the mapping, as
+ * safetensors' are. data.pkl's CRC is checked; the storages' are not (that would read
+ * every page of the weights twice; safetensors has no checksum at all).
  *
  * The pickle (data.pkl). What torch 2.15 writes for {name: tensor}, by pickletools:
  *
@@ -45,8 +38,6 @@
 
 /* a state dict's pickle takes about 150 bytes a tensor: 16 MB is 100,000 tensors */
 #define TC_MAX_PICKLE (16 << 20)
-
-/* ---- the pickle machine ---- */
 
 /* Pickle opcodes the machine runs (Python's Lib/pickle.py names). */
 enum
