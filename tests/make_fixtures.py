@@ -4,7 +4,10 @@ GPT-J / GPT-NeoX models with the outputs that transformers computes for them.
 
 The C engine is tested against these files, so CI needs no torch.  Everything is
 generated here from seeds (the corpus text included, so no licence question
-arises); running the script twice gives the same tokenizer, weights and ids.
+arises); running the script twice gives the same tokenizer, weights and ids (and
+the same PyTorch archives: torch.save writes the same bytes for the same tensors).
+What torch computes (expected outputs, gradients) can differ in its last bits on
+another CPU, where torch takes other SIMD paths.
 
     python3 tests/make_fixtures.py [--out tests/fixtures]
 
@@ -17,6 +20,10 @@ Layout written under --out:
   <model>/                               config.json, tokenizer files, *.safetensors,
                                          expected.safetensors (see expected_outputs)
   <model>/train_expected.safetensors     f32 models: loss, gradients, AdamW steps (build_train)
+  <model>-bin/, neox-par-f16/            the models as PyTorch checkpoints, as transformers 4
+                                         saved them (build_bin_models)
+  torch-ckpt/                            small archives, good and bad, for the .bin reader
+                                         (build_torch_archives)
 
 Each artefact has its own function so that later fixtures (gradients for the
 trainer, say) can be added beside them and called from main().
