@@ -36,7 +36,7 @@ dl_hint(dl_error *err, const char *fmt,...)
 const char *
 dl_shown(char *out, size_t outlen, const void *s, size_t len)
 {
-	const unsigned char *b = s;
+	const unsigned char *b = (const unsigned char *) s;
 	size_t		k = 0;
 
 	if (outlen == 0)
