@@ -137,7 +137,8 @@ emutest: build/test_gpu build/gpu-emu/dolly_cuda_emu.so
 
 # libFuzzer targets: each tests/fuzz/fuzz_*.c over the engine's sources, with ASan and UBSan
 FUZZ_TARGETS = $(patsubst tests/fuzz/%.c,build/fuzz/%,$(wildcard tests/fuzz/fuzz_*.c))
-FUZZ_CFLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Isrc/engine \
+FUZZ_CFLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+	-DFUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION -Isrc/engine \
 	$(shell pkg-config --cflags json-c libpcre2-8 icu-uc openblas)
 fuzz: $(FUZZ_TARGETS)
 build/fuzz/%: tests/fuzz/%.c $(ENGINE_SRCS) $(wildcard src/engine/*.h)

@@ -4,7 +4,10 @@ GPT-J / GPT-NeoX models with the outputs that transformers computes for them.
 
 The C engine is tested against these files, so CI needs no torch.  Everything is
 generated here from seeds (the corpus text included, so no licence question
-arises); running the script twice gives the same tokenizer, weights and ids.
+arises); running the script twice gives the same tokenizer, weights and ids (and
+the same PyTorch archives: torch.save writes the same bytes for the same tensors).
+What torch computes (expected outputs, gradients) can differ in its last bits on
+another CPU, where torch takes other SIMD paths.
 
     python3 tests/make_fixtures.py [--out tests/fixtures]
 
@@ -20,19 +23,29 @@ Layout written under --out:
   tokenizer-legacy*/                     the tokenizer as vocab.json, merges.txt, ... and
                                          decode_cases.json (build_older_tokenizers)
   gptj-legacy-tok/                       gptj-f32 with the tokenizer in those files only
+  <model>-bin/, neox-par-f16/            the models as PyTorch checkpoints, as transformers 4
+                                         saved them (build_bin_models)
+  torch-ckpt/                            small archives, good and bad, for the .bin reader
+                                         (build_torch_archives)
 
 Each artefact has its own function so that later fixtures (gradients for the
 trainer, say) can be added beside them and called from main().
 """
 
 import argparse
+import collections
 import copy
 import json
 import os
 import random
+import re
 import shutil
+import struct
 import unicodedata
+import zipfile
+import zlib
 
+import numpy
 import torch
 import transformers
 from safetensors.torch import load_file
@@ -1051,6 +1064,241 @@ def build_train(out):
             float(tensors["loss"]), float(tensors["adamw_losses"][-1]), TRAIN_STEPS))
 
 
+# ---------------------------------------------------------------------------
+# PyTorch checkpoints
+# ---------------------------------------------------------------------------
+
+# .bin directory, its safetensors twin, pickled as an OrderedDict with _metadata (what
+# torch.save(model.state_dict()) writes) or as the plain dicts of transformers 4's
+# shard_checkpoint, shards.  The float16 twin is made here from neox-par-f32.
+BIN_MODELS = [
+    ("neox-par-f32-bin", "neox-par-f32", "state_dict", 1),
+    ("neox-par-f16-bin", "neox-par-f16", "dict", 1),
+    ("gptj-bf16-bin", "gptj-bf16", "dict", 2),
+]
+COPIED = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+
+
+def twin_f16(out):
+    """neox-par-f16/: neox-par-f32's parameters cast to float16, as save_pretrained
+    writes them (no expected outputs: it is only the twin of neox-par-f16-bin)."""
+    path = os.path.join(out, "neox-par-f16")
+    shutil.rmtree(path, ignore_errors=True)
+    model = cast_parameters(load_model(os.path.join(out, "neox-par-f32"), torch.float32),
+                            torch.float16)
+    model.save_pretrained(path)
+    for f in COPIED[2:]:
+        shutil.copy(os.path.join(out, "neox-par-f32", f), path)
+
+
+def twin_tensors(path):
+    """The tensors of a safetensors model directory, in the order of its files."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    files = sorted(set(json.load(open(index))["weight_map"].values())) \
+        if os.path.exists(index) else ["model.safetensors"]
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(os.path.join(path, f)))
+    return tensors
+
+
+def state_dict_order(twin, tensors):
+    """The tensors in the order of the model's state_dict, as transformers 4 saved them,
+    with the buffers old GPT-J checkpoints carry before each layer's attention weights
+    (transformers 4.x GPTJAttention: the causal mask attn.bias, bool [1, 1, P, P], and
+    attn.masked_bias, -1e9), which loaders ignore."""
+    config = json.load(open(os.path.join(twin, "config.json")))
+    model = load_model(twin, torch.float32)
+    rename = FILE_NAMES.get(config["model_type"], {})
+    order = collections.OrderedDict()
+    for name in model.state_dict():
+        name = rename.get(name, name)
+        layer = re.match(r"transformer\.h\.\d+\.attn\.", name)
+        if layer and layer.group(0) + "bias" not in order:
+            p = config["n_positions"]
+            order[layer.group(0) + "bias"] = torch.tril(
+                torch.ones((p, p), dtype=torch.bool)).view(1, 1, p, p)
+            order[layer.group(0) + "masked_bias"] = torch.tensor(-1e9)
+        order[name] = tensors[name]
+    assert set(tensors) <= set(order), set(tensors) - set(order)
+    return order
+
+
+def save_bin(path, tensors, form, shards):
+    """pytorch_model.bin, or pytorch_model-0000K-of-0000N.bin with their index split as
+    transformers 4's shard_checkpoint split (in order, a shard full at 1/shards of the
+    bytes)."""
+    limit = sum(t.numel() * t.element_size() for t in tensors.values()) / shards
+    blocks, size = [collections.OrderedDict()], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if blocks[-1] and size + nbytes > limit and len(blocks) < shards:
+            blocks.append(collections.OrderedDict())
+            size = 0
+        blocks[-1][name] = t
+        size += nbytes
+    assert len(blocks) == shards
+    names = ["pytorch_model.bin"] if shards == 1 else \
+        ["pytorch_model-%05d-of-%05d.bin" % (k + 1, shards) for k in range(shards)]
+    for name, block in zip(names, blocks):
+        if form == "state_dict":
+            block._metadata = collections.OrderedDict([("", {"version": 1})])
+        torch.save(block if form == "state_dict" else dict(block), os.path.join(path, name))
+    if shards > 1:
+        index = {"metadata": {"total_size": int(sum(t.numel() * t.element_size()
+                                                    for t in tensors.values()))},
+                 "weight_map": {n: names[k] for k, b in enumerate(blocks) for n in b}}
+        write_text(os.path.join(path, "pytorch_model.bin.index.json"),
+                   json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def build_bin_models(out):
+    """<name>-bin/: each BIN_MODELS twin's weights as PyTorch checkpoints (the same
+    names, dtypes and bytes), its config and tokenizer copied; checked by loading them
+    with torch.load(weights_only=True) against the twin."""
+    twin_f16(out)
+    for name, twin, form, shards in BIN_MODELS:
+        path = os.path.join(out, name)
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+        for f in COPIED:
+            shutil.copy(os.path.join(out, twin, f), path)
+        tensors = twin_tensors(os.path.join(out, twin))
+        save_bin(path, state_dict_order(os.path.join(out, twin), tensors), form, shards)
+        loaded = {}
+        for f in sorted(os.listdir(path)):
+            if f.endswith(".bin"):
+                loaded.update(torch.load(os.path.join(path, f), weights_only=True))
+        for k, t in tensors.items():
+            assert loaded[k].dtype == t.dtype and torch.equal(loaded[k], t), k
+        print("%-16s %d tensors of %s, %d shard(s), %d bytes" % (
+            name, len(loaded), twin, shards,
+            sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))))
+
+
+class SystemCall:
+    """What a malicious checkpoint pickles: unpickling it runs os.system."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this checkpoint ran a command",))
+
+
+def zip_entries(path):
+    """(name, bytes) of every entry of a zip archive, in order."""
+    with zipfile.ZipFile(path) as z:
+        return [(i.filename, z.read(i)) for i in z.infolist()]
+
+
+def rezip(path, entries, compression=zipfile.ZIP_STORED):
+    """Write entries as Python's zipfile does (sizes in the local headers, no data
+    descriptors, nothing aligned), with a fixed date so the bytes do not change."""
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in entries:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = compression
+            z.writestr(info, data)
+
+
+def zip64(path, entries):
+    """Write entries as miniz (torch's writer) lays out an archive past 4 GB: data
+    descriptors with 8-byte sizes, ZIP64 extra fields in the local headers and the
+    central records (which hold all ones), a ZIP64 end record and its locator."""
+    out, central = bytearray(), bytearray()
+    for name, data in entries:
+        n, crc, size = name.encode(), zlib.crc32(data), len(data)
+        local_extra = struct.pack("<HHQQ", 1, 16, size, size)
+        central_extra = struct.pack("<HHQQQ", 1, 24, size, size, len(out))
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 8, 0, 0, 0x21, crc,
+                               0xFFFFFFFF, 0xFFFFFFFF, len(n), len(central_extra), 0, 0, 0, 0,
+                               0xFFFFFFFF) + n + central_extra
+        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 8, 0, 0, 0x21, 0, 0, 0, len(n),
+                           len(local_extra)) + n + local_extra + data
+        out += struct.pack("<IIQQ", 0x08074B50, crc, size, size)
+    cd_off, count = len(out), len(entries)
+    out += central
+    end64 = len(out)
+    out += struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(central),
+                       cd_off)
+    out += struct.pack("<IIQI", 0x07064B50, 0, end64, 1)
+    out += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    with open(path, "wb") as f:
+        f.write(out)
+
+
+def replace_pickle(entries, old, new):
+    """entries with one occurrence of old in data.pkl replaced by new."""
+    out = []
+    for name, data in entries:
+        if name.endswith("/data.pkl"):
+            assert data.count(old) == 1, (old, data)
+            data = data.replace(old, new)
+        out.append((name, data))
+    return out
+
+
+def build_torch_archives(out):
+    """torch-ckpt/: small archives for the reader's tests and the fuzzer's seeds.
+
+    views.bin (read back with its values in tests/engine/test_torch_ckpt.c): storages
+    shared by several tensors and views at an offset, a scalar, every float dtype, bool
+    and int64. zip64.bin: the same entries laid out as torch lays out archives past 4 GB.
+    The rest must be refused, each with its own error: os_system.bin (a pickle that
+    calls os.system), numpy_global.bin (a global outside the list: a numpy array),
+    short_storage.bin (a storage entry shorter than its declared size),
+    past_storage.bin (a tensor running past the end of its storage), bad_offset.bin (a
+    central record pointing at the wrong local header), noncontiguous.bin (a transposed
+    view), compressed.bin (deflated entries), legacy.bin (torch.save's format before
+    1.6); truncated archives are made by the test from views.bin."""
+    path = os.path.join(out, "torch-ckpt")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    base = torch.arange(10, dtype=torch.float32) / 4
+    views = collections.OrderedDict([
+        ("whole", base), ("head", base[:4]), ("tail", base[4:]), ("row", base.view(2, 5)[1]),
+        ("matrix", (torch.arange(6, dtype=torch.float32) - 2.5).view(2, 3)),
+        ("half", torch.tensor([1.5, -2.0, 65504.0], dtype=torch.float16)),
+        ("brain", torch.tensor([0.5, -3.0, 1e30], dtype=torch.bfloat16)),
+        ("mask", torch.tril(torch.ones(3, 3, dtype=torch.bool)).view(1, 1, 3, 3)),
+        ("scalar", torch.tensor(-1e9)), ("ids", torch.tensor([7, -1, 2**40])),
+        ("empty", torch.zeros(0, 4))])
+    torch.save(views, os.path.join(path, "views.bin"))
+    entries = zip_entries(os.path.join(path, "views.bin"))
+    zip64(os.path.join(path, "zip64.bin"), entries)
+    rezip(os.path.join(path, "compressed.bin"), entries, zipfile.ZIP_DEFLATED)
+    torch.save(SystemCall(), os.path.join(path, "os_system.bin"))
+    torch.save({"w": numpy.ones(2, dtype=numpy.float32)}, os.path.join(path, "numpy_global.bin"))
+    torch.save({"w": torch.arange(6.0).view(2, 3).t()}, os.path.join(path, "noncontiguous.bin"))
+    legacy = os.path.join(path, "legacy.bin")
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    with open(legacy, "rb") as f:
+        data = f.read()
+    # the storage's key is its memory address: zeroed, so that the bytes do not change
+    for key in set(re.findall(rb"X..\x00\x00(\d{8,})", data, re.S)):
+        data = data.replace(key, b"0" * len(key))
+    with open(legacy, "wb") as f:
+        f.write(data)
+
+    small = os.path.join(path, "small.bin")
+    torch.save({"w": torch.arange(4.0)[1:]}, small)
+    entries = zip_entries(small)
+    os.remove(small)
+    rezip(os.path.join(path, "short_storage.bin"),
+          [(n, d[:8] if n.endswith("/data/0") else d) for n, d in entries])
+    # size (3,) -> (4,): BININT1 3, TUPLE1 -> BININT1 4, TUPLE1
+    rezip(os.path.join(path, "past_storage.bin"), replace_pickle(entries, b"K\x03\x85", b"K\x04\x85"))
+    rezip(os.path.join(path, "bad_offset.bin"), entries)
+    with open(os.path.join(path, "bad_offset.bin"), "r+b") as f:
+        data = f.read()
+        name = [n for n, _ in entries if n.endswith("/data/0")][0].encode()
+        # the central record of data/0: its local header offset (at +42) moved by one
+        at = [i for i in range(len(data)) if data.startswith(b"PK\x01\x02", i) and
+              data[i + 46:i + 46 + len(name)] == name][0]
+        f.seek(at + 42)
+        f.write(struct.pack("<I", struct.unpack("<I", data[at + 42:at + 46])[0] + 1))
+    print("torch-ckpt: %d archives, %d bytes" % (len(os.listdir(path)), sum(
+        os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))))
+
+
 def main():
     """Build every fixture under --out."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -1061,6 +1309,8 @@ def main():
     build_models(args.out, hf_tok)
     build_older_tokenizers(args.out)
     build_train(args.out)
+    build_bin_models(args.out)
+    build_torch_archives(args.out)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 
 dl_status
 dl_fail(dl_error *err, dl_status code, const char *fmt,...)
@@ -30,6 +31,25 @@ dl_hint(dl_error *err, const char *fmt,...)
 	vsnprintf(err->hint, sizeof(err->hint), fmt, ap);
 	va_end(ap);
 	return err->code;
+}
+
+const char *
+dl_shown(char *out, size_t outlen, const void *s, size_t len)
+{
+	const unsigned char *b = (const unsigned char *) s;
+	size_t		k = 0;
+
+	if (outlen == 0)
+		return out;
+	for (size_t i = 0; i < len && i < 120 && k + 4 < outlen; i++)
+		out[k++] = b[i] >= 0x20 && b[i] < 0x7f ? (char) b[i] : '?';
+	if (len > 120 && k + 4 < outlen)
+	{
+		memcpy(out + k, "...", 3);
+		k += 3;
+	}
+	out[k] = '\0';
+	return out;
 }
 
 const char *

@@ -8,6 +8,8 @@
 #ifndef DOLLY_ERROR_H
 #define DOLLY_ERROR_H
 
+#include <stddef.h>
+
 typedef enum dl_status
 {
 	DL_OK = 0,
@@ -37,6 +39,12 @@ dl_status	dl_fail(dl_error *err, dl_status code, const char *fmt,...)
 /* Attach a hint to the failure already recorded in err; returns err->code. */
 dl_status	dl_hint(dl_error *err, const char *fmt,...)
 			__attribute__((format(printf, 2, 3)));
+
+/*
+ * Untrusted bytes s[0..len) (a name read from a file) fit for a message: printable ASCII
+ * kept, '?' for any other byte, cut at 120 with "..."; written to out, which is returned.
+ */
+const char *dl_shown(char *out, size_t outlen, const void *s, size_t len);
 
 /* A short lower-case name for a status, for logs and test output. */
 const char *dl_status_name(dl_status code);

@@ -199,7 +199,7 @@ check_tensor(const st_set *set, const dl_tensor_map *e, const char *dir, const c
 	if (t == NULL)
 	{
 		dl_fail(err, DL_EFORMAT, "model \"%s\" has no tensor \"%s\"", dir, e->name);
-		return dl_hint(err, "the safetensors files do not hold a complete %s checkpoint", type);
+		return dl_hint(err, "the weight files do not hold a complete %s checkpoint", type);
 	}
 	if (t->dtype != ST_F32 && t->dtype != ST_F16 && t->dtype != ST_BF16)
 		return dl_fail(err, DL_EUNSUPPORTED, "tensor \"%s\" in \"%s\" has dtype %s; only F32, F16 and BF16 are supported",
@@ -319,7 +319,7 @@ vocab_from_files(dl_config *c, const st_set *set, const char *dir, dl_error *err
 	if (t == NULL)
 	{
 		dl_fail(err, DL_EFORMAT, "model \"%s\" has no tensor \"%s\"", dir, emb);
-		return dl_hint(err, "the safetensors files do not hold a %s checkpoint", type);
+		return dl_hint(err, "the weight files do not hold a %s checkpoint", type);
 	}
 	if (t->ndim != 2 || t->shape[1] != c->n_embd || t->shape[0] < 1 || t->shape[0] > INT32_MAX)
 	{

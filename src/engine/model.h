@@ -84,7 +84,7 @@ typedef struct dl_model
 } dl_model;
 
 /*
- * Load the model in directory dir (config.json, model.safetensors or its sharded index)
+ * Load the model in directory dir (config.json, and the weights st_open finds there)
  * onto backend be, converting F32/F16/BF16 to the backend's formats. Every tensor is
  * checked for presence, dtype and shape; an error names the tensor and the file.
  * Tensors are copied a slice of at most 16 MB of file at a time, whose pages are then

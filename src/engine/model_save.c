@@ -1,11 +1,14 @@
 /*
  * model_save.c: models that do not come from a checkpoint and models that go back to one:
  * random initialisation, growing the vocabulary for Dolly's special tokens, and saving
- * as a Hugging Face directory.
+ * as a Hugging Face directory; and a model directory's weights rewritten as safetensors
+ * (model_convert, dolly-cli convert).
  *
- * All three walk the model's tensor map (model.h) and move each tensor between the
+ * The first three walk the model's tensor map (model.h) and move each tensor between the
  * device and the host as float32 through the backend (download, upload_tensor), so they
- * work on any backend whatever its weight format.
+ * work on any backend whatever its weight format. The converter never loads a model: it
+ * writes the checkpoint's tensors from the mapping as they are. Both write the directory
+ * aside and rename it into place when complete.
  */
 #define _GNU_SOURCE				/* renameat2 */
 
@@ -14,15 +17,20 @@
 #include "sampler.h"
 #include "train.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/sendfile.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <json.h>
 
 /* Elements of a map entry. */
 static size_t
@@ -292,22 +300,89 @@ write_tensors(const dl_model *m, const char *path, dl_error *err)
 	return st;
 }
 
-/* Remove what model_save may have written into its temporary directory, and the directory. */
-static void
-remove_partial(const char *tmp)
+/* A model directory written aside, under a hidden name, and renamed into place when complete. */
+typedef struct dir_aside
 {
-	static const char *const names[] = {
-		"config.json", "tokenizer.json", "tokenizer.json.tmp", "model.safetensors",
-		"model.safetensors.tmp"
-	};
-	char		path[4300];
+	char		final[4096];
+	char		tmp[4200];
+	size_t		len;			/* of final */
+} dir_aside;
 
-	for (int i = 0; i < 5; i++)
+/* Remove the temporary directory and whatever was written into it (files only). */
+static void
+aside_remove(const dir_aside *d)
+{
+	DIR		   *dir = opendir(d->tmp);
+	struct dirent *de;
+	char		path[4500];
+
+	while (dir && (de = readdir(dir)) != NULL)
+		if (strcmp(de->d_name, ".") != 0 && strcmp(de->d_name, "..") != 0)
+		{
+			snprintf(path, sizeof(path), "%s/%s", d->tmp, de->d_name);
+			unlink(path);
+		}
+	if (dir)
+		closedir(dir);
+	rmdir(d->tmp);
+}
+
+/*
+ * Begin writing model directory dir, which must not exist: create the hidden
+ * ".<name>" DL_SAVE_TMP_MARK "<pid>" beside it (train.h).
+ */
+static dl_status
+aside_begin(const char *dir, dir_aside *d, dl_error *err)
+{
+	struct stat sb;
+	const char *slash;
+
+	d->len = strlen(dir);
+	/* "out/" must not become "out/.tmp-<pid>" inside the directory it names */
+	while (d->len > 1 && dir[d->len - 1] == '/')
+		d->len--;
+	if (d->len == 0 || d->len >= sizeof(d->final))
+		return dl_fail(err, DL_EINVAL, "model directory \"%s\" is empty or too long", dir);
+	memcpy(d->final, dir, d->len);
+	d->final[d->len] = '\0';
+	if (lstat(d->final, &sb) == 0)
 	{
-		snprintf(path, sizeof(path), "%s/%s", tmp, names[i]);
-		unlink(path);
+		dl_fail(err, DL_EINVAL, "model directory \"%s\" already exists", d->final);
+		return dl_hint(err, "Choose another name, or remove the old model first.");
 	}
-	rmdir(tmp);
+	slash = strrchr(d->final, '/');
+	snprintf(d->tmp, sizeof(d->tmp), "%.*s.%s%s%ld", slash ? (int) (slash - d->final + 1) : 0, d->final,
+			 slash ? slash + 1 : d->final, DL_SAVE_TMP_MARK, (long) getpid());
+	if (mkdir(d->tmp, 0755) != 0)
+		return dl_fail(err, DL_EIO, "cannot create \"%s\": %s", d->tmp, strerror(errno));
+	return DL_OK;
+}
+
+/*
+ * Finish what aside_begin began: given st, the outcome of writing into d->tmp, fsync it
+ * and rename it into place, or remove it.
+ */
+static dl_status
+aside_end(dir_aside *d, dl_status st, dl_error *err)
+{
+	char		parent[4096];
+
+	if (st == DL_OK)
+		st = fsync_path(d->tmp, O_RDONLY | O_DIRECTORY, err);
+	/* RENAME_NOREPLACE: a directory made meanwhile under the name is not replaced */
+	if (st == DL_OK && renameat2(AT_FDCWD, d->tmp, AT_FDCWD, d->final, RENAME_NOREPLACE) != 0)
+	{
+		st = dl_fail(err, DL_EIO, "cannot rename \"%s\" to \"%s\": %s", d->tmp, d->final, strerror(errno));
+		if (errno == EEXIST)
+			dl_hint(err, "Another process created \"%s\" meanwhile.", d->final);
+	}
+	if (st != DL_OK)
+	{
+		aside_remove(d);
+		return st;
+	}
+	memcpy(parent, d->final, d->len + 1);
+	return fsync_path(dirname(parent), O_RDONLY | O_DIRECTORY, err);
 }
 
 /* Save as a Hugging Face directory, written aside and renamed into place; see train.h. */
@@ -315,58 +390,200 @@ dl_status
 model_save(const dl_model *m, const dl_tokenizer *tok, const char *base_config,
 		   const char *dir, dl_error *err)
 {
-	char		final[4096],
-				tmp[4200],
-				path[4300],
-				parent[4096];
-	size_t		len = strlen(dir);
-	struct stat sb;
-	dl_status	st;
-	const char *slash;
+	dir_aside	d;
+	char		path[4300];
+	dl_status	st = aside_begin(dir, &d, err);
 
-	/* "out/" must not become "out/.tmp-<pid>" inside the directory it names */
-	while (len > 1 && dir[len - 1] == '/')
-		len--;
-	if (len == 0 || len >= sizeof(final))
-		return dl_fail(err, DL_EINVAL, "model directory \"%s\" is empty or too long", dir);
-	memcpy(final, dir, len);
-	final[len] = '\0';
-	if (lstat(final, &sb) == 0)
-	{
-		dl_fail(err, DL_EINVAL, "model directory \"%s\" already exists", final);
-		return dl_hint(err, "Choose another name, or remove the old model first.");
-	}
-	/* beside it, hidden: ".<name>" + DL_SAVE_TMP_MARK + "<pid>" */
-	slash = strrchr(final, '/');
-	snprintf(tmp, sizeof(tmp), "%.*s.%s%s%ld", slash ? (int) (slash - final + 1) : 0, final,
-			 slash ? slash + 1 : final, DL_SAVE_TMP_MARK, (long) getpid());
-	if (mkdir(tmp, 0755) != 0)
-		return dl_fail(err, DL_EIO, "cannot create \"%s\": %s", tmp, strerror(errno));
-
-	snprintf(path, sizeof(path), "%s/config.json", tmp);
+	if (st != DL_OK)
+		return st;
+	snprintf(path, sizeof(path), "%s/config.json", d.tmp);
 	st = config_write(&m->cfg, base_config, path, err);
 	if (st == DL_OK)
 		st = fsync_path(path, O_RDONLY, err);
-	snprintf(path, sizeof(path), "%s/tokenizer.json", tmp);
+	snprintf(path, sizeof(path), "%s/tokenizer.json", d.tmp);
 	if (st == DL_OK)
 		st = tok_save(tok, path, err);
-	snprintf(path, sizeof(path), "%s/model.safetensors", tmp);
+	snprintf(path, sizeof(path), "%s/model.safetensors", d.tmp);
 	if (st == DL_OK)
 		st = write_tensors(m, path, err);
-	if (st == DL_OK)
-		st = fsync_path(tmp, O_RDONLY | O_DIRECTORY, err);
-	/* RENAME_NOREPLACE: a directory made meanwhile under the name is not replaced */
-	if (st == DL_OK && renameat2(AT_FDCWD, tmp, AT_FDCWD, final, RENAME_NOREPLACE) != 0)
+	return aside_end(&d, st, err);
+}
+
+/*
+ * Buffers that PyTorch checkpoints of these models carry and transformers neither loads
+ * nor saves (its _keys_to_ignore_on_load_unexpected for GPT-J and GPT-NeoX): the causal
+ * masks, GPT-J's masked-bias constant and GPT-NeoX's rotary frequencies.
+ */
+static const char *const ignored_buffers[] = {
+	".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias",
+	".attention.rotary_emb.inv_freq",
+};
+
+/* The files of a model directory besides its weights: configuration and tokenizer. */
+static const char *const model_files[] = {
+	"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+	"special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+};
+
+/* Whether a checkpoint's tensor is one of ignored_buffers. */
+static bool
+ignored_buffer(const char *name)
+{
+	for (size_t i = 0; i < sizeof(ignored_buffers) / sizeof(ignored_buffers[0]); i++)
+		if (ends_with(name, ignored_buffers[i]))
+			return true;
+	return false;
+}
+
+/* Copy dir/name into tmp, fsync'd; a missing file is skipped unless required. */
+static dl_status
+copy_model_file(const char *dir, const char *tmp, const char *name, bool required, dl_error *err)
+{
+	char		src[4300],
+				dst[4300];
+	int			in,
+				out;
+	ssize_t		n;
+	dl_status	st = DL_OK;
+
+	snprintf(src, sizeof(src), "%s/%s", dir, name);
+	snprintf(dst, sizeof(dst), "%s/%s", tmp, name);
+	if ((in = open(src, O_RDONLY | O_CLOEXEC)) < 0)
+		return errno == ENOENT && !required ? DL_OK :
+			dl_fail(err, DL_EIO, "cannot open \"%s\": %s", src, strerror(errno));
+	if ((out = open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644)) < 0)
 	{
-		st = dl_fail(err, DL_EIO, "cannot rename \"%s\" to \"%s\": %s", tmp, final, strerror(errno));
-		if (errno == EEXIST)
-			dl_hint(err, "Another process created \"%s\" meanwhile.", final);
-	}
-	if (st != DL_OK)
-	{
-		remove_partial(tmp);
+		st = dl_fail(err, DL_EIO, "cannot create \"%s\": %s", dst, strerror(errno));
+		close(in);
 		return st;
 	}
-	memcpy(parent, final, len + 1);
-	return fsync_path(dirname(parent), O_RDONLY | O_DIRECTORY, err);
+	/* in the kernel, from the current offset until the end */
+	while ((n = sendfile(out, in, NULL, 1 << 30)) != 0)
+		if (n < 0 && errno != EINTR)
+		{
+			st = dl_fail(err, DL_EIO, "cannot copy \"%s\" to \"%s\": %s", src, dst, strerror(errno));
+			break;
+		}
+	if (st == DL_OK && fsync(out) != 0)
+		st = dl_fail(err, DL_EIO, "cannot fsync \"%s\": %s", dst, strerror(errno));
+	close(in);
+	if (close(out) != 0 && st == DL_OK)
+		st = dl_fail(err, DL_EIO, "cannot close \"%s\": %s", dst, strerror(errno));
+	return st;
+}
+
+/* The file name of a converted shard. */
+typedef char shard_name[48];
+
+/*
+ * model.safetensors.index.json as save_pretrained writes it: the tensors' total size and,
+ * name by name, the shard (shards[file]) that holds each of set's tensors kept.
+ */
+static dl_status
+write_index(const st_set *set, const shard_name *shards, const char *path, dl_error *err)
+{
+	json_object *root = json_object_new_object(),
+			   *meta = json_object_new_object(),
+			   *map = json_object_new_object();
+	int64_t		total = 0;
+	dl_status	st = DL_OK;
+
+	for (int i = 0; i < set->ntensors; i++)
+		if (!ignored_buffer(set->tensors[i].name))
+		{
+			json_object_object_add(map, set->tensors[i].name,
+								   json_object_new_string(shards[set->tensors[i].file]));
+			total += (int64_t) set->tensors[i].nbytes;
+		}
+	json_object_object_add(meta, "total_size", json_object_new_int64(total));
+	json_object_object_add(root, "metadata", meta);
+	json_object_object_add(root, "weight_map", map);
+	if (json_object_to_file_ext(path, root, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_NOSLASHESCAPE) != 0)
+		st = dl_fail(err, DL_EIO, "cannot write \"%s\": %s", path, json_util_get_last_err());
+	json_object_put(root);
+	return st == DL_OK ? fsync_path(path, O_RDONLY, err) : st;
+}
+
+/*
+ * Write the weights of set into tmp as safetensors, the file of shard f holding what
+ * set's file f held (less the ignored buffers), with the same names, dtypes and bytes.
+ */
+static dl_status
+write_shards(const st_set *set, const char *tmp, dl_error *err)
+{
+	static const char *const meta[] = {"format", "pt"};
+	st_write_tensor *w = calloc(set->ntensors ? set->ntensors : 1, sizeof(*w));
+	shard_name *shards = calloc(set->nfiles, sizeof(*shards));
+	char		path[4300];
+	int			nshards = 0,
+				k = 0;
+	dl_status	st = DL_OK;
+
+	if (w == NULL || shards == NULL)
+		st = dl_fail(err, DL_ENOMEM, "out of memory converting a model of %d tensors", set->ntensors);
+	/* shards that hold only ignored buffers vanish; the rest keep their order */
+	for (int f = 0; st == DL_OK && f < set->nfiles; f++)
+		for (int i = 0; i < set->ntensors; i++)
+			if (set->tensors[i].file == f && !ignored_buffer(set->tensors[i].name))
+			{
+				nshards++;
+				break;
+			}
+	if (st == DL_OK && nshards == 0)
+		st = dl_fail(err, DL_EFORMAT, "the model holds no tensors but buffers to convert");
+	for (int f = 0, s = 0; st == DL_OK && f < set->nfiles; f++)
+	{
+		int			n = 0;
+
+		for (int i = 0; i < set->ntensors; i++)
+		{
+			const st_tensor *t = &set->tensors[i];
+
+			if (t->file != f || ignored_buffer(t->name))
+				continue;
+			w[k + n] = (st_write_tensor) {t->name, t->dtype, t->ndim, {0}, t->data};
+			memcpy(w[k + n].shape, t->shape, sizeof(t->shape));
+			n++;
+		}
+		if (n == 0)
+			continue;
+		if (nshards == 1)
+			snprintf(shards[f], sizeof(shards[f]), "model.safetensors");
+		else
+			snprintf(shards[f], sizeof(shards[f]), "model-%05d-of-%05d.safetensors", ++s, nshards);
+		snprintf(path, sizeof(path), "%s/%s", tmp, shards[f]);
+		st = st_write(path, w + k, n, meta, 1, err);
+		k += n;
+	}
+	if (st == DL_OK && nshards > 1)
+	{
+		snprintf(path, sizeof(path), "%s/model.safetensors.index.json", tmp);
+		st = write_index(set, shards, path, err);
+	}
+	free(shards);
+	free(w);
+	return st;
+}
+
+/* A model directory's weights rewritten as safetensors beside its files; see train.h. */
+dl_status
+model_convert(const char *src, const char *dst, dl_error *err)
+{
+	st_set	   *set = NULL;
+	dir_aside	d;
+	dl_status	st = st_open(src, &set, err);
+
+	if (st == DL_OK)
+		st = aside_begin(dst, &d, err);
+	if (st != DL_OK)
+	{
+		st_close(set);
+		return st;
+	}
+	for (size_t i = 0; i < sizeof(model_files) / sizeof(model_files[0]) && st == DL_OK; i++)
+		st = copy_model_file(src, d.tmp, model_files[i], i == 0, err);
+	if (st == DL_OK)
+		st = write_shards(set, d.tmp, err);
+	st_close(set);
+	return aside_end(&d, st, err);
 }

@@ -9,6 +9,7 @@
  */
 #include "safetensors.h"
 #include "bf16.h"
+#include "torch_ckpt.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -19,7 +20,6 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <dirent.h>
 #include <unistd.h>
 
 #include <json-c/json.h>
@@ -29,8 +29,16 @@
 #endif
 
 #define ST_MAX_HEADER 100000000		/* the reference reader's limit */
-#define ST_INDEX_NAME "model.safetensors.index.json"
-#define ST_SINGLE_NAME "model.safetensors"
+
+/* The weights a model directory may hold, in the order transformers prefers them. */
+static const struct
+{
+	const char *name;
+	bool		index;			/* names the shards in its weight_map */
+}			weight_files[] = {
+	{"model.safetensors", false}, {"model.safetensors.index.json", true},
+	{"pytorch_model.bin", false}, {"pytorch_model.bin.index.json", true},
+};
 
 static const struct
 {
@@ -88,8 +96,8 @@ st_dtype_name(st_dtype dtype)
 }
 
 /* Offset of the first byte that breaks UTF-8 (overlongs and surrogates included), or n. */
-static size_t
-utf8_invalid_at(const uint8_t *s, size_t n)
+size_t
+st_utf8_invalid_at(const uint8_t *s, size_t n)
 {
 	size_t		i = 0;
 
@@ -147,7 +155,7 @@ parse_json_object(const char *text, size_t len, const char *fname, const char *w
 {
 	json_tokener *tok;
 	json_object *root;
-	size_t		bad = utf8_invalid_at((const uint8_t *) text, len);
+	size_t		bad = st_utf8_invalid_at((const uint8_t *) text, len);
 
 	if (bad < len)
 		return dl_fail(err, DL_EFORMAT, "%s: %s is not valid UTF-8 (byte %zu)", fname, what, bad);
@@ -736,10 +744,15 @@ set_new(int nfiles)
 	return set;
 }
 
-/* Map and validate shard number idx of set from path; its tensors go to *tensors, *n. */
+/*
+ * Map and validate shard number idx of set from path, a PyTorch checkpoint if its name
+ * ends in ".bin", else a safetensors file; its tensors go to *tensors, *n.
+ */
 static dl_status
 set_load_shard(st_set *set, int idx, const char *path, st_tensor **tensors, int *n, dl_error *err)
 {
+	size_t		len = strlen(path);
+	bool		torch = len > 4 && strcmp(path + len - 4, ".bin") == 0;
 	dl_status	st;
 
 	set->paths[idx] = strdup(path);
@@ -749,15 +762,16 @@ set_load_shard(st_set *set, int idx, const char *path, st_tensor **tensors, int 
 	st = map_file(path, &set->maps[idx], &set->sizes[idx], err);
 	if (st != DL_OK)
 		return st;
-	st = st_parse(set->maps[idx], set->sizes[idx], path, tensors, n, err);
+	st = (torch ? torch_ckpt_parse : st_parse) (set->maps[idx], set->sizes[idx], path, tensors, n, err);
 	if (st == DL_EFORMAT)
-		dl_hint(err, "the file is damaged or not a safetensors file; download or save the model again");
+		dl_hint(err, torch ? "the file is damaged or was not written by torch.save; download the model again" :
+				"the file is damaged or not a safetensors file; download or save the model again");
 	for (int i = 0; st == DL_OK && i < *n; i++)
 		(*tensors)[i].file = idx;
 	return st;
 }
 
-/* Map and validate one safetensors file as a one-shard set. */
+/* Map and validate one weights file (safetensors, or .bin) as a one-shard set. */
 dl_status
 st_open_file(const char *path, st_set **out, dl_error *err)
 {
@@ -774,26 +788,6 @@ st_open_file(const char *path, st_set **out, dl_error *err)
 	}
 	*out = set;
 	return DL_OK;
-}
-
-/* Whether dir holds a file whose name ends in ".bin" (a PyTorch checkpoint). */
-static bool
-dir_has_bin(const char *dir)
-{
-	DIR		   *d = opendir(dir);
-	struct dirent *de;
-	bool		found = false;
-
-	if (d == NULL)
-		return false;
-	while (!found && (de = readdir(d)) != NULL)
-	{
-		size_t		len = strlen(de->d_name);
-
-		found = len > 4 && strcmp(de->d_name + len - 4, ".bin") == 0;
-	}
-	closedir(d);
-	return found;
 }
 
 /* Whether path exists (or exists but cannot be examined: then opening it reports why). */
@@ -991,38 +985,35 @@ done:
 	return DL_OK;
 }
 
-/* Open a model directory: model.safetensors first, else the sharded index. */
+/* Open a model directory through the first of weight_files it holds. */
 dl_status
 st_open(const char *dir, st_set **out, dl_error *err)
 {
-	char	   *single = path_join(dir, ST_SINGLE_NAME);
-	char	   *ipath = path_join(dir, ST_INDEX_NAME);
 	struct stat sb;
-	dl_status	st;
 
-	if (single == NULL || ipath == NULL)
-		st = dl_fail(err, DL_ENOMEM, "out of memory opening \"%s\"", dir);
-	else if (path_exists(single))
-		st = st_open_file(single, out, err);
-	else if (path_exists(ipath))
-		st = open_sharded(dir, ipath, out, err);
-	else if (stat(dir, &sb) != 0)
-		st = dl_fail(err, DL_EIO, "cannot open model directory \"%s\": %s", dir, strerror(errno));
-	else if (!S_ISDIR(sb.st_mode))
-		st = dl_fail(err, DL_EIO, "model path \"%s\" is not a directory", dir);
-	else
+	for (size_t i = 0; i < sizeof(weight_files) / sizeof(weight_files[0]); i++)
 	{
-		dl_fail(err, DL_EIO, "model directory \"%s\" has no %s or %s", dir, ST_SINGLE_NAME,
-				ST_INDEX_NAME);
-		st = dir_has_bin(dir) ?
-			dl_hint(err, "a Hugging Face model directory must contain %s or %s; PyTorch .bin checkpoints are not supported: load the model with transformers and save it with save_pretrained, which writes safetensors",
-					ST_SINGLE_NAME, ST_INDEX_NAME) :
-			dl_hint(err, "a Hugging Face model directory must contain %s or %s",
-					ST_SINGLE_NAME, ST_INDEX_NAME);
+		char	   *path = path_join(dir, weight_files[i].name);
+		dl_status	st;
+
+		if (path == NULL)
+			return dl_fail(err, DL_ENOMEM, "out of memory opening \"%s\"", dir);
+		if (!path_exists(path))
+		{
+			free(path);
+			continue;
+		}
+		st = weight_files[i].index ? open_sharded(dir, path, out, err) : st_open_file(path, out, err);
+		free(path);
+		return st;
 	}
-	free(single);
-	free(ipath);
-	return st;
+	if (stat(dir, &sb) != 0)
+		return dl_fail(err, DL_EIO, "cannot open model directory \"%s\": %s", dir, strerror(errno));
+	if (!S_ISDIR(sb.st_mode))
+		return dl_fail(err, DL_EIO, "model path \"%s\" is not a directory", dir);
+	dl_fail(err, DL_EIO, "model directory \"%s\" has no weights", dir);
+	return dl_hint(err, "a Hugging Face model directory holds %s, %s (safetensors), %s or %s (PyTorch), as save_pretrained writes them",
+				   weight_files[0].name, weight_files[1].name, weight_files[2].name, weight_files[3].name);
 }
 
 /* Binary search of the set's tensors, which are sorted by name. */
@@ -1210,8 +1201,8 @@ build_header(const st_write_tensor *tensors, int n, const char *const *meta_kv, 
 		const char *k = meta_kv[2 * i],
 				   *v = meta_kv[2 * i + 1];
 
-		if (k == NULL || v == NULL || utf8_invalid_at((const uint8_t *) k, strlen(k)) < strlen(k) ||
-			utf8_invalid_at((const uint8_t *) v, strlen(v)) < strlen(v))
+		if (k == NULL || v == NULL || st_utf8_invalid_at((const uint8_t *) k, strlen(k)) < strlen(k) ||
+			st_utf8_invalid_at((const uint8_t *) v, strlen(v)) < strlen(v))
 			st = dl_fail(err, DL_EINVAL, "st_write: metadata pair %d for \"%s\" is missing or not UTF-8",
 						 i, path);
 		else if (json_object_object_get_ex(meta, k, NULL))
@@ -1230,7 +1221,7 @@ build_header(const st_write_tensor *tensors, int n, const char *const *meta_kv, 
 		bool		bad_dims = t->ndim < 0 || t->ndim > ST_MAX_DIMS;
 
 		if (t->name == NULL || strcmp(t->name, "__metadata__") == 0 ||
-			utf8_invalid_at((const uint8_t *) t->name, strlen(t->name)) < strlen(t->name))
+			st_utf8_invalid_at((const uint8_t *) t->name, strlen(t->name)) < strlen(t->name))
 		{
 			st = dl_fail(err, DL_EINVAL, "st_write: tensor %d for \"%s\" has a missing or invalid name",
 						 i, path);

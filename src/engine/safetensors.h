@@ -5,8 +5,9 @@
  * Validation follows the reference reader (safetensors/src/tensor.rs): N <= 100,000,000,
  * no duplicate names, data_offsets that tile the data area from 0 without holes or
  * overlaps, END - BEGIN == numel * dtype size, and 8 + N + last END == file size.
- * A model directory holds either model.safetensors or model.safetensors.index.json
- * naming its shards.
+ * A model directory holds model.safetensors, or model.safetensors.index.json naming its
+ * shards; failing those, PyTorch's pytorch_model.bin or pytorch_model.bin.index.json, whose
+ * .bin files torch_ckpt.c reads into the same tensor table.
  */
 #ifndef DOLLY_SAFETENSORS_H
 #define DOLLY_SAFETENSORS_H
@@ -52,6 +53,9 @@ size_t		st_dtype_size(st_dtype dtype);
 /* Name of dtype as safetensors spells it ("BF16"). */
 const char *st_dtype_name(st_dtype dtype);
 
+/* Offset of the first byte of s[0..n) that breaks UTF-8 (overlongs, surrogates), or n. */
+size_t		st_utf8_invalid_at(const uint8_t *s, size_t n);
+
 /*
  * Parse and validate one whole file image (header and data) held in memory.
  * On success *tensors (malloc'd, each name malloc'd, data pointing into buf) and *n
@@ -63,7 +67,7 @@ dl_status	st_parse(const uint8_t *buf, size_t size, const char *fname,
 /* Free what st_parse returned. */
 void		st_free_tensors(st_tensor *tensors, int n);
 
-/* Open a model directory (single file or sharded through the index). */
+/* Open a model directory (single file or sharded through the index, safetensors or .bin). */
 dl_status	st_open(const char *dir, st_set **out, dl_error *err);
 
 /* Open a single .safetensors file. */

@@ -173,6 +173,16 @@ dl_status	model_save(const dl_model *m, const dl_tokenizer *tok, const char *bas
 					   const char *dir, dl_error *err);
 
 /*
+ * Write the model of directory src (any weights st_open reads: PyTorch .bin, say) as a
+ * new directory dst in safetensors, as model_save writes one (aside, then renamed):
+ * config.json and the tokenizer's files copied; every tensor but the buffers
+ * transformers ignores (GPT-J's attn.bias, attn.masked_bias, ...) with its name, dtype
+ * and bytes, in model.safetensors, or in as many shards as src has, with
+ * model.safetensors.index.json.
+ */
+dl_status	model_convert(const char *src, const char *dst, dl_error *err);
+
+/*
  * A model with random weights (normal(0, 0.02) matrices and embeddings, unit layer-norm
  * gains, zero biases; torch's init for these models), seeded: the base for the demo and
  * for tests and benchmarks that need a model of a given shape. cfg->vocab_size is set.

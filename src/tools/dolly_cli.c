@@ -1,6 +1,7 @@
 /*
  * dolly_cli.c: the engine without PostgreSQL: generate text from a model directory,
- * benchmark it, make a random model, fine-tune one on a JSON-lines file.
+ * benchmark it, make a random model, fine-tune one on a JSON-lines file, convert one to
+ * safetensors.
  *
  *   dolly-cli generate --model DIR [options] INSTRUCTION
  *   dolly-cli bench --model DIR [--threads N] [--prompt-tokens 512] [--gen-tokens 64] [--batch B]
@@ -10,6 +11,7 @@
  *                  --tokenizer FILE --out DIR
  *   dolly-cli train --model DIR --data FILE.jsonl --out DIR [options]
  *   dolly-cli logits --model DIR --out FILE.safetensors TEXT
+ *   dolly-cli convert --model DIR --out DIR
  *
  * generate answers by Dolly's pipeline (pipeline.h: the template unless --raw, the stop
  * token, the response read out), as the model server does, on stdout; the prefill and
@@ -27,7 +29,8 @@
  * ("train_tokens_per_s=X ..."), and saves the result; --checkpoint keeps only each
  * layer's input and recomputes the rest in backward, for less memory. logits writes the
  * ids and logits of a raw text (ids I32 [T], logits F32 [T, V]) for
- * tests/check_saved_model.py.
+ * tests/check_saved_model.py. convert writes the model of a directory (PyTorch .bin
+ * weights, say) as a new directory in safetensors (model_convert).
  */
 #include "backend.h"
 #include "cuda_plugin.h"
@@ -110,6 +113,7 @@ usage(FILE *f)
 			"                  [--lr 5e-6] [--batch-size 8] [--max-length N] [--max-tokens N] [--warmup 50]\n"
 			"                  [--seed 42] [--eval-fraction 0.05] [--threads N] [--checkpoint]\n"
 			"  dolly-cli logits --model DIR --out FILE.safetensors [--threads N] [--bf16] TEXT\n"
+			"  dolly-cli convert --model DIR --out DIR\n"
 			"  (--bf16: the CPU keeps the matrices in bfloat16, half the memory)\n");
 }
 
@@ -1022,6 +1026,23 @@ done:
 	return rc;
 }
 
+/* convert: the model of --model as a new safetensors directory --out. */
+static int
+cmd_convert(const options *o)
+{
+	dl_error	err;
+
+	if (o->out == NULL)
+	{
+		fprintf(stderr, "dolly-cli: convert needs --out DIR\n");
+		return 1;
+	}
+	if (model_convert(o->model, o->out, &err) != DL_OK)
+		return report(&err);
+	fprintf(stderr, "converted %s to %s\n", o->model, o->out);
+	return 0;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -1051,6 +1072,8 @@ main(int argc, char **argv)
 		return cmd_train(&o);
 	if (strcmp(argv[1], "logits") == 0)
 		return cmd_logits(&o);
+	if (strcmp(argv[1], "convert") == 0)
+		return cmd_convert(&o);
 	fprintf(stderr, "dolly-cli: unknown command \"%s\"\n", argv[1]);
 	usage(stderr);
 	return 2;

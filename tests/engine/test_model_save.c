@@ -2,8 +2,9 @@
  * test_model_save.c: saving a model as a Hugging Face directory and loading it back
  * (same tensors as the fixture checkpoints, same logits, tied and untied, both
  * architectures), the atomic write, random initialisation, and growing the vocabulary
- * for Dolly's special tokens. That transformers loads what we save is checked by
- * tests/check_saved_model.py, outside CI (it needs torch).
+ * for Dolly's special tokens; the PyTorch fixtures against their safetensors twins, and
+ * their conversion to safetensors (model_convert). That transformers loads what we save
+ * is checked by tests/check_saved_model.py, outside CI (it needs torch).
  */
 #define _GNU_SOURCE				/* nftw's FTW_DEPTH */
 
@@ -157,6 +158,25 @@ some_ids(int32_t *ids, int n, int V)
 		ids[i] = (i * 7919 + 13) % V;
 }
 
+/* 1 when a and b (of one vocabulary) give bit-identical logits for n (<= 32) ids. */
+static int
+same_logits(dl_model *a, dl_model *b, int n)
+{
+	int32_t		ids[32];
+	float	   *la,
+			   *lb;
+	int			same;
+
+	some_ids(ids, n, a->cfg.vocab_size);
+	la = logits_of(a, ids, n);
+	lb = logits_of(b, ids, n);
+	same = la && lb && a->cfg.vocab_size == b->cfg.vocab_size &&
+		memcmp(la, lb, (size_t) n * sizeof(float) * a->cfg.vocab_size) == 0;
+	free(la);
+	free(lb);
+	return same;
+}
+
 /*
  * Load a fixture, save it, load the save: the file holds the checkpoint's tensors
  * (names, shapes, values: NeoX's qkv back in per-head order, GPT-J's q/k/v apart), the
@@ -174,10 +194,6 @@ round_trip(const char *fixture, int *failed_)
 	dl_tokenizer *tok;
 	dl_config	saved;
 	dl_error	err;
-	int32_t		ids[20];
-	float	   *la,
-			   *lb;
-	int			ok;
 
 	CHECKF(scratch_dir(tmp, sizeof(tmp)) != NULL, "mkdtemp");
 	snprintf(out, sizeof(out), "%s/saved", tmp);
@@ -193,13 +209,7 @@ round_trip(const char *fixture, int *failed_)
 	CHECK(saved.config_vocab == m->cfg.vocab_size);
 	CHECK_OK(dl_model_load(out, be, &r, &err), &err);
 	CHECK(same_params(m, r));
-	some_ids(ids, 20, m->cfg.vocab_size);
-	la = logits_of(m, ids, 20);
-	lb = logits_of(r, ids, 20);
-	ok = la && lb && memcmp(la, lb, 20 * sizeof(float) * m->cfg.vocab_size) == 0;
-	free(la);
-	free(lb);
-	CHECK(ok);
+	CHECK(same_logits(m, r, 20));
 	dl_model_free(r);
 	dl_model_free(m);
 	tok_free(tok);
@@ -258,9 +268,6 @@ random_round_trip(dl_arch arch, int tied, int V, int *failed_)
 	dl_tokenizer *tok;
 	dl_config	cfg;
 	dl_error	err;
-	int32_t		ids[16];
-	float	   *la,
-			   *lb;
 	st_set	   *set;
 	int			ok;
 
@@ -281,13 +288,7 @@ random_round_trip(dl_arch arch, int tied, int V, int *failed_)
 	CHECK_OK(dl_model_load(out, be, &r, &err), &err);
 	CHECK(r->cfg.tie_embeddings == tied && r->cfg.vocab_size == V);
 	CHECK(same_params(m, r));
-	some_ids(ids, 16, V);
-	la = logits_of(m, ids, 16);
-	lb = logits_of(r, ids, 16);
-	ok = la && lb && memcmp(la, lb, 16 * sizeof(float) * V) == 0;
-	free(la);
-	free(lb);
-	CHECK(ok);
+	CHECK(same_logits(m, r, 16));
 	dl_model_free(r);
 	dl_model_free(m);
 	tok_free(tok);
@@ -521,4 +522,165 @@ TEST(model_add_dolly_tokens_keeps_padded_tables)
 	dl_model_free(m);
 	tok_free(tok);
 	be->destroy(be);
+}
+
+/*
+ * The PyTorch fixtures (tests/fixtures/<twin>-bin, make_fixtures.py build_bin_models):
+ * each holds its safetensors twin's tensors, the same bytes, as torch.save wrote them
+ * (gptj-bf16-bin in two shards, with the buffers of old GPT-J checkpoints).
+ */
+static const struct
+{
+	const char *bin;
+	const char *twin;
+	int			shards;
+}			bin_twins[] = {
+	{"neox-par-f32-bin", "neox-par-f32", 1},
+	{"neox-par-f16-bin", "neox-par-f16", 1},
+	{"gptj-bf16-bin", "gptj-bf16", 2},
+};
+
+/*
+ * 1 when set holds every tensor of twin with the same dtype, shape and bytes, and
+ * nothing more but, where buffers, GPT-J's attn.bias and attn.masked_bias.
+ */
+static int
+same_checkpoint(const st_set *set, const st_set *twin, int buffers)
+{
+	int			extra = 0;
+
+	for (int i = 0; i < set->ntensors; i++)
+	{
+		const st_tensor *x = &set->tensors[i],
+				   *y = st_find(twin, x->name);
+
+		if (y == NULL && buffers && (strstr(x->name, ".attn.bias") || strstr(x->name, ".attn.masked_bias")))
+		{
+			extra++;
+			continue;
+		}
+		if (y == NULL || x->dtype != y->dtype || x->ndim != y->ndim ||
+			memcmp(x->shape, y->shape, x->ndim * sizeof(int64_t)) != 0 || x->nbytes != y->nbytes ||
+			memcmp(x->data, y->data, x->nbytes) != 0)
+		{
+			fprintf(stderr, "  tensor %s differs from the twin's\n", x->name);
+			return 0;
+		}
+	}
+	return set->ntensors - extra == twin->ntensors;
+}
+
+/* Each .bin fixture: its twin's tensors, parameters and logits, bit for bit, on both CPU weight formats. */
+TEST(model_bin_checkpoints_load_as_their_twins)
+{
+	if (!exists(fixture_path("gptj-bf16-bin/pytorch_model.bin.index.json")))
+		SKIP("PyTorch fixtures not generated yet");
+	for (size_t i = 0; i < sizeof(bin_twins) / sizeof(bin_twins[0]); i++)
+	{
+		st_set	   *a,
+				   *b;
+		dl_error	err;
+
+		CHECK_OK(st_open(fixture_path(bin_twins[i].bin), &a, &err), &err);
+		CHECK_OK(st_open(fixture_path(bin_twins[i].twin), &b, &err), &err);
+		CHECKF(a->nfiles == bin_twins[i].shards && same_checkpoint(a, b, 1), "%s", bin_twins[i].bin);
+		st_close(a);
+		st_close(b);
+		for (int bf16 = 0; bf16 <= 1; bf16++)
+		{
+			dl_backend *be;
+			dl_model   *m,
+					   *t;
+			int			same;
+
+			CHECK_OK(backend_cpu_create(1, bf16, &be, &err), &err);
+			CHECK_OK(dl_model_load(fixture_path(bin_twins[i].bin), be, &m, &err), &err);
+			CHECK_OK(dl_model_load(fixture_path(bin_twins[i].twin), be, &t, &err), &err);
+			same = (bf16 || same_params(m, t)) && same_logits(m, t, 20);
+			dl_model_free(m);
+			dl_model_free(t);
+			be->destroy(be);
+			CHECKF(same, "%s: logits differ from %s's (%s weights)", bin_twins[i].bin, bin_twins[i].twin,
+				   bf16 ? "bfloat16" : "float32");
+		}
+	}
+}
+
+/* Whether files a and b hold the same bytes. */
+static int
+same_file(const char *a, const char *b)
+{
+	FILE	   *fa = fopen(a, "rb"),
+			   *fb = fopen(b, "rb");
+	int			c = 0,
+				same = fa && fb;
+
+	while (same && c != EOF)
+		same = (c = fgetc(fa)) == fgetc(fb);
+	if (fa)
+		fclose(fa);
+	if (fb)
+		fclose(fb);
+	return same;
+}
+
+/*
+ * dolly-cli convert: each .bin fixture written as safetensors holds its twin's tensors
+ * (no buffers), sharded as the .bin was, with the same config and tokenizer files; the
+ * directory appears whole or not at all.
+ */
+TEST(model_convert_bin_checkpoints)
+{
+	char		tmp[64],
+				out[128],
+				a[256],
+				b[256];
+	dl_error	err;
+
+	if (!exists(fixture_path("gptj-bf16-bin/pytorch_model.bin.index.json")))
+		SKIP("PyTorch fixtures not generated yet");
+	CHECKF(scratch_dir(tmp, sizeof(tmp)) != NULL, "mkdtemp");
+	for (size_t i = 0; i < sizeof(bin_twins) / sizeof(bin_twins[0]); i++)
+	{
+		st_set	   *conv,
+				   *twin;
+
+		snprintf(out, sizeof(out), "%s/%s", tmp, bin_twins[i].twin);
+		CHECK_OK(model_convert(fixture_path(bin_twins[i].bin), out, &err), &err);
+		CHECK_OK(st_open(out, &conv, &err), &err);
+		CHECK_OK(st_open(fixture_path(bin_twins[i].twin), &twin, &err), &err);
+		CHECKF(conv->nfiles == bin_twins[i].shards && same_checkpoint(conv, twin, 0), "%s", out);
+		st_close(conv);
+		st_close(twin);
+		snprintf(a, sizeof(a), "%s/model.safetensors.index.json", out);
+		CHECK(exists(a) == (bin_twins[i].shards > 1));
+		snprintf(a, sizeof(a), "%s/config.json", out);
+		snprintf(b, sizeof(b), "%s/config.json", fixture_path(bin_twins[i].bin));
+		CHECK(same_file(a, b));
+		snprintf(a, sizeof(a), "%s/tokenizer.json", out);
+		snprintf(b, sizeof(b), "%s/tokenizer.json", fixture_path(bin_twins[i].bin));
+		CHECK(same_file(a, b));
+	}
+	/* an existing directory is refused; a failure half-way (no config.json) leaves nothing */
+	snprintf(out, sizeof(out), "%s/gptj-bf16", tmp);
+	CHECK(model_convert(fixture_path("gptj-bf16-bin"), out, &err) == DL_EINVAL);
+	CHECKF(strstr(err.msg, "exists"), "%s", err.msg);
+	snprintf(a, sizeof(a), "%s/src", tmp);
+	CHECK(mkdir(a, 0755) == 0);
+	snprintf(a, sizeof(a), "%s/src/pytorch_model.bin", tmp);
+	snprintf(b, sizeof(b), "%s/pytorch_model.bin", fixture_path("neox-par-f32-bin"));
+	{
+		char	   *target = realpath(b, NULL);
+
+		CHECK(target && symlink(target, a) == 0);
+		free(target);
+	}
+	snprintf(a, sizeof(a), "%s/src", tmp);
+	snprintf(out, sizeof(out), "%s/failed", tmp);
+	CHECK(model_convert(a, out, &err) == DL_EIO);
+	CHECKF(strstr(err.msg, "config.json"), "%s", err.msg);
+	CHECK(!exists(out));
+	snprintf(a, sizeof(a), "%s/.failed%s%ld", tmp, DL_SAVE_TMP_MARK, (long) getpid());
+	CHECK(!exists(a));
+	scratch_done(tmp);
 }

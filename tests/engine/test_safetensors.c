@@ -693,14 +693,16 @@ TEST(st_open_directory_errors)
 	CHECK(dir != NULL);
 	CHECK(st_open(dir, &set, &err) == DL_EIO);
 	CHECKF(strstr(err.msg, dir) && strstr(err.hint, "model.safetensors.index.json") &&
-		   !strstr(err.hint, ".bin"), "%s / %s", err.msg, err.hint);
+		   strstr(err.hint, "pytorch_model.bin.index.json"), "%s / %s", err.msg, err.hint);
+	/* without safetensors, pytorch_model.bin is read (and reported by path) */
 	write_text(dir, "pytorch_model.bin", "x");
-	CHECK(st_open(dir, &set, &err) == DL_EIO);
-	CHECKF(strstr(err.hint, "PyTorch .bin checkpoints are not supported"), "%s", err.hint);
+	CHECK(st_open(dir, &set, &err) == DL_EFORMAT);
+	CHECKF(strstr(err.msg, "pytorch_model.bin:") && strstr(err.hint, "torch.save"), "%s / %s",
+		   err.msg, err.hint);
 	CHECK(st_open("/nonexistent/model", &set, &err) == DL_EIO);
 	CHECKF(strstr(err.msg, "/nonexistent/model"), "%s", err.msg);
 
-	/* model.safetensors is preferred over an index, and a bad one is reported by path */
+	/* model.safetensors is preferred over an index (and .bin), and a bad one is reported by path */
 	write_text(dir, "model.safetensors.index.json", "not json");
 	write_bytes(dir, "model.safetensors", "\x10\0\0\0\0\0\0\0{\"a\":1}         ", 24);
 	CHECK(st_open(dir, &set, &err) == DL_EFORMAT);

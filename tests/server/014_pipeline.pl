@@ -1,4 +1,4 @@
-# 013_pipeline.pl: one Dolly pipeline. dolly-cli, the model server and the fine-tuning ranks
+# 014_pipeline.pl: one Dolly pipeline. dolly-cli, the model server and the fine-tuning ranks
 # open a model directory through the same engine entry (pipeline.h), and the first two answer
 # through it: they give the same answer, templated or raw, with Dolly's special tokens in the
 # tokenizer and without them (then generation stops at end-of-text and the response is read
