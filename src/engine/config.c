@@ -24,7 +24,7 @@
 #define MAX_TOKEN_ID (1 << 30)
 
 #define SUPPORTED_HINT "The supported model types are gptj (GPT-J, dolly-v1) and gpt_neox (GPT-NeoX, Pythia, dolly-v2)."
-#define ACT_HINT "supported activations: gelu_new, gelu_fast, gelu_pytorch_tanh (tanh form) and gelu (erf form)"
+#define ACT_HINT "The supported activations are gelu_new, gelu_fast, gelu_pytorch_tanh (tanh form) and gelu (erf form)."
 
 /* The value of key in obj, or NULL when absent or JSON null (transformers' None). */
 static json_object *

@@ -199,7 +199,7 @@ check_tensor(const st_set *set, const dl_tensor_map *e, const char *dir, const c
 	if (t == NULL)
 	{
 		dl_fail(err, DL_EFORMAT, "model \"%s\" has no tensor \"%s\"", dir, e->name);
-		return dl_hint(err, "the weight files do not hold a complete %s checkpoint", type);
+		return dl_hint(err, "The weight files do not hold a complete %s checkpoint.", type);
 	}
 	if (t->dtype != ST_F32 && t->dtype != ST_F16 && t->dtype != ST_BF16)
 		return dl_fail(err, DL_EUNSUPPORTED, "tensor \"%s\" in \"%s\" has dtype %s; only F32, F16 and BF16 are supported",
@@ -210,7 +210,7 @@ check_tensor(const st_set *set, const dl_tensor_map *e, const char *dir, const c
 		dl_fail(err, DL_EFORMAT, "tensor \"%s\" in \"%s\" has shape %s, expected %s",
 				e->name, set->paths[t->file], shape_str(got, sizeof(got), t->ndim, t->shape),
 				shape_str(want, sizeof(want), e->ndim, e->shape));
-		return dl_hint(err, "the weights do not match config.json");
+		return dl_hint(err, "The weights do not match config.json.");
 	}
 	*out = t;
 	return DL_OK;
@@ -294,7 +294,7 @@ layout_params(dl_model *m, dl_error *err)
 	/* the backend's own hint (the CUDA plugin's) says more than ours */
 	if (st == DL_OK && (st = model_alloc(m->be, m->param_bytes, &m->param_mem, err)) != DL_OK &&
 		err->hint[0] == '\0')
-		dl_hint(err, "the parameters need %zu MB: a smaller model, or a device with more memory",
+		dl_hint(err, "The parameters need %zu MB: use a smaller model, or a device with more memory.",
 				m->param_bytes >> 20);
 	if (st == DL_OK)
 	{
@@ -319,7 +319,7 @@ vocab_from_files(dl_config *c, const st_set *set, const char *dir, dl_error *err
 	if (t == NULL)
 	{
 		dl_fail(err, DL_EFORMAT, "model \"%s\" has no tensor \"%s\"", dir, emb);
-		return dl_hint(err, "the weight files do not hold a %s checkpoint", type);
+		return dl_hint(err, "The weight files do not hold a %s checkpoint.", type);
 	}
 	if (t->ndim != 2 || t->shape[1] != c->n_embd || t->shape[0] < 1 || t->shape[0] > INT32_MAX)
 	{

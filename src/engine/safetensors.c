@@ -764,8 +764,8 @@ set_load_shard(st_set *set, int idx, const char *path, st_tensor **tensors, int 
 		return st;
 	st = (torch ? torch_ckpt_parse : st_parse) (set->maps[idx], set->sizes[idx], path, tensors, n, err);
 	if (st == DL_EFORMAT)
-		dl_hint(err, torch ? "the file is damaged or was not written by torch.save; download the model again" :
-				"the file is damaged or not a safetensors file; download or save the model again");
+		dl_hint(err, torch ? "The file is damaged or was not written by torch.save: download the model again." :
+				"The file is damaged or not a safetensors file: download or save the model again.");
 	for (int i = 0; st == DL_OK && i < *n; i++)
 		(*tensors)[i].file = idx;
 	return st;
@@ -867,7 +867,7 @@ index_shards(json_object *index, const char *ipath, json_object **wmap, const ch
 			dl_fail(err, DL_EFORMAT, "%s: shard \"%s\" of tensor \"%s\" is not a plain file name",
 					ipath, json_object_get_string(file), tname);
 			free(names);
-			return dl_hint(err, "shards must be files in the model directory itself");
+			return dl_hint(err, "Shards must be files in the model directory itself.");
 		}
 		names[n++] = json_object_get_string(file);
 	}
@@ -1012,7 +1012,7 @@ st_open(const char *dir, st_set **out, dl_error *err)
 	if (!S_ISDIR(sb.st_mode))
 		return dl_fail(err, DL_EIO, "model path \"%s\" is not a directory", dir);
 	dl_fail(err, DL_EIO, "model directory \"%s\" has no weights", dir);
-	return dl_hint(err, "a Hugging Face model directory holds %s, %s (safetensors), %s or %s (PyTorch), as save_pretrained writes them",
+	return dl_hint(err, "A Hugging Face model directory holds %s, %s (safetensors), %s or %s (PyTorch), as save_pretrained writes them.",
 				   weight_files[0].name, weight_files[1].name, weight_files[2].name, weight_files[3].name);
 }
 
@@ -1115,7 +1115,7 @@ st_range_to_f32(const st_tensor *t, int64_t first, int64_t n, float *dst, dl_err
 		default:
 			dl_fail(err, DL_EUNSUPPORTED, "tensor \"%s\" has dtype %s, which cannot be converted to F32",
 					t->name, st_dtype_name(t->dtype));
-			return dl_hint(err, "model weights must be F32, F16 or BF16");
+			return dl_hint(err, "Model weights must be F32, F16 or BF16.");
 	}
 }
 

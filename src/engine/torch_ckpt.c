@@ -370,7 +370,7 @@ pk_push_global(pk_machine *m, const uint8_t *module, size_t mlen, const uint8_t 
 			return pk_push_new(m, PK_GLOBAL, (int64_t) i, 0);
 	pk_fail(m, DL_EUNSUPPORTED, "the pickle refers to the global %s.%s, which is not one a state dict of tensors needs; dolly never runs code from a checkpoint",
 			dl_shown(mod, sizeof(mod), module, mlen), dl_shown(nm, sizeof(nm), name, nlen));
-	return dl_hint(m->err, "a pytorch_model.bin that transformers or torch.save(model.state_dict()) wrote refers only to collections.OrderedDict, torch._utils._rebuild_tensor_v2 and torch storage types; do not load this file with torch either unless you trust where it came from");
+	return dl_hint(m->err, "A pytorch_model.bin that transformers or torch.save(model.state_dict()) wrote refers only to collections.OrderedDict, torch._utils._rebuild_tensor_v2 and torch storage types; do not load this file with torch either unless you trust where it came from.");
 }
 
 /* BINPUT and friends: memo[idx] = the top of the stack. */
@@ -525,7 +525,7 @@ pk_rebuild_tensor(pk_machine *m, int32_t args)
 		{
 			pk_fail(m, DL_EUNSUPPORTED, "a tensor that is not contiguous (dimension %d has stride %lld, not %lld)",
 					d, (long long) stride[d], (long long) want);
-			return dl_hint(m->err, "save the state dict with contiguous tensors, as transformers does: {k: v.contiguous() for k, v in state_dict.items()}");
+			return dl_hint(m->err, "Save the state dict with contiguous tensors, as transformers does: {k: v.contiguous() for k, v in state_dict.items()}.");
 		}
 		want *= t.shape[d];
 	}
@@ -859,7 +859,7 @@ pk_state_dict(pk_machine *m, int32_t d, st_tensor **out, int *nout)
 			st_free_tensors(t, n);
 			dl_fail(m->err, DL_EUNSUPPORTED, "%s: \"%s\" in the checkpoint is %s, not a tensor", m->fname, nm,
 					kind_names[m->v[it->value].kind]);
-			return dl_hint(m->err, "dolly reads state dicts of tensors, as transformers saves them in pytorch_model.bin; a training checkpoint holding a model and an optimizer is not one");
+			return dl_hint(m->err, "dolly reads state dicts of tensors, as transformers saves them in pytorch_model.bin; a training checkpoint holding a model and an optimizer is not one.");
 		}
 		pt = &m->tensors[m->v[it->value].a];
 		s = &m->storages[pt->storage];
@@ -905,7 +905,7 @@ not_zip(const uint8_t *buf, size_t size, const char *fname, dl_error *err)
 		return err->code;
 	dl_fail(err, DL_EUNSUPPORTED, "%s: a PyTorch checkpoint in the format of torch before 1.6, which dolly does not read",
 			fname);
-	return dl_hint(err, "save it again with torch.save from torch 1.6 or later, or with transformers' save_pretrained");
+	return dl_hint(err, "Save it again with torch.save from torch 1.6 or later, or with transformers' save_pretrained.");
 }
 
 /* torch's reader takes the folder of the first entry as the archive's; every entry must be in it. */

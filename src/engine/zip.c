@@ -429,7 +429,7 @@ zip_check_stored(const zip_entry *e, const char *fname, dl_error *err)
 		return DL_OK;
 	dl_fail(err, DL_EUNSUPPORTED, "%s: zip entry \"%s\" is compressed (method %d); only stored entries are read, in place",
 			fname, dl_shown(nm, sizeof(nm), e->name, e->name_len), e->method);
-	return dl_hint(err, "torch.save stores every entry: save the state dict again with torch.save rather than rewriting the archive with another zip tool");
+	return dl_hint(err, "torch.save stores every entry: save the state dict again with torch.save rather than rewriting the archive with another zip tool.");
 }
 
 void

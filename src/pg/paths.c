@@ -78,7 +78,7 @@ dolly_model_path(const char *name, char *path, bool *is_default, dl_error *err)
 			dl_fail(err, DL_EIO, "the directory that dolly.model names does not exist");
 		else
 			dl_fail(err, DL_EIO, "model \"%s\" does not exist in dolly.model_dir", name);
-		return dl_hint(err, "A model directory holds config.json, tokenizer.json and *.safetensors, as Hugging Face stores them.");
+		return dl_hint(err, "A model directory holds config.json, the tokenizer files and the weights (safetensors or pytorch_model.bin), as Hugging Face stores them.");
 	}
 	return DL_OK;
 }

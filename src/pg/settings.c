@@ -61,7 +61,7 @@ dolly_settings_init(void)
 							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	DefineCustomStringVariable("dolly.model",
 							   "The model the model server serves by default.",
-							   "A Hugging Face model directory (config.json, tokenizer.json, *.safetensors): "
+							   "A Hugging Face model directory (config.json, the tokenizer files, the weights): "
 							   "an absolute path, or the name of a directory under dolly.model_dir.",
 							   &dolly_model, "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);

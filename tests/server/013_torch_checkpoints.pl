@@ -57,7 +57,7 @@ like($err, qr/ERROR:  .*numpy\/pytorch_model\.bin: .*global numpy\._core\.multia
 like($err, qr/ERROR:  .*short\/pytorch_model\.bin: .*storage "0" holds 8 bytes, but 4 F32 elements need 16/,
 	'a storage shorter than its tensor is an ERROR');
 ($ret, $out, $err) = $node->psql('postgres', generate('cut'));
-like($err, qr/ERROR:  .*cut\/pytorch_model\.bin: not a zip archive.*\n.*HINT:  the file is damaged or was not written by torch\.save/,
+like($err, qr/ERROR:  .*cut\/pytorch_model\.bin: not a zip archive.*\n.*HINT:  The file is damaged or was not written by torch\.save/,
 	'a truncated checkpoint is an ERROR with a hint');
 
 is($node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'dolly model server'"),
