@@ -6,6 +6,7 @@
  * code can multiply sizes without overflow checks of its own.
  */
 #include "config.h"
+#include "files.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -360,32 +361,13 @@ config_parse(const char *json, size_t len, dl_config *cfg, dl_error *err)
 dl_status
 config_load(const char *path, dl_config *cfg, dl_error *err)
 {
-	FILE	   *f = fopen(path, "rb");
-	struct stat sb;
 	char	   *buf;
 	size_t		len;
-	dl_status	st;
+	dl_status	st = file_read(path, "model configuration", CONFIG_MAX_BYTES, &buf, &len, err);
 
-	if (f == NULL)
-		return dl_fail(err, DL_EIO, "cannot open \"%s\": %s", path, strerror(errno));
-	if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_size > CONFIG_MAX_BYTES)
-	{
-		fclose(f);
-		return dl_fail(err, DL_EIO, "\"%s\" is not a regular file of at most %d bytes",
-					   path, CONFIG_MAX_BYTES);
-	}
-	buf = malloc((size_t) sb.st_size + 1);
-	if (buf == NULL)
-	{
-		fclose(f);
-		return dl_fail(err, DL_ENOMEM, "out of memory reading \"%s\"", path);
-	}
-	len = fread(buf, 1, (size_t) sb.st_size, f);
-	if (ferror(f))
-		st = dl_fail(err, DL_EIO, "cannot read \"%s\": %s", path, strerror(errno));
-	else
-		st = parse_config(buf, len, path, cfg, err);
-	fclose(f);
+	if (st != DL_OK)
+		return st;
+	st = parse_config(buf, len, path, cfg, err);
 	free(buf);
 	return st;
 }

@@ -12,6 +12,7 @@
  */
 #define _GNU_SOURCE				/* renameat2 */
 
+#include "files.h"
 #include "prompt.h"
 #include "safetensors.h"
 #include "sampler.h"
@@ -233,21 +234,6 @@ model_add_dolly_tokens(dl_model **mp, dl_tokenizer *tok, dl_error *err)
 	return DL_OK;
 }
 
-/* fsync a file or directory by path. */
-static dl_status
-fsync_path(const char *path, int flags, dl_error *err)
-{
-	int			fd = open(path, flags | O_CLOEXEC);
-	dl_status	st = DL_OK;
-
-	if (fd < 0)
-		return dl_fail(err, DL_EIO, "cannot open \"%s\": %s", path, strerror(errno));
-	if (fsync(fd) != 0)
-		st = dl_fail(err, DL_EIO, "cannot fsync \"%s\": %s", path, strerror(errno));
-	close(fd);
-	return st;
-}
-
 /*
  * Every tensor in F32 under its Hugging Face name, in map order, into one host buffer:
  * GPT-J's q/k/v are separate map entries already; GPT-NeoX's fused qkv goes back to
@@ -368,7 +354,7 @@ aside_end(dir_aside *d, dl_status st, dl_error *err)
 	char		parent[4096];
 
 	if (st == DL_OK)
-		st = fsync_path(d->tmp, O_RDONLY | O_DIRECTORY, err);
+		st = file_fsync(d->tmp, O_RDONLY | O_DIRECTORY, err);
 	/* RENAME_NOREPLACE: a directory made meanwhile under the name is not replaced */
 	if (st == DL_OK && renameat2(AT_FDCWD, d->tmp, AT_FDCWD, d->final, RENAME_NOREPLACE) != 0)
 	{
@@ -382,7 +368,7 @@ aside_end(dir_aside *d, dl_status st, dl_error *err)
 		return st;
 	}
 	memcpy(parent, d->final, d->len + 1);
-	return fsync_path(dirname(parent), O_RDONLY | O_DIRECTORY, err);
+	return file_fsync(dirname(parent), O_RDONLY | O_DIRECTORY, err);
 }
 
 /* Save as a Hugging Face directory, written aside and renamed into place; see train.h. */
@@ -399,7 +385,7 @@ model_save(const dl_model *m, const dl_tokenizer *tok, const char *base_config,
 	snprintf(path, sizeof(path), "%s/config.json", d.tmp);
 	st = config_write(&m->cfg, base_config, path, err);
 	if (st == DL_OK)
-		st = fsync_path(path, O_RDONLY, err);
+		st = file_fsync(path, O_RDONLY, err);
 	snprintf(path, sizeof(path), "%s/tokenizer.json", d.tmp);
 	if (st == DL_OK)
 		st = tok_save(tok, path, err);
@@ -501,7 +487,7 @@ write_index(const st_set *set, const shard_name *shards, const char *path, dl_er
 	if (json_object_to_file_ext(path, root, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_NOSLASHESCAPE) != 0)
 		st = dl_fail(err, DL_EIO, "cannot write \"%s\": %s", path, json_util_get_last_err());
 	json_object_put(root);
-	return st == DL_OK ? fsync_path(path, O_RDONLY, err) : st;
+	return st == DL_OK ? file_fsync(path, O_RDONLY, err) : st;
 }
 
 /*

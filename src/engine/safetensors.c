@@ -8,6 +8,8 @@
  * st_release drops a tensor's pages from the mapping once a load has copied them.
  */
 #include "safetensors.h"
+#include "files.h"
+#include "utf8.h"
 #include "bf16.h"
 #include "torch_ckpt.h"
 
@@ -95,56 +97,6 @@ st_dtype_name(st_dtype dtype)
 	return (int) dtype >= 0 && (int) dtype < ST_NDTYPES ? dtype_info[dtype].name : "unknown";
 }
 
-/* Offset of the first byte that breaks UTF-8 (overlongs and surrogates included), or n. */
-size_t
-st_utf8_invalid_at(const uint8_t *s, size_t n)
-{
-	size_t		i = 0;
-
-	while (i < n)
-	{
-		uint8_t		c = s[i];
-		int			more;
-		uint8_t		lo = 0x80,
-					hi = 0xBF;
-
-		if (c < 0x80)
-		{
-			i++;
-			continue;
-		}
-		if (c >= 0xC2 && c <= 0xDF)
-			more = 1;
-		else if (c >= 0xE0 && c <= 0xEF)
-		{
-			more = 2;
-			if (c == 0xE0)
-				lo = 0xA0;		/* overlong */
-			else if (c == 0xED)
-				hi = 0x9F;		/* surrogates */
-		}
-		else if (c >= 0xF0 && c <= 0xF4)
-		{
-			more = 3;
-			if (c == 0xF0)
-				lo = 0x90;		/* overlong */
-			else if (c == 0xF4)
-				hi = 0x8F;		/* above U+10FFFF */
-		}
-		else
-			return i;
-		if (n - i <= (size_t) more)
-			return i;
-		if (s[i + 1] < lo || s[i + 1] > hi)
-			return i;
-		for (int k = 2; k <= more; k++)
-			if ((s[i + k] & 0xC0) != 0x80)
-				return i;
-		i += more + 1;
-	}
-	return n;
-}
-
 /*
  * Parse len bytes of JSON as one object, strictly: valid UTF-8, nothing after the
  * object but JSON whitespace. what names the text in messages.
@@ -155,7 +107,7 @@ parse_json_object(const char *text, size_t len, const char *fname, const char *w
 {
 	json_tokener *tok;
 	json_object *root;
-	size_t		bad = st_utf8_invalid_at((const uint8_t *) text, len);
+	size_t		bad = utf8_invalid_at(text, len);
 
 	if (bad < len)
 		return dl_fail(err, DL_EFORMAT, "%s: %s is not valid UTF-8 (byte %zu)", fname, what, bad);
@@ -1201,8 +1153,8 @@ build_header(const st_write_tensor *tensors, int n, const char *const *meta_kv, 
 		const char *k = meta_kv[2 * i],
 				   *v = meta_kv[2 * i + 1];
 
-		if (k == NULL || v == NULL || st_utf8_invalid_at((const uint8_t *) k, strlen(k)) < strlen(k) ||
-			st_utf8_invalid_at((const uint8_t *) v, strlen(v)) < strlen(v))
+		if (k == NULL || v == NULL || utf8_invalid_at(k, strlen(k)) < strlen(k) ||
+			utf8_invalid_at(v, strlen(v)) < strlen(v))
 			st = dl_fail(err, DL_EINVAL, "st_write: metadata pair %d for \"%s\" is missing or not UTF-8",
 						 i, path);
 		else if (json_object_object_get_ex(meta, k, NULL))
@@ -1221,7 +1173,7 @@ build_header(const st_write_tensor *tensors, int n, const char *const *meta_kv, 
 		bool		bad_dims = t->ndim < 0 || t->ndim > ST_MAX_DIMS;
 
 		if (t->name == NULL || strcmp(t->name, "__metadata__") == 0 ||
-			st_utf8_invalid_at((const uint8_t *) t->name, strlen(t->name)) < strlen(t->name))
+			utf8_invalid_at(t->name, strlen(t->name)) < strlen(t->name))
 		{
 			st = dl_fail(err, DL_EINVAL, "st_write: tensor %d for \"%s\" has a missing or invalid name",
 						 i, path);
@@ -1275,100 +1227,38 @@ build_header(const st_write_tensor *tensors, int n, const char *const *meta_kv, 
 	return DL_OK;
 }
 
-/* write() all of buf to fd, retrying short writes. */
-static dl_status
-write_all(int fd, const void *buf, size_t len, const char *path, dl_error *err)
-{
-	const uint8_t *p = buf;
-
-	while (len > 0)
-	{
-		ssize_t		w = write(fd, p, len);
-
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0)
-			return dl_fail(err, DL_EIO, "cannot write \"%s\": %s", path,
-						   w < 0 ? strerror(errno) : "no progress");
-		p += w;
-		len -= (size_t) w;
-	}
-	return DL_OK;
-}
-
-/* fsync the directory holding path, so a rename into it survives a crash. */
-static dl_status
-fsync_parent(const char *path, dl_error *err)
-{
-	const char *slash = strrchr(path, '/');
-	char	   *dir = slash ? strndup(path, slash == path ? 1 : (size_t) (slash - path)) : strdup(".");
-	int			fd;
-	dl_status	st = DL_OK;
-
-	if (dir == NULL)
-		return dl_fail(err, DL_ENOMEM, "out of memory writing \"%s\"", path);
-	fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (fd < 0 || fsync(fd) != 0)
-		st = dl_fail(err, DL_EIO, "cannot fsync directory \"%s\": %s", dir, strerror(errno));
-	if (fd >= 0)
-		close(fd);
-	free(dir);
-	return st;
-}
-
-/* Write a safetensors file atomically: path.tmp, fsync, rename, fsync the directory. */
+/* Write a safetensors file atomically (files.h: path.tmp, fsync, rename, fsync the directory). */
 dl_status
 st_write(const char *path, const st_write_tensor *tensors, int n,
 		 const char *const *meta_kv, int nmeta, dl_error *err)
 {
 	char	   *header = NULL;
 	size_t		hlen = 0;
-	char	   *tmp;
 	uint64_t	len64;
-	int			fd;
+	dl_file_out out;
 	dl_status	st;
 
 	st = build_header(tensors, n, meta_kv, nmeta, path, &header, &hlen, err);
 	if (st != DL_OK)
 		return st;
-	tmp = malloc(strlen(path) + 5);
-	if (tmp == NULL)
+	st = file_create(path, &out, err);
+	if (st != DL_OK)
 	{
 		free(header);
-		return dl_fail(err, DL_ENOMEM, "out of memory writing \"%s\"", path);
-	}
-	sprintf(tmp, "%s.tmp", path);
-	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (fd < 0)
-	{
-		st = dl_fail(err, DL_EIO, "cannot create \"%s\": %s", tmp, strerror(errno));
-		free(header);
-		free(tmp);
 		return st;
 	}
 	len64 = hlen;
-	st = write_all(fd, &len64, 8, tmp, err);
+	st = file_write(&out, &len64, 8, err);
 	if (st == DL_OK)
-		st = write_all(fd, header, hlen, tmp, err);
+		st = file_write(&out, header, hlen, err);
 	for (int i = 0; i < n && st == DL_OK; i++)
 	{
 		size_t		nbytes = st_dtype_size(tensors[i].dtype);
 
 		for (int d = 0; d < tensors[i].ndim; d++)
 			nbytes *= (size_t) tensors[i].shape[d];
-		st = write_all(fd, tensors[i].data, nbytes, tmp, err);
+		st = file_write(&out, tensors[i].data, nbytes, err);
 	}
-	if (st == DL_OK && fsync(fd) != 0)
-		st = dl_fail(err, DL_EIO, "cannot fsync \"%s\": %s", tmp, strerror(errno));
-	if (close(fd) != 0 && st == DL_OK)
-		st = dl_fail(err, DL_EIO, "cannot close \"%s\": %s", tmp, strerror(errno));
-	if (st == DL_OK && rename(tmp, path) != 0)
-		st = dl_fail(err, DL_EIO, "cannot rename \"%s\" to \"%s\": %s", tmp, path, strerror(errno));
-	if (st != DL_OK)
-		unlink(tmp);
-	else
-		st = fsync_parent(path, err);
 	free(header);
-	free(tmp);
-	return st;
+	return file_commit(&out, st, err);
 }

@@ -53,8 +53,6 @@ size_t		st_dtype_size(st_dtype dtype);
 /* Name of dtype as safetensors spells it ("BF16"). */
 const char *st_dtype_name(st_dtype dtype);
 
-/* Offset of the first byte of s[0..n) that breaks UTF-8 (overlongs, surrogates), or n. */
-size_t		st_utf8_invalid_at(const uint8_t *s, size_t n);
 
 /*
  * Parse and validate one whole file image (header and data) held in memory.

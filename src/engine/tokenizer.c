@@ -19,6 +19,8 @@
  * vocab.json + merges.txt files and builds from it with tok_from_json.
  */
 #include "tokenizer_int.h"
+#include "files.h"
+#include "utf8.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -194,91 +196,6 @@ hash_bytes(const char *s, size_t n)
 	for (size_t i = 0; i < n; i++)
 		h = (h ^ (unsigned char) s[i]) * 0x100000001b3ULL;
 	return hash_mix(h);
-}
-
-/*
- * Decode the UTF-8 character at s (n >= 1 bytes available): its length, with the code
- * point in *cp, or 0 when invalid, with *bad the length of the maximal invalid subpart
- * (Unicode's "substitution of maximal subparts", which from_utf8_lossy implements).
- */
-static size_t
-utf8_char(const unsigned char *s, size_t n, uint32_t *cp, size_t *bad)
-{
-	unsigned char c = s[0];
-	unsigned char lo = 0x80,
-				hi = 0xBF;
-	size_t		need;
-	uint32_t	v;
-
-	if (c < 0x80)
-	{
-		*cp = c;
-		return 1;
-	}
-	if (c >= 0xC2 && c <= 0xDF)
-	{
-		need = 1;
-		v = c & 0x1F;
-	}
-	else if (c >= 0xE0 && c <= 0xEF)
-	{
-		need = 2;
-		v = c & 0x0F;
-		if (c == 0xE0)
-			lo = 0xA0;			/* overlong */
-		else if (c == 0xED)
-			hi = 0x9F;			/* surrogates */
-	}
-	else if (c >= 0xF0 && c <= 0xF4)
-	{
-		need = 3;
-		v = c & 0x07;
-		if (c == 0xF0)
-			lo = 0x90;			/* overlong */
-		else if (c == 0xF4)
-			hi = 0x8F;			/* above U+10FFFF */
-	}
-	else
-	{
-		*bad = 1;
-		return 0;
-	}
-	for (size_t i = 1; i <= need; i++)
-	{
-		if (i >= n || s[i] < lo || s[i] > hi)
-		{
-			*bad = i;
-			return 0;
-		}
-		v = (v << 6) | (s[i] & 0x3F);
-		lo = 0x80;
-		hi = 0xBF;
-	}
-	*cp = v;
-	return need + 1;
-}
-
-size_t
-tok_utf8_invalid_at(const char *s, size_t n)
-{
-	size_t		i = 0,
-				bad,
-				len;
-	uint32_t	cp;
-
-	while (i < n)
-	{
-		if ((unsigned char) s[i] < 0x80)
-		{
-			i++;
-			continue;
-		}
-		len = utf8_char((const unsigned char *) s + i, n - i, &cp, &bad);
-		if (len == 0)
-			return i;
-		i += len;
-	}
-	return n;
 }
 
 /* Code point of the first character of valid UTF-8 s[0..n), n > 0; its length in *len. */
@@ -981,7 +898,7 @@ tok_encode(const dl_tokenizer *tok, const char *text, size_t len,
 		   int32_t **ids, int *n, dl_error *err)
 {
 	tok_enc		e = {.tok = tok,.err = err};
-	size_t		bad = tok_utf8_invalid_at(text, len);
+	size_t		bad = utf8_invalid_at(text, len);
 	dl_status	st;
 
 	*ids = NULL;
@@ -1152,7 +1069,7 @@ define_id(dl_tokenizer *tok, int32_t id, const char *s, size_t n, uint8_t flags,
 	int32_t		other;
 	dl_status	st;
 
-	if (tok_utf8_invalid_at(s, n) < n)
+	if (utf8_invalid_at(s, n) < n)
 		return dl_fail(err, DL_EFORMAT, "%s: token %d is not valid UTF-8", what, id);
 	if (tok->ids[id].flags & TOK_PRESENT)
 		return dl_fail(err, DL_EFORMAT, "%s: duplicate id %d (\"%.*s\" and \"%.*s\")", what, id,
@@ -1780,45 +1697,6 @@ tok_parse(const char *json, size_t len, dl_tokenizer **out, dl_error *err)
 }
 
 dl_status
-tok_read_file(const char *path, char **buf, size_t *len, dl_error *err)
-{
-	FILE	   *f = fopen(path, "rb");
-	struct stat sb;
-	int			e;
-
-	*buf = NULL;
-	if (f == NULL)
-	{
-		e = errno;
-		dl_fail(err, DL_EIO, "could not open tokenizer file \"%s\": %s", path, strerror(e));
-		errno = e;
-		return DL_EIO;
-	}
-	if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode))
-	{
-		fclose(f);
-		return dl_fail(err, DL_EIO, "tokenizer file \"%s\" is not a regular file", path);
-	}
-	*buf = malloc((size_t) sb.st_size + 1);
-	if (*buf == NULL)
-	{
-		fclose(f);
-		return dl_fail(err, DL_ENOMEM, "out of memory reading tokenizer file \"%s\"", path);
-	}
-	if (fread(*buf, 1, (size_t) sb.st_size, f) != (size_t) sb.st_size)
-	{
-		free(*buf);
-		*buf = NULL;
-		fclose(f);
-		return dl_fail(err, DL_EIO, "could not read tokenizer file \"%s\"", path);
-	}
-	fclose(f);
-	(*buf)[sb.st_size] = '\0';
-	*len = (size_t) sb.st_size;
-	return DL_OK;
-}
-
-dl_status
 tok_fail_in(dl_error *err, dl_status st, const char *fmt,...)
 {
 	dl_error	inner;
@@ -1845,7 +1723,7 @@ tok_load(const char *path, dl_tokenizer **out, dl_error *err)
 	dl_status	st;
 
 	*out = NULL;
-	if ((st = tok_read_file(path, &buf, &len, err)) != DL_OK)
+	if ((st = file_read(path, "tokenizer file", 0, &buf, &len, err)) != DL_OK)
 		return st == DL_EIO && errno == ENOENT ?
 			dl_hint(err, "A Hugging Face model directory has tokenizer.json beside config.json.") : st;
 	st = tok_parse(buf, len, out, err);
@@ -1907,7 +1785,7 @@ tok_add_special(dl_tokenizer *tok, const char *content, int32_t *id, dl_error *e
 	dl_status	st;
 
 	*id = -1;
-	if (len == 0 || tok_utf8_invalid_at(content, len) < len)
+	if (len == 0 || utf8_invalid_at(content, len) < len)
 		return dl_fail(err, DL_EINVAL, "special token \"%s\" is empty or not valid UTF-8", content);
 	for (int32_t k = 0; k < tok->nadded; k++)
 		if (tok->added[k].id == tid)
@@ -1986,32 +1864,15 @@ tok_save(const dl_tokenizer *tok, const char *path, dl_error *err)
 	const char *text = json_object_to_json_string_ext(tok->root,
 													   JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
 													   JSON_C_TO_STRING_NOSLASHESCAPE);
-	size_t		len = text ? strlen(text) : 0;
-	char		tmp[4096];
-	FILE	   *f;
+	dl_file_out out;
+	dl_status	st;
 
 	if (text == NULL)
 		return dl_fail(err, DL_ENOMEM, "out of memory writing tokenizer \"%s\"", path);
-	if ((size_t) snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= sizeof(tmp))
-		return dl_fail(err, DL_EINVAL, "tokenizer path \"%s\" is too long", path);
-	f = fopen(tmp, "wb");
-	if (f == NULL)
-		return dl_fail(err, DL_EIO, "could not create \"%s\": %s", tmp, strerror(errno));
-	if (fwrite(text, 1, len, f) != len || fputc('\n', f) == EOF || fflush(f) != 0 ||
-		fsync(fileno(f)) != 0)
-	{
-		int			e = errno;
-
-		fclose(f);
-		unlink(tmp);
-		return dl_fail(err, DL_EIO, "could not write \"%s\": %s", tmp, strerror(e));
-	}
-	if (fclose(f) != 0 || rename(tmp, path) != 0)
-	{
-		int			e = errno;
-
-		unlink(tmp);
-		return dl_fail(err, DL_EIO, "could not write tokenizer \"%s\": %s", path, strerror(e));
-	}
-	return DL_OK;
+	if ((st = file_create(path, &out, err)) != DL_OK)
+		return st;
+	st = file_write(&out, text, strlen(text), err);
+	if (st == DL_OK)
+		st = file_write(&out, "\n", 1, err);
+	return file_commit(&out, st, err);
 }

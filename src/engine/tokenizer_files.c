@@ -19,6 +19,8 @@
  * added_tokens.json, and two tokens with one id.
  */
 #include "tokenizer_int.h"
+#include "files.h"
+#include "utf8.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -431,7 +433,7 @@ static dl_status
 read_merges(const char *text, size_t len, json_object *vocab, json_object **out, dl_error *err)
 {
 	const char *file = tok_file_names[TOK_MERGES];
-	size_t		bad = tok_utf8_invalid_at(text, len),
+	size_t		bad = utf8_invalid_at(text, len),
 				pos = 0;
 	char	   *parts = malloc(2 * len + 1);	/* "a\0b\0ab\0" of a line */
 	json_object *merges = json_object_new_array();
@@ -643,7 +645,7 @@ tok_load_dir(const char *dir, dl_tokenizer **out, dl_error *err)
 	for (int f = 0; f < TOK_NFILES && st == DL_OK; f++)
 	{
 		snprintf(path, sizeof(path), "%s/%s", dir, tok_file_names[f]);
-		st = tok_read_file(path, &buf[f], &files.len[f], err);
+		st = file_read(path, "tokenizer file", 0, &buf[f], &files.len[f], err);
 		if (st == DL_EIO && errno == ENOENT)
 			st = DL_OK;
 		files.text[f] = buf[f];

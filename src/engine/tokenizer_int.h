@@ -18,8 +18,6 @@
 /* Ids are array indexes; this bounds what a hostile file can make us allocate. */
 #define TOK_MAX_ID			(1 << 24)
 
-/* Offset of the first invalid UTF-8 byte in s, or n if all of it is valid. */
-size_t		tok_utf8_invalid_at(const char *s, size_t n);
 
 /* Parse len bytes of JSON strictly: valid UTF-8, one value, nothing but spaces after it. */
 dl_status	tok_json_parse(const char *text, size_t len, json_object **out, dl_error *err);
@@ -35,11 +33,6 @@ dl_status	tok_json_bool(json_object *obj, const char *key, bool def, bool *out, 
 dl_status	tok_json_id(json_object *v, int32_t *id, const char *what, const char *content,
 						dl_error *err);
 
-/*
- * Read the regular file at path into a malloc'd NUL-terminated *buf of *len bytes. On
- * DL_EIO errno still says why the file could not be opened.
- */
-dl_status	tok_read_file(const char *path, char **buf, size_t *len, dl_error *err);
 
 /* Put "<prefix>: " before the message of the failure st in err, keeping its hint. */
 dl_status	tok_fail_in(dl_error *err, dl_status st, const char *fmt,...)

@@ -28,6 +28,7 @@
  * numel the persistent id declares.
  */
 #include "torch_ckpt.h"
+#include "utf8.h"
 #include "zip.h"
 
 #include <stdarg.h>
@@ -848,7 +849,7 @@ pk_state_dict(pk_machine *m, int32_t d, st_tensor **out, int *nout)
 		const pk_storage *s;
 
 		dl_shown(nm, sizeof(nm), key, klen);
-		if (st_utf8_invalid_at(key, klen) < klen || memchr(key, 0, klen) != NULL)
+		if (utf8_invalid_at((const char *) key, klen) < klen || memchr(key, 0, klen) != NULL)
 		{
 			st_free_tensors(t, n);
 			return dl_fail(m->err, DL_EFORMAT, "%s: the state dict has a name that is not UTF-8 text: \"%s\"",
