@@ -90,7 +90,7 @@ for (1 .. 50)
 	last if $stderr =~ /config\.json/;
 	select(undef, undef, undef, 0.1);
 }
-like($stderr, qr/cannot open "tokenizer\/config\.json"/, 'a model directory without config.json gets a clear error');
+like($stderr, qr/could not open model configuration "tokenizer\/config\.json"/, 'a model directory without config.json gets a clear error');
 is($node->safe_psql('postgres', generate_sql(1, 'neox-par-f32')), $neox, 'other models still serve');
 
 # a model far larger than the host's memory: refused before it is touched (no OOM killer),

@@ -246,7 +246,7 @@ for (1 .. 50)
 	last if $stderr =~ /config\.json/;
 	select(undef, undef, undef, 0.1);
 }
-like($stderr, qr/cannot open "dolly\.model\/config\.json"/, 'a broken dolly.model is an error naming "dolly.model"');
+like($stderr, qr/could not open model configuration "dolly\.model\/config\.json"/, 'a broken dolly.model is an error naming "dolly.model"');
 unlike($stderr, qr/\Q$broken\E/, 'which does not show its path');
 
 $node->stop;
