@@ -220,7 +220,7 @@ dolly_served_load(const ModelRef *ref, bool (*between_tensors) (void *arg), Serv
 			char		hint[sizeof(err->hint)];
 
 			strlcpy(hint, err->hint, sizeof(hint));
-			dl_hint(err, "%s%sdolly.cpu_weights = 'bfloat16' needs half as much.", hint, hint[0] ? "; " : "");
+			dl_hint(err, "%s%sdolly.cpu_weights = 'bfloat16' needs half as much.", hint, hint[0] ? " " : "");
 		}
 		goto fail;
 	}

@@ -119,7 +119,7 @@ for (1 .. 50)
 	last if $stderr =~ /MB needed/;
 	select(undef, undef, undef, 0.1);
 }
-like($stderr, qr/out of memory on the CPU: [\d.]+ MB needed, [\d.]+ MB available.*\n.*HINT:  the parameters need .*dolly.cpu_weights = 'bfloat16' needs half/,
+like($stderr, qr/out of memory on the CPU: [\d.]+ MB needed, [\d.]+ MB available.*\n.*HINT:  The parameters need .*dolly.cpu_weights = 'bfloat16' needs half/,
 	'a model larger than the memory left is refused, with the figures and a hint');
 is($node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'dolly model server'"),
 	$server, 'by the same model server, which was not killed');
