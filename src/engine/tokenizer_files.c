@@ -11,8 +11,8 @@
  * unk, sep, pad, cls, mask; GPT2Tokenizer makes bos, eos and unk <|endoftext|>) and each
  * extra special token whose content is not added yet. tokenizers numbers them itself: an id
  * in the files only places a token in that order. The files become the tokenizer.json tree
- * of that tokenizer, and tokenizer.c builds the tokenizer from it, so encoding, decoding and
- * tok_save are those of a tokenizer.json.
+ * of that tokenizer, and tokenizer_json.c builds the tokenizer from it, so encoding, decoding
+ * and tok_save are those of a tokenizer.json.
  *
  * Where transformers makes something of a damaged file, this refuses it with a message that
  * names the file: ids that are not integers in vocab.json (tokenizers skips them) or in
