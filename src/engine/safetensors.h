@@ -8,6 +8,9 @@
  * A model directory holds model.safetensors, or model.safetensors.index.json naming its
  * shards; failing those, PyTorch's pytorch_model.bin or pytorch_model.bin.index.json, whose
  * .bin files torch_ckpt.c reads into the same tensor table.
+ *
+ * safetensors.c implements the format (st_parse, conversions, st_write); weights.c the
+ * model directory (st_open to st_close).
  */
 #ifndef DOLLY_SAFETENSORS_H
 #define DOLLY_SAFETENSORS_H
