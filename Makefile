@@ -50,6 +50,7 @@ PG_CFLAGS = $(WARN_FLAGS) -Wno-unused-parameter -Wno-missing-field-initializers 
 SHLIB_LINK = $(ENGINE_LIB) $(ENGINE_LIBS) -Wl,--exclude-libs,ALL
 
 TOOLS = build/dolly-cli
+TOOL_SRCS = $(wildcard src/tools/*.c)
 TEST_SRCS = $(wildcard tests/engine/*.c)
 TEST_BIN = build/run_tests
 
@@ -85,9 +86,9 @@ $(ENGINE_LIB): $(ENGINE_OBJS)
 	rm -f $@
 	$(AR) rcs $@ $^
 
-build/dolly-cli: src/tools/dolly_cli.c $(ENGINE_LIB)
+build/dolly-cli: $(TOOL_SRCS) $(wildcard src/tools/*.h) $(ENGINE_LIB)
 	@mkdir -p build
-	$(CC) $(ENGINE_CFLAGS) -Isrc/engine -o $@ $< $(ENGINE_LIB) $(ENGINE_LIBS)
+	$(CC) $(ENGINE_CFLAGS) -Isrc/engine -o $@ $(TOOL_SRCS) $(ENGINE_LIB) $(ENGINE_LIBS)
 
 $(TEST_BIN): $(TEST_SRCS) $(wildcard tests/engine/*.h) $(ENGINE_LIB)
 	@mkdir -p build
