@@ -148,6 +148,8 @@ tok_merge_get(const dl_tokenizer *tok, int32_t a, int32_t b)
 	}
 }
 
+/* tokenizer_tables.c */
+
 /* Grow *p (of *cap elements of size elem) to hold at least need elements; false when out of memory. */
 bool		tok_grow(void **p, size_t *cap, size_t need, size_t elem);
 
@@ -192,10 +194,13 @@ int32_t		tok_matcher_find(const dl_tokenizer *tok, const tok_matcher *m, const c
 /* The byte-level alphabet (MODEL_SPEC.md section 7) and each byte's id in vocab_name. */
 dl_status	tok_setup_bytes(dl_tokenizer *tok, const char *vocab_name, dl_error *err);
 
+/* tokenizer.c */
+
 /* Normalize valid UTF-8 s[0..n) by tok's normalizer into a malloc'd *out of *outn bytes. */
 dl_status	tok_normalize(const dl_tokenizer *tok, const char *s, size_t n, char **out, size_t *outn,
 						  dl_error *err);
 
+/* tokenizer_json.c */
 
 /* Parse len bytes of JSON strictly: valid UTF-8, one value, nothing but spaces after it. */
 dl_status	tok_json_parse(const char *text, size_t len, json_object **out, dl_error *err);
@@ -222,6 +227,8 @@ dl_status	tok_fail_in(dl_error *err, dl_status st, const char *fmt,...)
  */
 dl_status	tok_from_json(json_object *root, const char *vocab_name, dl_tokenizer **out,
 						  dl_error *err);
+
+/* tokenizer_files.c */
 
 /* The older tokenizer files of a model directory, in the order tok_file_names lists them. */
 typedef enum tok_file

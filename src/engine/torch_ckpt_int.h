@@ -116,6 +116,8 @@ typedef struct pk_machine
 				captensors;
 } pk_machine;
 
+/* torch_pickle.c */
+
 /* What messages call a value of each kind ("a tuple"), by pk_kind. */
 extern const char *const pk_kind_names[];
 
@@ -160,6 +162,8 @@ pk_str_is(const pk_machine *m, int32_t i, const char *s)
 	return m->v[i].kind == PK_STR && (size_t) m->v[i].b == strlen(s) &&
 		memcmp(pk_str(m, i), s, m->v[i].b) == 0;
 }
+
+/* torch_ckpt.c: what the values mean */
 
 /*
  * GLOBAL, STACK_GLOBAL: push the global module.name if it is one the machine knows (a state
