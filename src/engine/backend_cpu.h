@@ -3,10 +3,10 @@
  * One op family a file, as kernels/ splits the CUDA plugin:
  *
  *   backend_cpu.c           the backend's life (creation, the table of backend.h) and
- *                           cpu_for_rows, which runs an operation's rows on the pool
+ *                           cpu_for_loops, which runs an operation on the pool
  *   cpu_vec.h               inline vector math: loads, dot products, sums, exp
  *   cpu_memory.c            host memory, copies, upload_tensor
- *   cpu_embedding.c         row gathers (embedding, wanted rows) and the embedding's scatter-add
+ *   cpu_embedding.c         row gathers (embedding, logit rows), the embedding's scatter-add
  *   cpu_layernorm.c         layer norm forward and backward
  *   cpu_matmul.c            matrix products: a decode micro-kernel of our own, else sgemm
  *   cpu_rotary.c            rotary position embedding, forward and backward
@@ -65,7 +65,7 @@ typedef void (*cpu_rows_fn) (const void *ctx, size_t lo, size_t hi, int thread);
 /*
  * A loop of an operation: n items (rows, columns, elements) cut into ntasks nearly equal
  * ranges whose bounds are multiples of grain (bar the end); ntasks is capped at the
- * number of grains, so that no task is empty.
+ * number of grains, so that no task is empty (0 tasks: the loop is skipped).
  */
 typedef struct cpu_loop
 {
