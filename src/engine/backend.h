@@ -3,8 +3,9 @@
  *
  * A backend owns memory on a device and runs the operations of the transformer on it.
  * The model code allocates, uploads and calls operations only through this table, so it
- * never knows which backend runs it. The CPU backend (backend_cpu.c: OpenBLAS and a
- * pthread pool) is the reference; the CUDA plugin (kernels/) fills the same table.
+ * never knows which backend runs it. The CPU backend (backend_cpu.c and its cpu_*.c:
+ * OpenBLAS and a pthread pool) is the reference; the CUDA plugin (kernels/) fills the
+ * same table.
  *
  * Pointers marked "device" are addresses in the backend's memory: the host may not
  * dereference them (on the CPU backend, host_memory, it happens to be able to). Shapes

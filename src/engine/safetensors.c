@@ -9,9 +9,9 @@
  * converts on demand.
  */
 #include "safetensors_int.h"
+#include "bf16.h"
 #include "files.h"
 #include "utf8.h"
-#include "bf16.h"
 
 #include <limits.h>
 #include <stdbool.h>
@@ -594,56 +594,16 @@ st_free_tensors(st_tensor *tensors, int n)
 	free(tensors);
 }
 
-/* The float with these IEEE-754 bits. */
-static inline float
-float_from_bits(uint32_t u)
-{
-	float		f;
-
-	memcpy(&f, &u, sizeof(f));
-	return f;
-}
-
-/* The IEEE-754 bits of f. */
-static inline uint32_t
-float_bits(float f)
-{
-	uint32_t	u;
-
-	memcpy(&u, &f, sizeof(u));
-	return u;
-}
-
-/*
- * IEEE half to float, branch-free so the loop vectorises. Zero and subnormals are
- * m * 2^-24, exact in float and computed without float denormals (so DAZ/FTZ modes
- * cannot flush them); exponent 31 keeps the mantissa (NaN payload) under an all-ones
- * exponent.
- */
+/* IEEE half to float (bf16.h's conversion, which vectorises). */
 static void
 f16_to_f32(const uint8_t *src, float *dst, size_t n)
 {
 	for (size_t i = 0; i < n; i++)
 	{
 		uint16_t	h;
-		uint32_t	exp,
-					man,
-					normal,
-					special,
-					tiny,
-					is_tiny,
-					is_special;
 
 		memcpy(&h, src + 2 * i, sizeof(h));
-		exp = (h >> 10) & 0x1f;
-		man = h & 0x3ff;
-		normal = ((exp + 112) << 23) | (man << 13);
-		special = 0x7f800000u | (man << 13);
-		tiny = float_bits((float) man * 0x1p-24f);
-		is_tiny = -(uint32_t) (exp == 0);	/* all ones or zero: selects without branches */
-		is_special = -(uint32_t) (exp == 31);
-		dst[i] = float_from_bits(((uint32_t) (h & 0x8000) << 16) | (tiny & is_tiny) |
-								 (special & is_special) | (normal & ~(is_tiny | is_special)));
+		dst[i] = f16_to_float(h);
 	}
 }
 

@@ -10,7 +10,8 @@
 #define DOLLY_SAMPLER_FX_H
 
 #include <stdint.h>
-#include <string.h>
+
+#include "bf16.h"				/* float_bits */
 
 #ifdef __CUDACC__
 #define FX_FN static inline __host__ __device__
@@ -22,16 +23,6 @@ typedef struct fx192
 {
 	uint64_t	w[3];
 } fx192;
-
-/* The bits of a float. */
-FX_FN uint32_t
-float_bits(float f)
-{
-	uint32_t	b;
-
-	memcpy(&b, &f, sizeof(b));
-	return b;
-}
 
 /* a += b. */
 FX_FN void

@@ -72,10 +72,10 @@ grep -iE "error|warning" "$LOG/ptxas.log" | grep -v "^ptxas info" | head -20
 	[ -f "$B/dolly_cuda.so" ] || { echo "building dolly_cuda.so failed (see $LOG/ptxas.log)" >&2; exit 1; }
 
 ENGINE="src/engine/error.c src/engine/safetensors.c src/engine/config.c src/engine/model.c
-	src/engine/model_forward.c src/engine/backend_cpu.c src/engine/threadpool.c src/engine/sampler.c
-	src/engine/generate.c src/engine/cuda_loader.c src/engine/backend_cuda.c src/engine/train.c
-	src/engine/model_backward.c src/engine/sysinfo.c src/engine/weights.c src/engine/torch_ckpt.c
-	src/engine/torch_pickle.c src/engine/zip.c src/engine/utf8.c src/engine/files.c"
+	src/engine/model_forward.c src/engine/backend_cpu.c src/engine/cpu_*.c src/engine/threadpool.c
+	src/engine/sampler.c src/engine/generate.c src/engine/cuda_loader.c src/engine/backend_cuda.c
+	src/engine/train.c src/engine/model_backward.c src/engine/sysinfo.c src/engine/weights.c
+	src/engine/torch_ckpt.c src/engine/torch_pickle.c src/engine/zip.c src/engine/utf8.c src/engine/files.c"
 CFLAGS="-std=gnu11 -O3 -march=native -pthread -Wall -Wextra -Isrc/engine -Itests/engine $DEP_CFLAGS"
 note "building test_gpu, bench_cuda and bench_train"
 # shellcheck disable=SC2086
