@@ -312,7 +312,7 @@ layout_params(dl_model *m, dl_error *err)
 static dl_status
 vocab_from_files(dl_config *c, const st_set *set, const char *dir, dl_error *err)
 {
-	const char *type = c->arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox";
+	const char *type = config_arch_name(c->arch);
 	const char *emb = c->arch == DL_ARCH_GPTJ ? "transformer.wte.weight" : "gpt_neox.embed_in.weight";
 	const st_tensor *t = st_find(set, emb);
 
@@ -373,7 +373,7 @@ load_params(dl_model *m, const st_set *set, const char *dir, dl_load_fn watch, v
 			dl_error *err)
 {
 	const dl_config *c = &m->cfg;
-	const char *type = c->arch == DL_ARCH_GPTJ ? "gptj" : "gpt_neox";
+	const char *type = config_arch_name(c->arch);
 	const st_tensor *t;
 	dl_status	st = DL_OK;
 	int32_t    *rows = NULL;
