@@ -73,7 +73,7 @@ int			gen_free_slots(const dl_generator *g);
 /* The tokens sequence id has generated so far (*n of them; valid until the next call). */
 const int32_t *gen_tokens(const dl_generator *g, int id, int *n);
 
-/* Sequence id's prompt (*n tokens; valid until gen_remove). */
+/* Sequence id's prompt (*n tokens), followed by its gen_tokens: the whole sequence so far. */
 const int32_t *gen_prompt(const dl_generator *g, int id, int *n);
 
 /* Whether, and why, sequence id has finished. */

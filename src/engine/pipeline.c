@@ -3,7 +3,6 @@
  */
 #include "pipeline.h"
 
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -100,41 +99,27 @@ pipeline_decode(const dl_pipeline *p, const int32_t *ids, int n, char **text, dl
 }
 
 dl_status
-pipeline_answer(const dl_pipeline *p, const int32_t *prompt, int n_prompt, const int32_t *gen,
-				int n_gen, bool raw, char **answer, dl_error *err)
+pipeline_answer(const dl_pipeline *p, const int32_t *seq, int n_prompt, int n_gen, bool raw,
+				char **answer, dl_error *err)
 {
 	int32_t		stop = pipeline_stop_id(p, raw);
-	int32_t    *all;
-	char	   *text;
+	int			end = n_prompt + n_gen;
+	char	   *text,
+			   *response;
 	dl_status	st;
 
 	/* the stop token is not part of the answer */
-	if (n_gen > 0 && stop >= 0 && gen[n_gen - 1] == stop)
-		n_gen--;
-	if (raw)
-		st = pipeline_decode(p, gen, n_gen, &text, err);
-	else
-	{
-		/* the pipeline's rules look at the whole sequence, prompt included */
-		all = malloc(((size_t) n_prompt + n_gen + 1) * sizeof(int32_t));
-		if (all == NULL)
-			return dl_fail(err, DL_ENOMEM, "out of memory decoding an answer");
-		memcpy(all, prompt, n_prompt * sizeof(int32_t));
-		memcpy(all + n_prompt, gen, n_gen * sizeof(int32_t));
-		st = pipeline_decode(p, all, n_prompt + n_gen, &text, err);
-		free(all);
-	}
-	if (st != DL_OK)
+	if (n_gen > 0 && stop >= 0 && seq[end - 1] == stop)
+		end--;
+	/* the pipeline's rules look at the whole sequence, prompt included */
+	st = raw ? pipeline_decode(p, seq + n_prompt, end - n_prompt, answer, err)
+		: pipeline_decode(p, seq, end, &text, err);
+	if (st != DL_OK || raw)
 		return st;
-	if (!raw)
-	{
-		char	   *response = prompt_extract_response(text);
-
-		free(text);
-		if (response == NULL)
-			return dl_fail(err, DL_ENOMEM, "out of memory extracting a response");
-		text = response;
-	}
-	*answer = text;
+	response = prompt_extract_response(text);
+	free(text);
+	if (response == NULL)
+		return dl_fail(err, DL_ENOMEM, "out of memory extracting a response");
+	*answer = response;
 	return DL_OK;
 }

@@ -59,12 +59,12 @@ int32_t		pipeline_stop_id(const dl_pipeline *p, bool raw);
 dl_status	pipeline_decode(const dl_pipeline *p, const int32_t *ids, int n, char **text, dl_error *err);
 
 /*
- * The answer (malloc'd, UTF-8 without NUL: a token that decodes to byte 0 becomes U+FFFD,
- * as invalid UTF-8 does) to a prompt and what was generated after it, the stop token
+ * The answer (malloc'd, as pipeline_decode gives text) of a sequence: its n_prompt prompt
+ * tokens followed by the n_gen it generated (as gen_prompt holds them), the stop token
  * included or not: the response Dolly's pipeline extracts from both decoded together, or,
  * when raw, the generation decoded.
  */
-dl_status	pipeline_answer(const dl_pipeline *p, const int32_t *prompt, int n_prompt,
-							const int32_t *gen, int n_gen, bool raw, char **answer, dl_error *err);
+dl_status	pipeline_answer(const dl_pipeline *p, const int32_t *seq, int n_prompt, int n_gen,
+							bool raw, char **answer, dl_error *err);
 
 #endif

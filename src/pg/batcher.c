@@ -30,10 +30,10 @@
 #include "step_trace.h"
 
 #include "lib/stringinfo.h"
-#include "portability/instr_time.h"
 #include "utils/timestamp.h"
 
 #include "prompt.h"
+#include "sysinfo.h"
 
 /* How long a server whose device cannot hold a model leaves the requests to the others. */
 #define BACKOFF_MS 10000
@@ -210,16 +210,15 @@ answer(ServedModel *m, Sequence *s)
 {
 	DollyRequest *req = s->req;
 	dl_error	err;
-	const int32_t *prompt,
-			   *toks;
+	const int32_t *seq;
 	int			n_prompt,
 				n;
 	char	   *text;
 
-	prompt = gen_prompt(m->gen, s->id, &n_prompt);
-	toks = gen_tokens(m->gen, s->id, &n);
+	seq = gen_prompt(m->gen, s->id, &n_prompt);
+	(void) gen_tokens(m->gen, s->id, &n);
 	req->new_tokens = n;
-	if (pipeline_answer(m->pipe, prompt, n_prompt, toks, n, !req->gen.extract_response, &text, &err) != DL_OK)
+	if (pipeline_answer(m->pipe, seq, n_prompt, n, !req->gen.extract_response, &text, &err) != DL_OK)
 	{
 		dolly_queue_finish(req, &err);
 		return;
@@ -262,26 +261,15 @@ remove_seq(ServedModel *m, int i)
 	m->seq[i] = m->seq[--m->nseq];
 }
 
-/* Seconds since the epoch, for the trace. */
-static double
-now_seconds(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 /* One pass of model m: drop abandoned sequences, step, answer finished ones (timed in t). */
 static void
 step_model(ServedModel *m, DollyPassTrace *t)
 {
 	dl_error	err;
-	instr_time	start,
-				elapsed;
 	int			before = 0,
 				after = 0;
-	double		answered_at;
+	double		start,
+				stepped;
 
 	for (int i = m->nseq - 1; i >= 0; i--)
 		if (dolly_queue_abandoned(m->seq[i].req))
@@ -299,7 +287,7 @@ step_model(ServedModel *m, DollyPassTrace *t)
 		(void) gen_tokens(m->gen, m->seq[i].id, &n);
 		before += n;
 	}
-	INSTR_TIME_SET_CURRENT(start);
+	start = sys_now_s();
 	if (gen_step(m->gen, &err) != DL_OK)
 	{
 		/* a failed pass fails every sequence in it; the model stays loaded */
@@ -320,13 +308,11 @@ step_model(ServedModel *m, DollyPassTrace *t)
 					 errdetail("%s", err.msg)));
 		return;
 	}
-	INSTR_TIME_SET_CURRENT(elapsed);
-	INSTR_TIME_SUBTRACT(elapsed, start);
 	t->sequences = m->nseq;
 	gen_last_step(m->gen, &t->decode_rows, &t->prefill_tokens);
-	t->step = INSTR_TIME_GET_DOUBLE(elapsed);
+	stepped = sys_now_s();
+	t->step = stepped - start;
 
-	answered_at = now_seconds();
 	for (int i = m->nseq - 1; i >= 0; i--)
 	{
 		int			n;
@@ -343,7 +329,7 @@ step_model(ServedModel *m, DollyPassTrace *t)
 			t->answered++;
 		}
 	}
-	t->answer = now_seconds() - answered_at;
+	t->answer = sys_now_s() - stepped;
 	account(m, NULL, after - before, t->step);
 }
 
@@ -423,13 +409,13 @@ static bool
 serve_pass(bool take)
 {
 	static double last_end;		/* of the previous pass that had work */
-	double		begin = now_seconds(),
+	double		begin = sys_now_s(),
 				taken;
 	bool		busy = false;
 
 	if (take)
 		take_requests();
-	taken = now_seconds();
+	taken = sys_now_s();
 	for (int i = 0; i < DOLLY_MAX_MODELS; i++)
 		if (dolly_served[i].pipe && dolly_served[i].nseq > 0)
 		{
@@ -445,7 +431,7 @@ serve_pass(bool take)
 			busy = true;
 		}
 	if (busy)
-		last_end = now_seconds();
+		last_end = sys_now_s();
 	return busy;
 }
 

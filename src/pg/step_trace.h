@@ -5,7 +5,7 @@
 /* One pass of one model, as dolly.step_trace records it; times in seconds. */
 typedef struct DollyPassTrace
 {
-	double		start;			/* since the epoch */
+	double		start;			/* sys_now_s(): the monotonic clock */
 	const char *model;
 	double		gap;			/* since the end of the server's previous pass */
 	double		take;			/* taking requests before it */

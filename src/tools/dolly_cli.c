@@ -309,7 +309,6 @@ cmd_generate(const options *o)
 				n_gen,
 				id,
 				rc = 1;
-	const int32_t *gen;
 	double		t0 = sys_now_s(),
 				t1,
 				t2;
@@ -361,8 +360,8 @@ cmd_generate(const options *o)
 		}
 	t2 = sys_now_s();
 
-	gen = gen_tokens(g, id, &n_gen);
-	if (pipeline_answer(p, ids, n_ids, gen, n_gen, o->raw, &answer, &err) != DL_OK)
+	(void) gen_tokens(g, id, &n_gen);
+	if (pipeline_answer(p, gen_prompt(g, id, &n_ids), n_ids, n_gen, o->raw, &answer, &err) != DL_OK)
 	{
 		report(&err);
 		goto done;
