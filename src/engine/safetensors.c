@@ -584,6 +584,23 @@ st_parse(const uint8_t *buf, size_t size, const char *fname, st_tensor **tensors
 }
 
 /* Free a tensor list from st_parse. */
+/* qsort: tensors by name. */
+static int
+tensor_by_name(const void *a, const void *b)
+{
+	return strcmp(((const st_tensor *) a)->name, ((const st_tensor *) b)->name);
+}
+
+int
+st_sort_by_name(st_tensor *tensors, int n)
+{
+	qsort(tensors, n, sizeof(*tensors), tensor_by_name);
+	for (int i = 1; i < n; i++)
+		if (strcmp(tensors[i - 1].name, tensors[i].name) == 0)
+			return i;
+	return 0;
+}
+
 void
 st_free_tensors(st_tensor *tensors, int n)
 {

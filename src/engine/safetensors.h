@@ -65,6 +65,9 @@ const char *st_dtype_name(st_dtype dtype);
 dl_status	st_parse(const uint8_t *buf, size_t size, const char *fname,
 					 st_tensor **tensors, int *n, dl_error *err);
 
+/* Sort n tensors by name; the index of the first whose name repeats its predecessor's, or 0. */
+int			st_sort_by_name(st_tensor *tensors, int n);
+
 /* Free what st_parse returned. */
 void		st_free_tensors(st_tensor *tensors, int n);
 

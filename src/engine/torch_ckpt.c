@@ -248,20 +248,14 @@ tc_reduce(pk_machine *m)
 	return pk_fail(m, DL_EUNSUPPORTED, "a storage type called as a function");
 }
 
-/* qsort: tensors by name. */
-static int
-tensor_by_name(const void *a, const void *b)
-{
-	return strcmp(((const st_tensor *) a)->name, ((const st_tensor *) b)->name);
-}
-
 /* The state dict (value d) as st_tensors sorted by name: string keys, tensor values. */
 static dl_status
 tc_state_dict(pk_machine *m, int32_t d, st_tensor **out, int *nout)
 {
 	const pk_dict *dict;
 	st_tensor  *t;
-	int			n = 0;
+	int			n = 0,
+				dup;
 
 	if (m->v[d].kind != PK_DICT)
 		return dl_fail(m->err, DL_EUNSUPPORTED, "%s: the checkpoint holds %s, not a state dict", m->fname,
@@ -310,16 +304,14 @@ tc_state_dict(pk_machine *m, int32_t d, st_tensor **out, int *nout)
 		t[n].file = 0;
 		n++;
 	}
-	qsort(t, n, sizeof(*t), tensor_by_name);
-	for (int i = 1; i < n; i++)
-		if (strcmp(t[i - 1].name, t[i].name) == 0)
-		{
-			dl_status	st = dl_fail(m->err, DL_EFORMAT, "%s: tensor \"%s\" appears twice in the state dict",
-									 m->fname, t[i].name);
+	if ((dup = st_sort_by_name(t, n)) > 0)
+	{
+		dl_status	st = dl_fail(m->err, DL_EFORMAT, "%s: tensor \"%s\" appears twice in the state dict",
+								 m->fname, t[dup].name);
 
-			st_free_tensors(t, n);
-			return st;
-		}
+		st_free_tensors(t, n);
+		return st;
+	}
 	*out = t;
 	*nout = n;
 	return DL_OK;

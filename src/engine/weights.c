@@ -32,13 +32,6 @@ static const struct
 	{"pytorch_model.bin", false}, {"pytorch_model.bin.index.json", true},
 };
 
-/* qsort: tensors by name. */
-static int
-tensor_by_name(const void *a, const void *b)
-{
-	return strcmp(((const st_tensor *) a)->name, ((const st_tensor *) b)->name);
-}
-
 /* Map path read-only (MAP_PRIVATE); empty files are refused. */
 static dl_status
 map_file(const char *path, void **map, size_t *size, dl_error *err)
@@ -253,7 +246,8 @@ static dl_status
 set_merge(st_set *set, st_tensor **per, int *nper, dl_error *err)
 {
 	int			total = 0,
-				k = 0;
+				k = 0,
+				dup;
 
 	for (int i = 0; i < set->nfiles; i++)
 		total += nper[i];
@@ -269,12 +263,10 @@ set_merge(st_set *set, st_tensor **per, int *nper, dl_error *err)
 		nper[i] = 0;
 	}
 	set->ntensors = total;
-	qsort(set->tensors, total, sizeof(*set->tensors), tensor_by_name);
-	for (int i = 1; i < total; i++)
-		if (strcmp(set->tensors[i - 1].name, set->tensors[i].name) == 0)
-			return dl_fail(err, DL_EFORMAT, "tensor \"%s\" is in two shards: \"%s\" and \"%s\"",
-						   set->tensors[i].name, set->paths[set->tensors[i - 1].file],
-						   set->paths[set->tensors[i].file]);
+	if ((dup = st_sort_by_name(set->tensors, total)) > 0)
+		return dl_fail(err, DL_EFORMAT, "tensor \"%s\" is in two shards: \"%s\" and \"%s\"",
+					   set->tensors[dup].name, set->paths[set->tensors[dup - 1].file],
+					   set->paths[set->tensors[dup].file]);
 	return DL_OK;
 }
 

@@ -5,7 +5,8 @@
  * admitting), the forward pass, and answering (decoding text, waking clients). The batch's
  * shape is there too: rows that decoded a token, prompt tokens prefilled in the same pass.
  * tests/bench/bench_serving.py reads it. Off (empty) by default; a server writes only its
- * own lines, each in one write, so the servers of several devices may share a file.
+ * own lines, appended in writes of whole lines, so the servers of several devices may share
+ * a file.
  */
 #include "postgres.h"
 
