@@ -49,7 +49,7 @@ PG_CFLAGS = $(WARN_FLAGS) -Wno-unused-parameter -Wno-missing-field-initializers 
 # which has its own copy of error.c) sees only the SQL functions and _PG_init
 SHLIB_LINK = $(ENGINE_LIB) $(ENGINE_LIBS) -Wl,--exclude-libs,ALL
 
-TOOLS = build/dolly-cli
+TOOLS = build/dolly-cli build/bench-allreduce
 TOOL_SRCS = $(wildcard src/tools/*.c)
 TEST_SRCS = $(wildcard tests/engine/*.c)
 TEST_BIN = build/run_tests
@@ -89,6 +89,10 @@ $(ENGINE_LIB): $(ENGINE_OBJS)
 build/dolly-cli: $(TOOL_SRCS) $(wildcard src/tools/*.h) $(ENGINE_LIB)
 	@mkdir -p build
 	$(CC) $(ENGINE_CFLAGS) -Isrc/engine -o $@ $(TOOL_SRCS) $(ENGINE_LIB) $(ENGINE_LIBS)
+
+build/bench-allreduce: tests/bench/bench_allreduce.c $(ENGINE_LIB)
+	@mkdir -p build
+	$(CC) $(ENGINE_CFLAGS) -Isrc/engine -o $@ $< $(ENGINE_LIB) $(ENGINE_LIBS)
 
 $(TEST_BIN): $(TEST_SRCS) $(wildcard tests/engine/*.h) $(ENGINE_LIB)
 	@mkdir -p build

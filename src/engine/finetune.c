@@ -1,7 +1,7 @@
 /*
  * finetune.c: the epoch loop of fine-tuning (train.h's finetune_run), shared by the job
  * worker and dolly-cli: shuffle, batches split over ranks and into micro-batches that
- * fit the trainer's activations, the all-reduce between the halves of a step,
+ * fit the trainer's activations, the sums over ranks between the parts of a step,
  * evaluation, progress and cancellation. The arithmetic is the trainer's (train.c).
  */
 #include "sampler.h"
@@ -17,7 +17,6 @@ typedef struct run
 {
 	dl_trainer *tr;
 	dl_backend *be;
-	float	   *host_grads;		/* the all-reduce's copy where device memory is not the host's */
 	const dl_finetune_opts *o;
 	dl_train_config cfg;
 	dl_example *mine;			/* this rank's share of the current batch (shallow copies) */
@@ -84,26 +83,49 @@ size_config(dl_train_config *cfg, const dl_example *train, int ntrain,
 	return DL_OK;
 }
 
+/* The examples of the micro-batch at ex[i]: consecutive ones whose tokens fit max_tokens. */
+static int
+micro_batch_at(const run *r, const dl_example *ex, int n, int i)
+{
+	int			k = 1,
+				tokens = ex[i].n;
+
+	while (i + k < n && tokens + ex[i + k].n <= r->cfg.max_tokens)
+		tokens += ex[i + k++].n;
+	return k;
+}
+
+/* How many micro-batches n examples take. */
+static int
+micro_batch_count(const run *r, const dl_example *ex, int n)
+{
+	int			count = 0;
+
+	for (int i = 0; i < n; i += micro_batch_at(r, ex, n, i))
+		count++;
+	return count;
+}
+
 /*
- * Run n examples through fn (trainer_backward or trainer_eval) in micro-batches of
- * consecutive examples whose tokens fit max_tokens; sums the losses and label counts.
+ * Run n examples through trainer_backward (backward) or trainer_eval in micro-batches,
+ * then empty ones up to at_least (ZeRO stage 2 sums every micro-batch over the ranks:
+ * each rank runs as many as the busiest); sums the losses and label counts.
  */
 static dl_status
-micro_batches(run *r, const dl_example *ex, int n, int backward, double *loss_sum,
+micro_batches(run *r, const dl_example *ex, int n, int backward, int at_least, double *loss_sum,
 			  int64_t *n_labels, dl_error *err)
 {
+	int			done = 0;
+
 	*loss_sum = 0;
 	*n_labels = 0;
-	for (int i = 0; i < n;)
+	for (int i = 0; i < n || done < at_least; done++)
 	{
-		int			k = 1,
-					tokens = ex[i].n;
+		int			k = i < n ? micro_batch_at(r, ex, n, i) : 0;
 		double		loss = 0;
 		int64_t		labels = 0;
 		dl_status	st;
 
-		while (i + k < n && tokens + ex[i + k].n <= r->cfg.max_tokens)
-			tokens += ex[i + k++].n;
 		st = backward ? trainer_backward(r->tr, ex + i, k, &loss, &labels, err)
 			: trainer_eval(r->tr, ex + i, k, &loss, &labels, err);
 		if (st != DL_OK)
@@ -130,51 +152,42 @@ report(run *r, const char *phase, dl_train_progress *last, dl_error *err)
 
 /*
  * Mean loss over the evaluation set: each rank takes examples rank, rank + nranks, ...;
- * the sums go through the all-reduce with no gradients (n = 0).
+ * the sums are exchanged.
  */
 static dl_status
 evaluate(run *r, dl_train_progress *last, dl_error *err)
 {
-	const dl_finetune_opts *o = r->o;
 	double		loss_sum;
 	int64_t		n_labels;
 	dl_status	st;
 
-	if ((st = micro_batches(r, r->eval_mine, r->neval_mine, 0, &loss_sum, &n_labels, err)) != DL_OK)
-		return st;
-	if (o->allreduce &&
-		(st = o->allreduce(o->allreduce_arg, NULL, 0, &loss_sum, &n_labels, err)) != DL_OK)
+	if ((st = micro_batches(r, r->eval_mine, r->neval_mine, 0, 0, &loss_sum, &n_labels, err)) != DL_OK ||
+		(st = trainer_sum(r->tr, &loss_sum, &n_labels, err)) != DL_OK)
 		return st;
 	r->p.eval_loss = n_labels > 0 ? loss_sum / n_labels : NAN;
 	return report(r, "evaluating", last, err);
 }
 
 /*
- * Sum the step's gradients, losses and label counts over the ranks. The all-reduce
- * works on host memory (PostgreSQL shared memory carries it): a backend whose memory is
- * not the host's goes through a host copy of the gradients, down and back up.
+ * The micro-batches every rank runs in a step: its own count, or at ZeRO stage 2 the
+ * busiest rank's (exchanged).
  */
 static dl_status
-allreduce_grads(run *r, double *loss_sum, int64_t *n_labels, dl_error *err)
+step_micro_batches(run *r, int n, int *count, dl_error *err)
 {
-	size_t		n;
-	float	   *grads = trainer_grads(r->tr, &n);
-	float	   *host = grads;
+	double		mine,
+				all[DL_GROUP_MAX_RANKS];
 	dl_status	st;
 
-	if (!r->be->host_memory)
-	{
-		if (r->host_grads == NULL && (r->host_grads = malloc(n * sizeof(float))) == NULL)
-			return dl_fail(err, DL_ENOMEM, "out of host memory for the %zu MB of gradients to sum over ranks",
-						   n * sizeof(float) >> 20);
-		host = r->host_grads;
-		if ((st = r->be->download(r->be, host, grads, n * sizeof(float), err)) != DL_OK)
-			return st;
-	}
-	st = r->o->allreduce(r->o->allreduce_arg, host, n, loss_sum, n_labels, err);
-	if (st == DL_OK && host != grads)
-		st = r->be->upload(r->be, grads, host, n * sizeof(float), err);
-	return st;
+	*count = micro_batch_count(r, r->mine, n);
+	if (trainer_stage(r->tr) != 2)
+		return DL_OK;
+	mine = *count;
+	if ((st = group_scalars(r->o->group, &mine, 1, all, err)) != DL_OK)
+		return st;
+	for (int k = 0; k < r->o->nranks; k++)
+		*count = all[k] > *count ? (int) all[k] : *count;
+	return DL_OK;
 }
 
 /* One optimizer step on batch [first, end) of the epoch's order. */
@@ -186,7 +199,8 @@ train_step(run *r, const dl_example *train, const int *order, int first, int end
 	double		t0 = sys_now_s(),
 				loss_sum;
 	int64_t		n_labels;
-	int			n = 0;
+	int			n = 0,
+				count;
 	dl_status	st;
 
 	for (int i = first; i < end; i++)
@@ -195,9 +209,11 @@ train_step(run *r, const dl_example *train, const int *order, int first, int end
 		if ((i - first) % o->nranks == o->rank)
 			r->mine[n++] = train[order[i]];
 	}
-	st = micro_batches(r, r->mine, n, 1, &loss_sum, &n_labels, err);
-	if (st == DL_OK && o->allreduce)
-		st = allreduce_grads(r, &loss_sum, &n_labels, err);
+	st = step_micro_batches(r, n, &count, err);
+	if (st == DL_OK)
+		st = micro_batches(r, r->mine, n, 1, count, &loss_sum, &n_labels, err);
+	if (st == DL_OK)
+		st = trainer_reduce(r->tr, &loss_sum, &n_labels, err);
 	if (st == DL_OK)
 		st = trainer_update(r->tr, n_labels, r->p.step, &r->p.lr, &r->p.grad_norm, err);
 	if (st != DL_OK)
@@ -236,8 +252,9 @@ finetune_run(dl_model *m, const dl_example *train, int ntrain, const dl_example 
 		opts->rank < 0 || opts->rank >= opts->nranks || opts->eval_every < 0)
 		return dl_fail(err, DL_EINVAL, "fine-tuning needs training examples, epochs >= 1, batch_size >= 1 and 0 <= rank < nranks (got %d examples, %d epochs, batch %d, rank %d of %d)",
 					   ntrain, opts->epochs, opts->batch_size, opts->rank, opts->nranks);
-	if (opts->nranks > 1 && opts->allreduce == NULL)
-		return dl_fail(err, DL_EINVAL, "%d ranks need an all-reduce function", opts->nranks);
+	if (opts->nranks > 1 &&
+		(opts->group == NULL || opts->group->nranks != opts->nranks || opts->group->rank != opts->rank))
+		return dl_fail(err, DL_EINVAL, "rank %d of %d needs a group of its ranks", opts->rank, opts->nranks);
 	for (int i = 0; i < ntrain && st == DL_OK; i++)
 		st = check_example(&train[i], "training", i, m->cfg.vocab_size, err);
 	for (int i = 0; i < neval && st == DL_OK; i++)
@@ -260,9 +277,14 @@ finetune_run(dl_model *m, const dl_example *train, int ntrain, const dl_example 
 	for (int i = opts->rank; i < neval && st == DL_OK; i += opts->nranks)
 		r.eval_mine[r.neval_mine++] = eval[i];
 	if (st == DL_OK)
-		st = trainer_create(m, &r.cfg, &r.tr, err);
+		st = trainer_create(m, &r.cfg, opts->nranks > 1 ? opts->group : NULL, opts->zero_stage, &r.tr, err);
 
 	r.p.total_steps = r.cfg.total_steps;
+	if (r.tr)
+	{
+		r.p.state_bytes = trainer_state_bytes(r.tr);
+		r.p.zero_stage = trainer_stage(r.tr);
+	}
 	r.p.train_loss = NAN;
 	r.p.eval_loss = NAN;
 	*last = r.p;
@@ -292,6 +314,5 @@ finetune_run(dl_model *m, const dl_example *train, int ntrain, const dl_example 
 	free(order);
 	free(r.mine);
 	free(r.eval_mine);
-	free(r.host_grads);
 	return st;
 }

@@ -488,6 +488,39 @@ dl_model_param_count(const dl_model *m)
 	return n;
 }
 
+/* Bytes from the start of param_mem to parameter p. */
+static size_t
+param_offset(const dl_model *m, const void *p)
+{
+	return (size_t) ((const char *) p - (const char *) m->param_mem);
+}
+
+/* The maps put the embedding first, then each layer from ln_1's weight on, then the head. */
+void
+dl_model_grad_span(const dl_model *m, int s, size_t *lo, size_t *hi)
+{
+	int			L = m->cfg.n_layer;
+	size_t		head = param_offset(m, m->p.lnf_w);
+
+	if (s == 0)
+	{
+		*lo = head;
+		*hi = m->param_bytes;
+	}
+	else if (s == L + 1)
+	{
+		*lo = 0;
+		*hi = param_offset(m, m->p.layers[0].ln1_w);
+	}
+	else
+	{
+		int			l = L - s;
+
+		*lo = param_offset(m, m->p.layers[l].ln1_w);
+		*hi = l + 1 < L ? param_offset(m, m->p.layers[l + 1].ln1_w) : head;
+	}
+}
+
 void
 dl_model_free(dl_model *m)
 {

@@ -195,10 +195,10 @@ dl_status	dl_model_sample(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n
 							const dl_sample_row *rows, int32_t *tokens, dl_error *err);
 
 /*
- * Training (model_backward.c). Gradients live in ONE float32 buffer laid out like
- * param_mem: the gradient of a parameter is at the same byte offset as the parameter
- * (so a dl_tensor_map entry locates both, and data parallelism is one all-reduce of one
- * buffer). That needs a float32 weight format; dl_train_acts_create checks it.
+ * Training (model_backward.c). Gradients are laid out like param_mem: the gradient of a
+ * parameter is at the same byte offset as the parameter (so a dl_tensor_map entry
+ * locates both, and data parallelism sums one flat buffer, or spans of it). That needs
+ * a float32 weight format; dl_train_acts_create checks it.
  */
 struct dl_example;
 
@@ -222,14 +222,38 @@ size_t		dl_train_acts_bytes(const dl_train_acts *a);
 void		dl_train_acts_free(dl_train_acts *a);
 
 /*
+ * Backward completes the gradients of the parameters span by span of param_mem, in this
+ * order: span 0 the head (final norm, output layer), spans 1 .. n_layer the layers from
+ * the last to the first, span n_layer + 1 the embedding (to which a tied output layer
+ * also adds, from the start). The spans cover param_mem; span s is bytes [*lo, *hi).
+ */
+#define DL_GRAD_SPANS(cfg) ((cfg)->n_layer + 2)
+void		dl_model_grad_span(const dl_model *m, int s, size_t *lo, size_t *hi);
+
+/*
+ * Where backward accumulates (+=) gradients: span s's in open(arg, s), laid out like its
+ * bytes of param_mem (float32, device), from the span's start until close(arg, s) says
+ * they are complete. Only the head, the layer being worked on and a tied embedding are
+ * open at once (an untied embedding opens after the last layer closes). One buffer laid out like param_mem serves every span; ZeRO stage 2
+ * gives a zeroed buffer per span and sums it over the ranks at close.
+ */
+typedef struct dl_grad_sink
+{
+	float	   *(*open) (void *arg, int span);
+	dl_status	(*close) (void *arg, int span, dl_error *err);
+	void	   *arg;
+} dl_grad_sink;
+
+/*
  * The loss of a batch of n independent examples (train.h's dl_example; positions start
  * at 0 in each): position t of an example predicts its token t + 1, for t in
  * [first_label - 1, len - 1). Sets *loss_sum to the sum of the token cross-entropies
- * and *n_labels to their number. With grads (device, laid out like param_mem), also the
- * backward pass: the gradients of that SUM accumulate (+=) into grads.
+ * and *n_labels to their number. With a sink, also the backward pass: the gradients of
+ * that SUM accumulate into the sink's spans, every span opened and closed in order even
+ * when the batch has no label (then adding nothing).
  */
 dl_status	dl_model_backward(dl_model *m, dl_train_acts *a, const struct dl_example *batch,
-							  int n, float *grads, double *loss_sum, int64_t *n_labels,
-							  dl_error *err);
+							  int n, const dl_grad_sink *sink, double *loss_sum,
+							  int64_t *n_labels, dl_error *err);
 
 #endif

@@ -91,6 +91,7 @@ struct dl_train_acts
 	int32_t    *meta;			/* ids [T] | pos [T] | rows [T] | labels [T] | spans */
 	int32_t    *h_meta;			/* the same, staged on the host */
 	float	   *h_losses;
+	float	  **grad_bufs;		/* host [n_layer + 2]: the open gradient spans' buffers */
 };
 
 /*
@@ -205,7 +206,8 @@ dl_train_acts_create(dl_model *m, int max_tokens, int max_len, int checkpoint,
 	a->layers = calloc(cfg->n_layer + 1, sizeof(layer_acts));
 	a->h_meta = malloc(8 * sizeof(int32_t) * max_tokens);
 	a->h_losses = malloc(sizeof(float) * max_tokens);
-	if (a->layers == NULL || a->h_meta == NULL || a->h_losses == NULL)
+	a->grad_bufs = calloc(DL_GRAD_SPANS(cfg), sizeof(float *));
+	if (a->layers == NULL || a->h_meta == NULL || a->h_losses == NULL || a->grad_bufs == NULL)
 	{
 		st = dl_fail(err, DL_ENOMEM, "out of memory creating training activations");
 		goto fail;
@@ -251,6 +253,7 @@ dl_train_acts_free(dl_train_acts *a)
 	free(a->layers);
 	free(a->h_meta);
 	free(a->h_losses);
+	free(a->grad_bufs);
 	free(a);
 }
 
@@ -261,8 +264,6 @@ check_examples(const dl_model *m, const dl_train_acts *a, const dl_example *batc
 {
 	long long	total = 0;
 
-	if (n < 1)
-		return dl_fail(err, DL_EINVAL, "a training batch needs at least one example");
 	for (int i = 0; i < n; i++)
 	{
 		const dl_example *ex = &batch[i];
@@ -292,26 +293,37 @@ check_examples(const dl_model *m, const dl_train_acts *a, const dl_example *batc
 	return DL_OK;
 }
 
-/* The gradient of parameter p: the same offset in grads as p in param_mem (NULL for NULL). */
+/*
+ * The gradient of parameter p (NULL for NULL): in the buffer of the open span that holds
+ * it, at p's offset within the span.
+ */
 static float *
-grad_of(const dl_model *m, float *grads, const void *p)
+grad_of(const dl_model *m, float *const *bufs, const void *p)
 {
-	if (p == NULL)
-		return NULL;
-	return (float *) ((char *) grads + ((const char *) p - (const char *) m->param_mem));
+	size_t		off = (size_t) ((const char *) p - (const char *) m->param_mem),
+				lo,
+				hi;
+
+	for (int s = 0; p != NULL && s < DL_GRAD_SPANS(&m->cfg); s++)
+	{
+		dl_model_grad_span(m, s, &lo, &hi);
+		if (bufs[s] && off >= lo && off < hi)
+			return (float *) ((char *) bufs[s] + (off - lo));
+	}
+	return NULL;
 }
 
 /* The gradients of one layer's parameters, as a dl_layer_params of float32 pointers. */
 static dl_layer_params
-layer_grads(const dl_model *m, float *grads, const dl_layer_params *L)
+layer_grads(const dl_model *m, float *const *bufs, const dl_layer_params *L)
 {
 	dl_layer_params G = {
-		grad_of(m, grads, L->ln1_w), grad_of(m, grads, L->ln1_b),
-		grad_of(m, grads, L->ln2_w), grad_of(m, grads, L->ln2_b),
-		grad_of(m, grads, L->qkv_w), grad_of(m, grads, L->qkv_b),
-		grad_of(m, grads, L->proj_w), grad_of(m, grads, L->proj_b),
-		grad_of(m, grads, L->fc_in_w), grad_of(m, grads, L->fc_in_b),
-		grad_of(m, grads, L->fc_out_w), grad_of(m, grads, L->fc_out_b)
+		grad_of(m, bufs, L->ln1_w), grad_of(m, bufs, L->ln1_b),
+		grad_of(m, bufs, L->ln2_w), grad_of(m, bufs, L->ln2_b),
+		grad_of(m, bufs, L->qkv_w), grad_of(m, bufs, L->qkv_b),
+		grad_of(m, bufs, L->proj_w), grad_of(m, bufs, L->proj_b),
+		grad_of(m, bufs, L->fc_in_w), grad_of(m, bufs, L->fc_in_b),
+		grad_of(m, bufs, L->fc_out_w), grad_of(m, bufs, L->fc_out_b)
 	};
 
 	return G;
@@ -334,7 +346,8 @@ typedef struct pass
 	const int32_t *rows;
 	const int32_t *labels;
 	dl_spans	spans;
-	float	   *grads;			/* NULL: loss only */
+	const dl_grad_sink *sink;	/* NULL: loss only */
+	float	  **grads;			/* the open gradient spans' buffers (dl_train_acts') */
 } pass;
 
 /* Stage ids, positions, label rows, labels and spans of a checked batch; one upload. */
@@ -460,7 +473,7 @@ head_pass(dl_model *m, dl_train_acts *a, const pass *ps)
 	int			E = cfg->n_embd,
 				V = cfg->vocab_size,
 				R = ps->R;
-	float	   *g = ps->grads;
+	float	  **g = ps->sink ? ps->grads : NULL;
 
 	be->gather_rows_forward(be, a->xr, a->layers[cfg->n_layer].x, ps->rows, R, E);
 	be->layernorm_forward(be, a->lnf, a->lnf_mean, a->lnf_rstd, a->xr, m->p.lnf_w, m->p.lnf_b,
@@ -587,41 +600,93 @@ layer_backward(dl_model *m, dl_train_acts *a, int l, const pass *ps)
 						   la->ln1_rstd, L->ln1_w, T, E);
 }
 
+/* Open gradient span s: backward accumulates into the sink's buffer for it from now. */
+static void
+span_open(const pass *ps, int s)
+{
+	ps->grads[s] = ps->sink->open(ps->sink->arg, s);
+}
+
+/* Close gradient span s: its gradients are complete. */
+static dl_status
+span_close(const pass *ps, int s, dl_error *err)
+{
+	ps->grads[s] = NULL;
+	return ps->sink->close(ps->sink->arg, s, err);
+}
+
 dl_status
-dl_model_backward(dl_model *m, dl_train_acts *a, const dl_example *batch, int n, float *grads,
-				  double *loss_sum, int64_t *n_labels, dl_error *err)
+dl_model_backward(dl_model *m, dl_train_acts *a, const dl_example *batch, int n,
+				  const dl_grad_sink *sink, double *loss_sum, int64_t *n_labels, dl_error *err)
 {
 	const dl_config *cfg = &m->cfg;
 	dl_backend *be = m->be;
-	pass		ps = {.grads = grads};
-	int			T = 0;
-	dl_status	st;
+	pass		ps = {.sink = sink, .grads = a->grad_bufs};
+	int			T = 0,
+				head = 0,
+				embedding = DL_GRAD_SPANS(cfg) - 1;
+	dl_status	st = DL_OK;
 
 	*loss_sum = 0.0;
 	*n_labels = 0;
-	st = check_examples(m, a, batch, n, &T, err);
-	if (st == DL_OK)
-		st = stage_batch(a, batch, n, T, &ps, err);
-	if (st != DL_OK)
-		return st;
-	/* without a label nothing reaches the loss: no work, no gradient */
+	/* no example (a rank with fewer micro-batches than its peers) or no label: no work */
+	if (n > 0)
+	{
+		st = check_examples(m, a, batch, n, &T, err);
+		if (st == DL_OK)
+			st = stage_batch(a, batch, n, T, &ps, err);
+		if (st != DL_OK)
+			return st;
+	}
+	else if (sink == NULL)
+		return dl_fail(err, DL_EINVAL, "a training batch needs at least one example");
 	if (ps.R == 0)
-		return DL_OK;
+	{
+		/* a sink still sees every span, in order: ranks sum them together */
+		for (int s = 0; sink && s <= embedding && st == DL_OK; s++)
+		{
+			span_open(&ps, s);
+			st = span_close(&ps, s, err);
+		}
+		return st;
+	}
 
 	be->embedding_forward(be, a->layers[0].x, m->p.wte, ps.ids, T, cfg->n_embd);
 	for (int l = 0; l < cfg->n_layer; l++)
 		layer_forward(m, a, l, &ps, a->layers[l + 1].x);
-	head_pass(m, a, &ps);
-	if (grads)
+	if (sink)
 	{
-		for (int l = cfg->n_layer - 1; l >= 0; l--)
+		/* a tied output layer adds to the embedding's gradient: then it opens first */
+		if (cfg->tie_embeddings)
+			span_open(&ps, embedding);
+		span_open(&ps, head);
+	}
+	head_pass(m, a, &ps);
+	if (sink)
+	{
+		st = span_close(&ps, head, err);
+		for (int l = cfg->n_layer - 1; l >= 0 && st == DL_OK; l--)
 		{
+			int			s = cfg->n_layer - l;
+
+			span_open(&ps, s);
 			/* checkpointing: the shared buffers still hold the last layer's activations */
 			if (a->checkpoint && l < cfg->n_layer - 1)
 				layer_forward(m, a, l, &ps, NULL);
 			layer_backward(m, a, l, &ps);
+			st = span_close(&ps, s, err);
 		}
-		be->embedding_backward(be, grad_of(m, grads, m->p.wte), a->dx, ps.ids, T, cfg->n_embd);
+		if (st == DL_OK)
+		{
+			if (!cfg->tie_embeddings)
+				span_open(&ps, embedding);
+			be->embedding_backward(be, grad_of(m, ps.grads, m->p.wte), a->dx, ps.ids, T, cfg->n_embd);
+			st = span_close(&ps, embedding, err);
+		}
+		/* a failed close leaves spans open: none is open at the next pass */
+		memset(a->grad_bufs, 0, sizeof(float *) * DL_GRAD_SPANS(cfg));
+		if (st != DL_OK)
+			return st;
 	}
 
 	st = be->download(be, a->h_losses, a->losses, (size_t) ps.R * sizeof(float), err);

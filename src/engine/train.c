@@ -1,9 +1,19 @@
 /*
- * train.c: the trainer of train.h: a gradient buffer laid out like the parameters, AdamW
- * moments in float32, the learning-rate schedule, and the step split into
- * trainer_backward (accumulate) and trainer_update (normalise by the global label count,
- * clip, AdamW, zero) so that data parallelism fits between the two. The passes
- * themselves are model_backward.c's.
+ * train.c: the trainer of train.h: gradients laid out like the parameters, AdamW moments
+ * in float32, the learning-rate schedule, and the step split into trainer_backward
+ * (accumulate), trainer_reduce (sum over the ranks) and trainer_update (normalise by the
+ * global label count, clip, AdamW, zero). The passes themselves are model_backward.c's,
+ * the sums over ranks collective.c's.
+ *
+ * With a group of N ranks and ZeRO stage 1 or 2, rank r owns slice r of the flat
+ * parameter array (group_slice): it keeps AdamW's moments of that slice only, updates
+ * only that slice, and the slices are gathered into every rank's parameters. Stage 1
+ * keeps all gradients and reduce-scatters them once a step; stage 2 keeps the reduced
+ * gradients of its slice only, and reduces each span of gradients (model.h) as
+ * backward completes it, from a buffer the size of the largest span. The gradient norm
+ * is summed slice by slice in rank order at every stage, so stages 0, 1 and 2 take the
+ * same steps; stage 2 sums micro-batch by micro-batch, which rounds differently when a
+ * rank has several micro-batches in a step.
  */
 #include "train.h"
 
@@ -15,10 +25,18 @@ struct dl_trainer
 	dl_model   *m;
 	dl_train_config cfg;
 	dl_train_acts *acts;
-	void	   *mem;			/* device: grads | adam_m | adam_v, each param_bytes */
-	float	   *grads;
-	float	   *adam_m;
+	dl_group   *group;			/* NULL: alone */
+	int			stage;			/* ZeRO stage: 0, 1, 2 */
+	size_t		n;				/* floats of param_mem */
+	size_t		lo;				/* this rank's slice [lo, hi) of them (all when stage 0) */
+	size_t		hi;
+	void	   *mem;			/* device: grads | adam_m | adam_v | spans (stage 2) */
+	size_t		mem_bytes;
+	float	   *grads;			/* stages 0, 1: n floats; stage 2: the slice's reduced ones */
+	float	   *adam_m;			/* the slice's */
 	float	   *adam_v;
+	float	   *span_buf[3];	/* stage 2: see span_slot */
+	dl_grad_sink sink;
 	int			updates;		/* AdamW steps taken: torch's state["step"] */
 };
 
@@ -69,38 +87,161 @@ check_config(const dl_train_config *c, const dl_model *m, dl_error *err)
 	return DL_OK;
 }
 
+/*
+ * Which of the stage-2 span buffers serves span s: the head's; the one the layers take
+ * in turn, and then an untied embedding; a tied embedding's own (open from the head on).
+ */
+static int
+span_slot(const dl_model *m, int s)
+{
+	if (s == 0)
+		return 0;
+	return s == DL_GRAD_SPANS(&m->cfg) - 1 && m->cfg.tie_embeddings ? 2 : 1;
+}
+
+/* Stages 0 and 1: every span accumulates in place in the one gradient buffer. */
+static float *
+open_in_place(void *arg, int s)
+{
+	dl_trainer *tr = arg;
+	size_t		lo,
+				hi;
+
+	dl_model_grad_span(tr->m, s, &lo, &hi);
+	return tr->grads + lo / sizeof(float);
+}
+
+static dl_status
+close_in_place(void *arg, int s, dl_error *err)
+{
+	(void) arg;
+	(void) s;
+	(void) err;
+	return DL_OK;
+}
+
+/* Stage 2: span s accumulates in its zeroed buffer... */
+static float *
+open_span(void *arg, int s)
+{
+	dl_trainer *tr = arg;
+	float	   *buf = tr->span_buf[span_slot(tr->m, s)];
+	size_t		lo,
+				hi;
+
+	dl_model_grad_span(tr->m, s, &lo, &hi);
+	tr->m->be->zero(tr->m->be, buf, hi - lo);
+	return buf;
+}
+
+/* ...and, complete, is summed over the ranks into its owners' slices of gradients. */
+static dl_status
+close_span(void *arg, int s, dl_error *err)
+{
+	dl_trainer *tr = arg;
+	size_t		lo,
+				hi;
+
+	dl_model_grad_span(tr->m, s, &lo, &hi);
+	return group_reduce_scatter(tr->group, tr->m->be, tr->span_buf[span_slot(tr->m, s)],
+								lo / sizeof(float), (hi - lo) / sizeof(float), tr->n,
+								tr->grads, 1, err);
+}
+
+/* The floats of each stage-2 span buffer: the most any span it serves needs. */
+static void
+span_sizes(const dl_model *m, size_t *sizes)
+{
+	sizes[0] = sizes[1] = sizes[2] = 0;
+	for (int s = 0; s < DL_GRAD_SPANS(&m->cfg); s++)
+	{
+		size_t		lo,
+					hi,
+				   *at = &sizes[span_slot(m, s)];
+
+		dl_model_grad_span(m, s, &lo, &hi);
+		*at = (hi - lo) / sizeof(float) > *at ? (hi - lo) / sizeof(float) : *at;
+	}
+}
+
+/* Floats of a trainer's state at stage with a slice of `slice` floats; stage 2's spans. */
+static size_t
+state_floats(const dl_model *m, size_t slice, int stage, size_t *spans)
+{
+	size_t		n = m->param_bytes / sizeof(float);
+
+	spans[0] = spans[1] = spans[2] = 0;
+	if (stage == 2)
+		span_sizes(m, spans);
+	return (stage == 2 ? slice : n) + 2 * slice + spans[0] + spans[1] + spans[2];
+}
+
+size_t
+trainer_state_floats(const dl_model *m, int nranks, int stage)
+{
+	size_t		n = m->param_bytes / sizeof(float),
+				spans[3];
+
+	if (nranks < 2)
+		return state_floats(m, n, 0, spans);
+	return state_floats(m, stage == 0 ? n : n / nranks + (n % nranks != 0), stage, spans);
+}
+
 dl_status
-trainer_create(dl_model *m, const dl_train_config *cfg, dl_trainer **out, dl_error *err)
+trainer_create(dl_model *m, const dl_train_config *cfg, dl_group *group, int stage,
+			   dl_trainer **out, dl_error *err)
 {
 	dl_backend *be = m->be;
 	dl_trainer *tr;
-	size_t		bytes = m->param_bytes;
+	size_t		slice,
+				at,
+				spans[3];
 	dl_status	st;
 
 	st = check_config(cfg, m, err);
 	if (st != DL_OK)
 		return st;
+	if (stage < 0 || stage > 2)
+		return dl_fail(err, DL_EINVAL, "ZeRO stage %d does not exist (0, 1 or 2)", stage);
 	tr = calloc(1, sizeof(*tr));
 	if (tr == NULL)
 		return dl_fail(err, DL_ENOMEM, "out of memory creating a trainer");
 	tr->m = m;
 	tr->cfg = *cfg;
+	tr->group = group;
+	tr->stage = group && group->nranks > 1 ? stage : 0;
+	tr->n = m->param_bytes / sizeof(float);
+	tr->hi = tr->n;
+	if (tr->stage > 0)
+		group_slice(group->nranks, tr->n, group->rank, &tr->lo, &tr->hi);
+	slice = tr->hi - tr->lo;
 	st = dl_train_acts_create(m, cfg->max_tokens, cfg->max_length, cfg->checkpoint, &tr->acts,
 							  err);
 	if (st != DL_OK)
 		goto fail;
-	/* the buffers are laid out like param_mem: the same offsets locate a tensor in each */
-	st = model_alloc(be, 3 * bytes, &tr->mem, err);
+	/* one allocation; moments (and stage 2's gradients) for the slice only */
+	tr->mem_bytes = state_floats(m, slice, tr->stage, spans) * sizeof(float);
+	st = model_alloc(be, tr->mem_bytes, &tr->mem, err);
 	if (st != DL_OK)
 	{
-		dl_hint(err, "Gradients and AdamW moments need %zu MB (three times the parameters).",
-				3 * bytes >> 20);
+		dl_hint(err, "Gradients and AdamW moments need %zu MB at ZeRO stage %d%s.",
+				tr->mem_bytes >> 20, tr->stage,
+				tr->stage < 2 && group && group->nranks > 1 ? ": a higher stage needs less" : "");
 		goto fail;
 	}
 	tr->grads = tr->mem;
-	tr->adam_m = (float *) ((char *) tr->mem + bytes);
-	tr->adam_v = (float *) ((char *) tr->mem + 2 * bytes);
-	be->zero(be, tr->mem, 3 * bytes);
+	at = tr->stage == 2 ? slice : tr->n;
+	tr->adam_m = tr->grads + at;
+	tr->adam_v = tr->adam_m + slice;
+	at = 3 * slice + (tr->stage == 2 ? 0 : tr->n - slice);
+	for (int i = 0; i < 3; i++)
+	{
+		tr->span_buf[i] = tr->grads + at;
+		at += spans[i];
+	}
+	tr->sink = tr->stage == 2 ? (dl_grad_sink) {open_span, close_span, tr}
+		: (dl_grad_sink) {open_in_place, close_in_place, tr};
+	be->zero(be, tr->mem, tr->mem_bytes);
 	*out = tr;
 	return DL_OK;
 
@@ -119,11 +260,23 @@ trainer_free(dl_trainer *tr)
 	free(tr);
 }
 
+size_t
+trainer_state_bytes(const dl_trainer *tr)
+{
+	return tr->mem_bytes;
+}
+
+int
+trainer_stage(const dl_trainer *tr)
+{
+	return tr->stage;
+}
+
 dl_status
 trainer_backward(dl_trainer *tr, const dl_example *batch, int n, double *loss_sum,
 				 int64_t *n_labels, dl_error *err)
 {
-	return dl_model_backward(tr->m, tr->acts, batch, n, tr->grads, loss_sum, n_labels, err);
+	return dl_model_backward(tr->m, tr->acts, batch, n, &tr->sink, loss_sum, n_labels, err);
 }
 
 dl_status
@@ -136,8 +289,48 @@ trainer_eval(dl_trainer *tr, const dl_example *batch, int n, double *loss_sum,
 float *
 trainer_grads(dl_trainer *tr, size_t *n)
 {
-	*n = tr->m->param_bytes / sizeof(float);
+	*n = tr->stage == 2 ? tr->hi - tr->lo : tr->n;
 	return tr->grads;
+}
+
+dl_status
+trainer_sum(dl_trainer *tr, double *loss_sum, int64_t *n_labels, dl_error *err)
+{
+	double		mine[2] = {*loss_sum, (double) *n_labels},
+				all[2 * DL_GROUP_MAX_RANKS];
+	dl_status	st;
+
+	if (tr->group == NULL || tr->group->nranks < 2)
+		return DL_OK;
+	if ((st = group_scalars(tr->group, mine, 2, all, err)) != DL_OK)
+		return st;
+	*loss_sum = 0;
+	*n_labels = 0;
+	for (int r = 0; r < tr->group->nranks; r++)
+	{
+		*loss_sum += all[2 * r];
+		*n_labels += (int64_t) all[2 * r + 1];
+	}
+	return DL_OK;
+}
+
+dl_status
+trainer_reduce(dl_trainer *tr, double *loss_sum, int64_t *n_labels, dl_error *err)
+{
+	dl_status	st = trainer_sum(tr, loss_sum, n_labels, err);
+
+	if (st != DL_OK || tr->group == NULL || tr->group->nranks < 2)
+		return st;
+	switch (tr->stage)
+	{
+		case 0:
+			return group_all_reduce(tr->group, tr->m->be, tr->grads, tr->n, err);
+		case 1:
+			return group_reduce_scatter(tr->group, tr->m->be, tr->grads, 0, tr->n, tr->n,
+										tr->grads + tr->lo, 0, err);
+		default:
+			return DL_OK;		/* reduced span by span in backward */
+	}
 }
 
 /*
@@ -162,6 +355,50 @@ scheduled_lr(const dl_train_config *c, int step)
 	return c->lr * f;
 }
 
+/*
+ * The sum of squares of the reduced gradients, slice by slice in rank order (slices of
+ * the group's size, or one slice alone), the same at every stage. Stage 0 sums every
+ * slice itself; stages 1 and 2 sum their own and exchange.
+ */
+static dl_status
+grad_sum_squares(dl_trainer *tr, double *sumsq, dl_error *err)
+{
+	dl_backend *be = tr->m->be;
+	int			N = tr->group ? tr->group->nranks : 1;
+	double		mine,
+				all[DL_GROUP_MAX_RANKS];
+	size_t		lo,
+				hi;
+	dl_status	st;
+
+	*sumsq = 0;
+	if (tr->stage == 0)
+	{
+		for (int r = 0; r < N; r++)
+		{
+			group_slice(N, tr->n, r, &lo, &hi);
+			if ((st = be->sum_squares(be, tr->grads + lo, hi - lo, &mine, err)) != DL_OK)
+				return st;
+			*sumsq += mine;
+		}
+		return DL_OK;
+	}
+	if ((st = be->sum_squares(be, tr->grads + (tr->stage == 1 ? tr->lo : 0), tr->hi - tr->lo,
+							  &mine, err)) != DL_OK ||
+		(st = group_scalars(tr->group, &mine, 1, all, err)) != DL_OK)
+		return st;
+	for (int r = 0; r < N; r++)
+		*sumsq += all[r];
+	return DL_OK;
+}
+
+/* Zero the gradients the next step accumulates into. */
+static void
+zero_grads(dl_trainer *tr)
+{
+	tr->m->be->zero(tr->m->be, tr->grads, (tr->stage == 2 ? tr->hi - tr->lo : tr->n) * sizeof(float));
+}
+
 dl_status
 trainer_update(dl_trainer *tr, int64_t n_labels, int step, float *lr, float *grad_norm,
 			   dl_error *err)
@@ -178,21 +415,20 @@ trainer_update(dl_trainer *tr, int64_t n_labels, int step, float *lr, float *gra
 	*grad_norm = 0.0f;
 	if (n_labels < 1)
 	{
-		be->zero(be, tr->grads, m->param_bytes);
+		zero_grads(tr);
 		dl_fail(err, DL_EINVAL, "a training step has no label tokens");
 		return dl_hint(err, "Every example needs response tokens after \"### Response:\".");
 	}
 	if (step < 0)
 		return dl_fail(err, DL_EINVAL, "training step %d is negative", step);
-	st = be->sum_squares(be, tr->grads, m->param_bytes / sizeof(float), &sumsq, err);
-	if (st != DL_OK)
+	if ((st = grad_sum_squares(tr, &sumsq, err)) != DL_OK)
 		return st;
 	/* the buffer holds gradients of the summed loss: the mean's norm is 1/n of theirs */
 	norm = sqrt(sumsq) / (double) n_labels;
 	*grad_norm = (float) norm;
 	if (!isfinite(norm))
 	{
-		be->zero(be, tr->grads, m->param_bytes);
+		zero_grads(tr);
 		dl_fail(err, DL_EINVAL, "the gradient norm is not finite: training diverged");
 		return dl_hint(err, "Lower the learning rate.");
 	}
@@ -212,16 +448,28 @@ trainer_update(dl_trainer *tr, int64_t n_labels, int step, float *lr, float *gra
 		.step = ++tr->updates,
 	};
 	*lr = h.lr;
-	/* tensor by tensor, so that only parameters (never alignment padding) are touched */
+
+	/*
+	 * Tensor by tensor, so that only parameters (never alignment padding) are touched;
+	 * of each, the part in this rank's slice. Element k of param_mem has its gradient at
+	 * grads[k] (stage 2: grads[k - lo]) and its moments at adam_m[k - lo].
+	 */
 	for (int i = 0; i < m->nmap; i++)
 	{
 		const dl_tensor_map *e = &m->map[i];
-		size_t		at = e->offset / sizeof(float);
-		size_t		numel = (size_t) e->shape[0] * (e->ndim == 2 ? e->shape[1] : 1);
+		size_t		at = e->offset / sizeof(float),
+					end = at + (size_t) e->shape[0] * (e->ndim == 2 ? e->shape[1] : 1);
 
-		be->adamw_update(be, (float *) m->param_mem + at, tr->grads + at, tr->adam_m + at,
-						 tr->adam_v + at, numel, &h);
+		at = at > tr->lo ? at : tr->lo;
+		end = end < tr->hi ? end : tr->hi;
+		if (at < end)
+			be->adamw_update(be, (float *) m->param_mem + at,
+							 tr->grads + (tr->stage == 2 ? at - tr->lo : at),
+							 tr->adam_m + (at - tr->lo), tr->adam_v + (at - tr->lo), end - at, &h);
 	}
-	be->zero(be, tr->grads, m->param_bytes);
+	zero_grads(tr);
+	if (tr->stage > 0 &&
+		(st = group_all_gather(tr->group, be, m->param_mem, tr->n, err)) != DL_OK)
+		return st;
 	return be->synchronize(be, err);
 }

@@ -8,12 +8,14 @@
  * the first "### Response:\n" token masked out (completion-only loss); the loss is the
  * mean cross-entropy of logits[:, :-1] against labels[:, 1:] over unmasked positions.
  *
- * A step is split in two so that data parallelism can sit between the halves:
+ * A step is split so that data parallelism can sit between its parts:
  * trainer_backward() accumulates gradients (and the count of label tokens) for one
- * micro-batch; several ranks then sum their gradient buffers (laid out like the
- * parameters, one flat float array) and their label counts; trainer_update() divides by
- * the GLOBAL label count, clips the global gradient norm, applies AdamW and zeroes the
- * gradients. One process with one micro-batch per step is the same computation.
+ * micro-batch; trainer_reduce() sums the gradients (laid out like the parameters, one
+ * flat float array) and the label counts over the ranks of a group (collective.h);
+ * trainer_update() divides by the GLOBAL label count, clips the global gradient norm,
+ * applies AdamW and zeroes the gradients. One process with one micro-batch per step is
+ * the same computation. With ZeRO stages 1 and 2 each rank keeps the optimizer state
+ * (and at stage 2 the reduced gradients) of its slice of the parameters only.
  */
 #ifndef DOLLY_TRAIN_H
 #define DOLLY_TRAIN_H
@@ -21,6 +23,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "collective.h"
 #include "error.h"
 #include "model.h"
 #include "tokenizer.h"
@@ -85,9 +88,23 @@ void		train_defaults(dl_train_config *cfg);
 
 typedef struct dl_trainer dl_trainer;
 
-/* A trainer for m: gradient buffer, AdamW moments, activations for backward. */
-dl_status	trainer_create(dl_model *m, const dl_train_config *cfg, dl_trainer **out, dl_error *err);
+/*
+ * A trainer for m: gradients, AdamW moments, activations for backward. With a group of
+ * several ranks, ZeRO stage 0 (everything on every rank), 1 (moments of the rank's slice)
+ * or 2 (moments and reduced gradients of the slice); alone, or group NULL, stage 0.
+ */
+dl_status	trainer_create(dl_model *m, const dl_train_config *cfg, dl_group *group, int stage,
+						   dl_trainer **out, dl_error *err);
 void		trainer_free(dl_trainer *tr);
+
+/* The ZeRO stage the trainer runs (0 when alone). */
+int			trainer_stage(const dl_trainer *tr);
+
+/* Device bytes of its gradients and AdamW state (not the activations). */
+size_t		trainer_state_bytes(const dl_trainer *tr);
+
+/* The floats trainer_create allocates for gradients and AdamW on each of nranks at stage. */
+size_t		trainer_state_floats(const dl_model *m, int nranks, int stage);
 
 /*
  * Forward and backward of a micro-batch of n examples: gradients of the SUM of the
@@ -97,13 +114,27 @@ void		trainer_free(dl_trainer *tr);
 dl_status	trainer_backward(dl_trainer *tr, const dl_example *batch, int n,
 							 double *loss_sum, int64_t *n_labels, dl_error *err);
 
-/* The gradient buffer (device floats, laid out like the parameters). */
+/*
+ * Sum the step's gradients (stage 0: all of them on every rank; stage 1: each rank its
+ * slice's; stage 2: already done span by span in backward), losses and label counts
+ * over the ranks, in rank order. Nothing alone.
+ */
+dl_status	trainer_reduce(dl_trainer *tr, double *loss_sum, int64_t *n_labels, dl_error *err);
+
+/*
+ * The gradients (device floats): at stages 0 and 1 all of them, laid out like the
+ * parameters (*n of them); at stage 2 this rank's slice of the reduced ones.
+ */
 float	   *trainer_grads(dl_trainer *tr, size_t *n);
+
+/* Sum a loss and a label count over the ranks (evaluation); nothing alone. */
+dl_status	trainer_sum(dl_trainer *tr, double *loss_sum, int64_t *n_labels, dl_error *err);
 
 /*
  * Finish a step: gradients /= n_labels (the global count), clip, AdamW with the
- * scheduled learning rate of step `step` (0-based), zero the gradients. Reports the
- * learning rate used and the gradient norm before clipping.
+ * scheduled learning rate of step `step` (0-based), zero the gradients; at stages 1
+ * and 2, the updated slices gathered into every rank. Reports the learning rate used
+ * and the gradient norm before clipping.
  */
 dl_status	trainer_update(dl_trainer *tr, int64_t n_labels, int step, float *lr,
 						   float *grad_norm, dl_error *err);
@@ -124,18 +155,12 @@ typedef struct dl_train_progress
 	double		tokens_per_second;	/* training tokens, averaged over the run */
 	float		lr;
 	float		grad_norm;
+	size_t		state_bytes;	/* this rank's gradients and AdamW state (trainer_state_bytes) */
+	int			zero_stage;		/* the stage the trainer runs */
 } dl_train_progress;
 
 /* Called after every step and evaluation; a nonzero return stops the run (DL_ECANCELLED). */
 typedef int (*dl_progress_fn) (void *arg, const dl_train_progress *p);
-
-/*
- * Data parallelism: sums grads[0..n), *loss_sum and *n_labels over all ranks in place,
- * identically on every rank (fixed order, so ranks stay bit-identical). NULL when there
- * is one rank. Evaluation calls it with grads NULL and n 0 (the sums only).
- */
-typedef dl_status (*dl_allreduce_fn) (void *arg, float *grads, size_t n, double *loss_sum,
-									  int64_t *n_labels, dl_error *err);
 
 typedef struct dl_finetune_opts
 {
@@ -146,8 +171,9 @@ typedef struct dl_finetune_opts
 	int			nranks;			/* rank r takes examples r, r + nranks, ... of each batch */
 	int			eval_every;		/* steps between evaluations; 0 = end of each epoch only */
 	uint64_t	seed;			/* shuffles the training examples every epoch */
-	dl_allreduce_fn allreduce;
-	void	   *allreduce_arg;
+	dl_group   *group;			/* the ranks (nranks of them); NULL alone */
+	int			zero_stage;		/* 0, 1, 2: see trainer_create */
+	int			comm_bf16;		/* the group stages gradients as bfloat16 (the caller sets it) */
 	dl_progress_fn progress;
 	void	   *progress_arg;
 } dl_finetune_opts;

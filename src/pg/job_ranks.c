@@ -4,12 +4,11 @@
  * With dolly.train_workers = N > 1, the job's worker (rank 0) reads and tokenises the
  * records as the calling role, then creates a DSM segment holding the examples and the
  * training options and starts N - 1 more workers (ranks 1..N-1). Every rank loads the
- * base model, takes its share of each batch (finetune_run's rank/nranks) and, between
- * backward and update, sums the gradients, losses and label counts of all ranks through
- * the segment: each round every rank copies a chunk of its gradients in, then sums its
- * 1/N slice of the chunk over the ranks in rank order (reduce-scatter), then copies the
- * whole summed chunk back (all-gather). Fixed order, so every rank ends bit-identical.
- * No NCCL: the same scheme carries GPU ranks through host memory.
+ * base model, takes its share of each batch (finetune_run's rank/nranks) and sums
+ * gradients, losses and label counts with the others through the segment's staging area
+ * (the engine's collective.c: reduce-scatter and all-gather in rank order, so every rank
+ * ends bit-identical; ZeRO stages 1 and 2 shard AdamW's state and the gradients over the
+ * ranks). No NCCL: the same scheme carries GPU ranks through host memory.
  *
  * The barrier is a generation counter and a condition variable in the segment. A rank
  * that fails or is told to stop raises `abort`; a rank whose peer process is gone does
@@ -25,6 +24,7 @@
 #include "paths.h"
 
 #include <errno.h>
+#include <math.h>
 #include <signal.h>
 
 #include "miscadmin.h"
@@ -36,9 +36,11 @@
 #include "tcop/tcopprot.h"
 #include "utils/wait_event.h"
 
+#include "cuda_plugin.h"
+#include "sysinfo.h"
 #include "train.h"
 
-#define DP_CHUNK (1 << 20)		/* floats of gradient per rank per round */
+#define DP_CHUNK (1 << 20)		/* floats a rank stages per round */
 
 typedef struct DpExample
 {
@@ -61,15 +63,12 @@ struct DollyDP
 	dl_finetune_opts opts;		/* the numbers only: ranks set their own hooks */
 	int			ntrain;
 	int			neval;			/* the first neval examples are for evaluation */
-	double		loss[2][DOLLY_MAX_RANKS];
-	int64		labels[2][DOLLY_MAX_RANKS];
 	Size		examples_off;	/* DpExample[neval + ntrain] */
-	Size		stage_off;		/* float[nranks + 1][DP_CHUNK]: one per rank, then the sum */
+	Size		stage_off;		/* the group's staging area, group_stage_bytes */
 };
 
-/* This process's rank, and how many all-reduces it has done (the same on every rank). */
+/* This process's rank. */
 static int	my_rank;
-static uint64 calls;
 
 /* Is process pid gone? */
 static bool
@@ -126,57 +125,23 @@ barrier(DollyDP *d)
 		/* a stop request (SIGTERM) leaves through the engine, not a longjmp */
 		if (ProcDiePending)
 			dolly_dp_abort(d, NULL);
+		/*
+		 * Interrupts held: the sleep's CHECK_FOR_INTERRUPTS would otherwise act on SIGTERM
+		 * by exiting from inside the engine, with its threads running (a crash).
+		 */
+		HOLD_INTERRUPTS();
 		(void) ConditionVariableTimedSleep(&d->cv, 100, PG_WAIT_EXTENSION);
+		RESUME_INTERRUPTS();
 	}
 	ConditionVariableCancelSleep();
 	return ok;
 }
 
-/* finetune_run's all-reduce: sums over ranks, identical on every rank. */
-static dl_status
-allreduce(void *arg, float *grads, size_t n, double *loss_sum, int64_t *n_labels, dl_error *err)
+/* The group's barrier: nonzero when the group stops. */
+static int
+group_barrier(void *arg)
 {
-	DollyDP    *d = arg;
-	int			N = d->nranks;
-	int			buf = calls++ & 1;	/* the sums of the last call may still be read */
-	float	   *stage = (float *) ((char *) d + d->stage_off);
-	float	   *sum = stage + (Size) N * DP_CHUNK;
-	double		loss = 0;
-	int64		labels = 0;
-
-	d->loss[buf][my_rank] = *loss_sum;
-	d->labels[buf][my_rank] = *n_labels;
-	for (size_t off = 0; off < n; off += DP_CHUNK)
-	{
-		size_t		len = Min((size_t) DP_CHUNK, n - off);
-		size_t		lo = len * my_rank / N,
-					hi = len * (my_rank + 1) / N;
-
-		memcpy(stage + (Size) my_rank * DP_CHUNK, grads + off, len * sizeof(float));
-		if (!barrier(d))
-			return dl_fail(err, DL_ECANCELLED, "data-parallel group stopped");
-		for (size_t i = lo; i < hi; i++)
-		{
-			float		s = 0;
-
-			for (int r = 0; r < N; r++)
-				s += stage[(Size) r * DP_CHUNK + i];
-			sum[i] = s;
-		}
-		if (!barrier(d))
-			return dl_fail(err, DL_ECANCELLED, "data-parallel group stopped");
-		memcpy(grads + off, sum, len * sizeof(float));
-	}
-	if (!barrier(d))
-		return dl_fail(err, DL_ECANCELLED, "data-parallel group stopped");
-	for (int r = 0; r < N; r++)
-	{
-		loss += d->loss[buf][r];
-		labels += d->labels[buf][r];
-	}
-	*loss_sum = loss;
-	*n_labels = labels;
-	return DL_OK;
+	return !barrier(arg);
 }
 
 /* The examples in the segment, as dl_examples pointing into it (never freed). */
@@ -210,7 +175,7 @@ dolly_dp_start(int nranks, const dl_example *ex, int ntrain, int neval, const ch
 	for (int i = 0; i < ntrain + neval; i++)
 		ids += MAXALIGN(ex[i].n * sizeof(int32));
 	size = MAXALIGN(sizeof(DollyDP)) + MAXALIGN(sizeof(DpExample) * (ntrain + neval)) + ids +
-		(Size) (nranks + 1) * DP_CHUNK * sizeof(float);
+		group_stage_bytes(nranks, DP_CHUNK);
 	seg = dsm_create(size, 0);
 	dsm_pin_mapping(seg);		/* kept until the process exits */
 	d = dsm_segment_address(seg);
@@ -221,8 +186,7 @@ dolly_dp_start(int nranks, const dl_example *ex, int ntrain, int neval, const ch
 	d->pids[0] = MyProcPid;
 	strlcpy(d->base_path, base_path, sizeof(d->base_path));
 	d->opts = *opts;
-	d->opts.allreduce = NULL;
-	d->opts.allreduce_arg = NULL;
+	d->opts.group = NULL;
 	d->opts.progress = NULL;
 	d->opts.progress_arg = NULL;
 	d->ntrain = ntrain;
@@ -264,13 +228,16 @@ dl_status
 dolly_dp_train(DollyDP *d, int rank, dl_model *m, const dl_example *ex, int ntrain, int neval,
 			   dl_finetune_opts *o, dl_train_progress *last, dl_error *err)
 {
+	dl_group	group = {
+		.rank = rank, .nranks = d->nranks, .stage = (char *) d + d->stage_off, .chunk = DP_CHUNK,
+		.bf16 = o->comm_bf16, .barrier = group_barrier, .barrier_arg = d,
+	};
 	dl_status	st;
 
 	my_rank = rank;
 	o->rank = rank;
 	o->nranks = d->nranks;
-	o->allreduce = allreduce;
-	o->allreduce_arg = d;
+	o->group = &group;
 	/* everyone has loaded the model before the first step */
 	if (!barrier(d))
 		st = dl_fail(err, DL_ECANCELLED, "data-parallel group stopped");
@@ -283,6 +250,8 @@ dolly_dp_train(DollyDP *d, int rank, dl_model *m, const dl_example *ex, int ntra
 		if (st == DL_ECANCELLED && d->error[0])
 			st = dl_fail(err, DL_EBACKEND, "%s", d->error);
 	}
+	group_release(&group);
+	o->group = NULL;
 	return st;
 }
 
@@ -311,6 +280,61 @@ dolly_job_load_base(const char *base_path, int rank, int nranks, const char *act
 	if (dolly_open_model(base_path, *be, activity, stop, arg, base, err) != DL_OK)
 		return err->code;
 	return model_add_dolly_tokens(&(*base)->model, (*base)->tok, err);
+}
+
+/* Bytes each of nranks ranks has for training state, or -1 when unknown. */
+static long long
+rank_memory(const dl_model *m, const dl_backend *be, int nranks)
+{
+	char		path[MAXPGPATH];
+	const dl_cuda_plugin *plugin;
+	dl_gpu_info gpus[DL_MAX_GPUS];
+	int			ngpus = 0;
+	dl_error	err;
+	long long	avail;
+
+	if (be->host_memory)
+	{
+		/* this rank's weights are loaded; the others' are still to come */
+		avail = sys_mem_available();
+		return avail < 0 ? -1 : (avail - (long long) (nranks - 1) * (long long) m->param_bytes) / nranks;
+	}
+	/* a GPU per rank, this one (device 0 after dolly_cuda_restrict) standing for all */
+	dolly_cuda_plugin_path(path, sizeof(path));
+	if (cuda_plugin_load(path, &plugin, &err) != DL_OK ||
+		plugin->probe(gpus, DL_MAX_GPUS, &ngpus, &err) != DL_OK || ngpus < 1)
+		return -1;
+	return (long long) gpus[0].free_bytes;
+}
+
+int
+dolly_dp_choose_stage(const dl_model *m, const dl_backend *be, int nranks, int wanted, int64 job_id)
+{
+	long long	avail = rank_memory(m, be, nranks);
+	int			stage = wanted;
+	const char *why = "asked for";
+
+	if (nranks < 2)
+	{
+		stage = 0;
+		why = "one rank";
+	}
+	else if (wanted < 0)
+	{
+		/* a tenth kept for activations and the allocator */
+		for (stage = 0; stage < 2; stage++)
+			if (avail >= 0 && (double) trainer_state_floats(m, nranks, stage) * sizeof(float) <= 0.9 * avail)
+				break;
+		why = stage < 2 || (avail >= 0 && (double) trainer_state_floats(m, nranks, 2) * sizeof(float) <= 0.9 * avail)
+			? "the smallest stage that fits" : "nothing smaller fits";
+	}
+	elog(LOG, "dolly: fine-tuning job %lld: ZeRO stage %d (%s): gradients and AdamW state %.0f MB a rank "
+		 "(stage 0: %.0f MB), %.0f MB available a rank",
+		 (long long) job_id, stage, why,
+		 trainer_state_floats(m, nranks, stage) * sizeof(float) / 1048576.0,
+		 trainer_state_floats(m, nranks, 0) * sizeof(float) / 1048576.0,
+		 avail >= 0 ? avail / 1048576.0 : NAN);
+	return stage;
 }
 
 /* Does the group stop (a rank failed or was stopped)? */

@@ -65,6 +65,8 @@ typedef struct JobSpec
 	int			max_length;		/* 0: the model's */
 	int64		seed;
 	bool		checkpoint;		/* activation checkpointing */
+	int			zero_stage;		/* -1: the smallest that fits */
+	bool		comm_bf16;		/* gradients cross between ranks as bfloat16 */
 } JobSpec;
 
 static DollyJobSlot *my_slot;
@@ -219,6 +221,23 @@ read_options(Jsonb *opts, JobSpec *spec)
 	spec->max_length = (v = option(opts, "max_length")) ? atoi(v) : 0;
 	spec->seed = strtoll(option(opts, "seed"), NULL, 10);
 	spec->checkpoint = (v = option(opts, "checkpointing")) && strcmp(v, "true") == 0;
+	spec->zero_stage = (v = option(opts, "zero_stage")) ? atoi(v) : -1;
+	spec->comm_bf16 = (v = option(opts, "bf16_communication")) && strcmp(v, "true") == 0;
+}
+
+/* Record the ZeRO stage the job runs, for dolly_jobs. */
+static void
+record_stage(int stage)
+{
+	Oid			argtypes[2] = {INT8OID, INT4OID};
+	Datum		args[2] = {Int64GetDatum(my_job), Int32GetDatum(stage)};
+	DollyOwnerScope scope;
+
+	xact_begin();
+	dolly_owner_query(&scope, "UPDATE %s SET zero_stage = $2 WHERE id OPERATOR(pg_catalog.=) $1",
+					  "dolly_job", 2, argtypes, args, NULL, SPI_OK_UPDATE);
+	dolly_owner_query_end(&scope);
+	xact_end();
 }
 
 /*
@@ -447,6 +466,9 @@ run_job(const JobSpec *spec)
 	o.nranks = 1;
 	o.seed = (uint64) spec->seed;
 	o.progress = on_progress;
+	o.zero_stage = dolly_dp_choose_stage(base->model, be, nranks, spec->zero_stage, my_job);
+	o.comm_bf16 = spec->comm_bf16;
+	record_stage(o.zero_stage);
 	set_phase("training");
 	if (nranks > 1)
 		st = dolly_dp_train(dolly_dp_start(nranks, ex, n - neval, neval, base_path, &o, my_job),

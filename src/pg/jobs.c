@@ -256,13 +256,16 @@ check_can_connect(void)
 static const char *const finetune_params[] = {
 	"source", "output_model", "base_model", "instruction_column", "context_column",
 	"response_column", "epochs", "learning_rate", "batch_size", "max_length", "warmup_steps",
-	"lr_schedule", "weight_decay", "eval_fraction", "seed", "checkpointing"
+	"lr_schedule", "weight_decay", "eval_fraction", "seed", "checkpointing", "zero_stage",
+	"bf16_communication"
 };
 
 /*
  * dolly_finetune(source, output_model, base_model, instruction_column, context_column,
  * response_column, epochs, learning_rate, batch_size, max_length, warmup_steps,
- * lr_schedule, weight_decay, eval_fraction, seed, checkpointing): the new job's id.
+ * lr_schedule, weight_decay, eval_fraction, seed, checkpointing, zero_stage,
+ * bf16_communication): the new job's id. Called through 0.2's definition (before ALTER
+ * EXTENSION UPDATE), the last two are absent: their defaults.
  */
 Datum
 dolly_finetune(PG_FUNCTION_ARGS)
@@ -283,6 +286,8 @@ dolly_finetune(PG_FUNCTION_ARGS)
 	char	   *schedule;
 	int64		seed;
 	bool		checkpointing;
+	int			zero_stage = -1;	/* -1: the job picks */
+	bool		comm_bf16 = false;
 	struct stat sb;
 	char		base_path[MAXPGPATH];
 	bool		is_default;
@@ -296,11 +301,11 @@ dolly_finetune(PG_FUNCTION_ARGS)
 	bool		isnull;
 
 	for (int i = 0; i < PG_NARGS(); i++)
-		if (PG_ARGISNULL(i) && i != 2 && i != 4 && i != 7 && i != 9)
+		if (PG_ARGISNULL(i) && i != 2 && i != 4 && i != 7 && i != 9 && i != 16)
 			ereport(ERROR,
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("%s must not be NULL", finetune_params[i]),
-					 errhint("Only base_model, context_column, learning_rate and max_length may be NULL.")));
+					 errhint("Only base_model, context_column, learning_rate, max_length and zero_stage may be NULL.")));
 	relid = PG_GETARG_OID(0);
 	output = text_to_cstring(PG_GETARG_TEXT_PP(1));
 	dolly_check_model_name(output);
@@ -325,6 +330,13 @@ dolly_finetune(PG_FUNCTION_ARGS)
 	eval_fraction = PG_GETARG_FLOAT8(13);
 	seed = PG_GETARG_INT64(14);
 	checkpointing = PG_GETARG_BOOL(15);
+	if (PG_NARGS() > 16 && !PG_ARGISNULL(16))
+	{
+		zero_stage = PG_GETARG_INT32(16);
+		check_range("zero_stage", zero_stage, 0, 2);
+	}
+	if (PG_NARGS() > 17)
+		comm_bf16 = PG_GETARG_BOOL(17);
 
 	check_range("epochs", epochs, 1, 10000);
 	if (!PG_ARGISNULL(7))
@@ -387,7 +399,9 @@ dolly_finetune(PG_FUNCTION_ARGS)
 		appendStringInfo(&opts, ", \"learning_rate\": %.17g", lr);
 	if (!PG_ARGISNULL(9))
 		appendStringInfo(&opts, ", \"max_length\": %d", max_length);
-	appendStringInfoChar(&opts, '}');
+	if (zero_stage >= 0)
+		appendStringInfo(&opts, ", \"zero_stage\": %d", zero_stage);
+	appendStringInfo(&opts, ", \"bf16_communication\": %s}", comm_bf16 ? "true" : "false");
 
 	/* record the job (in the owner scope), then start its worker */
 	args[0] = ObjectIdGetDatum(GetUserId());

@@ -76,6 +76,14 @@ extern dl_status dolly_job_load_base(const char *base_path, int rank, int nranks
 									 const char *activity, bool (*stop) (void *arg), void *arg,
 									 struct dl_backend **be, struct dl_pipeline **base,
 									 dl_error *err);
+/*
+ * The ZeRO stage nranks ranks training m on be run: `wanted` (0, 1, 2) if >= 0, else the
+ * smallest whose gradients and AdamW state fit each rank's share of the memory left (the
+ * host's for CPU ranks, which all share it; the GPU's free memory for GPU ranks), or 2
+ * when none does. Logs the choice with the figures behind it.
+ */
+extern int	dolly_dp_choose_stage(const struct dl_model *m, const struct dl_backend *be, int nranks,
+								  int wanted, int64 job_id);
 /* Ranks 1..n-1 start here. */
 PGDLLEXPORT void dolly_job_rank_main(Datum main_arg);
 

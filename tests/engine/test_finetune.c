@@ -1,14 +1,16 @@
 /*
  * test_finetune.c: the epoch loop (finetune_run) on a fixture model and a handful of
  * records: the loss goes down, the step count and progress reports are right, a stop
- * from the callback cancels, and two ranks with a summing all-reduce train the same
- * model as one rank. The trainer's arithmetic itself is tested in test_train.c.
+ * from the callback cancels, and 2 or 4 ranks in threads, at ZeRO stages 0, 1 and 2, train
+ * the same model as one rank. The trainer's arithmetic itself is tested in test_train.c,
+ * the sums over ranks in test_collective.c.
  */
 #include "harness.h"
 #include "train.h"
 
 #include <math.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,14 +36,19 @@ typedef struct setup
 static dl_status
 setup_open(setup *s, dl_error *err)
 {
+	char		dir[1024],
+				tok[1100];
 	dl_status	st;
 
+	/* not fixture_path, whose one static buffer ranks in threads would share */
+	snprintf(dir, sizeof(dir), "%s/neox-par-f32", fixture_dir());
+	snprintf(tok, sizeof(tok), "%s/tokenizer.json", dir);
 	memset(s, 0, sizeof(*s));
 	st = backend_cpu_create(1, 0, &s->be, err);
 	if (st == DL_OK)
-		st = dl_model_load(fixture_path("neox-par-f32"), s->be, &s->m, err);
+		st = dl_model_load(dir, s->be, &s->m, err);
 	if (st == DL_OK)
-		st = tok_load(fixture_path("neox-par-f32/tokenizer.json"), &s->tok, err);
+		st = tok_load(tok, &s->tok, err);
 	if (st == DL_OK)
 		st = model_add_dolly_tokens(&s->m, s->tok, err);
 	for (int i = 0; i < NREC && st == DL_OK; i++)
@@ -212,53 +219,41 @@ TEST(finetune_rejects_bad_input)
 	setup_close(&s);
 }
 
-/* Two ranks in two threads of one process, summing through shared memory. */
+/*
+ * Ranks in threads of one process: a group over a staging area in plain memory, with a
+ * small chunk so that a step takes many rounds and slices end mid-round.
+ */
+#define MAX_RANKS 4
+#define TEST_CHUNK (64 * MAX_RANKS)
+
 typedef struct ranks
 {
 	pthread_barrier_t barrier;
-	float	   *grads[2];
-	double		loss[2];
-	int64_t		labels[2];
+	void	   *stage;
+	int			nranks;
+	int			stage_zero;		/* the ZeRO stage */
+	int			bf16;
+	int			batch_size;
+	int			max_tokens;
+	int			epochs;
 } ranks;
 
-/* One rank's thread: its own backend and model, its half of every batch. */
+/* One rank's thread: its own backend and model, its share of every batch. */
 typedef struct rank_arg
 {
 	ranks	   *shared;
 	int			rank;
-	int			max_tokens;
 	setup		s;
 	dl_train_progress last;
 	dl_status	st;
 	dl_error	err;
 } rank_arg;
 
-/* The all-reduce: both post, both sum in rank order into scratch, then both copy back. */
-static dl_status
-sum_ranks(void *arg, float *grads, size_t n, double *loss_sum, int64_t *n_labels, dl_error *err)
+static int
+thread_barrier(void *arg)
 {
-	ranks	   *r = ((rank_arg *) arg)->shared;
-	int			me = ((rank_arg *) arg)->rank;
-	float	   *sum = malloc((n ? n : 1) * sizeof(float));
-	double		loss;
-	int64_t		labels;
-
-	if (sum == NULL)
-		return dl_fail(err, DL_ENOMEM, "out of memory in the test all-reduce");
-	r->grads[me] = grads;
-	r->loss[me] = *loss_sum;
-	r->labels[me] = *n_labels;
-	pthread_barrier_wait(&r->barrier);
-	for (size_t i = 0; i < n; i++)
-		sum[i] = r->grads[0][i] + r->grads[1][i];
-	loss = r->loss[0] + r->loss[1];
-	labels = r->labels[0] + r->labels[1];
-	pthread_barrier_wait(&r->barrier);
-	memcpy(grads, sum, n * sizeof(float));
-	*loss_sum = loss;
-	*n_labels = labels;
-	free(sum);
-	return DL_OK;
+	pthread_barrier_wait(arg);
+	return 0;
 }
 
 /* Thread body of one rank. */
@@ -266,18 +261,23 @@ static void *
 rank_main(void *p)
 {
 	rank_arg   *a = p;
-	dl_finetune_opts o = test_opts(2, 2);
+	ranks	   *sh = a->shared;
+	dl_finetune_opts o = test_opts(sh->epochs, sh->batch_size);
+	dl_group	g = {
+		.rank = a->rank, .nranks = sh->nranks, .stage = sh->stage, .chunk = TEST_CHUNK,
+		.bf16 = sh->bf16, .barrier = thread_barrier, .barrier_arg = &sh->barrier,
+	};
 
 	o.cfg.eps = 1e-3f;
-	a->st = setup_open(&a->s, &a->err);
-	if (a->st != DL_OK)
-		return NULL;
+	o.cfg.max_tokens = sh->max_tokens;
 	o.rank = a->rank;
-	o.nranks = 2;
-	o.allreduce = sum_ranks;
-	o.allreduce_arg = a;
-	o.cfg.max_tokens = a->max_tokens;
-	a->st = finetune_run(a->s.m, a->s.ex, 4, a->s.ex + 4, 1, &o, &a->last, &a->err);
+	o.nranks = sh->nranks;
+	o.group = &g;
+	o.zero_stage = sh->stage_zero;
+	a->st = setup_open(&a->s, &a->err);
+	if (a->st == DL_OK)
+		a->st = finetune_run(a->s.m, a->s.ex, 4, a->s.ex + 4, 1, &o, &a->last, &a->err);
+	group_release(&g);
 	return NULL;
 }
 
@@ -311,32 +311,79 @@ param_diff(const dl_model *a, const dl_model *b)
 	return d;
 }
 
-/*
- * One rank and two ranks on the same batches of two examples: each rank takes one
- * example, and the one rank gets max_tokens of one example, so both accumulate the
- * same per-example gradients; only the order of float additions differs (a rank's sum
- * is added to the other's instead of token by token), so parameters agree to float
- * rounding carried through four AdamW steps: 1e-6 against weights of about 0.25.
- * AdamW's eps is raised to 1e-3 for this: the key bias's gradient is zero in exact
- * arithmetic (a softmax ignores a shift of all its scores), so what both runs see there
- * is rounding noise, which eps 1e-8 would turn into steps of +-lr; real gradients
- * (1e-3 and up here) still train.
- */
-TEST(finetune_two_ranks_match_one)
+/* Train with sh's ranks, each in a thread; a[r] keeps rank r's model for comparison. */
+static dl_status
+train_ranks(ranks *sh, rank_arg *a, dl_error *err)
 {
-	ranks		shared;
-	rank_arg	a[2];
-	pthread_t	th[2];
+	pthread_t	th[MAX_RANKS];
+
+	sh->stage = calloc(1, group_stage_bytes(sh->nranks, TEST_CHUNK));
+	if (sh->stage == NULL)
+		return dl_fail(err, DL_ENOMEM, "no staging area");
+	pthread_barrier_init(&sh->barrier, NULL, sh->nranks);
+	for (int r = 0; r < sh->nranks; r++)
+	{
+		memset(&a[r], 0, sizeof(a[r]));
+		a[r].shared = sh;
+		a[r].rank = r;
+		if (pthread_create(&th[r], NULL, rank_main, &a[r]) != 0)
+			abort();
+	}
+	for (int r = 0; r < sh->nranks; r++)
+		pthread_join(th[r], NULL);
+	pthread_barrier_destroy(&sh->barrier);
+	free(sh->stage);
+	for (int r = 0; r < sh->nranks; r++)
+		if (a[r].st != DL_OK)
+		{
+			*err = a[r].err;
+			return a[r].st;
+		}
+	return DL_OK;
+}
+
+static void
+close_ranks(ranks *sh, rank_arg *a)
+{
+	for (int r = 0; r < sh->nranks; r++)
+		setup_close(&a[r].s);
+}
+
+/* The longest example's tokens: as max_tokens, every example is a micro-batch alone. */
+static int
+longest_example(const setup *s)
+{
+	int			longest = 0;
+
+	for (int i = 0; i < NREC; i++)
+		longest = s->ex[i].n > longest ? s->ex[i].n : longest;
+	return longest;
+}
+
+/*
+ * 1, 2 and 4 ranks at ZeRO stages 0, 1 and 2 on the same batches of two examples, one
+ * example per micro-batch (with 4 ranks, two ranks have none and run empty ones): the
+ * ranks of a run end bit-identical; with as many ranks, the stages give bit-identical
+ * parameters (the gradients are summed in rank order, element by element, whichever
+ * rank sums them; the norm slice by slice in rank order at every stage). Against one
+ * rank only the order of float additions differs (a rank's sum is added to the other's
+ * instead of token by token), so parameters agree to float rounding carried through
+ * four AdamW steps: 1e-6 against weights of about 0.25. AdamW's eps is raised to 1e-3 for
+ * this: the key bias's gradient is zero in exact arithmetic (a softmax ignores a shift of
+ * all its scores), so what both runs see there is rounding noise, which eps 1e-8 would
+ * turn into steps of +-lr; real gradients (1e-3 and up here) still train.
+ */
+TEST(finetune_ranks_and_zero_stages_match_one_rank)
+{
 	setup		one;
 	dl_error	err;
 	dl_finetune_opts o = test_opts(2, 2);
 	dl_train_progress last;
-	int			longest = 0;
+	int			longest;
 	double		d;
 
 	CHECK_OK(setup_open(&one, &err), &err);
-	for (int i = 0; i < NREC; i++)
-		longest = one.ex[i].n > longest ? one.ex[i].n : longest;
+	longest = longest_example(&one);
 	/* no two examples fit together: one per micro-batch, as each rank has */
 	for (int i = 0; i < NREC; i++)
 		CHECK(2 * one.ex[i].n > longest);
@@ -344,32 +391,87 @@ TEST(finetune_two_ranks_match_one)
 	o.cfg.eps = 1e-3f;
 	CHECK_OK(finetune_run(one.m, one.ex, 4, one.ex + 4, 1, &o, &last, &err), &err);
 
-	memset(&shared, 0, sizeof(shared));
-	pthread_barrier_init(&shared.barrier, NULL, 2);
-	for (int r = 0; r < 2; r++)
+	for (int nranks = 2; nranks <= MAX_RANKS; nranks *= 2)
 	{
-		memset(&a[r], 0, sizeof(a[r]));
-		a[r].shared = &shared;
-		a[r].rank = r;
-		a[r].max_tokens = longest;
-		CHECK(pthread_create(&th[r], NULL, rank_main, &a[r]) == 0);
-	}
-	for (int r = 0; r < 2; r++)
-		pthread_join(th[r], NULL);
-	pthread_barrier_destroy(&shared.barrier);
-	for (int r = 0; r < 2; r++)
-		CHECK_OK(a[r].st, &a[r].err);
+		rank_arg	a[3][MAX_RANKS];
+		size_t		grads = one.m->param_bytes;
 
-	CHECK(a[0].last.step == 4 && a[1].last.step == 4 && last.step == 4);
-	CHECK(a[0].last.train_loss == a[1].last.train_loss && a[0].last.eval_loss == a[1].last.eval_loss);
-	CHECKF(fabs(a[0].last.train_loss - last.train_loss) < 1e-5 * last.train_loss &&
-		   fabs(a[0].last.eval_loss - last.eval_loss) < 1e-5 * last.eval_loss,
-		   "losses: two ranks %g / %g, one rank %g / %g", a[0].last.train_loss,
-		   a[0].last.eval_loss, last.train_loss, last.eval_loss);
-	/* the ranks stay bit-identical; against one rank, rounding only */
-	CHECKF((d = param_diff(a[0].s.m, a[1].s.m)) == 0, "ranks differ by %g", d);
-	CHECKF((d = param_diff(a[0].s.m, one.m)) < 1e-6, "two ranks and one differ by %g", d);
-	for (int r = 0; r < 2; r++)
-		setup_close(&a[r].s);
+		for (int stage = 0; stage <= 2; stage++)
+		{
+			ranks		sh = {.nranks = nranks, .stage_zero = stage, .batch_size = 2,
+			.max_tokens = longest, .epochs = 2};
+
+			CHECK_OK(train_ranks(&sh, a[stage], &err), &err);
+			for (int r = 0; r < nranks; r++)
+				CHECKF(a[stage][r].last.step == 4 && a[stage][r].last.train_loss == a[stage][0].last.train_loss &&
+					   a[stage][r].last.eval_loss == a[stage][0].last.eval_loss,
+					   "%d ranks, stage %d: rank %d's progress differs", nranks, stage, r);
+			CHECKF(fabs(a[stage][0].last.train_loss - last.train_loss) < 1e-5 * last.train_loss &&
+				   fabs(a[stage][0].last.eval_loss - last.eval_loss) < 1e-5 * last.eval_loss,
+				   "losses: %d ranks at stage %d %g / %g, one rank %g / %g", nranks, stage,
+				   a[stage][0].last.train_loss, a[stage][0].last.eval_loss, last.train_loss, last.eval_loss);
+			for (int r = 1; r < nranks; r++)
+				CHECKF((d = param_diff(a[stage][0].s.m, a[stage][r].s.m)) == 0,
+					   "%d ranks, stage %d: ranks 0 and %d differ by %g", nranks, stage, r, d);
+			CHECKF((d = param_diff(a[stage][0].s.m, one.m)) < 1e-6,
+				   "%d ranks at stage %d and one rank differ by %g", nranks, stage, d);
+			if (stage > 0)
+				CHECKF((d = param_diff(a[stage][0].s.m, a[0][0].s.m)) == 0,
+					   "%d ranks: stage %d and stage 0 differ by %g", nranks, stage, d);
+		}
+		/* the optimizer state: a 1/nranks slice of AdamW's moments from stage 1 on */
+		CHECKF(a[1][0].last.state_bytes - grads <= (a[0][0].last.state_bytes - grads) / nranks + 2 * sizeof(float) &&
+			   a[1][0].last.state_bytes - grads >= (a[0][0].last.state_bytes - grads) / nranks,
+			   "%d ranks: AdamW state %zu bytes at stage 1, %zu at stage 0", nranks,
+			   a[1][0].last.state_bytes - grads, a[0][0].last.state_bytes - grads);
+		for (int stage = 0; stage <= 2; stage++)
+		{
+			ranks		sh = {.nranks = nranks};
+
+			close_ranks(&sh, a[stage]);
+		}
+	}
 	setup_close(&one);
+}
+
+/*
+ * An uneven split of tokens: batches of three examples over two ranks, one example per
+ * micro-batch, so rank 0 runs two micro-batches a step and rank 1 one (and an empty one
+ * at stage 2). Stages 0 and 1 stay bit-identical; stage 2 sums each micro-batch over the
+ * ranks as it goes, rank 0's two gradients reaching the sum separately ((a + c) + b
+ * where stage 0 adds (a + b) + c), a float rounding apart: 1e-6 as above. bfloat16
+ * communication rounds every staged gradient to 8 bits of mantissa: the ranks still
+ * agree bit for bit, and the parameters stay within 1e-4 of float32's after four steps
+ * of lr 3e-3 (AdamW normalises the gradients, so their rounding moves each step by a
+ * fraction of lr at most).
+ */
+TEST(finetune_zero_stages_uneven_split_and_bf16)
+{
+	rank_arg	a[4][MAX_RANKS];
+	dl_error	err;
+	int			longest;
+	double		d;
+	setup		probe;
+
+	CHECK_OK(setup_open(&probe, &err), &err);
+	longest = longest_example(&probe);
+	setup_close(&probe);
+	for (int run = 0; run < 4; run++)
+	{
+		ranks		sh = {.nranks = 2, .stage_zero = run < 3 ? run : 2, .bf16 = run == 3,
+		.batch_size = 3, .max_tokens = longest, .epochs = 2};
+
+		CHECK_OK(train_ranks(&sh, a[run], &err), &err);
+		CHECKF((d = param_diff(a[run][0].s.m, a[run][1].s.m)) == 0, "run %d: the ranks differ by %g", run, d);
+	}
+	CHECKF((d = param_diff(a[1][0].s.m, a[0][0].s.m)) == 0, "stage 1 and stage 0 differ by %g", d);
+	CHECKF((d = param_diff(a[2][0].s.m, a[0][0].s.m)) < 1e-6, "stage 2 and stage 0 differ by %g", d);
+	CHECKF((d = param_diff(a[3][0].s.m, a[2][0].s.m)) < 1e-4 && d > 0,
+		   "bfloat16 communication moves the parameters by %g", d);
+	for (int run = 0; run < 4; run++)
+	{
+		ranks		sh = {.nranks = 2};
+
+		close_ranks(&sh, a[run]);
+	}
 }

@@ -216,7 +216,7 @@ train_check_grads(const char *name, dl_backend *be, const train_tol *tol, int *f
 	if (st == DL_OK)
 	{
 		fixture_config(&f, &cfg);
-		st = trainer_create(f.m, &cfg, &tr, &err);
+		st = trainer_create(f.m, &cfg, NULL, 0, &tr, &err);
 	}
 	if (st == DL_OK)
 		st = trainer_backward(tr, f.ex, f.n, &loss_sum, &n_labels, &err);
@@ -281,7 +281,7 @@ train_check_steps(const char *name, dl_backend *be, const train_tol *tol, int *f
 	if (st == DL_OK)
 	{
 		fixture_config(&f, &cfg);
-		st = trainer_create(f.m, &cfg, &tr, &err);
+		st = trainer_create(f.m, &cfg, NULL, 0, &tr, &err);
 	}
 	for (int s = 0; st == DL_OK && s < steps; s++)
 	{

@@ -275,7 +275,7 @@ check_training(const char *name, int *failed_)
 			SKIP("fixture %s/train_expected.safetensors absent", name);
 		CHECK_OK(st, &err);
 		fixture_config(&f, &cfg);
-		st = trainer_create(f.m, &cfg, &tr, &err);
+		st = trainer_create(f.m, &cfg, NULL, 0, &tr, &err);
 		trainer_free(tr);
 		train_close(&f);
 		printf("  %-14s %-14s training refused: %s (%s)\n", name, tb[b].label, err.msg, err.hint);

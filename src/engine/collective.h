@@ -1,0 +1,79 @@
+/*
+ * collective.h: the sums of data parallelism, without NCCL: reduce-scatter, all-gather and
+ * all-reduce of float arrays, and scalars, over the ranks of a group, through a staging
+ * area of memory every rank maps (PostgreSQL shared memory for the job's worker processes,
+ * plain memory for threads in tests and benchmarks).
+ *
+ * Every element is summed in rank order, by one rank, whatever the size of the group's
+ * rounds: every rank ends with bit-identical results, and the same run gives the same
+ * parameters every time. A buffer of n floats is cut into nranks contiguous slices
+ * (group_slice); rank r owns slice r (ZeRO: it keeps that slice's optimizer state and
+ * reduced gradients). Device buffers (a backend whose memory is not the host's) go
+ * through the staging area by the backend's download and upload; nothing of the size of
+ * the buffer is allocated on the host.
+ *
+ * A round stages at most `chunk` floats per rank and costs one barrier: the staging area
+ * has two halves, used alternately, so a rank may fill one while a slower rank still
+ * sums from the other.
+ */
+#ifndef DOLLY_COLLECTIVE_H
+#define DOLLY_COLLECTIVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "error.h"
+
+#define DL_GROUP_SCALARS 8		/* scalars a rank contributes to one group_scalars */
+#define DL_GROUP_MAX_RANKS 64	/* ranks of a group, at most */
+
+/* Wait until every rank of the group arrives; nonzero when the group stops instead. */
+typedef int (*dl_barrier_fn) (void *arg);
+
+typedef struct dl_group
+{
+	int			rank;
+	int			nranks;
+	void	   *stage;			/* shared: group_stage_bytes(nranks, chunk) */
+	size_t		chunk;			/* floats a rank stages per round (a multiple of 16) */
+	int			bf16;			/* reduce-scatter stages gradients as bfloat16 (sums in float32) */
+	dl_barrier_fn barrier;
+	void	   *barrier_arg;
+	uint64_t	rounds;			/* rounds so far: the same on every rank; picks the half */
+	float	   *scratch;		/* 2 * chunk floats for the sums (malloc'd on first use) */
+} dl_group;
+
+/* Bytes of the staging area of a group of nranks with rounds of chunk floats. */
+size_t		group_stage_bytes(int nranks, size_t chunk);
+
+/* Elements [*lo, *hi) of n: the slice rank owns. */
+void		group_slice(int nranks, size_t n, int rank, size_t *lo, size_t *hi);
+
+/*
+ * Sum elements [first, first + count) of an array of n over the ranks into their owners:
+ * in holds those elements; out is this rank's slice [lo, hi) of the array (out[0] is
+ * element lo), where the sums of the elements of [first, first + count) it owns are
+ * stored (or added, with accumulate). in and out are in be's memory; out may be in + lo
+ * when first is 0.
+ */
+dl_status	group_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t first,
+								 size_t count, size_t n, float *out, int accumulate,
+								 dl_error *err);
+
+/* Every rank's slice of buf (n floats, in be's memory) into every rank's buf. */
+dl_status	group_all_gather(dl_group *g, dl_backend *be, float *buf, size_t n, dl_error *err);
+
+/* buf = the sum over the ranks of buf: a reduce-scatter in place, then an all-gather. */
+dl_status	group_all_reduce(dl_group *g, dl_backend *be, float *buf, size_t n, dl_error *err);
+
+/*
+ * Every rank's k (<= DL_GROUP_SCALARS) scalars: all[r * k + i] is rank r's mine[i], on
+ * every rank (callers sum or take the maximum in rank order).
+ */
+dl_status	group_scalars(dl_group *g, const double *mine, int k, double *all, dl_error *err);
+
+/* Free the group's scratch (not the staging area, which its owner maps). */
+void		group_release(dl_group *g);
+
+#endif

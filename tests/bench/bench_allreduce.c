@@ -1,0 +1,199 @@
+/*
+ * bench_allreduce.c: the all-reduce of data-parallel fine-tuning alone (collective.h), on
+ * the CPU, against memcpy in the same run. Ranks are forked processes, as the job's
+ * workers are, sharing a staging area of the job's size (1M floats a rank a round) and a
+ * process-shared barrier; each all-reduces its own buffer of S bytes (distinct values per
+ * rank). Prints, per rank count and size, the best of 3 runs as S / time, and memcpy's
+ * S / time for the same S (one process copying one buffer into another), and the ratio.
+ *
+ *   build/bench-allreduce [--ranks 2,4] [--mb 64,256,1024] [--bf16]
+ */
+#include "backend.h"
+#include "collective.h"
+#include "sysinfo.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define CHUNK (1 << 20)
+#define REPEAT 3
+
+typedef struct shared
+{
+	pthread_barrier_t barrier;
+	double		seconds[16][REPEAT];
+} shared;
+
+static int
+barrier(void *arg)
+{
+	pthread_barrier_wait(&((shared *) arg)->barrier);
+	return 0;
+}
+
+/* One rank: fill its buffer, then REPEAT timed all-reduces between barriers. */
+static int
+rank_main(shared *sh, void *stage, int rank, int nranks, size_t n, int bf16)
+{
+	dl_backend *be;
+	dl_error	err;
+	dl_group	g = {.rank = rank, .nranks = nranks, .stage = stage, .chunk = CHUNK, .bf16 = bf16,
+	.barrier = barrier, .barrier_arg = sh};
+	float	   *buf = malloc(n * sizeof(float));
+
+	if (buf == NULL || backend_cpu_create(1, 0, &be, &err) != DL_OK)
+		return 1;
+	for (size_t i = 0; i < n; i++)
+		buf[i] = (float) (i % 1000) * 1e-3f + rank;
+	for (int k = 0; k < REPEAT; k++)
+	{
+		double		t0;
+
+		pthread_barrier_wait(&sh->barrier);
+		t0 = sys_now_s();
+		if (group_all_reduce(&g, be, buf, n, &err) != DL_OK)
+		{
+			fprintf(stderr, "rank %d: %s\n", rank, err.msg);
+			return 1;
+		}
+		pthread_barrier_wait(&sh->barrier);
+		sh->seconds[rank][k] = sys_now_s() - t0;
+	}
+	group_release(&g);
+	be->destroy(be);
+	free(buf);
+	return 0;
+}
+
+/* The best of REPEAT all-reduces of n floats over nranks processes, in seconds. */
+static double
+allreduce_s(int nranks, size_t n, int bf16)
+{
+	shared	   *sh = mmap(NULL, sizeof(shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	size_t		stage_bytes = group_stage_bytes(nranks, CHUNK);
+	void	   *stage = mmap(NULL, stage_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	pthread_barrierattr_t attr;
+	double		best = 1e30;
+	int			failed = 0;
+
+	if (sh == MAP_FAILED || stage == MAP_FAILED)
+		return -1;
+	pthread_barrierattr_init(&attr);
+	pthread_barrierattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+	pthread_barrier_init(&sh->barrier, &attr, nranks);
+	for (int r = 0; r < nranks; r++)
+		if (fork() == 0)
+			_exit(rank_main(sh, stage, r, nranks, n, bf16));
+	for (int r = 0; r < nranks; r++)
+	{
+		int			status;
+
+		wait(&status);
+		failed |= !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+	}
+	for (int k = 0; k < REPEAT && !failed; k++)
+	{
+		double		slowest = 0;
+
+		for (int r = 0; r < nranks; r++)
+			slowest = sh->seconds[r][k] > slowest ? sh->seconds[r][k] : slowest;
+		best = slowest < best ? slowest : best;
+	}
+	pthread_barrier_destroy(&sh->barrier);
+	munmap(stage, stage_bytes);
+	munmap(sh, sizeof(shared));
+	return failed ? -1 : best;
+}
+
+/* The best of REPEAT memcpys of n floats, in seconds. */
+static double
+memcpy_s(size_t n)
+{
+	float	   *a = malloc(n * sizeof(float)),
+			   *b = malloc(n * sizeof(float));
+	double		best = 1e30;
+
+	if (a == NULL || b == NULL)
+		return -1;
+	memset(a, 1, n * sizeof(float));
+	memset(b, 2, n * sizeof(float));
+	for (int k = 0; k < REPEAT; k++)
+	{
+		double		t0 = sys_now_s();
+
+		memcpy(b, a, n * sizeof(float));
+		t0 = sys_now_s() - t0;
+		best = t0 < best ? t0 : best;
+	}
+	free(a);
+	free(b);
+	return best;
+}
+
+/* A comma-separated list of ints into v (at most max); returns how many. */
+static int
+parse_list(const char *s, int *v, int max)
+{
+	int			n = 0;
+
+	while (*s && n < max)
+	{
+		v[n++] = atoi(s);
+		s = strchr(s, ',');
+		if (s == NULL)
+			break;
+		s++;
+	}
+	return n;
+}
+
+int
+main(int argc, char **argv)
+{
+	int			ranks[8] = {2, 4},
+				mb[8] = {64, 256, 1024},
+				nr = 2,
+				nm = 3,
+				bf16 = 0;
+
+	for (int i = 1; i < argc; i++)
+	{
+		if (strcmp(argv[i], "--ranks") == 0 && i + 1 < argc)
+			nr = parse_list(argv[++i], ranks, 8);
+		else if (strcmp(argv[i], "--mb") == 0 && i + 1 < argc)
+			nm = parse_list(argv[++i], mb, 8);
+		else if (strcmp(argv[i], "--bf16") == 0)
+			bf16 = 1;
+		else
+		{
+			fprintf(stderr, "usage: bench-allreduce [--ranks 2,4] [--mb 64,256,1024] [--bf16]\n");
+			return 2;
+		}
+	}
+	printf("| ranks | buffer | all-reduce | memcpy | ratio |\n|---|---|---|---|---|\n");
+	for (int j = 0; j < nm; j++)
+	{
+		size_t		n = (size_t) mb[j] * 1048576 / sizeof(float);
+		double		copy = memcpy_s(n);
+
+		for (int i = 0; i < nr; i++)
+		{
+			double		t = ranks[i] >= 1 && ranks[i] <= 16 ? allreduce_s(ranks[i], n, bf16) : -1;
+
+			if (t < 0 || copy < 0)
+			{
+				fprintf(stderr, "bench-allreduce: %d ranks, %d MB failed\n", ranks[i], mb[j]);
+				return 1;
+			}
+			printf("| %d%s | %d MB | %.2f GB/s | %.2f GB/s | %.2f |\n", ranks[i], bf16 ? " (bf16)" : "",
+				   mb[j], mb[j] / 1024.0 / t, mb[j] / 1024.0 / copy, copy / t);
+			fflush(stdout);
+		}
+	}
+	return 0;
+}

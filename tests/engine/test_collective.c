@@ -1,0 +1,191 @@
+/*
+ * test_collective.c: reduce-scatter, all-gather, all-reduce and scalars over ranks in
+ * threads: every rank gets the sums in rank order bit for bit, for sizes that do not
+ * divide into the ranks or the rounds, for spans of an array, and with bfloat16 staging;
+ * a rank whose barrier reports a stopped group gets DL_ECANCELLED.
+ */
+#include "harness.h"
+#include "backend.h"
+#include "bf16.h"
+#include "collective.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NMAX 4
+#define CHUNK (16 * 4 * 3)		/* small: many rounds, slices ending mid-round */
+
+typedef struct shared
+{
+	pthread_barrier_t barrier;
+	void	   *stage;
+	int			nranks;
+	int			bf16;
+	size_t		n;
+	size_t		first;			/* the reduce-scatter's span */
+	size_t		count;
+	float	   *in[NMAX];		/* each rank's data */
+	float	   *out[NMAX];		/* all-reduce results */
+	float	   *slice[NMAX];	/* span reduce-scatter results, accumulated onto 1.0 */
+	double		scal[NMAX][2 * NMAX];
+	int			stop;			/* the barrier reports a stopped group */
+} shared;
+
+typedef struct arg
+{
+	shared	   *sh;
+	int			rank;
+	dl_backend *be;
+	dl_status	st;
+	dl_error	err;
+} arg;
+
+static int
+barrier(void *p)
+{
+	shared	   *sh = p;
+
+	pthread_barrier_wait(&sh->barrier);
+	return sh->stop;
+}
+
+static void *
+rank_main(void *p)
+{
+	arg		   *a = p;
+	shared	   *sh = a->sh;
+	dl_group	g = {.rank = a->rank, .nranks = sh->nranks, .stage = sh->stage, .chunk = CHUNK,
+	.bf16 = 0, .barrier = barrier, .barrier_arg = sh};
+	double		mine[2] = {a->rank + 0.5, -a->rank};
+	size_t		lo,
+				hi;
+
+	memcpy(sh->out[a->rank], sh->in[a->rank], sh->n * sizeof(float));
+	a->st = group_all_reduce(&g, a->be, sh->out[a->rank], sh->n, &a->err);
+	if (a->st == DL_OK)
+		a->st = group_scalars(&g, mine, 2, sh->scal[a->rank], &a->err);
+	group_slice(sh->nranks, sh->n, a->rank, &lo, &hi);
+	for (size_t i = 0; i < hi - lo; i++)
+		sh->slice[a->rank][i] = 1.0f;
+	g.bf16 = sh->bf16;
+	if (a->st == DL_OK)
+		a->st = group_reduce_scatter(&g, a->be, sh->in[a->rank] + sh->first, sh->first, sh->count,
+									 sh->n, sh->slice[a->rank], 1, &a->err);
+	group_release(&g);
+	return NULL;
+}
+
+/* Run nranks threads over n random floats each; 0 when every rank succeeded. */
+static int
+run(shared *sh, arg *a, dl_backend *be)
+{
+	pthread_t	th[NMAX];
+	int			failed = 0;
+
+	sh->stage = calloc(1, group_stage_bytes(sh->nranks, CHUNK));
+	pthread_barrier_init(&sh->barrier, NULL, sh->nranks);
+	for (int r = 0; r < sh->nranks; r++)
+	{
+		sh->in[r] = malloc(sh->n * sizeof(float));
+		sh->out[r] = malloc(sh->n * sizeof(float));
+		sh->slice[r] = malloc((sh->n / sh->nranks + 1) * sizeof(float));
+		for (size_t i = 0; i < sh->n; i++)
+			sh->in[r][i] = (float) ((i * 2654435761u + r * 40503u) % 10007) / 997.0f - 5.0f;
+		a[r] = (arg) {.sh = sh, .rank = r, .be = be};
+	}
+	for (int r = 0; r < sh->nranks; r++)
+		pthread_create(&th[r], NULL, rank_main, &a[r]);
+	for (int r = 0; r < sh->nranks; r++)
+	{
+		pthread_join(th[r], NULL);
+		failed |= a[r].st != DL_OK;
+	}
+	pthread_barrier_destroy(&sh->barrier);
+	free(sh->stage);
+	return failed;
+}
+
+static void
+run_free(shared *sh)
+{
+	for (int r = 0; r < sh->nranks; r++)
+	{
+		free(sh->in[r]);
+		free(sh->out[r]);
+		free(sh->slice[r]);
+	}
+}
+
+/* The rank-order sum of element i, as the group must compute it (bf16: of the staged values). */
+static float
+expected(const shared *sh, size_t i, int bf16)
+{
+	float		s = 0;
+
+	for (int r = 0; r < sh->nranks; r++)
+	{
+		float		v = bf16 ? bf16_to_float(float_to_bf16(sh->in[r][i])) : sh->in[r][i];
+
+		s = r ? s + v : v;
+	}
+	return s;
+}
+
+TEST(collective_sums_in_rank_order)
+{
+	dl_backend *be;
+	dl_error	err;
+	static const size_t sizes[] = {1, 7, 1000, 100003};
+
+	CHECK_OK(backend_cpu_create(1, 0, &be, &err), &err);
+	for (int nranks = 1; nranks <= NMAX; nranks++)
+		for (int k = 0; k < 4; k++)
+			for (int bf16 = 0; bf16 <= 1; bf16++)
+			{
+				shared		sh = {.nranks = nranks, .bf16 = bf16, .n = sizes[k]};
+				arg			a[NMAX];
+
+				/* a span that starts and ends inside slices */
+				sh.first = sh.n / 3;
+				sh.count = sh.n - sh.n / 3 - sh.n / 5;
+				CHECKF(run(&sh, a, be) == 0, "%d ranks, n %zu: %s", nranks, sh.n, a[0].err.msg);
+				for (int r = 0; r < nranks; r++)
+				{
+					size_t		lo,
+								hi;
+
+					for (size_t i = 0; i < sh.n; i++)
+						CHECKF(sh.out[r][i] == expected(&sh, i, 0), "%d ranks, n %zu: rank %d element %zu: %g, not %g",
+							   nranks, sh.n, r, i, sh.out[r][i], expected(&sh, i, 0));
+					for (int q = 0; q < nranks; q++)
+						CHECK(sh.scal[r][2 * q] == q + 0.5 && sh.scal[r][2 * q + 1] == -q);
+					group_slice(nranks, sh.n, r, &lo, &hi);
+					for (size_t i = lo; i < hi; i++)
+					{
+						int			in_span = i >= sh.first && i < sh.first + sh.count;
+						float		want = in_span ? 1.0f + expected(&sh, i, bf16) : 1.0f;
+
+						CHECKF(sh.slice[r][i - lo] == want, "%d ranks, n %zu, bf16 %d: rank %d element %zu: %g, not %g",
+							   nranks, sh.n, bf16, r, i, sh.slice[r][i - lo], want);
+					}
+				}
+				run_free(&sh);
+			}
+	be->destroy(be);
+}
+
+TEST(collective_stops_with_the_group)
+{
+	dl_backend *be;
+	dl_error	err;
+	shared		sh = {.nranks = 2, .n = 1000, .stop = 1};
+	arg			a[NMAX];
+
+	CHECK_OK(backend_cpu_create(1, 0, &be, &err), &err);
+	CHECK(run(&sh, a, be) != 0);
+	for (int r = 0; r < 2; r++)
+		CHECKF(a[r].st == DL_ECANCELLED, "rank %d: %d %s", r, a[r].st, a[r].err.msg);
+	run_free(&sh);
+	be->destroy(be);
+}
