@@ -18,7 +18,7 @@ group_stage_bytes(int nranks, size_t chunk)
 }
 
 void
-group_slice(int nranks, size_t n, int rank, size_t *lo, size_t *hi)
+group_part(int nranks, size_t n, int rank, size_t *lo, size_t *hi)
 {
 	/* the product in 128 bits: n * rank overflows 64 for no real buffer, but costs nothing */
 	*lo = (size_t) ((unsigned __int128) n * rank / nranks);
@@ -56,9 +56,9 @@ round_end(dl_group *g, dl_error *err)
 	return DL_OK;
 }
 
-/* The largest slice of n over the ranks (the rounds every rank takes). */
+/* The largest part of n over the ranks (the rounds every rank takes). */
 static size_t
-largest_slice(int nranks, size_t n)
+largest_part(int nranks, size_t n)
 {
 	return n / nranks + (n % nranks != 0);
 }
@@ -72,7 +72,7 @@ need_scratch(dl_group *g, dl_error *err)
 	return DL_OK;
 }
 
-/* Floats [at, hi) of a slice that round k of parts of c floats covers (0 when done). */
+/* Floats [*at, *at + len) of a part [lo, hi) that round k covers, c a round (len 0: done). */
 static size_t
 part_len(size_t lo, size_t hi, size_t k, size_t c, size_t *at)
 {
@@ -80,48 +80,108 @@ part_len(size_t lo, size_t hi, size_t k, size_t c, size_t *at)
 	return *at < hi ? (hi - *at < c ? hi - *at : c) : 0;
 }
 
-/* Owner o's part of elements [first, end) of an array of n: [*lo, *hi), maybe empty. */
-static void
-owned_part(int nranks, size_t n, int o, size_t first, size_t end, size_t *lo, size_t *hi)
+/*
+ * Where buf (n floats) lies in this rank's peer buffer, its offset there; -1 when it does
+ * not, or when the peers cannot be read directly (device memory, bfloat16 staging).
+ */
+static long long
+peer_offset(const dl_group *g, const dl_backend *be, const float *buf, size_t n)
 {
-	group_slice(nranks, n, o, lo, hi);
-	*lo = *lo > first ? *lo : first;
-	*hi = *hi < end ? *hi : end;
-	*hi = *hi > *lo ? *hi : *lo;
+	uintptr_t	mine,
+				at = (uintptr_t) buf;
+
+	if (g->peers == NULL || !be->host_memory || g->bf16)
+		return -1;
+	mine = (uintptr_t) g->peers[g->rank];
+	if (at < mine || at + n * sizeof(float) > mine + g->peer_n * sizeof(float))
+		return -1;
+	return (long long) ((at - mine) / sizeof(float));
+}
+
+#define PEER_BLOCK 4096			/* floats summed at a time: the sums stay in L1 */
+
+/*
+ * The reduce-scatter reading the peers' buffers: this rank's part summed in rank order
+ * from every buffer at offset off, between barriers (the data is complete before; no
+ * rank changes its buffer until every owner has read it).
+ */
+static dl_status
+peer_reduce_scatter(dl_group *g, size_t off, size_t n, float *out, int accumulate, dl_error *err)
+{
+	size_t		block = g->chunk < PEER_BLOCK ? g->chunk : PEER_BLOCK,
+				lo,
+				hi;
+	dl_status	st;
+
+	if ((st = need_scratch(g, err)) != DL_OK || (st = round_end(g, err)) != DL_OK)
+		return st;
+	group_part(g->nranks, n, g->rank, &lo, &hi);
+	for (size_t b = lo; b < hi; b += block)
+	{
+		size_t		len = hi - b < block ? hi - b : block;
+		float	   *sum = g->scratch;	/* out may be this rank's own input */
+
+		for (int r = 0; r < g->nranks; r++)
+		{
+			const float *part = g->peers[r] + off + b;
+
+			for (size_t i = 0; i < len; i++)
+				sum[i] = r ? sum[i] + part[i] : part[i];
+		}
+		if (accumulate)
+			for (size_t i = 0; i < len; i++)
+				out[b - lo + i] += sum[i];
+		else
+			memcpy(out + (b - lo), sum, len * sizeof(float));
+	}
+	return round_end(g, err);
+}
+
+/* The all-gather reading the owners' parts from their buffers, at offset off. */
+static dl_status
+peer_all_gather(dl_group *g, size_t off, size_t n, dl_error *err)
+{
+	float	   *buf = g->peers[g->rank] + off;
+	dl_status	st;
+
+	if ((st = round_end(g, err)) != DL_OK)
+		return st;
+	for (int r = 0; r < g->nranks; r++)
+	{
+		size_t		lo,
+					hi;
+
+		group_part(g->nranks, n, r, &lo, &hi);
+		if (r != g->rank)
+			memcpy(buf + lo, g->peers[r] + off + lo, (hi - lo) * sizeof(float));
+	}
+	return round_end(g, err);
 }
 
 /*
- * Round k of a reduce-scatter: every rank stages part k of every owner's part of
- * [first, end) (c floats each, side by side), then each owner sums its parts over the
- * ranks in rank order.
+ * Round k of a reduce-scatter: every rank stages part k of every owner's part (c floats
+ * each, side by side), then each owner sums its parts over the ranks in rank order.
  */
 dl_status
-group_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t first, size_t count,
-					 size_t n, float *out, int accumulate, dl_error *err)
+group_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t n, float *out,
+					 int accumulate, dl_error *err)
 {
 	int			N = g->nranks;
 	size_t		c = g->chunk / N / CHUNK_ALIGN * CHUNK_ALIGN,
-				end = first + count,
-				most = 0,
-				slice_lo,
-				slice_hi,
 				my_lo,
 				my_hi;
 	float	   *sum,
 			   *acc;
+	long long	off = peer_offset(g, be, in, n);
 	dl_status	st;
 
+	if (off >= 0)
+		return peer_reduce_scatter(g, (size_t) off, n, out, accumulate, err);
 	if ((st = need_scratch(g, err)) != DL_OK)
 		return st;
 	acc = g->scratch + g->chunk;
-	for (int o = 0; o < N; o++)
-	{
-		owned_part(N, n, o, first, end, &my_lo, &my_hi);
-		most = my_hi - my_lo > most ? my_hi - my_lo : most;
-	}
-	group_slice(N, n, g->rank, &slice_lo, &slice_hi);
-	owned_part(N, n, g->rank, first, end, &my_lo, &my_hi);
-	for (size_t k = 0; k * c < most; k++)
+	group_part(N, n, g->rank, &my_lo, &my_hi);
+	for (size_t k = 0; k * c < largest_part(N, n); k++)
 	{
 		char	   *half = round_half(g);
 		size_t		at,
@@ -134,10 +194,10 @@ group_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t first,
 						hi,
 						part;
 
-			owned_part(N, n, o, first, end, &lo, &hi);
+			group_part(N, n, o, &lo, &hi);
 			if ((part = part_len(lo, hi, k, c, &at)) == 0)
 				continue;
-			if ((st = be->download(be, slot, in + (at - first), part * sizeof(float), err)) != DL_OK)
+			if ((st = be->download(be, slot, in + at, part * sizeof(float), err)) != DL_OK)
 				return st;
 			if (g->bf16)
 			{
@@ -153,7 +213,8 @@ group_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t first,
 		if ((len = part_len(my_lo, my_hi, k, c, &at)) == 0)
 			continue;
 		/* host memory, not accumulating: the sums go straight to out */
-		sum = be->host_memory && !accumulate ? out + (at - slice_lo) : g->scratch;
+		at -= my_lo;
+		sum = be->host_memory && !accumulate ? out + at : g->scratch;
 		for (int r = 0; r < N; r++)
 		{
 			const float *part = stage_of(g, half, r) + (size_t) g->rank * c;
@@ -166,7 +227,6 @@ group_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t first,
 				for (size_t i = 0; i < len; i++)
 					sum[i] = r ? sum[i] + part[i] : part[i];
 		}
-		at -= slice_lo;
 		if (accumulate)
 		{
 			if ((st = be->download(be, acc, out + at, len * sizeof(float), err)) != DL_OK)
@@ -180,16 +240,18 @@ group_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t first,
 	return DL_OK;
 }
 
-/* Round k of an all-gather: every rank stages part k of its slice; all copy every part. */
+/* Round k of an all-gather: every rank stages round k of its part; all copy every one. */
 dl_status
 group_all_gather(dl_group *g, dl_backend *be, float *buf, size_t n, dl_error *err)
 {
 	int			N = g->nranks;
-	size_t		c = g->chunk / CHUNK_ALIGN * CHUNK_ALIGN,
-				rounds = (largest_slice(N, n) + c - 1) / c;
+	size_t		c = g->chunk / CHUNK_ALIGN * CHUNK_ALIGN;
+	long long	off = peer_offset(g, be, buf, n);
 	dl_status	st;
 
-	for (size_t k = 0; k < rounds; k++)
+	if (off >= 0)
+		return peer_all_gather(g, (size_t) off, n, err);
+	for (size_t k = 0; k * c < largest_part(N, n); k++)
 	{
 		char	   *half = round_half(g);
 		size_t		lo,
@@ -197,7 +259,7 @@ group_all_gather(dl_group *g, dl_backend *be, float *buf, size_t n, dl_error *er
 					at,
 					len;
 
-		group_slice(N, n, g->rank, &lo, &hi);
+		group_part(N, n, g->rank, &lo, &hi);
 		if ((len = part_len(lo, hi, k, c, &at)) > 0 &&
 			(st = be->download(be, stage_of(g, half, g->rank), buf + at, len * sizeof(float), err)) != DL_OK)
 			return st;
@@ -205,7 +267,7 @@ group_all_gather(dl_group *g, dl_backend *be, float *buf, size_t n, dl_error *er
 			return st;
 		for (int r = 0; r < N; r++)
 		{
-			group_slice(N, n, r, &lo, &hi);
+			group_part(N, n, r, &lo, &hi);
 			if (r != g->rank && (len = part_len(lo, hi, k, c, &at)) > 0 &&
 				(st = be->upload(be, buf + at, stage_of(g, half, r), len * sizeof(float), err)) != DL_OK)
 				return st;
@@ -221,8 +283,8 @@ group_all_reduce(dl_group *g, dl_backend *be, float *buf, size_t n, dl_error *er
 				hi;
 	dl_status	st;
 
-	group_slice(g->nranks, n, g->rank, &lo, &hi);
-	st = group_reduce_scatter(g, be, buf, 0, n, n, buf + lo, 0, err);
+	group_part(g->nranks, n, g->rank, &lo, &hi);
+	st = group_reduce_scatter(g, be, buf, n, buf + lo, 0, err);
 	return st == DL_OK ? group_all_gather(g, be, buf, n, err) : st;
 }
 

@@ -6,15 +6,20 @@
  *
  * Every element is summed in rank order, by one rank, whatever the size of the group's
  * rounds: every rank ends with bit-identical results, and the same run gives the same
- * parameters every time. A buffer of n floats is cut into nranks contiguous slices
- * (group_slice); rank r owns slice r (ZeRO: it keeps that slice's optimizer state and
- * reduced gradients). Device buffers (a backend whose memory is not the host's) go
+ * parameters every time. A buffer of n floats is cut into nranks contiguous parts
+ * (group_part); rank r owns part r: it sums it (ZeRO: the trainer calls these per span of
+ * the parameters, so that a rank owns a part of every layer). Device buffers (a backend whose memory is not the host's) go
  * through the staging area by the backend's download and upload; nothing of the size of
  * the buffer is allocated on the host.
  *
  * A round stages at most `chunk` floats per rank and costs one barrier: the staging area
  * has two halves, used alternately, so a rank may fill one while a slower rank still
  * sums from the other.
+ *
+ * Where every rank's buffer is mapped by all (peers: host memory shared by the ranks'
+ * processes), a reduce-scatter or all-gather of data in this rank's peer buffer reads the
+ * peers' buffers directly instead, with no staging: about a third of the memory traffic.
+ * The sums are the same, element by element.
  */
 #ifndef DOLLY_COLLECTIVE_H
 #define DOLLY_COLLECTIVE_H
@@ -41,27 +46,26 @@ typedef struct dl_group
 	dl_barrier_fn barrier;
 	void	   *barrier_arg;
 	uint64_t	rounds;			/* rounds so far: the same on every rank; picks the half */
+	float	   *const *peers;	/* optional: every rank's buffer of peer_n floats, mapped here */
+	size_t		peer_n;
 	float	   *scratch;		/* 2 * chunk floats for the sums (malloc'd on first use) */
 } dl_group;
 
 /* Bytes of the staging area of a group of nranks with rounds of chunk floats. */
 size_t		group_stage_bytes(int nranks, size_t chunk);
 
-/* Elements [*lo, *hi) of n: the slice rank owns. */
-void		group_slice(int nranks, size_t n, int rank, size_t *lo, size_t *hi);
+/* Elements [*lo, *hi) of n: the part rank owns. */
+void		group_part(int nranks, size_t n, int rank, size_t *lo, size_t *hi);
 
 /*
- * Sum elements [first, first + count) of an array of n over the ranks into their owners:
- * in holds those elements; out is this rank's slice [lo, hi) of the array (out[0] is
- * element lo), where the sums of the elements of [first, first + count) it owns are
- * stored (or added, with accumulate). in and out are in be's memory; out may be in + lo
- * when first is 0.
+ * Sum n floats over the ranks into their owners: every rank's in holds its n values;
+ * out[0 .. hi - lo) gets (or, with accumulate, adds) the sums of this rank's part [lo, hi)
+ * (group_part). in and out are in be's memory; out may be in + lo.
  */
-dl_status	group_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t first,
-								 size_t count, size_t n, float *out, int accumulate,
-								 dl_error *err);
+dl_status	group_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t n,
+								 float *out, int accumulate, dl_error *err);
 
-/* Every rank's slice of buf (n floats, in be's memory) into every rank's buf. */
+/* Every rank's part of buf (n floats, in be's memory) into every rank's buf. */
 dl_status	group_all_gather(dl_group *g, dl_backend *be, float *buf, size_t n, dl_error *err);
 
 /* buf = the sum over the ranks of buf: a reduce-scatter in place, then an all-gather. */

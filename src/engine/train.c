@@ -5,15 +5,17 @@
  * global label count, clip, AdamW, zero). The passes themselves are model_backward.c's,
  * the sums over ranks collective.c's.
  *
- * With a group of N ranks and ZeRO stage 1 or 2, rank r owns slice r of the flat
- * parameter array (group_slice): it keeps AdamW's moments of that slice only, updates
- * only that slice, and the slices are gathered into every rank's parameters. Stage 1
- * keeps all gradients and reduce-scatters them once a step; stage 2 keeps the reduced
- * gradients of its slice only, and reduces each span of gradients (model.h) as
- * backward completes it, from a buffer the size of the largest span. The gradient norm
- * is summed slice by slice in rank order at every stage, so stages 0, 1 and 2 take the
- * same steps; stage 2 sums micro-batch by micro-batch, which rounds differently when a
- * rank has several micro-batches in a step.
+ * With a group of N ranks and ZeRO stage 1 or 2, rank r owns part r of every span of
+ * the parameters (model.h's gradient spans: the head, each layer, the embedding; cut by
+ * group_part), so every rank sums and updates a share of every layer: it keeps AdamW's
+ * moments of its parts only (its "local" arrays, the parts end to end in span order),
+ * updates only them, and the parts are gathered into every rank's parameters. Stage 1
+ * keeps all gradients and reduce-scatters them span by span once a step; stage 2 keeps
+ * the reduced gradients of its parts only, and reduces each span as backward completes
+ * it, from a buffer the size of the largest span. The gradient norm is summed part by
+ * part, ranks in rank order, at every stage, so stages 0, 1 and 2 take the same steps;
+ * stage 2 sums micro-batch by micro-batch, which rounds differently when a rank has
+ * several micro-batches in a step.
  */
 #include "train.h"
 
@@ -28,12 +30,14 @@ struct dl_trainer
 	dl_group   *group;			/* NULL: alone */
 	int			stage;			/* ZeRO stage: 0, 1, 2 */
 	size_t		n;				/* floats of param_mem */
-	size_t		lo;				/* this rank's slice [lo, hi) of them (all when stage 0) */
-	size_t		hi;
+	int			nranks;			/* of the group; 1 alone */
+	size_t	   *parts;			/* [span][3]: this rank's part's first float, floats, local offset */
+	size_t		local;			/* floats of its parts (n at stage 0) */
 	void	   *mem;			/* device: grads | adam_m | adam_v | spans (stage 2) */
 	size_t		mem_bytes;
-	float	   *grads;			/* stages 0, 1: n floats; stage 2: the slice's reduced ones */
-	float	   *adam_m;			/* the slice's */
+	int			peer_grads;		/* grads is this rank's buffer of the group's peers, not in mem */
+	float	   *grads;			/* stages 0, 1: n floats; stage 2: the parts' reduced ones */
+	float	   *adam_m;			/* local */
 	float	   *adam_v;
 	float	   *span_buf[3];	/* stage 2: see span_slot */
 	dl_grad_sink sink;
@@ -99,16 +103,43 @@ span_slot(const dl_model *m, int s)
 	return s == DL_GRAD_SPANS(&m->cfg) - 1 && m->cfg.tie_embeddings ? 2 : 1;
 }
 
+/* Span s in floats: [*first, *first + *count). */
+static void
+span_floats(const dl_model *m, int s, size_t *first, size_t *count)
+{
+	size_t		lo,
+				hi;
+
+	dl_model_grad_span(m, s, &lo, &hi);
+	*first = lo / sizeof(float);
+	*count = (hi - lo) / sizeof(float);
+}
+
+/* Rank r of nranks's part of span s: floats [*first, *first + *count) of param_mem. */
+static void
+rank_part(const dl_model *m, int nranks, int r, int s, size_t *first, size_t *count)
+{
+	size_t		base,
+				n,
+				lo,
+				hi;
+
+	span_floats(m, s, &base, &n);
+	group_part(nranks, n, r, &lo, &hi);
+	*first = base + lo;
+	*count = hi - lo;
+}
+
 /* Stages 0 and 1: every span accumulates in place in the one gradient buffer. */
 static float *
 open_in_place(void *arg, int s)
 {
 	dl_trainer *tr = arg;
-	size_t		lo,
-				hi;
+	size_t		first,
+				count;
 
-	dl_model_grad_span(tr->m, s, &lo, &hi);
-	return tr->grads + lo / sizeof(float);
+	span_floats(tr->m, s, &first, &count);
+	return tr->grads + first;
 }
 
 static dl_status
@@ -134,18 +165,17 @@ open_span(void *arg, int s)
 	return buf;
 }
 
-/* ...and, complete, is summed over the ranks into its owners' slices of gradients. */
+/* ...and, complete, is summed over the ranks into its owners' parts of gradients. */
 static dl_status
 close_span(void *arg, int s, dl_error *err)
 {
 	dl_trainer *tr = arg;
-	size_t		lo,
-				hi;
+	size_t		first,
+				count;
 
-	dl_model_grad_span(tr->m, s, &lo, &hi);
-	return group_reduce_scatter(tr->group, tr->m->be, tr->span_buf[span_slot(tr->m, s)],
-								lo / sizeof(float), (hi - lo) / sizeof(float), tr->n,
-								tr->grads, 1, err);
+	span_floats(tr->m, s, &first, &count);
+	return group_reduce_scatter(tr->group, tr->m->be, tr->span_buf[span_slot(tr->m, s)], count,
+								tr->grads + tr->parts[3 * s + 2], 1, err);
 }
 
 /* The floats of each stage-2 span buffer: the most any span it serves needs. */
@@ -184,7 +214,8 @@ trainer_state_floats(const dl_model *m, int nranks, int stage)
 
 	if (nranks < 2)
 		return state_floats(m, n, 0, spans);
-	return state_floats(m, stage == 0 ? n : n / nranks + (n % nranks != 0), stage, spans);
+	/* at most one float more than n / nranks a span */
+	return state_floats(m, stage == 0 ? n : n / nranks + DL_GRAD_SPANS(&m->cfg), stage, spans);
 }
 
 dl_status
@@ -193,8 +224,7 @@ trainer_create(dl_model *m, const dl_train_config *cfg, dl_group *group, int sta
 {
 	dl_backend *be = m->be;
 	dl_trainer *tr;
-	size_t		slice,
-				at,
+	size_t		at,
 				spans[3];
 	dl_status	st;
 
@@ -211,17 +241,38 @@ trainer_create(dl_model *m, const dl_train_config *cfg, dl_group *group, int sta
 	tr->group = group;
 	tr->stage = group && group->nranks > 1 ? stage : 0;
 	tr->n = m->param_bytes / sizeof(float);
-	tr->hi = tr->n;
-	if (tr->stage > 0)
-		group_slice(group->nranks, tr->n, group->rank, &tr->lo, &tr->hi);
-	slice = tr->hi - tr->lo;
+	tr->nranks = group ? group->nranks : 1;
+	tr->parts = malloc(3 * sizeof(size_t) * DL_GRAD_SPANS(&m->cfg));
+	if (tr->parts == NULL)
+	{
+		st = dl_fail(err, DL_ENOMEM, "out of memory creating a trainer");
+		goto fail;
+	}
+	/* this rank's parts (stage 0: whole spans, at their own offsets) */
+	for (int s = 0; s < DL_GRAD_SPANS(&m->cfg); s++)
+	{
+		size_t	   *p = &tr->parts[3 * s];
+
+		if (tr->stage > 0)
+			rank_part(m, tr->nranks, group->rank, s, &p[0], &p[1]);
+		else
+			span_floats(m, s, &p[0], &p[1]);
+		p[2] = tr->stage > 0 ? tr->local : p[0];
+		tr->local = tr->stage > 0 ? tr->local + p[1] : tr->n;
+	}
 	st = dl_train_acts_create(m, cfg->max_tokens, cfg->max_length, cfg->checkpoint, &tr->acts,
 							  err);
 	if (st != DL_OK)
 		goto fail;
-	/* one allocation; moments (and stage 2's gradients) for the slice only */
-	tr->mem_bytes = state_floats(m, slice, tr->stage, spans) * sizeof(float);
-	st = model_alloc(be, tr->mem_bytes, &tr->mem, err);
+	/*
+	 * one allocation; moments (and stage 2's gradients) for the rank's parts only; at
+	 * stages 0 and 1 on host memory the gradients may be the group's buffer for this rank,
+	 * which the others read directly
+	 */
+	tr->peer_grads = tr->stage < 2 && group && group->peers && be->host_memory &&
+		group->peer_n >= tr->n;
+	tr->mem_bytes = state_floats(m, tr->local, tr->stage, spans) * sizeof(float);
+	st = model_alloc(be, tr->mem_bytes - (tr->peer_grads ? tr->n * sizeof(float) : 0), &tr->mem, err);
 	if (st != DL_OK)
 	{
 		dl_hint(err, "Gradients and AdamW moments need %zu MB at ZeRO stage %d%s.",
@@ -229,19 +280,20 @@ trainer_create(dl_model *m, const dl_train_config *cfg, dl_group *group, int sta
 				tr->stage < 2 && group && group->nranks > 1 ? ": a higher stage needs less" : "");
 		goto fail;
 	}
-	tr->grads = tr->mem;
-	at = tr->stage == 2 ? slice : tr->n;
-	tr->adam_m = tr->grads + at;
-	tr->adam_v = tr->adam_m + slice;
-	at = 3 * slice + (tr->stage == 2 ? 0 : tr->n - slice);
+	tr->grads = tr->peer_grads ? group->peers[group->rank] : tr->mem;
+	at = tr->peer_grads ? 0 : tr->stage == 2 ? tr->local : tr->n;
+	tr->adam_m = (float *) tr->mem + at;
+	tr->adam_v = tr->adam_m + tr->local;
+	at += 2 * tr->local;
 	for (int i = 0; i < 3; i++)
 	{
-		tr->span_buf[i] = tr->grads + at;
+		tr->span_buf[i] = (float *) tr->mem + at;
 		at += spans[i];
 	}
 	tr->sink = tr->stage == 2 ? (dl_grad_sink) {open_span, close_span, tr}
 		: (dl_grad_sink) {open_in_place, close_in_place, tr};
-	be->zero(be, tr->mem, tr->mem_bytes);
+	be->zero(be, tr->mem, tr->mem_bytes - (tr->peer_grads ? tr->n * sizeof(float) : 0));
+	be->zero(be, tr->grads, (tr->stage == 2 ? tr->local : tr->n) * sizeof(float));
 	*out = tr;
 	return DL_OK;
 
@@ -257,6 +309,7 @@ trainer_free(dl_trainer *tr)
 		return;
 	dl_train_acts_free(tr->acts);
 	tr->m->be->free(tr->m->be, tr->mem);
+	free(tr->parts);
 	free(tr);
 }
 
@@ -289,7 +342,7 @@ trainer_eval(dl_trainer *tr, const dl_example *batch, int n, double *loss_sum,
 float *
 trainer_grads(dl_trainer *tr, size_t *n)
 {
-	*n = tr->stage == 2 ? tr->hi - tr->lo : tr->n;
+	*n = tr->stage == 2 ? tr->local : tr->n;
 	return tr->grads;
 }
 
@@ -326,8 +379,16 @@ trainer_reduce(dl_trainer *tr, double *loss_sum, int64_t *n_labels, dl_error *er
 		case 0:
 			return group_all_reduce(tr->group, tr->m->be, tr->grads, tr->n, err);
 		case 1:
-			return group_reduce_scatter(tr->group, tr->m->be, tr->grads, 0, tr->n, tr->n,
-										tr->grads + tr->lo, 0, err);
+			for (int s = 0; s < DL_GRAD_SPANS(&tr->m->cfg) && st == DL_OK; s++)
+			{
+				size_t		first,
+							count;
+
+				span_floats(tr->m, s, &first, &count);
+				st = group_reduce_scatter(tr->group, tr->m->be, tr->grads + first, count,
+										  tr->grads + tr->parts[3 * s], 0, err);
+			}
+			return st;
 		default:
 			return DL_OK;		/* reduced span by span in backward */
 	}
@@ -356,38 +417,57 @@ scheduled_lr(const dl_train_config *c, int step)
 }
 
 /*
- * The sum of squares of the reduced gradients, slice by slice in rank order (slices of
- * the group's size, or one slice alone), the same at every stage. Stage 0 sums every
- * slice itself; stages 1 and 2 sum their own and exchange.
+ * The sum of squares of rank r's parts of the reduced gradients, span by span; at stage
+ * 2 (r this rank) from the local gradients.
+ */
+static dl_status
+part_sum_squares(dl_trainer *tr, int r, double *sumsq, dl_error *err)
+{
+	dl_backend *be = tr->m->be;
+	dl_status	st = DL_OK;
+
+	*sumsq = 0;
+	for (int s = 0; s < DL_GRAD_SPANS(&tr->m->cfg) && st == DL_OK; s++)
+	{
+		size_t		first,
+					count;
+		double		part;
+
+		rank_part(tr->m, tr->nranks, r, s, &first, &count);
+		st = be->sum_squares(be, tr->grads + (tr->stage == 2 ? tr->parts[3 * s + 2] : first), count,
+							 &part, err);
+		*sumsq += part;
+	}
+	return st;
+}
+
+/*
+ * The sum of squares of the reduced gradients, over the ranks' parts in rank order (the
+ * group's ranks, or one alone), the same at every stage: stage 0 sums every rank's parts
+ * itself; stages 1 and 2 sum their own and exchange.
  */
 static dl_status
 grad_sum_squares(dl_trainer *tr, double *sumsq, dl_error *err)
 {
-	dl_backend *be = tr->m->be;
-	int			N = tr->group ? tr->group->nranks : 1;
 	double		mine,
 				all[DL_GROUP_MAX_RANKS];
-	size_t		lo,
-				hi;
 	dl_status	st;
 
 	*sumsq = 0;
 	if (tr->stage == 0)
 	{
-		for (int r = 0; r < N; r++)
+		for (int r = 0; r < tr->nranks; r++)
 		{
-			group_slice(N, tr->n, r, &lo, &hi);
-			if ((st = be->sum_squares(be, tr->grads + lo, hi - lo, &mine, err)) != DL_OK)
+			if ((st = part_sum_squares(tr, r, &mine, err)) != DL_OK)
 				return st;
 			*sumsq += mine;
 		}
 		return DL_OK;
 	}
-	if ((st = be->sum_squares(be, tr->grads + (tr->stage == 1 ? tr->lo : 0), tr->hi - tr->lo,
-							  &mine, err)) != DL_OK ||
+	if ((st = part_sum_squares(tr, tr->group->rank, &mine, err)) != DL_OK ||
 		(st = group_scalars(tr->group, &mine, 1, all, err)) != DL_OK)
 		return st;
-	for (int r = 0; r < N; r++)
+	for (int r = 0; r < tr->nranks; r++)
 		*sumsq += all[r];
 	return DL_OK;
 }
@@ -396,7 +476,7 @@ grad_sum_squares(dl_trainer *tr, double *sumsq, dl_error *err)
 static void
 zero_grads(dl_trainer *tr)
 {
-	tr->m->be->zero(tr->m->be, tr->grads, (tr->stage == 2 ? tr->hi - tr->lo : tr->n) * sizeof(float));
+	tr->m->be->zero(tr->m->be, tr->grads, (tr->stage == 2 ? tr->local : tr->n) * sizeof(float));
 }
 
 dl_status
@@ -451,25 +531,39 @@ trainer_update(dl_trainer *tr, int64_t n_labels, int step, float *lr, float *gra
 
 	/*
 	 * Tensor by tensor, so that only parameters (never alignment padding) are touched;
-	 * of each, the part in this rank's slice. Element k of param_mem has its gradient at
-	 * grads[k] (stage 2: grads[k - lo]) and its moments at adam_m[k - lo].
+	 * of each, what lies in this rank's part of each span. Element k of param_mem in the
+	 * part of span s has its gradient at grads[k] (stage 2: at the local offset) and its
+	 * moments at the local offset, parts[s][2] + k - parts[s][0].
 	 */
-	for (int i = 0; i < m->nmap; i++)
+	for (int s = 0; s < DL_GRAD_SPANS(&m->cfg); s++)
 	{
-		const dl_tensor_map *e = &m->map[i];
-		size_t		at = e->offset / sizeof(float),
-					end = at + (size_t) e->shape[0] * (e->ndim == 2 ? e->shape[1] : 1);
+		const size_t *p = &tr->parts[3 * s];
 
-		at = at > tr->lo ? at : tr->lo;
-		end = end < tr->hi ? end : tr->hi;
-		if (at < end)
-			be->adamw_update(be, (float *) m->param_mem + at,
-							 tr->grads + (tr->stage == 2 ? at - tr->lo : at),
-							 tr->adam_m + (at - tr->lo), tr->adam_v + (at - tr->lo), end - at, &h);
+		for (int i = 0; i < m->nmap; i++)
+		{
+			const dl_tensor_map *e = &m->map[i];
+			size_t		at = e->offset / sizeof(float),
+						end = at + (size_t) e->shape[0] * (e->ndim == 2 ? e->shape[1] : 1),
+						local;
+
+			at = at > p[0] ? at : p[0];
+			end = end < p[0] + p[1] ? end : p[0] + p[1];
+			if (at >= end)
+				continue;
+			local = p[2] + (at - p[0]);
+			be->adamw_update(be, (float *) m->param_mem + at, tr->grads + (tr->stage == 2 ? local : at),
+							 tr->adam_m + local, tr->adam_v + local, end - at, &h);
+		}
 	}
 	zero_grads(tr);
-	if (tr->stage > 0 &&
-		(st = group_all_gather(tr->group, be, m->param_mem, tr->n, err)) != DL_OK)
-		return st;
+	for (int s = 0; tr->stage > 0 && s < DL_GRAD_SPANS(&m->cfg); s++)
+	{
+		size_t		first,
+					count;
+
+		span_floats(m, s, &first, &count);
+		if ((st = group_all_gather(tr->group, be, (float *) m->param_mem + first, count, err)) != DL_OK)
+			return st;
+	}
 	return be->synchronize(be, err);
 }

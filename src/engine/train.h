@@ -90,8 +90,10 @@ typedef struct dl_trainer dl_trainer;
 
 /*
  * A trainer for m: gradients, AdamW moments, activations for backward. With a group of
- * several ranks, ZeRO stage 0 (everything on every rank), 1 (moments of the rank's slice)
- * or 2 (moments and reduced gradients of the slice); alone, or group NULL, stage 0.
+ * several ranks, ZeRO stage 0 (everything on every rank), 1 (moments of the rank's parts)
+ * or 2 (moments and reduced gradients of its parts); alone, or group NULL, stage 0. At
+ * stages 0 and 1 on the CPU, a group with peer buffers of the parameters' size gives the
+ * trainer its gradient buffer (the others sum from it directly).
  */
 dl_status	trainer_create(dl_model *m, const dl_train_config *cfg, dl_group *group, int stage,
 						   dl_trainer **out, dl_error *err);

@@ -65,10 +65,67 @@ struct DollyDP
 	int			neval;			/* the first neval examples are for evaluation */
 	Size		examples_off;	/* DpExample[neval + ntrain] */
 	Size		stage_off;		/* the group's staging area, group_stage_bytes */
+	dsm_handle	peer_handle;	/* CPU ranks at stages 0, 1: their gradient buffers; 0 if none */
+	Size		peer_n;			/* floats of each */
 };
 
 /* This process's rank. */
 static int	my_rank;
+
+/*
+ * The ranks' gradient buffers, side by side in one segment, so that every rank sums from
+ * the others' directly (collective.h's peers): with the staging area only, every byte
+ * would be copied in and out of it. None where the segment cannot be made (a small
+ * /dev/shm): the sums then go through the staging area.
+ */
+static dsm_segment *
+create_peer_buffers(int nranks, Size bytes)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	dsm_segment *seg = NULL;
+
+	PG_TRY();
+	{
+		seg = dsm_create((Size) nranks * bytes, DSM_CREATE_NULL_IF_MAXSEGMENTS);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *e;
+
+		MemoryContextSwitchTo(cxt);
+		e = CopyErrorData();
+		FlushErrorState();
+		elog(LOG, "dolly: fine-tuning ranks sum through the staging area only: %s", e->message);
+		FreeErrorData(e);
+		seg = NULL;
+	}
+	PG_END_TRY();
+	if (seg)
+		dsm_pin_mapping(seg);
+	return seg;
+}
+
+/* This rank's view of the peers' gradient buffers (NULL when there are none). */
+static float **
+peer_buffers(DollyDP *d)
+{
+	static dsm_segment *seg;
+	float	  **peers;
+
+	if (d->peer_handle == 0)
+		return NULL;
+	if (seg == NULL && (seg = dsm_find_mapping(d->peer_handle)) == NULL)
+	{
+		seg = dsm_attach(d->peer_handle);
+		if (seg == NULL)
+			return NULL;
+		dsm_pin_mapping(seg);
+	}
+	peers = palloc(sizeof(float *) * d->nranks);
+	for (int r = 0; r < d->nranks; r++)
+		peers[r] = (float *) dsm_segment_address(seg) + (Size) r * d->peer_n;
+	return peers;
+}
 
 /* Is process pid gone? */
 static bool
@@ -163,7 +220,7 @@ examples_of(DollyDP *d)
 
 DollyDP *
 dolly_dp_start(int nranks, const dl_example *ex, int ntrain, int neval, const char *base_path,
-			   const dl_finetune_opts *opts, int64 job_id)
+			   const dl_finetune_opts *opts, Size param_bytes, int64 job_id)
 {
 	Size		ids = 0,
 				size;
@@ -203,6 +260,17 @@ dolly_dp_start(int nranks, const dl_example *ex, int ntrain, int neval, const ch
 		off += MAXALIGN(ex[i].n * sizeof(int32));
 	}
 	d->stage_off = off;
+	/* CPU ranks keep every gradient (stages 0, 1): in a segment all of them map */
+	if (!dolly_want_cuda() && opts->zero_stage < 2)
+	{
+		dsm_segment *peers = create_peer_buffers(nranks, MAXALIGN(param_bytes));
+
+		d->peer_handle = peers ? dsm_segment_handle(peers) : 0;
+		d->peer_n = MAXALIGN(param_bytes) / sizeof(float);
+		if (peers)
+			elog(LOG, "dolly: fine-tuning job %lld: the ranks sum from each other's gradient buffers (%.0f MB of shared memory)",
+				 (long long) job_id, (double) nranks * MAXALIGN(param_bytes) / 1048576.0);
+	}
 
 	for (int r = 1; r < nranks; r++)
 	{
@@ -231,6 +299,7 @@ dolly_dp_train(DollyDP *d, int rank, dl_model *m, const dl_example *ex, int ntra
 	dl_group	group = {
 		.rank = rank, .nranks = d->nranks, .stage = (char *) d + d->stage_off, .chunk = DP_CHUNK,
 		.bf16 = o->comm_bf16, .barrier = group_barrier, .barrier_arg = d,
+		.peers = peer_buffers(d), .peer_n = d->peer_n,
 	};
 	dl_status	st;
 

@@ -471,7 +471,8 @@ run_job(const JobSpec *spec)
 	record_stage(o.zero_stage);
 	set_phase("training");
 	if (nranks > 1)
-		st = dolly_dp_train(dolly_dp_start(nranks, ex, n - neval, neval, base_path, &o, my_job),
+		st = dolly_dp_train(dolly_dp_start(nranks, ex, n - neval, neval, base_path, &o,
+											base->model->param_bytes, my_job),
 							0, base->model, ex, n - neval, neval, &o, &last, &err);
 	else
 		st = finetune_run(base->model, ex + neval, n - neval, ex, neval, &o, &last, &err);

@@ -53,10 +53,14 @@ struct dl_finetune_opts;
 struct dl_train_progress;
 struct dl_model;
 
-/* Rank 0: put the examples (eval first) and options in a new segment, start ranks 1..n-1. */
+/*
+ * Rank 0: put the examples (eval first) and options in a new segment, and CPU ranks'
+ * gradient buffers (param_bytes each) in another, where the stage keeps all gradients;
+ * start ranks 1..n-1.
+ */
 extern DollyDP *dolly_dp_start(int nranks, const struct dl_example *ex, int ntrain, int neval,
 							   const char *base_path, const struct dl_finetune_opts *opts,
-							   int64 job_id);
+							   Size param_bytes, int64 job_id);
 /* Train as `rank` of the group (finetune_run with the group's all-reduce). */
 extern dl_status dolly_dp_train(DollyDP *d, int rank, struct dl_model *m,
 								const struct dl_example *ex, int ntrain, int neval,

@@ -3,8 +3,10 @@
  * the CPU, against memcpy in the same run. Ranks are forked processes, as the job's
  * workers are, sharing a staging area of the job's size (1M floats a rank a round) and a
  * process-shared barrier; each all-reduces its own buffer of S bytes (distinct values per
- * rank). Prints, per rank count and size, the best of 3 runs as S / time, and memcpy's
- * S / time for the same S (one process copying one buffer into another), and the ratio.
+ * rank), private and staged, or in memory all ranks map (peers, as the job's CPU ranks'
+ * gradients are). Prints, per rank count and size, the best of 3 runs as S / time, and
+ * memcpy's S / time for the same S (one process copying one buffer into another), and the
+ * ratios.
  *
  *   build/bench-allreduce [--ranks 2,4] [--mb 64,256,1024] [--bf16]
  */
@@ -38,14 +40,17 @@ barrier(void *arg)
 
 /* One rank: fill its buffer, then REPEAT timed all-reduces between barriers. */
 static int
-rank_main(shared *sh, void *stage, int rank, int nranks, size_t n, int bf16)
+rank_main(shared *sh, void *stage, float *peer_mem, int rank, int nranks, size_t n, int bf16)
 {
 	dl_backend *be;
 	dl_error	err;
+	float	   *peers[16];
 	dl_group	g = {.rank = rank, .nranks = nranks, .stage = stage, .chunk = CHUNK, .bf16 = bf16,
-	.barrier = barrier, .barrier_arg = sh};
-	float	   *buf = malloc(n * sizeof(float));
+	.barrier = barrier, .barrier_arg = sh, .peers = peer_mem ? peers : NULL, .peer_n = n};
+	float	   *buf = peer_mem ? peer_mem + (size_t) rank * n : malloc(n * sizeof(float));
 
+	for (int r = 0; r < nranks && peer_mem; r++)
+		peers[r] = peer_mem + (size_t) r * n;
 	if (buf == NULL || backend_cpu_create(1, 0, &be, &err) != DL_OK)
 		return 1;
 	for (size_t i = 0; i < n; i++)
@@ -66,29 +71,32 @@ rank_main(shared *sh, void *stage, int rank, int nranks, size_t n, int bf16)
 	}
 	group_release(&g);
 	be->destroy(be);
-	free(buf);
+	if (peer_mem == NULL)
+		free(buf);
 	return 0;
 }
 
 /* The best of REPEAT all-reduces of n floats over nranks processes, in seconds. */
 static double
-allreduce_s(int nranks, size_t n, int bf16)
+allreduce_s(int nranks, size_t n, int bf16, int peers)
 {
 	shared	   *sh = mmap(NULL, sizeof(shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-	size_t		stage_bytes = group_stage_bytes(nranks, CHUNK);
+	size_t		stage_bytes = group_stage_bytes(nranks, CHUNK),
+				peer_bytes = peers ? (size_t) nranks * n * sizeof(float) : 0;
 	void	   *stage = mmap(NULL, stage_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	float	   *peer_mem = peers ? mmap(NULL, peer_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0) : NULL;
 	pthread_barrierattr_t attr;
 	double		best = 1e30;
 	int			failed = 0;
 
-	if (sh == MAP_FAILED || stage == MAP_FAILED)
+	if (sh == MAP_FAILED || stage == MAP_FAILED || peer_mem == MAP_FAILED)
 		return -1;
 	pthread_barrierattr_init(&attr);
 	pthread_barrierattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
 	pthread_barrier_init(&sh->barrier, &attr, nranks);
 	for (int r = 0; r < nranks; r++)
 		if (fork() == 0)
-			_exit(rank_main(sh, stage, r, nranks, n, bf16));
+			_exit(rank_main(sh, stage, peer_mem, r, nranks, n, bf16));
 	for (int r = 0; r < nranks; r++)
 	{
 		int			status;
@@ -106,6 +114,8 @@ allreduce_s(int nranks, size_t n, int bf16)
 	}
 	pthread_barrier_destroy(&sh->barrier);
 	munmap(stage, stage_bytes);
+	if (peer_mem)
+		munmap(peer_mem, peer_bytes);
 	munmap(sh, sizeof(shared));
 	return failed ? -1 : best;
 }
@@ -175,7 +185,7 @@ main(int argc, char **argv)
 			return 2;
 		}
 	}
-	printf("| ranks | buffer | all-reduce | memcpy | ratio |\n|---|---|---|---|---|\n");
+	printf("| ranks | buffer | staged | from the peers' buffers | memcpy | ratios |\n|---|---|---|---|---|---|\n");
 	for (int j = 0; j < nm; j++)
 	{
 		size_t		n = (size_t) mb[j] * 1048576 / sizeof(float);
@@ -183,15 +193,18 @@ main(int argc, char **argv)
 
 		for (int i = 0; i < nr; i++)
 		{
-			double		t = ranks[i] >= 1 && ranks[i] <= 16 ? allreduce_s(ranks[i], n, bf16) : -1;
+			int			ok = ranks[i] >= 2 && ranks[i] <= 16;
+			double		t = ok ? allreduce_s(ranks[i], n, bf16, 0) : -1,
+						tp = ok ? allreduce_s(ranks[i], n, bf16, 1) : -1;
 
-			if (t < 0 || copy < 0)
+			if (t < 0 || tp < 0 || copy < 0)
 			{
 				fprintf(stderr, "bench-allreduce: %d ranks, %d MB failed\n", ranks[i], mb[j]);
 				return 1;
 			}
-			printf("| %d%s | %d MB | %.2f GB/s | %.2f GB/s | %.2f |\n", ranks[i], bf16 ? " (bf16)" : "",
-				   mb[j], mb[j] / 1024.0 / t, mb[j] / 1024.0 / copy, copy / t);
+			printf("| %d%s | %d MB | %.2f GB/s | %.2f GB/s | %.2f GB/s | %.2f, %.2f |\n", ranks[i],
+				   bf16 ? " (bf16)" : "", mb[j], mb[j] / 1024.0 / t, mb[j] / 1024.0 / tp,
+				   mb[j] / 1024.0 / copy, copy / t, copy / tp);
 			fflush(stdout);
 		}
 	}

@@ -1,7 +1,8 @@
 /*
  * test_collective.c: reduce-scatter, all-gather, all-reduce and scalars over ranks in
  * threads: every rank gets the sums in rank order bit for bit, for sizes that do not
- * divide into the ranks or the rounds, for spans of an array, and with bfloat16 staging;
+ * divide into the ranks or the rounds, for a span of an array, with bfloat16 staging, and
+ * reading the peers' buffers directly (threads share them as the job's processes do);
  * a rank whose barrier reports a stopped group gets DL_ECANCELLED.
  */
 #include "harness.h"
@@ -27,9 +28,10 @@ typedef struct shared
 	size_t		count;
 	float	   *in[NMAX];		/* each rank's data */
 	float	   *out[NMAX];		/* all-reduce results */
-	float	   *slice[NMAX];	/* span reduce-scatter results, accumulated onto 1.0 */
+	float	   *part[NMAX];		/* the span's reduce-scatter, accumulated onto 1.0 */
 	double		scal[NMAX][2 * NMAX];
 	int			stop;			/* the barrier reports a stopped group */
+	int			peers;			/* the ranks read each other's: 0 no, 1 out buffers, 2 in buffers */
 } shared;
 
 typedef struct arg
@@ -56,7 +58,8 @@ rank_main(void *p)
 	arg		   *a = p;
 	shared	   *sh = a->sh;
 	dl_group	g = {.rank = a->rank, .nranks = sh->nranks, .stage = sh->stage, .chunk = CHUNK,
-	.bf16 = 0, .barrier = barrier, .barrier_arg = sh};
+	.bf16 = 0, .barrier = barrier, .barrier_arg = sh,
+	.peers = sh->peers == 1 ? sh->out : sh->peers == 2 ? sh->in : NULL, .peer_n = sh->n};
 	double		mine[2] = {a->rank + 0.5, -a->rank};
 	size_t		lo,
 				hi;
@@ -65,13 +68,13 @@ rank_main(void *p)
 	a->st = group_all_reduce(&g, a->be, sh->out[a->rank], sh->n, &a->err);
 	if (a->st == DL_OK)
 		a->st = group_scalars(&g, mine, 2, sh->scal[a->rank], &a->err);
-	group_slice(sh->nranks, sh->n, a->rank, &lo, &hi);
+	group_part(sh->nranks, sh->count, a->rank, &lo, &hi);
 	for (size_t i = 0; i < hi - lo; i++)
-		sh->slice[a->rank][i] = 1.0f;
+		sh->part[a->rank][i] = 1.0f;
 	g.bf16 = sh->bf16;
 	if (a->st == DL_OK)
-		a->st = group_reduce_scatter(&g, a->be, sh->in[a->rank] + sh->first, sh->first, sh->count,
-									 sh->n, sh->slice[a->rank], 1, &a->err);
+		a->st = group_reduce_scatter(&g, a->be, sh->in[a->rank] + sh->first, sh->count,
+									 sh->part[a->rank], 1, &a->err);
 	group_release(&g);
 	return NULL;
 }
@@ -89,7 +92,7 @@ run(shared *sh, arg *a, dl_backend *be)
 	{
 		sh->in[r] = malloc(sh->n * sizeof(float));
 		sh->out[r] = malloc(sh->n * sizeof(float));
-		sh->slice[r] = malloc((sh->n / sh->nranks + 1) * sizeof(float));
+		sh->part[r] = malloc((sh->n / sh->nranks + 1) * sizeof(float));
 		for (size_t i = 0; i < sh->n; i++)
 			sh->in[r][i] = (float) ((i * 2654435761u + r * 40503u) % 10007) / 997.0f - 5.0f;
 		a[r] = (arg) {.sh = sh, .rank = r, .be = be};
@@ -113,7 +116,7 @@ run_free(shared *sh)
 	{
 		free(sh->in[r]);
 		free(sh->out[r]);
-		free(sh->slice[r]);
+		free(sh->part[r]);
 	}
 }
 
@@ -141,9 +144,10 @@ TEST(collective_sums_in_rank_order)
 	CHECK_OK(backend_cpu_create(1, 0, &be, &err), &err);
 	for (int nranks = 1; nranks <= NMAX; nranks++)
 		for (int k = 0; k < 4; k++)
-			for (int bf16 = 0; bf16 <= 1; bf16++)
+			for (int mode = 0; mode < 5; mode++)
 			{
-				shared		sh = {.nranks = nranks, .bf16 = bf16, .n = sizes[k]};
+				int			bf16 = mode == 4;
+				shared		sh = {.nranks = nranks, .bf16 = bf16, .n = sizes[k], .peers = mode % 3};
 				arg			a[NMAX];
 
 				/* a span that starts and ends inside slices */
@@ -160,14 +164,13 @@ TEST(collective_sums_in_rank_order)
 							   nranks, sh.n, r, i, sh.out[r][i], expected(&sh, i, 0));
 					for (int q = 0; q < nranks; q++)
 						CHECK(sh.scal[r][2 * q] == q + 0.5 && sh.scal[r][2 * q + 1] == -q);
-					group_slice(nranks, sh.n, r, &lo, &hi);
+					group_part(nranks, sh.count, r, &lo, &hi);
 					for (size_t i = lo; i < hi; i++)
 					{
-						int			in_span = i >= sh.first && i < sh.first + sh.count;
-						float		want = in_span ? 1.0f + expected(&sh, i, bf16) : 1.0f;
+						float		want = 1.0f + expected(&sh, sh.first + i, bf16);
 
-						CHECKF(sh.slice[r][i - lo] == want, "%d ranks, n %zu, bf16 %d: rank %d element %zu: %g, not %g",
-							   nranks, sh.n, bf16, r, i, sh.slice[r][i - lo], want);
+						CHECKF(sh.part[r][i - lo] == want, "%d ranks, n %zu, bf16 %d: rank %d element %zu: %g, not %g",
+							   nranks, sh.n, bf16, r, i, sh.part[r][i - lo], want);
 					}
 				}
 				run_free(&sh);

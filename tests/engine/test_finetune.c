@@ -236,6 +236,8 @@ typedef struct ranks
 	int			batch_size;
 	int			max_tokens;
 	int			epochs;
+	float	   *peer[MAX_RANKS];	/* with peer_n: gradient buffers every rank reads */
+	size_t		peer_n;
 } ranks;
 
 /* One rank's thread: its own backend and model, its share of every batch. */
@@ -266,6 +268,7 @@ rank_main(void *p)
 	dl_group	g = {
 		.rank = a->rank, .nranks = sh->nranks, .stage = sh->stage, .chunk = TEST_CHUNK,
 		.bf16 = sh->bf16, .barrier = thread_barrier, .barrier_arg = &sh->barrier,
+		.peers = sh->peer_n ? sh->peer : NULL, .peer_n = sh->peer_n,
 	};
 
 	o.cfg.eps = 1e-3f;
@@ -443,11 +446,12 @@ TEST(finetune_ranks_and_zero_stages_match_one_rank)
  * communication rounds every staged gradient to 8 bits of mantissa: the ranks still
  * agree bit for bit, and the parameters stay within 1e-4 of float32's after four steps
  * of lr 3e-3 (AdamW normalises the gradients, so their rounding moves each step by a
- * fraction of lr at most).
+ * fraction of lr at most). Summing straight from the peers' gradient buffers gives the
+ * staged sums bit for bit.
  */
 TEST(finetune_zero_stages_uneven_split_and_bf16)
 {
-	rank_arg	a[4][MAX_RANKS];
+	rank_arg	a[6][MAX_RANKS];
 	dl_error	err;
 	int			longest;
 	double		d;
@@ -455,20 +459,28 @@ TEST(finetune_zero_stages_uneven_split_and_bf16)
 
 	CHECK_OK(setup_open(&probe, &err), &err);
 	longest = longest_example(&probe);
-	setup_close(&probe);
-	for (int run = 0; run < 4; run++)
+	/* runs 4 and 5: stages 0 and 1 summing straight from each other's gradient buffers */
+	for (int run = 0; run < 6; run++)
 	{
-		ranks		sh = {.nranks = 2, .stage_zero = run < 3 ? run : 2, .bf16 = run == 3,
-		.batch_size = 3, .max_tokens = longest, .epochs = 2};
+		ranks		sh = {.nranks = 2, .stage_zero = run < 3 ? run : run == 3 ? 2 : run - 4,
+		.bf16 = run == 3, .batch_size = 3, .max_tokens = longest, .epochs = 2,
+		.peer_n = run >= 4 ? probe.m->param_bytes / sizeof(float) : 0};
 
+		for (int r = 0; r < 2 && sh.peer_n; r++)
+			CHECK((sh.peer[r] = malloc(probe.m->param_bytes)) != NULL);
 		CHECK_OK(train_ranks(&sh, a[run], &err), &err);
+		for (int r = 0; r < 2 && sh.peer_n; r++)
+			free(sh.peer[r]);
 		CHECKF((d = param_diff(a[run][0].s.m, a[run][1].s.m)) == 0, "run %d: the ranks differ by %g", run, d);
 	}
 	CHECKF((d = param_diff(a[1][0].s.m, a[0][0].s.m)) == 0, "stage 1 and stage 0 differ by %g", d);
 	CHECKF((d = param_diff(a[2][0].s.m, a[0][0].s.m)) < 1e-6, "stage 2 and stage 0 differ by %g", d);
 	CHECKF((d = param_diff(a[3][0].s.m, a[2][0].s.m)) < 1e-4 && d > 0,
 		   "bfloat16 communication moves the parameters by %g", d);
-	for (int run = 0; run < 4; run++)
+	CHECKF((d = param_diff(a[4][0].s.m, a[0][0].s.m)) == 0, "stage 0 from peers differs by %g", d);
+	CHECKF((d = param_diff(a[5][0].s.m, a[0][0].s.m)) == 0, "stage 1 from peers differs by %g", d);
+	setup_close(&probe);
+	for (int run = 0; run < 6; run++)
 	{
 		ranks		sh = {.nranks = 2};
 

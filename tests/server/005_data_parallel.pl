@@ -76,6 +76,8 @@ is($node->safe_psql('postgres', "SELECT zero_stage FROM dolly_jobs WHERE id = $i
 is($node->safe_psql('postgres', "SELECT zero_stage FROM dolly_jobs WHERE id = $id2"), '0',
 	'two workers pick stage 0 when everything fits');
 ok($node->log_contains("fine-tuning job $id2: ZeRO stage 0 \\(the smallest stage that fits\\)"), 'and log why');
+ok($node->log_contains("fine-tuning job $id2: the ranks sum from each other's gradient buffers"),
+	'CPU ranks that keep every gradient sum from each other\'s buffers in shared memory');
 for my $stage (1, 2)
 {
 	my ($id, $res) = job("zero$stage", 'false', ", zero_stage => $stage");
