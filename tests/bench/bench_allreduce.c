@@ -8,11 +8,17 @@
  * memcpy's S / time for the same S (one process copying one buffer into another), and the
  * ratios.
  *
- *   build/bench-allreduce [--ranks 2,4] [--mb 64,256,1024] [--bf16]
+ * With --step-model DIR (a model made by dolly-cli init), also the training step: tokens/s
+ * of 2 ranks (a thread each, ZeRO stages 0, 1, 2) against 1 rank of 2 threads on the same
+ * global batches of random tokens (8 examples of 256 tokens, 4 steps).
+ *
+ *   build/bench-allreduce [--ranks 2,4] [--mb 64,256,1024] [--bf16] [--step-model DIR]
  */
 #include "backend.h"
 #include "collective.h"
+#include "sampler.h"
 #include "sysinfo.h"
+#include "train.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -29,7 +35,12 @@ typedef struct shared
 {
 	pthread_barrier_t barrier;
 	double		seconds[16][REPEAT];
+	double		tokens_per_second;	/* the step benchmark's rank 0 */
 } shared;
+
+#define STEP_EXAMPLES 32
+#define STEP_TOKENS 256
+#define STEP_BATCH 8
 
 static int
 barrier(void *arg)
@@ -145,6 +156,138 @@ memcpy_s(size_t n)
 	return best;
 }
 
+/*
+ * One rank of the step benchmark: the model from dir on threads CPU threads, the same
+ * random examples as every rank, one epoch; rank 0 reports the training tokens/s.
+ */
+static int
+step_rank(shared *sh, void *stage, float *peer_mem, size_t peer_n, const char *dir, int rank,
+		  int nranks, int threads, int zero_stage)
+{
+	dl_backend *be;
+	dl_model   *m;
+	dl_error	err;
+	dl_example	ex[STEP_EXAMPLES];
+	int32_t		ids[STEP_EXAMPLES][STEP_TOKENS];
+	float	   *peers[16];
+	dl_group	g = {.rank = rank, .nranks = nranks, .stage = stage, .chunk = CHUNK,
+	.barrier = barrier, .barrier_arg = sh, .peers = peer_mem ? peers : NULL, .peer_n = peer_n};
+	dl_finetune_opts o;
+	dl_train_progress last;
+	dl_rng		rng;
+
+	for (int r = 0; r < nranks && peer_mem; r++)
+		peers[r] = peer_mem + (size_t) r * peer_n;
+	if (backend_cpu_create(threads, 0, &be, &err) != DL_OK || dl_model_load(dir, be, &m, &err) != DL_OK)
+	{
+		fprintf(stderr, "rank %d: %s\n", rank, err.msg);
+		return 1;
+	}
+	rng_seed(&rng, 7);
+	for (int i = 0; i < STEP_EXAMPLES; i++)
+	{
+		for (int t = 0; t < STEP_TOKENS; t++)
+			ids[i][t] = (int32_t) (rng_next(&rng) % (uint64_t) m->cfg.vocab_size);
+		ex[i] = (dl_example) {ids[i], STEP_TOKENS, STEP_TOKENS / 2};
+	}
+	memset(&o, 0, sizeof(o));
+	train_defaults(&o.cfg);
+	o.cfg.warmup_steps = 0;
+	o.cfg.max_tokens = STEP_TOKENS * STEP_BATCH;
+	o.epochs = 1;
+	o.batch_size = STEP_BATCH;
+	o.rank = rank;
+	o.nranks = nranks;
+	o.group = nranks > 1 ? &g : NULL;
+	o.zero_stage = zero_stage;
+	if (finetune_run(m, ex, STEP_EXAMPLES, NULL, 0, &o, &last, &err) != DL_OK)
+	{
+		fprintf(stderr, "rank %d: %s\n", rank, err.msg);
+		return 1;
+	}
+	if (rank == 0)
+		sh->tokens_per_second = last.tokens_per_second;
+	group_release(&g);
+	dl_model_free(m);
+	be->destroy(be);
+	return 0;
+}
+
+/* Training tokens/s of nranks ranks sharing `threads` CPU threads; -1 on failure. */
+static double
+step_tps(const char *dir, int nranks, int threads, int zero_stage, size_t param_bytes)
+{
+	shared	   *sh = mmap(NULL, sizeof(shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	size_t		stage_bytes = group_stage_bytes(nranks, CHUNK),
+				peer_n = zero_stage < 2 ? param_bytes / sizeof(float) : 0,
+				peer_bytes = nranks * peer_n * sizeof(float);
+	void	   *stage = mmap(NULL, stage_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	float	   *peer_mem = peer_n ? mmap(NULL, peer_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0) : NULL;
+	pthread_barrierattr_t attr;
+	int			failed = 0;
+	double		tps;
+
+	if (sh == MAP_FAILED || stage == MAP_FAILED || peer_mem == MAP_FAILED)
+		return -1;
+	pthread_barrierattr_init(&attr);
+	pthread_barrierattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+	pthread_barrier_init(&sh->barrier, &attr, nranks);
+	for (int r = 0; r < nranks; r++)
+		if (fork() == 0)
+			_exit(step_rank(sh, stage, peer_mem, peer_n, dir, r, nranks, threads / nranks, zero_stage));
+	for (int r = 0; r < nranks; r++)
+	{
+		int			status;
+
+		wait(&status);
+		failed |= !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+	}
+	tps = failed ? -1 : sh->tokens_per_second;
+	pthread_barrier_destroy(&sh->barrier);
+	munmap(stage, stage_bytes);
+	if (peer_mem)
+		munmap(peer_mem, peer_bytes);
+	munmap(sh, sizeof(shared));
+	return tps;
+}
+
+/* The step benchmark: 1 rank of 2 threads against 2 ranks of 1 thread at each stage. */
+static int
+bench_steps(const char *dir)
+{
+	dl_backend *be;
+	dl_model   *m;
+	dl_error	err;
+	size_t		param_bytes;
+	double		one;
+
+	if (backend_cpu_create(1, 0, &be, &err) != DL_OK || dl_model_load(dir, be, &m, &err) != DL_OK)
+	{
+		fprintf(stderr, "bench-allreduce: %s\n", err.msg);
+		return 1;
+	}
+	param_bytes = m->param_bytes;
+	printf("\ntraining step, %s (%.1fM parameters), %d examples of %d tokens, batches of %d:\n\n"
+		   "| ranks | ZeRO stage | training tokens/s | against 1 rank |\n|---|---|---|---|\n",
+		   dir, dl_model_param_count(m) / 1e6, STEP_EXAMPLES, STEP_TOKENS, STEP_BATCH);
+	dl_model_free(m);
+	be->destroy(be);
+	one = step_tps(dir, 1, 2, 0, param_bytes);
+	if (one <= 0)
+		return 1;
+	printf("| 1 (2 threads) | - | %.0f | 1.00 |\n", one);
+	for (int stage = 0; stage <= 2; stage++)
+	{
+		double		two = step_tps(dir, 2, 2, stage, param_bytes);
+
+		if (two <= 0)
+			return 1;
+		printf("| 2 (a thread each) | %d | %.0f | %.2f |\n", stage, two, two / one);
+		fflush(stdout);
+	}
+	return 0;
+}
+
 /* A comma-separated list of ints into v (at most max); returns how many. */
 static int
 parse_list(const char *s, int *v, int max)
@@ -165,6 +308,7 @@ parse_list(const char *s, int *v, int max)
 int
 main(int argc, char **argv)
 {
+	const char *step_model = NULL;
 	int			ranks[8] = {2, 4},
 				mb[8] = {64, 256, 1024},
 				nr = 2,
@@ -179,9 +323,11 @@ main(int argc, char **argv)
 			nm = parse_list(argv[++i], mb, 8);
 		else if (strcmp(argv[i], "--bf16") == 0)
 			bf16 = 1;
+		else if (strcmp(argv[i], "--step-model") == 0 && i + 1 < argc)
+			step_model = argv[++i];
 		else
 		{
-			fprintf(stderr, "usage: bench-allreduce [--ranks 2,4] [--mb 64,256,1024] [--bf16]\n");
+			fprintf(stderr, "usage: bench-allreduce [--ranks 2,4] [--mb 64,256,1024] [--bf16] [--step-model DIR]\n");
 			return 2;
 		}
 	}
@@ -208,5 +354,5 @@ main(int argc, char **argv)
 			fflush(stdout);
 		}
 	}
-	return 0;
+	return step_model ? bench_steps(step_model) : 0;
 }

@@ -156,10 +156,11 @@ ok($node->log_contains('restarting with a new GPU context'), 'the model server r
 # run a job to its end; returns (id, "state|eval_loss|error")
 sub job
 {
-	my ($out) = @_;
+	my ($out, $more) = @_;
+	$more //= '';
 	my $id = $node->safe_psql('postgres',
 		"SELECT dolly_finetune('records', '$out', base_model => 'base', epochs => 1, batch_size => 8, "
-		  . "learning_rate => 1e-3, warmup_steps => 0, eval_fraction => 0.125)");
+		  . "learning_rate => 1e-3, warmup_steps => 0, eval_fraction => 0.125$more)");
 	$node->poll_query_until('postgres',
 		"SELECT state NOT IN ('queued', 'running') FROM dolly_jobs WHERE id = $id")
 	  or die "job $id did not finish";
@@ -183,6 +184,18 @@ is($state2, 'succeeded', 'a job of two ranks on two GPUs succeeds' . ($err2 ? ":
 ok($node->log_contains('fine-tuning rank 1 of 2 trains on cuda:1'), 'rank 1 trains on the second GPU');
 cmp_ok(abs($loss2 - $loss1), '<', 1e-2 * abs($loss1),
 	"the evaluation loss of one GPU's run, within bfloat16 rounding ($loss2 vs $loss1)");
+is($node->safe_psql('postgres', "SELECT zero_stage FROM dolly_jobs WHERE id = $id2"), '0',
+	'stage 0 fits the emulated GPUs');
+
+# ZeRO stages 1 and 2 on the two GPUs: each GPU keeps its part of AdamW's state (and of the
+# gradients); the sums and the norm are taken in the same order, so the same loss
+for my $stage (1, 2)
+{
+	my ($id, $res) = job("tuned-zero$stage", ", zero_stage => $stage");
+	my ($s, $loss, $e) = split /\|/, $res;
+	is($s, 'succeeded', "two GPUs at ZeRO stage $stage: the job succeeds" . ($e ? ": $e" : ''));
+	is($loss, $loss2, "with stage 0's evaluation loss ($loss)");
+}
 
 $node->append_conf('postgresql.conf', "dolly.device = 'cpu'\n");
 $node->reload;
