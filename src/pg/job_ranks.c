@@ -324,6 +324,22 @@ dolly_dp_train(DollyDP *d, int rank, dl_model *m, const dl_example *ex, int ntra
 	return st;
 }
 
+/* The GPUs this process sees (after dolly_cuda_restrict), described in gpus; 0 if none. */
+static int
+visible_gpus(dl_gpu_info *gpus)
+{
+	char		path[MAXPGPATH];
+	const dl_cuda_plugin *plugin;
+	int			ngpus = 0;
+	dl_error	err;
+
+	dolly_cuda_plugin_path(path, sizeof(path));
+	if (cuda_plugin_load(path, &plugin, &err) != DL_OK ||
+		plugin->probe(gpus, DL_MAX_GPUS, &ngpus, &err) != DL_OK)
+		return 0;
+	return ngpus;
+}
+
 dl_status
 dolly_job_load_base(const char *base_path, int rank, int nranks, const char *activity,
 					bool (*stop) (void *arg), void *arg, dl_backend **be, dl_pipeline **base,
@@ -334,12 +350,14 @@ dolly_job_load_base(const char *base_path, int rank, int nranks, const char *act
 
 	if (dolly_want_cuda())
 	{
+		dl_gpu_info gpus[DL_MAX_GPUS];
+		int			ngpus;
+
 		dolly_cuda_restrict();
 		dolly_cuda_plugin_path(path, sizeof(path));
-		st = backend_cuda_create(path, rank, DL_CUDA_MIXED, be, err);
-		if (st == DL_EINVAL)
-			dl_hint(err, "dolly.train_workers (%d) asks for a GPU per rank: lower it to the number of GPUs.",
-					nranks);
+		/* more ranks than GPUs share them, rank r on GPU r mod the GPUs */
+		ngpus = visible_gpus(gpus);
+		st = backend_cuda_create(path, ngpus > 0 ? rank % ngpus : rank, DL_CUDA_MIXED, be, err);
 	}
 	else
 		st = backend_cpu_create(Max(1, dolly_cpu_threads() / nranks), 0, be, err);
@@ -351,29 +369,32 @@ dolly_job_load_base(const char *base_path, int rank, int nranks, const char *act
 	return model_add_dolly_tokens(&(*base)->model, (*base)->tok, err);
 }
 
-/* Bytes each of nranks ranks has for training state, or -1 when unknown. */
+/*
+ * Bytes each of nranks ranks has for training state, or -1 when unknown. This rank's
+ * weights are loaded; those of the ranks that share its memory are still to come.
+ */
 static long long
 rank_memory(const dl_model *m, const dl_backend *be, int nranks)
 {
-	char		path[MAXPGPATH];
-	const dl_cuda_plugin *plugin;
 	dl_gpu_info gpus[DL_MAX_GPUS];
-	int			ngpus = 0;
-	dl_error	err;
+	int			ngpus,
+				sharing;
 	long long	avail;
 
 	if (be->host_memory)
 	{
-		/* this rank's weights are loaded; the others' are still to come */
 		avail = sys_mem_available();
-		return avail < 0 ? -1 : (avail - (long long) (nranks - 1) * (long long) m->param_bytes) / nranks;
+		sharing = nranks;
 	}
-	/* a GPU per rank, this one (device 0 after dolly_cuda_restrict) standing for all */
-	dolly_cuda_plugin_path(path, sizeof(path));
-	if (cuda_plugin_load(path, &plugin, &err) != DL_OK ||
-		plugin->probe(gpus, DL_MAX_GPUS, &ngpus, &err) != DL_OK || ngpus < 1)
-		return -1;
-	return (long long) gpus[0].free_bytes;
+	else
+	{
+		/* GPU 0 (rank 0's) stands for all; ranks r = 0 mod the GPUs share it */
+		if ((ngpus = visible_gpus(gpus)) < 1)
+			return -1;
+		avail = (long long) gpus[0].free_bytes;
+		sharing = (nranks + ngpus - 1) / ngpus;
+	}
+	return avail < 0 ? -1 : (avail - (long long) (sharing - 1) * (long long) m->param_bytes) / sharing;
 }
 
 int

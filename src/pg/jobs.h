@@ -69,8 +69,8 @@ extern dl_status dolly_dp_train(DollyDP *d, int rank, struct dl_model *m,
 /* Make every rank stop at its next barrier (error NULL: a stop, not a failure). */
 extern void dolly_dp_abort(DollyDP *d, const char *error);
 /*
- * What rank `rank` of nranks trains from: GPU `rank` in mixed mode when dolly.device asks
- * for the GPU, else a CPU backend with its share (1/nranks) of dolly.threads; the base
+ * What rank `rank` of nranks trains from: GPU `rank` (mod the GPUs: ranks may share one)
+ * in mixed mode when dolly.device asks for the GPU, else a CPU backend with its share (1/nranks) of dolly.threads; the base
  * model's tokenizer and weights, with Dolly's special tokens added. The load shows its
  * progress as activity and stops when stop(arg) says so (see dolly_open_model).
  */
@@ -83,7 +83,7 @@ extern dl_status dolly_job_load_base(const char *base_path, int rank, int nranks
 /*
  * The ZeRO stage nranks ranks training m on be run: `wanted` (0, 1, 2) if >= 0, else the
  * smallest whose gradients and AdamW state fit each rank's share of the memory left (the
- * host's for CPU ranks, which all share it; the GPU's free memory for GPU ranks), or 2
+ * host's for CPU ranks, which all share it; the GPU's free memory for the ranks on a GPU), or 2
  * when none does. Logs the choice with the figures behind it.
  */
 extern int	dolly_dp_choose_stage(const struct dl_model *m, const struct dl_backend *be, int nranks,

@@ -197,6 +197,18 @@ for my $stage (1, 2)
 	is($loss, $loss2, "with stage 0's evaluation loss ($loss)");
 }
 
+# more ranks than GPUs: ranks share them (rank r on GPU r mod 2)
+$node->append_conf('postgresql.conf', "dolly.train_workers = 4\n");
+$node->reload;
+my ($id4, $four) = job('tuned4', ', zero_stage => 1');
+my ($state4, $loss4, $err4) = split /\|/, $four;
+is($state4, 'succeeded', 'four ranks on two GPUs: the job succeeds' . ($err4 ? ": $err4" : ''));
+ok($node->log_contains('fine-tuning rank 3 of 4 trains on cuda:1')
+	  && $node->log_contains('fine-tuning rank 2 of 4 trains on cuda:0'), 'two ranks on each GPU');
+cmp_ok(abs($loss4 - $loss2), '<', 1e-2 * abs($loss2), "the evaluation loss of two ranks' run ($loss4 vs $loss2)");
+$node->append_conf('postgresql.conf', "dolly.train_workers = 2\n");
+$node->reload;
+
 $node->append_conf('postgresql.conf', "dolly.device = 'cpu'\n");
 $node->reload;
 $node->poll_query_until('postgres', "SELECT count(*) = 0 FROM dolly_server WHERE device <> 'cpu'")
