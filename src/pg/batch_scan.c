@@ -337,13 +337,64 @@ batch_tree(Plan *plan)
 	return plan_batchable(plan) ? make_batch(plan) : plan;
 }
 
+/* Does the query call dolly_generate or dolly_generate_raw anywhere? */
+static bool
+calls_dolly_walker(Node *node, void *context)
+{
+	if (node == NULL)
+		return false;
+	if (IsA(node, FuncExpr) && dolly_call_kind(((FuncExpr *) node)->funcid) != DOLLY_CALL_NONE)
+		return true;
+	if (IsA(node, Query))
+		return query_tree_walker((Query *) node, calls_dolly_walker, context, 0);
+	return expression_tree_walker(node, calls_dolly_walker, context);
+}
+
+/*
+ * Citus refuses volatile functions in UPDATE on a distributed table: where the query
+ * calls dolly_generate, say what Citus accepts (a hint added to its ERROR).
+ */
+static void
+hint_citus_update(Query *parse, MemoryContext cxt)
+{
+	ErrorData  *e;
+
+	MemoryContextSwitchTo(cxt);
+	e = CopyErrorData();
+	if (e->sqlerrcode != ERRCODE_FEATURE_NOT_SUPPORTED || e->hint != NULL ||
+		strstr(e->message, "must not be VOLATILE") == NULL || parse->commandType != CMD_UPDATE ||
+		!calls_dolly_walker((Node *) parse, NULL))
+	{
+		FreeErrorData(e);
+		return;
+	}
+	FlushErrorState();
+	e->hint = pstrdup("Citus runs only non-volatile functions in an UPDATE of a distributed table: "
+					  "dolly_generate_greedy(instruction, context, model, max_new_tokens) is dolly_generate "
+					  "with do_sample => false, declared IMMUTABLE, which Citus runs on the workers: "
+					  "UPDATE tasks SET answer = dolly_generate_greedy(instruction).");
+	ReThrowError(e);
+}
+
 static PlannedStmt *
 batch_planner(Query *parse, const char *query_string, int cursor_options, ParamListInfo params)
 {
-	PlannedStmt *stmt = prev_planner_hook
-		? prev_planner_hook(parse, query_string, cursor_options, params)
-		: standard_planner(parse, query_string, cursor_options, params);
+	MemoryContext cxt = CurrentMemoryContext;
+	PlannedStmt *volatile stmt = NULL;
 	ListCell   *lc;
+
+	PG_TRY();
+	{
+		stmt = prev_planner_hook
+			? prev_planner_hook(parse, query_string, cursor_options, params)
+			: standard_planner(parse, query_string, cursor_options, params);
+	}
+	PG_CATCH();
+	{
+		hint_citus_update(parse, cxt);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
 
 	/* a scrollable cursor needs backward scans, which Dolly Batch does not do */
 	if (dolly_query_batch == 1 || (cursor_options & CURSOR_OPT_SCROLL))

@@ -5,6 +5,7 @@
 #ifndef DOLLY_CATALOG_H
 #define DOLLY_CATALOG_H
 
+#include "fmgr.h"
 #include "paths.h"
 
 /*
@@ -46,6 +47,12 @@ extern void dolly_check_model_use(const char *name, DollyModelIdent *ident);
  */
 extern void dolly_register_output(const char *name, Oid owner, const char *base, int64 job,
 								  const char *path);
+
+/* The model name in argument 0 of a SQL call: not NULL, and a name (else ERROR). */
+extern char *dolly_model_arg(FunctionCallInfo fcinfo);
+
+/* Register a model copied from another node, with that node's owner and base model. */
+extern void dolly_register_copy(const char *name, Oid owner, const char *base, const char *path);
 
 /* May the current role see the loaded model at path (in dolly_server)? */
 extern bool dolly_model_visible(const char *path);

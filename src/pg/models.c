@@ -240,9 +240,14 @@ dolly_register_output(const char *name, Oid owner, const char *base, int64 job, 
 	register_model(name, owner, base ? base : (dolly_model[0] != '/' ? dolly_model : NULL), job, path);
 }
 
-/* The model name in argument 0: not NULL, and a name. */
-static char *
-model_arg(FunctionCallInfo fcinfo)
+void
+dolly_register_copy(const char *name, Oid owner, const char *base, const char *path)
+{
+	register_model(name, owner, base, 0, path);
+}
+
+char *
+dolly_model_arg(FunctionCallInfo fcinfo)
 {
 	char	   *name;
 
@@ -276,7 +281,7 @@ dolly_register_model(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("only superusers may register models"),
 				 errhint("Models a role fine-tunes are registered as that role's when the job succeeds.")));
-	name = model_arg(fcinfo);
+	name = dolly_model_arg(fcinfo);
 	if (dolly_model_path(name, path, &is_default, &err) != DL_OK)
 		dolly_report(ERROR, &err);
 	snprintf(config, sizeof(config), "%s/config.json", path);
@@ -303,7 +308,7 @@ dolly_register_model(PG_FUNCTION_ARGS)
 static char *
 owned_model(FunctionCallInfo fcinfo, const char *action, ModelEntry *e)
 {
-	char	   *name = model_arg(fcinfo);
+	char	   *name = dolly_model_arg(fcinfo);
 
 	model_lookup(name, e);
 	if (!e->found || !may_use(e))

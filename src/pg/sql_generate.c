@@ -170,17 +170,21 @@ read_options(FunctionCallInfo fcinfo, int first, bool extract_response, GenOptio
 	dl_error	err;
 
 	memset(o, 0, sizeof(*o));
-#define ARG_OR(n, get, dflt) (PG_ARGISNULL(first + (n)) ? (dflt) : get(first + (n)))
+	/* dolly_generate_greedy is dolly_generate without the sampling arguments */
+#define HAS(n) (PG_NARGS() > first + (n))
+#define ARG_OR(n, get, dflt) (!HAS(n) || PG_ARGISNULL(first + (n)) ? (dflt) : get(first + (n)))
 	set_model(o->model, &o->ident, fcinfo, first);
 	o->gen.extract_response = extract_response;
 	o->gen.max_new_tokens = ARG_OR(1, PG_GETARG_INT32, DEFAULT_MAX_NEW_TOKENS);
 	o->gen.temperature = ARG_OR(2, PG_GETARG_FLOAT8, DEFAULT_TEMPERATURE);
 	o->gen.top_p = ARG_OR(3, PG_GETARG_FLOAT8, DEFAULT_TOP_P);
 	o->gen.top_k = ARG_OR(4, PG_GETARG_INT32, DEFAULT_TOP_K);
-	o->gen.do_sample = ARG_OR(5, PG_GETARG_BOOL, true);
-	o->seeded = !PG_ARGISNULL(first + 6);
+	/* sampling by default, greedy where the form has no do_sample */
+	o->gen.do_sample = ARG_OR(5, PG_GETARG_BOOL, HAS(5));
+	o->seeded = HAS(6) && !PG_ARGISNULL(first + 6);
 	o->gen.seed = o->seeded ? (uint64) PG_GETARG_INT64(first + 6) : 0;
 #undef ARG_OR
+#undef HAS
 
 	if (o->gen.max_new_tokens < 1 || o->gen.max_new_tokens > dolly_max_new_tokens)
 		ereport(ERROR,
@@ -324,7 +328,8 @@ generate_one(FunctionCallInfo fcinfo, const char *prompt, bool extract_response,
 /*
  * dolly_generate(instruction, context, model, max_new_tokens, temperature, top_p, top_k,
  * do_sample, seed): Dolly's answer to an instruction (its prompt template, stopped at
- * "### End", the response extracted). NULL instruction gives NULL.
+ * "### End", the response extracted). NULL instruction gives NULL. Also
+ * dolly_generate_greedy(instruction, context, model, max_new_tokens).
  */
 Datum
 dolly_generate(PG_FUNCTION_ARGS)

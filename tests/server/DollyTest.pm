@@ -12,10 +12,11 @@ use PostgreSQL::Test::Utils;
 our @EXPORT = qw(dolly_cluster $fixtures);
 our $fixtures = abs_path(dirname(__FILE__) . '/../fixtures');
 
-# dolly_cluster(name, models => [fixture names], conf => lines): the node and its
-# dolly.model_dir: copies of the named fixtures in a new directory (which the test may
-# write), or tests/fixtures itself without `models`. dolly.model is gptj-f32 unless conf
-# sets it; conf's lines come last.
+# dolly_cluster(name, models => [fixture names], conf => lines, preload => libraries): the
+# node and its dolly.model_dir: copies of the named fixtures in a new directory (which the
+# test may write), or tests/fixtures itself without `models`. dolly.model is gptj-f32
+# unless conf sets it; conf's lines come last; shared_preload_libraries is preload
+# ('dolly' by default).
 sub dolly_cluster
 {
 	my ($name, %opt) = @_;
@@ -31,7 +32,7 @@ sub dolly_cluster
 	}
 	my $node = PostgreSQL::Test::Cluster->new($name);
 	$node->init;
-	$node->append_conf('postgresql.conf', "shared_preload_libraries = 'dolly'\n"
+	$node->append_conf('postgresql.conf', "shared_preload_libraries = '" . ($opt{preload} // 'dolly') . "'\n"
 		  . "dolly.model_dir = '$dir'\ndolly.model = 'gptj-f32'\ndolly.threads = 2\n"
 		  . ($opt{conf} // ''));
 	$node->start;
