@@ -75,6 +75,24 @@ $coord->poll_query_until('postgres', "SELECT state NOT IN ('queued', 'running') 
 is($coord->safe_psql('postgres', "SELECT state || ' ' || records FROM dolly_jobs WHERE id = $job"), 'succeeded 64',
 	'a job fine-tunes on all 64 rows of the distributed table');
 
+# as a role, through row-level security on the distributed table (Citus propagates the
+# role, the grant and the policy to the workers)
+$coord->safe_psql('postgres', q{
+CREATE ROLE alice LOGIN;
+GRANT dolly_trainer TO alice;
+GRANT SELECT ON tasks TO alice;
+ALTER TABLE tasks ENABLE ROW LEVEL SECURITY;
+CREATE POLICY firsthalf ON tasks FOR SELECT TO alice USING (id <= 32);
+});
+my $ajob = $coord->safe_psql('postgres', q{
+SELECT dolly_finetune('tasks', 'alice-tuned', epochs => 1, batch_size => 8, learning_rate => 1e-3,
+					  warmup_steps => 0, eval_fraction => 0)}, extra_params => [ '-U', 'alice' ]);
+$coord->poll_query_until('postgres', "SELECT state NOT IN ('queued', 'running') FROM dolly_jobs WHERE id = $ajob")
+  or die 'the job did not finish';
+is($coord->safe_psql('postgres', "SELECT state || ' ' || records FROM dolly_jobs WHERE id = $ajob"), 'succeeded 32',
+	"a role's job reads only the rows its policy shows it, on every shard");
+$coord->safe_psql('postgres', 'ALTER TABLE tasks DISABLE ROW LEVEL SECURITY');
+
 # the model is the coordinator's only: a distributed call names the worker that lacks it
 my $tuned = "dolly_generate(instruction, model => 'tuned', do_sample => false, max_new_tokens => 8)";
 ($ret, $out, $err) = $coord->psql('postgres', "SELECT $tuned FROM tasks");
