@@ -532,27 +532,39 @@ decode_launch(cuda_backend *cb, dim3 grid, float *out, float *part, const float 
 #undef DECODE
 }
 
+/*
+ * The kernels take a span per gridDim.y or .z index, which stops at 65,535: batches of
+ * more sequences launch in groups of spans (the kernels index spans[blockIdx], so a
+ * group is the spans from its first on).
+ */
+#define MAX_GRID_SPANS 65535
+
 /* Prefill: store the new k and v, then FlashAttention for every tile of queries. */
 template <typename KV>
 static void
 prefill_launch(cuda_backend *cb, float *out, const float *qkv, KV *kc, KV *vc,
 			   const dl_spans *spans, int max_ctx, int H, int D, float qscale, int max_len)
 {
-	dim3		store_grid(max_len < 1024 ? max_len : 1024, spans->n);
-	dim3		grid((max_len + PF_BQ - 1) / PF_BQ, H, spans->n);
+	for (int s0 = 0; s0 < spans->n; s0 += MAX_GRID_SPANS)
+	{
+		int			n = spans->n - s0 < MAX_GRID_SPANS ? spans->n - s0 : MAX_GRID_SPANS;
+		const dl_span *sp = spans->dev + s0;
+		dim3		store_grid(max_len < 1024 ? max_len : 1024, n);
+		dim3		grid((max_len + PF_BQ - 1) / PF_BQ, H, n);
 
-	kv_store_kernel<<<store_grid, DL_BLOCK, 0, cb->stream>>>(kc, vc, qkv, spans->dev, max_ctx, H * D);
-	cuda_check_launch(cb, "attention_forward (storing k and v)");
-	if (D <= 64)
-		attn_prefill_kernel<KV, 64><<<grid, PF_THREADS, prefill_smem<64>(D), cb->stream>>>(
-			out, qkv, kc, vc, spans->dev, max_ctx, H, D, qscale);
-	else if (D <= 128)
-		attn_prefill_kernel<KV, 128><<<grid, PF_THREADS, prefill_smem<128>(D), cb->stream>>>(
-			out, qkv, kc, vc, spans->dev, max_ctx, H, D, qscale);
-	else
-		attn_prefill_kernel<KV, 256><<<grid, PF_THREADS, prefill_smem<256>(D), cb->stream>>>(
-			out, qkv, kc, vc, spans->dev, max_ctx, H, D, qscale);
-	cuda_check_launch(cb, "attention_forward (prefill)");
+		kv_store_kernel<<<store_grid, DL_BLOCK, 0, cb->stream>>>(kc, vc, qkv, sp, max_ctx, H * D);
+		cuda_check_launch(cb, "attention_forward (storing k and v)");
+		if (D <= 64)
+			attn_prefill_kernel<KV, 64><<<grid, PF_THREADS, prefill_smem<64>(D), cb->stream>>>(
+				out, qkv, kc, vc, sp, max_ctx, H, D, qscale);
+		else if (D <= 128)
+			attn_prefill_kernel<KV, 128><<<grid, PF_THREADS, prefill_smem<128>(D), cb->stream>>>(
+				out, qkv, kc, vc, sp, max_ctx, H, D, qscale);
+		else
+			attn_prefill_kernel<KV, 256><<<grid, PF_THREADS, prefill_smem<256>(D), cb->stream>>>(
+				out, qkv, kc, vc, sp, max_ctx, H, D, qscale);
+		cuda_check_launch(cb, "attention_forward (prefill)");
+	}
 }
 
 /*
@@ -581,14 +593,20 @@ decode_run(cuda_backend *cb, float *out, const float *qkv, KV *kc, KV *vc,
 	splits = splits > 1 ? splits : 1;
 	chunk = (max_keys + splits - 1) / splits;
 	splits = (max_keys + chunk - 1) / chunk;
-	decode_launch(cb, dim3(splits, H, spans->n), out, splits > 1 ? workspace : NULL, qkv, kc, vc,
-				  spans->dev, max_ctx, H, D, qscale, chunk, splits);
-	cuda_check_launch(cb, "attention_forward (decode)");
-	if (splits == 1)
-		return;
-	attn_combine_kernel<<<dim3(H, spans->n), 128, 0, cb->stream>>>(out, workspace, spans->dev, H, D,
-																	chunk, splits);
-	cuda_check_launch(cb, "attention_forward (combining splits)");
+	for (int s0 = 0; s0 < spans->n; s0 += MAX_GRID_SPANS)
+	{
+		int			n = spans->n - s0 < MAX_GRID_SPANS ? spans->n - s0 : MAX_GRID_SPANS;
+		float	   *part = splits > 1 ? workspace + (size_t) s0 * H * splits * (D + 2) : NULL;
+
+		decode_launch(cb, dim3(splits, H, n), out, part, qkv, kc, vc, spans->dev + s0, max_ctx, H, D,
+					  qscale, chunk, splits);
+		cuda_check_launch(cb, "attention_forward (decode)");
+		if (splits == 1)
+			continue;
+		attn_combine_kernel<<<dim3(H, n), 128, 0, cb->stream>>>(out, part, spans->dev + s0, H, D, chunk,
+																splits);
+		cuda_check_launch(cb, "attention_forward (combining splits)");
+	}
 }
 
 /* Attention of a batch: prefill spans and decode spans, each by its kernels. */
@@ -646,8 +664,12 @@ cuda_attention_workspace(dl_backend *be, int max_ctx)
 /* Raise the prefill kernels' dynamic shared memory limit to what each needs at its widest. */
 template <typename KV>
 static dl_status
-prefill_init(dl_error *err)
+prefill_init(cuda_backend *cb, dl_error *err)
 {
+	/* 66 KB at the widest: within every supported GPU's opt-in (99 KB and up) */
+	if ((int) prefill_smem<256>(256) > cb->smem_optin)
+		return dl_fail(err, DL_EUNSUPPORTED, "prefill attention needs %d bytes of shared memory a block; %s allows %d",
+					   (int) prefill_smem<256>(256), cb->name, cb->smem_optin);
 	CUDA_TRY(cudaFuncSetAttribute(attn_prefill_kernel<KV, 64>,
 								  cudaFuncAttributeMaxDynamicSharedMemorySize,
 								  (int) prefill_smem<64>(64)), err);
@@ -663,5 +685,5 @@ prefill_init(dl_error *err)
 dl_status
 cuda_attention_init(cuda_backend *cb, dl_error *err)
 {
-	return cb->fp32 ? prefill_init<float>(err) : prefill_init<__nv_bfloat16>(err);
+	return cb->fp32 ? prefill_init<float>(cb, err) : prefill_init<__nv_bfloat16>(cb, err);
 }

@@ -29,21 +29,35 @@ void *
 cuda_scratch(cuda_backend *cb, int slot, size_t bytes, const char *op)
 {
 	size_t		want = 1 << 20;
+	cudaError_t e;
 
 	if (bytes <= cb->scratch_bytes[slot])
 		return cb->scratch[slot];
 	while (want < bytes)
 		want *= 2;
 	/* the operations queued before may still use the old buffer */
-	cudaStreamSynchronize(cb->stream);
-	cudaFree(cb->scratch[slot]);
-	cb->scratch[slot] = NULL;
-	cb->scratch_bytes[slot] = 0;
-	if (cudaMalloc(&cb->scratch[slot], want) != cudaSuccess)
+	e = cudaStreamSynchronize(cb->stream);
+	if (e == cudaSuccess)
 	{
-		cudaGetLastError();
+		cudaFree(cb->scratch[slot]);
 		cb->scratch[slot] = NULL;
-		cuda_fail(cb, DL_ENOMEM, op, "out of GPU memory for its scratch buffer");
+		cb->scratch_bytes[slot] = 0;
+		e = cudaMalloc(&cb->scratch[slot], want);
+	}
+	if (e != cudaSuccess)
+	{
+		/*
+		 * Out of memory, or a context broken by an earlier fault (sticky: every call
+		 * fails from then on), which the model server must not take for a full GPU
+		 */
+		cudaGetLastError();
+		if (e == cudaErrorMemoryAllocation)
+		{
+			cb->scratch[slot] = NULL;
+			cuda_fail(cb, DL_ENOMEM, op, "out of GPU memory for its scratch buffer");
+		}
+		else
+			cuda_fail(cb, DL_EBACKEND, op, cudaGetErrorString(e));
 		return NULL;
 	}
 	cb->scratch_bytes[slot] = want;
@@ -112,6 +126,8 @@ cuda_backend_init(cuda_backend *cb, int dev, dl_error *err)
 		return dl_hint(err, "the CUDA backend needs compute capability 8.0 (Ampere) or newer");
 	}
 	cb->sm_count = prop.multiProcessorCount;
+	/* 227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86 and sm_89: kernels size themselves */
+	CUDA_TRY(cudaDeviceGetAttribute(&cb->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), err);
 	CUDA_TRY(cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking), err);
 	for (int i = 0; i < 2; i++)
 		CUDA_TRY(cudaEventCreateWithFlags(&cb->stage_done[i], cudaEventDisableTiming), err);
@@ -120,7 +136,7 @@ cuda_backend_init(cuda_backend *cb, int dev, dl_error *err)
 	/* fp32 mode exists to match float32 references: no TF32, whatever the environment says */
 	if (!cb->bf16_math)
 		CUBLAS_TRY(cublasSetMathMode(cb->blas, CUBLAS_PEDANTIC_MATH), err);
-	st = cuda_layernorm_init(err);
+	st = cuda_layernorm_init(cb, err);
 	return st != DL_OK ? st : cuda_attention_init(cb, err);
 }
 

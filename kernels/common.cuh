@@ -62,6 +62,8 @@ typedef struct cuda_backend
 	int			fp32;			/* weights and KV cache in float32 (fp32, mixed), else bfloat16 */
 	int			bf16_math;		/* matrix products on bfloat16 tensor cores (bf16, mixed) */
 	int			sm_count;
+	int			smem_optin;		/* dynamic shared memory a kernel may opt in to, bytes */
+	int			ln_smem_cols;	/* widest rows layernorm_backward sums in shared memory */
 	cudaStream_t stream;		/* every operation runs on it, in order */
 	cublasHandle_t blas;
 	dl_error	pending;		/* first failure of an asynchronous operation (code DL_OK: none) */
@@ -326,8 +328,11 @@ void		cuda_layernorm_forward(dl_backend *be, float *out, float *mean, float *rst
 void		cuda_layernorm_backward(dl_backend *be, float *din, float *dw, float *db,
 									const float *dout, const float *in, const float *mean,
 									const float *rstd, const float *w, int T, int C);
-/* Raise the backward kernel's shared memory limit (at backend creation). */
-dl_status	cuda_layernorm_init(dl_error *err);
+/*
+ * Raise the backward kernel's shared memory limit to what the device allows, up to what
+ * it can use (at backend creation); wider rows sum in global memory.
+ */
+dl_status	cuda_layernorm_init(cuda_backend *cb, dl_error *err);
 
 /* reduce.cu */
 /* out[N] += the column sums of x[M, N], in a fixed order. */

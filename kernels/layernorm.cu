@@ -2,7 +2,8 @@
  * layernorm.cu: torch.nn.LayerNorm over the rows of a float32 matrix, one block per row,
  * in two passes (mean, then the centred variance) as the CPU backend computes it; and
  * its backward, where blocks take rows in turn and sum their share of the weight and
- * bias gradients in shared memory, added up afterwards in a fixed order (reduce.cu).
+ * bias gradients in shared memory (in their own rows of global memory where the device
+ * has not that much shared memory), added up afterwards in a fixed order (reduce.cu).
  */
 #include "common.cuh"
 
@@ -46,20 +47,24 @@ cuda_layernorm_forward(dl_backend *be, float *out, float *mean, float *rstd, con
 	cuda_check_launch(cb, "layernorm_forward");
 }
 
-/* The widest rows layernorm_backward takes: 2 * C floats of shared memory a block. */
-#define LN_BACKWARD_MAX_C 16384
+/* The widest rows whose sums layernorm_backward keeps in shared memory: 128 KB a block. */
+#define LN_BACKWARD_SMEM_C 16384
 
 /*
  * Rows blockIdx.x, blockIdx.x + gridDim.x, ... of the backward: din += rstd (dxhat -
  * mean(dxhat) - xhat mean(dxhat xhat)) with dxhat = dout w; this block's sums of
- * dout xhat and dout per column go to partial[blockIdx.x] = [dw | db], [2C].
+ * dout xhat and dout per column go to partial[blockIdx.x] = [dw | db], [2C]: summed in
+ * shared memory (in_smem), or in place there. Either way column c is only ever touched by
+ * thread c mod blockDim.x, so the sums need no atomics.
  */
 __global__ static void
 layernorm_backward_kernel(float *din, float *partial, const float *dout, const float *in,
-						  const float *mean, const float *rstd, const float *w, int T, int C)
+						  const float *mean, const float *rstd, const float *w, int T, int C,
+						  int in_smem)
 {
-	extern __shared__ float acc[];	/* [2C]: dw | db of this block's rows */
+	extern __shared__ float smem[];
 	__shared__ float red[32];
+	float	   *acc = in_smem ? smem : partial + (size_t) blockIdx.x * 2 * C;	/* [2C]: dw | db */
 
 	for (int c = threadIdx.x; c < 2 * C; c += blockDim.x)
 		acc[c] = 0.0f;
@@ -92,6 +97,8 @@ layernorm_backward_kernel(float *din, float *partial, const float *dout, const f
 			acc[C + c] += g[c];
 		}
 	}
+	if (!in_smem)
+		return;
 	__syncthreads();			/* acc[C + c] was added to by the thread of column c */
 	for (int c = threadIdx.x; c < 2 * C; c += blockDim.x)
 		partial[(size_t) blockIdx.x * 2 * C + c] = acc[c];
@@ -103,32 +110,31 @@ cuda_layernorm_backward(dl_backend *be, float *din, float *dw, float *db, const 
 						int T, int C)
 {
 	cuda_backend *cb = cuda_enter(be);
-	int			blocks = T < 2 * cb->sm_count ? T : 2 * cb->sm_count;
+	int			blocks = T < 2 * cb->sm_count ? T : 2 * cb->sm_count,
+				in_smem = C <= cb->ln_smem_cols;
 	float	   *partial;
 
 	if (T <= 0 || C <= 0)
 		return;
-	if (C > LN_BACKWARD_MAX_C)
-	{
-		cuda_fail(cb, DL_EUNSUPPORTED, "layernorm_backward", "rows are wider than 16384");
-		return;
-	}
 	partial = (float *) cuda_scratch(cb, SCRATCH_PARTIAL, (size_t) blocks * 2 * C * sizeof(float),
 									 "layernorm_backward");
 	if (partial == NULL)
 		return;
-	layernorm_backward_kernel<<<blocks, DL_BLOCK, 2 * C * sizeof(float), cb->stream>>>(din, partial, dout, in, mean,
-																					  rstd, w, T, C);
+	layernorm_backward_kernel<<<blocks, DL_BLOCK, in_smem ? 2 * C * sizeof(float) : 0, cb->stream>>>(
+		din, partial, dout, in, mean, rstd, w, T, C, in_smem);
 	cuda_check_launch(cb, "layernorm_backward");
 	cuda_add_partials(cb, dw, partial, blocks, C, 2 * C, "layernorm_backward");
 	cuda_add_partials(cb, db, partial + C, blocks, C, 2 * C, "layernorm_backward");
 }
 
 dl_status
-cuda_layernorm_init(dl_error *err)
+cuda_layernorm_init(cuda_backend *cb, dl_error *err)
 {
+	int			bytes = (int) (2 * LN_BACKWARD_SMEM_C * sizeof(float));
+
+	bytes = bytes < cb->smem_optin ? bytes : cb->smem_optin;
+	cb->ln_smem_cols = bytes / (int) (2 * sizeof(float));
 	CUDA_TRY(cudaFuncSetAttribute(layernorm_backward_kernel,
-								  cudaFuncAttributeMaxDynamicSharedMemorySize,
-								  (int) (2 * LN_BACKWARD_MAX_C * sizeof(float))), err);
+								  cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), err);
 	return DL_OK;
 }

@@ -26,6 +26,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define TOL_F32 1e-5
 #define TOL_BF16 1e-2
@@ -694,6 +695,7 @@ typedef struct attn_case
 				n_slots,
 				n;
 	int			span[MAX_SPANS][3];
+	int			(*many)[3];		/* instead of span, for more than MAX_SPANS spans */
 } attn_case;
 
 /*
@@ -710,7 +712,7 @@ attention_case(const test_backend *tb, const attn_case *ac)
 	int			C = ac->H * ac->D,
 				T = 0;
 	size_t		ncache = (size_t) ac->n_slots * ac->max_ctx * C;
-	dl_span		spans[MAX_SPANS];
+	dl_span    *spans = malloc(sizeof(dl_span) * ac->n);
 	float	   *kc,
 			   *vc,
 			   *qkv,
@@ -743,8 +745,10 @@ attention_case(const test_backend *tb, const attn_case *ac)
 
 	for (int i = 0; i < ac->n; i++)
 	{
-		spans[i] = (dl_span) {T, ac->span[i][0], ac->span[i][1], ac->span[i][2]};
-		T += ac->span[i][0];
+		const int  *sp = ac->many ? ac->many[i] : ac->span[i];
+
+		spans[i] = (dl_span) {T, sp[0], sp[1], sp[2]};
+		T += sp[0];
 	}
 	kc = randv(ncache, 1.0f, &s);
 	vc = randv(ncache, 1.0f, &s);
@@ -793,6 +797,7 @@ attention_case(const test_backend *tb, const attn_case *ac)
 	cpu->free(cpu, c_k), cpu->free(cpu, c_v), cpu->free(cpu, c_qkv), cpu->free(cpu, c_out);
 	cpu->free(cpu, c_ws), cpu->free(cpu, c_sp);
 	free(kc), free(vc), free(qkv), free(got), free(ref), free(gk), free(gv), free(rk), free(rv);
+	free(spans);
 	return ok;
 }
 
@@ -800,15 +805,15 @@ TEST(ops_attention)
 {
 	/* spans as {len, slot, pos}: prefill from 0, prefill after a cached prefix, decode */
 	static attn_case cases[] = {
-		{"fixture-sized mix", 4, 8, 128, 5, 5, {{7, 0, 0}, {1, 1, 5}, {40, 2, 3}, {1, 3, 0}, {33, 4, 0}}},
-		{"prefill after prefix", 2, 16, 256, 3, 3, {{1, 0, 200}, {100, 1, 150}, {2, 2, 0}}},
-		{"GPT-J heads, split decode", 4, 256, 1024, 3, 3, {{1, 0, 700}, {70, 1, 0}, {1, 2, 1}}},
-		{"dolly-v2-3b heads", 3, 80, 512, 3, 3, {{33, 0, 10}, {1, 1, 300}, {1, 2, 511}}},
+		{"fixture-sized mix", 4, 8, 128, 5, 5, {{7, 0, 0}, {1, 1, 5}, {40, 2, 3}, {1, 3, 0}, {33, 4, 0}}, NULL},
+		{"prefill after prefix", 2, 16, 256, 3, 3, {{1, 0, 200}, {100, 1, 150}, {2, 2, 0}}, NULL},
+		{"GPT-J heads, split decode", 4, 256, 1024, 3, 3, {{1, 0, 700}, {70, 1, 0}, {1, 2, 1}}, NULL},
+		{"dolly-v2-3b heads", 3, 80, 512, 3, 3, {{33, 0, 10}, {1, 1, 300}, {1, 2, 511}}, NULL},
 		{"9 decodes", 2, 128, 300, 9, 9, {{1, 0, 0}, {1, 1, 1}, {1, 2, 5}, {1, 3, 63}, {1, 4, 64},
-		{1, 5, 65}, {1, 6, 127}, {1, 7, 200}, {1, 8, 299}}},
-		{"head_dim 12", 2, 12, 64, 3, 3, {{5, 0, 0}, {1, 1, 10}, {20, 2, 30}}},
-		{"head_dim 6", 1, 6, 40, 2, 2, {{1, 0, 39}, {3, 1, 2}}},
-		{"64 decodes", 2, 64, 160, 64, 64, {{0}}},
+		{1, 5, 65}, {1, 6, 127}, {1, 7, 200}, {1, 8, 299}}, NULL},
+		{"head_dim 12", 2, 12, 64, 3, 3, {{5, 0, 0}, {1, 1, 10}, {20, 2, 30}}, NULL},
+		{"head_dim 6", 1, 6, 40, 2, 2, {{1, 0, 39}, {3, 1, 2}}, NULL},
+		{"64 decodes", 2, 64, 160, 64, 64, {{0}}, NULL},
 	};
 	attn_case  *many = &cases[sizeof(cases) / sizeof(cases[0]) - 1];
 	uint64_t	s = new_seed();
@@ -823,6 +828,82 @@ TEST(ops_attention)
 	for (int b = 0; b < nb; b++)
 		for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++)
 			CHECK(attention_case(&tb[b], &cases[k]));
+}
+
+/*
+ * A fault that breaks the GPU context (sticky: every later call fails) is reported as a
+ * backend failure by the operations that allocate scratch memory, not as a full GPU: the
+ * model server restarts a failed context, and only that. Needs the emulated plugin's fault
+ * injection ($EMU_FAIL_ONCE, $EMU_FAIL_STICKY); a real GPU skips.
+ */
+TEST(ops_fault_is_not_out_of_memory)
+{
+	const char *plugin = getenv("DOLLY_CUDA_PLUGIN");
+	char		flag[] = "/tmp/dolly-emu-fault-XXXXXX";
+	test_backend t = {"cuda:0/mixed, faulted", NULL, 1};
+	dl_error	err;
+	dl_status	st;
+	void	   *p;
+	int			fd;
+
+	BACKENDS_OR_SKIP(tb, nb);
+	(void) tb;
+	CHECK_OK(backend_cuda_create(plugin ? plugin : "./dolly_cuda.so", 0, DL_CUDA_MIXED, &t.be, &err), &err);
+	CHECK((fd = mkstemp(flag)) >= 0);
+	close(fd);
+	setenv("EMU_FAIL_ONCE", flag, 1);
+	setenv("EMU_FAIL_STICKY", "1", 1);
+	p = t.be->alloc(t.be, 4096, &err);
+	if (p)
+		t.be->zero(t.be, p, 4096);
+	/* the first launch faults; its error is the pending one */
+	t.be->gelu_forward(t.be, p, p, 1024, DL_GELU_TANH);
+	st = t.be->synchronize(t.be, &err);
+	unsetenv("EMU_FAIL_ONCE");
+	unsetenv("EMU_FAIL_STICKY");
+	if (st == DL_OK)
+	{
+		unlink(flag);
+		t.be->free(t.be, p);
+		t.be->destroy(t.be);
+		SKIP("no fault injected: not the emulated plugin");
+	}
+	CHECKF(st == DL_EBACKEND, "the fault itself: %d %s", st, err.msg);
+	/* then an operation that grows its scratch buffer (the layer norm's backward) */
+	t.be->layernorm_backward(t.be, p, p, p, p, p, p, p, p, 64, 4096);
+	st = t.be->synchronize(t.be, &err);
+	CHECKF(st == DL_EBACKEND, "after a fault, a failed scratch allocation is %d (%s), not a backend failure",
+		   st, err.msg);
+	t.be->free(t.be, p);
+	t.be->destroy(t.be);
+}
+
+/*
+ * More sequences in one pass than a grid's y and z dimensions take (65,535): 65,536 decodes
+ * and a prefill of two tokens, each in its own cache slot; the kernels launch in groups of
+ * spans (a launch of 65,536 fails on a GPU, and in the emulator).
+ */
+TEST(ops_attention_many_sequences)
+{
+	attn_case	ac = {"65,536 decodes and a prefill", 1, 8, 4, 65537, 65537, {{0}}, NULL};
+	uint64_t	s = new_seed();
+
+	BACKENDS_OR_SKIP(tb, nb);
+	ac.many = malloc(sizeof(*ac.many) * ac.n);
+	CHECK(ac.many != NULL);
+	for (int i = 0; i < ac.n; i++)
+	{
+		ac.many[i][0] = i == ac.n - 1 ? 2 : 1;
+		ac.many[i][1] = i;
+		ac.many[i][2] = i == ac.n - 1 ? 0 : (int) ((frand(&s) + 1.0f) / 2 * ac.max_ctx) % ac.max_ctx;
+	}
+	for (int b = 0; b < nb; b++)
+		if (!attention_case(&tb[b], &ac))
+		{
+			free(ac.many);
+			CHECK(0);
+		}
+	free(ac.many);
 }
 
 /* --- training operations --- */
@@ -937,59 +1018,90 @@ TEST(ops_matmul_backward)
 	}
 }
 
+/* The layer norm's backward of T rows of C on tb against the CPU backend; 1 when it agrees. */
+static int
+layernorm_backward_case(const test_backend *tb, int T, int C)
+{
+	dl_backend *be = tb->be,
+			   *cpu = reference_backend();
+	uint64_t	s = new_seed();
+	size_t		n = (size_t) T * C;
+	float	   *x = randv(n, 2.0f, &s),
+			   *w = randv(C, 1.0f, &s),
+			   *g = randv(n, 1.0f, &s),
+			   *din0 = randv(n, 1.0f, &s),
+			   *dw0 = randv(C, 1.0f, &s),
+			   *db0 = randv(C, 1.0f, &s),
+			   *mean,
+			   *rstd;
+	twin		tx = twin_put(be, x, n * 4),
+				tw = twin_put(be, w, C * 4),
+				tg = twin_put(be, g, n * 4),
+				tdin = twin_put(be, din0, n * 4),
+				tdw = twin_put(be, dw0, C * 4),
+				tdb = twin_put(be, db0, C * 4),
+				tout = twin_put(be, NULL, n * 4),
+				tm,
+				tr;
+	char		shape[64];
+	int			ok;
+
+	/* the saved statistics come from the reference forward, the same on both */
+	tm = twin_put(be, NULL, T * 4);
+	tr = twin_put(be, NULL, T * 4);
+	cpu->layernorm_forward(cpu, tout.c, tm.c, tr.c, tx.c, tw.c, tw.c, T, C, 1e-5f);
+	mean = get(cpu, tm.c, T * 4);
+	rstd = get(cpu, tr.c, T * 4);
+	twin_free(be, &tm), twin_free(be, &tr);
+	tm = twin_put(be, mean, T * 4);
+	tr = twin_put(be, rstd, T * 4);
+	be->layernorm_backward(be, tdin.d, tdw.d, tdb.d, tg.d, tx.d, tm.d, tr.d, tw.d, T, C);
+	cpu->layernorm_backward(cpu, tdin.c, tdw.c, tdb.c, tg.c, tx.c, tm.c, tr.c, tw.c, T, C);
+	snprintf(shape, sizeof(shape), "T %d, C %d", T, C);
+	ok = twin_check(tb, &tdin, n, "layernorm_bwd din", shape, TOL_F32) &&
+		twin_check(tb, &tdw, C, "layernorm_bwd dw", shape, TOL_F32) &&
+		twin_check(tb, &tdb, C, "layernorm_bwd db", shape, TOL_F32);
+	twin_free(be, &tx), twin_free(be, &tw), twin_free(be, &tg), twin_free(be, &tdin);
+	twin_free(be, &tdw), twin_free(be, &tdb), twin_free(be, &tout);
+	twin_free(be, &tm), twin_free(be, &tr);
+	free(x), free(w), free(g), free(din0), free(dw0), free(db0), free(mean), free(rstd);
+	return ok;
+}
+
 TEST(ops_layernorm_backward)
 {
-	static const int shapes[][2] = {{1, 512}, {7, 33}, {300, 96}, {5, 2560}};
+	/* 16384: the widest rows a block's shared memory sums on a GPU of 227 KB (sm_90) */
+	static const int shapes[][2] = {{1, 512}, {7, 33}, {300, 96}, {5, 2560}, {3, 16384}};
 
 	BACKENDS_OR_SKIP(tb, nb);
 	for (int b = 0; b < nb; b++)
-		for (int k = 0; k < 4; k++)
-		{
-			dl_backend *be = tb[b].be,
-					   *cpu = reference_backend();
-			uint64_t	s = new_seed();
-			int			T = shapes[k][0],
-						C = shapes[k][1];
-			size_t		n = (size_t) T * C;
-			float	   *x = randv(n, 2.0f, &s),
-					   *w = randv(C, 1.0f, &s),
-					   *g = randv(n, 1.0f, &s),
-					   *din0 = randv(n, 1.0f, &s),
-					   *dw0 = randv(C, 1.0f, &s),
-					   *db0 = randv(C, 1.0f, &s),
-					   *mean,
-					   *rstd;
-			twin		tx = twin_put(be, x, n * 4),
-						tw = twin_put(be, w, C * 4),
-						tg = twin_put(be, g, n * 4),
-						tdin = twin_put(be, din0, n * 4),
-						tdw = twin_put(be, dw0, C * 4),
-						tdb = twin_put(be, db0, C * 4),
-						tout = twin_put(be, NULL, n * 4),
-						tm,
-						tr;
-			char		shape[64];
+		for (int k = 0; k < 5; k++)
+			CHECK(layernorm_backward_case(&tb[b], shapes[k][0], shapes[k][1]));
+}
 
-			/* the saved statistics come from the reference forward, the same on both */
-			tm = twin_put(be, NULL, T * 4);
-			tr = twin_put(be, NULL, T * 4);
-			cpu->layernorm_forward(cpu, tout.c, tm.c, tr.c, tx.c, tw.c, tw.c, T, C, 1e-5f);
-			mean = get(cpu, tm.c, T * 4);
-			rstd = get(cpu, tr.c, T * 4);
-			twin_free(be, &tm), twin_free(be, &tr);
-			tm = twin_put(be, mean, T * 4);
-			tr = twin_put(be, rstd, T * 4);
-			be->layernorm_backward(be, tdin.d, tdw.d, tdb.d, tg.d, tx.d, tm.d, tr.d, tw.d, T, C);
-			cpu->layernorm_backward(cpu, tdin.c, tdw.c, tdb.c, tg.c, tx.c, tm.c, tr.c, tw.c, T, C);
-			snprintf(shape, sizeof(shape), "T %d, C %d", T, C);
-			CHECK(twin_check(&tb[b], &tdin, n, "layernorm_bwd din", shape, TOL_F32));
-			CHECK(twin_check(&tb[b], &tdw, C, "layernorm_bwd dw", shape, TOL_F32));
-			CHECK(twin_check(&tb[b], &tdb, C, "layernorm_bwd db", shape, TOL_F32));
-			twin_free(be, &tx), twin_free(be, &tw), twin_free(be, &tg), twin_free(be, &tdin);
-			twin_free(be, &tdw), twin_free(be, &tdb), twin_free(be, &tout);
-			twin_free(be, &tm), twin_free(be, &tr);
-			free(x), free(w), free(g), free(din0), free(dw0), free(db0), free(mean), free(rstd);
-		}
+/*
+ * A GPU that lets a kernel opt in to 99 KB of shared memory a block (sm_86 and sm_89:
+ * A10, A40, L4, L40S, RTX 30 and 40; emulated through $EMU_SMEM_OPTIN, which a real GPU
+ * ignores for its own limit): the backend is created (the layer norm's backward once
+ * opted in to 128 KB, which such a GPU refuses, and every creation failed), and rows too
+ * wide for its shared memory sum in global memory.
+ */
+TEST(ops_small_shared_memory_gpu)
+{
+	const char *plugin = getenv("DOLLY_CUDA_PLUGIN");
+	test_backend small = {"cuda:0/mixed, 99 KB opt-in", NULL, 1};
+	dl_error	err;
+	dl_status	st;
+
+	BACKENDS_OR_SKIP(tb, nb);
+	(void) tb;
+	setenv("EMU_SMEM_OPTIN", "101376", 1);
+	st = backend_cuda_create(plugin ? plugin : "./dolly_cuda.so", 0, DL_CUDA_MIXED, &small.be, &err);
+	unsetenv("EMU_SMEM_OPTIN");
+	CHECK_OK(st, &err);
+	CHECK(layernorm_backward_case(&small, 5, 2560));
+	CHECK(layernorm_backward_case(&small, 3, 16384));
+	small.be->destroy(small.be);
 }
 
 TEST(ops_embedding_rotary_gelu_backward)

@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
+#include <map>
+#include <string>
 #include <vector>
 
 namespace emu
@@ -42,8 +44,15 @@ namespace emu
 	static void *scheduler_sp;
 	static fiber *current;
 	static std::function<void()> *kernel_body;
-	static size_t smem_allowed = 48 * 1024;
+	/* each kernel's dynamic shared memory limit: 48 KB unless it opted in to more */
+	static std::map<std::string, size_t> smem_allowed;
+	static const size_t SMEM_DEFAULT = 48 * 1024;
 	static cudaError_t last_error = cudaSuccess;
+	/*
+	 * A fault that breaks the context ($EMU_FAIL_STICKY with $EMU_FAIL_ONCE): every call
+	 * fails with it from then on, as on a GPU, until the stream of its backend is destroyed
+	 */
+	static cudaError_t sticky = cudaSuccess;
 	static const size_t STACK_BYTES = 128 * 1024;
 }
 
@@ -199,9 +208,27 @@ run_block(int nthreads)
 	}
 }
 
-void
-emu::launch_cfg::run(std::function<void()> body)
+/* A kernel's name as written, up to the first comma outside <>, without spaces. */
+static std::string
+kernel_name(const char *text)
 {
+	std::string name;
+	int			depth = 0;
+
+	for (const char *c = text; *c && !(*c == ',' && depth == 0); c++)
+	{
+		depth += *c == '<' ? 1 : *c == '>' ? -1 : 0;
+		if (*c != ' ')
+			name += *c;
+	}
+	return name;
+}
+
+void
+emu::launch_cfg::run(const char *kernel, std::function<void()> body)
+{
+	std::string name = kernel_name(kernel);
+
 	int			nthreads = (int) (block.x * block.y * block.z);
 	std::vector<char> smem_bytes(smem + 16, (char) 0xa5);
 
@@ -211,15 +238,22 @@ emu::launch_cfg::run(std::function<void()> body)
 		last_error = cudaErrorInvalidConfiguration;
 		return;
 	}
-	if (smem > smem_allowed)
+	if (smem > (smem_allowed.count(name) ? smem_allowed[name] : SMEM_DEFAULT))
 	{
 		last_error = cudaErrorInvalidValue;
 		return;
 	}
 	/* a fault on demand: the first launch after $EMU_FAIL_ONCE names an existing file fails */
+	if (sticky != cudaSuccess)
+	{
+		last_error = sticky;
+		return;
+	}
 	if (getenv("EMU_FAIL_ONCE") && unlink(getenv("EMU_FAIL_ONCE")) == 0)
 	{
 		last_error = cudaErrorLaunchFailure;
+		if (getenv("EMU_FAIL_STICKY"))
+			sticky = cudaErrorLaunchFailure;
 		return;
 	}
 	while (stacks.size() < (size_t) nthreads)
@@ -240,13 +274,34 @@ emu::launch_cfg::run(std::function<void()> body)
 
 /* --- runtime: one device of 80 GB with 132 multiprocessors, everything synchronous --- */
 
-cudaError_t
-emu_allow_dynamic_smem(int bytes)
+/*
+ * The most dynamic shared memory a kernel may opt in to: $EMU_SMEM_OPTIN bytes (99 KB for
+ * sm_86 and sm_89, 163 KB for sm_80), else an H100's 227 KB.
+ */
+static int
+smem_optin(void)
 {
-	if (bytes > 227 * 1024)
+	const char *env = getenv("EMU_SMEM_OPTIN");
+
+	return env ? atoi(env) : 227 * 1024;
+}
+
+cudaError_t
+cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int)
+{
+	if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin)
 		return cudaErrorInvalidValue;
-	if ((size_t) bytes > smem_allowed)
-		smem_allowed = bytes;
+	*value = smem_optin();
+	return cudaSuccess;
+}
+
+/* cudaFuncSetAttribute(kernel, MaxDynamicSharedMemorySize, bytes), as a GPU refuses it */
+cudaError_t
+emu_allow_dynamic_smem(const char *args, int bytes)
+{
+	if (bytes < 0 || bytes > smem_optin())
+		return cudaErrorInvalidValue;
+	smem_allowed[kernel_name(args)] = bytes;
 	return cudaSuccess;
 }
 
@@ -309,6 +364,8 @@ cudaMemGetInfo(size_t *free_b, size_t *total_b)
 cudaError_t
 cudaMalloc(void **p, size_t bytes)
 {
+	if (sticky != cudaSuccess)
+		return last_error = sticky;
 	if (bytes > ((size_t) 64 << 30) || (device_full() && bytes > ((size_t) 1 << 20)))
 		return last_error = cudaErrorMemoryAllocation;
 	*p = aligned_alloc(256, (bytes + 255) / 256 * 256);
@@ -340,6 +397,8 @@ cudaFreeHost(void *p)
 cudaError_t
 cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t)
 {
+	if (sticky != cudaSuccess)
+		return sticky;
 	memset(p, v, bytes);
 	return cudaSuccess;
 }
@@ -347,6 +406,8 @@ cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t)
 cudaError_t
 cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind, cudaStream_t)
 {
+	if (sticky != cudaSuccess)
+		return sticky;
 	memmove(dst, src, bytes);
 	return cudaSuccess;
 }
@@ -354,6 +415,8 @@ cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind, cudaSt
 cudaError_t
 cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind)
 {
+	if (sticky != cudaSuccess)
+		return sticky;
 	memmove(dst, src, bytes);
 	return cudaSuccess;
 }
@@ -361,7 +424,7 @@ cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind)
 cudaError_t
 cudaStreamSynchronize(cudaStream_t)
 {
-	return cudaSuccess;
+	return sticky;
 }
 
 cudaError_t
@@ -374,6 +437,8 @@ cudaStreamCreateWithFlags(cudaStream_t *s, unsigned)
 cudaError_t
 cudaStreamDestroy(cudaStream_t s)
 {
+	/* the faulted backend is going: the next one gets a working context */
+	sticky = cudaSuccess;
 	free(s);
 	return cudaSuccess;
 }
@@ -427,7 +492,7 @@ cudaGetLastError(void)
 	cudaError_t e = last_error;
 
 	last_error = cudaSuccess;
-	return e;
+	return e != cudaSuccess ? e : sticky;
 }
 
 const char *

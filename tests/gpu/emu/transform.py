@@ -4,8 +4,9 @@
     python3 transform.py OUTDIR FILE.cu...   writes OUTDIR/FILE.cpp for each
 
 Each launch `kernel<<<grid, block, smem, stream>>>(args)` becomes
-`emu::launch_cfg(grid, block, smem, stream).run([&]{ kernel(args); })`, which calls the
-kernel once per emulated thread; `extern __shared__` arrays point at the launch's
+`emu::launch_cfg(grid, block, smem, stream).run("kernel", [&]{ kernel(args); })`, which
+checks the kernel's own shared memory limit (set by cudaFuncSetAttribute, which names the
+kernel the same way) and calls it once per emulated thread; `extern __shared__` arrays point at the launch's
 dynamic shared memory. Nothing else changes.
 """
 
@@ -42,13 +43,16 @@ def closing_paren(src, p):
 
 def transform(src):
     src = re.sub(r"extern __shared__ (\w+) (\w+)\[\];", r"\1 *\2 = (\1 *) emu::dynamic_smem;", src)
+    # the kernel's name goes with its shared memory limit (cuda_emu.h)
+    src = src.replace("cudaFuncSetAttribute(", "EMU_FUNC_SET_ATTRIBUTE(")
     out, i = [], 0
     while (j := src.find('<<<', i)) >= 0:
         k = callee_start(src, j)
         e = src.index('>>>', j)
         q = closing_paren(src, e + 3)
         out.append(src[i:k])
-        out.append('emu::launch_cfg(%s).run([&]{ %s(%s); })' % (src[j + 3:e], src[k:j], src[e + 4:q]))
+        out.append('emu::launch_cfg(%s).run("%s", [&]{ %s(%s); })'
+                   % (src[j + 3:e], src[k:j], src[k:j], src[e + 4:q]))
         i = q + 1
     out.append(src[i:])
     return ''.join(out)

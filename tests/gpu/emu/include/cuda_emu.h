@@ -93,11 +93,22 @@ cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end);
 cudaError_t cudaEventDestroy(cudaEvent_t e);
 cudaError_t cudaGetLastError(void);
 const char *cudaGetErrorString(cudaError_t e);
-cudaError_t emu_allow_dynamic_smem(int bytes);
-template <class F> cudaError_t
-cudaFuncSetAttribute(F, cudaFuncAttribute, int bytes)
+enum cudaDeviceAttr
 {
-	return emu_allow_dynamic_smem(bytes);
+	cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
+cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int dev);
+/*
+ * cudaFuncSetAttribute(kernel, attribute, bytes), rewritten by transform.py so that the
+ * kernel comes with its name as written, the name its launches give (args: all three
+ * arguments as text, the kernel's name first).
+ */
+cudaError_t emu_allow_dynamic_smem(const char *args, int bytes);
+#define EMU_FUNC_SET_ATTRIBUTE(...) emu_func_set_attribute(#__VA_ARGS__, __VA_ARGS__)
+template <class F> cudaError_t
+emu_func_set_attribute(const char *args, F, cudaFuncAttribute, int bytes)
+{
+	return emu_allow_dynamic_smem(args, bytes);
 }
 
 /* --- number formats --- */
@@ -182,7 +193,8 @@ namespace emu
 		dim3		grid, block;
 		size_t		smem;
 		launch_cfg(dim3 g, dim3 b, size_t s = 0, cudaStream_t = 0) : grid(g), block(b), smem(s) {}
-		void		run(std::function<void()> body);
+		/* kernel: its name as the launch writes it, for its own shared memory limit */
+		void		run(const char *kernel, std::function<void()> body);
 	};
 }
 
