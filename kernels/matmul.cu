@@ -22,8 +22,13 @@
  * 16-byte pieces of each row, then the block sums its partial products. A row past N
  * repeats row N - 1 so that loads stay in bounds; its result is not written.
  */
+/*
+ * Two blocks a multiprocessor at least: without the bound, ptxas gives M = 5..8 148 to 178
+ * registers a thread (one block of 8 warps a multiprocessor, too few loads in flight to
+ * keep HBM busy); with it, 128 and no spills (4 bytes in float32 at M = 6), 16 warps.
+ */
 template <typename T, int M>
-__global__ static void __launch_bounds__(SKINNY_THREADS)
+__global__ static void __launch_bounds__(SKINNY_THREADS, 2)
 skinny_kernel(float *out, const float *__restrict__ in, const T *__restrict__ W,
 			  const float *__restrict__ bias, int K, int N, int accumulate)
 {
