@@ -248,24 +248,22 @@ ok(!-e "$models/.half.tmp-4242", 'a save\'s temporary directory is removed at re
 
 # receiving a model from another node (Citus): superusers only; file names cannot leave the
 # model's directory; a piece whose SHA-256 does not match is not written
-my ($r, $o, $e) = $node->psql('postgres', "SELECT dolly_receive_model_begin('stolen')",
-	extra_params => [ '-U', 'alice' ]);
+($out, $e) = as('alice', "SELECT dolly_receive_model_begin('stolen')");
 like($e, qr/permission denied for function dolly_receive_model_begin/, 'a role cannot receive a model');
-($r, $o, $e) = $node->psql('postgres', "SELECT * FROM dolly_copy_model_to_workers('gptj-f32')",
-	extra_params => [ '-U', 'alice' ]);
+($out, $e) = as('alice', "SELECT * FROM dolly_copy_model_to_workers('gptj-f32')");
 like($e, qr/permission denied for function dolly_copy_model_to_workers/, 'nor send one');
 $node->safe_psql('postgres', "SELECT dolly_receive_model_begin('arriving')");
 for my $file ('../../escape', '.hidden', 'a/b')
 {
-	($r, $o, $e) = $node->psql('postgres',
+	(undef, $out, $e) = $node->psql('postgres',
 		"SELECT dolly_receive_model_part('arriving', '$file', 0, 'x'::bytea, sha256('x'::bytea))");
 	like($e, qr/is not a file name of a model directory/, "a piece for \"$file\" is refused");
 }
-($r, $o, $e) = $node->psql('postgres',
+(undef, $out, $e) = $node->psql('postgres',
 	"SELECT dolly_receive_model_part('arriving', 'config.json', 0, 'x'::bytea, sha256('y'::bytea))");
 like($e, qr/does not match its SHA-256/, 'a piece that does not match its digest is refused');
 ok(!-e "$models/.arriving.incoming/config.json", 'and not written');
-($r, $o, $e) = $node->psql('postgres',
+(undef, $out, $e) = $node->psql('postgres',
 	"SELECT dolly_receive_model_done('arriving', 'alice', NULL, '{config.json}', '{10}')");
 like($e, qr/arrived with 0 bytes of 10/, 'a model whose files did not all arrive is not installed');
 ok(!-e "$models/arriving", 'and nothing is in place');
