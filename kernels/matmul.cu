@@ -127,31 +127,66 @@ skinny_launch(cuda_backend *cb, float *out, const float *in, const T *W, const f
 	kernels[M - 1]<<<grid, SKINNY_THREADS, 0, cb->stream>>>(out, in, W, bias, K, N, accumulate);
 }
 
-/* out = bias broadcast over the rows, or out += bias: the product then adds with beta 1. */
-__global__ static void
-bias_kernel(float *out, const float *bias, size_t total, int N, int accumulate)
+/*
+ * Rows of a grid-stride loop in y, columns in x: elementwise kernels over [rows, cols]
+ * locate an element without a division or modulo per element.
+ */
+static inline dim3
+grid_rows(long long rows, int cols)
 {
-	for (size_t i = blockIdx.x * (size_t) blockDim.x + threadIdx.x; i < total;
-		 i += (size_t) gridDim.x * blockDim.x)
-		out[i] = accumulate ? out[i] + bias[i % N] : bias[i % N];
+	unsigned	x = (unsigned) ((cols + DL_BLOCK - 1) / DL_BLOCK);
+
+	return dim3(x < 1024 ? x : 1024, (unsigned) (rows < 65535 ? rows : 65535));
 }
 
-/* dst = the batch of [rows, cols] float32 matrices at src (leading dimension ld, stride), packed as bfloat16. */
+/* out = bias broadcast over the M rows, or out += bias: the product then adds with beta 1. */
+__global__ static void
+bias_kernel(float *out, const float *bias, int M, int N, int accumulate)
+{
+	for (int r = blockIdx.y; r < M; r += gridDim.y)
+	{
+		float	   *o = out + (size_t) r * N;
+
+		for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < N; c += gridDim.x * blockDim.x)
+			o[c] = accumulate ? o[c] + bias[c] : bias[c];
+	}
+}
+
+/*
+ * dst = the batch of [rows, cols] float32 matrices at src (leading dimension ld, stride),
+ * packed as bfloat16: a row per y, four columns a thread where rows allow 16-byte loads.
+ */
+template <int V>
 __global__ static void
 pack_bf16_kernel(__nv_bfloat16 *dst, const float *src, int rows, int cols, int ld,
-				 long long stride, size_t total)
+				 long long stride, int batch)
 {
-	size_t		per = (size_t) rows * cols;
-
-	for (size_t i = blockIdx.x * (size_t) blockDim.x + threadIdx.x; i < total;
-		 i += (size_t) gridDim.x * blockDim.x)
+	for (long long q = blockIdx.y; q < (long long) rows * batch; q += gridDim.y)
 	{
-		size_t		b = i / per,
-					r = i % per / cols,
-					c = i % cols;
+		long long	b = q / rows;
+		const float *s = src + b * stride + (q - b * rows) * ld;
+		__nv_bfloat16 *d = dst + q * cols;
 
-		dst[i] = __float2bfloat16_rn(src[b * stride + r * ld + c]);
+		for (int c = (blockIdx.x * blockDim.x + threadIdx.x) * V; c < cols; c += gridDim.x * blockDim.x * V)
+			if constexpr (V == 4)
+			{
+				float4		v = *(const float4 *) (s + c);
+
+				d[c] = __float2bfloat16_rn(v.x);
+				d[c + 1] = __float2bfloat16_rn(v.y);
+				d[c + 2] = __float2bfloat16_rn(v.z);
+				d[c + 3] = __float2bfloat16_rn(v.w);
+			}
+			else
+				d[c] = __float2bfloat16_rn(s[c]);
 	}
+}
+
+/* Whether p is 16-byte aligned (vector loads). */
+static inline int
+aligned16(const void *p)
+{
+	return ((uintptr_t) p & 15) == 0;
 }
 
 cuda_mat
@@ -159,15 +194,20 @@ cuda_as_bf16(cuda_backend *cb, cuda_mat m, int rows, int cols, int batch, int sl
 {
 	size_t		total = (size_t) rows * cols * batch;
 	__nv_bfloat16 *dst;
+	/* float4 loads need every row 16-byte aligned */
+	int			wide = cols % 4 == 0 && m.ld % 4 == 0 && m.stride % 4 == 0 && aligned16(m.p);
 
 	if (m.bf16)
 		return m;
 	dst = (__nv_bfloat16 *) cuda_scratch(cb, slot, total * sizeof(__nv_bfloat16), op);
 	if (dst != NULL)
 	{
-		pack_bf16_kernel<<<grid_for(total), DL_BLOCK, 0, cb->stream>>>(dst, (const float *) m.p,
-																		rows, cols, m.ld, m.stride,
-																		total);
+		if (wide)
+			pack_bf16_kernel<4><<<grid_rows((long long) rows * batch, cols / 4), DL_BLOCK, 0, cb->stream>>>(
+				dst, (const float *) m.p, rows, cols, m.ld, m.stride, batch);
+		else
+			pack_bf16_kernel<1><<<grid_rows((long long) rows * batch, cols), DL_BLOCK, 0, cb->stream>>>(
+				dst, (const float *) m.p, rows, cols, m.ld, m.stride, batch);
 		cuda_check_launch(cb, op);
 	}
 	return cuda_mat {dst, 1, m.trans, cols, (long long) rows * cols};
@@ -228,12 +268,6 @@ f32_mat(const float *p, int ld, int trans)
 	return cuda_mat {p, 0, trans, ld, 0};
 }
 
-/* Whether p is 16-byte aligned (the skinny kernel's vector loads). */
-static inline int
-aligned16(const void *p)
-{
-	return ((uintptr_t) p & 15) == 0;
-}
 
 /* The matrix product: the skinny kernel for few rows when the loads line up, else cuBLAS. */
 void
@@ -256,8 +290,7 @@ cuda_matmul_forward(dl_backend *be, float *out, const float *in, const void *W,
 	}
 	if (bias)
 	{
-		bias_kernel<<<grid_for((size_t) M * N), DL_BLOCK, 0, cb->stream>>>(out, bias, (size_t) M * N,
-																		   N, accumulate);
+		bias_kernel<<<grid_rows(M, N), DL_BLOCK, 0, cb->stream>>>(out, bias, M, N, accumulate);
 		cuda_check_launch(cb, "matmul_forward (bias)");
 	}
 	cuda_gemm(cb, "matmul_forward", M, N, K, 1.0f, f32_mat(in, K, 0), weight_mat(cb, W, K, 1),
