@@ -132,11 +132,21 @@ build/gpu-emu/dolly_cuda_emu.so: $(wildcard kernels/*.cu kernels/*.cuh $(EMU)/*.
 	rm -rf build/gpu-emu && mkdir -p build/gpu-emu/src
 	cp kernels/*.cuh build/gpu-emu/src/
 	python3 $(EMU)/transform.py build/gpu-emu/src kernels/*.cu
-	$(CXX) -std=c++17 -O1 -g -fPIC -shared -w -I$(EMU)/include -Isrc/engine -o $@ \
+	$(CXX) -std=c++17 -O1 -g -fPIC -shared -w $(EMU_SANITIZE) -I$(EMU)/include -Isrc/engine -o $@ \
 		build/gpu-emu/src/*.cpp $(EMU)/cuda_emu.cpp -x c src/engine/error.c
 
+# every 16-byte load of a kernel checked for its alignment, as a GPU faults on a misaligned one
+EMU_SANITIZE = -fsanitize=alignment -fno-sanitize-recover=alignment
+
+# the emulation's own checks, each against a kernel broken on purpose (tests/gpu/emu/selftest.cu)
+build/gpu-emu/selftest: $(EMU)/selftest.cu $(EMU)/cuda_emu.cpp $(EMU)/transform.py $(wildcard $(EMU)/include/*)
+	@mkdir -p build/gpu-emu/self
+	python3 $(EMU)/transform.py build/gpu-emu/self $(EMU)/selftest.cu
+	$(CXX) -std=c++17 -O1 -g -w $(EMU_SANITIZE) -I$(EMU)/include -o $@ build/gpu-emu/self/selftest.cpp $(EMU)/cuda_emu.cpp
+
 # then the operations again with the threads of a block run last to first: races show
-emutest: build/test_gpu build/gpu-emu/dolly_cuda_emu.so
+emutest: build/test_gpu build/gpu-emu/dolly_cuda_emu.so build/gpu-emu/selftest
+	build/gpu-emu/selftest
 	DOLLY_CUDA_PLUGIN=$(CURDIR)/build/gpu-emu/dolly_cuda_emu.so build/test_gpu $(FILTER)
 	EMU_ORDER=reverse DOLLY_CUDA_PLUGIN=$(CURDIR)/build/gpu-emu/dolly_cuda_emu.so build/test_gpu $(or $(FILTER),ops_)
 
