@@ -13,6 +13,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 #include <map>
@@ -53,6 +54,9 @@ namespace emu
 	 * fails with it from then on, as on a GPU, until the stream of its backend is destroyed
 	 */
 	static cudaError_t sticky = cudaSuccess;
+	/* blocks run so far, and the block in which each __shared__ variable was last poisoned */
+	static uint64_t block_serial;
+	static std::map<void *, uint64_t> shared_block;
 	static const size_t STACK_BYTES = 128 * 1024;
 }
 
@@ -208,6 +212,16 @@ run_block(int nthreads)
 	}
 }
 
+void
+emu::fresh_shared(void *p, size_t n)
+{
+	if (shared_block[p] != block_serial)
+	{
+		memset(p, 0xa5, n);
+		shared_block[p] = block_serial;
+	}
+}
+
 /* A kernel's name as written, up to the first comma outside <>, without spaces. */
 static std::string
 kernel_name(const char *text)
@@ -268,6 +282,7 @@ emu::launch_cfg::run(const char *kernel, std::function<void()> body)
 			for (unsigned x = 0; x < grid.x; x++)
 			{
 				block_idx = {x, y, z};
+				block_serial++;
 				run_block(nthreads);
 			}
 }

@@ -2,7 +2,8 @@
  * selftest.cu: kernels broken on purpose, each of which a check of the emulation must
  * catch as a GPU would (or as compute-sanitizer would): a launch with more dynamic shared
  * memory than the kernel opted in to, an opt-in beyond the device's limit, a grid too
- * tall, a 16-byte load from an address that is not 16-byte aligned. Built and run by
+ * tall, a 16-byte load from an address that is not 16-byte aligned, a block reading
+ * shared memory that only an earlier block wrote. Built and run by
  * `make emutest` before the operations' tests; prints one line a check and exits nonzero
  * when a broken kernel got through.
  */
@@ -30,6 +31,19 @@ loads_float4(float *out, const float *in)
 	float4		v = *(const float4 *) in;	/* in is 4 bytes past an aligned address */
 
 	out[threadIdx.x] = v.x + v.y + v.z + v.w;
+}
+
+/* Block 1 reads what only block 0 wrote: a GPU's block 1 has its own shared memory. */
+__global__ static void
+stale_shared(float *out)
+{
+	__shared__ float carry[1];
+
+	if (blockIdx.x == 0 && threadIdx.x == 0)
+		carry[0] = 42.0f;
+	__syncthreads();
+	if (threadIdx.x == 0)
+		out[blockIdx.x] = carry[0];
 }
 
 __global__ static void
@@ -70,6 +84,15 @@ main(void)
 	expect(cudaFuncSetAttribute(uses_smem, cudaFuncAttributeMaxDynamicSharedMemorySize, 128 * 1024) ==
 		   cudaErrorInvalidValue, "refuses an opt-in to 128 KB on a 99 KB device (sm_86, sm_89)");
 	unsetenv("EMU_SMEM_OPTIN");
+
+	/* shared memory does not outlive its block */
+	{
+		float		got[2];
+
+		stale_shared<<<2, 32>>>(out);
+		cudaMemcpy(got, out, sizeof(got), cudaMemcpyDeviceToHost);
+		expect(got[0] == 42.0f && got[1] != 42.0f, "starts each block with poisoned shared memory");
+	}
 
 	/* a grid of 65,536 in z */
 	writes_z<<<dim3(1, 1, 65536), 32>>>(out);

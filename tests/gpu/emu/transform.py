@@ -41,10 +41,27 @@ def closing_paren(src, p):
     raise ValueError("unbalanced parentheses after a launch")
 
 
+def fresh_shared(m):
+    """`__shared__ T a[N], b;` becomes static arrays that each block finds poisoned
+    (emu::fresh_shared), as a GPU's shared memory holds nothing from another block."""
+    parts, depth, start = [], 0, 0
+    decls = m.group(2)
+    for i, c in enumerate(decls):
+        depth += {'[': 1, ']': -1, '(': 1, ')': -1}.get(c, 0)
+        if c == ',' and depth == 0:
+            parts.append(decls[start:i])
+            start = i + 1
+    parts.append(decls[start:])
+    names = [re.match(r"\s*(\w+)", p).group(1) for p in parts]
+    return "static %s %s; %s" % (m.group(1), decls,
+                                   " ".join("emu::fresh_shared(&%s, sizeof(%s));" % (n, n) for n in names))
+
+
 def transform(src):
     src = re.sub(r"extern __shared__ (\w+) (\w+)\[\];", r"\1 *\2 = (\1 *) emu::dynamic_smem;", src)
     # the kernel's name goes with its shared memory limit (cuda_emu.h)
     src = src.replace("cudaFuncSetAttribute(", "EMU_FUNC_SET_ATTRIBUTE(")
+    src = re.sub(r"__shared__\s+([\w:<>]+)\s+([^;]+);", fresh_shared, src)
     out, i = [], 0
     while (j := src.find('<<<', i)) >= 0:
         k = callee_start(src, j)

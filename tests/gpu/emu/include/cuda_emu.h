@@ -184,6 +184,8 @@ namespace emu
 	extern uint3 block_idx, block_dim, grid_dim;
 	extern void *dynamic_smem;
 	uint3	   &thread_idx(void);
+	/* a __shared__ variable of n bytes, poisoned (0xa5) when a block first reaches it */
+	void		fresh_shared(void *p, size_t n);
 	void		barrier(void);
 	unsigned	shuffle_xor(unsigned v, int lane_mask);
 
