@@ -7,9 +7,9 @@ directory; one table.
     python3 tests/gpu/bench_gptj6b.py --bench build/gpu/bench_cuda [--workdir DIR]
         [--prompt-tokens 128] [--gen-tokens 128] [--batch 64] [--json FILE]
 
-Goals (the CUDA issue): batch-1 decode at least 70% of the bandwidth limit (bytes per
-token over the measured device-to-device copy bandwidth) and 1.5x transformers; 64
-sequences decoding together at least 20x batch 1. --shape tiny runs the same steps on a
+Goals (the CUDA readiness issue): batch-1 decode at least 80% of the bandwidth limit (bytes
+per token over the measured device-to-device copy bandwidth; moonshot 90%) and 2x
+transformers; 64 sequences decoding together at least 30x batch 1. --shape tiny runs the same steps on a
 tiny GPT-J (a check of the script itself; on the CPU when there is no GPU).
 """
 
@@ -163,8 +163,8 @@ def main():
     print(f"{'':44} {'ours':>30} {'transformers':>14} {'ours/hf':>8}")
     for name, a, b, r in rows:
         print(f"{name:44} {a:>30} {b:>14} {r:>8}")
-    print("goals: batch-1 decode >= 70% of the limit and >= 1.5x transformers; "
-          f"batch {args.batch} >= 20x batch 1")
+    print("goals: batch-1 decode >= 80% of the limit and >= 2x transformers; "
+          f"batch {args.batch} >= 30x batch 1")
     # random weights give nearly flat logits, so bf16 roundings may part the two early
     print(f"first greedy tokens, ours:         {o['b1_tokens']}")
     print(f"first greedy tokens, transformers: {','.join(map(str, hf1[2]))}")

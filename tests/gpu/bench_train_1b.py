@@ -10,7 +10,7 @@ embedding; recomputation is not counted).
     python3 tests/gpu/bench_train_1b.py --bench build/gpu/bench_train [--workdir DIR]
         [--batch 8] [--seq 1024] [--steps 8] [--json FILE]
 
-Goal (the CUDA issue): at least 1x torch's tokens/s and at least 40% MFU. --shape tiny
+Goal (the CUDA readiness issue): at least 1x torch's tokens/s and at least 45% MFU. --shape tiny
 runs the same steps on a tiny model (a check of the script; on the CPU without a GPU).
 """
 
@@ -163,7 +163,7 @@ def main():
     print(f"{'':36} {'ours':>22} {'torch (autocast)':>18} {'ours/torch':>10}")
     for name, a, b, r in rows:
         print(f"{name:36} {a:>22} {b:>18} {r:>10}")
-    print("goals: >= 1x torch's tokens/s, MFU >= 40%")
+    print("goals: >= 1x torch's tokens/s, MFU >= 45%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ours": o, "torch": hf, "flops_per_token": flops_per_token,

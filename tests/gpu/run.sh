@@ -75,7 +75,8 @@ ENGINE="src/engine/error.c src/engine/safetensors.c src/engine/config.c src/engi
 	src/engine/model_forward.c src/engine/backend_cpu.c src/engine/cpu_*.c src/engine/threadpool.c
 	src/engine/sampler.c src/engine/generate.c src/engine/cuda_loader.c src/engine/backend_cuda.c
 	src/engine/train.c src/engine/model_backward.c src/engine/sysinfo.c src/engine/weights.c
-	src/engine/torch_ckpt.c src/engine/torch_pickle.c src/engine/zip.c src/engine/utf8.c src/engine/files.c"
+	src/engine/torch_ckpt.c src/engine/torch_pickle.c src/engine/zip.c src/engine/utf8.c src/engine/files.c
+	src/engine/collective.c"
 CFLAGS="-std=gnu11 -O3 -march=native -pthread -Wall -Wextra -Isrc/engine -Itests/engine $DEP_CFLAGS"
 note "building test_gpu, bench_cuda and bench_train"
 # shellcheck disable=SC2086
@@ -85,7 +86,9 @@ gcc $CFLAGS -o $B/test_gpu tests/engine/harness.c tests/engine/train_fixture.c t
 	gcc $CFLAGS -o $B/bench_train tests/gpu/bench_train.c $ENGINE $DEP_LIBS -lm -ldl 2>&1 | tee -a "$LOG/build.log"
 [ -x $B/test_gpu ] && [ -x $B/bench_cuda ] && [ -x $B/bench_train ] ||
 	{ echo "building the tests failed" >&2; exit 1; }
-export DOLLY_CUDA_PLUGIN=$PWD/$B/dolly_cuda.so
+# RUN_PLUGIN: another plugin for the tests, e.g. the emulated one for a rehearsal without a
+# GPU (make build/gpu-emu/dolly_cuda_emu.so; RUN_PLUGIN=$PWD/build/gpu-emu/dolly_cuda_emu.so)
+export DOLLY_CUDA_PLUGIN=${RUN_PLUGIN:-$PWD/$B/dolly_cuda.so}
 
 # --- tests ---
 # the ops first and apart: a kernel that breaks the CUDA context must not hide the others
