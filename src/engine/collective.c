@@ -98,6 +98,14 @@ peer_offset(const dl_group *g, const dl_backend *be, const float *buf, size_t n)
 	return (long long) ((at - mine) / sizeof(float));
 }
 
+/* sum[0 .. len) = part (the first rank's), or += part: sums in rank order, one rank a call. */
+static void
+add_part(float *sum, const float *part, size_t len, int first)
+{
+	for (size_t i = 0; i < len; i++)
+		sum[i] = first ? part[i] : sum[i] + part[i];
+}
+
 #define PEER_BLOCK 4096			/* floats summed at a time: the sums stay in L1 */
 
 /*
@@ -122,12 +130,7 @@ peer_reduce_scatter(dl_group *g, size_t off, size_t n, float *out, int accumulat
 		float	   *sum = g->scratch;	/* out may be this rank's own input */
 
 		for (int r = 0; r < g->nranks; r++)
-		{
-			const float *part = g->peers[r] + off + b;
-
-			for (size_t i = 0; i < len; i++)
-				sum[i] = r ? sum[i] + part[i] : part[i];
-		}
+			add_part(sum, g->peers[r] + off + b, len, r == 0);
 		if (accumulate)
 			for (size_t i = 0; i < len; i++)
 				out[b - lo + i] += sum[i];
@@ -224,8 +227,7 @@ group_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t n, flo
 				for (size_t i = 0; i < len; i++)
 					sum[i] = r ? sum[i] + bf16_to_float(h[i]) : bf16_to_float(h[i]);
 			else
-				for (size_t i = 0; i < len; i++)
-					sum[i] = r ? sum[i] + part[i] : part[i];
+				add_part(sum, part, len, r == 0);
 		}
 		if (accumulate)
 		{

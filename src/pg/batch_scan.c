@@ -85,7 +85,7 @@ static CustomExecMethods batch_exec_methods;
 
 /* --- planning --- */
 
-/* Does the expression call dolly anywhere, aggregates and subplans included? */
+/* Does the expression (or query) call dolly anywhere, aggregates and subqueries included? */
 static bool
 calls_dolly(Node *node, void *context)
 {
@@ -93,6 +93,8 @@ calls_dolly(Node *node, void *context)
 		return false;
 	if (IsA(node, FuncExpr) && dolly_call_kind(((FuncExpr *) node)->funcid) != DOLLY_CALL_NONE)
 		return true;
+	if (IsA(node, Query))
+		return query_tree_walker((Query *) node, calls_dolly, context, 0);
 	return expression_tree_walker(node, calls_dolly, context);
 }
 
@@ -337,19 +339,6 @@ batch_tree(Plan *plan)
 	return plan_batchable(plan) ? make_batch(plan) : plan;
 }
 
-/* Does the query call dolly_generate or dolly_generate_raw anywhere? */
-static bool
-calls_dolly_walker(Node *node, void *context)
-{
-	if (node == NULL)
-		return false;
-	if (IsA(node, FuncExpr) && dolly_call_kind(((FuncExpr *) node)->funcid) != DOLLY_CALL_NONE)
-		return true;
-	if (IsA(node, Query))
-		return query_tree_walker((Query *) node, calls_dolly_walker, context, 0);
-	return expression_tree_walker(node, calls_dolly_walker, context);
-}
-
 /*
  * Citus refuses volatile functions in UPDATE on a distributed table: where the query
  * calls dolly_generate, say what Citus accepts (a hint added to its ERROR).
@@ -363,7 +352,7 @@ hint_citus_update(Query *parse, MemoryContext cxt)
 	e = CopyErrorData();
 	if (e->sqlerrcode != ERRCODE_FEATURE_NOT_SUPPORTED || e->hint != NULL ||
 		strstr(e->message, "must not be VOLATILE") == NULL || parse->commandType != CMD_UPDATE ||
-		!calls_dolly_walker((Node *) parse, NULL))
+		!calls_dolly((Node *) parse, NULL))
 	{
 		FreeErrorData(e);
 		return;

@@ -32,10 +32,23 @@ dolly_probe_cpu(void)
 	SpinLockRelease(&dolly_shared->mutex);
 }
 
+const dl_cuda_plugin *
+dolly_cuda_gpus(dl_gpu_info *gpus, int *ngpus, dl_error *err)
+{
+	char		path[MAXPGPATH];
+	const dl_cuda_plugin *plugin;
+
+	*ngpus = 0;
+	dolly_cuda_plugin_path(path, sizeof(path));
+	if (cuda_plugin_load(path, &plugin, err) != DL_OK ||
+		plugin->probe(gpus, DL_MAX_GPUS, ngpus, err) != DL_OK)
+		return NULL;
+	return plugin;
+}
+
 void
 dolly_probe_cuda(void)
 {
-	char		path[MAXPGPATH];
 	char		detail[1024];
 	const dl_cuda_plugin *plugin;
 	dl_gpu_info gpus[DL_MAX_GPUS];
@@ -43,9 +56,7 @@ dolly_probe_cuda(void)
 	bool		available = false;
 	dl_error	err;
 
-	dolly_cuda_plugin_path(path, sizeof(path));
-	if (cuda_plugin_load(path, &plugin, &err) != DL_OK ||
-		plugin->probe(gpus, DL_MAX_GPUS, &ngpus, &err) != DL_OK)
+	if ((plugin = dolly_cuda_gpus(gpus, &ngpus, &err)) == NULL)
 		snprintf(detail, sizeof(detail), "%s", err.msg);
 	else if (ngpus == 0)
 		snprintf(detail, sizeof(detail), "CUDA plugin %s loaded, but no GPU is visible",

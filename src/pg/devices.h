@@ -17,6 +17,16 @@ extern void dolly_probe_cuda(void);
 /* Number of threads the CPU backend uses: dolly.threads, or every CPU when it is 0. */
 extern int	dolly_cpu_threads(void);
 
+/*
+ * The GPUs the CUDA plugin sees from this process, described in gpus (DL_MAX_GPUS of
+ * room), *ngpus of them; the plugin, or NULL (with err) where it cannot be loaded or asked.
+ */
+struct dl_gpu_info;
+struct dl_cuda_plugin;
+struct dl_error;
+extern const struct dl_cuda_plugin *dolly_cuda_gpus(struct dl_gpu_info *gpus, int *ngpus,
+													struct dl_error *err);
+
 /* Does dolly.device ask for the GPU (cuda, or auto with a GPU that passed the self-test)? */
 extern bool dolly_want_cuda(void);
 

@@ -324,22 +324,6 @@ dolly_dp_train(DollyDP *d, int rank, dl_model *m, const dl_example *ex, int ntra
 	return st;
 }
 
-/* The GPUs this process sees (after dolly_cuda_restrict), described in gpus; 0 if none. */
-static int
-visible_gpus(dl_gpu_info *gpus)
-{
-	char		path[MAXPGPATH];
-	const dl_cuda_plugin *plugin;
-	int			ngpus = 0;
-	dl_error	err;
-
-	dolly_cuda_plugin_path(path, sizeof(path));
-	if (cuda_plugin_load(path, &plugin, &err) != DL_OK ||
-		plugin->probe(gpus, DL_MAX_GPUS, &ngpus, &err) != DL_OK)
-		return 0;
-	return ngpus;
-}
-
 dl_status
 dolly_job_load_base(const char *base_path, int rank, int nranks, const char *activity,
 					bool (*stop) (void *arg), void *arg, dl_backend **be, dl_pipeline **base,
@@ -352,11 +336,12 @@ dolly_job_load_base(const char *base_path, int rank, int nranks, const char *act
 	{
 		dl_gpu_info gpus[DL_MAX_GPUS];
 		int			ngpus;
+		dl_error	unseen;			/* the backend's creation says what is wrong */
 
 		dolly_cuda_restrict();
 		dolly_cuda_plugin_path(path, sizeof(path));
 		/* more ranks than GPUs share them, rank r on GPU r mod the GPUs */
-		ngpus = visible_gpus(gpus);
+		(void) dolly_cuda_gpus(gpus, &ngpus, &unseen);
 		st = backend_cuda_create(path, ngpus > 0 ? rank % ngpus : rank, DL_CUDA_MIXED, be, err);
 	}
 	else
@@ -380,6 +365,7 @@ rank_memory(const dl_model *m, const dl_backend *be, int nranks)
 	int			ngpus,
 				sharing;
 	long long	avail;
+	dl_error	err;
 
 	if (be->host_memory)
 	{
@@ -389,7 +375,7 @@ rank_memory(const dl_model *m, const dl_backend *be, int nranks)
 	else
 	{
 		/* GPU 0 (rank 0's) stands for all; ranks r = 0 mod the GPUs share it */
-		if ((ngpus = visible_gpus(gpus)) < 1)
+		if (dolly_cuda_gpus(gpus, &ngpus, &err) == NULL || ngpus < 1)
 			return -1;
 		avail = (long long) gpus[0].free_bytes;
 		sharing = (nranks + ngpus - 1) / ngpus;
