@@ -27,6 +27,10 @@ Layout written under --out:
                                          saved them (build_bin_models)
   torch-ckpt/                            small archives, good and bad, for the .bin reader
                                          (build_torch_archives)
+  <model>/lora-<tag>/                    a PEFT LoRA adapter of the model as save_pretrained
+                                         writes it, expected.safetensors (logits with it) and
+                                         train_expected.safetensors (its gradients and AdamW
+                                         steps on the training batch) (build_lora)
 
 Each artefact has its own function so that later fixtures (gradients for the
 trainer, say) can be added beside them and called from main().
@@ -46,6 +50,7 @@ import zipfile
 import zlib
 
 import numpy
+import peft
 import torch
 import transformers
 from safetensors.torch import load_file
@@ -998,37 +1003,48 @@ def file_names(path, model):
     return names
 
 
-def train_expected(path, examples):
-    """The loss and gradients of one batch, then TRAIN_STEPS AdamW steps on it."""
-    model = load_model(path, torch.float32).train()
+def batch_tensors(examples):
+    """The batch as the expectations record it: example_<i>_ids, first_label, n_labels."""
     tensors = {"example_%d_ids" % i: torch.tensor(ids, dtype=torch.int32)
                for i, (ids, _) in enumerate(examples)}
     tensors["first_label"] = torch.tensor([f for _, f in examples], dtype=torch.int32)
     tensors["n_labels"] = torch.tensor([sum(len(ids) - f for ids, f in examples)],
                                        dtype=torch.int32)
-    loss = batch_loss(model, examples)
-    loss.backward()
-    tensors["loss"] = loss.detach().reshape(1)
-    names = file_names(path, model)
-    for name, p in model.named_parameters():
-        tensors["grad." + names[name]] = p.grad.clone()
+    return tensors
 
-    model = load_model(path, torch.float32).train()
-    opt = torch.optim.AdamW(model.parameters(), **ADAMW)
+
+def adamw_steps(model, examples):
+    """TRAIN_STEPS torch.optim.AdamW steps of the model's trainable parameters on the batch:
+    the losses, pre-clipping gradient norms and learning rates of the steps."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, **ADAMW)
     sched = transformers.get_linear_schedule_with_warmup(opt, WARMUP_STEPS, TRAIN_STEPS)
     losses, norms, lrs = [], [], []
     for _ in range(TRAIN_STEPS):
         opt.zero_grad()
         loss = batch_loss(model, examples)
         loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(trained, MAX_GRAD_NORM)))
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-        losses.append(float(loss))
-    tensors["adamw_losses"] = torch.tensor(losses, dtype=torch.float32)
-    tensors["adamw_grad_norms"] = torch.tensor(norms, dtype=torch.float32)
-    tensors["adamw_lrs"] = torch.tensor(lrs, dtype=torch.float32)
+        losses.append(float(loss.detach()))
+    return {"adamw_losses": torch.tensor(losses, dtype=torch.float32),
+            "adamw_grad_norms": torch.tensor(norms, dtype=torch.float32),
+            "adamw_lrs": torch.tensor(lrs, dtype=torch.float32)}
+
+
+def train_expected(path, examples):
+    """The loss and gradients of one batch, then TRAIN_STEPS AdamW steps on it."""
+    model = load_model(path, torch.float32).train()
+    tensors = batch_tensors(examples)
+    loss = batch_loss(model, examples)
+    loss.backward()
+    tensors["loss"] = loss.detach().reshape(1)
+    names = file_names(path, model)
+    for name, p in model.named_parameters():
+        tensors["grad." + names[name]] = p.grad.clone()
+    tensors.update(adamw_steps(load_model(path, torch.float32).train(), examples))
     return tensors
 
 
@@ -1062,6 +1078,99 @@ def build_train(out):
         print("%-14s train: %d examples of %s tokens, loss %.4f -> %.4f after %d steps" % (
             name, len(examples), "/".join(str(len(ids)) for ids, _ in examples),
             float(tensors["loss"]), float(tensors["adamw_losses"][-1]), TRAIN_STEPS))
+
+
+# ---------------------------------------------------------------------------
+# LoRA adapters
+# ---------------------------------------------------------------------------
+
+# (base, tag, LoraConfig options, seed): PEFT's default targets for each architecture, and
+# every linear module of a layer (GPT-J's six, GPT-NeoX's four, with rsLoRA's scale)
+LORA_ADAPTERS = [
+    ("gptj-f32", "lora-qv", dict(r=4, lora_alpha=8), 31),
+    ("gptj-f32", "lora-all", dict(r=2, lora_alpha=4, target_modules=[
+        "q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]), 32),
+    ("neox-par-f32", "lora-qkv", dict(r=4, lora_alpha=8), 33),
+    ("neox-seq-f32", "lora-all", dict(r=3, lora_alpha=6, use_rslora=True, target_modules=[
+        "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]), 34),
+]
+LORA_STD = 0.25              # A and B: B is not PEFT's zeros, so that the adapter shows
+
+
+def lora_model(base, options, seed):
+    """PEFT's LoRA of the base model directory, its A and B drawn from our generator."""
+    model = peft.get_peft_model(load_model(base, torch.float32), peft.LoraConfig(
+        task_type="CAUSAL_LM", lora_dropout=0.0, **options))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * LORA_STD)
+    return model.eval()
+
+
+def lora_grads(model):
+    """The LoRA parameters' gradients under the names PEFT saves them with."""
+    return {"grad." + name.replace(".default", ""): p.grad.clone()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_train_expected(base, options, seed, examples):
+    """As train_expected, for the adapter's parameters over the frozen base."""
+    model = lora_model(base, options, seed).train()
+    tensors = batch_tensors(examples)
+    loss = batch_loss(model, examples)
+    loss.backward()
+    tensors["loss"] = loss.detach().reshape(1)
+    tensors.update(lora_grads(model))
+    tensors.update(adamw_steps(lora_model(base, options, seed).train(), examples))
+    return tensors
+
+
+def build_lora(out):
+    """<base>/lora-<tag>/ for each LORA_ADAPTERS entry: the adapter as PEFT's save_pretrained
+    writes it (base_model_name_or_path: the base's directory name; no README; the targets
+    sorted), checked by
+    loading it back with PeftModel.from_pretrained; expected.safetensors, the logits of
+    every prompt with the adapter (prompt_<i>_ids, prompt_<i>_logits); and
+    train_expected.safetensors as build_train's, with the gradients of the adapter's
+    tensors ("grad." + PEFT's saved name) and AdamW steps on them alone."""
+    torch.set_num_threads(1)
+    for name, tag, options, seed in LORA_ADAPTERS:
+        base = os.path.join(out, name)
+        path = os.path.join(base, tag)
+        shutil.rmtree(path, ignore_errors=True)
+        model = lora_model(base, options, seed)
+        model.peft_config["default"].base_model_name_or_path = name
+        model.save_pretrained(path)
+        os.remove(os.path.join(path, "README.md"))
+        os.chmod(os.path.join(path, "adapter_model.safetensors"), 0o644)     # PEFT's is 0600
+        # PEFT writes target_modules from a set, in an order that changes from run to run
+        config_path = os.path.join(path, "adapter_config.json")
+        config = json.load(open(config_path))
+        config["target_modules"] = sorted(config["target_modules"])
+        write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tok = Tokenizer.from_file(os.path.join(base, "tokenizer.json"))
+        again = peft.PeftModel.from_pretrained(load_model(base, torch.float32), path).eval()
+        tensors = {}
+        with torch.no_grad():
+            for i, text in enumerate(prompts()):
+                x = torch.tensor([tok.encode(text).ids])
+                tensors["prompt_%d_ids" % i] = x[0].to(torch.int32)
+                tensors["prompt_%d_logits" % i] = model(x).logits[0].float()
+                assert torch.equal(again(x).logits[0], tensors["prompt_%d_logits" % i])
+        meta = {"prompts": str(len(prompts())), "peft": peft.__version__,
+                "transformers": transformers.__version__, "torch": torch.__version__}
+        save_safetensors(os.path.join(path, "expected.safetensors"), tensors, meta)
+        examples = [train_example(lambda text: tok.encode(text).ids,
+                                  tok.token_to_id(RESPONSE_KEY_NL), r) for r in train_records()]
+        tensors = lora_train_expected(base, options, seed, examples)
+        meta.update(steps=str(TRAIN_STEPS), lr=str(ADAMW["lr"]))
+        save_safetensors(os.path.join(path, "train_expected.safetensors"), tensors, meta)
+        print("%-14s %-8s %d parameters, loss %.4f -> %.4f after %d steps, %d bytes" % (
+            name, tag, sum(p.numel() for p in model.parameters() if p.requires_grad),
+            float(tensors["loss"]), float(tensors["adamw_losses"][-1]), TRAIN_STEPS,
+            sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))))
 
 
 # ---------------------------------------------------------------------------
@@ -1309,6 +1418,7 @@ def main():
     build_models(args.out, hf_tok)
     build_older_tokenizers(args.out)
     build_train(args.out)
+    build_lora(args.out)
     build_bin_models(args.out)
     build_torch_archives(args.out)
 

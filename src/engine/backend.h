@@ -90,6 +90,23 @@ typedef struct dl_spans
 	const dl_span *dev;			/* device */
 } dl_spans;
 
+/*
+ * One adapter's low-rank pair on one matrix product (LoRA, Hu et al. 2021, as PEFT's
+ * lora.Linear computes it), for lora_forward and lora_backward. Float32 whatever the
+ * weight format: adapters are small.
+ */
+typedef struct dl_lora_mats
+{
+	const float *A;				/* [r, K] device: lora_A */
+	const float *B;				/* [N, r] device: lora_B */
+	float	   *dA;				/* backward: gradients accumulate (+=) here; NULL: none */
+	float	   *dB;
+	int			r;
+	float		scale;			/* lora_alpha / r */
+	float		dropout;		/* p of zeroing an input element (training); 0: none */
+	uint64_t	seed;			/* of the dropout draws (dropout.h) */
+} dl_lora_mats;
+
 typedef struct dl_backend dl_backend;
 
 struct dl_backend
@@ -201,6 +218,17 @@ struct dl_backend
 	/* Bytes of workspace sample_forward needs for up to R rows of V logits. */
 	size_t		(*sample_workspace) (dl_backend *be, int R, int V);
 
+	/*
+	 * LoRA's update of a product out = in @ W^T on M rows: u[M, r] = drop(in[M, K]) @ A^T,
+	 * then out[:, 0 .. N) += scale * u @ B^T, out's rows ldo floats apart (an adapter of
+	 * q_proj adds to q's columns of qkv). u is kept for lora_backward. drop (p =
+	 * w->dropout > 0) keeps element (m, k) of in when dropout.h's draw for (seed, m, k)
+	 * says so, scaled by 1 / (1 - p): the same mask on every backend, drawn again by the
+	 * backward instead of kept. workspace: M * K floats when p > 0, else unused.
+	 */
+	void		(*lora_forward) (dl_backend *be, float *out, int ldo, float *u, const float *in,
+								 const dl_lora_mats *w, int M, int K, int N, float *workspace);
+
 	/* --- training: forward operations that keep what backward needs --- */
 
 	/*
@@ -252,16 +280,17 @@ struct dl_backend
 	/*
 	 * Of layernorm_forward, from its input and saved mean and rstd [T]:
 	 * din[T,C] += rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) with dxhat = dout w,
-	 * dw[C] += sum over rows of dout xhat, db[C] += sum over rows of dout.
+	 * dw[C] += sum over rows of dout xhat, db[C] += sum over rows of dout (both skipped
+	 * when dw is NULL: a frozen norm).
 	 */
 	void		(*layernorm_backward) (dl_backend *be, float *din, float *dw, float *db,
 									   const float *dout, const float *in, const float *mean,
 									   const float *rstd, const float *w, int T, int C);
 
 	/*
-	 * Of out[M,N] = in[M,K] @ W[N,K]^T + bias: din[M,K] += dout @ W (skipped when din is
-	 * NULL), dW[N,K] += dout^T @ in, dbias[N] += the column sums of dout (when dbias is
-	 * not NULL). W in weight format, dW float32.
+	 * Of out[M,N] = in[M,K] @ W[N,K]^T + bias: din[M,K] += dout @ W, dW[N,K] += dout^T @
+	 * in, dbias[N] += the column sums of dout; each skipped when its buffer is NULL (a
+	 * frozen W). W in weight format, dW float32.
 	 */
 	void		(*matmul_backward) (dl_backend *be, float *din, float *dW, float *dbias,
 									const float *dout, const float *in, const void *W,
@@ -284,6 +313,15 @@ struct dl_backend
 									   const float *qkv, const float *out, const float *lse,
 									   const dl_spans *spans, int n_head, int head_dim,
 									   float scale, void *workspace);
+
+	/*
+	 * Of lora_forward, from dout (rows ldo floats apart), its in and u: dB[N, r] += scale
+	 * dout^T u; then u becomes du = scale dout B; dA[r, K] += du^T drop(in); din[M, K] +=
+	 * drop'(du A) (din may be NULL). workspace as for the forward.
+	 */
+	void		(*lora_backward) (dl_backend *be, float *din, const float *dout, int ldo, float *u,
+								  const float *in, const dl_lora_mats *w, int M, int K, int N,
+								  float *workspace);
 
 	/* din[n] += gelu'(in[n]) * dout[n], in the given form (in: GELU's input). */
 	void		(*gelu_backward) (dl_backend *be, float *din, const float *in,

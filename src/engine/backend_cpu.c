@@ -169,6 +169,8 @@ backend_cpu_create(int threads, int bf16, dl_backend **out, dl_error *err)
 	cb->be.embedding_backward = cpu_embedding_backward;
 	cb->be.layernorm_backward = cpu_layernorm_backward;
 	cb->be.matmul_backward = cpu_matmul_backward;
+	cb->be.lora_forward = cpu_lora_forward;
+	cb->be.lora_backward = cpu_lora_backward;
 	cb->be.rotary_backward = cpu_rotary_backward;
 	cb->be.attention_backward = cpu_attention_backward;
 	cb->be.gelu_backward = cpu_gelu_backward;

@@ -9,6 +9,7 @@
  *   cpu_embedding.c         row gathers (embedding, logit rows), the embedding's scatter-add
  *   cpu_layernorm.c         layer norm forward and backward
  *   cpu_matmul.c            matrix products: a decode micro-kernel of our own, else sgemm
+ *   cpu_lora.c              LoRA's low-rank update of a product, forward and backward
  *   cpu_rotary.c            rotary position embedding, forward and backward
  *   cpu_attention.c         attention over the KV cache, and the block of scores both share
  *   cpu_attention_train.c   attention of whole sequences for training, forward and backward
@@ -140,6 +141,13 @@ void		cpu_matmul_forward(dl_backend *be, float *out, const float *in, const void
 void		cpu_matmul_backward(dl_backend *be, float *din, float *dW, float *dbias,
 								const float *dout, const float *in, const void *W, int M, int K,
 								int N);
+
+/* cpu_lora.c */
+void		cpu_lora_forward(dl_backend *be, float *out, int ldo, float *u, const float *in,
+							 const dl_lora_mats *w, int M, int K, int N, float *workspace);
+void		cpu_lora_backward(dl_backend *be, float *din, const float *dout, int ldo, float *u,
+							  const float *in, const dl_lora_mats *w, int M, int K, int N,
+							  float *workspace);
 
 /* cpu_rotary.c */
 void		cpu_rotary_forward(dl_backend *be, float *x, int stride, int T, int n_head,

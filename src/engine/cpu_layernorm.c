@@ -169,7 +169,7 @@ cpu_layernorm_backward(dl_backend *be, float *din, float *dw, float *db, const f
 	layernorm_back_args a = {din, dw, db, dout, in, mean, rstd, w, T, C};
 	cpu_loop	loops[] = {
 		{layernorm_back_rows, T, cpu_row_tasks(be, T, C), 1},
-		{layernorm_back_cols, C, cpu_threads(be), CPU_COL_GRAIN},
+		{layernorm_back_cols, C, dw ? cpu_threads(be) : 0, CPU_COL_GRAIN},
 	};
 
 	cpu_for_loops(be, &a, loops, 2);

@@ -329,7 +329,7 @@ cpu_matmul_backward(dl_backend *be, float *din, float *dW, float *dbias, const f
 	mmb_args	a = {din, dW, dbias, dout, in, W, M, K, N};
 	cpu_loop	loops[] = {
 		{mmb_din_rows, M, din ? cpu_threads(be) : 0, 1},
-		{mmb_dw_rows, N, cpu_threads(be), CPU_COL_GRAIN},
+		{mmb_dw_rows, N, dW ? cpu_threads(be) : 0, CPU_COL_GRAIN},
 	};
 
 	cpu_for_loops(be, &a, loops, 2);

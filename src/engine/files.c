@@ -1,8 +1,11 @@
 /*
  * files.c: reading a whole file, and writing one aside then renaming it; see files.h.
  */
+#define _GNU_SOURCE				/* renameat2 */
+
 #include "files.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
@@ -129,5 +132,76 @@ file_commit(dl_file_out *out, dl_status st, dl_error *err)
 	}
 	/* the rename survives a crash once the directory holding it is on disk */
 	memcpy(parent, out->path, sizeof(parent));
+	return file_fsync(dirname(parent), O_RDONLY | O_DIRECTORY, err);
+}
+
+/* Remove the temporary directory and whatever was written into it (files only). */
+static void
+aside_remove(const dl_dir_aside *d)
+{
+	DIR		   *dir = opendir(d->tmp);
+	struct dirent *de;
+	char		path[4500];
+
+	while (dir && (de = readdir(dir)) != NULL)
+		if (strcmp(de->d_name, ".") != 0 && strcmp(de->d_name, "..") != 0)
+		{
+			snprintf(path, sizeof(path), "%s/%s", d->tmp, de->d_name);
+			unlink(path);
+		}
+	if (dir)
+		closedir(dir);
+	rmdir(d->tmp);
+}
+
+/* See files.h. */
+dl_status
+dir_aside_begin(const char *dir, dl_dir_aside *d, dl_error *err)
+{
+	struct stat sb;
+	const char *slash;
+
+	d->len = strlen(dir);
+	/* "out/" must not become "out/.tmp-<pid>" inside the directory it names */
+	while (d->len > 1 && dir[d->len - 1] == '/')
+		d->len--;
+	if (d->len == 0 || d->len >= sizeof(d->final))
+		return dl_fail(err, DL_EINVAL, "model directory \"%s\" is empty or too long", dir);
+	memcpy(d->final, dir, d->len);
+	d->final[d->len] = '\0';
+	if (lstat(d->final, &sb) == 0)
+	{
+		dl_fail(err, DL_EINVAL, "model directory \"%s\" already exists", d->final);
+		return dl_hint(err, "Choose another name, or remove the old model first.");
+	}
+	slash = strrchr(d->final, '/');
+	snprintf(d->tmp, sizeof(d->tmp), "%.*s.%s%s%ld", slash ? (int) (slash - d->final + 1) : 0, d->final,
+			 slash ? slash + 1 : d->final, DL_SAVE_TMP_MARK, (long) getpid());
+	if (mkdir(d->tmp, 0755) != 0)
+		return dl_fail(err, DL_EIO, "cannot create \"%s\": %s", d->tmp, strerror(errno));
+	return DL_OK;
+}
+
+/* See files.h. */
+dl_status
+dir_aside_end(dl_dir_aside *d, dl_status st, dl_error *err)
+{
+	char		parent[4096];
+
+	if (st == DL_OK)
+		st = file_fsync(d->tmp, O_RDONLY | O_DIRECTORY, err);
+	/* RENAME_NOREPLACE: a directory made meanwhile under the name is not replaced */
+	if (st == DL_OK && renameat2(AT_FDCWD, d->tmp, AT_FDCWD, d->final, RENAME_NOREPLACE) != 0)
+	{
+		st = dl_fail(err, DL_EIO, "cannot rename \"%s\" to \"%s\": %s", d->tmp, d->final, strerror(errno));
+		if (errno == EEXIST)
+			dl_hint(err, "Another process created \"%s\" meanwhile.", d->final);
+	}
+	if (st != DL_OK)
+	{
+		aside_remove(d);
+		return st;
+	}
+	memcpy(parent, d->final, d->len + 1);
 	return file_fsync(dirname(parent), O_RDONLY | O_DIRECTORY, err);
 }

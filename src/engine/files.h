@@ -41,4 +41,26 @@ dl_status	file_commit(dl_file_out *out, dl_status st, dl_error *err);
 /* fsync the file or directory at path (flags: O_RDONLY, with O_DIRECTORY for a directory). */
 dl_status	file_fsync(const char *path, int flags, dl_error *err);
 
+/*
+ * A directory written aside under a hidden name, ".<name>" DL_SAVE_TMP_MARK "<pid>"
+ * beside it, and renamed into place when complete (RENAME_NOREPLACE), so that a crash
+ * never leaves a half-written model or adapter under its name.
+ */
+#define DL_SAVE_TMP_MARK ".tmp-"
+typedef struct dl_dir_aside
+{
+	char		final[4096];
+	char		tmp[4200];		/* where the files go */
+	size_t		len;			/* of final */
+} dl_dir_aside;
+
+/* Begin writing directory dir, which must not exist: create d->tmp. */
+dl_status	dir_aside_begin(const char *dir, dl_dir_aside *d, dl_error *err);
+
+/*
+ * Finish: given st, the outcome of writing into d->tmp, fsync it and rename it into
+ * place, or remove it (and its files). Returns st, or the first failure.
+ */
+dl_status	dir_aside_end(dl_dir_aside *d, dl_status st, dl_error *err);
+
 #endif

@@ -277,7 +277,7 @@ finetune_run(dl_model *m, const dl_example *train, int ntrain, const dl_example 
 	for (int i = opts->rank; i < neval && st == DL_OK; i += opts->nranks)
 		r.eval_mine[r.neval_mine++] = eval[i];
 	if (st == DL_OK)
-		st = trainer_create(m, &r.cfg, opts->nranks > 1 ? opts->group : NULL, opts->zero_stage, &r.tr, err);
+		st = trainer_create(m, opts->lora, &r.cfg, opts->nranks > 1 ? opts->group : NULL, opts->zero_stage, &r.tr, err);
 
 	r.p.total_steps = r.cfg.total_steps;
 	if (r.tr)

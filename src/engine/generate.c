@@ -166,7 +166,7 @@ gen_step(dl_generator *g, dl_error *err)
 
 		if (s->used && s->finish == DL_FINISH_NONE && s->n_gen > 0)
 		{
-			g->batch[n] = (dl_seq) {i, s->n_cached, 1, s->tokens + s->n_cached, DL_LOGITS_LAST};
+			g->batch[n] = (dl_seq) {i, s->n_cached, 1, s->tokens + s->n_cached, DL_LOGITS_LAST, NULL};
 			g->batch_seq[n++] = i;
 			budget--;
 		}
@@ -191,7 +191,7 @@ gen_step(dl_generator *g, dl_error *err)
 			int			len = s->n_prompt - s->n_cached < budget ? s->n_prompt - s->n_cached : budget;
 
 			g->batch[n] = (dl_seq) {next, s->n_cached, len, s->tokens + s->n_cached,
-			s->n_cached + len == s->n_prompt ? DL_LOGITS_LAST : DL_LOGITS_NONE};
+			s->n_cached + len == s->n_prompt ? DL_LOGITS_LAST : DL_LOGITS_NONE, NULL};
 			g->batch_seq[n++] = next;
 			budget -= len;
 			after = s->order + 1;

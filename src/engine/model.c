@@ -344,13 +344,13 @@ vocab_from_files(dl_config *c, const st_set *set, const char *dir, dl_error *err
  * (st_release). A permuted tensor goes whole, as its rows come from anywhere in it.
  */
 static dl_status
-load_tensor(dl_model *m, const st_set *set, const dl_tensor_map *e, const st_tensor *t,
-			const int32_t *rows, dl_error *err)
+load_tensor(dl_backend *be, void *mem, const st_set *set, const dl_tensor_map *e,
+			const st_tensor *t, const int32_t *rows, dl_error *err)
 {
 	/* check_tensor made the shape the map's: at least one row of at least one element */
 	size_t		row_bytes = t->nbytes / t->shape[0],
 				dst_row = (size_t) (e->ndim == 2 ? e->shape[1] : 1) *
-		(e->fmt == DL_FMT_WEIGHT ? m->be->weight_elem_size : sizeof(float));
+		(e->fmt == DL_FMT_WEIGHT ? be->weight_elem_size : sizeof(float));
 	int64_t		step = rows ? t->shape[0] : (int64_t) (LOAD_SLICE_BYTES / row_bytes);
 	dl_status	st = DL_OK;
 
@@ -360,35 +360,34 @@ load_tensor(dl_model *m, const st_set *set, const dl_tensor_map *e, const st_ten
 	{
 		st_tensor	part = st_rows(t, r, t->shape[0] - r < step ? t->shape[0] - r : step);
 
-		st = m->be->upload_tensor(m->be, (char *) m->param_mem + e->offset + r * dst_row, e->fmt,
-								  &part, rows, err);
+		st = be->upload_tensor(be, (char *) mem + e->offset + r * dst_row, e->fmt, &part, rows,
+							   err);
 		st_release(set, &part);
 	}
 	return st;
 }
 
-/* Check every tensor of the map against the files, then upload them all, telling watch. */
-static dl_status
-load_params(dl_model *m, const st_set *set, const char *dir, dl_load_fn watch, void *arg,
-			dl_error *err)
+dl_status
+weights_load(dl_backend *be, void *mem, const dl_tensor_map *map, int nmap,
+			 const dl_config *c, const st_set *set, const char *dir, const char *type,
+			 dl_load_fn watch, void *arg, dl_error *err)
 {
-	const dl_config *c = &m->cfg;
-	const char *type = config_arch_name(c->arch);
 	const st_tensor *t;
 	dl_status	st = DL_OK;
 	int32_t    *rows = NULL;
-	int64_t		total = dl_model_param_count(m),
+	int64_t		total = 0,
 				done = 0;
 
-	for (int i = 0; i < m->nmap; i++)
+	for (int i = 0; i < nmap; i++)
 	{
-		st = check_tensor(set, &m->map[i], dir, type, &t, err);
+		st = check_tensor(set, &map[i], dir, type, &t, err);
 		if (st != DL_OK)
 			return st;
+		total += map[i].shape[0] * (map[i].ndim == 2 ? map[i].shape[1] : 1);
 	}
-	for (int i = 0; i < m->nmap && st == DL_OK; i++)
+	for (int i = 0; i < nmap && st == DL_OK; i++)
 	{
-		dl_tensor_map *e = &m->map[i];
+		const dl_tensor_map *e = &map[i];
 
 		if (e->rowmap == DL_ROWS_NEOX_QKV && rows == NULL)
 		{
@@ -398,16 +397,68 @@ load_params(dl_model *m, const st_set *set, const char *dir, dl_load_fn watch, v
 			for (int r = 0; r < 3 * c->n_embd; r++)
 				rows[r] = model_neox_qkv_hf_row(c->n_head, c->head_dim, r);
 		}
-		st = load_tensor(m, set, e, st_find(set, e->name),
+		st = load_tensor(be, mem, set, e, st_find(set, e->name),
 						 e->rowmap == DL_ROWS_NEOX_QKV ? rows : NULL, err);
 		done += e->shape[0] * (e->ndim == 2 ? e->shape[1] : 1);
 		if (st == DL_OK && watch && watch(arg, done, total))
 			st = dl_fail(err, DL_ECANCELLED, "loading \"%s\" was stopped", dir);
 	}
 	if (st == DL_OK)
-		st = m->be->synchronize(m->be, err);
+		st = be->synchronize(be, err);
 	free(rows);
 	return st;
+}
+
+/* Bytes from the start of param_mem to parameter p. */
+static size_t
+param_offset(const dl_model *m, const void *p)
+{
+	return (size_t) ((const char *) p - (const char *) m->param_mem);
+}
+
+/* The maps put the embedding first, then each layer from ln_1's weight on, then the head. */
+/* Span s of the parameters (model.h's order) into *lo, *hi. */
+static void
+grad_span(const dl_model *m, int s, size_t *lo, size_t *hi)
+{
+	int			L = m->cfg.n_layer;
+	size_t		head = param_offset(m, m->p.lnf_w);
+
+	if (s == 0)
+	{
+		*lo = head;
+		*hi = m->param_bytes;
+	}
+	else if (s == L + 1)
+	{
+		*lo = 0;
+		*hi = param_offset(m, m->p.layers[0].ln1_w);
+	}
+	else
+	{
+		int			l = L - s;
+
+		*lo = param_offset(m, m->p.layers[l].ln1_w);
+		*hi = l + 1 < L ? param_offset(m, m->p.layers[l + 1].ln1_w) : head;
+	}
+}
+
+/* The spans of the parameters, computed once: see dl_trained. */
+static dl_status
+build_spans(dl_model *m, dl_error *err)
+{
+	m->spans = malloc(2 * sizeof(size_t) * DL_GRAD_SPANS(&m->cfg));
+	if (m->spans == NULL)
+		return dl_fail(err, DL_ENOMEM, "out of memory creating a model");
+	for (int s = 0; s < DL_GRAD_SPANS(&m->cfg); s++)
+		grad_span(m, s, &m->spans[2 * s], &m->spans[2 * s + 1]);
+	return DL_OK;
+}
+
+dl_trained
+dl_model_trained(const dl_model *m)
+{
+	return (dl_trained) {m->param_mem, m->param_bytes, m->map, m->nmap, m->spans};
 }
 
 /* A model of configuration cfg: map, parameter block (contents undefined), rotary table. */
@@ -430,6 +481,8 @@ dl_model_create(const dl_config *cfg, dl_backend *be, dl_model **out, dl_error *
 	st = layout_params(m, err);
 	if (st == DL_OK)
 		st = build_rope(m, err);
+	if (st == DL_OK)
+		st = build_spans(m, err);
 	if (st != DL_OK)
 	{
 		dl_model_free(m);
@@ -467,7 +520,8 @@ dl_model_load_watched(const char *dir, dl_backend *be, dl_load_fn watch, void *a
 	if (st == DL_OK)
 		st = dl_model_create(&cfg, be, &m, err);
 	if (st == DL_OK)
-		st = load_params(m, set, dir, watch, arg, err);
+		st = weights_load(be, m->param_mem, m->map, m->nmap, &m->cfg, set, dir,
+						  config_arch_name(cfg.arch), watch, arg, err);
 	st_close(set);
 	if (st != DL_OK)
 	{
@@ -488,39 +542,6 @@ dl_model_param_count(const dl_model *m)
 	return n;
 }
 
-/* Bytes from the start of param_mem to parameter p. */
-static size_t
-param_offset(const dl_model *m, const void *p)
-{
-	return (size_t) ((const char *) p - (const char *) m->param_mem);
-}
-
-/* The maps put the embedding first, then each layer from ln_1's weight on, then the head. */
-void
-dl_model_grad_span(const dl_model *m, int s, size_t *lo, size_t *hi)
-{
-	int			L = m->cfg.n_layer;
-	size_t		head = param_offset(m, m->p.lnf_w);
-
-	if (s == 0)
-	{
-		*lo = head;
-		*hi = m->param_bytes;
-	}
-	else if (s == L + 1)
-	{
-		*lo = 0;
-		*hi = param_offset(m, m->p.layers[0].ln1_w);
-	}
-	else
-	{
-		int			l = L - s;
-
-		*lo = param_offset(m, m->p.layers[l].ln1_w);
-		*hi = l + 1 < L ? param_offset(m, m->p.layers[l + 1].ln1_w) : head;
-	}
-}
-
 void
 dl_model_free(dl_model *m)
 {
@@ -530,5 +551,6 @@ dl_model_free(dl_model *m)
 	m->be->free(m->be, m->rope);
 	free(m->p.layers);
 	free(m->map);
+	free(m->spans);
 	free(m);
 }

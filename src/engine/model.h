@@ -71,6 +71,21 @@ typedef struct dl_tensor_map
 	dl_rowmap	rowmap;
 } dl_tensor_map;
 
+/*
+ * What a training pass computes gradients for and AdamW updates: a model's parameters,
+ * or an adapter's over a frozen model (lora.h). Float32 tensors (map) in one allocation,
+ * cut into DL_GRAD_SPANS(cfg) spans in the order backward completes them: span s is
+ * bytes [spans[2s], spans[2s + 1]) of mem (see dl_model_backward).
+ */
+typedef struct dl_trained
+{
+	void	   *mem;
+	size_t		bytes;
+	const dl_tensor_map *map;
+	int			nmap;
+	const size_t *spans;
+} dl_trained;
+
 typedef struct dl_model
 {
 	dl_config	cfg;			/* cfg.vocab_size set from the embedding's rows */
@@ -81,6 +96,7 @@ typedef struct dl_model
 	dl_tensor_map *map;			/* every tensor read from the files */
 	int			nmap;
 	float	   *rope;			/* device [max_pos, rotary_dim]: cos | sin per position */
+	size_t	   *spans;			/* [2 * DL_GRAD_SPANS]: see dl_trained */
 } dl_model;
 
 /*
@@ -115,6 +131,26 @@ void		dl_model_free(dl_model *m);
 /* The number of parameters: the elements of every tensor in the model's files. */
 int64_t		dl_model_param_count(const dl_model *m);
 
+/* The model's parameters as what a training pass updates (float32 weights only). */
+dl_trained	dl_model_trained(const dl_model *m);
+
+/*
+ * Check the nmap tensors of map against the files of set (dir names them in errors, as a
+ * checkpoint of type), then upload each to mem + its offset on be, telling watch (unless
+ * NULL): the loading of a model's parameters and of an adapter's. cfg gives the sizes
+ * of NeoX's row mapping.
+ */
+dl_status	weights_load(dl_backend *be, void *mem, const dl_tensor_map *map, int nmap,
+						 const dl_config *cfg, const st_set *set, const char *dir,
+						 const char *type, dl_load_fn watch, void *arg, dl_error *err);
+
+/*
+ * Write the nmap tensors of map at mem (on be) as one safetensors file at path, float32,
+ * under their names and in the files' row order (model_save.c).
+ */
+dl_status	weights_write(dl_backend *be, const void *mem, const dl_tensor_map *map, int nmap,
+						  const dl_config *cfg, const char *path, dl_error *err);
+
 /* be->alloc as a dl_status: *out is NULL on failure. */
 dl_status	model_alloc(dl_backend *be, size_t bytes, void **out, dl_error *err);
 
@@ -147,6 +183,7 @@ typedef struct dl_kv_cache
 	dl_sample_row *sample_rows;	/* [R] sampling parameters of the logit rows */
 	int32_t    *tokens;			/* [R] their sampled tokens */
 	void	   *sample_ws;		/* the backend's sampling workspace */
+	float	   *lora_u;			/* [T, DL_LORA_MAX_RANK] an adapter's low-rank product */
 	int32_t    *meta;			/* device: ids [T] | pos [T] | rows [T] | spans */
 	int32_t    *h_meta;			/* the same, staged on the host */
 	size_t		meta_bytes;
@@ -175,6 +212,7 @@ typedef struct dl_seq
 	int			n_tokens;		/* new tokens, >= 1 */
 	const int32_t *ids;
 	dl_want		want;
+	const struct dl_lora *lora;	/* the adapter it runs with (lora.h); NULL: the model alone */
 } dl_seq;
 
 /*
@@ -195,10 +233,11 @@ dl_status	dl_model_sample(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n
 							const dl_sample_row *rows, int32_t *tokens, dl_error *err);
 
 /*
- * Training (model_backward.c). Gradients are laid out like param_mem: the gradient of a
- * parameter is at the same byte offset as the parameter (so a dl_tensor_map entry
- * locates both, and data parallelism sums one flat buffer, or spans of it). That needs
- * a float32 weight format; dl_train_acts_create checks it.
+ * Training (model_backward.c). Gradients are laid out like the trained parameters
+ * (dl_trained: the model's, or an adapter's): the gradient of a parameter is at the same
+ * byte offset as the parameter (so a dl_tensor_map entry locates both, and data
+ * parallelism sums one flat buffer, or spans of it). That needs a float32 weight format;
+ * dl_train_acts_create checks it.
  */
 struct dl_example;
 
@@ -211,9 +250,17 @@ struct dl_example;
  */
 typedef struct dl_train_acts dl_train_acts;
 
-/* Allocate the activations of training passes (limits are checked against the model). */
-dl_status	dl_train_acts_create(dl_model *m, int max_tokens, int max_len, int checkpoint,
-								 dl_train_acts **out, dl_error *err);
+/*
+ * Allocate the activations of training passes (limits are checked against the model).
+ * With lora, the passes train that adapter of m (and run it with its dropout); m is
+ * frozen. Without, they train m.
+ */
+dl_status	dl_train_acts_create(dl_model *m, const struct dl_lora *lora, int max_tokens,
+								 int max_len, int checkpoint, dl_train_acts **out,
+								 dl_error *err);
+
+/* What the passes of a train against compute gradients for. */
+dl_trained	dl_train_acts_trained(const dl_train_acts *a);
 
 /* The device bytes they take. */
 size_t		dl_train_acts_bytes(const dl_train_acts *a);
@@ -222,19 +269,20 @@ size_t		dl_train_acts_bytes(const dl_train_acts *a);
 void		dl_train_acts_free(dl_train_acts *a);
 
 /*
- * Backward completes the gradients of the parameters span by span of param_mem, in this
+ * Backward completes the gradients of the trained parameters span by span, in this
  * order: span 0 the head (final norm, output layer), spans 1 .. n_layer the layers from
  * the last to the first, span n_layer + 1 the embedding (to which a tied output layer
- * also adds, from the start). The spans cover param_mem; span s is bytes [*lo, *hi).
+ * also adds, from the start). The spans cover the trained allocation (an adapter's
+ * head and embedding spans are empty).
  */
 #define DL_GRAD_SPANS(cfg) ((cfg)->n_layer + 2)
-void		dl_model_grad_span(const dl_model *m, int s, size_t *lo, size_t *hi);
 
 /*
  * Where backward accumulates (+=) gradients: span s's in open(arg, s), laid out like its
- * bytes of param_mem (float32, device), from the span's start until close(arg, s) says
- * they are complete. Only the head, the layer being worked on and a tied embedding are
- * open at once (an untied embedding opens after the last layer closes). One buffer laid out like param_mem serves every span; ZeRO stage 2
+ * bytes of the trained parameters (float32, device), from the span's start until
+ * close(arg, s) says they are complete. Only the head, the layer being worked on and a
+ * tied embedding are open at once (an untied embedding opens after the last layer
+ * closes). One buffer laid out like the parameters serves every span; ZeRO stage 2
  * gives a zeroed buffer per span and sums it over the ranks at close.
  */
 typedef struct dl_grad_sink

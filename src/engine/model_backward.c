@@ -32,6 +32,7 @@
  * Every product whose output gradient is dx runs before a norm's backward adds its
  * input gradient into dx, which then holds the gradient of the layer's input.
  */
+#include "lora.h"
 #include "model.h"
 #include "train.h"
 
@@ -63,11 +64,16 @@ typedef struct layer_acts
 	float	   *ln2_rstd;
 	float	   *xmid;			/* [T, E] NeoX sequential: x + attention, LN2's input */
 	float	   *fc;				/* [T, F] the MLP's pre-activation */
+	float	   *lora_u;			/* [ntargets, T, r] the adapter's low-rank products, per layer */
 } layer_acts;
 
 struct dl_train_acts
 {
 	dl_model   *model;
+	const dl_lora *lora;		/* trained over the frozen model; NULL: the model is */
+	dl_trained	trained;
+	uint64_t	passes;			/* training passes so far: seeds the adapter's dropout */
+	float	   *lora_ws;		/* [T, max(E, F)] the adapter's dropped input, with dropout */
 	int			max_tokens;
 	int			max_len;
 	int			logit_rows;		/* label rows per logits chunk */
@@ -126,11 +132,15 @@ layout(dl_train_acts *a, char *base)
 		L->x = place(base, &off, T * E, al);
 		if (l == c->n_layer)
 			break;
+		/* kept per layer even when checkpointing: the recomputation leaves out products */
+		if (a->lora)
+			L->lora_u = place(base, &off, T * a->lora->r * a->lora->ntargets, al);
 		if (a->checkpoint && l > 0)
 		{
 			layer_acts	shared = a->layers[0];
 
 			shared.x = L->x;
+			shared.lora_u = L->lora_u;
 			*L = shared;
 			continue;
 		}
@@ -162,6 +172,8 @@ layout(dl_train_acts *a, char *base)
 	a->lnf_rstd = place(base, &off, T, al);
 	a->logits = place(base, &off, (size_t) a->logit_rows * c->vocab_size, al);
 	a->losses = place(base, &off, T, al);
+	if (a->lora && a->lora->dropout > 0.0f)
+		a->lora_ws = place(base, &off, T * (F > E ? F : E), al);
 	a->attn_ws = place(base, &off,
 					   (a->model->be->attention_train_workspace(a->model->be, a->max_len, c->n_head) +
 						sizeof(float) - 1) / sizeof(float), al);
@@ -171,8 +183,8 @@ layout(dl_train_acts *a, char *base)
 }
 
 dl_status
-dl_train_acts_create(dl_model *m, int max_tokens, int max_len, int checkpoint,
-					 dl_train_acts **out, dl_error *err)
+dl_train_acts_create(dl_model *m, const dl_lora *lora, int max_tokens, int max_len,
+					 int checkpoint, dl_train_acts **out, dl_error *err)
 {
 	const dl_config *cfg = &m->cfg;
 	dl_backend *be = m->be;
@@ -186,6 +198,10 @@ dl_train_acts_create(dl_model *m, int max_tokens, int max_len, int checkpoint,
 				be->name, be->weight_elem_size);
 		return dl_hint(err, "Training needs float32 weights, with gradients laid out like them.");
 	}
+	if (lora && (lora->model != m || be->lora_forward == NULL))
+		return dl_fail(err, lora->model != m ? DL_EINVAL : DL_EUNSUPPORTED,
+					   lora->model != m ? "the adapter to train belongs to another model"
+					   : "backend \"%s\" does not train LoRA adapters", be->name);
 	if (max_tokens < 1 || max_tokens > 1 << 20)
 		return dl_fail(err, DL_EINVAL, "tokens per training batch %d is out of range (1 .. %d)",
 					   max_tokens, 1 << 20);
@@ -198,6 +214,8 @@ dl_train_acts_create(dl_model *m, int max_tokens, int max_len, int checkpoint,
 	if (a == NULL)
 		return dl_fail(err, DL_ENOMEM, "out of memory creating training activations");
 	a->model = m;
+	a->lora = lora;
+	a->trained = lora ? dl_lora_trained(lora) : dl_model_trained(m);
 	a->max_tokens = max_tokens;
 	a->max_len = max_len < max_tokens ? max_len : max_tokens;
 	a->checkpoint = checkpoint != 0;
@@ -236,6 +254,12 @@ dl_train_acts_create(dl_model *m, int max_tokens, int max_len, int checkpoint,
 fail:
 	dl_train_acts_free(a);
 	return st;
+}
+
+dl_trained
+dl_train_acts_trained(const dl_train_acts *a)
+{
+	return a->trained;
 }
 
 size_t
@@ -294,36 +318,34 @@ check_examples(const dl_model *m, const dl_train_acts *a, const dl_example *batc
 }
 
 /*
- * The gradient of parameter p (NULL for NULL): in the buffer of the open span that holds
- * it, at p's offset within the span.
+ * The gradient of parameter p: in the buffer of the open span of the trained parameters
+ * that holds it, at p's offset within the span; NULL for NULL and for a frozen parameter.
  */
 static float *
-grad_of(const dl_model *m, float *const *bufs, const void *p)
+grad_of(const dl_train_acts *a, float *const *bufs, const void *p)
 {
-	size_t		off = (size_t) ((const char *) p - (const char *) m->param_mem),
-				lo,
-				hi;
+	const dl_trained *t = &a->trained;
+	size_t		off = (size_t) ((const char *) p - (const char *) t->mem);
 
-	for (int s = 0; p != NULL && s < DL_GRAD_SPANS(&m->cfg); s++)
-	{
-		dl_model_grad_span(m, s, &lo, &hi);
-		if (bufs[s] && off >= lo && off < hi)
-			return (float *) ((char *) bufs[s] + (off - lo));
-	}
+	if (p == NULL || (const char *) p < (const char *) t->mem || off >= t->bytes)
+		return NULL;
+	for (int s = 0; s < DL_GRAD_SPANS(&a->model->cfg); s++)
+		if (bufs[s] && off >= t->spans[2 * s] && off < t->spans[2 * s + 1])
+			return (float *) ((char *) bufs[s] + (off - t->spans[2 * s]));
 	return NULL;
 }
 
 /* The gradients of one layer's parameters, as a dl_layer_params of float32 pointers. */
 static dl_layer_params
-layer_grads(const dl_model *m, float *const *bufs, const dl_layer_params *L)
+layer_grads(const dl_train_acts *a, float *const *bufs, const dl_layer_params *L)
 {
 	dl_layer_params G = {
-		grad_of(m, bufs, L->ln1_w), grad_of(m, bufs, L->ln1_b),
-		grad_of(m, bufs, L->ln2_w), grad_of(m, bufs, L->ln2_b),
-		grad_of(m, bufs, L->qkv_w), grad_of(m, bufs, L->qkv_b),
-		grad_of(m, bufs, L->proj_w), grad_of(m, bufs, L->proj_b),
-		grad_of(m, bufs, L->fc_in_w), grad_of(m, bufs, L->fc_in_b),
-		grad_of(m, bufs, L->fc_out_w), grad_of(m, bufs, L->fc_out_b)
+		grad_of(a, bufs, L->ln1_w), grad_of(a, bufs, L->ln1_b),
+		grad_of(a, bufs, L->ln2_w), grad_of(a, bufs, L->ln2_b),
+		grad_of(a, bufs, L->qkv_w), grad_of(a, bufs, L->qkv_b),
+		grad_of(a, bufs, L->proj_w), grad_of(a, bufs, L->proj_b),
+		grad_of(a, bufs, L->fc_in_w), grad_of(a, bufs, L->fc_in_b),
+		grad_of(a, bufs, L->fc_out_w), grad_of(a, bufs, L->fc_out_b)
 	};
 
 	return G;
@@ -393,20 +415,73 @@ stage_batch(dl_train_acts *a, const dl_example *batch, int n, int T, pass *ps, d
 	return st;
 }
 
+/*
+ * The trained adapter's target t of layer l: its matrices (with the open gradient spans
+ * and its dropout in a training pass), and its low-rank product u.
+ */
+static dl_lora_mats
+adapter_mats(const dl_train_acts *a, const pass *ps, int l, int t, float **u)
+{
+	dl_lora_mats w = lora_mats(a->lora, l, t, ps->sink ? ps->grads : NULL);
+
+	/* a mask per pass, layer and target; the recomputation of a layer draws it again */
+	w.seed = a->passes << 20 | (uint64_t) l << 4 | (uint64_t) t;
+	*u = a->layers[l].lora_u + (size_t) t * ps->T * a->lora->r;
+	return w;
+}
+
+/* The adapter's update of product p of layer l: out (rows ldo floats apart) += of in. */
+static void
+adapter_forward(dl_model *m, dl_train_acts *a, const pass *ps, int l, dl_lora_product p,
+				float *out, int ldo, const float *in)
+{
+	for (int t = 0; a->lora && t < a->lora->ntargets; t++)
+	{
+		const dl_lora_target *tg = &a->lora->targets[t];
+		float	   *u;
+		dl_lora_mats w = adapter_mats(a, ps, l, t, &u);
+
+		if (tg->product == p)
+			m->be->lora_forward(m->be, out + tg->col0, ldo, u, in, &w, ps->T, tg->n_in, tg->n_out,
+								a->lora_ws);
+	}
+}
+
+/* Its backward: din += through it from dout (rows ldo apart); its gradients accumulate. */
+static void
+adapter_backward(dl_model *m, dl_train_acts *a, const pass *ps, int l, dl_lora_product p,
+				 float *din, const float *dout, int ldo, const float *in)
+{
+	for (int t = 0; a->lora && t < a->lora->ntargets; t++)
+	{
+		const dl_lora_target *tg = &a->lora->targets[t];
+		float	   *u;
+		dl_lora_mats w = adapter_mats(a, ps, l, t, &u);
+
+		if (tg->product == p)
+			m->be->lora_backward(m->be, din, dout + tg->col0, ldo, u, in, &w, ps->T, tg->n_in,
+								 tg->n_out, a->lora_ws);
+	}
+}
+
 /* MLP(in) added to out, keeping the pre-activation (all that is done when out is NULL). */
 static void
-mlp_forward(dl_model *m, dl_train_acts *a, const dl_layer_params *L, layer_acts *la,
-			const float *in, float *out, int T)
+mlp_forward(dl_model *m, dl_train_acts *a, const pass *ps, int l, const float *in, float *out)
 {
 	dl_backend *be = m->be;
-	int			E = m->cfg.n_embd,
+	const dl_layer_params *L = &m->p.layers[l];
+	layer_acts *la = &a->layers[l];
+	int			T = ps->T,
+				E = m->cfg.n_embd,
 				F = m->cfg.n_inner;
 
 	be->matmul_forward(be, la->fc, in, L->fc_in_w, L->fc_in_b, T, E, F, 0);
+	adapter_forward(m, a, ps, l, DL_LORA_FC_IN, la->fc, F, in);
 	if (out == NULL)
 		return;
 	be->gelu_forward(be, a->gelu, la->fc, (size_t) T * F, gelu_form(m));
 	be->matmul_forward(be, out, a->gelu, L->fc_out_w, L->fc_out_b, T, F, E, 1);
+	adapter_forward(m, a, ps, l, DL_LORA_FC_OUT, out, E, a->gelu);
 }
 
 /*
@@ -428,6 +503,7 @@ layer_forward(dl_model *m, dl_train_acts *a, int l, const pass *ps, float *xo)
 	be->layernorm_forward(be, la->ln1, la->ln1_mean, la->ln1_rstd, la->x, L->ln1_w, L->ln1_b,
 						  T, E, cfg->ln_eps);
 	be->matmul_forward(be, la->qkv, la->ln1, L->qkv_w, L->qkv_b, T, E, 3 * E, 0);
+	adapter_forward(m, a, ps, l, DL_LORA_QKV, la->qkv, 3 * E, la->ln1);
 	if (cfg->rotary_dim > 0)
 		be->rotary_forward(be, la->qkv, 3 * E, T, 2 * cfg->n_head, D, cfg->rotary_dim,
 						   cfg->rotary_interleaved, ps->pos, m->rope);
@@ -440,6 +516,7 @@ layer_forward(dl_model *m, dl_train_acts *a, int l, const pass *ps, float *xo)
 		/* LN2 reads x + attention, kept even without xo */
 		be->copy(be, la->xmid, la->x, row_bytes);
 		be->matmul_forward(be, la->xmid, la->att, L->proj_w, L->proj_b, T, E, E, 1);
+		adapter_forward(m, a, ps, l, DL_LORA_PROJ, la->xmid, E, la->att);
 		be->layernorm_forward(be, la->ln2, la->ln2_mean, la->ln2_rstd, la->xmid, L->ln2_w,
 							  L->ln2_b, T, E, cfg->ln_eps);
 		if (xo)
@@ -454,9 +531,10 @@ layer_forward(dl_model *m, dl_train_acts *a, int l, const pass *ps, float *xo)
 		{
 			be->copy(be, xo, la->x, row_bytes);
 			be->matmul_forward(be, xo, la->att, L->proj_w, L->proj_b, T, E, E, 1);
+			adapter_forward(m, a, ps, l, DL_LORA_PROJ, xo, E, la->att);
 		}
 	}
-	mlp_forward(m, a, L, la, block == DL_BLOCK_SHARED_NORM ? la->ln1 : la->ln2, xo, T);
+	mlp_forward(m, a, ps, l, block == DL_BLOCK_SHARED_NORM ? la->ln1 : la->ln2, xo);
 }
 
 /*
@@ -489,15 +567,15 @@ head_pass(dl_model *m, dl_train_acts *a, const pass *ps)
 		be->crossentropy_forward(be, a->losses + r0, g ? a->logits : NULL, a->logits,
 								 ps->labels + r0, nr, V);
 		if (g)
-			be->matmul_backward(be, a->dln + (size_t) r0 * E, grad_of(m, g, m->p.lm_head),
-								grad_of(m, g, m->p.lm_head_b), a->logits, lnf, m->p.lm_head,
+			be->matmul_backward(be, a->dln + (size_t) r0 * E, grad_of(a, g, m->p.lm_head),
+								grad_of(a, g, m->p.lm_head_b), a->logits, lnf, m->p.lm_head,
 								nr, E, V);
 	}
 	if (g == NULL)
 		return;
 	/* datt holds the gradient of the gathered rows until the layers need it */
 	be->zero(be, a->datt, (size_t) R * E * sizeof(float));
-	be->layernorm_backward(be, a->datt, grad_of(m, g, m->p.lnf_w), grad_of(m, g, m->p.lnf_b),
+	be->layernorm_backward(be, a->datt, grad_of(a, g, m->p.lnf_w), grad_of(a, g, m->p.lnf_b),
 						   a->dln, a->xr, a->lnf_mean, a->lnf_rstd, m->p.lnf_w, R, E);
 	be->zero(be, a->dx, (size_t) ps->T * E * sizeof(float));
 	be->embedding_backward(be, a->dx, a->datt, ps->rows, R, E);
@@ -505,11 +583,14 @@ head_pass(dl_model *m, dl_train_acts *a, const pass *ps)
 
 /* MLP backward: dx is the gradient of its output; dln += the gradient of its input. */
 static void
-mlp_backward(dl_model *m, dl_train_acts *a, const dl_layer_params *L,
-			 const dl_layer_params *G, const layer_acts *la, const float *in, int T)
+mlp_backward(dl_model *m, dl_train_acts *a, const pass *ps, int l, const dl_layer_params *G,
+			 const float *in)
 {
 	dl_backend *be = m->be;
-	int			E = m->cfg.n_embd,
+	const dl_layer_params *L = &m->p.layers[l];
+	const layer_acts *la = &a->layers[l];
+	int			T = ps->T,
+				E = m->cfg.n_embd,
 				F = m->cfg.n_inner;
 	size_t		n = (size_t) T * F;
 
@@ -517,30 +598,36 @@ mlp_backward(dl_model *m, dl_train_acts *a, const dl_layer_params *L,
 	be->zero(be, a->dfc, n * sizeof(float));
 	be->matmul_backward(be, a->dfc, G->fc_out_w, G->fc_out_b, a->dx, a->gelu, L->fc_out_w,
 						T, F, E);
+	adapter_backward(m, a, ps, l, DL_LORA_FC_OUT, a->dfc, a->dx, E, a->gelu);
 	be->zero(be, a->gelu, n * sizeof(float));
 	be->gelu_backward(be, a->gelu, la->fc, a->dfc, n, gelu_form(m));
 	be->matmul_backward(be, a->dln, G->fc_in_w, G->fc_in_b, a->gelu, in, L->fc_in_w, T, E, F);
+	adapter_backward(m, a, ps, l, DL_LORA_FC_IN, a->dln, a->gelu, F, in);
 }
 
 /* The attention projection's backward: datt = the gradient of the attention output. */
 static void
-proj_backward(dl_model *m, dl_train_acts *a, const dl_layer_params *L,
-			  const dl_layer_params *G, const layer_acts *la, int T)
+proj_backward(dl_model *m, dl_train_acts *a, const pass *ps, int l, const dl_layer_params *G)
 {
 	dl_backend *be = m->be;
-	int			E = m->cfg.n_embd;
+	const layer_acts *la = &a->layers[l];
+	int			T = ps->T,
+				E = m->cfg.n_embd;
 
 	be->zero(be, a->datt, (size_t) T * E * sizeof(float));
-	be->matmul_backward(be, a->datt, G->proj_w, G->proj_b, a->dx, la->att, L->proj_w, T, E, E);
+	be->matmul_backward(be, a->datt, G->proj_w, G->proj_b, a->dx, la->att,
+						m->p.layers[l].proj_w, T, E, E);
+	adapter_backward(m, a, ps, l, DL_LORA_PROJ, a->datt, a->dx, E, la->att);
 }
 
 /* Attention backward from datt down to LN1's output: dln += its gradient. */
 static void
-attn_backward(dl_model *m, dl_train_acts *a, const dl_layer_params *L,
-			  const dl_layer_params *G, const layer_acts *la, const pass *ps)
+attn_backward(dl_model *m, dl_train_acts *a, const pass *ps, int l, const dl_layer_params *G)
 {
 	const dl_config *cfg = &m->cfg;
 	dl_backend *be = m->be;
+	const dl_layer_params *L = &m->p.layers[l];
+	const layer_acts *la = &a->layers[l];
 	int			T = ps->T,
 				E = cfg->n_embd,
 				D = cfg->head_dim;
@@ -552,6 +639,7 @@ attn_backward(dl_model *m, dl_train_acts *a, const dl_layer_params *L,
 		be->rotary_backward(be, a->dqkv, 3 * E, T, 2 * cfg->n_head, D, cfg->rotary_dim,
 							cfg->rotary_interleaved, ps->pos, m->rope);
 	be->matmul_backward(be, a->dln, G->qkv_w, G->qkv_b, a->dqkv, la->ln1, L->qkv_w, T, E, 3 * E);
+	adapter_backward(m, a, ps, l, DL_LORA_QKV, a->dln, a->dqkv, 3 * E, la->ln1);
 }
 
 /* One block backward: dx goes from the gradient of its output to that of its input. */
@@ -561,7 +649,7 @@ layer_backward(dl_model *m, dl_train_acts *a, int l, const pass *ps)
 	const dl_config *cfg = &m->cfg;
 	dl_backend *be = m->be;
 	const dl_layer_params *L = &m->p.layers[l];
-	dl_layer_params G = layer_grads(m, ps->grads, L);
+	dl_layer_params G = layer_grads(a, ps->grads, L);
 	const layer_acts *la = &a->layers[l];
 	int			T = ps->T,
 				E = cfg->n_embd;
@@ -571,29 +659,29 @@ layer_backward(dl_model *m, dl_train_acts *a, int l, const pass *ps)
 	{
 		case DL_BLOCK_SHARED_NORM:
 			/* both branches read LN1's output: their gradients meet in dln */
-			proj_backward(m, a, L, &G, la, T);
+			proj_backward(m, a, ps, l, &G);
 			be->zero(be, a->dln, row_bytes);
-			mlp_backward(m, a, L, &G, la, la->ln1, T);
-			attn_backward(m, a, L, &G, la, ps);
+			mlp_backward(m, a, ps, l, &G, la->ln1);
+			attn_backward(m, a, ps, l, &G);
 			break;
 		case DL_BLOCK_PARALLEL:
-			proj_backward(m, a, L, &G, la, T);
+			proj_backward(m, a, ps, l, &G);
 			be->zero(be, a->dln, row_bytes);
-			mlp_backward(m, a, L, &G, la, la->ln2, T);
+			mlp_backward(m, a, ps, l, &G, la->ln2);
 			be->layernorm_backward(be, a->dx, G.ln2_w, G.ln2_b, a->dln, la->x, la->ln2_mean,
 								   la->ln2_rstd, L->ln2_w, T, E);
 			be->zero(be, a->dln, row_bytes);
-			attn_backward(m, a, L, &G, la, ps);
+			attn_backward(m, a, ps, l, &G);
 			break;
 		case DL_BLOCK_SEQUENTIAL:
 			be->zero(be, a->dln, row_bytes);
-			mlp_backward(m, a, L, &G, la, la->ln2, T);
+			mlp_backward(m, a, ps, l, &G, la->ln2);
 			/* dx becomes the gradient of the mid-layer residual */
 			be->layernorm_backward(be, a->dx, G.ln2_w, G.ln2_b, a->dln, la->xmid, la->ln2_mean,
 								   la->ln2_rstd, L->ln2_w, T, E);
-			proj_backward(m, a, L, &G, la, T);
+			proj_backward(m, a, ps, l, &G);
 			be->zero(be, a->dln, row_bytes);
-			attn_backward(m, a, L, &G, la, ps);
+			attn_backward(m, a, ps, l, &G);
 			break;
 	}
 	be->layernorm_backward(be, a->dx, G.ln1_w, G.ln1_b, a->dln, la->x, la->ln1_mean,
@@ -651,6 +739,7 @@ dl_model_backward(dl_model *m, dl_train_acts *a, const dl_example *batch, int n,
 		return st;
 	}
 
+	a->passes += sink != NULL;
 	be->embedding_forward(be, a->layers[0].x, m->p.wte, ps.ids, T, cfg->n_embd);
 	for (int l = 0; l < cfg->n_layer; l++)
 		layer_forward(m, a, l, &ps, a->layers[l + 1].x);
@@ -680,7 +769,10 @@ dl_model_backward(dl_model *m, dl_train_acts *a, const dl_example *batch, int n,
 		{
 			if (!cfg->tie_embeddings)
 				span_open(&ps, embedding);
-			be->embedding_backward(be, grad_of(m, ps.grads, m->p.wte), a->dx, ps.ids, T, cfg->n_embd);
+			float	   *dwte = grad_of(a, ps.grads, m->p.wte);
+
+			if (dwte)
+				be->embedding_backward(be, dwte, a->dx, ps.ids, T, cfg->n_embd);
 			st = span_close(&ps, embedding, err);
 		}
 		/* a failed close leaves spans open: none is open at the next pass */

@@ -12,6 +12,7 @@
  * only for the rows asked for, after the final norm on those rows alone; generation
  * samples them on the backend and downloads only the token ids.
  */
+#include "lora.h"
 #include "model.h"
 
 #include <math.h>
@@ -19,7 +20,7 @@
 #include <string.h>
 
 /* The buffers of a cache's activation allocation. */
-#define NBUFS 12
+#define NBUFS 13
 
 /* Round bytes up to the backend's alignment. */
 static size_t
@@ -90,6 +91,7 @@ dl_kv_cache_create(dl_model *m, int n_slots, int max_ctx, int max_tokens,
 	sizes[10] = be->sample_workspace(be, R, V);
 	c->meta_bytes = (3 * T + 4 * (size_t) n_slots) * sizeof(int32_t);
 	sizes[11] = c->meta_bytes;
+	sizes[12] = T * DL_LORA_MAX_RANK * sizeof(float);	/* lora_u */
 	for (int i = 0; i < NBUFS; i++)
 		total += aligned(be, sizes[i]);
 	st = model_alloc(be, total, &c->act, err);
@@ -113,6 +115,7 @@ dl_kv_cache_create(dl_model *m, int n_slots, int max_ctx, int max_tokens,
 	c->tokens = (int32_t *) at[9];
 	c->sample_ws = at[10];
 	c->meta = (int32_t *) at[11];
+	c->lora_u = (float *) at[12];
 	c->h_meta = malloc(c->meta_bytes);
 	if (c->h_meta == NULL)
 	{
@@ -168,6 +171,14 @@ check_batch(const dl_model *m, const dl_kv_cache *c, const dl_seq *seqs, int n,
 			if (s->ids[j] < 0 || s->ids[j] >= m->cfg.vocab_size)
 				return dl_fail(err, DL_EINVAL, "token id %d is out of range (0 .. %d)",
 							   s->ids[j], m->cfg.vocab_size - 1);
+		if (s->lora && s->lora->model != m)
+		{
+			dl_fail(err, DL_EINVAL, "sequence %d: its adapter belongs to another model", i);
+			return dl_hint(err, "An adapter runs only on the base model it was loaded for.");
+		}
+		if (s->lora && m->be->lora_forward == NULL)
+			return dl_fail(err, DL_EUNSUPPORTED, "backend \"%s\" does not run LoRA adapters",
+						   m->be->name);
 		*ntok += s->n_tokens;
 		*nrows += s->want == DL_LOGITS_ALL ? s->n_tokens : s->want == DL_LOGITS_LAST ? 1 : 0;
 	}
@@ -177,18 +188,73 @@ check_batch(const dl_model *m, const dl_kv_cache *c, const dl_seq *seqs, int n,
 	return DL_OK;
 }
 
-/* MLP(in) added to x: x += fc_out(gelu(fc_in(in))). */
+/* The sequences of a pass, for the adapters they run with. */
+typedef struct batch
+{
+	const dl_seq *seqs;
+	const dl_span *spans;		/* host: their rows */
+	int			n;
+	int			adapted;		/* some sequence has an adapter */
+} batch;
+
+/*
+ * The adapters' updates of product p of layer l: out (rows ldo floats apart) gets each
+ * adapter's low-rank product of in over the rows of each run of sequences that share it
+ * (Punica's segments; the scheduler's order decides how long the runs are).
+ */
 static void
-mlp_forward(dl_model *m, dl_kv_cache *c, const dl_layer_params *L, const float *in, int T)
+adapters_forward(dl_model *m, dl_kv_cache *c, const batch *b, int l, dl_lora_product p,
+				 float *out, int ldo, const float *in)
 {
 	dl_backend *be = m->be;
+
+	for (int i = 0, j; b->adapted && i < b->n; i = j)
+	{
+		const dl_lora *a = b->seqs[i].lora;
+		int			first = b->spans[i].first;
+
+		for (j = i + 1; j < b->n && b->seqs[j].lora == a; j++)
+			;
+		for (int t = 0; a && t < a->ntargets; t++)
+		{
+			const dl_lora_target *tg = &a->targets[t];
+			dl_lora_mats w = lora_mats(a, l, t, NULL);
+
+			if (tg->product == p)
+				be->lora_forward(be, out + (size_t) first * ldo + tg->col0, ldo, c->lora_u,
+								 in + (size_t) first * tg->n_in, &w,
+								 b->spans[j - 1].first + b->spans[j - 1].len - first,
+								 tg->n_in, tg->n_out, NULL);
+		}
+	}
+}
+
+/* MLP(in) added to x: x += fc_out(gelu(fc_in(in))). */
+static void
+mlp_forward(dl_model *m, dl_kv_cache *c, const batch *b, int l, const float *in, int T)
+{
+	dl_backend *be = m->be;
+	const dl_layer_params *L = &m->p.layers[l];
 	int			E = m->cfg.n_embd,
 				F = m->cfg.n_inner;
 
 	be->matmul_forward(be, c->fc, in, L->fc_in_w, L->fc_in_b, T, E, F, 0);
+	adapters_forward(m, c, b, l, DL_LORA_FC_IN, c->fc, F, in);
 	be->gelu_forward(be, c->fc, c->fc, (size_t) T * F,
 					 m->cfg.act == DL_ACT_GELU_TANH ? DL_GELU_TANH : DL_GELU_ERF);
 	be->matmul_forward(be, c->x, c->fc, L->fc_out_w, L->fc_out_b, T, F, E, 1);
+	adapters_forward(m, c, b, l, DL_LORA_FC_OUT, c->x, E, c->fc);
+}
+
+/* The attention's output projection added to x, with the adapters'. */
+static void
+proj_forward(dl_model *m, dl_kv_cache *c, const batch *b, int l, int T)
+{
+	const dl_layer_params *L = &m->p.layers[l];
+	int			E = m->cfg.n_embd;
+
+	m->be->matmul_forward(m->be, c->x, c->att, L->proj_w, L->proj_b, T, E, E, 1);
+	adapters_forward(m, c, b, l, DL_LORA_PROJ, c->x, E, c->att);
 }
 
 /*
@@ -217,6 +283,7 @@ forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n, float *logits,
 			   *d_pos,
 			   *d_rows;
 	dl_spans	spans;
+	batch		b;
 	dl_status	st;
 
 	st = check_batch(m, c, seqs, n, &T, &R, err);
@@ -247,6 +314,9 @@ forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n, float *logits,
 	d_pos = d_ids + T;
 	d_rows = d_pos + T;
 	spans = (dl_spans) {n, h_spans, (const dl_span *) (d_rows + T)};
+	b = (batch) {seqs, h_spans, n, 0};
+	for (int i = 0; i < n; i++)
+		b.adapted |= seqs[i].lora != NULL;
 
 	be->embedding_forward(be, c->x, m->p.wte, d_ids, T, E);
 	for (int l = 0; l < cfg->n_layer; l++)
@@ -257,6 +327,7 @@ forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n, float *logits,
 
 		be->layernorm_forward(be, c->ln, NULL, NULL, c->x, L->ln1_w, L->ln1_b, T, E, cfg->ln_eps);
 		be->matmul_forward(be, c->qkv, c->ln, L->qkv_w, L->qkv_b, T, E, 3 * E, 0);
+		adapters_forward(m, c, &b, l, DL_LORA_QKV, c->qkv, 3 * E, c->ln);
 		/* q and k are adjacent in each row: 2 * n_head heads of one rotation */
 		if (cfg->rotary_dim > 0)
 			be->rotary_forward(be, c->qkv, 3 * E, T, 2 * cfg->n_head, D, cfg->rotary_dim,
@@ -267,19 +338,19 @@ forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n, float *logits,
 		{
 			case DL_BLOCK_SHARED_NORM:
 				/* one norm feeds both branches */
-				be->matmul_forward(be, c->x, c->att, L->proj_w, L->proj_b, T, E, E, 1);
+				proj_forward(m, c, &b, l, T);
 				break;
 			case DL_BLOCK_PARALLEL:
 				/* the MLP sees the layer's input: normalise it before x changes */
 				be->layernorm_forward(be, c->ln, NULL, NULL, c->x, L->ln2_w, L->ln2_b, T, E, cfg->ln_eps);
-				be->matmul_forward(be, c->x, c->att, L->proj_w, L->proj_b, T, E, E, 1);
+				proj_forward(m, c, &b, l, T);
 				break;
 			case DL_BLOCK_SEQUENTIAL:
-				be->matmul_forward(be, c->x, c->att, L->proj_w, L->proj_b, T, E, E, 1);
+				proj_forward(m, c, &b, l, T);
 				be->layernorm_forward(be, c->ln, NULL, NULL, c->x, L->ln2_w, L->ln2_b, T, E, cfg->ln_eps);
 				break;
 		}
-		mlp_forward(m, c, L, c->ln, T);
+		mlp_forward(m, c, &b, l, c->ln, T);
 	}
 
 	/* logits of the wanted rows, logit_rows at a time */

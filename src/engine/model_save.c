@@ -10,7 +10,7 @@
  * writes the checkpoint's tensors from the mapping as they are. Both write the directory
  * aside and rename it into place when complete.
  */
-#define _GNU_SOURCE				/* renameat2 */
+#define _GNU_SOURCE				/* sendfile's and O_DIRECTORY's declarations */
 
 #include "files.h"
 #include "prompt.h"
@@ -40,20 +40,20 @@ entry_numel(const dl_tensor_map *e)
 	return (size_t) e->shape[0] * (e->ndim == 2 ? (size_t) e->shape[1] : 1);
 }
 
-/* Map entry e of m as float32 on the host (our row order), numel floats at dst. */
+/* Map entry e of the tensors at mem as float32 on the host (our row order), at dst. */
 static dl_status
-tensor_read(const dl_model *m, const dl_tensor_map *e, float *dst, dl_error *err)
+tensor_read(dl_backend *be, const void *mem, const dl_tensor_map *e, float *dst, dl_error *err)
 {
-	const char *src = (const char *) m->param_mem + e->offset;
+	const char *src = (const char *) mem + e->offset;
 	size_t		numel = entry_numel(e);
-	size_t		esize = e->fmt == DL_FMT_WEIGHT ? m->be->weight_elem_size : sizeof(float);
+	size_t		esize = e->fmt == DL_FMT_WEIGHT ? be->weight_elem_size : sizeof(float);
 	st_tensor	t = {.name = (char *) e->name, .dtype = ST_BF16, .ndim = 1,
 	.shape = {(int64_t) numel}, .numel = (int64_t) numel, .nbytes = numel * 2};
 	void	   *tmp;
 	dl_status	st;
 
 	if (esize == sizeof(float))
-		return m->be->download(m->be, dst, src, numel * sizeof(float), err);
+		return be->download(be, dst, src, numel * sizeof(float), err);
 	/* the only narrower weight format is bfloat16 (backend.h) */
 	if (esize != 2)
 		return dl_fail(err, DL_EUNSUPPORTED, "cannot read tensor \"%s\": weights of %zu bytes per element",
@@ -61,7 +61,7 @@ tensor_read(const dl_model *m, const dl_tensor_map *e, float *dst, dl_error *err
 	tmp = malloc(numel * 2);
 	if (tmp == NULL)
 		return dl_fail(err, DL_ENOMEM, "out of memory reading tensor \"%s\"", e->name);
-	st = m->be->download(m->be, tmp, src, numel * 2, err);
+	st = be->download(be, tmp, src, numel * 2, err);
 	t.data = tmp;
 	if (st == DL_OK)
 		st = st_to_f32(&t, dst, err);
@@ -80,15 +80,15 @@ tensor_write(dl_model *m, const dl_tensor_map *e, const float *src, dl_error *er
 	return m->be->upload_tensor(m->be, (char *) m->param_mem + e->offset, e->fmt, &t, NULL, err);
 }
 
-/* Largest element count over the map's entries. */
+/* Largest element count over a map's entries. */
 static size_t
-largest_entry(const dl_model *m)
+largest_entry(const dl_tensor_map *map, int nmap)
 {
 	size_t		n = 0;
 
-	for (int i = 0; i < m->nmap; i++)
-		if (entry_numel(&m->map[i]) > n)
-			n = entry_numel(&m->map[i]);
+	for (int i = 0; i < nmap; i++)
+		if (entry_numel(&map[i]) > n)
+			n = entry_numel(&map[i]);
 	return n;
 }
 
@@ -120,7 +120,7 @@ model_create_random(const dl_config *cfg, dl_backend *be, uint64_t seed, dl_mode
 	*out = NULL;
 	if ((st = dl_model_create(cfg, be, &m, err)) != DL_OK)
 		return st;
-	buf = malloc(largest_entry(m) * sizeof(float));
+	buf = malloc(largest_entry(m->map, m->nmap) * sizeof(float));
 	if (buf == NULL)
 	{
 		dl_model_free(m);
@@ -195,7 +195,7 @@ model_add_dolly_tokens(dl_model **mp, dl_tokenizer *tok, dl_error *err)
 	cfg.vocab_size = tok_vocab_size(tok);
 	if ((st = dl_model_create(&cfg, m->be, &g, err)) != DL_OK)
 		return dl_hint(err, "Growing the vocabulary to %d needs a second copy of the model.", cfg.vocab_size);
-	buf = malloc(largest_entry(g) * sizeof(float));
+	buf = malloc(largest_entry(g->map, g->nmap) * sizeof(float));
 	mean = calloc(cfg.n_embd, sizeof(double));
 	if (buf == NULL || mean == NULL)
 		st = dl_fail(err, DL_ENOMEM, "out of memory growing the vocabulary");
@@ -206,7 +206,7 @@ model_add_dolly_tokens(dl_model **mp, dl_tokenizer *tok, dl_error *err)
 		int64_t		rows = from->shape[0],
 					cols = from->ndim == 2 ? from->shape[1] : 1;
 
-		if ((st = tensor_read(m, from, buf, err)) != DL_OK)
+		if ((st = tensor_read(m->be, m->param_mem, from, buf, err)) != DL_OK)
 			break;
 		if (to->shape[0] > rows)
 		{
@@ -235,15 +235,15 @@ model_add_dolly_tokens(dl_model **mp, dl_tokenizer *tok, dl_error *err)
 }
 
 /*
- * Every tensor in F32 under its Hugging Face name, in map order, into one host buffer:
- * GPT-J's q/k/v are separate map entries already; GPT-NeoX's fused qkv goes back to
- * its per-head interleaved rows; tied models have no output entry (transformers saves
- * only the input embedding and ties it on load).
+ * Every tensor in F32 under its name, in map order, through one host buffer: GPT-J's
+ * q/k/v are separate map entries already; GPT-NeoX's fused qkv (and an adapter's B of it)
+ * goes back to its per-head interleaved rows; tied models have no output entry
+ * (transformers saves only the input embedding and ties it on load).
  */
-static dl_status
-write_tensors(const dl_model *m, const char *path, dl_error *err)
+dl_status
+weights_write(dl_backend *be, const void *mem, const dl_tensor_map *map, int nmap,
+			  const dl_config *c, const char *path, dl_error *err)
 {
-	const dl_config *c = &m->cfg;
 	static const char *const meta[] = {"format", "pt"};
 	size_t		total = 0;
 	st_write_tensor *wt;
@@ -252,10 +252,10 @@ write_tensors(const dl_model *m, const char *path, dl_error *err)
 			   *scratch;
 	dl_status	st = DL_OK;
 
-	for (int i = 0; i < m->nmap; i++)
-		total += entry_numel(&m->map[i]);
-	wt = calloc((unsigned) m->nmap, sizeof(st_write_tensor));
-	data = malloc((total + largest_entry(m)) * sizeof(float));
+	for (int i = 0; i < nmap; i++)
+		total += entry_numel(&map[i]);
+	wt = calloc((unsigned) nmap, sizeof(st_write_tensor));
+	data = malloc((total + largest_entry(map, nmap)) * sizeof(float));
 	if (wt == NULL || data == NULL)
 	{
 		free(wt);
@@ -265,110 +265,25 @@ write_tensors(const dl_model *m, const char *path, dl_error *err)
 	}
 	at = data;
 	scratch = data + total;
-	for (int i = 0; i < m->nmap && st == DL_OK; i++)
+	for (int i = 0; i < nmap && st == DL_OK; i++)
 	{
-		const dl_tensor_map *e = &m->map[i];
+		const dl_tensor_map *e = &map[i];
 		size_t		cols = e->ndim == 2 ? (size_t) e->shape[1] : 1;
 
 		wt[i] = (st_write_tensor) {e->name, ST_F32, e->ndim, {e->shape[0], e->shape[1]}, at};
 		if (e->rowmap == DL_ROWS_SAME)
-			st = tensor_read(m, e, at, err);
-		else if ((st = tensor_read(m, e, scratch, err)) == DL_OK)
+			st = tensor_read(be, mem, e, at, err);
+		else if ((st = tensor_read(be, mem, e, scratch, err)) == DL_OK)
 			for (int r = 0; r < e->shape[0]; r++)
 				memcpy(at + model_neox_qkv_hf_row(c->n_head, c->head_dim, r) * cols,
 					   scratch + r * cols, cols * sizeof(float));
 		at += entry_numel(e);
 	}
 	if (st == DL_OK)
-		st = st_write(path, wt, m->nmap, meta, 1, err);
+		st = st_write(path, wt, nmap, meta, 1, err);
 	free(wt);
 	free(data);
 	return st;
-}
-
-/* A model directory written aside, under a hidden name, and renamed into place when complete. */
-typedef struct dir_aside
-{
-	char		final[4096];
-	char		tmp[4200];
-	size_t		len;			/* of final */
-} dir_aside;
-
-/* Remove the temporary directory and whatever was written into it (files only). */
-static void
-aside_remove(const dir_aside *d)
-{
-	DIR		   *dir = opendir(d->tmp);
-	struct dirent *de;
-	char		path[4500];
-
-	while (dir && (de = readdir(dir)) != NULL)
-		if (strcmp(de->d_name, ".") != 0 && strcmp(de->d_name, "..") != 0)
-		{
-			snprintf(path, sizeof(path), "%s/%s", d->tmp, de->d_name);
-			unlink(path);
-		}
-	if (dir)
-		closedir(dir);
-	rmdir(d->tmp);
-}
-
-/*
- * Begin writing model directory dir, which must not exist: create the hidden
- * ".<name>" DL_SAVE_TMP_MARK "<pid>" beside it (train.h).
- */
-static dl_status
-aside_begin(const char *dir, dir_aside *d, dl_error *err)
-{
-	struct stat sb;
-	const char *slash;
-
-	d->len = strlen(dir);
-	/* "out/" must not become "out/.tmp-<pid>" inside the directory it names */
-	while (d->len > 1 && dir[d->len - 1] == '/')
-		d->len--;
-	if (d->len == 0 || d->len >= sizeof(d->final))
-		return dl_fail(err, DL_EINVAL, "model directory \"%s\" is empty or too long", dir);
-	memcpy(d->final, dir, d->len);
-	d->final[d->len] = '\0';
-	if (lstat(d->final, &sb) == 0)
-	{
-		dl_fail(err, DL_EINVAL, "model directory \"%s\" already exists", d->final);
-		return dl_hint(err, "Choose another name, or remove the old model first.");
-	}
-	slash = strrchr(d->final, '/');
-	snprintf(d->tmp, sizeof(d->tmp), "%.*s.%s%s%ld", slash ? (int) (slash - d->final + 1) : 0, d->final,
-			 slash ? slash + 1 : d->final, DL_SAVE_TMP_MARK, (long) getpid());
-	if (mkdir(d->tmp, 0755) != 0)
-		return dl_fail(err, DL_EIO, "cannot create \"%s\": %s", d->tmp, strerror(errno));
-	return DL_OK;
-}
-
-/*
- * Finish what aside_begin began: given st, the outcome of writing into d->tmp, fsync it
- * and rename it into place, or remove it.
- */
-static dl_status
-aside_end(dir_aside *d, dl_status st, dl_error *err)
-{
-	char		parent[4096];
-
-	if (st == DL_OK)
-		st = file_fsync(d->tmp, O_RDONLY | O_DIRECTORY, err);
-	/* RENAME_NOREPLACE: a directory made meanwhile under the name is not replaced */
-	if (st == DL_OK && renameat2(AT_FDCWD, d->tmp, AT_FDCWD, d->final, RENAME_NOREPLACE) != 0)
-	{
-		st = dl_fail(err, DL_EIO, "cannot rename \"%s\" to \"%s\": %s", d->tmp, d->final, strerror(errno));
-		if (errno == EEXIST)
-			dl_hint(err, "Another process created \"%s\" meanwhile.", d->final);
-	}
-	if (st != DL_OK)
-	{
-		aside_remove(d);
-		return st;
-	}
-	memcpy(parent, d->final, d->len + 1);
-	return file_fsync(dirname(parent), O_RDONLY | O_DIRECTORY, err);
 }
 
 /* Save as a Hugging Face directory, written aside and renamed into place; see train.h. */
@@ -376,9 +291,9 @@ dl_status
 model_save(const dl_model *m, const dl_tokenizer *tok, const char *base_config,
 		   const char *dir, dl_error *err)
 {
-	dir_aside	d;
+	dl_dir_aside d;
 	char		path[4300];
-	dl_status	st = aside_begin(dir, &d, err);
+	dl_status	st = dir_aside_begin(dir, &d, err);
 
 	if (st != DL_OK)
 		return st;
@@ -391,8 +306,8 @@ model_save(const dl_model *m, const dl_tokenizer *tok, const char *base_config,
 		st = tok_save(tok, path, err);
 	snprintf(path, sizeof(path), "%s/model.safetensors", d.tmp);
 	if (st == DL_OK)
-		st = write_tensors(m, path, err);
-	return aside_end(&d, st, err);
+		st = weights_write(m->be, m->param_mem, m->map, m->nmap, &m->cfg, path, err);
+	return dir_aside_end(&d, st, err);
 }
 
 /*
@@ -556,11 +471,11 @@ dl_status
 model_convert(const char *src, const char *dst, dl_error *err)
 {
 	st_set	   *set = NULL;
-	dir_aside	d;
+	dl_dir_aside d;
 	dl_status	st = st_open(src, &set, err);
 
 	if (st == DL_OK)
-		st = aside_begin(dst, &d, err);
+		st = dir_aside_begin(dst, &d, err);
 	if (st != DL_OK)
 	{
 		st_close(set);
@@ -571,5 +486,5 @@ model_convert(const char *src, const char *dst, dl_error *err)
 	if (st == DL_OK)
 		st = write_shards(set, d.tmp, err);
 	st_close(set);
-	return aside_end(&d, st, err);
+	return dir_aside_end(&d, st, err);
 }

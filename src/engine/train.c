@@ -19,17 +19,20 @@
  */
 #include "train.h"
 
+#include "lora.h"
+
 #include <math.h>
 #include <stdlib.h>
 
 struct dl_trainer
 {
 	dl_model   *m;
+	dl_trained	t;				/* what it trains: m's parameters, or an adapter's */
 	dl_train_config cfg;
 	dl_train_acts *acts;
 	dl_group   *group;			/* NULL: alone */
 	int			stage;			/* ZeRO stage: 0, 1, 2 */
-	size_t		n;				/* floats of param_mem */
+	size_t		n;				/* floats of the trained parameters */
 	int			nranks;			/* of the group; 1 alone */
 	size_t	   *parts;			/* [span][3]: this rank's part's first float, floats, local offset */
 	size_t		local;			/* floats of its parts (n at stage 0) */
@@ -105,26 +108,22 @@ span_slot(const dl_model *m, int s)
 
 /* Span s in floats: [*first, *first + *count). */
 static void
-span_floats(const dl_model *m, int s, size_t *first, size_t *count)
+span_floats(const dl_trained *t, int s, size_t *first, size_t *count)
 {
-	size_t		lo,
-				hi;
-
-	dl_model_grad_span(m, s, &lo, &hi);
-	*first = lo / sizeof(float);
-	*count = (hi - lo) / sizeof(float);
+	*first = t->spans[2 * s] / sizeof(float);
+	*count = (t->spans[2 * s + 1] - t->spans[2 * s]) / sizeof(float);
 }
 
-/* Rank r of nranks's part of span s: floats [*first, *first + *count) of param_mem. */
+/* Rank r of nranks's part of span s: floats [*first, *first + *count) of the parameters. */
 static void
-rank_part(const dl_model *m, int nranks, int r, int s, size_t *first, size_t *count)
+rank_part(const dl_trained *t, int nranks, int r, int s, size_t *first, size_t *count)
 {
 	size_t		base,
 				n,
 				lo,
 				hi;
 
-	span_floats(m, s, &base, &n);
+	span_floats(t, s, &base, &n);
 	group_part(nranks, n, r, &lo, &hi);
 	*first = base + lo;
 	*count = hi - lo;
@@ -138,7 +137,7 @@ open_in_place(void *arg, int s)
 	size_t		first,
 				count;
 
-	span_floats(tr->m, s, &first, &count);
+	span_floats(&tr->t, s, &first, &count);
 	return tr->grads + first;
 }
 
@@ -157,11 +156,8 @@ open_span(void *arg, int s)
 {
 	dl_trainer *tr = arg;
 	float	   *buf = tr->span_buf[span_slot(tr->m, s)];
-	size_t		lo,
-				hi;
 
-	dl_model_grad_span(tr->m, s, &lo, &hi);
-	tr->m->be->zero(tr->m->be, buf, hi - lo);
+	tr->m->be->zero(tr->m->be, buf, tr->t.spans[2 * s + 1] - tr->t.spans[2 * s]);
 	return buf;
 }
 
@@ -173,54 +169,62 @@ close_span(void *arg, int s, dl_error *err)
 	size_t		first,
 				count;
 
-	span_floats(tr->m, s, &first, &count);
+	span_floats(&tr->t, s, &first, &count);
 	return group_reduce_scatter(tr->group, tr->m->be, tr->span_buf[span_slot(tr->m, s)], count,
 								tr->grads + tr->parts[3 * s + 2], 1, err);
 }
 
 /* The floats of each stage-2 span buffer: the most any span it serves needs. */
 static void
-span_sizes(const dl_model *m, size_t *sizes)
+span_sizes(const dl_model *m, const dl_trained *t, size_t *sizes)
 {
 	sizes[0] = sizes[1] = sizes[2] = 0;
 	for (int s = 0; s < DL_GRAD_SPANS(&m->cfg); s++)
 	{
-		size_t		lo,
-					hi,
+		size_t		first,
+					count,
 				   *at = &sizes[span_slot(m, s)];
 
-		dl_model_grad_span(m, s, &lo, &hi);
-		*at = (hi - lo) / sizeof(float) > *at ? (hi - lo) / sizeof(float) : *at;
+		span_floats(t, s, &first, &count);
+		*at = count > *at ? count : *at;
 	}
 }
 
 /* Floats of a trainer's state at stage with a slice of `slice` floats; stage 2's spans. */
 static size_t
-state_floats(const dl_model *m, size_t slice, int stage, size_t *spans)
+state_floats(const dl_model *m, const dl_trained *t, size_t slice, int stage, size_t *spans)
 {
-	size_t		n = m->param_bytes / sizeof(float);
+	size_t		n = t->bytes / sizeof(float);
 
 	spans[0] = spans[1] = spans[2] = 0;
 	if (stage == 2)
-		span_sizes(m, spans);
+		span_sizes(m, t, spans);
 	return (stage == 2 ? slice : n) + 2 * slice + spans[0] + spans[1] + spans[2];
 }
 
-size_t
-trainer_state_floats(const dl_model *m, int nranks, int stage)
+/* What a trainer of m (with lora: of that adapter) trains. */
+static dl_trained
+trained_of(const dl_model *m, const dl_lora *lora)
 {
-	size_t		n = m->param_bytes / sizeof(float),
+	return lora ? dl_lora_trained(lora) : dl_model_trained(m);
+}
+
+size_t
+trainer_state_floats(const dl_model *m, const dl_lora *lora, int nranks, int stage)
+{
+	dl_trained	t = trained_of(m, lora);
+	size_t		n = t.bytes / sizeof(float),
 				spans[3];
 
 	if (nranks < 2)
-		return state_floats(m, n, 0, spans);
+		return state_floats(m, &t, n, 0, spans);
 	/* at most one float more than n / nranks a span */
-	return state_floats(m, stage == 0 ? n : n / nranks + DL_GRAD_SPANS(&m->cfg), stage, spans);
+	return state_floats(m, &t, stage == 0 ? n : n / nranks + DL_GRAD_SPANS(&m->cfg), stage, spans);
 }
 
 dl_status
-trainer_create(dl_model *m, const dl_train_config *cfg, dl_group *group, int stage,
-			   dl_trainer **out, dl_error *err)
+trainer_create(dl_model *m, const dl_lora *lora, const dl_train_config *cfg, dl_group *group,
+			   int stage, dl_trainer **out, dl_error *err)
 {
 	dl_backend *be = m->be;
 	dl_trainer *tr;
@@ -237,10 +241,11 @@ trainer_create(dl_model *m, const dl_train_config *cfg, dl_group *group, int sta
 	if (tr == NULL)
 		return dl_fail(err, DL_ENOMEM, "out of memory creating a trainer");
 	tr->m = m;
+	tr->t = trained_of(m, lora);
 	tr->cfg = *cfg;
 	tr->group = group;
 	tr->stage = group && group->nranks > 1 ? stage : 0;
-	tr->n = m->param_bytes / sizeof(float);
+	tr->n = tr->t.bytes / sizeof(float);
 	tr->nranks = group ? group->nranks : 1;
 	tr->parts = malloc(3 * sizeof(size_t) * DL_GRAD_SPANS(&m->cfg));
 	if (tr->parts == NULL)
@@ -254,14 +259,14 @@ trainer_create(dl_model *m, const dl_train_config *cfg, dl_group *group, int sta
 		size_t	   *p = &tr->parts[3 * s];
 
 		if (tr->stage > 0)
-			rank_part(m, tr->nranks, group->rank, s, &p[0], &p[1]);
+			rank_part(&tr->t, tr->nranks, group->rank, s, &p[0], &p[1]);
 		else
-			span_floats(m, s, &p[0], &p[1]);
+			span_floats(&tr->t, s, &p[0], &p[1]);
 		p[2] = tr->stage > 0 ? tr->local : p[0];
 		tr->local = tr->stage > 0 ? tr->local + p[1] : tr->n;
 	}
-	st = dl_train_acts_create(m, cfg->max_tokens, cfg->max_length, cfg->checkpoint, &tr->acts,
-							  err);
+	st = dl_train_acts_create(m, lora, cfg->max_tokens, cfg->max_length, cfg->checkpoint,
+							  &tr->acts, err);
 	if (st != DL_OK)
 		goto fail;
 	/*
@@ -271,7 +276,7 @@ trainer_create(dl_model *m, const dl_train_config *cfg, dl_group *group, int sta
 	 */
 	tr->peer_grads = tr->stage < 2 && group && group->peers && be->host_memory &&
 		group->peer_n >= tr->n;
-	tr->mem_bytes = state_floats(m, tr->local, tr->stage, spans) * sizeof(float);
+	tr->mem_bytes = state_floats(m, &tr->t, tr->local, tr->stage, spans) * sizeof(float);
 	st = model_alloc(be, tr->mem_bytes - (tr->peer_grads ? tr->n * sizeof(float) : 0), &tr->mem, err);
 	if (st != DL_OK)
 	{
@@ -384,7 +389,7 @@ trainer_reduce(dl_trainer *tr, double *loss_sum, int64_t *n_labels, dl_error *er
 				size_t		first,
 							count;
 
-				span_floats(tr->m, s, &first, &count);
+				span_floats(&tr->t, s, &first, &count);
 				st = group_reduce_scatter(tr->group, tr->m->be, tr->grads + first, count,
 										  tr->grads + tr->parts[3 * s], 0, err);
 			}
@@ -433,7 +438,7 @@ part_sum_squares(dl_trainer *tr, int r, double *sumsq, dl_error *err)
 					count;
 		double		part;
 
-		rank_part(tr->m, tr->nranks, r, s, &first, &count);
+		rank_part(&tr->t, tr->nranks, r, s, &first, &count);
 		st = be->sum_squares(be, tr->grads + (tr->stage == 2 ? tr->parts[3 * s + 2] : first), count,
 							 &part, err);
 		*sumsq += part;
@@ -539,9 +544,9 @@ trainer_update(dl_trainer *tr, int64_t n_labels, int step, float *lr, float *gra
 	{
 		const size_t *p = &tr->parts[3 * s];
 
-		for (int i = 0; i < m->nmap; i++)
+		for (int i = 0; i < tr->t.nmap; i++)
 		{
-			const dl_tensor_map *e = &m->map[i];
+			const dl_tensor_map *e = &tr->t.map[i];
 			size_t		at = e->offset / sizeof(float),
 						end = at + (size_t) e->shape[0] * (e->ndim == 2 ? e->shape[1] : 1),
 						local;
@@ -551,7 +556,7 @@ trainer_update(dl_trainer *tr, int64_t n_labels, int step, float *lr, float *gra
 			if (at >= end)
 				continue;
 			local = p[2] + (at - p[0]);
-			be->adamw_update(be, (float *) m->param_mem + at, tr->grads + (tr->stage == 2 ? local : at),
+			be->adamw_update(be, (float *) tr->t.mem + at, tr->grads + (tr->stage == 2 ? local : at),
 							 tr->adam_m + local, tr->adam_v + local, end - at, &h);
 		}
 	}
@@ -561,8 +566,8 @@ trainer_update(dl_trainer *tr, int64_t n_labels, int step, float *lr, float *gra
 		size_t		first,
 					count;
 
-		span_floats(m, s, &first, &count);
-		if ((st = group_all_gather(tr->group, be, (float *) m->param_mem + first, count, err)) != DL_OK)
+		span_floats(&tr->t, s, &first, &count);
+		if ((st = group_all_gather(tr->group, be, (float *) tr->t.mem + first, count, err)) != DL_OK)
 			return st;
 	}
 	return be->synchronize(be, err);

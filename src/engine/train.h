@@ -25,8 +25,11 @@
 
 #include "collective.h"
 #include "error.h"
+#include "files.h"
 #include "model.h"
 #include "tokenizer.h"
+
+struct dl_lora;
 
 /* One training example: tokens and where the loss starts. */
 typedef struct dl_example
@@ -89,14 +92,15 @@ void		train_defaults(dl_train_config *cfg);
 typedef struct dl_trainer dl_trainer;
 
 /*
- * A trainer for m: gradients, AdamW moments, activations for backward. With a group of
+ * A trainer for m, or with lora for that adapter of m (m frozen: no gradient or moment of
+ * its own): gradients, AdamW moments, activations for backward. With a group of
  * several ranks, ZeRO stage 0 (everything on every rank), 1 (moments of the rank's parts)
  * or 2 (moments and reduced gradients of its parts); alone, or group NULL, stage 0. At
  * stages 0 and 1 on the CPU, a group with peer buffers of the parameters' size gives the
  * trainer its gradient buffer (the others sum from it directly).
  */
-dl_status	trainer_create(dl_model *m, const dl_train_config *cfg, dl_group *group, int stage,
-						   dl_trainer **out, dl_error *err);
+dl_status	trainer_create(dl_model *m, const struct dl_lora *lora, const dl_train_config *cfg,
+						   dl_group *group, int stage, dl_trainer **out, dl_error *err);
 void		trainer_free(dl_trainer *tr);
 
 /* The ZeRO stage the trainer runs (0 when alone). */
@@ -106,7 +110,8 @@ int			trainer_stage(const dl_trainer *tr);
 size_t		trainer_state_bytes(const dl_trainer *tr);
 
 /* The floats trainer_create allocates for gradients and AdamW on each of nranks at stage. */
-size_t		trainer_state_floats(const dl_model *m, int nranks, int stage);
+size_t		trainer_state_floats(const dl_model *m, const struct dl_lora *lora, int nranks,
+								 int stage);
 
 /*
  * Forward and backward of a micro-batch of n examples: gradients of the SUM of the
@@ -174,6 +179,7 @@ typedef struct dl_finetune_opts
 	int			eval_every;		/* steps between evaluations; 0 = end of each epoch only */
 	uint64_t	seed;			/* shuffles the training examples every epoch */
 	dl_group   *group;			/* the ranks (nranks of them); NULL alone */
+	struct dl_lora *lora;		/* the adapter of m to train (lora.h); NULL: m itself */
 	int			zero_stage;		/* 0, 1, 2: see trainer_create */
 	int			comm_bf16;		/* the group stages gradients as bfloat16 (the caller sets it) */
 	dl_progress_fn progress;
@@ -196,7 +202,6 @@ dl_status	finetune_run(dl_model *m, const dl_example *train, int ntrain,
  * name starts with "."), and renamed when complete, so a crash never leaves a half-written
  * model under dir; what a crash leaves is found by that name. dir must not exist.
  */
-#define DL_SAVE_TMP_MARK ".tmp-"
 dl_status	model_save(const dl_model *m, const dl_tokenizer *tok, const char *base_config,
 					   const char *dir, dl_error *err);
 

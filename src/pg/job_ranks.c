@@ -399,16 +399,16 @@ dolly_dp_choose_stage(const dl_model *m, const dl_backend *be, int nranks, int w
 	{
 		/* a tenth kept for activations and the allocator */
 		for (stage = 0; stage < 2; stage++)
-			if (avail >= 0 && (double) trainer_state_floats(m, nranks, stage) * sizeof(float) <= 0.9 * avail)
+			if (avail >= 0 && (double) trainer_state_floats(m, NULL, nranks, stage) * sizeof(float) <= 0.9 * avail)
 				break;
-		why = stage < 2 || (avail >= 0 && (double) trainer_state_floats(m, nranks, 2) * sizeof(float) <= 0.9 * avail)
+		why = stage < 2 || (avail >= 0 && (double) trainer_state_floats(m, NULL, nranks, 2) * sizeof(float) <= 0.9 * avail)
 			? "the smallest stage that fits" : "nothing smaller fits";
 	}
 	elog(LOG, "dolly: fine-tuning job %lld: ZeRO stage %d (%s): gradients and AdamW state %.0f MB a rank "
 		 "(stage 0: %.0f MB), %.0f MB available a rank",
 		 (long long) job_id, stage, why,
-		 trainer_state_floats(m, nranks, stage) * sizeof(float) / 1048576.0,
-		 trainer_state_floats(m, nranks, 0) * sizeof(float) / 1048576.0,
+		 trainer_state_floats(m, NULL, nranks, stage) * sizeof(float) / 1048576.0,
+		 trainer_state_floats(m, NULL, nranks, 0) * sizeof(float) / 1048576.0,
 		 avail >= 0 ? avail / 1048576.0 : NAN);
 	return stage;
 }

@@ -573,7 +573,7 @@ cmd_bench_gemm(const options *o)
 	}
 	for (int r = 0; r < 3; r++)
 	{
-		dl_seq		s = {0, 0, M, ids, DL_LOGITS_LAST};
+		dl_seq		s = {0, 0, M, ids, DL_LOGITS_LAST, NULL};
 		double		t0 = sys_now_s();
 
 		if (dl_model_forward(m, c, &s, 1, lg, &err) != DL_OK)
@@ -675,7 +675,7 @@ cmd_logits(const options *o)
 		goto done;
 	}
 	{
-		dl_seq		s = {0, 0, n, ids, DL_LOGITS_ALL};
+		dl_seq		s = {0, 0, n, ids, DL_LOGITS_ALL, NULL};
 		st_write_tensor t[2] = {
 			{"ids", ST_I32, 1, {n}, ids},
 			{"logits", ST_F32, 2, {n, m->cfg.vocab_size}, lg},

@@ -282,7 +282,7 @@ TEST(generate_sampling_is_seeded_per_sequence)
 		float	   *lg = malloc(V * sizeof(float)),
 				   *scratch = malloc(2 * V * sizeof(float));
 		int32_t    *iscratch = malloc(V * sizeof(int32_t));
-		dl_seq		s = {0, 0, r.n_prompt, r.prompt, DL_LOGITS_LAST};
+		dl_seq		s = {0, 0, r.n_prompt, r.prompt, DL_LOGITS_LAST, NULL};
 		dl_kv_cache *hc;
 		dl_rng		rng;
 
@@ -292,7 +292,7 @@ TEST(generate_sampling_is_seeded_per_sequence)
 		{
 			CHECK_OK(dl_model_forward(f.m, hc, &s, 1, lg, &err), &err);
 			CHECK(sample_token(lg, V, &r.sampling, &rng, scratch, iscratch) == first[k]);
-			s = (dl_seq) {0, s.pos + s.n_tokens, 1, &first[k], DL_LOGITS_LAST};
+			s = (dl_seq) {0, s.pos + s.n_tokens, 1, &first[k], DL_LOGITS_LAST, NULL};
 		}
 		dl_kv_cache_free(hc);
 		free(lg), free(scratch), free(iscratch);

@@ -196,7 +196,7 @@ check_logits(const char *name, int bf16, int *failed_)
 	for (int i = 0; i < f.nprompt && ok; i++)
 	{
 		int			T = f.ids[i]->numel;
-		dl_seq		s = {i, 0, T, ids[i], DL_LOGITS_ALL};
+		dl_seq		s = {i, 0, T, ids[i], DL_LOGITS_ALL, NULL};
 
 		st = dl_model_forward(f.m, c, &s, 1, ours, &err);
 		ok = st == DL_OK && logits_close("alone", f.logits[i], ours, (size_t) T * V,
@@ -214,7 +214,7 @@ check_logits(const char *name, int bf16, int *failed_)
 		size_t		at = 0;
 
 		for (int i = 0; i < f.nprompt; i++)
-			seqs[i] = (dl_seq) {f.nprompt - 1 - i, 0, f.ids[i]->numel, ids[i], DL_LOGITS_ALL};
+			seqs[i] = (dl_seq) {f.nprompt - 1 - i, 0, f.ids[i]->numel, ids[i], DL_LOGITS_ALL, NULL};
 		st = dl_model_forward(f.m, c, seqs, f.nprompt, ours, &err);
 		CHECKF(st == DL_OK, "%s", err.msg);
 		for (int i = 0; i < f.nprompt && ok; i++)
@@ -235,7 +235,7 @@ check_logits(const char *name, int bf16, int *failed_)
 		for (int i = 0; i < f.nprompt; i++)
 		{
 			int			half = f.ids[i]->numel / 2;
-			dl_seq		s = {i, 0, half, ids[i], DL_LOGITS_NONE};
+			dl_seq		s = {i, 0, half, ids[i], DL_LOGITS_NONE, NULL};
 
 			if (half > 0)
 				CHECK_OK(dl_model_forward(f.m, c, &s, 1, NULL, &err), &err);
@@ -252,7 +252,7 @@ check_logits(const char *name, int bf16, int *failed_)
 
 				if (p < f.ids[i]->numel)
 				{
-					seqs[n] = (dl_seq) {i, p, 1, ids[i] + p, DL_LOGITS_LAST};
+					seqs[n] = (dl_seq) {i, p, 1, ids[i] + p, DL_LOGITS_LAST, NULL};
 					which[n++] = i;
 				}
 			}
@@ -484,12 +484,12 @@ TEST(model_forward_rejects_bad_batches)
 	CHECK_OK(dl_kv_cache_create(f.m, 2, 8, 4, &c, &err), &err);
 	lg = malloc((size_t) 4 * f.m->cfg.vocab_size * sizeof(float));
 	{
-		dl_seq		two_same[2] = {{0, 0, 1, ids, DL_LOGITS_LAST}, {0, 0, 1, ids, DL_LOGITS_LAST}};
-		dl_seq		too_far = {1, 6, 3, ids, DL_LOGITS_LAST};
-		dl_seq		too_many = {1, 0, 5, ids, DL_LOGITS_LAST};
-		dl_seq		bad_id = {0, 0, 1, &bad, DL_LOGITS_LAST};
-		dl_seq		bad_slot = {2, 0, 1, ids, DL_LOGITS_LAST};
-		dl_seq		empty = {0, 0, 0, ids, DL_LOGITS_LAST};
+		dl_seq		two_same[2] = {{0, 0, 1, ids, DL_LOGITS_LAST, NULL}, {0, 0, 1, ids, DL_LOGITS_LAST, NULL}};
+		dl_seq		too_far = {1, 6, 3, ids, DL_LOGITS_LAST, NULL};
+		dl_seq		too_many = {1, 0, 5, ids, DL_LOGITS_LAST, NULL};
+		dl_seq		bad_id = {0, 0, 1, &bad, DL_LOGITS_LAST, NULL};
+		dl_seq		bad_slot = {2, 0, 1, ids, DL_LOGITS_LAST, NULL};
+		dl_seq		empty = {0, 0, 0, ids, DL_LOGITS_LAST, NULL};
 
 		CHECK(dl_model_forward(f.m, c, two_same, 2, lg, &err) == DL_EINVAL && strstr(err.msg, "twice"));
 		CHECK(dl_model_forward(f.m, c, &too_far, 1, lg, &err) == DL_EINVAL && strstr(err.msg, "context"));

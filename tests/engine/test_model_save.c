@@ -63,7 +63,7 @@ logits_of(dl_model *m, const int32_t *ids, int n)
 {
 	dl_kv_cache *c = NULL;
 	float	   *lg = malloc((size_t) n * m->cfg.vocab_size * sizeof(float));
-	dl_seq		s = {0, 0, n, ids, DL_LOGITS_ALL};
+	dl_seq		s = {0, 0, n, ids, DL_LOGITS_ALL, NULL};
 	dl_error	err;
 
 	if (lg == NULL || dl_kv_cache_create(m, 1, n, n, &c, &err) != DL_OK ||

@@ -111,13 +111,13 @@ TEST(train_two_ranks_and_micro_batches_equal_one_batch)
 			cfg.warmup_steps = 0;
 			cfg.eps = 1.0f;
 			cfg.max_grad_norm = 0.0f;
-			st = trainer_create(f.m, &cfg, NULL, 0, &whole, &err);
+			st = trainer_create(f.m, NULL, &cfg, NULL, 0, &whole, &err);
 		}
 		for (int r = 0; r < 3 && st == DL_OK; r++)
 		{
 			st = dl_model_load(fixture_path(names[k]), f.be, &mod[r], &err);
 			if (st == DL_OK)
-				st = trainer_create(mod[r], &cfg, NULL, 0, &tr[r], &err);
+				st = trainer_create(mod[r], NULL, &cfg, NULL, 0, &tr[r], &err);
 		}
 		for (int step = 0; step < 2 && st == DL_OK; step++)
 		{
@@ -222,10 +222,10 @@ TEST(train_tied_embeddings_sum_both_uses)
 		tied->p.lm_head = tied->p.wte;
 		tied->cfg.tie_embeddings = true;
 		fixture_config(&f, &cfg);
-		st = trainer_create(f.m, &cfg, NULL, 0, &tu, &err);
+		st = trainer_create(f.m, NULL, &cfg, NULL, 0, &tu, &err);
 	}
 	if (st == DL_OK)
-		st = trainer_create(tied, &cfg, NULL, 0, &tt, &err);
+		st = trainer_create(tied, NULL, &cfg, NULL, 0, &tt, &err);
 	if (st == DL_OK)
 		st = trainer_backward(tu, f.ex, f.n, &lu, &nu, &err);
 	if (st == DL_OK)
@@ -276,7 +276,7 @@ TEST(train_eval_matches_backward_loss)
 	if (st == DL_OK)
 	{
 		fixture_config(&f, &cfg);
-		st = trainer_create(f.m, &cfg, NULL, 0, &tr, &err);
+		st = trainer_create(f.m, NULL, &cfg, NULL, 0, &tr, &err);
 	}
 	if (st == DL_OK)
 		st = trainer_eval(tr, f.ex, f.n, &le, &ne, &err);
@@ -348,7 +348,7 @@ check_checkpoint(const char *name, int *failed_)
 		SKIP("fixture %s/train_expected.safetensors absent", name);
 	for (int c = 0; c < 2 && st == DL_OK; c++)
 	{
-		st = dl_train_acts_create(f.m, f.tokens, f.m->cfg.max_pos, c, &acts[c], &err);
+		st = dl_train_acts_create(f.m, NULL, f.tokens, f.m->cfg.max_pos, c, &acts[c], &err);
 		if (st == DL_OK)
 			bytes[c] = dl_train_acts_bytes(acts[c]);
 	}
@@ -360,11 +360,11 @@ check_checkpoint(const char *name, int *failed_)
 	if (st == DL_OK)
 	{
 		fixture_config(&f, &cfg);
-		st = trainer_create(f.m, &cfg, NULL, 0, &plain, &err);
+		st = trainer_create(f.m, NULL, &cfg, NULL, 0, &plain, &err);
 		cfg.checkpoint = 1;
 	}
 	if (st == DL_OK)
-		st = trainer_create(mc, &cfg, NULL, 0, &ckpt, &err);
+		st = trainer_create(mc, NULL, &cfg, NULL, 0, &ckpt, &err);
 	for (step = 0; step < 2 && st == DL_OK; step++)
 	{
 		double		lp,
@@ -455,7 +455,7 @@ TEST(train_acts_out_of_memory_suggests_checkpointing)
 	f.be->alloc = alloc_nothing;
 	for (int c = 0; c < 2; c++)
 	{
-		if (dl_train_acts_create(f.m, 1 << 20, f.m->cfg.max_pos, c, &a, &err) != DL_ENOMEM)
+		if (dl_train_acts_create(f.m, NULL, 1 << 20, f.m->cfg.max_pos, c, &a, &err) != DL_ENOMEM)
 			st = DL_EINVAL;
 		snprintf(hint[c], sizeof(hint[c]), "%s", err.hint);
 	}
@@ -485,7 +485,7 @@ TEST(train_schedule_warmup_then_constant_or_linear)
 		cfg.warmup_steps = 4;
 		cfg.total_steps = 10;
 		cfg.linear_decay = decay;
-		st = trainer_create(f.m, &cfg, NULL, 0, &tr, &err);
+		st = trainer_create(f.m, NULL, &cfg, NULL, 0, &tr, &err);
 		for (int s = 0; s < 13 && st == DL_OK; s++)
 		{
 			float		lr,
@@ -538,7 +538,7 @@ TEST(train_rejects_bad_input)
 	fixture_config(&f, &cfg);
 	cfg.max_tokens = 12;
 	cfg.max_length = 10;
-	st = trainer_create(f.m, &cfg, NULL, 0, &tr, &err);
+	st = trainer_create(f.m, NULL, &cfg, NULL, 0, &tr, &err);
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]) && st == DL_OK; i++)
 	{
 		dl_example	e = {ids, bad[i].n, bad[i].first};
@@ -575,7 +575,7 @@ TEST(train_rejects_bad_input)
 	if (st == DL_OK)
 	{
 		cfg.max_length = f.m->cfg.max_pos + 1;
-		if (trainer_create(f.m, &cfg, NULL, 0, &tr, &err) != DL_EINVAL || !strstr(err.msg, "positions"))
+		if (trainer_create(f.m, NULL, &cfg, NULL, 0, &tr, &err) != DL_EINVAL || !strstr(err.msg, "positions"))
 			st = dl_fail(&err, DL_EINVAL, "max_length over the model's positions was not refused");
 		trainer_free(tr);
 		tr = NULL;
@@ -584,7 +584,7 @@ TEST(train_rejects_bad_input)
 	{
 		cfg.max_length = 10;
 		cfg.lr = -1.0f;
-		if (trainer_create(f.m, &cfg, NULL, 0, &tr, &err) != DL_EINVAL || !strstr(err.msg, "learning rate"))
+		if (trainer_create(f.m, NULL, &cfg, NULL, 0, &tr, &err) != DL_EINVAL || !strstr(err.msg, "learning rate"))
 			st = dl_fail(&err, DL_EINVAL, "a negative learning rate was not refused");
 		trainer_free(tr);
 	}

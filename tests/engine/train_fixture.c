@@ -50,6 +50,7 @@ train_close(train_fixture *f)
 	for (int i = 0; i < f->n; i++)
 		free(f->ex[i].ids);
 	st_close(f->exp);
+	dl_lora_free(f->lora);
 	dl_model_free(f->m);
 	if (f->owns_be)
 		f->be->destroy(f->be);
@@ -62,6 +63,8 @@ train_open_on(const char *name, dl_backend *be, train_fixture *f, dl_error *err,
 	char		dir[4096],
 				key[64];
 
+	char	   *slash;
+
 	memset(f, 0, sizeof(*f));
 	*st = DL_OK;
 	snprintf(dir, sizeof(dir), "%s", fixture_path(name));
@@ -70,8 +73,14 @@ train_open_on(const char *name, dl_backend *be, train_fixture *f, dl_error *err,
 		return 0;
 	f->be = be;
 	*st = st_open_file(fixture_path(key), &f->exp, err);
+	/* an adapter's directory lies in its base model's */
+	slash = strrchr(dir, '/');
+	if (strstr(name, "/lora-"))
+		*slash = '\0';
 	if (*st == DL_OK)
 		*st = dl_model_load(dir, f->be, &f->m, err);
+	if (*st == DL_OK && strstr(name, "/lora-"))
+		*st = dl_lora_load(f->m, fixture_path(name), &f->lora, err);
 	for (int i = 0; *st == DL_OK && i < MAX_EXAMPLES; i++)
 	{
 		const st_tensor *t;
@@ -123,7 +132,7 @@ fixture_config(const train_fixture *f, dl_train_config *cfg)
 
 /*
  * Compare our summed gradients (divided by the label count) with torch's, tensor by
- * tensor through the model's map; NeoX's fused qkv rows go through
+ * tensor through the trained map (the model's or the adapter's); NeoX's fused qkv rows go through
  * model_neox_qkv_hf_row. Returns the number of tensors out of tolerance (printing them);
  * *worst gets the largest difference relative to its tensor's largest torch gradient.
  */
@@ -132,13 +141,14 @@ compare_grads(const train_fixture *f, const float *grads, int64_t n_labels, doub
 			  int *checked, double *worst)
 {
 	const dl_config *c = &f->m->cfg;
+	dl_trained	t = f->lora ? dl_lora_trained(f->lora) : dl_model_trained(f->m);
 	int			bad = 0;
 
 	*checked = 0;
 	*worst = 0;
-	for (int i = 0; i < f->m->nmap; i++)
+	for (int i = 0; i < t.nmap; i++)
 	{
-		const dl_tensor_map *e = &f->m->map[i];
+		const dl_tensor_map *e = &t.map[i];
 		char		key[160];
 		int64_t		numel = 0,
 					rows = e->shape[0],
@@ -216,7 +226,7 @@ train_check_grads(const char *name, dl_backend *be, const train_tol *tol, int *f
 	if (st == DL_OK)
 	{
 		fixture_config(&f, &cfg);
-		st = trainer_create(f.m, &cfg, NULL, 0, &tr, &err);
+		st = trainer_create(f.m, f.lora, &cfg, NULL, 0, &tr, &err);
 	}
 	if (st == DL_OK)
 		st = trainer_backward(tr, f.ex, f.n, &loss_sum, &n_labels, &err);
@@ -232,7 +242,7 @@ train_check_grads(const char *name, dl_backend *be, const train_tol *tol, int *f
 	free(grads);
 	want = exp_f32(&f, "loss", NULL);
 	want_labels = exp_i32(&f, "n_labels", 0);
-	nmap = f.m ? f.m->nmap : 0;
+	nmap = f.lora ? f.lora->nmap : f.m ? f.m->nmap : 0;
 	trainer_free(tr);
 	train_close(&f);
 	CHECK_OK(st, &err);
@@ -281,7 +291,7 @@ train_check_steps(const char *name, dl_backend *be, const train_tol *tol, int *f
 	if (st == DL_OK)
 	{
 		fixture_config(&f, &cfg);
-		st = trainer_create(f.m, &cfg, NULL, 0, &tr, &err);
+		st = trainer_create(f.m, f.lora, &cfg, NULL, 0, &tr, &err);
 	}
 	for (int s = 0; st == DL_OK && s < steps; s++)
 	{

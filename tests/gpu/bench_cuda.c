@@ -153,7 +153,7 @@ run(dl_model *m, dl_kv_cache *c, int32_t **prompts, const int *lens, int n, int 
 
 	for (int i = 0; i < n; i++)
 	{
-		seqs[i] = (dl_seq) {i, 0, lens[i], prompts[i], DL_LOGITS_LAST};
+		seqs[i] = (dl_seq) {i, 0, lens[i], prompts[i], DL_LOGITS_LAST, NULL};
 		rows[i] = (dl_sample_row) {{0, 1.0f, 0, 1.0f}, 0.0};
 	}
 	t0 = sys_now_s();
@@ -164,7 +164,7 @@ run(dl_model *m, dl_kv_cache *c, int32_t **prompts, const int *lens, int n, int 
 	for (int step = 0; step < gen; step++)
 	{
 		for (int i = 0; i < n; i++)
-			seqs[i] = (dl_seq) {i, lens[i] + step, 1, &next[i], DL_LOGITS_LAST};
+			seqs[i] = (dl_seq) {i, lens[i] + step, 1, &next[i], DL_LOGITS_LAST, NULL};
 		if (out)
 			out[step] = next[0];
 		if (step == gen - 1)

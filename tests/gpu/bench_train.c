@@ -136,7 +136,7 @@ main(int argc, char **argv)
 	cfg.max_tokens = batch * seq;
 	cfg.max_length = seq;
 	cfg.checkpoint = checkpoint;
-	if (trainer_create(m, &cfg, NULL, 0, &tr, &err) != DL_OK)
+	if (trainer_create(m, NULL, &cfg, NULL, 0, &tr, &err) != DL_OK)
 		die("trainer", &err);
 
 	/* two warm-up steps (cuBLAS picks its kernels, the scratch buffers grow), then the timed ones */

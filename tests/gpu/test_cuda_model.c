@@ -178,7 +178,7 @@ check_model(const char *name, int *failed_)
 		{
 			int			T = (int) x.ids[i]->numel;
 			float	   *ours = malloc((size_t) T * m->cfg.vocab_size * sizeof(float));
-			dl_seq		s = {0, 0, T, (const int32_t *) x.ids[i]->data, DL_LOGITS_ALL};
+			dl_seq		s = {0, 0, T, (const int32_t *) x.ids[i]->data, DL_LOGITS_ALL, NULL};
 			double		diff = INFINITY,
 						big = 0,
 						tol;
@@ -275,7 +275,7 @@ check_training(const char *name, int *failed_)
 			SKIP("fixture %s/train_expected.safetensors absent", name);
 		CHECK_OK(st, &err);
 		fixture_config(&f, &cfg);
-		st = trainer_create(f.m, &cfg, NULL, 0, &tr, &err);
+		st = trainer_create(f.m, NULL, &cfg, NULL, 0, &tr, &err);
 		trainer_free(tr);
 		train_close(&f);
 		printf("  %-14s %-14s training refused: %s (%s)\n", name, tb[b].label, err.msg, err.hint);

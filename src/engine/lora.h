@@ -1,0 +1,110 @@
+/*
+ * lora.h: low-rank adapters (LoRA, Hu et al. 2021) of a GPT-J or GPT-NeoX model, as PEFT
+ * makes and stores them: an adapter adds scale * B (A x) to chosen products of every
+ * layer (the target modules), with A [r, in] and B [out, r] float32 and scale = alpha / r
+ * (alpha / sqrt(r) with rsLoRA). The base model is not copied: one loaded model serves
+ * any number of adapters, each sequence of a batch with its own (dl_seq.lora), and
+ * fine-tuning trains an adapter's few parameters over a frozen model.
+ *
+ * An adapter directory is PEFT's: adapter_config.json (r, lora_alpha, lora_dropout,
+ * target_modules, base_model_name_or_path, ...) and adapter_model.safetensors, whose
+ * tensors are named "base_model.model.<module path>.lora_A.weight" and ".lora_B.weight".
+ * All of an adapter's matrices live in one allocation, layer by layer, so that its
+ * gradients, like a model's, are one buffer cut into model.h's spans.
+ */
+#ifndef DOLLY_LORA_H
+#define DOLLY_LORA_H
+
+#include "model.h"
+
+#define DL_LORA_MAX_RANK 256
+#define DL_LORA_MAX_TARGETS 6	/* GPT-J's q, k, v, out, fc_in, fc_out */
+
+/* The products of a layer an adapter can add to. */
+typedef enum dl_lora_product
+{
+	DL_LORA_QKV,				/* qkv = ln1 Wqkv^T: q, k, v (GPT-J) or query_key_value */
+	DL_LORA_PROJ,				/* the attention's output projection */
+	DL_LORA_FC_IN,				/* the MLP's first product */
+	DL_LORA_FC_OUT				/* the MLP's second product */
+} dl_lora_product;
+
+/* One target module: which product, and which of its output columns it adds to. */
+typedef struct dl_lora_target
+{
+	char		module[32];		/* PEFT's name: "q_proj", "query_key_value", "fc_in", ... */
+	dl_lora_product product;
+	int			col0;			/* first output column of the product it adds to */
+	int			n_out;			/* B's rows */
+	int			n_in;			/* A's columns */
+	dl_rowmap	rowmap;			/* of B's rows: NeoX's query_key_value is re-laid as the model's */
+} dl_lora_target;
+
+/* What a fresh adapter is made of (dl_lora_create); PEFT's LoraConfig. */
+typedef struct dl_lora_config
+{
+	int			r;
+	float		alpha;
+	float		dropout;
+	char		targets[DL_LORA_MAX_TARGETS][32];	/* PEFT module names; none: PEFT's default */
+	int			ntargets;
+} dl_lora_config;
+
+typedef struct dl_lora
+{
+	const dl_model *model;		/* the base it adapts (not owned) */
+	int			r;
+	float		alpha;
+	float		scale;
+	float		dropout;		/* training only */
+	int			rslora;			/* scale = alpha / sqrt(r) */
+	int			ntargets;
+	dl_lora_target targets[DL_LORA_MAX_TARGETS];
+	char		base_name[1024];	/* base_model_name_or_path */
+	void	   *mem;			/* device, float32: every layer's A and B, layer by layer */
+	size_t		bytes;
+	dl_tensor_map *map;			/* PEFT's names, per layer and target: A then B */
+	int			nmap;
+	size_t	   *spans;			/* [2 * DL_GRAD_SPANS]: only the layers' spans hold anything */
+} dl_lora;
+
+/* Defaults: r 8, alpha 16, dropout 0.05, PEFT's default targets for the architecture. */
+void		lora_defaults(dl_lora_config *cfg);
+
+/*
+ * A fresh adapter of m: A as PEFT initialises it (kaiming-uniform: uniform in
+ * +-1/sqrt(in)), from seed; B zero, so the adapted model starts as the base. Unknown
+ * targets, ranks out of 1 .. DL_LORA_MAX_RANK and dropout outside [0, 1) are DL_EINVAL.
+ */
+dl_status	dl_lora_create(const dl_model *m, const dl_lora_config *cfg, uint64_t seed,
+						   dl_lora **out, dl_error *err);
+
+/*
+ * Load PEFT adapter directory dir onto m's backend, for m. A LoRA of other shapes (another
+ * base), another PEFT type, or what we do not compute (DoRA, biases, per-module ranks) is
+ * an error that says so.
+ */
+dl_status	dl_lora_load(const dl_model *m, const char *dir, dl_lora **out, dl_error *err);
+
+/*
+ * Save as a PEFT adapter directory dir (which must not exist; written aside and renamed,
+ * as model_save): adapter_config.json naming base_name, adapter_model.safetensors.
+ */
+dl_status	dl_lora_save(const dl_lora *a, const char *base_name, const char *dir, dl_error *err);
+
+/* Free; NULL is accepted. */
+void		dl_lora_free(dl_lora *a);
+
+/* Parameters of the adapter. */
+int64_t		dl_lora_param_count(const dl_lora *a);
+
+/* The adapter's parameters as what a training pass updates. */
+dl_trained	dl_lora_trained(const dl_lora *a);
+
+/*
+ * The matrices of target i of layer l; with grads (the open gradient spans, laid out like
+ * the adapter), the gradients too.
+ */
+dl_lora_mats lora_mats(const dl_lora *a, int l, int i, float *const *grads);
+
+#endif
