@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""check_saved_model.py: transformers loads the model directories dolly saves, and computes
-the same logits as our engine.
+"""check_saved_model.py: transformers (and PEFT) load the model (and adapter) directories
+dolly saves, and compute the same logits as our engine.
 
     python3 tests/check_saved_model.py [--cli build/dolly-cli] [MODEL_DIR ...]
 
@@ -13,10 +13,13 @@ engine's own tests hold it to that bound against transformers on the fixtures).
 Without directories it makes its own in a temporary directory, covering every path of
 model_save: from a base tokenizer without Dolly's tokens (the fixture's, with them taken
 out), `dolly-cli init` for GPT-NeoX (untied) and GPT-J (tied), so both grow their tables
-for the three tokens; then `dolly-cli train` for a few steps on each, saving again.
+for the three tokens; then `dolly-cli train` for a few steps on each, saving again; then
+`dolly-cli train --lora` over each fine-tuned model, every linear module targeted, saving
+a PEFT adapter, which PeftModel.from_pretrained loads over its base (the directory
+adapter_config.json names) to give `dolly-cli logits --adapter`'s logits.
 
-Needs torch and transformers (tests/requirements-fixtures.txt); CI has neither, so the C
-test test_model_save.c covers save / reload / identical logits there.
+Needs torch, transformers and peft (tests/requirements-fixtures.txt); CI has none of them,
+so the C tests test_model_save.c and test_lora.c cover save / reload / identical logits there.
 """
 import argparse
 import json
@@ -25,12 +28,15 @@ import subprocess
 import sys
 import tempfile
 
+import peft
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOLLY_KEYS = ["### End", "### Instruction:", "### Response:\n"]
+ALL_MODULES = {"gpt_neox": "query_key_value,dense,dense_h_to_4h,dense_4h_to_h",
+               "gptj": "q_proj,k_proj,v_proj,out_proj,fc_in,fc_out"}
 TEXT = ("Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:\n5\n\n### End")
 TOL = 1e-4
@@ -69,15 +75,24 @@ def make_models(cli, work):
              "--context", "256", "--tokenizer", tok, "--seed", "3", "--out", init] + extra)
         run([cli, "train", "--model", init, "--data", data, "--out", tuned, "--epochs", "1",
              "--batch-size", "8", "--lr", "1e-3", "--warmup", "0", "--threads", "2"])
-        dirs += [init, tuned]
+        adapter = os.path.join(work, f"{arch}-lora")
+        run([cli, "train", "--model", tuned, "--data", data, "--out", adapter, "--epochs", "2",
+             "--batch-size", "8", "--lr", "1e-2", "--warmup", "0", "--threads", "2", "--lora",
+             "--lora-rank", "4", "--lora-targets", ALL_MODULES[arch]])
+        dirs += [init, tuned, adapter]
     return dirs
 
 
-def check(cli, model_dir, work):
-    """Load model_dir with transformers and compare with the engine; returns a list of problems."""
+def check(cli, path, work):
+    """Load a model directory with transformers, or an adapter directory with PEFT over its
+    base, and compare with the engine; returns a list of problems."""
     problems = []
-    ours_path = os.path.join(work, os.path.basename(model_dir.rstrip("/")) + "-logits.safetensors")
-    run([cli, "logits", "--model", model_dir, "--out", ours_path, "--threads", "2", TEXT])
+    adapter = os.path.exists(os.path.join(path, "adapter_config.json"))
+    with open(os.path.join(path, "adapter_config.json")) if adapter else open(os.devnull) as f:
+        model_dir = json.load(f)["base_model_name_or_path"] if adapter else path
+    ours_path = os.path.join(work, os.path.basename(path.rstrip("/")) + "-logits.safetensors")
+    run([cli, "logits", "--model", model_dir, "--out", ours_path, "--threads", "2", TEXT] +
+        (["--adapter", path] if adapter else []))
     ours = load_file(ours_path)
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -96,6 +111,14 @@ def check(cli, model_dir, work):
     if model.config.tie_word_embeddings and (
             model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()):
         problems.append("tied model: output layer is not the input embedding")
+    if adapter:
+        with torch.no_grad():
+            base_logits = model.eval()(ids).logits[0].float()
+        model = peft.PeftModel.from_pretrained(model, path)
+        moved = (base_logits - ours["logits"]).abs().max().item()
+        print(f"  the adapter moves the base's logits by up to {moved:.3g}")
+        if not moved > 1e-3:
+            problems.append("the adapter leaves the base's logits as they were: nothing was trained")
     model.eval()
     with torch.no_grad():
         logits = model(ids).logits[0].float()
@@ -103,7 +126,7 @@ def check(cli, model_dir, work):
         problems.append(f"logits shape {tuple(logits.shape)}, ours {tuple(ours['logits'].shape)}")
     else:
         diff = (logits - ours["logits"]).abs().max().item()
-        print(f"  {model_dir}: {model.config.model_type}, vocabulary {logits.shape[1]}, "
+        print(f"  {path}: {model.config.model_type}{' + LoRA' if adapter else ''}, vocabulary {logits.shape[1]}, "
               f"tied {model.config.tie_word_embeddings}, {ids.shape[1]} tokens, "
               f"max |logits - ours| = {diff:.3g} (|logits| up to {logits.abs().max().item():.3g})")
         if not diff <= TOL:

@@ -25,6 +25,7 @@ typedef struct gen_seq
 	dl_sampling sampling;
 	dl_rng		rng;
 	dl_finish	finish;
+	const struct dl_lora *lora;
 } gen_seq;
 
 struct dl_generator
@@ -132,6 +133,7 @@ gen_add(dl_generator *g, const dl_gen_request *req, int *id, dl_error *err)
 	s->sampling = req->sampling;
 	rng_seed(&s->rng, req->seed);
 	s->finish = DL_FINISH_NONE;
+	s->lora = req->lora;
 	*id = slot;
 	return DL_OK;
 }
@@ -166,11 +168,23 @@ gen_step(dl_generator *g, dl_error *err)
 
 		if (s->used && s->finish == DL_FINISH_NONE && s->n_gen > 0)
 		{
-			g->batch[n] = (dl_seq) {i, s->n_cached, 1, s->tokens + s->n_cached, DL_LOGITS_LAST, NULL};
+			g->batch[n] = (dl_seq) {i, s->n_cached, 1, s->tokens + s->n_cached, DL_LOGITS_LAST, s->lora};
 			g->batch_seq[n++] = i;
 			budget--;
 		}
 	}
+	/* decoders of one adapter side by side: one low-rank product per adapter (model.h) */
+	for (int k = 1; k < n; k++)
+		for (int j = k; j > 0 && (uintptr_t) g->batch[j - 1].lora > (uintptr_t) g->batch[j].lora; j--)
+		{
+			dl_seq		t = g->batch[j];
+			int			ts = g->batch_seq[j];
+
+			g->batch[j] = g->batch[j - 1];
+			g->batch_seq[j] = g->batch_seq[j - 1];
+			g->batch[j - 1] = t;
+			g->batch_seq[j - 1] = ts;
+		}
 	/* waiting prompts, oldest first, a chunk each while the budget lasts */
 	while (budget > 0)
 	{
@@ -191,7 +205,7 @@ gen_step(dl_generator *g, dl_error *err)
 			int			len = s->n_prompt - s->n_cached < budget ? s->n_prompt - s->n_cached : budget;
 
 			g->batch[n] = (dl_seq) {next, s->n_cached, len, s->tokens + s->n_cached,
-			s->n_cached + len == s->n_prompt ? DL_LOGITS_LAST : DL_LOGITS_NONE, NULL};
+			s->n_cached + len == s->n_prompt ? DL_LOGITS_LAST : DL_LOGITS_NONE, s->lora};
 			g->batch_seq[n++] = next;
 			budget -= len;
 			after = s->order + 1;

@@ -41,6 +41,7 @@ typedef struct dl_gen_request
 	int32_t		end_id;			/* stop after this token; -1: none */
 	dl_sampling sampling;
 	uint64_t	seed;			/* seeds the sequence's own RNG */
+	const struct dl_lora *lora;	/* its adapter (lora.h), alive until gen_remove; NULL: none */
 } dl_gen_request;
 
 typedef struct dl_generator dl_generator;

@@ -64,9 +64,13 @@ usage(FILE *f)
 			"  dolly-cli train --model DIR --data FILE.jsonl --out DIR [--device cpu|cuda[:N]] [--epochs 2]\n"
 			"                  [--lr 5e-6] [--batch-size 8] [--max-length N] [--max-tokens N] [--warmup 50]\n"
 			"                  [--seed 42] [--eval-fraction 0.05] [--threads N] [--checkpoint]\n"
+			"                  [--lora [--lora-rank 8] [--lora-alpha 16] [--lora-dropout 0.05]\n"
+			"                   [--lora-targets q_proj,v_proj]]\n"
 			"  dolly-cli logits --model DIR --out FILE.safetensors [--threads N] [--bf16] TEXT\n"
 			"  dolly-cli convert --model DIR --out DIR\n"
-			"  (--bf16: the CPU keeps the matrices in bfloat16, half the memory)\n");
+			"  (--bf16: the CPU keeps the matrices in bfloat16, half the memory;\n"
+			"   --adapter DIR: generate, logits and bench run a PEFT LoRA adapter of the model;\n"
+			"   bench takes up to 8, one per sequence in turn, and the model alone for one more)\n");
 }
 
 int
@@ -125,6 +129,7 @@ parse_options(int argc, char **argv, options *o)
 		/* Dolly v2's recipe where it does not depend on the model's size */
 		.epochs = 2, .lr = -1, .batch_size = 8, .warmup = -1, .eval_fraction = 0.05f
 	};
+	lora_defaults(&o->lora_cfg);
 	for (int i = 2; i < argc; i++)
 	{
 		const char *a = argv[i];
@@ -154,6 +159,11 @@ parse_options(int argc, char **argv, options *o)
 		if (strcmp(a, "--bf16") == 0)
 		{
 			o->bf16 = 1;
+			continue;
+		}
+		if (strcmp(a, "--lora") == 0)
+		{
+			o->lora = 1;
 			continue;
 		}
 		if (strncmp(a, "--", 2) != 0)
@@ -240,6 +250,37 @@ parse_options(int argc, char **argv, options *o)
 			bad = parse_long(a, val, 0, 100000000, &v), o->warmup = (int) v;
 		else if (strcmp(a, "--eval-fraction") == 0)
 			bad = parse_float(a, val, &o->eval_fraction);
+		else if (strcmp(a, "--adapter") == 0)
+		{
+			if (o->nadapters == 8)
+			{
+				fprintf(stderr, "dolly-cli: at most 8 adapters\n");
+				return 1;
+			}
+			o->adapters[o->nadapters++] = val;
+		}
+		else if (strcmp(a, "--lora-rank") == 0)
+			bad = parse_long(a, val, 1, DL_LORA_MAX_RANK, &v), o->lora_cfg.r = (int) v;
+		else if (strcmp(a, "--lora-alpha") == 0)
+			bad = parse_float(a, val, &o->lora_cfg.alpha);
+		else if (strcmp(a, "--lora-dropout") == 0)
+			bad = parse_float(a, val, &o->lora_cfg.dropout);
+		else if (strcmp(a, "--lora-targets") == 0)
+		{
+			char		list[256],
+					   *save = NULL;
+
+			snprintf(list, sizeof(list), "%s", val);
+			o->lora_cfg.ntargets = 0;
+			for (char *t = strtok_r(list, ",", &save); t && !bad; t = strtok_r(NULL, ",", &save))
+				if (o->lora_cfg.ntargets == DL_LORA_MAX_TARGETS)
+				{
+					fprintf(stderr, "dolly-cli: --lora-targets takes at most %d modules\n", DL_LORA_MAX_TARGETS);
+					bad = 1;
+				}
+				else
+					snprintf(o->lora_cfg.targets[o->lora_cfg.ntargets++], 32, "%s", t);
+		}
 		else
 		{
 			fprintf(stderr, "dolly-cli: unknown option \"%s\"\n", a);
@@ -294,6 +335,19 @@ load(const options *o, dl_cuda_mode mode, dl_backend **be, dl_model **m, dl_erro
 	return 0;
 }
 
+int
+load_adapters(const options *o, const dl_model *m, dl_lora **out, dl_error *err)
+{
+	for (int i = 0; i < o->nadapters; i++)
+		if (dl_lora_load(m, o->adapters[i], &out[i], err) != DL_OK)
+		{
+			while (i-- > 0)
+				dl_lora_free(out[i]);
+			return report(err);
+		}
+	return 0;
+}
+
 /* generate: one instruction through Dolly's pipeline (or --raw, a continuation), on stdout. */
 static int
 cmd_generate(const options *o)
@@ -305,6 +359,7 @@ cmd_generate(const options *o)
 	dl_generator *g = NULL;
 	char	   *answer = NULL;
 	int32_t    *ids = NULL;
+	dl_lora    *lora[8] = {NULL};
 	int			n_ids,
 				n_gen,
 				id,
@@ -333,7 +388,10 @@ cmd_generate(const options *o)
 		goto done;
 	}
 	loaded(o, p->model, t0);
-	req = (dl_gen_request) {ids, n_ids, o->max_new, pipeline_stop_id(p, o->raw), o->sampling, o->seed};
+	if (load_adapters(o, p->model, lora, &err))
+		goto done;
+	req = (dl_gen_request) {ids, n_ids, o->max_new, pipeline_stop_id(p, o->raw), o->sampling, o->seed,
+	lora[0]};
 	/* a cache just long enough; a prompt beyond the model's context fails in gen_add */
 	if (dl_kv_cache_create(p->model, 1, n_ids + o->max_new < p->model->cfg.max_pos ? n_ids + o->max_new : p->model->cfg.max_pos,
 						   512, &c, &err) != DL_OK ||
@@ -375,6 +433,8 @@ done:
 	free(ids);
 	gen_free(g);
 	dl_kv_cache_free(c);
+	for (int i = 0; i < o->nadapters; i++)
+		dl_lora_free(lora[i]);
 	pipeline_close(p);
 	if (be)
 		be->destroy(be);
@@ -402,6 +462,7 @@ cmd_bench(const options *o)
 	dl_kv_cache *c = NULL;
 	dl_generator *g = NULL;
 	int32_t    *ids = NULL;
+	dl_lora    *lora[8] = {NULL};
 	int			rc = 1,
 				B = o->batch,
 				P = o->prompt_tokens;
@@ -409,7 +470,7 @@ cmd_bench(const options *o)
 				t1,
 				t2;
 
-	if (load(o, DL_CUDA_BF16, &be, &m, &err))
+	if (load(o, DL_CUDA_BF16, &be, &m, &err) || load_adapters(o, m, lora, &err))
 		goto done;
 	ids = malloc((size_t) B * P * sizeof(int32_t));
 	if (ids == NULL)
@@ -424,7 +485,9 @@ cmd_bench(const options *o)
 	}
 	for (int b = 0; b < B; b++)
 	{
-		dl_gen_request req = {ids + (size_t) b * P, P, o->gen_tokens, -1, {0, 1.0f, 0, 1.0f}, 0};
+		/* with adapters, sequence b runs adapter b mod (n + 1), the last of each turn none */
+		dl_gen_request req = {ids + (size_t) b * P, P, o->gen_tokens, -1, {0, 1.0f, 0, 1.0f}, 0,
+		lora[b % (o->nadapters + 1)]};
 		int			id;
 
 		if (gen_add(g, &req, &id, &err) != DL_OK)
@@ -448,14 +511,17 @@ cmd_bench(const options *o)
 			goto done;
 		}
 	t2 = sys_now_s();
-	printf("prefill_tok_s=%.1f decode_tok_s=%.1f batch=%d threads=%d\n",
+	printf("prefill_tok_s=%.1f decode_tok_s=%.1f batch=%d threads=%d adapters=%d\n",
 		   (double) B * P / (t1 - t0),
-		   o->gen_tokens > 1 ? (double) B * (o->gen_tokens - 1) / (t2 - t1) : 0.0, B, o->threads);
+		   o->gen_tokens > 1 ? (double) B * (o->gen_tokens - 1) / (t2 - t1) : 0.0, B, o->threads,
+		   o->nadapters);
 	rc = 0;
 done:
 	free(ids);
 	gen_free(g);
 	dl_kv_cache_free(c);
+	for (int i = 0; i < o->nadapters; i++)
+		dl_lora_free(lora[i]);
 	dl_model_free(m);
 	if (be)
 		be->destroy(be);
@@ -645,6 +711,7 @@ cmd_logits(const options *o)
 	dl_model   *m = NULL;
 	dl_tokenizer *tok = NULL;
 	dl_kv_cache *c = NULL;
+	dl_lora    *lora[8] = {NULL};
 	int32_t    *ids = NULL;
 	float	   *lg = NULL;
 	int			n,
@@ -655,7 +722,7 @@ cmd_logits(const options *o)
 		fprintf(stderr, "dolly-cli: logits needs --out FILE.safetensors and a TEXT\n");
 		return 1;
 	}
-	if (load(o, DL_CUDA_BF16, &be, &m, &err))
+	if (load(o, DL_CUDA_BF16, &be, &m, &err) || load_adapters(o, m, lora, &err))
 		goto done;
 	if (tok_load_dir(o->model, &tok, &err) != DL_OK ||
 		tok_encode(tok, o->instruction, strlen(o->instruction), &ids, &n, &err) != DL_OK)
@@ -675,7 +742,7 @@ cmd_logits(const options *o)
 		goto done;
 	}
 	{
-		dl_seq		s = {0, 0, n, ids, DL_LOGITS_ALL, NULL};
+		dl_seq		s = {0, 0, n, ids, DL_LOGITS_ALL, lora[0]};
 		st_write_tensor t[2] = {
 			{"ids", ST_I32, 1, {n}, ids},
 			{"logits", ST_F32, 2, {n, m->cfg.vocab_size}, lg},
@@ -694,6 +761,8 @@ done:
 	free(lg);
 	free(ids);
 	dl_kv_cache_free(c);
+	for (int i = 0; i < o->nadapters; i++)
+		dl_lora_free(lora[i]);
 	tok_free(tok);
 	dl_model_free(m);
 	if (be)

@@ -9,6 +9,7 @@
 
 #include "backend.h"
 #include "error.h"
+#include "lora.h"
 #include "model.h"
 #include "sampler.h"
 
@@ -49,6 +50,11 @@ typedef struct options
 	float		eval_fraction;
 	int			checkpoint;
 	int			bf16;			/* --bf16: CPU matrices in bfloat16 */
+	/* LoRA: adapters to run (generate, logits: the first; bench: round robin) */
+	const char *adapters[8];
+	int			nadapters;
+	int			lora;			/* train: an adapter, not the whole model */
+	dl_lora_config lora_cfg;
 } options;
 
 /* Report an engine error (and its hint) on stderr; returns the exit status 1. */
@@ -70,6 +76,9 @@ int			load(const options *o, dl_cuda_mode mode, dl_backend **be, dl_model **m, d
  * forked us, before exec.
  */
 double		peak_rss_mb(void);
+
+/* Load o's adapters of m into out[0 .. o->nadapters); 0 on success. */
+int			load_adapters(const options *o, const dl_model *m, dl_lora **out, dl_error *err);
 
 /* The commands that write a model directory; each returns the exit status. */
 int			cmd_init(const options *o);

@@ -198,7 +198,7 @@ print_progress(void *arg, const dl_train_progress *p)
 	return 0;
 }
 
-/* train: fine-tune a model directory on a JSON-lines file and save the result. */
+/* train: fine-tune a model directory (or, --lora, an adapter of it) on a JSON-lines file and save the result. */
 int
 cmd_train(const options *o)
 {
@@ -206,6 +206,7 @@ cmd_train(const options *o)
 	dl_error	err;
 	dl_backend *be = NULL;
 	dl_model   *m = NULL;
+	dl_lora    *lora = NULL;
 	dl_tokenizer *tok = NULL;
 	dl_example *ex = NULL;
 	dl_finetune_opts fo;
@@ -228,7 +229,10 @@ cmd_train(const options *o)
 	}
 	if (load(o, DL_CUDA_MIXED, &be, &m, &err))
 		goto done;
-	if (tok_load_dir(o->model, &tok, &err) != DL_OK || model_add_dolly_tokens(&m, tok, &err) != DL_OK)
+	if (tok_load_dir(o->model, &tok, &err) != DL_OK ||
+		(o->lora ? lora_check_tokens(m, tok, &err) != DL_OK ||
+		 dl_lora_create(m, &o->lora_cfg, seed, &lora, &err) != DL_OK
+		 : model_add_dolly_tokens(&m, tok, &err) != DL_OK))
 	{
 		report(&err);
 		goto done;
@@ -237,8 +241,9 @@ cmd_train(const options *o)
 		goto done;
 	/* Dolly shuffles with its seed, then holds out the test records */
 	neval = examples_split(ex, n, o->eval_fraction, seed);
-	fprintf(stderr, "%d records (%d training, %d evaluation), %d skipped, %lld parameters\n",
-			n, n - neval, neval, skipped, (long long) dl_model_param_count(m));
+	fprintf(stderr, "%d records (%d training, %d evaluation), %d skipped, %lld parameters trained\n",
+			n, n - neval, neval, skipped,
+			(long long) (lora ? dl_lora_param_count(lora) : dl_model_param_count(m)));
 	if (n - neval < 1)
 	{
 		fprintf(stderr, "dolly-cli: no records left to train on in \"%s\"\n", o->data);
@@ -259,6 +264,7 @@ cmd_train(const options *o)
 	fo.batch_size = o->batch_size;
 	fo.nranks = 1;
 	fo.seed = seed;
+	fo.lora = lora;
 	fo.progress = print_progress;
 	if (finetune_run(m, ex + neval, n - neval, ex, neval, &fo, &last, &err) != DL_OK)
 	{
@@ -266,12 +272,14 @@ cmd_train(const options *o)
 		goto done;
 	}
 	/* the peak of training, before saving adds its float32 copy of the parameters */
-	printf("train_tokens_per_s=%.1f steps=%d train_loss=%.4f eval_loss=%.4f records=%d skipped=%d peak_rss_mb=%.1f threads=%d\n",
+	printf("train_tokens_per_s=%.1f steps=%d train_loss=%.4f eval_loss=%.4f records=%d skipped=%d peak_rss_mb=%.1f threads=%d trained_params=%lld\n",
 		   last.tokens_per_second, last.step, last.train_loss, last.eval_loss, n, skipped,
-		   peak_rss_mb(), o->threads);
+		   peak_rss_mb(), o->threads,
+		   (long long) (lora ? dl_lora_param_count(lora) : dl_model_param_count(m)));
 	fflush(stdout);
 	snprintf(path, sizeof(path), "%s/config.json", o->model);
-	if (model_save(m, tok, path, o->out, &err) != DL_OK)
+	if (lora ? dl_lora_save(lora, o->model, o->out, &err) != DL_OK
+		: model_save(m, tok, path, o->out, &err) != DL_OK)
 	{
 		report(&err);
 		goto done;
@@ -283,6 +291,7 @@ done:
 		example_free(&ex[i]);
 	free(ex);
 	tok_free(tok);
+	dl_lora_free(lora);
 	dl_model_free(m);
 	if (be)
 		be->destroy(be);

@@ -76,7 +76,7 @@ static dl_gen_request
 greedy_request(const gen_fixture *f, int i)
 {
 	dl_gen_request r = {(const int32_t *) f->ids[i]->data, (int) f->ids[i]->numel, GREEDY_LEN, -1,
-	{0, 1.0f, 0, 1.0f}, 0};
+	{0, 1.0f, 0, 1.0f}, 0, NULL};
 
 	return r;
 }
@@ -324,7 +324,7 @@ TEST(generate_rejects_bad_requests)
 	int32_t		prompt[20] = {0};
 	int			id,
 				n;
-	dl_gen_request r = {prompt, 0, 4, -1, {0, 1.0f, 0, 1.0f}, 0};
+	dl_gen_request r = {prompt, 0, 4, -1, {0, 1.0f, 0, 1.0f}, 0, NULL};
 
 	if (!gen_fixture_open("gptj-f32", &f, &err, &st))
 		SKIP("fixture gptj-f32 not present");

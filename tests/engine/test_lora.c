@@ -9,6 +9,7 @@
 #include "train_fixture.h"
 
 #include "../../src/engine/dropout.h"
+#include "../../src/engine/generate.h"
 #include "../../src/engine/lora.h"
 
 #include <math.h>
@@ -146,6 +147,19 @@ TEST(lora_adamw_steps_match_torch)
 		train_check_steps(adapters[k][1], NULL, &TRAIN_TOL_F32, failed_);
 }
 
+/* gptj-f32 and its two fixture adapters on be. */
+static dl_status
+open_gptj_adapters(dl_backend *be, dl_model **m, dl_lora **a, dl_error *err)
+{
+	dl_status	st = dl_model_load(fixture_path("gptj-f32"), be, m, err);
+
+	if (st == DL_OK)
+		st = dl_lora_load(*m, fixture_path("gptj-f32/lora-qv"), &a[0], err);
+	if (st == DL_OK)
+		st = dl_lora_load(*m, fixture_path("gptj-f32/lora-all"), &a[1], err);
+	return st;
+}
+
 /*
  * One batch of three sequences, each in its own slot: the base alone, and two adapters of
  * the same base. Each sequence's logits equal those it gets alone (a row's products do
@@ -167,11 +181,7 @@ TEST(lora_mixed_batch_equals_each_alone)
 				changed = 0;
 
 	CHECK_OK(backend_cpu_create(2, 0, &be, &err), &err);
-	st = dl_model_load(fixture_path("gptj-f32"), be, &m, &err);
-	if (st == DL_OK)
-		st = dl_lora_load(m, fixture_path("gptj-f32/lora-qv"), &a[0], &err);
-	if (st == DL_OK)
-		st = dl_lora_load(m, fixture_path("gptj-f32/lora-all"), &a[1], &err);
+	st = open_gptj_adapters(be, &m, a, &err);
 	if (st == DL_OK)
 		st = dl_kv_cache_create(m, 3, 64, 15, &c, &err);
 	if (st == DL_OK)
@@ -424,4 +434,71 @@ TEST(lora_rejects_what_it_cannot_serve)
 	CHECK(dl_lora_load(f.m, "/nonexistent/adapter", &a, &err) != DL_OK);
 	dl_model_free(neox);
 	lora_close(&f);
+}
+
+/*
+ * The generator with sequences of different adapters admitted together (the decode
+ * steps group them by adapter): each sequence's greedy tokens equal its tokens alone.
+ */
+TEST(lora_generator_mixes_adapters)
+{
+	enum {SEQS = 6, NEW = 12};
+	dl_backend *be;
+	dl_model   *m = NULL;
+	dl_lora    *a[2] = {NULL, NULL};
+	dl_kv_cache *c = NULL;
+	dl_generator *g = NULL;
+	dl_error	err;
+	dl_status	st;
+	int32_t		prompt[SEQS][4],
+				alone[SEQS][NEW];
+	int			id[SEQS],
+				same = 1;
+
+	CHECK_OK(backend_cpu_create(2, 0, &be, &err), &err);
+	st = open_gptj_adapters(be, &m, a, &err);
+	if (st == DL_OK)
+		st = dl_kv_cache_create(m, SEQS, 32, 64, &c, &err);
+	if (st == DL_OK)
+		st = gen_create(m, c, &g, &err);
+	for (int k = 0; k < SEQS; k++)
+		for (int j = 0; j < 4; j++)
+			prompt[k][j] = (int32_t) (7 * k + 13 * j + 1);
+	/* together on the second pass (pass 0: each alone) */
+	for (int pass = 0; pass < 2 && st == DL_OK; pass++)
+		for (int k = 0; k < SEQS && st == DL_OK; k += pass ? SEQS : 1)
+		{
+			int			first = k,
+						last = pass ? SEQS : k + 1;
+
+			for (int s = first; s < last && st == DL_OK; s++)
+			{
+				/* sequence s: the model alone, adapter 0 or adapter 1, in turn */
+				dl_gen_request r = {prompt[s], 4, NEW, -1, {0, 1.0f, 0, 1.0f}, 0,
+				s % 3 ? a[s % 3 - 1] : NULL};
+
+				st = gen_add(g, &r, &id[s], &err);
+			}
+			while (st == DL_OK && gen_running(g))
+				st = gen_step(g, &err);
+			for (int s = first; s < last && st == DL_OK; s++)
+			{
+				int			n;
+				const int32_t *t = gen_tokens(g, id[s], &n);
+
+				if (pass == 0)
+					memcpy(alone[s], t, sizeof(alone[s]));
+				else
+					same &= n == NEW && memcmp(alone[s], t, sizeof(alone[s])) == 0;
+				gen_remove(g, id[s]);
+			}
+		}
+	gen_free(g);
+	dl_kv_cache_free(c);
+	dl_lora_free(a[0]);
+	dl_lora_free(a[1]);
+	dl_model_free(m);
+	be->destroy(be);
+	CHECK_OK(st, &err);
+	CHECKF(same, "a sequence's tokens differ when adapters share the batch");
 }
