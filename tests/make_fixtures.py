@@ -27,7 +27,7 @@ Layout written under --out:
                                          saved them (build_bin_models)
   torch-ckpt/                            small archives, good and bad, for the .bin reader
                                          (build_torch_archives)
-  <model>/lora-<tag>/                    a PEFT LoRA adapter of the model as save_pretrained
+  <model>-lora-<tag>/                    a PEFT LoRA adapter of the model as save_pretrained
                                          writes it, expected.safetensors (logits with it) and
                                          train_expected.safetensors (its gradients and AdamW
                                          steps on the training batch) (build_lora)
@@ -1128,7 +1128,8 @@ def lora_train_expected(base, options, seed, examples):
 
 
 def build_lora(out):
-    """<base>/lora-<tag>/ for each LORA_ADAPTERS entry: the adapter as PEFT's save_pretrained
+    """<base>-lora-<tag>/ for each LORA_ADAPTERS entry (beside its base, not in it, so that
+    copies of a model directory hold only the model): the adapter as PEFT's save_pretrained
     writes it (base_model_name_or_path: the base's directory name; no README; the targets
     sorted), checked by
     loading it back with PeftModel.from_pretrained; expected.safetensors, the logits of
@@ -1138,7 +1139,7 @@ def build_lora(out):
     torch.set_num_threads(1)
     for name, tag, options, seed in LORA_ADAPTERS:
         base = os.path.join(out, name)
-        path = os.path.join(base, tag)
+        path = os.path.join(out, "%s-%s" % (name, tag))
         shutil.rmtree(path, ignore_errors=True)
         model = lora_model(base, options, seed)
         model.peft_config["default"].base_model_name_or_path = name

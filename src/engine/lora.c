@@ -385,6 +385,18 @@ read_config(const char *dir, int *r, float *alpha, int *rslora, char (*targets)[
 }
 
 dl_status
+lora_base_name(const char *dir, char *base, size_t len, dl_error *err)
+{
+	char		targets[DL_LORA_MAX_TARGETS][32];
+	int			r,
+				rslora,
+				ntargets;
+	float		alpha;
+
+	return read_config(dir, &r, &alpha, &rslora, targets, &ntargets, base, len, err);
+}
+
+dl_status
 dl_lora_load(const dl_model *m, const char *dir, dl_lora **out, dl_error *err)
 {
 	char		targets[DL_LORA_MAX_TARGETS][32],
@@ -403,15 +415,28 @@ dl_lora_load(const dl_model *m, const char *dir, dl_lora **out, dl_error *err)
 	if (st != DL_OK)
 		return st;
 	st = lora_new(m, r, alpha, rslora, targets, ntargets, &a, err);
-	if (st != DL_OK)
-		return st;
-	snprintf(a->base_name, sizeof(a->base_name), "%s", base);
-	snprintf(path, sizeof(path), "%s/adapter_model.safetensors", dir);
-	st = st_open_file(path, &set, err);
+	if (st == DL_OK)
+	{
+		snprintf(a->base_name, sizeof(a->base_name), "%s", base);
+		snprintf(path, sizeof(path), "%s/adapter_model.safetensors", dir);
+		st = st_open_file(path, &set, err);
+	}
 	if (st == DL_OK)
 		st = weights_load(m->be, a->mem, a->map, a->nmap, &m->cfg, set, dir, "LoRA adapter",
 						  NULL, NULL, err);
 	st_close(set);
+	if (st == DL_EINVAL || st == DL_EFORMAT)
+	{
+		/* a module the model lacks, a shape it does not have: another base's adapter */
+		char		why[sizeof(err->msg)],
+					hint[sizeof(err->hint)];
+
+		snprintf(why, sizeof(why), "%s", err->msg);
+		snprintf(hint, sizeof(hint), "%s", err->hint);
+		dl_fail(err, st, "the LoRA adapter (of \"%s\") does not fit this model: %s", base, why);
+		dl_hint(err, "An adapter runs only on the base model it was trained from.%s%s",
+				hint[0] ? " " : "", hint);
+	}
 	if (st != DL_OK)
 	{
 		dl_lora_free(a);

@@ -87,6 +87,9 @@ dl_status	dl_lora_create(const dl_model *m, const dl_lora_config *cfg, uint64_t 
  */
 dl_status	dl_lora_load(const dl_model *m, const char *dir, dl_lora **out, dl_error *err);
 
+/* The base_model_name_or_path of adapter directory dir, its configuration checked. */
+dl_status	lora_base_name(const char *dir, char *base, size_t len, dl_error *err);
+
 /*
  * Save as a PEFT adapter directory dir (which must not exist; written aside and renamed,
  * as model_save): adapter_config.json naming base_name, adapter_model.safetensors.

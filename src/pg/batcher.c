@@ -153,9 +153,9 @@ run_tokenizer(const dl_pipeline *p, DollyRequest *req)
 	}
 }
 
-/* Admit a generation request into its model's generator. */
+/* Admit a generation request into its model's generator, with its adapter (or NULL). */
 static void
-admit(ServedModel *m, DollyRequest *req)
+admit(ServedModel *m, DollyRequest *req, ServedAdapter *adapter)
 {
 	dl_error	err;
 	dl_gen_request gr;
@@ -186,6 +186,7 @@ admit(ServedModel *m, DollyRequest *req)
 	gr.sampling.top_k = req->gen.top_k;
 	gr.sampling.top_p = (float) req->gen.top_p;
 	gr.seed = req->gen.seed;
+	gr.lora = adapter ? adapter->lora : NULL;
 	if (gen_add(m->gen, &gr, &id, &err) != DL_OK)
 	{
 		if (n >= m->cache->max_ctx)
@@ -199,6 +200,9 @@ admit(ServedModel *m, DollyRequest *req)
 		m->seq[m->nseq].req = req;
 		m->seq[m->nseq].id = id;
 		m->seq[m->nseq].prompt_tokens = n;
+		m->seq[m->nseq].adapter = adapter;
+		if (adapter)
+			adapter->nseq++;
 		m->nseq++;
 	}
 	free(ids);
@@ -258,6 +262,8 @@ static void
 remove_seq(ServedModel *m, int i)
 {
 	gen_remove(m->gen, m->seq[i].id);
+	if (m->seq[i].adapter)
+		m->seq[i].adapter->nseq--;
 	m->seq[i] = m->seq[--m->nseq];
 }
 
@@ -346,8 +352,10 @@ take_requests(void)
 
 	while ((req = dolly_queue_take(server, skipped)) != NULL)
 	{
-		ModelRef	ref;
+		ModelRef	ref,
+					aref;
 		ServedModel *m;
+		ServedAdapter *adapter;
 		const dl_pipeline *tokenizing = NULL;
 		dl_error	err;
 
@@ -388,15 +396,23 @@ take_requests(void)
 				continue;
 			}
 		}
-		if (m == NULL || m->nseq == m->max_seq)
+		adapter = NULL;
+		if (m != NULL && m->nseq < m->max_seq && req->adapter[0] &&
+			(dolly_served_resolve(req->adapter, &req->adapter_ident, &aref, &err) != DL_OK ||
+			 dolly_served_adapter(m, &aref, &req->adapter_ident, &adapter, &err) != DL_OK))
 		{
-			/* it waits, keeping its place, for the load or for a sequence of its model */
+			dolly_queue_finish(req, &err);
+			continue;
+		}
+		if (m == NULL || m->nseq == m->max_seq || (req->adapter[0] && adapter == NULL))
+		{
+			/* it waits, keeping its place, for the load, a sequence or an adapter of its model */
 			skipped = req->seqno;	/* read first: once queued, the slot is its client's */
 			dolly_queue_requeue(req);
 			continue;
 		}
 		dolly_served_touch(m);
-		admit(m, req);
+		admit(m, req, adapter);
 	}
 }
 

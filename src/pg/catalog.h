@@ -41,6 +41,15 @@ extern void dolly_owner_query_end(const DollyOwnerScope *scope);
 extern void dolly_check_model_use(const char *name, DollyModelIdent *ident);
 
 /*
+ * A request's model `name`, checked as dolly_check_model_use. When it is a LoRA adapter (a
+ * directory with adapter_config.json) it runs on its base model, which the catalog
+ * records and which the role must be allowed to use as well: *base gets the base's name
+ * and *base_ident its identity; otherwise *base is "".
+ */
+extern void dolly_check_model_request(const char *name, DollyModelIdent *ident, char *base,
+									  DollyModelIdent *base_ident);
+
+/*
  * Register the model a job wrote at path as `name`, owned by `owner` (the job's role), with
  * its base model and job; inside the job's transaction, so that the model is registered
  * exactly when the job is recorded as succeeded.

@@ -21,6 +21,9 @@ typedef enum DollyServerState
 	DOLLY_SERVER_READY			/* serving */
 } DollyServerState;
 
+/* Adapters a loaded model may hold at once (the bound of dolly.max_loaded_adapters). */
+#define DOLLY_MAX_ADAPTERS 64
+
 /* Models the server may hold at once (the bound of dolly.max_loaded_models). */
 #define DOLLY_MAX_MODELS 64
 

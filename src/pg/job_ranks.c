@@ -38,6 +38,7 @@
 
 #include "cuda_plugin.h"
 #include "sysinfo.h"
+#include "lora.h"
 #include "train.h"
 
 #define DP_CHUNK (1 << 20)		/* floats a rank stages per round */
@@ -61,6 +62,8 @@ struct DollyDP
 	pid_t		pids[DOLLY_MAX_RANKS];
 	char		base_path[MAXPGPATH];
 	dl_finetune_opts opts;		/* the numbers only: ranks set their own hooks */
+	bool		lora;			/* the ranks train an adapter of lora_cfg, not the model */
+	dl_lora_config lora_cfg;
 	int			ntrain;
 	int			neval;			/* the first neval examples are for evaluation */
 	Size		examples_off;	/* DpExample[neval + ntrain] */
@@ -220,7 +223,8 @@ examples_of(DollyDP *d)
 
 DollyDP *
 dolly_dp_start(int nranks, const dl_example *ex, int ntrain, int neval, const char *base_path,
-			   const dl_finetune_opts *opts, Size param_bytes, int64 job_id)
+			   const dl_finetune_opts *opts, const dl_lora_config *lora, Size trained_bytes,
+			   int64 job_id)
 {
 	Size		ids = 0,
 				size;
@@ -246,6 +250,10 @@ dolly_dp_start(int nranks, const dl_example *ex, int ntrain, int neval, const ch
 	d->opts.group = NULL;
 	d->opts.progress = NULL;
 	d->opts.progress_arg = NULL;
+	d->opts.lora = NULL;
+	d->lora = lora != NULL;
+	if (lora)
+		d->lora_cfg = *lora;
 	d->ntrain = ntrain;
 	d->neval = neval;
 	d->examples_off = MAXALIGN(sizeof(DollyDP));
@@ -263,13 +271,13 @@ dolly_dp_start(int nranks, const dl_example *ex, int ntrain, int neval, const ch
 	/* CPU ranks keep every gradient (stages 0, 1): in a segment all of them map */
 	if (!dolly_want_cuda() && opts->zero_stage < 2)
 	{
-		dsm_segment *peers = create_peer_buffers(nranks, MAXALIGN(param_bytes));
+		dsm_segment *peers = create_peer_buffers(nranks, MAXALIGN(trained_bytes));
 
 		d->peer_handle = peers ? dsm_segment_handle(peers) : 0;
-		d->peer_n = MAXALIGN(param_bytes) / sizeof(float);
+		d->peer_n = MAXALIGN(trained_bytes) / sizeof(float);
 		if (peers)
 			elog(LOG, "dolly: fine-tuning job %lld: the ranks sum from each other's gradient buffers (%.0f MB of shared memory)",
-				 (long long) job_id, (double) nranks * MAXALIGN(param_bytes) / 1048576.0);
+				 (long long) job_id, (double) nranks * MAXALIGN(trained_bytes) / 1048576.0);
 	}
 
 	for (int r = 1; r < nranks; r++)
@@ -325,9 +333,9 @@ dolly_dp_train(DollyDP *d, int rank, dl_model *m, const dl_example *ex, int ntra
 }
 
 dl_status
-dolly_job_load_base(const char *base_path, int rank, int nranks, const char *activity,
-					bool (*stop) (void *arg), void *arg, dl_backend **be, dl_pipeline **base,
-					dl_error *err)
+dolly_job_load_base(const char *base_path, int rank, int nranks, const dl_lora_config *lora,
+					uint64 seed, const char *activity, bool (*stop) (void *arg), void *arg,
+					dl_backend **be, dl_pipeline **base, dl_lora **adapter, dl_error *err)
 {
 	char		path[MAXPGPATH + 32];
 	dl_status	st;
@@ -351,7 +359,11 @@ dolly_job_load_base(const char *base_path, int rank, int nranks, const char *act
 	elog(LOG, "dolly: fine-tuning rank %d of %d trains on %s", rank, nranks, (*be)->name);
 	if (dolly_open_model(base_path, *be, activity, stop, arg, base, err) != DL_OK)
 		return err->code;
-	return model_add_dolly_tokens(&(*base)->model, (*base)->tok, err);
+	if (lora == NULL)
+		return model_add_dolly_tokens(&(*base)->model, (*base)->tok, err);
+	if (lora_check_tokens((*base)->model, (*base)->tok, err) != DL_OK)
+		return err->code;
+	return dl_lora_create((*base)->model, lora, seed, adapter, err);
 }
 
 /*
@@ -384,7 +396,8 @@ rank_memory(const dl_model *m, const dl_backend *be, int nranks)
 }
 
 int
-dolly_dp_choose_stage(const dl_model *m, const dl_backend *be, int nranks, int wanted, int64 job_id)
+dolly_dp_choose_stage(const dl_model *m, const dl_lora *lora, const dl_backend *be, int nranks,
+					  int wanted, int64 job_id)
 {
 	long long	avail = rank_memory(m, be, nranks);
 	int			stage = wanted;
@@ -399,16 +412,16 @@ dolly_dp_choose_stage(const dl_model *m, const dl_backend *be, int nranks, int w
 	{
 		/* a tenth kept for activations and the allocator */
 		for (stage = 0; stage < 2; stage++)
-			if (avail >= 0 && (double) trainer_state_floats(m, NULL, nranks, stage) * sizeof(float) <= 0.9 * avail)
+			if (avail >= 0 && (double) trainer_state_floats(m, lora, nranks, stage) * sizeof(float) <= 0.9 * avail)
 				break;
-		why = stage < 2 || (avail >= 0 && (double) trainer_state_floats(m, NULL, nranks, 2) * sizeof(float) <= 0.9 * avail)
+		why = stage < 2 || (avail >= 0 && (double) trainer_state_floats(m, lora, nranks, 2) * sizeof(float) <= 0.9 * avail)
 			? "the smallest stage that fits" : "nothing smaller fits";
 	}
 	elog(LOG, "dolly: fine-tuning job %lld: ZeRO stage %d (%s): gradients and AdamW state %.0f MB a rank "
 		 "(stage 0: %.0f MB), %.0f MB available a rank",
 		 (long long) job_id, stage, why,
-		 trainer_state_floats(m, NULL, nranks, stage) * sizeof(float) / 1048576.0,
-		 trainer_state_floats(m, NULL, nranks, 0) * sizeof(float) / 1048576.0,
+		 trainer_state_floats(m, lora, nranks, stage) * sizeof(float) / 1048576.0,
+		 trainer_state_floats(m, lora, nranks, 0) * sizeof(float) / 1048576.0,
 		 avail >= 0 ? avail / 1048576.0 : NAN);
 	return stage;
 }
@@ -438,6 +451,7 @@ dolly_job_rank_main(Datum main_arg)
 	DollyDP    *d;
 	dl_backend *be = NULL;
 	dl_pipeline *base = NULL;
+	dl_lora    *lora = NULL;
 	dl_error	err;
 	dl_finetune_opts o;
 	dl_train_progress last;
@@ -458,8 +472,9 @@ dolly_job_rank_main(Datum main_arg)
 		 (long long) DatumGetInt64(main_arg), my_rank, d->nranks);
 	pgstat_report_activity(STATE_RUNNING, "loading the base model");
 
-	if (dolly_job_load_base(d->base_path, my_rank, d->nranks, "loading the base model", group_stops, d,
-							&be, &base, &err) != DL_OK)
+	if (dolly_job_load_base(d->base_path, my_rank, d->nranks, d->lora ? &d->lora_cfg : NULL,
+							d->opts.seed, "loading the base model", group_stops, d, &be, &base,
+							&lora, &err) != DL_OK)
 	{
 		dolly_relative_paths(&err);
 		dolly_dp_abort(d, err.msg);
@@ -469,9 +484,11 @@ dolly_job_rank_main(Datum main_arg)
 		o = d->opts;
 		o.progress = rank_progress;
 		o.progress_arg = d;
+		o.lora = lora;
 		pgstat_report_activity(STATE_RUNNING, "training");
 		(void) dolly_dp_train(d, my_rank, base->model, examples_of(d), d->ntrain, d->neval, &o, &last, &err);
 	}
+	dl_lora_free(lora);
 	pipeline_close(base);
 	if (be)
 		be->destroy(be);

@@ -42,6 +42,7 @@
 #include "utils/snapmgr.h"
 #include "utils/wait_event.h"
 
+#include "lora.h"
 #include "sampler.h"
 #include "train.h"
 
@@ -67,6 +68,8 @@ typedef struct JobSpec
 	bool		checkpoint;		/* activation checkpointing */
 	int			zero_stage;		/* -1: the smallest that fits */
 	bool		comm_bf16;		/* gradients cross between ranks as bfloat16 */
+	bool		lora;			/* method 'lora': an adapter of lora_cfg trains */
+	dl_lora_config lora_cfg;
 } JobSpec;
 
 static DollyJobSlot *my_slot;
@@ -223,6 +226,20 @@ read_options(Jsonb *opts, JobSpec *spec)
 	spec->checkpoint = (v = option(opts, "checkpointing")) && strcmp(v, "true") == 0;
 	spec->zero_stage = (v = option(opts, "zero_stage")) ? atoi(v) : -1;
 	spec->comm_bf16 = (v = option(opts, "bf16_communication")) && strcmp(v, "true") == 0;
+	spec->lora = (v = option(opts, "method")) && strcmp(v, "lora") == 0;
+	lora_defaults(&spec->lora_cfg);
+	if (spec->lora)
+	{
+		char	   *save = NULL;
+
+		spec->lora_cfg.r = atoi(option(opts, "lora_rank"));
+		spec->lora_cfg.alpha = (float) strtod(option(opts, "lora_alpha"), NULL);
+		spec->lora_cfg.dropout = (float) strtod(option(opts, "lora_dropout"), NULL);
+		/* dolly_finetune checked them: at most DL_LORA_MAX_TARGETS names */
+		for (char *t = (v = option(opts, "lora_targets")) ? strtok_r(v, ",", &save) : NULL;
+			 t && spec->lora_cfg.ntargets < DL_LORA_MAX_TARGETS; t = strtok_r(NULL, ",", &save))
+			strlcpy(spec->lora_cfg.targets[spec->lora_cfg.ntargets++], t, 32);
+	}
 }
 
 /* Record the ZeRO stage the job runs, for dolly_jobs. */
@@ -302,6 +319,9 @@ on_progress(void *arg, const dl_train_progress *p)
 }
 
 /* Dolly v2's learning rate is for billions of parameters; small models need larger ones. */
+/* An adapter's default learning rate (PEFT's examples use 1e-4 to 3e-4). */
+#define LORA_LEARNING_RATE 2e-4
+
 static double
 default_learning_rate(int64 params)
 {
@@ -408,6 +428,7 @@ run_job(const JobSpec *spec)
 	dl_error	err;
 	dl_backend *be = NULL;
 	dl_pipeline *base = NULL;	/* the base model, Dolly's tokens added */
+	dl_lora    *lora = NULL;	/* method 'lora': the adapter that trains */
 	dl_example *ex;
 	int			n,
 				skipped,
@@ -434,11 +455,15 @@ run_job(const JobSpec *spec)
 		goto fail;
 	snprintf(out_path, sizeof(out_path), "%s/%s", dolly_model_dir, spec->output);
 	snprintf(cfg_path, sizeof(cfg_path), "%s/config.json", base_path);
-	if (dolly_job_load_base(base_path, 0, nranks,
+	if (dolly_job_load_base(base_path, 0, nranks, spec->lora ? &spec->lora_cfg : NULL, (uint64) spec->seed,
 							psprintf("dolly fine-tuning job %lld: loading the base model", (long long) my_job),
-							stop_requested, NULL, &be, &base, &err) != DL_OK)
+							stop_requested, NULL, &be, &base, &lora, &err) != DL_OK)
 		goto fail;
 	params = dl_model_param_count(base->model);
+	if (lora)
+		elog(LOG, "dolly: fine-tuning job %lld: a LoRA adapter of rank %d over %d modules a layer, %lld parameters trained (the base's %lld frozen)",
+			 (long long) my_job, lora->r, lora->ntargets, (long long) dl_lora_param_count(lora),
+			 (long long) params);
 
 	set_phase("reading records");
 	max_length = spec->max_length > 0 ? spec->max_length : base->model->cfg.max_pos;
@@ -454,7 +479,9 @@ run_job(const JobSpec *spec)
 
 	memset(&o, 0, sizeof(o));
 	train_defaults(&o.cfg);
-	o.cfg.lr = spec->learning_rate > 0 ? spec->learning_rate : default_learning_rate(params);
+	/* an adapter's few parameters take PEFT's usual rate whatever the model's size */
+	o.cfg.lr = spec->learning_rate > 0 ? spec->learning_rate
+		: lora ? LORA_LEARNING_RATE : default_learning_rate(params);
 	o.cfg.warmup_steps = spec->warmup_steps;
 	o.cfg.weight_decay = spec->weight_decay;
 	o.cfg.max_length = max_length;
@@ -466,13 +493,15 @@ run_job(const JobSpec *spec)
 	o.nranks = 1;
 	o.seed = (uint64) spec->seed;
 	o.progress = on_progress;
-	o.zero_stage = dolly_dp_choose_stage(base->model, be, nranks, spec->zero_stage, my_job);
+	o.lora = lora;
+	o.zero_stage = dolly_dp_choose_stage(base->model, lora, be, nranks, spec->zero_stage, my_job);
 	o.comm_bf16 = spec->comm_bf16;
 	record_stage(o.zero_stage);
 	set_phase("training");
 	if (nranks > 1)
 		st = dolly_dp_train(dolly_dp_start(nranks, ex, n - neval, neval, base_path, &o,
-											base->model->param_bytes, my_job),
+										   spec->lora ? &spec->lora_cfg : NULL,
+										   lora ? lora->bytes : base->model->param_bytes, my_job),
 							0, base->model, ex, n - neval, neval, &o, &last, &err);
 	else
 		st = finetune_run(base->model, ex + neval, n - neval, ex, neval, &o, &last, &err);
@@ -483,7 +512,8 @@ run_job(const JobSpec *spec)
 		goto fail;
 
 	set_phase("saving");
-	if (model_save(base->model, base->tok, cfg_path, out_path, &err) != DL_OK)
+	if (lora ? dl_lora_save(lora, spec->base ? spec->base : dolly_model, out_path, &err) != DL_OK
+		: model_save(base->model, base->tok, cfg_path, out_path, &err) != DL_OK)
 		goto fail;
 	finish_job("succeeded", NULL, spec, out_path);
 	goto done;
@@ -500,6 +530,7 @@ fail:
 		finish_job("failed", err.msg, spec, NULL);
 	}
 done:
+	dl_lora_free(lora);
 	pipeline_close(base);
 	if (be)
 		be->destroy(be);

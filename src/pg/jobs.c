@@ -36,11 +36,14 @@
 #include "storage/procarray.h"
 #include "storage/shmem.h"
 #include "utils/acl.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/syscache.h"
+
+#include "lora.h"
 
 DollyJobs  *dolly_jobs = NULL;
 
@@ -252,20 +255,51 @@ check_can_connect(void)
 				 errhint("GRANT CONNECT ON DATABASE to the role.")));
 }
 
+/*
+ * lora_targets: module names, comma-separated into buf for the job's options; at most
+ * DL_LORA_MAX_TARGETS, each a plain name (the job checks them against the architecture).
+ */
+static void
+lora_targets(ArrayType *arr, StringInfo buf)
+{
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n;
+
+	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
+	if (ARR_NDIM(arr) > 1 || n < 1 || n > DL_LORA_MAX_TARGETS)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("lora_targets must list 1 to %d module names", DL_LORA_MAX_TARGETS),
+				 errhint("GPT-J's are q_proj, k_proj, v_proj, out_proj, fc_in, fc_out; GPT-NeoX's query_key_value, dense, dense_h_to_4h, dense_4h_to_h.")));
+	for (int i = 0; i < n; i++)
+	{
+		char	   *name = nulls[i] ? NULL : TextDatumGetCString(elems[i]);
+
+		if (name == NULL || name[0] == '\0' || strlen(name) >= 32 || strspn(name, "abcdefghijklmnopqrstuvwxyz0123456789_") != strlen(name))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("lora_targets: \"%s\" is not a module name", name ? name : "NULL"),
+					 errhint("A module name is lower-case letters, digits and underscores, such as q_proj.")));
+		appendStringInfo(buf, "%s%s", i ? "," : "", name);
+	}
+}
+
 /* dolly_finetune's parameters, in order, for messages. */
 static const char *const finetune_params[] = {
 	"source", "output_model", "base_model", "instruction_column", "context_column",
 	"response_column", "epochs", "learning_rate", "batch_size", "max_length", "warmup_steps",
 	"lr_schedule", "weight_decay", "eval_fraction", "seed", "checkpointing", "zero_stage",
-	"bf16_communication"
+	"bf16_communication", "method", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"
 };
 
 /*
  * dolly_finetune(source, output_model, base_model, instruction_column, context_column,
  * response_column, epochs, learning_rate, batch_size, max_length, warmup_steps,
  * lr_schedule, weight_decay, eval_fraction, seed, checkpointing, zero_stage,
- * bf16_communication): the new job's id. Called through 0.2's definition (before ALTER
- * EXTENSION UPDATE), the last two are absent: their defaults.
+ * bf16_communication, method, lora_rank, lora_alpha, lora_dropout, lora_targets): the new
+ * job's id. Called through an older version's definition (before ALTER EXTENSION UPDATE),
+ * the arguments it lacks are absent: their defaults.
  */
 Datum
 dolly_finetune(PG_FUNCTION_ARGS)
@@ -288,6 +322,11 @@ dolly_finetune(PG_FUNCTION_ARGS)
 	bool		checkpointing;
 	int			zero_stage = -1;	/* -1: the job picks */
 	bool		comm_bf16 = false;
+	bool		lora = false;
+	int			lora_rank = 8;
+	double		lora_alpha = 16,
+				lora_dropout = 0.05;
+	StringInfoData targets;
 	struct stat sb;
 	char		base_path[MAXPGPATH];
 	bool		is_default;
@@ -301,11 +340,11 @@ dolly_finetune(PG_FUNCTION_ARGS)
 	bool		isnull;
 
 	for (int i = 0; i < PG_NARGS(); i++)
-		if (PG_ARGISNULL(i) && i != 2 && i != 4 && i != 7 && i != 9 && i != 16)
+		if (PG_ARGISNULL(i) && i != 2 && i != 4 && i != 7 && i != 9 && i != 16 && i != 22)
 			ereport(ERROR,
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("%s must not be NULL", finetune_params[i]),
-					 errhint("Only base_model, context_column, learning_rate, max_length and zero_stage may be NULL.")));
+					 errhint("Only base_model, context_column, learning_rate, max_length, zero_stage and lora_targets may be NULL.")));
 	relid = PG_GETARG_OID(0);
 	output = text_to_cstring(PG_GETARG_TEXT_PP(1));
 	dolly_check_model_name(output);
@@ -337,6 +376,26 @@ dolly_finetune(PG_FUNCTION_ARGS)
 	}
 	if (PG_NARGS() > 17)
 		comm_bf16 = PG_GETARG_BOOL(17);
+	initStringInfo(&targets);
+	if (PG_NARGS() > 22)
+	{
+		char	   *method = text_to_cstring(PG_GETARG_TEXT_PP(18));
+
+		if (strcmp(method, "full") != 0 && strcmp(method, "lora") != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("method must be \"full\" or \"lora\", not \"%s\"", method),
+					 errhint("\"lora\" trains a low-rank adapter of the base model and leaves the base as it is.")));
+		lora = strcmp(method, "lora") == 0;
+		lora_rank = PG_GETARG_INT32(19);
+		lora_alpha = PG_GETARG_FLOAT8(20);
+		lora_dropout = PG_GETARG_FLOAT8(21);
+		check_range("lora_rank", lora_rank, 1, DL_LORA_MAX_RANK);
+		check_range("lora_alpha", lora_alpha, 1e-6, 1e6);
+		check_range("lora_dropout", lora_dropout, 0, 0.99);
+		if (!PG_ARGISNULL(22))
+			lora_targets(PG_GETARG_ARRAYTYPE_P(22), &targets);
+	}
 
 	check_range("epochs", epochs, 1, 10000);
 	if (!PG_ARGISNULL(7))
@@ -372,6 +431,17 @@ dolly_finetune(PG_FUNCTION_ARGS)
 		dolly_check_model_use(base, &ident);
 	if (dolly_model_path(base ? base : "", base_path, &is_default, &err) != DL_OK)
 		dolly_report(ERROR, &err);
+	if (dolly_is_adapter(base_path))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("base model \"%s\" is a LoRA adapter", base ? base : dolly_model),
+				 errhint("Fine-tune its base model, or first merge the adapter into it with dolly_merge_adapter().")));
+	/* an adapter is served on its base by name: dolly.model given as a path has none */
+	if (lora && !base && dolly_model[0] == '/')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("method \"lora\" needs base_model: dolly.model is a path, not a model name"),
+				 errhint("Name the base model, a directory under dolly.model_dir.")));
 
 	/* the options as JSON; names through escape_json, so any name is safe */
 	initStringInfo(&opts);
@@ -401,7 +471,17 @@ dolly_finetune(PG_FUNCTION_ARGS)
 		appendStringInfo(&opts, ", \"max_length\": %d", max_length);
 	if (zero_stage >= 0)
 		appendStringInfo(&opts, ", \"zero_stage\": %d", zero_stage);
-	appendStringInfo(&opts, ", \"bf16_communication\": %s}", comm_bf16 ? "true" : "false");
+	appendStringInfo(&opts, ", \"bf16_communication\": %s", comm_bf16 ? "true" : "false");
+	if (lora)
+	{
+		appendStringInfo(&opts, ", \"method\": \"lora\", \"lora_rank\": %d, \"lora_alpha\": %.17g, "
+						 "\"lora_dropout\": %.17g, \"lora_targets\": ", lora_rank, lora_alpha, lora_dropout);
+		if (targets.len)
+			escape_json(&opts, targets.data);
+		else
+			appendStringInfoString(&opts, "null");
+	}
+	appendStringInfoChar(&opts, '}');
 
 	/* record the job (in the owner scope), then start its worker */
 	args[0] = ObjectIdGetDatum(GetUserId());

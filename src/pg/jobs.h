@@ -54,13 +54,16 @@ struct dl_train_progress;
 struct dl_model;
 
 /*
- * Rank 0: put the examples (eval first) and options in a new segment, and CPU ranks'
- * gradient buffers (param_bytes each) in another, where the stage keeps all gradients;
- * start ranks 1..n-1.
+ * Rank 0: put the examples (eval first), options and the adapter's configuration (lora:
+ * NULL when the whole model trains) in a new segment, and CPU ranks' gradient buffers
+ * (trained_bytes each) in another, where the stage keeps all gradients; start ranks
+ * 1..n-1.
  */
+struct dl_lora_config;
 extern DollyDP *dolly_dp_start(int nranks, const struct dl_example *ex, int ntrain, int neval,
 							   const char *base_path, const struct dl_finetune_opts *opts,
-							   Size param_bytes, int64 job_id);
+							   const struct dl_lora_config *lora, Size trained_bytes,
+							   int64 job_id);
 /* Train as `rank` of the group (finetune_run with the group's all-reduce). */
 extern dl_status dolly_dp_train(DollyDP *d, int rank, struct dl_model *m,
 								const struct dl_example *ex, int ntrain, int neval,
@@ -70,24 +73,28 @@ extern dl_status dolly_dp_train(DollyDP *d, int rank, struct dl_model *m,
 extern void dolly_dp_abort(DollyDP *d, const char *error);
 /*
  * What rank `rank` of nranks trains from: GPU `rank` (mod the GPUs: ranks may share one)
- * in mixed mode when dolly.device asks for the GPU, else a CPU backend with its share (1/nranks) of dolly.threads; the base
- * model's tokenizer and weights, with Dolly's special tokens added. The load shows its
- * progress as activity and stops when stop(arg) says so (see dolly_open_model).
+ * in mixed mode when dolly.device asks for the GPU, else a CPU backend with its share
+ * (1/nranks) of dolly.threads; the base model's tokenizer and weights, with Dolly's
+ * special tokens added; or, with lora, the base as it is (it must have them) and a fresh
+ * adapter of it in *adapter, from seed (every rank starts from the same). The load shows
+ * its progress as activity and stops when stop(arg) says so (see dolly_open_model).
  */
 struct dl_backend;
 struct dl_pipeline;
+struct dl_lora;
 extern dl_status dolly_job_load_base(const char *base_path, int rank, int nranks,
+									 const struct dl_lora_config *lora, uint64 seed,
 									 const char *activity, bool (*stop) (void *arg), void *arg,
 									 struct dl_backend **be, struct dl_pipeline **base,
-									 dl_error *err);
+									 struct dl_lora **adapter, dl_error *err);
 /*
  * The ZeRO stage nranks ranks training m on be run: `wanted` (0, 1, 2) if >= 0, else the
  * smallest whose gradients and AdamW state fit each rank's share of the memory left (the
  * host's for CPU ranks, which all share it; the GPU's free memory for the ranks on a GPU), or 2
  * when none does. Logs the choice with the figures behind it.
  */
-extern int	dolly_dp_choose_stage(const struct dl_model *m, const struct dl_backend *be, int nranks,
-								  int wanted, int64 job_id);
+extern int	dolly_dp_choose_stage(const struct dl_model *m, const struct dl_lora *lora,
+								  const struct dl_backend *be, int nranks, int wanted, int64 job_id);
 /* Ranks 1..n-1 start here. */
 PGDLLEXPORT void dolly_job_rank_main(Datum main_arg);
 

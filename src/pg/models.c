@@ -21,6 +21,8 @@
 #include "paths.h"
 #include "settings.h"
 
+#include "lora.h"
+
 #include <dirent.h>
 #include <sys/stat.h>
 
@@ -48,6 +50,7 @@ typedef struct ModelEntry
 	int			nusers;
 	DollyModelIdent ident;
 	bool		written_by_dolly;	/* a job's output: dropping it removes its files */
+	char	   *base;			/* the model it was made from; NULL: none recorded */
 } ModelEntry;
 
 /* Read model `name`'s row (in the owner scope). */
@@ -59,7 +62,7 @@ model_lookup(const char *name, ModelEntry *e)
 	Datum		args[1] = {CStringGetTextDatum(name)};
 
 	memset(e, 0, sizeof(*e));
-	dolly_owner_query(&scope, "SELECT owner, users, dir_dev, dir_ino, job IS NOT NULL FROM %s "
+	dolly_owner_query(&scope, "SELECT owner, users, dir_dev, dir_ino, job IS NOT NULL, base_model FROM %s "
 					  "WHERE name OPERATOR(pg_catalog.=) $1", "dolly_model",
 					  1, argtypes, args, NULL, SPI_OK_SELECT);
 	if (SPI_processed == 1)
@@ -81,6 +84,7 @@ model_lookup(const char *name, ModelEntry *e)
 		e->ident.dev = (uint64) DatumGetInt64(SPI_getbinval(t, d, 3, &isnull));
 		e->ident.ino = (uint64) DatumGetInt64(SPI_getbinval(t, d, 4, &isnull));
 		e->written_by_dolly = DatumGetBool(SPI_getbinval(t, d, 5, &isnull));
+		e->base = SPI_getvalue(t, d, 6);
 	}
 	dolly_owner_query_end(&scope);
 }
@@ -151,6 +155,34 @@ dolly_check_model_use(const char *name, DollyModelIdent *ident)
 		unknown_model(name);
 }
 
+void
+dolly_check_model_request(const char *name, DollyModelIdent *ident, char *base,
+						  DollyModelIdent *base_ident)
+{
+	char		path[MAXPGPATH];
+	bool		is_default;
+	dl_error	err;
+	ModelEntry	e;
+
+	dolly_check_model_use(name, ident);
+	base[0] = '\0';
+	memset(base_ident, 0, sizeof(*base_ident));
+	if (dolly_model_path(name, path, &is_default, &err) != DL_OK || !dolly_is_adapter(path))
+		return;
+	model_lookup(name, &e);
+	if (is_default || e.base == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("model \"%s\" is a LoRA adapter with no base model registered", name),
+				 errhint("Register it with dolly_register_model(model, base_model => ...): an adapter runs on its base.")));
+	if (!usable(e.base, base_ident))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("model \"%s\" is a LoRA adapter of \"%s\", which the current role may not use", name, e.base),
+				 errhint("An adapter runs on its base model: its owner grants that with dolly_grant_model().")));
+	strlcpy(base, e.base, DOLLY_MODEL_NAME_MAX);
+}
+
 bool
 dolly_model_visible(const char *path)
 {
@@ -202,7 +234,7 @@ directory_size(const char *path)
 
 /*
  * Write model `name`'s row for the directory at path: a new row, or, for a name already
- * registered, its owner, identity and size again.
+ * registered, its owner, identity and size again (and its base, when given).
  */
 static void
 register_model(const char *name, Oid owner, const char *base, int64 job, const char *path)
@@ -227,11 +259,19 @@ register_model(const char *name, Oid owner, const char *base, int64 job, const c
 	args[5] = Int64GetDatum((int64) ident.dev);
 	args[6] = Int64GetDatum((int64) ident.ino);
 
-	dolly_owner_query(&scope, "INSERT INTO %s (name, owner, base_model, job, size_bytes, dir_dev, dir_ino) "
+	dolly_owner_query(&scope, "INSERT INTO %s AS m (name, owner, base_model, job, size_bytes, dir_dev, dir_ino) "
 					  "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO UPDATE "
-					  "SET owner = $2, size_bytes = $5, dir_dev = $6, dir_ino = $7",
+					  "SET owner = $2, base_model = COALESCE($3, m.base_model), size_bytes = $5, "
+					  "dir_dev = $6, dir_ino = $7",
 					  "dolly_model", 7, argtypes, args, nulls, SPI_OK_INSERT);
 	dolly_owner_query_end(&scope);
+	/* apart, as upgrades from before 0.5 register (full) models before the column exists */
+	if (dolly_is_adapter(path))
+	{
+		dolly_owner_query(&scope, "UPDATE %s SET adapter = true WHERE name OPERATOR(pg_catalog.=) $1",
+						  "dolly_model", 1, argtypes, args, NULL, SPI_OK_UPDATE);
+		dolly_owner_query_end(&scope);
+	}
 }
 
 void
@@ -261,9 +301,47 @@ dolly_model_arg(FunctionCallInfo fcinfo)
 }
 
 /*
- * dolly_register_model(model, owner): record a model directory under dolly.model_dir in
- * the catalog, owned by `owner` (the caller when NULL); for a model registered already, its
- * directory's identity and size again (and the owner, when given). Superusers only.
+ * The base of adapter directory `name` at path: base_model if given, else the model its
+ * adapter_config.json names when that is registered (or dolly.model); it must be a model
+ * (not an adapter) the catalog knows.
+ */
+static char *
+adapter_base(const char *name, const char *path, const char *given)
+{
+	char		named[1024];
+	char	   *base = NULL;
+	char		base_path[MAXPGPATH];
+	bool		is_default;
+	dl_error	err;
+
+	/* the configuration is checked either way; PEFT's names the base (a hub name, often) */
+	if (lora_base_name(path, named, sizeof(named), &err) != DL_OK)
+	{
+		dolly_hide_path(&err, path, name);
+		dolly_report(ERROR, &err);
+	}
+	base = given ? pstrdup(given) : named[0] ? pstrdup(named) : NULL;
+	if (base == NULL || !dolly_model_name_ok(base) ||
+		(!dolly_model_registered(base) && !(dolly_model[0] != '/' && strcmp(base, dolly_model) == 0)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the base model of LoRA adapter \"%s\" is not a registered model%s%s%s", name,
+						base ? " (\"" : "", base ? base : "", base ? "\")" : ""),
+				 errhint("Give base_model: the registered model the adapter was trained from.")));
+	if (dolly_model_path(base, base_path, &is_default, &err) != DL_OK)
+		dolly_report(ERROR, &err);
+	if (dolly_is_adapter(base_path))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the base model of LoRA adapter \"%s\", \"%s\", is itself an adapter", name, base)));
+	return base;
+}
+
+/*
+ * dolly_register_model(model, owner, base_model): record a model directory under
+ * dolly.model_dir in the catalog, owned by `owner` (the caller when NULL); for a model
+ * registered already, its directory's identity and size again (and the owner and base,
+ * when given). A LoRA adapter's directory records its base (adapter_base). Superusers only.
  */
 Datum
 dolly_register_model(PG_FUNCTION_ARGS)
@@ -275,6 +353,7 @@ dolly_register_model(PG_FUNCTION_ARGS)
 	dl_error	err;
 	struct stat sb;
 	Oid			owner;
+	char	   *base = NULL;
 
 	if (!superuser())
 		ereport(ERROR,
@@ -284,8 +363,14 @@ dolly_register_model(PG_FUNCTION_ARGS)
 	name = dolly_model_arg(fcinfo);
 	if (dolly_model_path(name, path, &is_default, &err) != DL_OK)
 		dolly_report(ERROR, &err);
+	if (dolly_is_adapter(path))
+		base = adapter_base(name, path, PG_NARGS() > 2 && !PG_ARGISNULL(2) ? text_to_cstring(PG_GETARG_TEXT_PP(2)) : NULL);
+	else if (PG_NARGS() > 2 && !PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("model \"%s\" is not a LoRA adapter: only an adapter takes a base_model", name)));
 	snprintf(config, sizeof(config), "%s/config.json", path);
-	if (stat(config, &sb) != 0)
+	if (!base && stat(config, &sb) != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("directory \"%s\" under dolly.model_dir has no config.json", name),
@@ -300,7 +385,7 @@ dolly_register_model(PG_FUNCTION_ARGS)
 	}
 	else
 		owner = PG_GETARG_OID(1);
-	register_model(name, owner, NULL, 0, path);
+	register_model(name, owner, base, 0, path);
 	PG_RETURN_VOID();
 }
 

@@ -84,6 +84,15 @@ dolly_model_path(const char *name, char *path, bool *is_default, dl_error *err)
 }
 
 bool
+dolly_is_adapter(const char *path)
+{
+	char		config[MAXPGPATH];
+
+	snprintf(config, sizeof(config), "%s/adapter_config.json", path);
+	return access(config, F_OK) == 0;
+}
+
+bool
 dolly_model_ident(const char *path, DollyModelIdent *out)
 {
 	struct stat sb;

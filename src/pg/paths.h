@@ -40,6 +40,9 @@ typedef struct DollyModelIdent
 	uint64		ino;
 } DollyModelIdent;
 
+/* Is the model directory at path a LoRA adapter (PEFT's adapter_config.json)? */
+extern bool dolly_is_adapter(const char *path);
+
 /* The identity of directory path; false (errno set) when it cannot be read. */
 extern bool dolly_model_ident(const char *path, DollyModelIdent *out);
 

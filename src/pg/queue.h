@@ -66,6 +66,8 @@ typedef struct DollyRequest
 	uint64		seqno;			/* submission order, for FIFO admission */
 	char		model[DOLLY_MODEL_NAME_MAX];	/* "" = dolly.model */
 	DollyModelIdent ident;		/* its directory's, from the catalog; {0, 0}: unchecked */
+	char		adapter[DOLLY_MODEL_NAME_MAX];	/* a LoRA adapter of model to run; "": none */
+	DollyModelIdent adapter_ident;
 	DollyGenParams gen;			/* REQ_GENERATE */
 	int			in_len;
 	char		in[DOLLY_TEXT_MAX];

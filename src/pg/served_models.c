@@ -3,7 +3,9 @@
  * loading them.
  *
  * Up to dolly.max_loaded_models models stay loaded; when another is needed the least
- * recently used idle one is unloaded. Every device's server loads its own copy of the
+ * recently used idle one is unloaded. Over each, up to dolly.max_loaded_adapters LoRA
+ * adapters, the same way: an adapter is small, loaded as its first request is admitted,
+ * and its sequences share the model's batch with everyone else's. Every device's server loads its own copy of the
  * models, on the backend dolly.device, dolly.threads and dolly.cpu_weights ask for. A
  * request names its model, and the name is resolved to a directory at every request: a
  * directory that no longer has the identity the catalog registered is refused. How many
@@ -30,6 +32,7 @@
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
+#include "lora.h"
 #include "prompt.h"
 
 /*
@@ -98,10 +101,22 @@ publish_model(ServedModel *m, double load_seconds)
 	SpinLockRelease(&dolly_shared->mutex);
 }
 
+/* Unload an adapter (no sequence runs it). */
+static void
+unload_adapter(ServedAdapter *a)
+{
+	elog(LOG, "dolly: unloading adapter \"%s\"", a->path);
+	dl_lora_free(a->lora);
+	memset(a, 0, sizeof(*a));
+}
+
 void
 dolly_served_unload(ServedModel *m)
 {
 	elog(LOG, "dolly: unloading model \"%s\"", m->path);
+	for (int i = 0; i < DOLLY_MAX_ADAPTERS; i++)
+		if (m->adapters[i].lora)
+			unload_adapter(&m->adapters[i]);
 	gen_free(m->gen);
 	dl_kv_cache_free(m->cache);
 	pipeline_close(m->pipe);
@@ -279,6 +294,59 @@ static bool
 ident_given(const DollyModelIdent *id)
 {
 	return id != NULL && (id->dev != 0 || id->ino != 0);
+}
+
+dl_status
+dolly_served_adapter(ServedModel *m, const ModelRef *aref, const DollyModelIdent *want,
+					 ServedAdapter **out, dl_error *err)
+{
+	ServedAdapter *free_entry = NULL,
+			   *lru = NULL;
+	int			loaded = 0;
+
+	*out = NULL;
+	for (int i = 0; i < DOLLY_MAX_ADAPTERS; i++)
+	{
+		ServedAdapter *a = &m->adapters[i];
+
+		if (a->lora == NULL)
+		{
+			free_entry = free_entry ? free_entry : a;
+			continue;
+		}
+		if (strcmp(a->path, aref->path) == 0 &&
+			(!ident_given(want) || ident_equal(&a->ident, &aref->ident)))
+		{
+			a->last_used = ++use_clock;
+			*out = a;
+			return DL_OK;
+		}
+		loaded++;
+		if (a->nseq == 0 && (lru == NULL || a->last_used < lru->last_used))
+			lru = a;
+	}
+	if (loaded >= dolly_max_loaded_adapters || free_entry == NULL)
+	{
+		if (lru == NULL)
+			return DL_OK;		/* every adapter busy: wait for one */
+		unload_adapter(lru);
+		free_entry = lru;
+	}
+	elog(LOG, "dolly: loading adapter \"%s\" over model \"%s\"", aref->path, m->path);
+	if (dl_lora_load(m->pipe->model, aref->path, &free_entry->lora, err) != DL_OK)
+	{
+		elog(LOG, "dolly: cannot load adapter \"%s\": %s", aref->path, err->msg);
+		dolly_hide_path(err, aref->path, aref->name);
+		dolly_relative_paths(err);
+		return err->code;
+	}
+	strlcpy(free_entry->path, aref->path, sizeof(free_entry->path));
+	strlcpy(free_entry->name, aref->name, sizeof(free_entry->name));
+	free_entry->ident = aref->ident;
+	free_entry->nseq = 0;
+	free_entry->last_used = ++use_clock;
+	*out = free_entry;
+	return DL_OK;
 }
 
 dl_status

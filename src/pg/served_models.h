@@ -6,6 +6,7 @@
 #define DOLLY_SERVED_MODELS_H
 
 #include "generate.h"
+#include "lora.h"
 #include "pipeline.h"
 
 #include "paths.h"
@@ -20,12 +21,24 @@ typedef struct ModelRef
 	DollyModelIdent ident;		/* of the directory now */
 } ModelRef;
 
+/* A LoRA adapter loaded over a served model, shared by the sequences that run it. */
+typedef struct ServedAdapter
+{
+	char		path[MAXPGPATH];
+	char		name[DOLLY_MODEL_NAME_MAX];
+	DollyModelIdent ident;		/* of the directory when it was loaded */
+	dl_lora    *lora;			/* NULL: a free entry */
+	int			nseq;			/* sequences running it: it stays while any does */
+	uint64		last_used;
+} ServedAdapter;
+
 /* A request the batcher runs on a model: one sequence of its generator. */
 typedef struct Sequence
 {
 	DollyRequest *req;
 	int			id;				/* in the model's generator */
 	int			prompt_tokens;	/* for the statistics, once req is handed back */
+	ServedAdapter *adapter;		/* the adapter it runs with; NULL: none */
 } Sequence;
 
 typedef struct ServedModel
@@ -42,6 +55,7 @@ typedef struct ServedModel
 	int			nseq;
 	Sequence   *seq;			/* [dolly.max_batch at load] */
 	int			max_seq;
+	ServedAdapter adapters[DOLLY_MAX_ADAPTERS];	/* its adapters (dolly.max_loaded_adapters) */
 } ServedModel;
 
 /* [DOLLY_MAX_MODELS]: the loaded models; an entry without a pipeline is free. */
@@ -78,6 +92,14 @@ extern dl_status dolly_served_charge_load(const DollyRequest *req, const ModelRe
  */
 extern dl_status dolly_served_load(const ModelRef *ref, bool (*between_tensors) (void *arg),
 								   ServedModel **out, dl_error *err);
+
+/*
+ * The adapter aref names, loaded over m (in *out): already loaded, or loaded now, the
+ * least recently used idle adapter of m unloaded to stay within dolly.max_loaded_adapters.
+ * *out is NULL (and DL_OK) when every adapter is busy: the request waits.
+ */
+extern dl_status dolly_served_adapter(ServedModel *m, const ModelRef *aref, const DollyModelIdent *want,
+									  ServedAdapter **out, dl_error *err);
 
 /* Unload a model (it must have no sequences). */
 extern void dolly_served_unload(ServedModel *m);

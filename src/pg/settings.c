@@ -1,6 +1,7 @@
 /* settings.c: the dolly.* configuration parameters, all declared here, then the prefix reserved. */
 #include "postgres.h"
 
+#include "dolly_pg.h"
 #include "settings.h"
 #include "jobs.h"
 
@@ -16,6 +17,7 @@ int			dolly_max_batch = 16;
 int			dolly_max_context = 0;
 int			dolly_max_new_tokens = 1024;
 int			dolly_max_loaded_models = 2;
+int			dolly_max_loaded_adapters = 8;
 int			dolly_max_model_loads = 10;
 int			dolly_train_workers = 1;
 int			dolly_request_slots = 64;
@@ -89,6 +91,12 @@ dolly_settings_init(void)
 							"Models the model server keeps loaded at once.",
 							"When another is needed, the least recently used idle one is unloaded.",
 							&dolly_max_loaded_models, 2, 1, 64,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("dolly.max_loaded_adapters",
+							"LoRA adapters the model server keeps loaded over each loaded model.",
+							"Requests for different adapters of one model are decoded in one batch; when another "
+							"is needed, the least recently used idle one is unloaded.",
+							&dolly_max_loaded_adapters, 8, 1, DOLLY_MAX_ADAPTERS,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("dolly.max_model_loads",
 							"Model loads per minute that one role may cause; 0 means no limit.",

@@ -27,6 +27,7 @@ extern int	dolly_max_batch;
 extern int	dolly_max_context;
 extern int	dolly_max_new_tokens;
 extern int	dolly_max_loaded_models;
+extern int	dolly_max_loaded_adapters;
 extern int	dolly_max_model_loads;
 extern int	dolly_train_workers;
 extern int	dolly_request_slots;

@@ -43,21 +43,54 @@ PG_FUNCTION_INFO_V1(dolly_detokenize);
 #define DEFAULT_TOP_P 0.92
 #define DEFAULT_TOP_K 0
 
+/* The model of a request, and the LoRA adapter of it to run. */
+typedef struct RequestModel
+{
+	char		model[DOLLY_MODEL_NAME_MAX];	/* "" = dolly.model */
+	DollyModelIdent ident;
+	char		adapter[DOLLY_MODEL_NAME_MAX];	/* "": none */
+	DollyModelIdent adapter_ident;
+} RequestModel;
+
 /*
- * The optional model argument at position argno (into model, of DOLLY_MODEL_NAME_MAX bytes),
- * with the identity the server must find, once the model catalog says the current role may
- * use it; "" (dolly.model) when the argument is absent or NULL.
+ * The optional model argument at position argno, with the identities the server must
+ * find, once the model catalog says the current role may use it; "" (dolly.model) when
+ * the argument is absent or NULL. A LoRA adapter runs on its base: the base is the
+ * request's model (tokenizing uses its tokenizer), the adapter what generation adds.
  */
 static void
-set_model(char *model, DollyModelIdent *ident, FunctionCallInfo fcinfo, int argno)
+set_model(RequestModel *rm, FunctionCallInfo fcinfo, int argno)
 {
 	char	   *name;
+	char		base[DOLLY_MODEL_NAME_MAX];
+	DollyModelIdent ident,
+				base_ident;
 
+	memset(rm, 0, sizeof(*rm));
 	if (PG_NARGS() <= argno || PG_ARGISNULL(argno))
 		return;
 	name = text_to_cstring(PG_GETARG_TEXT_PP(argno));
-	dolly_check_model_use(name, ident);
-	strlcpy(model, name, DOLLY_MODEL_NAME_MAX);
+	dolly_check_model_request(name, &ident, base, &base_ident);
+	if (base[0] == '\0')
+	{
+		strlcpy(rm->model, name, DOLLY_MODEL_NAME_MAX);
+		rm->ident = ident;
+		return;
+	}
+	strlcpy(rm->model, base, DOLLY_MODEL_NAME_MAX);
+	rm->ident = base_ident;
+	strlcpy(rm->adapter, name, DOLLY_MODEL_NAME_MAX);
+	rm->adapter_ident = ident;
+}
+
+/* Put a request's model into its slot. */
+static void
+request_model(DollyRequest *req, const RequestModel *rm)
+{
+	strlcpy(req->model, rm->model, sizeof(req->model));
+	req->ident = rm->ident;
+	strlcpy(req->adapter, rm->adapter, sizeof(req->adapter));
+	req->adapter_ident = rm->adapter_ident;
 }
 
 /* ERROR unless len bytes fit in a request. */
@@ -153,8 +186,7 @@ result_text(DollyRequest *req)
 /* A generation call's options, read and checked once for all its requests. */
 typedef struct GenOptions
 {
-	char		model[DOLLY_MODEL_NAME_MAX];	/* "" = dolly.model */
-	DollyModelIdent ident;
+	RequestModel model;
 	DollyGenParams gen;
 	bool		seeded;			/* else every request draws its own seed */
 } GenOptions;
@@ -173,7 +205,7 @@ read_options(FunctionCallInfo fcinfo, int first, bool extract_response, GenOptio
 	/* dolly_generate_greedy is dolly_generate without the sampling arguments */
 #define HAS(n) (PG_NARGS() > first + (n))
 #define ARG_OR(n, get, dflt) (!HAS(n) || PG_ARGISNULL(first + (n)) ? (dflt) : get(first + (n)))
-	set_model(o->model, &o->ident, fcinfo, first);
+	set_model(&o->model, fcinfo, first);
 	o->gen.extract_response = extract_response;
 	o->gen.max_new_tokens = ARG_OR(1, PG_GETARG_INT32, DEFAULT_MAX_NEW_TOKENS);
 	o->gen.temperature = ARG_OR(2, PG_GETARG_FLOAT8, DEFAULT_TEMPERATURE);
@@ -203,8 +235,7 @@ read_options(FunctionCallInfo fcinfo, int first, bool extract_response, GenOptio
 static void
 submit_generate(DollyRequest *req, const GenOptions *o, const char *prompt)
 {
-	strlcpy(req->model, o->model, sizeof(req->model));
-	req->ident = o->ident;
+	request_model(req, &o->model);
 	req->kind = REQ_GENERATE;
 	req->gen = o->gen;
 	/* no seed: a fresh one per request, as an unseeded sampler would draw */
@@ -441,14 +472,16 @@ dolly_tokenize(PG_FUNCTION_ARGS)
 {
 	text	   *t;
 	DollyRequest *req;
+	RequestModel rm;
 	int			n;
 	Datum	   *elems;
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
 	t = PG_GETARG_TEXT_PP(0);
+	set_model(&rm, fcinfo, 1);
 	req = dolly_queue_acquire(true);
-	set_model(req->model, &req->ident, fcinfo, 1);
+	request_model(req, &rm);
 	req->kind = REQ_TOKENIZE;
 	set_input_text(req, "text", VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
 	dolly_queue_submit(req);
@@ -467,6 +500,7 @@ dolly_detokenize(PG_FUNCTION_ARGS)
 {
 	ArrayType  *arr;
 	DollyRequest *req;
+	RequestModel rm;
 	Datum	   *elems;
 	bool	   *nulls;
 	int			n;
@@ -490,8 +524,9 @@ dolly_detokenize(PG_FUNCTION_ARGS)
 					 errmsg("token ids must not be NULL")));
 		ids[i] = DatumGetInt32(elems[i]);
 	}
+	set_model(&rm, fcinfo, 1);
 	req = dolly_queue_acquire(true);
-	set_model(req->model, &req->ident, fcinfo, 1);
+	request_model(req, &rm);
 	req->kind = REQ_DETOKENIZE;
 	set_input(req, "token array", (const char *) ids, n * sizeof(int32));
 	dolly_queue_submit(req);

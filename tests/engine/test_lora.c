@@ -1,6 +1,6 @@
 /*
  * test_lora.c: LoRA adapters (lora.h) against PEFT: the fixture adapters
- * (tests/fixtures/<model>/lora-<tag>, made by make_fixtures.py build_lora) give PEFT's
+ * (tests/fixtures/<model>-lora-<tag>, made by make_fixtures.py build_lora) give PEFT's
  * logits, torch's gradients and AdamW steps; adapters and the base share one batch;
  * saving and loading keep every value; the dropout of the CPU operation is the mask it
  * says; and what cannot be served is refused with a reason.
@@ -21,10 +21,10 @@
 
 /* The fixture adapters: base model, adapter directory. */
 static const char *const adapters[][2] = {
-	{"gptj-f32", "gptj-f32/lora-qv"},
-	{"gptj-f32", "gptj-f32/lora-all"},
-	{"neox-par-f32", "neox-par-f32/lora-qkv"},
-	{"neox-seq-f32", "neox-seq-f32/lora-all"},
+	{"gptj-f32", "gptj-f32-lora-qv"},
+	{"gptj-f32", "gptj-f32-lora-all"},
+	{"neox-par-f32", "neox-par-f32-lora-qkv"},
+	{"neox-seq-f32", "neox-seq-f32-lora-all"},
 };
 
 /* A model, an adapter of it and the adapter's expected logits, on a 2-thread CPU backend. */
@@ -154,9 +154,9 @@ open_gptj_adapters(dl_backend *be, dl_model **m, dl_lora **a, dl_error *err)
 	dl_status	st = dl_model_load(fixture_path("gptj-f32"), be, m, err);
 
 	if (st == DL_OK)
-		st = dl_lora_load(*m, fixture_path("gptj-f32/lora-qv"), &a[0], err);
+		st = dl_lora_load(*m, fixture_path("gptj-f32-lora-qv"), &a[0], err);
 	if (st == DL_OK)
-		st = dl_lora_load(*m, fixture_path("gptj-f32/lora-all"), &a[1], err);
+		st = dl_lora_load(*m, fixture_path("gptj-f32-lora-all"), &a[1], err);
 	return st;
 }
 
@@ -387,7 +387,7 @@ TEST(lora_rejects_what_it_cannot_serve)
 	CHECK_OK(lora_open(0, &f, &err), &err);
 	CHECK_OK(dl_model_load(fixture_path("neox-par-f32"), f.be, &neox, &err), &err);
 	/* an adapter of GPT-J on GPT-NeoX: no such module */
-	CHECK(dl_lora_load(neox, fixture_path("gptj-f32/lora-qv"), &a, &err) == DL_EINVAL);
+	CHECK(dl_lora_load(neox, fixture_path("gptj-f32-lora-qv"), &a, &err) == DL_EINVAL);
 	CHECK(strstr(err.msg, "q_proj") && strstr(err.hint, "query_key_value"));
 	/* an adapter of one base run with another model */
 	{

@@ -63,7 +63,7 @@ train_open_on(const char *name, dl_backend *be, train_fixture *f, dl_error *err,
 	char		dir[4096],
 				key[64];
 
-	char	   *slash;
+	char	   *adapter;
 
 	memset(f, 0, sizeof(*f));
 	*st = DL_OK;
@@ -73,13 +73,13 @@ train_open_on(const char *name, dl_backend *be, train_fixture *f, dl_error *err,
 		return 0;
 	f->be = be;
 	*st = st_open_file(fixture_path(key), &f->exp, err);
-	/* an adapter's directory lies in its base model's */
-	slash = strrchr(dir, '/');
-	if (strstr(name, "/lora-"))
-		*slash = '\0';
+	/* "<model>-lora-<tag>": an adapter of <model> */
+	adapter = strstr(dir, "-lora-");
+	if (adapter)
+		*adapter = '\0';
 	if (*st == DL_OK)
 		*st = dl_model_load(dir, f->be, &f->m, err);
-	if (*st == DL_OK && strstr(name, "/lora-"))
+	if (*st == DL_OK && adapter)
 		*st = dl_lora_load(f->m, fixture_path(name), &f->lora, err);
 	for (int i = 0; *st == DL_OK && i < MAX_EXAMPLES; i++)
 	{

@@ -20,7 +20,7 @@ typedef struct train_fixture
 	dl_backend *be;
 	int			owns_be;		/* made by train_open, destroyed by train_close */
 	dl_model   *m;
-	dl_lora    *lora;			/* a "<model>/lora-<tag>" fixture: the adapter trained */
+	dl_lora    *lora;			/* a "<model>-lora-<tag>" fixture: the adapter trained */
 	st_set	   *exp;
 	dl_example	ex[MAX_EXAMPLES];
 	int			n;
@@ -51,7 +51,7 @@ typedef struct train_tol
 static const train_tol TRAIN_TOL_F32 = {2e-5, 1e-5, 1e-5};
 /*
  * Load tests/fixtures/<name> and its batch on backend be (kept by the caller), or on a
- * new CPU backend of `threads` threads (train_open); a name "<model>/lora-<tag>" loads
+ * new CPU backend of `threads` threads (train_open); a name "<model>-lora-<tag>" loads
  * the model and that adapter, which is then what trains. Return 0 when the fixture is
  * absent (the test skips); *st tells a load failure.
  */

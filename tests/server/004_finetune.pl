@@ -5,6 +5,9 @@ use strict;
 use warnings;
 use Cwd qw(abs_path);
 use File::Basename qw(dirname);
+use FindBin;
+use lib $FindBin::Bin;
+use DollyTest;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -45,16 +48,6 @@ CREATE TABLE numbers (instruction int, response text);
 GRANT SELECT ON numbers TO alice;
 });
 
-sub wait_job
-{
-	my ($id) = @_;
-	$node->poll_query_until('postgres',
-		"SELECT state NOT IN ('queued', 'running') FROM dolly_jobs WHERE id = $id")
-	  or die "job $id did not finish";
-	return $node->safe_psql('postgres',
-		"SELECT state, records, skipped, coalesce(error, '') FROM dolly_jobs WHERE id = $id");
-}
-
 # who may fine-tune
 my ($ret, $out, $err) = $node->psql('postgres',
 	"SELECT dolly_finetune('records', 'm1')", extra_params => [ '-U', 'mallory' ]);
@@ -88,7 +81,7 @@ my $id = $node->safe_psql('postgres',
 	"SELECT dolly_finetune('records', 'alice-model', epochs => 2, batch_size => 4, learning_rate => 1e-3, warmup_steps => 2)",
 	extra_params => [ '-U', 'alice' ]);
 like($id, qr/^\d+$/, 'dolly_finetune returns a job id at once');
-is(wait_job($id), 'succeeded|30|2|', 'the job read the 30 rows alice may see and skipped the 2 bad ones');
+is(wait_job($node, $id, "state, records, skipped, coalesce(error, '')"), 'succeeded|30|2|', 'the job read the 30 rows alice may see and skipped the 2 bad ones');
 ok(-f "$models/alice-model/model.safetensors" && -f "$models/alice-model/tokenizer.json"
 	  && -f "$models/alice-model/config.json", 'the model was written as a Hugging Face directory');
 ok(!glob("$models/alice-model.tmp*"), 'and nothing half-written is left beside it');
@@ -111,7 +104,7 @@ $node->poll_query_until('postgres', "SELECT state = 'running' AND step > 0 FROM 
   or die 'job did not start';
 is($node->safe_psql('postgres', "SELECT dolly_cancel_job($id)", extra_params => [ '-U', 'alice' ]),
 	't', 'dolly_cancel_job asks the job to stop');
-like(wait_job($id), qr/^cancelled/, 'the job ends as cancelled');
+like(wait_job($node, $id, "state, records, skipped, coalesce(error, '')"), qr/^cancelled/, 'the job ends as cancelled');
 ok(!-e "$models/cancelled-model", 'and writes no model');
 ($ret, $out, $err) = $node->psql('postgres', "SELECT dolly_cancel_job($id)", extra_params => [ '-U', 'mallory' ]);
 like($err, qr/permission denied/, "others may not cancel alice's jobs");

@@ -43,15 +43,6 @@ sub as
 	return ($out, $err);
 }
 
-sub wait_job
-{
-	my ($id) = @_;
-	$node->poll_query_until('postgres',
-		"SELECT state NOT IN ('queued', 'running') FROM dolly_jobs WHERE id = $id")
-	  or die "job $id did not finish";
-	return $node->safe_psql('postgres', "SELECT state FROM dolly_jobs WHERE id = $id");
-}
-
 sub is_superuser
 {
 	return $node->safe_psql('postgres', "SELECT rolsuper FROM pg_roles WHERE rolname = '$_[0]'");
@@ -78,7 +69,7 @@ END $$;
 $node->safe_psql('postgres', 'ALTER ROLE alice SET search_path = alice, pg_catalog');
 my ($job, $err) = as('alice', "SELECT public.dolly_finetune('alice.records', 'alice-model', epochs => 1, batch_size => 4)");
 like($job, qr/^\d+$/, 'alice submits a job') or diag($err);
-is(wait_job($job), 'succeeded', 'her job runs');
+is(wait_job($node, $job), 'succeeded', 'her job runs');
 is(is_superuser('alice'), 'f', 'the job worker does not run her operator as a superuser');
 
 # the session variant: dolly_cancel_job with her operator first in search_path
@@ -171,13 +162,13 @@ is($out, '0', 'bob sees none of alice\'s jobs');
 is((as('bob', 'SELECT count(*) FROM dolly_job_progress()'))[0], '0', 'nor their progress');
 is((as('alice', "SELECT count(*) FROM dolly_job_progress() WHERE id = $running"))[0], '1', 'alice sees hers');
 as('alice', "SELECT dolly_cancel_job($running)");
-is(wait_job($running), 'cancelled', 'the long job is cancelled');
+is(wait_job($node, $running), 'cancelled', 'the long job is cancelled');
 
 $node->safe_psql('postgres', q{CREATE TABLE carol_records (instruction text, response text);
 	INSERT INTO carol_records VALUES ('Say 1', 'One'), ('Say 2', 'Two');
 	ALTER TABLE carol_records OWNER TO carol});
 my ($carols) = as('carol', "SELECT dolly_finetune('carol_records', 'carol-model', epochs => 1, eval_fraction => 0)");
-is(wait_job($carols), 'succeeded', 'carol\'s job runs');
+is(wait_job($node, $carols), 'succeeded', 'carol\'s job runs');
 $node->safe_psql('postgres', 'DROP OWNED BY carol; DROP ROLE carol');
 like($node->safe_psql('postgres', "SELECT role FROM dolly_jobs WHERE id = $carols"), qr/^unknown \(OID=\d+\)$/,
 	'dolly_jobs still reads after DROP ROLE of a job\'s role');
@@ -241,7 +232,7 @@ $big->quit;
 sleep(1) while time - $late_start < 65;
 $slow->query_safe('COMMIT');
 $slow->quit;
-is(wait_job($late), 'succeeded', 'a job whose transaction commits after more than a minute runs');
+is(wait_job($node, $late), 'succeeded', 'a job whose transaction commits after more than a minute runs');
 
 $node->restart;
 ok(!-e "$models/.half.tmp-4242", 'a save\'s temporary directory is removed at restart');

@@ -27,7 +27,7 @@ VALUES ('alice', 'records', 'old-model', '{"base_model": null}', 'succeeded'),
 my ($ret, $out, $err) = $node->psql('old', 'ALTER EXTENSION dolly UPDATE');
 is($ret, 0, 'ALTER EXTENSION dolly UPDATE runs');
 like($err, qr/the model of job 2 is not registered/, 'a job whose model is gone is named in a warning');
-is($node->safe_psql('old', "SELECT extversion FROM pg_extension WHERE extname = 'dolly'"), '0.4', 'to 0.4');
+is($node->safe_psql('old', "SELECT extversion FROM pg_extension WHERE extname = 'dolly'"), '0.5', 'to 0.5');
 
 # the same objects as a fresh install
 my $objects = q{

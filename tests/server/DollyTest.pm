@@ -9,7 +9,7 @@ use Exporter 'import';
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 
-our @EXPORT = qw(dolly_cluster $fixtures);
+our @EXPORT = qw(dolly_cluster wait_job $fixtures);
 our $fixtures = abs_path(dirname(__FILE__) . '/../fixtures');
 
 # dolly_cluster(name, models => [fixture names], conf => lines, preload => libraries): the
@@ -38,6 +38,17 @@ sub dolly_cluster
 	$node->start;
 	$node->safe_psql('postgres', 'CREATE EXTENSION dolly');
 	return ($node, $dir);
+}
+
+# wait_job(node, id, columns): wait until fine-tuning job id has ended; then its columns
+# of dolly_jobs (an SQL select list, 'state' by default), '|'-separated.
+sub wait_job
+{
+	my ($node, $id, $columns) = @_;
+	$node->poll_query_until('postgres',
+		"SELECT state NOT IN ('queued', 'running') FROM dolly_jobs WHERE id = $id")
+	  or die "job $id did not finish";
+	return $node->safe_psql('postgres', 'SELECT ' . ($columns // 'state') . " FROM dolly_jobs WHERE id = $id");
 }
 
 1;
