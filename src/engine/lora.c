@@ -335,6 +335,9 @@ unsupported_option(json_object *cfg)
 	return strcmp(bias, "none") == 0 ? NULL : "bias";
 }
 
+/* The hint of a directory that is not an adapter's. */
+#define ADAPTER_DIR_HINT "An adapter directory is what PEFT's save_pretrained writes."
+
 /* adapter_config.json of dir: checked, its rank, alpha, rsLoRA, targets and base. */
 static dl_status
 read_config(const char *dir, int *r, float *alpha, int *rslora, char (*targets)[32],
@@ -351,7 +354,7 @@ read_config(const char *dir, int *r, float *alpha, int *rslora, char (*targets)[
 	snprintf(path, sizeof(path), "%s/adapter_config.json", dir);
 	st = file_read(path, "adapter configuration", 1 << 20, &text, &len, err);
 	if (st != DL_OK)
-		return dl_hint(err, "An adapter directory is what PEFT's save_pretrained writes.");
+		return dl_hint(err, ADAPTER_DIR_HINT);
 	cfg = json_tokener_parse(text);
 	free(text);
 	if (cfg == NULL || !json_object_is_type(cfg, json_type_object))
@@ -419,7 +422,9 @@ lora_open_tensors(const char *dir, st_set **out, dl_error *err)
 	char		path[4200];
 
 	snprintf(path, sizeof(path), "%s/adapter_model.safetensors", dir);
-	return st_open_file(path, out, err);
+	if (st_open_file(path, out, err) != DL_OK)
+		return dl_hint(err, ADAPTER_DIR_HINT);
+	return DL_OK;
 }
 
 dl_status

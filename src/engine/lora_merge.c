@@ -162,6 +162,8 @@ lora_merge(const char *base_dir, const char *adapter_dir, const char *out_dir, d
 
 	snprintf(path, sizeof(path), "%s/config.json", base_dir);
 	st = config_load(path, &c, err);
+	if (st != DL_OK && err->hint[0] == '\0')
+		dl_hint(err, "The base is a model directory as transformers' save_pretrained writes it.");
 	if (st == DL_OK)
 		st = st_open(base_dir, &base, err);
 	if (st == DL_OK)
