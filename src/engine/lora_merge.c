@@ -111,7 +111,7 @@ merge_prepare(merge_ctx *x, const dl_config *c, const char *base_dir, const char
 				out = 0;
 	dl_status	st = DL_OK;
 
-	x->weights = calloc(a->nmap / 2 + 1, sizeof(dl_tensor_map));
+	x->weights = calloc(a->nmap / 2, sizeof(dl_tensor_map));
 	if (x->weights == NULL)
 		return dl_fail(err, DL_ENOMEM, "out of memory merging an adapter");
 	for (int k = 0; k < a->nmap / 2 && st == DL_OK; k++)
