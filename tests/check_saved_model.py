@@ -16,7 +16,8 @@ out), `dolly-cli init` for GPT-NeoX (untied) and GPT-J (tied), so both grow thei
 for the three tokens; then `dolly-cli train` for a few steps on each, saving again; then
 `dolly-cli train --lora` over each fine-tuned model, every linear module targeted, saving
 a PEFT adapter, which PeftModel.from_pretrained loads over its base (the directory
-adapter_config.json names) to give `dolly-cli logits --adapter`'s logits.
+adapter_config.json names) to give `dolly-cli logits --adapter`'s logits; then `dolly-cli
+merge` of each adapter into its base, a plain model directory that transformers loads.
 
 Needs torch, transformers and peft (tests/requirements-fixtures.txt); CI has none of them,
 so the C tests test_model_save.c and test_lora.c cover save / reload / identical logits there.
@@ -79,7 +80,9 @@ def make_models(cli, work):
         run([cli, "train", "--model", tuned, "--data", data, "--out", adapter, "--epochs", "2",
              "--batch-size", "8", "--lr", "1e-2", "--warmup", "0", "--threads", "2", "--lora",
              "--lora-rank", "4", "--lora-targets", ALL_MODULES[arch]])
-        dirs += [init, tuned, adapter]
+        merged = os.path.join(work, f"{arch}-merged")
+        run([cli, "merge", "--model", tuned, "--adapter", adapter, "--out", merged])
+        dirs += [init, tuned, adapter, merged]
     return dirs
 
 

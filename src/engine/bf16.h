@@ -78,4 +78,29 @@ f16_to_float(uint16_t h)
 						   (special & is_special) | (normal & ~(is_tiny | is_special)));
 }
 
+/*
+ * float32 to IEEE half bits, rounded to nearest even as torch does: 65520 and above
+ * become infinity, a NaN stays a NaN (quiet), and below 2^-14 the half is subnormal.
+ */
+BITS_FN uint16_t
+float_to_f16(float f)
+{
+	uint32_t	u = float_bits(f),
+				sign = u >> 16 & 0x8000,
+				a = u & 0x7fffffffu;
+
+	if (a > 0x7f800000u)
+		return (uint16_t) (sign | 0x7e00 | (a >> 13 & 0x3ff));
+	if (a >= 0x477ff000u)
+		return (uint16_t) (sign | 0x7c00);
+	if (a < 0x38800000u)
+	{
+		/* |f| + 0.5 rounds |f| to a multiple of 2^-24 (0.5's ulp), a subnormal's step */
+		return (uint16_t) (sign | (float_bits(float_from_bits(a) + 0.5f) - 0x3f000000u));
+	}
+	/* the exponent rebiased from 127 to 15, the 13 dropped bits rounded to even */
+	a -= 0x38000000u;
+	return (uint16_t) (sign | (a + 0xfffu + (a >> 13 & 1)) >> 13);
+}
+
 #endif

@@ -46,11 +46,11 @@ static const module_spec neox_modules[] = {
 	{"dense_4h_to_h", "mlp.", DL_LORA_FC_OUT, 0, 0, 1, 1, 0},
 };
 
-/* The modules of m's architecture, *n of them, and the path of layer l's ("%d"). */
+/* The modules of c's architecture, *n of them, and the path of layer l's ("%d"). */
 static const module_spec *
-modules_of(const dl_model *m, int *n, const char **layer_fmt)
+modules_of(const dl_config *c, int *n, const char **layer_fmt)
 {
-	if (m->cfg.arch == DL_ARCH_GPTJ)
+	if (c->arch == DL_ARCH_GPTJ)
 	{
 		*n = (int) (sizeof(gptj_modules) / sizeof(gptj_modules[0]));
 		*layer_fmt = "transformer.h.%d.";
@@ -82,12 +82,11 @@ named(char (*targets)[32], int ntargets, const char *name)
  * the architecture's order; a name it does not have is DL_EINVAL listing those it has.
  */
 static dl_status
-set_targets(dl_lora *a, char (*targets)[32], int ntargets, dl_error *err)
+set_targets(dl_lora *a, const dl_config *c, char (*targets)[32], int ntargets, dl_error *err)
 {
-	const dl_config *c = &a->model->cfg;
 	const char *layer_fmt;
 	int			n;
-	const module_spec *ms = modules_of(a->model, &n, &layer_fmt);
+	const module_spec *ms = modules_of(c, &n, &layer_fmt);
 	char		names[256] = "";
 
 	for (int i = 0; i < n; i++)
@@ -125,38 +124,33 @@ set_targets(dl_lora *a, char (*targets)[32], int ntargets, dl_error *err)
 	return DL_OK;
 }
 
-/* The path of target t of layer l's module, as PEFT names it ("" prefix: its own). */
-static void
-module_path(const dl_lora *a, int l, const dl_lora_target *t, char *buf, size_t len)
+void
+lora_module_path(const dl_config *c, int l, const dl_lora_target *t, char *buf, size_t len)
 {
 	const char *layer_fmt;
 	int			n,
 				at;
-	const module_spec *ms = modules_of(a->model, &n, &layer_fmt);
+	const module_spec *ms = modules_of(c, &n, &layer_fmt);
 
-	at = snprintf(buf, len, "base_model.model.");
-	at += snprintf(buf + at, len - at, layer_fmt, l);
+	at = snprintf(buf, len, layer_fmt, l);
 	for (int j = 0; j < n; j++)
 		if (strcmp(ms[j].name, t->module) == 0)
 			snprintf(buf + at, len - at, "%s%s", ms[j].path, t->module);
 }
 
 /*
- * The map and spans of an adapter with its targets and rank set: layer by layer, each
- * target's A then B, aligned; then the one allocation.
+ * The map and spans of an adapter with its targets and rank set, for a base of c, on a
+ * backend of that alignment: layer by layer, each target's A then B.
  */
 static dl_status
-layout(dl_lora *a, dl_error *err)
+layout(dl_lora *a, const dl_config *c, size_t align, dl_error *err)
 {
-	const dl_model *m = a->model;
-	int			L = m->cfg.n_layer;
-	size_t		align = m->be->alignment,
-				off = 0;
-	dl_status	st;
+	int			L = c->n_layer;
+	size_t		off = 0;
 
 	a->nmap = 2 * a->ntargets * L;
 	a->map = calloc(a->nmap, sizeof(dl_tensor_map));
-	a->spans = calloc(2 * DL_GRAD_SPANS(&m->cfg), sizeof(size_t));
+	a->spans = calloc(2 * DL_GRAD_SPANS(c), sizeof(size_t));
 	if (a->map == NULL || a->spans == NULL)
 		return dl_fail(err, DL_ENOMEM, "out of memory creating an adapter");
 	for (int l = 0; l < L; l++)
@@ -168,12 +162,13 @@ layout(dl_lora *a, dl_error *err)
 			const dl_lora_target *t = &a->targets[i];
 			char		path[96];
 
-			module_path(a, l, t, path, sizeof(path));
+			lora_module_path(c, l, t, path, sizeof(path));
 			for (int k = 0; k < 2; k++)
 			{
 				dl_tensor_map *e = &a->map[2 * (l * a->ntargets + i) + k];
 
-				snprintf(e->name, sizeof(e->name), "%s.lora_%c.weight", path, k ? 'B' : 'A');
+				snprintf(e->name, sizeof(e->name), DL_LORA_PREFIX "%s.lora_%c.weight", path,
+						 k ? 'B' : 'A');
 				e->ndim = 2;
 				e->shape[0] = k ? t->n_out : a->r;
 				e->shape[1] = k ? a->r : t->n_in;
@@ -189,16 +184,16 @@ layout(dl_lora *a, dl_error *err)
 	a->spans[0] = a->spans[1] = off;
 	a->spans[2 * (L + 1)] = a->spans[2 * (L + 1) + 1] = off;
 	a->bytes = off;
-	st = model_alloc(m->be, off, &a->mem, err);
-	if (st != DL_OK)
-		dl_hint(err, "The adapter needs %zu MB.", off >> 20);
-	return st;
+	return DL_OK;
 }
 
-/* An adapter of m with rank r, alpha and targets, its memory laid out (contents undefined). */
+/*
+ * An adapter for a base of c with rank r, alpha and targets, laid out for a backend of
+ * that alignment; no memory yet (model and mem NULL).
+ */
 static dl_status
-lora_new(const dl_model *m, int r, float alpha, int rslora, char (*targets)[32], int ntargets,
-		 dl_lora **out, dl_error *err)
+lora_new(const dl_config *c, size_t align, int r, float alpha, int rslora,
+		 char (*targets)[32], int ntargets, dl_lora **out, dl_error *err)
 {
 	dl_lora    *a;
 	dl_status	st;
@@ -211,20 +206,31 @@ lora_new(const dl_model *m, int r, float alpha, int rslora, char (*targets)[32],
 	a = calloc(1, sizeof(*a));
 	if (a == NULL)
 		return dl_fail(err, DL_ENOMEM, "out of memory creating an adapter");
-	a->model = m;
 	a->r = r;
 	a->alpha = alpha;
 	a->rslora = rslora;
 	a->scale = rslora ? alpha / sqrtf((float) r) : alpha / (float) r;
-	st = set_targets(a, targets, ntargets, err);
+	st = set_targets(a, c, targets, ntargets, err);
 	if (st == DL_OK)
-		st = layout(a, err);
+		st = layout(a, c, align, err);
 	if (st != DL_OK)
 	{
 		dl_lora_free(a);
 		return st;
 	}
 	*out = a;
+	return DL_OK;
+}
+
+/* a's memory on m's backend, contents undefined: a becomes an adapter of m. */
+static dl_status
+lora_alloc(dl_lora *a, const dl_model *m, dl_error *err)
+{
+	dl_status	st = model_alloc(m->be, a->bytes, &a->mem, err);
+
+	if (st != DL_OK)
+		return dl_hint(err, "The adapter needs %zu MB.", a->bytes >> 20);
+	a->model = m;
 	return DL_OK;
 }
 
@@ -241,7 +247,10 @@ dl_lora_create(const dl_model *m, const dl_lora_config *cfg, uint64_t seed, dl_l
 		return dl_fail(err, DL_EINVAL, "LoRA dropout %g is out of range [0, 1)", cfg->dropout);
 	if (cfg->ntargets < 0 || cfg->ntargets > DL_LORA_MAX_TARGETS)
 		return dl_fail(err, DL_EINVAL, "%d LoRA targets; at most %d", cfg->ntargets, DL_LORA_MAX_TARGETS);
-	st = lora_new(m, cfg->r, cfg->alpha, 0, (char (*)[32]) cfg->targets, cfg->ntargets, &a, err);
+	st = lora_new(&m->cfg, m->be->alignment, cfg->r, cfg->alpha, 0,
+				  (char (*)[32]) cfg->targets, cfg->ntargets, &a, err);
+	if (st == DL_OK && (st = lora_alloc(a, m, err)) != DL_OK)
+		dl_lora_free(a);
 	if (st != DL_OK)
 		return st;
 	a->dropout = cfg->dropout;
@@ -326,6 +335,9 @@ unsupported_option(json_object *cfg)
 	return strcmp(bias, "none") == 0 ? NULL : "bias";
 }
 
+/* The hint of a directory that is not an adapter's. */
+#define ADAPTER_DIR_HINT "An adapter directory is what PEFT's save_pretrained writes."
+
 /* adapter_config.json of dir: checked, its rank, alpha, rsLoRA, targets and base. */
 static dl_status
 read_config(const char *dir, int *r, float *alpha, int *rslora, char (*targets)[32],
@@ -342,7 +354,7 @@ read_config(const char *dir, int *r, float *alpha, int *rslora, char (*targets)[
 	snprintf(path, sizeof(path), "%s/adapter_config.json", dir);
 	st = file_read(path, "adapter configuration", 1 << 20, &text, &len, err);
 	if (st != DL_OK)
-		return dl_hint(err, "An adapter directory is what PEFT's save_pretrained writes.");
+		return dl_hint(err, ADAPTER_DIR_HINT);
 	cfg = json_tokener_parse(text);
 	free(text);
 	if (cfg == NULL || !json_object_is_type(cfg, json_type_object))
@@ -385,6 +397,26 @@ read_config(const char *dir, int *r, float *alpha, int *rslora, char (*targets)[
 }
 
 dl_status
+lora_read(const char *dir, const dl_config *c, size_t align, dl_lora **out, dl_error *err)
+{
+	char		targets[DL_LORA_MAX_TARGETS][32],
+				base[1024];
+	int			r = 0,
+				rslora = 0,
+				ntargets = 0;
+	float		alpha = 0;
+	dl_status	st;
+
+	*out = NULL;
+	st = read_config(dir, &r, &alpha, &rslora, targets, &ntargets, base, sizeof(base), err);
+	if (st == DL_OK)
+		st = lora_new(c, align, r, alpha, rslora, targets, ntargets, out, err);
+	if (st == DL_OK)
+		snprintf((*out)->base_name, sizeof((*out)->base_name), "%s", base);
+	return st;
+}
+
+dl_status
 lora_base_name(const char *dir, char *base, size_t len, dl_error *err)
 {
 	char		targets[DL_LORA_MAX_TARGETS][32];
@@ -397,37 +429,39 @@ lora_base_name(const char *dir, char *base, size_t len, dl_error *err)
 }
 
 dl_status
+lora_open_tensors(const char *dir, st_set **out, dl_error *err)
+{
+	char		path[4200];
+
+	snprintf(path, sizeof(path), "%s/adapter_model.safetensors", dir);
+	if (st_open_file(path, out, err) != DL_OK)
+		return dl_hint(err, ADAPTER_DIR_HINT);
+	return DL_OK;
+}
+
+dl_status
 dl_lora_load(const dl_model *m, const char *dir, dl_lora **out, dl_error *err)
 {
-	char		targets[DL_LORA_MAX_TARGETS][32],
-				base[1024],
-				path[4200];
-	int			r = 0,
-				rslora = 0,
-				ntargets = 0;
-	float		alpha = 0;
 	dl_lora    *a;
 	st_set	   *set = NULL;
 	dl_status	st;
+	char		base[1024];
+	dl_error	ignored;
 
 	*out = NULL;
-	st = read_config(dir, &r, &alpha, &rslora, targets, &ntargets, base, sizeof(base), err);
-	if (st != DL_OK)
-		return st;
-	st = lora_new(m, r, alpha, rslora, targets, ntargets, &a, err);
+	st = lora_read(dir, &m->cfg, m->be->alignment, &a, err);
 	if (st == DL_OK)
-	{
-		snprintf(a->base_name, sizeof(a->base_name), "%s", base);
-		snprintf(path, sizeof(path), "%s/adapter_model.safetensors", dir);
-		st = st_open_file(path, &set, err);
-	}
+		st = lora_alloc(a, m, err);
+	if (st == DL_OK)
+		st = lora_open_tensors(dir, &set, err);
 	if (st == DL_OK)
 		st = weights_load(m->be, a->mem, a->map, a->nmap, &m->cfg, set, dir, "LoRA adapter",
 						  NULL, NULL, err);
 	st_close(set);
-	if (st == DL_EINVAL || st == DL_EFORMAT)
+	/* a module the model lacks, a shape it does not have: a valid adapter of another base */
+	if ((st == DL_EINVAL || st == DL_EFORMAT) &&
+		lora_base_name(dir, base, sizeof(base), &ignored) == DL_OK)
 	{
-		/* a module the model lacks, a shape it does not have: another base's adapter */
 		char		why[sizeof(err->msg)],
 					hint[sizeof(err->hint)];
 
@@ -532,7 +566,8 @@ dl_lora_free(dl_lora *a)
 {
 	if (a == NULL)
 		return;
-	a->model->be->free(a->model->be, a->mem);
+	if (a->model)
+		a->model->be->free(a->model->be, a->mem);
 	free(a->map);
 	free(a->spans);
 	free(a);

@@ -21,6 +21,9 @@
 #define DL_LORA_MAX_RANK 256
 #define DL_LORA_MAX_TARGETS 6	/* GPT-J's q, k, v, out, fc_in, fc_out */
 
+/* What PEFT puts before a module's path in the base to name its adapter tensors. */
+#define DL_LORA_PREFIX "base_model.model."
+
 /* The products of a layer an adapter can add to. */
 typedef enum dl_lora_product
 {
@@ -53,7 +56,7 @@ typedef struct dl_lora_config
 
 typedef struct dl_lora
 {
-	const dl_model *model;		/* the base it adapts (not owned) */
+	const dl_model *model;		/* the base it adapts (not owned); NULL: read only (lora_read) */
 	int			r;
 	float		alpha;
 	float		scale;
@@ -89,6 +92,34 @@ dl_status	dl_lora_load(const dl_model *m, const char *dir, dl_lora **out, dl_err
 
 /* The base_model_name_or_path of adapter directory dir, its configuration checked. */
 dl_status	lora_base_name(const char *dir, char *base, size_t len, dl_error *err);
+
+/*
+ * The adapter of directory dir for a base of configuration c, checked as dl_lora_load
+ * checks it and its map laid out for a backend of that alignment, without its tensors
+ * (model and mem NULL): what dl_lora_load and lora_merge start from. Free with
+ * dl_lora_free.
+ */
+dl_status	lora_read(const char *dir, const dl_config *c, size_t align, dl_lora **out,
+					  dl_error *err);
+
+/* Open the tensors of adapter directory dir (adapter_model.safetensors). */
+dl_status	lora_open_tensors(const char *dir, st_set **out, dl_error *err);
+
+/* The path of target t's module of layer l in the base ("transformer.h.3.attn.q_proj"). */
+void		lora_module_path(const dl_config *c, int l, const dl_lora_target *t, char *buf,
+							 size_t len);
+
+/*
+ * Merge the adapter of directory adapter_dir into the model of directory base_dir, as
+ * PEFT's merge_and_unload, as a new model directory out_dir (which must not exist;
+ * written aside and renamed, as model_convert): config.json, generation_config.json and
+ * the tokenizer's files copied; every tensor of the base as it is (less the buffers
+ * transformers ignores), in as many shards, but each target's weight W, which becomes
+ * W + scale B A, computed in float32 and stored in W's dtype (rounded to nearest even).
+ * The weights are streamed tensor by tensor without loading a model (lora_merge.c).
+ */
+dl_status	lora_merge(const char *base_dir, const char *adapter_dir, const char *out_dir,
+					   dl_error *err);
 
 /*
  * Save as a PEFT adapter directory dir (which must not exist; written aside and renamed,

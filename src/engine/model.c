@@ -187,10 +187,9 @@ shape_str(char *buf, size_t len, int ndim, const int64_t *shape)
 	return buf;
 }
 
-/* Find a map entry's tensor and check its dtype and shape. */
-static dl_status
-check_tensor(const st_set *set, const dl_tensor_map *e, const char *dir, const char *type,
-			 const st_tensor **out, dl_error *err)
+dl_status
+weights_check(const st_set *set, const dl_tensor_map *e, const char *dir, const char *type,
+			  const st_tensor **out, dl_error *err)
 {
 	const st_tensor *t = st_find(set, e->name);
 	char		got[96],
@@ -347,7 +346,7 @@ static dl_status
 load_tensor(dl_backend *be, void *mem, const st_set *set, const dl_tensor_map *e,
 			const st_tensor *t, const int32_t *rows, dl_error *err)
 {
-	/* check_tensor made the shape the map's: at least one row of at least one element */
+	/* weights_check made the shape the map's: at least one row of at least one element */
 	size_t		row_bytes = t->nbytes / t->shape[0],
 				dst_row = (size_t) (e->ndim == 2 ? e->shape[1] : 1) *
 		(e->fmt == DL_FMT_WEIGHT ? be->weight_elem_size : sizeof(float));
@@ -380,7 +379,7 @@ weights_load(dl_backend *be, void *mem, const dl_tensor_map *map, int nmap,
 
 	for (int i = 0; i < nmap; i++)
 	{
-		st = check_tensor(set, &map[i], dir, type, &t, err);
+		st = weights_check(set, &map[i], dir, type, &t, err);
 		if (st != DL_OK)
 			return st;
 		total += map[i].shape[0] * (map[i].ndim == 2 ? map[i].shape[1] : 1);

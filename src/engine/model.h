@@ -135,6 +135,13 @@ int64_t		dl_model_param_count(const dl_model *m);
 dl_trained	dl_model_trained(const dl_model *m);
 
 /*
+ * Find map entry e's tensor in set and check its dtype (F32, F16 or BF16) and shape: an
+ * error names the tensor and its file, or dir (a checkpoint of type) when it is missing.
+ */
+dl_status	weights_check(const st_set *set, const dl_tensor_map *e, const char *dir,
+						  const char *type, const st_tensor **out, dl_error *err);
+
+/*
  * Check the nmap tensors of map against the files of set (dir names them in errors, as a
  * checkpoint of type), then upload each to mem + its offset on be, telling watch (unless
  * NULL): the loading of a model's parameters and of an adapter's. cfg gives the sizes
@@ -150,6 +157,14 @@ dl_status	weights_load(dl_backend *be, void *mem, const dl_tensor_map *map, int 
  */
 dl_status	weights_write(dl_backend *be, const void *mem, const dl_tensor_map *map, int nmap,
 						  const dl_config *cfg, const char *path, dl_error *err);
+
+/*
+ * Write the model of directory src, whose weights are set, as the new directory dst, as
+ * model_convert does (train.h), each tensor's bytes given by hook(arg, ...) (safetensors.h;
+ * NULL: as they are): lora_merge writes a base with its targets merged this way.
+ */
+dl_status	model_dir_write(const char *src, const st_set *set, const char *dst,
+							st_write_hook hook, void *arg, dl_error *err);
 
 /* be->alloc as a dl_status: *out is NULL on failure. */
 dl_status	model_alloc(dl_backend *be, size_t bytes, void **out, dl_error *err);

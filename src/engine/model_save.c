@@ -2,7 +2,8 @@
  * model_save.c: models that do not come from a checkpoint and models that go back to one:
  * random initialisation, growing the vocabulary for Dolly's special tokens, and saving
  * as a Hugging Face directory; and a model directory's weights rewritten as safetensors
- * (model_convert, dolly-cli convert).
+ * (model_convert, dolly-cli convert), or with an adapter merged (model_dir_write, for
+ * lora_merge.c).
  *
  * The first three walk the model's tensor map (model.h) and move each tensor between the
  * device and the host as float32 through the backend (download, upload_tensor), so they
@@ -407,10 +408,11 @@ write_index(const st_set *set, const shard_name *shards, const char *path, dl_er
 
 /*
  * Write the weights of set into tmp as safetensors, the file of shard f holding what
- * set's file f held (less the ignored buffers), with the same names, dtypes and bytes.
+ * set's file f held (less the ignored buffers), with the same names and dtypes, the
+ * bytes hook gives.
  */
 static dl_status
-write_shards(const st_set *set, const char *tmp, dl_error *err)
+write_shards(const st_set *set, const char *tmp, st_write_hook hook, void *arg, dl_error *err)
 {
 	static const char *const meta[] = {"format", "pt"};
 	st_write_tensor *w = calloc(set->ntensors ? set->ntensors : 1, sizeof(*w));
@@ -453,7 +455,7 @@ write_shards(const st_set *set, const char *tmp, dl_error *err)
 		else
 			snprintf(shards[f], sizeof(shards[f]), "model-%05d-of-%05d.safetensors", ++s, nshards);
 		snprintf(path, sizeof(path), "%s/%s", tmp, shards[f]);
-		st = st_write(path, w + k, n, meta, 1, err);
+		st = st_write_hooked(path, w + k, n, meta, 1, hook, arg, err);
 		k += n;
 	}
 	if (st == DL_OK && nshards > 1)
@@ -466,25 +468,32 @@ write_shards(const st_set *set, const char *tmp, dl_error *err)
 	return st;
 }
 
+/* A model directory's files and weights written as a new one; see model.h. */
+dl_status
+model_dir_write(const char *src, const st_set *set, const char *dst, st_write_hook hook,
+				void *arg, dl_error *err)
+{
+	dl_dir_aside d;
+	dl_status	st = dir_aside_begin(dst, &d, err);
+
+	if (st != DL_OK)
+		return st;
+	for (size_t i = 0; i < sizeof(model_files) / sizeof(model_files[0]) && st == DL_OK; i++)
+		st = copy_model_file(src, d.tmp, model_files[i], i == 0, err);
+	if (st == DL_OK)
+		st = write_shards(set, d.tmp, hook, arg, err);
+	return dir_aside_end(&d, st, err);
+}
+
 /* A model directory's weights rewritten as safetensors beside its files; see train.h. */
 dl_status
 model_convert(const char *src, const char *dst, dl_error *err)
 {
 	st_set	   *set = NULL;
-	dl_dir_aside d;
 	dl_status	st = st_open(src, &set, err);
 
 	if (st == DL_OK)
-		st = dir_aside_begin(dst, &d, err);
-	if (st != DL_OK)
-	{
-		st_close(set);
-		return st;
-	}
-	for (size_t i = 0; i < sizeof(model_files) / sizeof(model_files[0]) && st == DL_OK; i++)
-		st = copy_model_file(src, d.tmp, model_files[i], i == 0, err);
-	if (st == DL_OK)
-		st = write_shards(set, d.tmp, err);
+		st = model_dir_write(src, set, dst, NULL, NULL, err);
 	st_close(set);
-	return dir_aside_end(&d, st, err);
+	return st;
 }

@@ -791,6 +791,14 @@ dl_status
 st_write(const char *path, const st_write_tensor *tensors, int n,
 		 const char *const *meta_kv, int nmeta, dl_error *err)
 {
+	return st_write_hooked(path, tensors, n, meta_kv, nmeta, NULL, NULL, err);
+}
+
+dl_status
+st_write_hooked(const char *path, const st_write_tensor *tensors, int n,
+				const char *const *meta_kv, int nmeta, st_write_hook hook, void *arg,
+				dl_error *err)
+{
 	char	   *header = NULL;
 	size_t		hlen = 0;
 	uint64_t	len64;
@@ -813,10 +821,14 @@ st_write(const char *path, const st_write_tensor *tensors, int n,
 	for (int i = 0; i < n && st == DL_OK; i++)
 	{
 		size_t		nbytes = st_dtype_size(tensors[i].dtype);
+		const void *data = tensors[i].data;
 
 		for (int d = 0; d < tensors[i].ndim; d++)
 			nbytes *= (size_t) tensors[i].shape[d];
-		st = file_write(&out, tensors[i].data, nbytes, err);
+		if (hook)
+			st = hook(arg, &tensors[i], &data, err);
+		if (st == DL_OK)
+			st = file_write(&out, data, nbytes, err);
 	}
 	free(header);
 	return file_commit(&out, st, err);

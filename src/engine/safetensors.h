@@ -122,4 +122,19 @@ typedef struct st_write_tensor
 dl_status	st_write(const char *path, const st_write_tensor *tensors, int n,
 					 const char *const *meta_kv, int nmeta, dl_error *err);
 
+/*
+ * The bytes to write for tensor t, asked for just before they are written: *data is
+ * t->data, or bytes of the hook's own in t's dtype and shape, valid until its next call.
+ */
+typedef dl_status (*st_write_hook) (void *arg, const st_write_tensor *t, const void **data,
+									dl_error *err);
+
+/*
+ * st_write, each tensor's bytes given by hook(arg, ...): a file of tensors computed one
+ * at a time (lora_merge) never holds more than one of them in memory.
+ */
+dl_status	st_write_hooked(const char *path, const st_write_tensor *tensors, int n,
+							const char *const *meta_kv, int nmeta, st_write_hook hook,
+							void *arg, dl_error *err);
+
 #endif

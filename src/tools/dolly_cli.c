@@ -1,7 +1,7 @@
 /*
  * dolly_cli.c: the engine without PostgreSQL: generate text from a model directory,
  * benchmark it, make a random model, fine-tune one on a JSON-lines file, convert one to
- * safetensors. This file reads the options and runs the commands that read a model;
+ * safetensors, merge a LoRA adapter into one. This file reads the options and runs the commands that read a model;
  * dolly_cli_train.c has those that write one.
  *
  *   dolly-cli generate --model DIR [options] INSTRUCTION
@@ -13,6 +13,7 @@
  *   dolly-cli train --model DIR --data FILE.jsonl --out DIR [options]
  *   dolly-cli logits --model DIR --out FILE.safetensors TEXT
  *   dolly-cli convert --model DIR --out DIR
+ *   dolly-cli merge --model BASE_DIR --adapter ADAPTER_DIR --out DIR
  *
  * generate answers by Dolly's pipeline (pipeline.h: the template unless --raw, the stop
  * token, the response read out), as the model server does, on stdout; the prefill and
@@ -24,7 +25,7 @@
  * line "load_s=X peak_rss_mb=Y param_mb=Z" (tests/bench/bench_load.py).
  *
  * logits writes the ids and logits of a raw text (ids I32 [T], logits F32 [T, V]) for
- * tests/check_saved_model.py. init, train and convert write model directories
+ * tests/check_saved_model.py. init, train, convert and merge write model directories
  * (dolly_cli_train.c).
  */
 #include "dolly_cli.h"
@@ -68,9 +69,12 @@ usage(FILE *f)
 			"                   [--lora-targets q_proj,v_proj]]\n"
 			"  dolly-cli logits --model DIR --out FILE.safetensors [--threads N] [--bf16] TEXT\n"
 			"  dolly-cli convert --model DIR --out DIR\n"
+			"  dolly-cli merge --model BASE_DIR --adapter ADAPTER_DIR --out DIR\n"
 			"  (--bf16: the CPU keeps the matrices in bfloat16, half the memory;\n"
 			"   --adapter DIR: generate, logits and bench run a PEFT LoRA adapter of the model;\n"
-			"   bench takes up to 8, one per sequence in turn, and the model alone for one more)\n");
+			"   bench takes up to 8, one per sequence in turn, and the model alone for one more;\n"
+			"   merge writes the model with the adapter merged into its weights, as PEFT's\n"
+			"   merge_and_unload, in the base's dtypes and shards)\n");
 }
 
 int
@@ -801,6 +805,8 @@ main(int argc, char **argv)
 		return cmd_logits(&o);
 	if (strcmp(argv[1], "convert") == 0)
 		return cmd_convert(&o);
+	if (strcmp(argv[1], "merge") == 0)
+		return cmd_merge(&o);
 	fprintf(stderr, "dolly-cli: unknown command \"%s\"\n", argv[1]);
 	usage(stderr);
 	return 2;

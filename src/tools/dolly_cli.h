@@ -84,5 +84,6 @@ int			load_adapters(const options *o, const dl_model *m, dl_lora **out, dl_error
 int			cmd_init(const options *o);
 int			cmd_train(const options *o);
 int			cmd_convert(const options *o);
+int			cmd_merge(const options *o);
 
 #endif

@@ -8,7 +8,7 @@
  * ("train_tokens_per_s=X ..."), and saves the result; --checkpoint keeps only each
  * layer's input and recomputes the rest in backward, for less memory. convert writes the
  * model of a directory (PyTorch .bin weights, say) as a new directory in safetensors
- * (model_convert).
+ * (model_convert); merge writes a model with a LoRA adapter merged into it (lora_merge).
  */
 #include "dolly_cli.h"
 #include "tokenizer.h"
@@ -312,5 +312,22 @@ cmd_convert(const options *o)
 	if (model_convert(o->model, o->out, &err) != DL_OK)
 		return report(&err);
 	fprintf(stderr, "converted %s to %s\n", o->model, o->out);
+	return 0;
+}
+
+/* merge: the model of --model with the LoRA adapter of --adapter merged, as --out. */
+int
+cmd_merge(const options *o)
+{
+	dl_error	err;
+
+	if (o->out == NULL || o->nadapters != 1)
+	{
+		fprintf(stderr, "dolly-cli: merge needs --adapter DIR (one) and --out DIR\n");
+		return 1;
+	}
+	if (lora_merge(o->model, o->adapters[0], o->out, &err) != DL_OK)
+		return report(&err);
+	fprintf(stderr, "merged %s into %s as %s\n", o->adapters[0], o->model, o->out);
 	return 0;
 }

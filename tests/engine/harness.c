@@ -1,6 +1,12 @@
-/* harness.c: runs the registered engine tests and prints "N passed, N failed". */
+/*
+ * harness.c: runs the registered engine tests and prints "N passed, N failed"; the
+ * fixtures' paths and the tests' scratch directories.
+ */
+#define _GNU_SOURCE				/* nftw's FTW_DEPTH */
+
 #include "harness.h"
 
+#include <ftw.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -42,6 +48,29 @@ fixture_path(const char *rel)
 
 	snprintf(buf, sizeof(buf), "%s/%s", fixture_dir(), rel);
 	return buf;
+}
+
+const char *
+scratch_dir(char *buf, size_t len)
+{
+	snprintf(buf, len, "/tmp/dolly-test-XXXXXX");
+	return mkdtemp(buf);
+}
+
+/* nftw callback removing one entry (children first). */
+static int
+remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+	(void) sb;
+	(void) flag;
+	(void) ftw;
+	return remove(path);
+}
+
+void
+scratch_done(const char *dir)
+{
+	nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
 }
 
 static int

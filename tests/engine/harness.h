@@ -9,6 +9,7 @@
 #ifndef DOLLY_HARNESS_H
 #define DOLLY_HARNESS_H
 
+#include <stddef.h>
 #include <stdio.h>
 
 typedef void (*test_fn) (int *failed);
@@ -20,6 +21,12 @@ const char *fixture_dir(void);
 
 /* Build "<fixture_dir>/<rel>" into a static buffer (valid until the next call). */
 const char *fixture_path(const char *rel);
+
+/* A fresh temporary directory for one test, in buf (NULL on failure); see scratch_done. */
+const char *scratch_dir(char *buf, size_t len);
+
+/* Remove a scratch directory and everything under it. */
+void		scratch_done(const char *dir);
 
 #define TEST(name) \
 	static void test_##name(int *failed_); \

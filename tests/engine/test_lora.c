@@ -3,18 +3,22 @@
  * (tests/fixtures/<model>-lora-<tag>, made by make_fixtures.py build_lora) give PEFT's
  * logits, torch's gradients and AdamW steps; adapters and the base share one batch;
  * saving and loading keep every value; the dropout of the CPU operation is the mask it
- * says; and what cannot be served is refused with a reason.
+ * says; and what cannot be served is refused with a reason. Adapters merged into their
+ * bases (lora_merge) give PEFT's logits alone, in the bases' dtypes and shards.
  */
 #include "harness.h"
 #include "train_fixture.h"
 
+#include "../../src/engine/bf16.h"
 #include "../../src/engine/dropout.h"
+#include "../../src/engine/files.h"
 #include "../../src/engine/generate.h"
 #include "../../src/engine/lora.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define PROMPTS 4
@@ -80,6 +84,54 @@ max_diff(const float *a, const st_tensor *b, size_t n)
 	return d;
 }
 
+/* The logits of every one of the n tokens ids through m with adapter a (NULL: none). */
+static dl_status
+forward_all(dl_model *m, const dl_lora *a, const int32_t *ids, int n, float *logits,
+			dl_error *err)
+{
+	dl_kv_cache *c = NULL;
+	dl_seq		s = {0, 0, n, ids, DL_LOGITS_ALL, a};
+	dl_status	st = dl_kv_cache_create(m, 1, m->cfg.max_pos, n, &c, err);
+
+	if (st == DL_OK)
+		st = dl_model_forward(m, c, &s, 1, logits, err);
+	dl_kv_cache_free(c);
+	return st;
+}
+
+/*
+ * The largest difference over the fixture prompts of exp (each alone, every position)
+ * between m's logits with adapter a (NULL: none) and exp's; what names exp in errors.
+ */
+static dl_status
+prompts_worst(dl_model *m, const dl_lora *a, const st_set *exp, const char *what,
+			  double *worst, dl_error *err)
+{
+	dl_status	st = DL_OK;
+
+	*worst = 0;
+	for (int i = 0; st == DL_OK && i < PROMPTS; i++)
+	{
+		char		key[64];
+		const st_tensor *ids,
+				   *want;
+		float	   *ours;
+
+		snprintf(key, sizeof(key), "prompt_%d_ids", i);
+		ids = st_find(exp, key);
+		snprintf(key, sizeof(key), "prompt_%d_logits", i);
+		want = st_find(exp, key);
+		if (ids == NULL || want == NULL)
+			return dl_fail(err, DL_EFORMAT, "%s lacks prompt %d", what, i);
+		ours = malloc(ids->numel * m->cfg.vocab_size * sizeof(float));
+		st = forward_all(m, a, (const int32_t *) ids->data, (int) ids->numel, ours, err);
+		if (st == DL_OK)
+			*worst = fmax(*worst, max_diff(ours, want, ids->numel * m->cfg.vocab_size));
+		free(ours);
+	}
+	return st;
+}
+
 /*
  * Every prompt's logits with each fixture adapter, each prompt alone, against PEFT's:
  * within 1e-4 (as the models' own, both sides in float32).
@@ -90,42 +142,11 @@ TEST(lora_logits_match_peft)
 	{
 		lora_fixture f;
 		dl_error	err;
-		dl_kv_cache *c = NULL;
 		dl_status	st = lora_open(k, &f, &err);
 		double		worst = 0;
 
-		for (int i = 0; st == DL_OK && i < PROMPTS; i++)
-		{
-			char		key[64];
-			const st_tensor *ids,
-					   *want;
-			float	   *ours;
-			int			V = f.m->cfg.vocab_size;
-
-			snprintf(key, sizeof(key), "prompt_%d_ids", i);
-			ids = st_find(f.exp, key);
-			snprintf(key, sizeof(key), "prompt_%d_logits", i);
-			want = st_find(f.exp, key);
-			if (ids == NULL || want == NULL)
-			{
-				st = dl_fail(&err, DL_EFORMAT, "%s lacks prompt %d", adapters[k][1], i);
-				break;
-			}
-			ours = malloc(ids->numel * V * sizeof(float));
-			st = dl_kv_cache_create(f.m, 1, f.m->cfg.max_pos, (int) ids->numel, &c, &err);
-			if (st == DL_OK)
-			{
-				dl_seq		s = {0, 0, (int) ids->numel, (const int32_t *) ids->data,
-				DL_LOGITS_ALL, f.a};
-
-				st = dl_model_forward(f.m, c, &s, 1, ours, &err);
-			}
-			if (st == DL_OK)
-				worst = fmax(worst, max_diff(ours, want, ids->numel * V));
-			free(ours);
-			dl_kv_cache_free(c);
-			c = NULL;
-		}
+		if (st == DL_OK)
+			st = prompts_worst(f.m, f.a, f.exp, adapters[k][1], &worst, &err);
 		lora_close(&f);
 		CHECK_OK(st, &err);
 		printf("  %-22s logits within %.2e of PEFT's\n", adapters[k][1], worst);
@@ -501,4 +522,354 @@ TEST(lora_generator_mixes_adapters)
 	be->destroy(be);
 	CHECK_OK(st, &err);
 	CHECKF(same, "a sequence's tokens differ when adapters share the batch");
+}
+
+/*
+ * How many of merged's tensors differ in bytes from base's; -1 when their names, dtypes
+ * or shapes differ.
+ */
+static int
+changed_tensors(const st_set *merged, const st_set *base)
+{
+	int			n = 0;
+
+	if (merged->ntensors != base->ntensors)
+		return -1;
+	for (int i = 0; i < merged->ntensors; i++)
+	{
+		const st_tensor *t = &merged->tensors[i],
+				   *b = st_find(base, t->name);
+
+		if (b == NULL || b->dtype != t->dtype || b->ndim != t->ndim ||
+			memcmp(b->shape, t->shape, sizeof(t->shape)) != 0)
+			return -1;
+		n += memcmp(b->data, t->data, t->nbytes) != 0;
+	}
+	return n;
+}
+
+/*
+ * Each fixture adapter merged into its base (lora_merge): the merged model alone gives
+ * PEFT's logits with the adapter within 1e-4, and differs from its base in the targets'
+ * weights alone, in as many shards.
+ */
+TEST(lora_merge_matches_peft)
+{
+	char		tmp[64],
+				out[128],
+				base_dir[256],
+				path[256];
+
+	CHECKF(scratch_dir(tmp, sizeof(tmp)) != NULL, "mkdtemp");
+	for (size_t k = 0; k < sizeof(adapters) / sizeof(adapters[0]); k++)
+	{
+		dl_backend *be = NULL;
+		dl_model   *m = NULL;
+		dl_lora    *a = NULL;
+		st_set	   *exp = NULL,
+				   *merged = NULL,
+				   *base = NULL;
+		dl_error	err;
+		double		worst = 0;
+		int			changed = -1,
+					targets = 0,
+					shards = 0;
+		dl_status	st;
+
+		snprintf(out, sizeof(out), "%s/merged-%zu", tmp, k);
+		/* fixture_path's buffer is one: the base's path is copied */
+		snprintf(base_dir, sizeof(base_dir), "%s", fixture_path(adapters[k][0]));
+		snprintf(path, sizeof(path), "%s/expected.safetensors", adapters[k][1]);
+		st = lora_merge(base_dir, fixture_path(adapters[k][1]), out, &err);
+		if (st == DL_OK)
+			st = st_open_file(fixture_path(path), &exp, &err);
+		if (st == DL_OK)
+			st = backend_cpu_create(2, 0, &be, &err);
+		if (st == DL_OK)
+			st = dl_model_load(out, be, &m, &err);
+		if (st == DL_OK)
+			st = prompts_worst(m, NULL, exp, adapters[k][1], &worst, &err);
+		if (st == DL_OK)
+			st = lora_read(fixture_path(adapters[k][1]), &m->cfg, 1, &a, &err);
+		if (st == DL_OK)
+			st = st_open(out, &merged, &err);
+		if (st == DL_OK)
+			st = st_open(base_dir, &base, &err);
+		if (st == DL_OK)
+		{
+			changed = changed_tensors(merged, base);
+			targets = a->nmap / 2;
+			shards = merged->nfiles == base->nfiles ? merged->nfiles : -1;
+		}
+		st_close(base);
+		st_close(merged);
+		dl_lora_free(a);
+		st_close(exp);
+		dl_model_free(m);
+		if (be)
+			be->destroy(be);
+		if (st != DL_OK || worst > 1e-4 || changed != targets || shards < 1)
+			scratch_done(tmp);
+		CHECK_OK(st, &err);
+		printf("  %-22s merged: logits within %.2e of PEFT's, %d tensors changed, %d shard(s)\n",
+			   adapters[k][1], worst, changed, shards);
+		CHECKF(worst <= 1e-4, "%s merged: logits differ from PEFT's by %g", adapters[k][1], worst);
+		CHECKF(changed == targets, "%s merged: %d tensors changed, %d targets", adapters[k][1],
+			   changed, targets);
+		CHECK(shards >= 1);
+	}
+	scratch_done(tmp);
+}
+
+/*
+ * Bases in bfloat16 and half: a fresh adapter of the float32 twin (every module, B made
+ * nonzero), saved, merged into the 16-bit base and into its PyTorch twin. The merge keeps
+ * every dtype and every other tensor's bytes, both twins merge to the same tensors, and
+ * the merged model's logits are those of the adapter run over the 16-bit base within the
+ * rounding of the merged weights to 8 (or 11) significant bits.
+ */
+TEST(lora_merge_16bit_bases)
+{
+	static const struct
+	{
+		const char *f32,
+				   *base,
+				   *bin;
+		const char *targets[DL_LORA_MAX_TARGETS];
+		int			ntargets;
+		double		rel_tol;	/* of the largest logit */
+	}			bases[] = {
+		{"gptj-f32", "gptj-bf16", "gptj-bf16-bin",
+		{"q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"}, 6, 1.0 / 128},
+		{"neox-par-f32", "neox-par-f16", "neox-par-f16-bin",
+		{"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}, 4, 1.0 / 1024},
+	};
+	enum {T = 12};
+	char		tmp[64],
+				adapter[128],
+				out[128],
+				out_bin[128];
+	int32_t		ids[T];
+
+	for (int i = 0; i < T; i++)
+		ids[i] = (int32_t) (37 * i + 5) % 500;
+	CHECKF(scratch_dir(tmp, sizeof(tmp)) != NULL, "mkdtemp");
+	for (size_t k = 0; k < sizeof(bases) / sizeof(bases[0]); k++)
+	{
+		dl_backend *be = NULL;
+		dl_model   *m32 = NULL,
+				   *m16 = NULL,
+				   *mm = NULL;
+		dl_lora    *fresh = NULL,
+				   *a16 = NULL;
+		dl_lora_config cfg;
+		st_set	   *merged = NULL,
+				   *merged_bin = NULL,
+				   *base = NULL;
+		float	   *buf = NULL,
+				   *unmerged = NULL,
+				   *ours = NULL;
+		dl_error	err;
+		double		d = 0,
+					moved = 0,
+					big = 0;
+		int			changed = -1,
+					twins = -1,
+					shards = 0,
+					V = 0;
+		dl_status	st;
+
+		snprintf(adapter, sizeof(adapter), "%s/adapter-%zu", tmp, k);
+		snprintf(out, sizeof(out), "%s/merged-%zu", tmp, k);
+		snprintf(out_bin, sizeof(out_bin), "%s/merged-bin-%zu", tmp, k);
+		lora_defaults(&cfg);
+		cfg.ntargets = bases[k].ntargets;
+		for (int i = 0; i < cfg.ntargets; i++)
+			snprintf(cfg.targets[i], sizeof(cfg.targets[i]), "%s", bases[k].targets[i]);
+		st = backend_cpu_create(2, 0, &be, &err);
+		if (st == DL_OK)
+			st = dl_model_load(fixture_path(bases[k].f32), be, &m32, &err);
+		if (st == DL_OK)
+			st = dl_lora_create(m32, &cfg, 3, &fresh, &err);
+		/* B: values of the size A's products need to move the logits */
+		for (int i = 1; st == DL_OK && i < fresh->nmap; i += 2)
+		{
+			const dl_tensor_map *e = &fresh->map[i];
+			size_t		n = (size_t) e->shape[0] * e->shape[1];
+
+			free(buf);
+			buf = malloc(n * sizeof(float));
+			for (size_t j = 0; j < n; j++)
+				buf[j] = 0.05f * sinf(0.7f * (float) j + (float) i);
+			st = be->upload(be, (char *) fresh->mem + e->offset, buf, n * sizeof(float), &err);
+		}
+		if (st == DL_OK)
+			st = dl_lora_save(fresh, bases[k].f32, adapter, &err);
+		if (st == DL_OK)
+			st = lora_merge(fixture_path(bases[k].base), adapter, out, &err);
+		if (st == DL_OK)
+			st = lora_merge(fixture_path(bases[k].bin), adapter, out_bin, &err);
+		if (st == DL_OK)
+			st = st_open(out, &merged, &err);
+		if (st == DL_OK)
+			st = st_open(out_bin, &merged_bin, &err);
+		if (st == DL_OK)
+			st = st_open(fixture_path(bases[k].base), &base, &err);
+		if (st == DL_OK)
+		{
+			changed = changed_tensors(merged, base);
+			twins = changed_tensors(merged_bin, merged);
+			st_close(base);
+			base = NULL;
+			st = st_open(fixture_path(bases[k].bin), &base, &err);
+		}
+		if (st == DL_OK)
+			shards = merged_bin->nfiles == base->nfiles ? merged_bin->nfiles : -1;
+		/* the adapter over the 16-bit base, and the merged model */
+		if (st == DL_OK)
+			st = dl_model_load(fixture_path(bases[k].base), be, &m16, &err);
+		if (st == DL_OK)
+			st = dl_lora_load(m16, adapter, &a16, &err);
+		if (st == DL_OK)
+			st = dl_model_load(out, be, &mm, &err);
+		if (st == DL_OK)
+		{
+			V = m16->cfg.vocab_size;
+			unmerged = malloc((size_t) T * V * sizeof(float));
+			ours = malloc((size_t) T * V * sizeof(float));
+			st = forward_all(m16, a16, ids, T, unmerged, &err);
+		}
+		if (st == DL_OK)
+			st = forward_all(mm, NULL, ids, T, ours, &err);
+		for (int i = 0; st == DL_OK && i < T * V; i++)
+		{
+			d = fmax(d, fabs(ours[i] - unmerged[i]));
+			big = fmax(big, fabs(unmerged[i]));
+		}
+		if (st == DL_OK)
+			st = forward_all(m16, NULL, ids, T, ours, &err);
+		for (int i = 0; st == DL_OK && i < T * V; i++)
+			moved = fmax(moved, fabs(ours[i] - unmerged[i]));
+		free(buf);
+		free(unmerged);
+		free(ours);
+		st_close(base);
+		st_close(merged);
+		st_close(merged_bin);
+		dl_lora_free(a16);
+		dl_lora_free(fresh);
+		dl_model_free(mm);
+		dl_model_free(m16);
+		dl_model_free(m32);
+		if (be)
+			be->destroy(be);
+		if (st != DL_OK || changed != cfg.ntargets * 2 || twins != 0 || shards < 1 ||
+			d > bases[k].rel_tol * big)
+			scratch_done(tmp);
+		CHECK_OK(st, &err);
+		printf("  %-16s merged: logits within %.2e of the adapter's (largest %.2f, moved by %.2f), "
+			   "%d tensors changed, %d shard(s) from .bin\n", bases[k].base, d, big, moved, changed,
+			   shards);
+		CHECKF(changed == cfg.ntargets * 2, "%s: %d tensors changed", bases[k].base, changed);
+		CHECKF(twins == 0, "%s: the merges of the twins differ in %d tensors", bases[k].base, twins);
+		CHECK(shards >= 1);
+		CHECKF(d <= bases[k].rel_tol * big, "%s: merged logits differ by %g", bases[k].base, d);
+		CHECK(moved > 20 * d);
+	}
+	scratch_done(tmp);
+}
+
+/*
+ * float_to_f16 (bf16.h, the merge's rounding to half): every half goes back to itself,
+ * halfway values round to the even neighbour, overflow becomes infinity, NaN stays NaN.
+ */
+TEST(lora_merge_rounds_half_to_nearest_even)
+{
+	int			bad = 0;
+
+	for (uint32_t h = 0; h < 0x10000; h++)
+	{
+		float		f = f16_to_float((uint16_t) h);
+
+		if ((h & 0x7c00) == 0x7c00 && (h & 0x3ff))
+			bad += !isnan(f16_to_float(float_to_f16(f)));
+		else
+		{
+			bad += float_to_f16(f) != h;
+			/* halfway to the next half up in magnitude: the even one of the two */
+			if ((h & 0x7fff) < 0x7bff)
+			{
+				float		mid = (f + f16_to_float((uint16_t) (h + 1))) / 2;
+
+				bad += float_to_f16(mid) != ((h & 1) ? h + 1 : h);
+			}
+		}
+	}
+	CHECKF(bad == 0, "%d halves round wrongly", bad);
+	CHECK(float_to_f16(65520.0f) == 0x7c00 && float_to_f16(-1e6f) == 0xfc00);
+	CHECK(float_to_f16(65519.0f) == 0x7bff && float_to_f16(0x1p-25f) == 0);
+	CHECK(float_to_f16(0x1p-25f * 1.5f) == 1);
+}
+
+/*
+ * What a merge refuses, leaving no directory: an existing output, an adapter of the
+ * other architecture, an adapter lacking a tensor.
+ */
+TEST(lora_merge_refusals)
+{
+	char		tmp[64],
+				out[128],
+				bad[128],
+				gptj[256],
+				neox[256],
+				path[256];
+	char	   *text = NULL;
+	size_t		len = 0;
+	st_set	   *set = NULL;
+	st_write_tensor w[64];
+	dl_error	err;
+	dl_status	st[3];
+	FILE	   *fp;
+
+	CHECKF(scratch_dir(tmp, sizeof(tmp)) != NULL, "mkdtemp");
+	snprintf(out, sizeof(out), "%s/merged", tmp);
+	/* fixture_path's buffer is one: the bases' paths are copied */
+	snprintf(gptj, sizeof(gptj), "%s", fixture_path("gptj-f32"));
+	snprintf(neox, sizeof(neox), "%s", fixture_path("neox-par-f32"));
+	/* the output exists */
+	st[0] = lora_merge(gptj, fixture_path("gptj-f32-lora-qv"), tmp, &err);
+	CHECKF(st[0] == DL_EINVAL && strstr(err.msg, "exists"), "%s", err.msg);
+	/* GPT-J's adapter over GPT-NeoX */
+	st[1] = lora_merge(neox, fixture_path("gptj-f32-lora-qv"), out, &err);
+	CHECKF(st[1] == DL_EINVAL && strstr(err.msg, "q_proj") && strstr(err.hint, "query_key_value"),
+		   "%s", err.msg);
+	CHECK(access(out, F_OK) != 0);
+	/* the fixture adapter less its last tensor */
+	snprintf(bad, sizeof(bad), "%s/bad", tmp);
+	CHECK(mkdir(bad, 0755) == 0);
+	CHECK_OK(file_read(fixture_path("gptj-f32-lora-qv/adapter_config.json"), "adapter config", 0,
+					   &text, &len, &err), &err);
+	snprintf(path, sizeof(path), "%s/adapter_config.json", bad);
+	fp = fopen(path, "w");
+	CHECK(fp != NULL);
+	fwrite(text, 1, len, fp);
+	fclose(fp);
+	free(text);
+	CHECK_OK(lora_open_tensors(fixture_path("gptj-f32-lora-qv"), &set, &err), &err);
+	CHECK(set->ntensors <= 64);
+	for (int i = 0; i < set->ntensors; i++)
+	{
+		const st_tensor *t = &set->tensors[i];
+
+		w[i] = (st_write_tensor) {t->name, t->dtype, t->ndim, {0}, t->data};
+		memcpy(w[i].shape, t->shape, sizeof(t->shape));
+	}
+	snprintf(path, sizeof(path), "%s/adapter_model.safetensors", bad);
+	CHECK_OK(st_write(path, w, set->ntensors - 1, NULL, 0, &err), &err);
+	st[2] = lora_merge(gptj, bad, out, &err);
+	CHECKF(st[2] == DL_EFORMAT && strstr(err.msg, set->tensors[set->ntensors - 1].name),
+		   "%s", err.msg);
+	st_close(set);
+	CHECK(access(out, F_OK) != 0);
+	scratch_done(tmp);
 }

@@ -6,14 +6,11 @@
  * their conversion to safetensors (model_convert). That transformers loads what we save
  * is checked by tests/check_saved_model.py, outside CI (it needs torch).
  */
-#define _GNU_SOURCE				/* nftw's FTW_DEPTH */
-
 #include "harness.h"
 #include "prompt.h"
 #include "safetensors.h"
 #include "train.h"
 
-#include <ftw.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,31 +19,6 @@
 
 /* test_dataset.c: the fixture tokenizer without Dolly's special tokens. */
 dl_tokenizer *tokenizer_without_dolly_keys(void);
-
-/* nftw callback removing one entry (children first). */
-static int
-remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
-{
-	(void) sb;
-	(void) flag;
-	(void) ftw;
-	return remove(path);
-}
-
-/* A fresh temporary directory for one test, in buf; removed by scratch_done. */
-static const char *
-scratch_dir(char *buf, size_t len)
-{
-	snprintf(buf, len, "/tmp/dolly-test-save-XXXXXX");
-	return mkdtemp(buf);
-}
-
-/* Remove a scratch directory and everything under it. */
-static void
-scratch_done(const char *dir)
-{
-	nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-}
 
 /* Whether path exists. */
 static int
