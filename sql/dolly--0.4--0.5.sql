@@ -68,3 +68,9 @@ CREATE FUNCTION dolly_register_model(model text, owner regrole DEFAULT NULL, bas
 	AS 'MODULE_PATHNAME' LANGUAGE C VOLATILE PARALLEL UNSAFE;
 REVOKE ALL ON FUNCTION dolly_register_model FROM PUBLIC;
 
+-- Write an adapter merged into its base (W + scale B A) as a new model, the caller's, in
+-- the dtypes of the base: served without the adapter's extra products.
+CREATE FUNCTION dolly_merge_adapter(adapter text, output_model text) RETURNS void
+	AS 'MODULE_PATHNAME' LANGUAGE C VOLATILE PARALLEL UNSAFE;
+REVOKE ALL ON FUNCTION dolly_merge_adapter FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dolly_merge_adapter TO dolly_trainer;

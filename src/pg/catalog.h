@@ -57,6 +57,13 @@ extern void dolly_check_model_request(const char *name, DollyModelIdent *ident, 
 extern void dolly_register_output(const char *name, Oid owner, const char *base, int64 job,
 								  const char *path);
 
+/*
+ * The directory a new model `name` is to be written to under dolly.model_dir: ERROR when
+ * the name is not one, is registered, or its directory exists (a model is never
+ * overwritten), or when dolly.model_dir is not set.
+ */
+extern char *dolly_check_new_model(const char *name);
+
 /* The model name in argument 0 of a SQL call: not NULL, and a name (else ERROR). */
 extern char *dolly_model_arg(FunctionCallInfo fcinfo);
 

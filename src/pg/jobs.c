@@ -114,18 +114,6 @@ check_range(const char *param, double v, double lo, double hi)
 				 errmsg("%s must be between %g and %g", param, lo, hi)));
 }
 
-/* The model directory named `name` under dolly.model_dir; ERROR if the GUC is unset. */
-static char *
-model_dir_path(const char *name)
-{
-	if (dolly_model_dir[0] == '\0')
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("dolly.model_dir is not set"),
-				 errhint("A superuser sets dolly.model_dir to the directory where models are read and written.")));
-	return psprintf("%s/%s", dolly_model_dir, name);
-}
-
 void
 dolly_job_worker_init(BackgroundWorker *w, int64 job_id, const char *function)
 {
@@ -327,7 +315,6 @@ dolly_finetune(PG_FUNCTION_ARGS)
 	double		lora_alpha = 16,
 				lora_dropout = 0.05;
 	StringInfoData targets;
-	struct stat sb;
 	char		base_path[MAXPGPATH];
 	bool		is_default;
 	dl_error	err;
@@ -420,12 +407,7 @@ dolly_finetune(PG_FUNCTION_ARGS)
 
 	check_can_connect();
 
-	/* where the model goes: a new name, and a new directory under dolly.model_dir */
-	if (dolly_model_registered(output) || stat(model_dir_path(output), &sb) == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_DUPLICATE_OBJECT),
-				 errmsg("model \"%s\" already exists in dolly.model_dir", output),
-				 errhint("Choose another output_model, or remove that directory.")));
+	dolly_check_new_model(output);
 	/* the base: a model the caller may use, or the served model */
 	if (base)
 		dolly_check_model_use(base, &ident);

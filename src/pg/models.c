@@ -40,6 +40,7 @@ PG_FUNCTION_INFO_V1(dolly_register_model);
 PG_FUNCTION_INFO_V1(dolly_grant_model);
 PG_FUNCTION_INFO_V1(dolly_revoke_model);
 PG_FUNCTION_INFO_V1(dolly_drop_model);
+PG_FUNCTION_INFO_V1(dolly_merge_adapter);
 
 /* A model's row of the catalog. */
 typedef struct ModelEntry
@@ -287,6 +288,27 @@ dolly_register_copy(const char *name, Oid owner, const char *base, const char *p
 }
 
 char *
+dolly_check_new_model(const char *name)
+{
+	struct stat sb;
+	char	   *path;
+
+	dolly_check_model_name(name);
+	if (dolly_model_dir[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("dolly.model_dir is not set"),
+				 errhint("A superuser sets dolly.model_dir to the directory where models are read and written.")));
+	path = psprintf("%s/%s", dolly_model_dir, name);
+	if (dolly_model_registered(name) || stat(path, &sb) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DUPLICATE_OBJECT),
+				 errmsg("model \"%s\" already exists in dolly.model_dir", name),
+				 errhint("Choose another name, or remove that directory.")));
+	return path;
+}
+
+char *
 dolly_model_arg(FunctionCallInfo fcinfo)
 {
 	char	   *name;
@@ -513,5 +535,56 @@ dolly_drop_model(PG_FUNCTION_ARGS)
 			doom_callback_registered = true;
 		}
 	}
+	PG_RETURN_VOID();
+}
+
+/*
+ * dolly_merge_adapter(adapter, output_model): the adapter merged into its base (W + scale
+ * B A in each target, lora_merge), written as a new model of the caller's, based on the
+ * adapter's base. The caller must be allowed to use both; the files are read and written
+ * here, in the session, as they are small beside what serving them costs.
+ */
+Datum
+dolly_merge_adapter(PG_FUNCTION_ARGS)
+{
+	char	   *adapter = dolly_model_arg(fcinfo);
+	char	   *output,
+			   *out_path;
+	char		base[DOLLY_MODEL_NAME_MAX],
+				adapter_path[MAXPGPATH],
+				base_path[MAXPGPATH];
+	DollyModelIdent ident,
+				base_ident,
+				have;
+	bool		is_default;
+	dl_error	err;
+
+	if (PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("output_model must not be NULL")));
+	output = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	dolly_check_model_request(adapter, &ident, base, &base_ident);
+	if (base[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("model \"%s\" is not a LoRA adapter", adapter),
+				 errhint("dolly_merge_adapter merges an adapter (dolly_models.adapter) into its base model.")));
+	out_path = dolly_check_new_model(output);
+	/* the directories the catalog knows, still */
+	if (dolly_model_path(adapter, adapter_path, &is_default, &err) != DL_OK ||
+		dolly_model_ident_check(adapter, adapter_path, &ident, &have, &err) != DL_OK ||
+		dolly_model_path(base, base_path, &is_default, &err) != DL_OK ||
+		dolly_model_ident_check(base, base_path, &base_ident, &have, &err) != DL_OK)
+		dolly_report(ERROR, &err);
+	elog(LOG, "dolly: merging adapter \"%s\" into \"%s\" as \"%s\"", adapter, base, output);
+	if (lora_merge(base_path, adapter_path, out_path, &err) != DL_OK)
+	{
+		dolly_hide_path(&err, adapter_path, adapter);
+		dolly_hide_path(&err, base_path, base);
+		dolly_relative_paths(&err);
+		dolly_report(ERROR, &err);
+	}
+	register_model(output, GetUserId(), base, 0, out_path);
 	PG_RETURN_VOID();
 }

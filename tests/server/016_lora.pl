@@ -2,8 +2,9 @@
 # (on two ranks, at ZeRO stages 0 and 2) and registers it with its base; PEFT adapters are
 # registered with theirs; dolly_generate serves adapters on the base without copying it, 16
 # sessions over 4 adapters and the base at once each getting its answer alone, with fewer
-# adapters loaded than asked for; an adapter of another base, an adapter whose base the
-# role may not use, bad options and an adapter as a base are refused with clear errors.
+# adapters loaded than asked for; dolly_merge_adapter writes one as a model that answers
+# alike; an adapter of another base, an adapter whose base the role may not use, bad
+# options and an adapter as a base are refused with clear errors.
 use strict;
 use warnings;
 use FindBin;
@@ -106,8 +107,34 @@ my $log = slurp_file($node->logfile);
 ok($log =~ /unloading adapter/, 'with more adapters asked for than dolly.max_loaded_adapters, idle ones are unloaded');
 ok($log !~ /loading model "[^"]*(lora|misfit)/, 'an adapter is never loaded as a model of its own');
 
+# merged into its base: a model of alice's that answers as the adapter does
+$node->safe_psql('postgres', "SELECT dolly_merge_adapter('alice-lora', 'alice-merged')", extra_params => [ '-U', 'alice' ]);
+is($node->safe_psql('postgres', "SELECT owner, base_model, adapter FROM dolly_models WHERE name = 'alice-merged'"),
+	'alice|gptj-f32|f', "dolly_merge_adapter writes a model of the caller's, based on the adapter's base");
+ok(-f "$models/alice-merged/model.safetensors" && -f "$models/alice-merged/config.json"
+	  && -f "$models/alice-merged/tokenizer.json", 'as a Hugging Face model directory');
+my $same_merged = 0;
+for my $p (@prompts)
+{
+	my ($merged, $adapted) = map {
+		$node->safe_psql('postgres',
+			"SELECT dolly_generate('$p', model => '$_', max_new_tokens => 8, do_sample => false)",
+			extra_params => [ '-U', 'alice' ])
+	} ('alice-merged', 'alice-lora');
+	$same_merged++ if $merged eq $adapted;
+}
+is($same_merged, 3, 'the merged model answers as the adapter on its base');
+
 # refusals
 my ($ret, $out, $err) = $node->psql('postgres',
+	"SELECT dolly_merge_adapter('alice-lora', 'bobs')", extra_params => [ '-U', 'bob' ]);
+like($err, qr/permission denied for function dolly_merge_adapter/, 'merging is for dolly_trainer');
+($ret, $out, $err) = $node->psql('postgres', "SELECT dolly_merge_adapter('neox-par-f32', 'x')");
+like($err, qr/model "neox-par-f32" is not a LoRA adapter/, 'only an adapter merges');
+($ret, $out, $err) = $node->psql('postgres',
+	"SELECT dolly_merge_adapter('alice-lora', 'alice-merged')", extra_params => [ '-U', 'alice' ]);
+like($err, qr/model "alice-merged" already exists/, 'a merge never overwrites a model');
+($ret, $out, $err) = $node->psql('postgres',
 	"SELECT dolly_generate('hi', model => 'misfit', do_sample => false)");
 like($err, qr/LoRA adapter \(of "neox-par-f32"\) does not fit this model/, 'an adapter of another base is refused');
 like($err, qr/HINT:  An adapter runs only on the base model it was trained from/, 'with a hint');
