@@ -10,7 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define DOLLY_ENGINE_VERSION "0.2"
+#define DOLLY_ENGINE_VERSION "0.5"
 
 int
 sys_cpu_count(void)

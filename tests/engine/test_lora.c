@@ -873,3 +873,58 @@ TEST(lora_merge_refusals)
 	CHECK(access(out, F_OK) != 0);
 	scratch_done(tmp);
 }
+
+/*
+ * An adapter trained with activation checkpointing and dropout takes the same steps, bit
+ * for bit, as without checkpointing: the recomputed layers draw the same masks, and the
+ * low-rank products of the projections the recomputation leaves out are kept.
+ */
+TEST(lora_checkpoint_and_dropout_keep_the_steps)
+{
+	static const char *const names[] = {"gptj-f32-lora-all", "neox-seq-f32-lora-all"};
+
+	for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++)
+	{
+		train_fixture f[2];
+		dl_train_config cfg;
+		dl_trainer *tr[2] = {NULL, NULL};
+		dl_error	err;
+		dl_status	st = DL_OK;
+		int			same = 1,
+					step;
+
+		for (int c = 0; c < 2 && st == DL_OK; c++)
+			if (!train_open(names[k], 2, &f[c], &err, &st))
+				SKIP("fixture %s absent", names[k]);
+		for (int c = 0; c < 2 && st == DL_OK; c++)
+		{
+			f[c].lora->dropout = 0.1f;
+			fixture_config(&f[c], &cfg);
+			cfg.checkpoint = c;
+			st = trainer_create(f[c].m, f[c].lora, &cfg, NULL, 0, &tr[c], &err);
+		}
+		for (step = 0; step < 3 && st == DL_OK && same; step++)
+		{
+			double		loss[2];
+			int64_t		nl[2];
+			size_t		n;
+			float		lr,
+						norm;
+
+			for (int c = 0; c < 2 && st == DL_OK; c++)
+				st = trainer_backward(tr[c], f[c].ex, f[c].n, &loss[c], &nl[c], &err);
+			if (st == DL_OK)
+				same = loss[0] == loss[1] && nl[0] == nl[1] &&
+					memcmp(trainer_grads(tr[0], &n), trainer_grads(tr[1], &n), n * sizeof(float)) == 0;
+			for (int c = 0; c < 2 && st == DL_OK; c++)
+				st = trainer_update(tr[c], nl[c], step, &lr, &norm, &err);
+		}
+		for (int c = 0; c < 2; c++)
+		{
+			trainer_free(tr[c]);
+			train_close(&f[c]);
+		}
+		CHECK_OK(st, &err);
+		CHECKF(same, "%s: step %d differs with checkpointing", names[k], step);
+	}
+}
