@@ -6,6 +6,7 @@
  * the sums over ranks in test_collective.c.
  */
 #include "harness.h"
+#include "lora.h"
 #include "train.h"
 
 #include <math.h>
@@ -30,11 +31,15 @@ typedef struct setup
 	dl_model   *m;
 	dl_tokenizer *tok;
 	dl_example	ex[NREC];
+	dl_lora    *lora;			/* the adapter that trains; NULL: the model does */
 } setup;
 
-/* Load neox-par-f32 (its tables already have rows for Dolly's tokens) and the examples. */
+/*
+ * Load neox-par-f32 (its tables already have rows for Dolly's tokens) and the examples;
+ * with lora, a fresh adapter of it (seeded alike everywhere) to train.
+ */
 static dl_status
-setup_open(setup *s, dl_error *err)
+setup_open(setup *s, const dl_lora_config *lora, dl_error *err)
 {
 	char		dir[1024],
 				tok[1100];
@@ -54,6 +59,8 @@ setup_open(setup *s, dl_error *err)
 	for (int i = 0; i < NREC && st == DL_OK; i++)
 		st = example_from_record(s->tok, records[i][0], records[i][1], records[i][2],
 								 s->m->cfg.max_pos, &s->ex[i], err);
+	if (st == DL_OK && lora)
+		st = dl_lora_create(s->m, lora, 5, &s->lora, err);
 	return st;
 }
 
@@ -64,6 +71,7 @@ setup_close(setup *s)
 	for (int i = 0; i < NREC; i++)
 		example_free(&s->ex[i]);
 	tok_free(s->tok);
+	dl_lora_free(s->lora);
 	dl_model_free(s->m);
 	if (s->be)
 		s->be->destroy(s->be);
@@ -116,7 +124,7 @@ TEST(finetune_loss_decreases)
 	double		first_eval = NAN;
 	int			train_reports = 0;
 
-	CHECK_OK(setup_open(&s, &err), &err);
+	CHECK_OK(setup_open(&s, NULL, &err), &err);
 	o.progress = log_progress;
 	o.progress_arg = &log;
 	/* evaluate on the training records themselves: memorising them must show */
@@ -155,7 +163,7 @@ TEST(finetune_eval_every_and_no_eval_set)
 	dl_train_progress last;
 	int			evals = 0;
 
-	CHECK_OK(setup_open(&s, &err), &err);
+	CHECK_OK(setup_open(&s, NULL, &err), &err);
 	o.progress = log_progress;
 	o.progress_arg = &log;
 	/* 3 records in batches of 2: 2 steps an epoch, 4 in all */
@@ -188,7 +196,7 @@ TEST(finetune_cancels_from_the_callback)
 	progress_log log = {.stop_at = 2};
 	dl_train_progress last;
 
-	CHECK_OK(setup_open(&s, &err), &err);
+	CHECK_OK(setup_open(&s, NULL, &err), &err);
 	o.progress = log_progress;
 	o.progress_arg = &log;
 	CHECK(finetune_run(s.m, s.ex, NREC, NULL, 0, &o, &last, &err) == DL_ECANCELLED);
@@ -205,7 +213,7 @@ TEST(finetune_rejects_bad_input)
 	dl_train_progress last;
 	int32_t		saved;
 
-	CHECK_OK(setup_open(&s, &err), &err);
+	CHECK_OK(setup_open(&s, NULL, &err), &err);
 	saved = s.ex[1].ids[0];
 	s.ex[1].ids[0] = s.m->cfg.vocab_size;
 	CHECK(finetune_run(s.m, s.ex, NREC, NULL, 0, &o, &last, &err) == DL_EINVAL);
@@ -238,6 +246,7 @@ typedef struct ranks
 	int			epochs;
 	float	   *peer[MAX_RANKS];	/* with peer_n: gradient buffers every rank reads */
 	size_t		peer_n;
+	const dl_lora_config *lora;	/* the ranks train an adapter of this; NULL: the model */
 } ranks;
 
 /* One rank's thread: its own backend and model, its share of every batch. */
@@ -277,31 +286,34 @@ rank_main(void *p)
 	o.nranks = sh->nranks;
 	o.group = &g;
 	o.zero_stage = sh->stage_zero;
-	a->st = setup_open(&a->s, &a->err);
+	a->st = setup_open(&a->s, sh->lora, &a->err);
+	o.lora = a->s.lora;
 	if (a->st == DL_OK)
 		a->st = finetune_run(a->s.m, a->s.ex, 4, a->s.ex + 4, 1, &o, &a->last, &a->err);
 	group_release(&g);
 	return NULL;
 }
 
-/* Largest |x - y| over the parameters of two models with the same map. */
+/* Largest |x - y| over what two setups trained (their models', or adapters', with the same map). */
 static double
-param_diff(const dl_model *a, const dl_model *b)
+param_diff(const setup *sa, const setup *sb)
 {
-	size_t		n = a->param_bytes / sizeof(float);
-	float	   *x = malloc(a->param_bytes),
-			   *y = malloc(b->param_bytes);
+	dl_trained	a = sa->lora ? dl_lora_trained(sa->lora) : dl_model_trained(sa->m),
+				b = sb->lora ? dl_lora_trained(sb->lora) : dl_model_trained(sb->m);
+	size_t		n = a.bytes / sizeof(float);
+	float	   *x = malloc(a.bytes),
+			   *y = malloc(b.bytes);
 	double		d = INFINITY;
 
-	if (x && y && a->param_bytes == b->param_bytes &&
-		a->be->download(a->be, x, a->param_mem, a->param_bytes, NULL) == DL_OK &&
-		b->be->download(b->be, y, b->param_mem, b->param_bytes, NULL) == DL_OK)
+	if (x && y && a.bytes == b.bytes &&
+		sa->be->download(sa->be, x, a.mem, a.bytes, NULL) == DL_OK &&
+		sb->be->download(sb->be, y, b.mem, b.bytes, NULL) == DL_OK)
 	{
 		d = 0;
 		/* only the tensors: alignment padding between them is never written */
-		for (int i = 0; i < a->nmap; i++)
+		for (int i = 0; i < a.nmap; i++)
 		{
-			const dl_tensor_map *e = &a->map[i];
+			const dl_tensor_map *e = &a.map[i];
 			size_t		k = e->offset / sizeof(float),
 						end = k + (size_t) e->shape[0] * (e->ndim == 2 ? e->shape[1] : 1);
 
@@ -385,7 +397,7 @@ TEST(finetune_ranks_and_zero_stages_match_one_rank)
 	int			longest;
 	double		d;
 
-	CHECK_OK(setup_open(&one, &err), &err);
+	CHECK_OK(setup_open(&one, NULL, &err), &err);
 	longest = longest_example(&one);
 	/* no two examples fit together: one per micro-batch, as each rank has */
 	for (int i = 0; i < NREC; i++)
@@ -414,12 +426,12 @@ TEST(finetune_ranks_and_zero_stages_match_one_rank)
 				   "losses: %d ranks at stage %d %g / %g, one rank %g / %g", nranks, stage,
 				   a[stage][0].last.train_loss, a[stage][0].last.eval_loss, last.train_loss, last.eval_loss);
 			for (int r = 1; r < nranks; r++)
-				CHECKF((d = param_diff(a[stage][0].s.m, a[stage][r].s.m)) == 0,
+				CHECKF((d = param_diff(&a[stage][0].s, &a[stage][r].s)) == 0,
 					   "%d ranks, stage %d: ranks 0 and %d differ by %g", nranks, stage, r, d);
-			CHECKF((d = param_diff(a[stage][0].s.m, one.m)) < 1e-6,
+			CHECKF((d = param_diff(&a[stage][0].s, &one)) < 1e-6,
 				   "%d ranks at stage %d and one rank differ by %g", nranks, stage, d);
 			if (stage > 0)
-				CHECKF((d = param_diff(a[stage][0].s.m, a[0][0].s.m)) == 0,
+				CHECKF((d = param_diff(&a[stage][0].s, &a[0][0].s)) == 0,
 					   "%d ranks: stage %d and stage 0 differ by %g", nranks, stage, d);
 		}
 		/* the optimizer state: a 1/nranks slice of AdamW's moments from stage 1 on */
@@ -457,7 +469,7 @@ TEST(finetune_zero_stages_uneven_split_and_bf16)
 	double		d;
 	setup		probe;
 
-	CHECK_OK(setup_open(&probe, &err), &err);
+	CHECK_OK(setup_open(&probe, NULL, &err), &err);
 	longest = longest_example(&probe);
 	/* runs 4 and 5: stages 0 and 1 summing straight from each other's gradient buffers */
 	for (int run = 0; run < 6; run++)
@@ -471,14 +483,14 @@ TEST(finetune_zero_stages_uneven_split_and_bf16)
 		CHECK_OK(train_ranks(&sh, a[run], &err), &err);
 		for (int r = 0; r < 2 && sh.peer_n; r++)
 			free(sh.peer[r]);
-		CHECKF((d = param_diff(a[run][0].s.m, a[run][1].s.m)) == 0, "run %d: the ranks differ by %g", run, d);
+		CHECKF((d = param_diff(&a[run][0].s, &a[run][1].s)) == 0, "run %d: the ranks differ by %g", run, d);
 	}
-	CHECKF((d = param_diff(a[1][0].s.m, a[0][0].s.m)) == 0, "stage 1 and stage 0 differ by %g", d);
-	CHECKF((d = param_diff(a[2][0].s.m, a[0][0].s.m)) < 1e-6, "stage 2 and stage 0 differ by %g", d);
-	CHECKF((d = param_diff(a[3][0].s.m, a[2][0].s.m)) < 1e-4 && d > 0,
+	CHECKF((d = param_diff(&a[1][0].s, &a[0][0].s)) == 0, "stage 1 and stage 0 differ by %g", d);
+	CHECKF((d = param_diff(&a[2][0].s, &a[0][0].s)) < 1e-6, "stage 2 and stage 0 differ by %g", d);
+	CHECKF((d = param_diff(&a[3][0].s, &a[2][0].s)) < 1e-4 && d > 0,
 		   "bfloat16 communication moves the parameters by %g", d);
-	CHECKF((d = param_diff(a[4][0].s.m, a[0][0].s.m)) == 0, "stage 0 from peers differs by %g", d);
-	CHECKF((d = param_diff(a[5][0].s.m, a[0][0].s.m)) == 0, "stage 1 from peers differs by %g", d);
+	CHECKF((d = param_diff(&a[4][0].s, &a[0][0].s)) == 0, "stage 0 from peers differs by %g", d);
+	CHECKF((d = param_diff(&a[5][0].s, &a[0][0].s)) == 0, "stage 1 from peers differs by %g", d);
 	setup_close(&probe);
 	for (int run = 0; run < 6; run++)
 	{
@@ -486,4 +498,67 @@ TEST(finetune_zero_stages_uneven_split_and_bf16)
 
 		close_ranks(&sh, a[run]);
 	}
+}
+
+/*
+ * An adapter (every linear module of GPT-NeoX, rank 4) trained by 2 and 4 ranks at ZeRO
+ * stages 0, 1 and 2: the ranks' adapters end bit-identical, the stages too, and within
+ * float rounding of one rank's (as above); the model itself does not move.
+ */
+TEST(finetune_lora_ranks_and_zero_stages_match_one_rank)
+{
+	dl_lora_config lc = {.r = 4, .alpha = 8.0f, .dropout = 0.0f, .ntargets = 4,
+	.targets = {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}};
+	setup		one,
+				frozen;			/* the model and a fresh adapter, untrained */
+	dl_error	err;
+	dl_finetune_opts o = test_opts(2, 2);
+	dl_train_progress last;
+	double		d;
+
+	CHECK_OK(setup_open(&one, &lc, &err), &err);
+	CHECK_OK(setup_open(&frozen, &lc, &err), &err);
+	o.cfg.max_tokens = longest_example(&one);
+	o.cfg.eps = 1e-3f;
+	o.lora = one.lora;
+	CHECK_OK(finetune_run(one.m, one.ex, 4, one.ex + 4, 1, &o, &last, &err), &err);
+	/* the adapter trained; the base is as loaded (compare the models, not the adapters) */
+	CHECKF((d = param_diff(&one, &frozen)) > 1e-4, "the adapter moved by %g only", d);
+	{
+		dl_lora    *adapters[2] = {one.lora, frozen.lora};
+
+		one.lora = frozen.lora = NULL;
+		d = param_diff(&one, &frozen);
+		one.lora = adapters[0];
+		frozen.lora = adapters[1];
+		CHECKF(d == 0, "LoRA training moved the base by %g", d);
+	}
+	for (int nranks = 2; nranks <= MAX_RANKS; nranks *= 2)
+	{
+		rank_arg	a[3][MAX_RANKS];
+
+		for (int stage = 0; stage <= 2; stage++)
+		{
+			ranks		sh = {.nranks = nranks, .stage_zero = stage, .batch_size = 2,
+			.max_tokens = o.cfg.max_tokens, .epochs = 2, .lora = &lc};
+
+			CHECK_OK(train_ranks(&sh, a[stage], &err), &err);
+			for (int r = 1; r < nranks; r++)
+				CHECKF((d = param_diff(&a[stage][0].s, &a[stage][r].s)) == 0,
+					   "LoRA, %d ranks, stage %d: ranks 0 and %d differ by %g", nranks, stage, r, d);
+			CHECKF((d = param_diff(&a[stage][0].s, &one)) < 1e-6,
+				   "LoRA, %d ranks at stage %d and one rank differ by %g", nranks, stage, d);
+			if (stage > 0)
+				CHECKF((d = param_diff(&a[stage][0].s, &a[0][0].s)) == 0,
+					   "LoRA, %d ranks: stage %d and stage 0 differ by %g", nranks, stage, d);
+		}
+		for (int stage = 0; stage <= 2; stage++)
+		{
+			ranks		sh = {.nranks = nranks};
+
+			close_ranks(&sh, a[stage]);
+		}
+	}
+	setup_close(&one);
+	setup_close(&frozen);
 }
