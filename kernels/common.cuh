@@ -290,7 +290,7 @@ block_sum(float v, float *red)
 	X(rotary_forward) X(attention_forward) X(gelu_forward) X(crossentropy_forward) \
 	X(embedding_backward) X(layernorm_backward) X(matmul_backward) X(rotary_backward) \
 	X(gelu_backward) X(adamw_update) X(attention_train_forward) X(attention_backward) \
-	X(sample_forward)
+	X(sample_forward) X(lora_forward) X(lora_backward)
 
 /* profile.cu: with $DOLLY_CUDA_PROFILE set, time every compute operation (at create). */
 dl_status	cuda_profile_install(cuda_backend *cb, dl_error *err);
@@ -368,6 +368,13 @@ typedef struct cuda_mat
 	long long	stride;
 } cuda_mat;
 
+/* A float32 row-major operand with leading dimension ld (one matrix). */
+static inline cuda_mat
+f32_mat(const float *p, int ld, int trans)
+{
+	return cuda_mat {p, 0, trans, ld, 0};
+}
+
 /*
  * C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C for `batch` products (C row-major, float32,
  * leading dimension ldc, stride strideC): in float32 (no TF32) in fp32 mode, else on
@@ -377,6 +384,13 @@ typedef struct cuda_mat
 void		cuda_gemm(cuda_backend *cb, const char *op, int M, int N, int K, float alpha,
 					  cuda_mat A, cuda_mat B, float beta, float *C, int ldc, long long strideC,
 					  int batch);
+/*
+ * The same product in float32 whatever the mode (float32 operands only): LoRA's, whose
+ * adapters are float32 on every mode.
+ */
+void		cuda_gemm_f32(cuda_backend *cb, const char *op, int M, int N, int K, float alpha,
+						  cuda_mat A, cuda_mat B, float beta, float *C, int ldc,
+						  long long strideC, int batch);
 /*
  * Operand m as bfloat16: m itself when it is, else packed (contiguous) into scratch slot
  * `slot`, so that an operand used by several products is rounded once. rows and cols are
@@ -429,6 +443,13 @@ void		gelu_forward_launch(float *out, const float *in, size_t n, dl_gelu form,
 void		cuda_sample_forward(dl_backend *be, int32_t *tokens, const float *logits,
 								const dl_sample_row *rows, int R, int V, void *workspace);
 size_t		cuda_sample_workspace(dl_backend *be, int R, int V);
+
+/* lora.cu */
+void		cuda_lora_forward(dl_backend *be, float *out, int ldo, float *u, const float *in,
+							  const dl_lora_mats *w, int M, int K, int N, float *workspace);
+void		cuda_lora_backward(dl_backend *be, float *din, const float *dout, int ldo, float *u,
+							   const float *in, const dl_lora_mats *w, int M, int K, int N,
+							   float *workspace);
 
 /* backend.cu */
 dl_status	cuda_backend_create(int dev, int mode, dl_backend **out, dl_error *err);

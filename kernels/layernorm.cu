@@ -54,8 +54,9 @@ cuda_layernorm_forward(dl_backend *be, float *out, float *mean, float *rstd, con
  * Rows blockIdx.x, blockIdx.x + gridDim.x, ... of the backward: din += rstd (dxhat -
  * mean(dxhat) - xhat mean(dxhat xhat)) with dxhat = dout w; this block's sums of
  * dout xhat and dout per column go to partial[blockIdx.x] = [dw | db], [2C]: summed in
- * shared memory (in_smem), or in place there. Either way column c is only ever touched by
- * thread c mod blockDim.x, so the sums need no atomics.
+ * shared memory (in_smem), or in place there; none when partial is NULL (a frozen norm).
+ * Either way column c is only ever touched by thread c mod blockDim.x, so the sums need
+ * no atomics.
  */
 __global__ static void
 layernorm_backward_kernel(float *din, float *partial, const float *dout, const float *in,
@@ -64,9 +65,10 @@ layernorm_backward_kernel(float *din, float *partial, const float *dout, const f
 {
 	extern __shared__ float smem[];
 	__shared__ float red[32];
-	float	   *acc = in_smem ? smem : partial + (size_t) blockIdx.x * 2 * C;	/* [2C]: dw | db */
+	/* [2C]: dw | db; without partial in_smem is 0 */
+	float	   *acc = in_smem ? smem : partial ? partial + (size_t) blockIdx.x * 2 * C : NULL;
 
-	for (int c = threadIdx.x; c < 2 * C; c += blockDim.x)
+	for (int c = threadIdx.x; acc && c < 2 * C; c += blockDim.x)
 		acc[c] = 0.0f;
 	/* the row loop's block sums order these zeroes before the first additions */
 	for (int t = blockIdx.x; t < T; t += gridDim.x)
@@ -93,11 +95,14 @@ layernorm_backward_kernel(float *din, float *partial, const float *dout, const f
 			float		xhat = (x[c] - m) * rs;
 
 			dx[c] += rs * (g[c] * w[c] - s1 - xhat * s2);
-			acc[c] += g[c] * xhat;
-			acc[C + c] += g[c];
+			if (acc)
+			{
+				acc[c] += g[c] * xhat;
+				acc[C + c] += g[c];
+			}
 		}
 	}
-	if (!in_smem)
+	if (acc == NULL || !in_smem)
 		return;
 	__syncthreads();			/* acc[C + c] was added to by the thread of column c */
 	for (int c = threadIdx.x; c < 2 * C; c += blockDim.x)
@@ -111,18 +116,23 @@ cuda_layernorm_backward(dl_backend *be, float *din, float *dw, float *db, const 
 {
 	cuda_backend *cb = cuda_enter(be);
 	int			blocks = T < 2 * cb->sm_count ? T : 2 * cb->sm_count,
-				in_smem = C <= cb->ln_smem_cols;
-	float	   *partial;
+				in_smem = dw && C <= cb->ln_smem_cols;
+	float	   *partial = NULL;
 
 	if (T <= 0 || C <= 0)
 		return;
-	partial = (float *) cuda_scratch(cb, SCRATCH_PARTIAL, (size_t) blocks * 2 * C * sizeof(float),
-									 "layernorm_backward");
-	if (partial == NULL)
-		return;
+	if (dw)
+	{
+		partial = (float *) cuda_scratch(cb, SCRATCH_PARTIAL, (size_t) blocks * 2 * C * sizeof(float),
+										 "layernorm_backward");
+		if (partial == NULL)
+			return;
+	}
 	layernorm_backward_kernel<<<blocks, DL_BLOCK, in_smem ? 2 * C * sizeof(float) : 0, cb->stream>>>(
 		din, partial, dout, in, mean, rstd, w, T, C, in_smem);
 	cuda_check_launch(cb, "layernorm_backward");
+	if (dw == NULL)
+		return;
 	cuda_add_partials(cb, dw, partial, blocks, C, 2 * C, "layernorm_backward");
 	cuda_add_partials(cb, db, partial + C, blocks, C, 2 * C, "layernorm_backward");
 }

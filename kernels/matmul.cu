@@ -230,26 +230,42 @@ cuda_gemm(cuda_backend *cb, const char *op, int M, int N, int K, float alpha, cu
 		return;
 	if (!cb->bf16_math)
 	{
-		if (A.bf16 || B.bf16)
-		{
-			cuda_fail(cb, DL_EBACKEND, op, "a bfloat16 operand in float32 mode");
-			return;
-		}
-		s = cublasSgemmStridedBatched(cb->blas, tb, ta, N, M, K, &alpha, (const float *) B.p,
-									  B.ld, B.stride, (const float *) A.p, A.ld, A.stride, &beta,
-									  C, ldc, strideC, batch);
+		cuda_gemm_f32(cb, op, M, N, K, alpha, A, B, beta, C, ldc, strideC, batch);
+		return;
 	}
-	else
+	A = cuda_as_bf16(cb, A, A.trans ? K : M, A.trans ? M : K, batch, SCRATCH_A16, op);
+	B = cuda_as_bf16(cb, B, B.trans ? N : K, B.trans ? K : N, batch, SCRATCH_B16, op);
+	if (A.p == NULL || B.p == NULL)
+		return;
+	s = cublasGemmStridedBatchedEx(cb->blas, tb, ta, N, M, K, &alpha, B.p, CUDA_R_16BF, B.ld,
+								   B.stride, A.p, CUDA_R_16BF, A.ld, A.stride, &beta, C,
+								   CUDA_R_32F, ldc, strideC, batch, CUBLAS_COMPUTE_32F,
+								   CUBLAS_GEMM_DEFAULT);
+	if (s != CUBLAS_STATUS_SUCCESS)
+		cuda_fail(cb, DL_EBACKEND, op, cublasGetStatusString(s));
+}
+
+/*
+ * cuda_gemm's float32 product, in any mode: the handle's math mode keeps float32's
+ * precision (pedantic in fp32 mode; the default, which never picks TF32 for float32, else).
+ */
+void
+cuda_gemm_f32(cuda_backend *cb, const char *op, int M, int N, int K, float alpha, cuda_mat A,
+			  cuda_mat B, float beta, float *C, int ldc, long long strideC, int batch)
+{
+	cublasStatus_t s;
+
+	if (M <= 0 || N <= 0 || K <= 0 || batch <= 0)
+		return;
+	if (A.bf16 || B.bf16)
 	{
-		A = cuda_as_bf16(cb, A, A.trans ? K : M, A.trans ? M : K, batch, SCRATCH_A16, op);
-		B = cuda_as_bf16(cb, B, B.trans ? N : K, B.trans ? K : N, batch, SCRATCH_B16, op);
-		if (A.p == NULL || B.p == NULL)
-			return;
-		s = cublasGemmStridedBatchedEx(cb->blas, tb, ta, N, M, K, &alpha, B.p, CUDA_R_16BF, B.ld,
-									   B.stride, A.p, CUDA_R_16BF, A.ld, A.stride, &beta, C,
-									   CUDA_R_32F, ldc, strideC, batch, CUBLAS_COMPUTE_32F,
-									   CUBLAS_GEMM_DEFAULT);
+		cuda_fail(cb, DL_EBACKEND, op, "a bfloat16 operand in a float32 product");
+		return;
 	}
+	s = cublasSgemmStridedBatched(cb->blas, B.trans ? CUBLAS_OP_T : CUBLAS_OP_N,
+								  A.trans ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha,
+								  (const float *) B.p, B.ld, B.stride, (const float *) A.p, A.ld,
+								  A.stride, &beta, C, ldc, strideC, batch);
 	if (s != CUBLAS_STATUS_SUCCESS)
 		cuda_fail(cb, DL_EBACKEND, op, cublasGetStatusString(s));
 }
@@ -259,13 +275,6 @@ static cuda_mat
 weight_mat(const cuda_backend *cb, const void *W, int K, int trans)
 {
 	return cuda_mat {W, !cb->fp32, trans, K, 0};
-}
-
-/* A float32 row-major operand with leading dimension ld. */
-static cuda_mat
-f32_mat(const float *p, int ld, int trans)
-{
-	return cuda_mat {p, 0, trans, ld, 0};
 }
 
 
@@ -299,7 +308,7 @@ cuda_matmul_forward(dl_backend *be, float *out, const float *in, const void *W,
 
 /*
  * din[M,K] += dout[M,N] @ W[N,K], dW[N,K] += dout^T @ in[M,K], dbias[N] += column sums of
- * dout. With bfloat16 products dout is rounded once for both.
+ * dout, each when its buffer is given. With bfloat16 products dout is rounded once for both.
  */
 void
 cuda_matmul_backward(dl_backend *be, float *din, float *dW, float *dbias, const float *dout,
@@ -320,6 +329,7 @@ cuda_matmul_backward(dl_backend *be, float *din, float *dW, float *dbias, const 
 		cuda_gemm(cb, "matmul_backward (input)", M, K, N, 1.0f, g, weight_mat(cb, W, K, 0), 1.0f,
 				  din, K, 0, 1);
 	g.trans = 1;
-	cuda_gemm(cb, "matmul_backward (weights)", N, K, M, 1.0f, g, f32_mat(in, K, 0), 1.0f, dW, K,
-			  0, 1);
+	if (dW)
+		cuda_gemm(cb, "matmul_backward (weights)", N, K, M, 1.0f, g, f32_mat(in, K, 0), 1.0f, dW,
+				  K, 0, 1);
 }

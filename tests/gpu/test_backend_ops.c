@@ -1539,3 +1539,176 @@ TEST(ops_sample)
 		for (size_t k = 0; k < sizeof(shapes) / sizeof(shapes[0]); k++)
 			CHECK(sample_case(&tb[b], shapes[k][0], shapes[k][1]));
 }
+
+/* --- LoRA, and the backward operations of a frozen base --- */
+
+/* A LoRA case: which gradients lora_backward is given. */
+enum
+{
+	LORA_DIN = 1, LORA_DA = 2, LORA_DB = 4, LORA_ALL = 7
+};
+
+typedef struct lora_case_def
+{
+	int			M;
+	int			K;
+	int			N;
+	int			r;
+	int			col0;			/* out's rows are ldo = col0 + N + 5 apart, the update at col0 */
+	float		p;				/* dropout */
+	int			grads;			/* LORA_* */
+} lora_case_def;
+
+/*
+ * One lora_forward then lora_backward on tb against the CPU backend: out, u, then din, dA,
+ * dB and du (in u). The products are float32 on every mode (adapters are), so every mode
+ * is held to TOL_F32; out, din, dA and dB start from random values (they accumulate), and
+ * out's columns outside the update must stay as they were (compared whole).
+ */
+static int
+lora_case(const test_backend *tb, const lora_case_def *lc)
+{
+	dl_backend *be = tb->be,
+			   *cpu = reference_backend();
+	uint64_t	s = new_seed();
+	int			M = lc->M,
+				K = lc->K,
+				N = lc->N,
+				r = lc->r,
+				ldo = lc->col0 + N + 5;
+	size_t		nout = (size_t) M * ldo;
+	float	   *A = randv((size_t) r * K, 0.1f, &s),
+			   *B = randv((size_t) N * r, 0.1f, &s),
+			   *in = randv((size_t) M * K, 1.0f, &s),
+			   *out0 = randv(nout, 1.0f, &s),
+			   *dout = randv(nout, 1.0f, &s),
+			   *din0 = randv((size_t) M * K, 1.0f, &s),
+			   *dA0 = randv((size_t) r * K, 1.0f, &s),
+			   *dB0 = randv((size_t) N * r, 1.0f, &s);
+	twin		tA = twin_put(be, A, (size_t) r * K * 4),
+				tB = twin_put(be, B, (size_t) N * r * 4),
+				tin = twin_put(be, in, (size_t) M * K * 4),
+				tout = twin_put(be, out0, nout * 4),
+				tdout = twin_put(be, dout, nout * 4),
+				tdin = twin_put(be, din0, (size_t) M * K * 4),
+				tdA = twin_put(be, dA0, (size_t) r * K * 4),
+				tdB = twin_put(be, dB0, (size_t) N * r * 4),
+				tu = twin_put(be, NULL, (size_t) M * r * 4),
+				tws = twin_put(be, NULL, (size_t) M * K * 4);
+	dl_lora_mats wd = {tA.d, tB.d, lc->grads & LORA_DA ? tdA.d : NULL,
+	lc->grads & LORA_DB ? tdB.d : NULL, r, 0.75f, lc->p, s},
+				wc = {tA.c, tB.c, lc->grads & LORA_DA ? tdA.c : NULL,
+	lc->grads & LORA_DB ? tdB.c : NULL, r, 0.75f, lc->p, s};
+	char		shape[80];
+	int			ok;
+
+	snprintf(shape, sizeof(shape), "M %d K %d N %d r %d @%d/%d p %.1f%s%s%s", M, K, N, r, lc->col0,
+			 ldo, lc->p, lc->grads & LORA_DIN ? "" : " -din", lc->grads & LORA_DA ? "" : " -dA",
+			 lc->grads & LORA_DB ? "" : " -dB");
+	/* no workspace without dropout: it must not be touched */
+	be->lora_forward(be, (float *) tout.d + lc->col0, ldo, tu.d, tin.d, &wd, M, K, N,
+					 lc->p > 0 ? tws.d : NULL);
+	cpu->lora_forward(cpu, (float *) tout.c + lc->col0, ldo, tu.c, tin.c, &wc, M, K, N,
+					  lc->p > 0 ? tws.c : NULL);
+	ok = twin_check(tb, &tout, nout, "lora_fwd out", shape, TOL_F32);
+	ok = twin_check(tb, &tu, (size_t) M * r, "lora_fwd u", shape, TOL_F32) && ok;
+	be->lora_backward(be, lc->grads & LORA_DIN ? tdin.d : NULL, (float *) tdout.d + lc->col0, ldo,
+					  tu.d, tin.d, &wd, M, K, N, lc->p > 0 ? tws.d : NULL);
+	cpu->lora_backward(cpu, lc->grads & LORA_DIN ? tdin.c : NULL, (float *) tdout.c + lc->col0, ldo,
+					   tu.c, tin.c, &wc, M, K, N, lc->p > 0 ? tws.c : NULL);
+	ok = twin_check(tb, &tu, (size_t) M * r, "lora_bwd du", shape, TOL_F32) && ok;
+	ok = twin_check(tb, &tdin, (size_t) M * K, "lora_bwd din", shape, TOL_F32) && ok;
+	ok = twin_check(tb, &tdA, (size_t) r * K, "lora_bwd dA", shape, TOL_F32) && ok;
+	ok = twin_check(tb, &tdB, (size_t) N * r, "lora_bwd dB", shape, TOL_F32) && ok;
+	twin_free(be, &tA), twin_free(be, &tB), twin_free(be, &tin), twin_free(be, &tout);
+	twin_free(be, &tdout), twin_free(be, &tdin), twin_free(be, &tdA), twin_free(be, &tdB);
+	twin_free(be, &tu), twin_free(be, &tws);
+	free(A), free(B), free(in), free(out0), free(dout), free(din0), free(dA0), free(dB0);
+	return ok;
+}
+
+/*
+ * Serving's shapes (a few rows, small ranks) and training's (all rows, dropout, an update
+ * into some columns of a wider product, gradients left out as a frozen part leaves them).
+ */
+TEST(ops_lora)
+{
+	static const lora_case_def cases[] = {
+		{1, 40, 24, 8, 0, 0.0f, LORA_ALL},
+		{5, 100, 70, 1, 3, 0.0f, LORA_ALL},
+		{1, 50, 31, 1, 0, 0.1f, LORA_ALL},
+		{37, 130, 97, 64, 11, 0.1f, LORA_ALL},
+		{300, 72, 200, 8, 40, 0.1f, LORA_DA | LORA_DB},
+		{300, 200, 150, 64, 0, 0.0f, LORA_DIN | LORA_DB},
+		{37, 65, 33, 8, 1, 0.1f, LORA_DA},
+		{5, 33, 45, 64, 2, 0.1f, LORA_DIN},
+	};
+
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+		for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++)
+			CHECK(lora_case(&tb[b], &cases[k]));
+}
+
+/*
+ * matmul_backward and layernorm_backward over a frozen base: with no parameter gradient
+ * (dW and dbias, dw and db NULL) din must still be what the reference computes.
+ */
+static int
+frozen_backward_case(const test_backend *tb, int M, int K, int N)
+{
+	dl_backend *be = tb->be,
+			   *cpu = reference_backend();
+	uint64_t	s = new_seed();
+	int			round = tb->bf16_products;
+	float	   *W = randv_r((size_t) N * K, 0.05f, &s, round),
+			   *x = randv_r((size_t) M * K, 1.0f, &s, round),
+			   *dout = randv_r((size_t) M * N, 1.0f, &s, round),
+			   *din0 = randv((size_t) M * K, 1.0f, &s),
+			   *g = randv((size_t) M * K, 1.0f, &s),
+			   *stats = randv(2 * (size_t) M, 1.0f, &s),
+			   *lnw = randv(K, 1.0f, &s),
+			   *eff;
+	void	   *dWt = put_weights(be, W, N, K, &eff);
+	void	   *cWt = put(cpu, eff, (size_t) N * K * 4);
+	twin		tx = twin_put(be, x, (size_t) M * K * 4),
+				tdout = twin_put(be, dout, (size_t) M * N * 4),
+				tdin = twin_put(be, din0, (size_t) M * K * 4),
+				tg = twin_put(be, g, (size_t) M * K * 4),
+				tlnw = twin_put(be, lnw, K * 4),
+				tstats;
+	char		shape[64];
+	int			ok;
+
+	be->matmul_backward(be, tdin.d, NULL, NULL, tdout.d, tx.d, dWt, M, K, N);
+	cpu->matmul_backward(cpu, tdin.c, NULL, NULL, tdout.c, tx.c, cWt, M, K, N);
+	snprintf(shape, sizeof(shape), "M %d K %d N %d no dW, dbias", M, K, N);
+	ok = twin_check(tb, &tdin, (size_t) M * K, "matmul_bwd din", shape, TOL_F32);
+	/* any mean and positive rstd will do: the backward is a formula in them */
+	for (int t = 0; t < M; t++)
+		stats[M + t] = 0.5f + fabsf(stats[M + t]);
+	tstats = twin_put(be, stats, 2 * (size_t) M * 4);
+	be->layernorm_backward(be, tdin.d, NULL, NULL, tg.d, tx.d, tstats.d, (float *) tstats.d + M,
+						   tlnw.d, M, K);
+	cpu->layernorm_backward(cpu, tdin.c, NULL, NULL, tg.c, tx.c, tstats.c, (float *) tstats.c + M,
+							tlnw.c, M, K);
+	snprintf(shape, sizeof(shape), "T %d, C %d no dw, db", M, K);
+	ok = twin_check(tb, &tdin, (size_t) M * K, "layernorm_bwd din", shape, TOL_F32) && ok;
+	be->free(be, dWt);
+	cpu->free(cpu, cWt);
+	twin_free(be, &tx), twin_free(be, &tdout), twin_free(be, &tdin), twin_free(be, &tg);
+	twin_free(be, &tlnw), twin_free(be, &tstats);
+	free(W), free(x), free(dout), free(din0), free(g), free(stats), free(lnw), free(eff);
+	return ok;
+}
+
+TEST(ops_frozen_base_backward)
+{
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+	{
+		CHECK(frozen_backward_case(&tb[b], 1, 64, 96));
+		CHECK(frozen_backward_case(&tb[b], 37, 130, 33));
+		CHECK(frozen_backward_case(&tb[b], 300, 96, 40));
+	}
+}

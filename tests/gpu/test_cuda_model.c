@@ -15,6 +15,9 @@
  * AdamW steps, against torch on the backends with float32 weights: fp32 within the
  * CPU backend's tolerances; mixed within TRAIN_TOL_BF16. The bf16 backend refuses to
  * train, with a hint.
+ *
+ * LoRA (the fixture adapters <model>/lora-<tag>): each prompt's logits with the adapter
+ * against PEFT's, and training the adapter over the frozen base on the fp32 backend.
  */
 #include "harness.h"
 #include "backends.h"
@@ -42,7 +45,10 @@ typedef struct expected
 	const st_tensor *greedy[MAX_PROMPTS];
 } expected;
 
-/* Open tests/fixtures/<name>/expected.safetensors; 0 when the fixture is absent. */
+/*
+ * Open tests/fixtures/<name>/expected.safetensors; 0 when the fixture is absent. An
+ * adapter's (<model>/lora-<tag>) has no greedy continuations: greedy stays NULL.
+ */
 static int
 expected_open(const char *name, expected *x, dl_error *err, dl_status *st)
 {
@@ -62,7 +68,7 @@ expected_open(const char *name, expected *x, dl_error *err, dl_status *st)
 		x->logits[i] = st_find(x->set, key);
 		snprintf(key, sizeof(key), "prompt_%d_greedy", i);
 		x->greedy[i] = st_find(x->set, key);
-		if (!x->ids[i] || !x->logits[i] || !x->greedy[i])
+		if (!x->ids[i] || !x->logits[i])
 			break;
 		x->n++;
 	}
@@ -92,6 +98,37 @@ logit_diff(const expected *x, int i, const float *ours, double *diff, double *bi
 		*big = fmax(*big, fabs(ref[k]));
 	}
 	free(ref);
+}
+
+/*
+ * *worst = the largest |diff| / tolerance over the logits of every prompt of x, each
+ * alone through m with adapter lora (NULL: none): TOL_F32 on a float32 backend, else 1/32
+ * of the largest reference logit.
+ */
+static dl_status
+worst_logits(dl_model *m, const expected *x, const dl_lora *lora, int fp32, double *worst,
+			 dl_error *err)
+{
+	dl_kv_cache *c = NULL;
+	dl_status	st = dl_kv_cache_create(m, 1, m->cfg.max_pos, m->cfg.max_pos, &c, err);
+
+	*worst = 0;
+	for (int i = 0; st == DL_OK && i < x->n; i++)
+	{
+		int			T = (int) x->ids[i]->numel;
+		float	   *ours = malloc((size_t) T * m->cfg.vocab_size * sizeof(float));
+		dl_seq		s = {0, 0, T, (const int32_t *) x->ids[i]->data, DL_LOGITS_ALL, lora};
+		double		diff = INFINITY,
+					big = 0;
+
+		st = dl_model_forward(m, c, &s, 1, ours, err);
+		if (st == DL_OK)
+			logit_diff(x, i, ours, &diff, &big);
+		free(ours);
+		*worst = fmax(*worst, diff / (fp32 ? TOL_F32 : big / 32));
+	}
+	dl_kv_cache_free(c);
+	return st;
 }
 
 /*
@@ -143,13 +180,50 @@ greedy_matches(dl_model *m, const expected *x, int stagger, dl_error *err)
 	return st == DL_OK ? matches : -1;
 }
 
-/* Logits of each prompt alone and greedy continuations of model `name` on every backend. */
+/*
+ * The logits of every prompt of x with fixture adapter `adapter` (<model>/lora-<tag>) of
+ * the model in dir on tb, against PEFT's: within check_model's bounds on the backends
+ * with float32 weights. With the base's weights in bfloat16 no such bound holds: PEFT
+ * computed over float32 weights, and neox-seq-f32/lora-all's longest prompt moves by 1.86
+ * times 1/32 of the largest logit on the CPU's own bfloat16 backend (1.88 on CUDA's, under
+ * the emulator), so that mode's error is printed, not checked; its operations are checked
+ * in test_backend_ops.c.
+ */
 static void
-check_model(const char *name, int *failed_)
+check_adapter(const test_backend *tb, const char *dir, const char *adapter, const expected *x,
+			  int *failed_)
+{
+	dl_model   *m;
+	dl_lora    *a = NULL;
+	double		worst = INFINITY;
+	int			bf16_weights = tb->be->weight_elem_size == 2;
+	dl_error	err;
+	dl_status	st;
+
+	CHECK_OK(dl_model_load(dir, tb->be, &m, &err), &err);
+	st = dl_lora_load(m, fixture_path(adapter), &a, &err);
+	if (st == DL_OK)
+		st = worst_logits(m, x, a, !tb->bf16_products, &worst, &err);
+	dl_lora_free(a);
+	dl_model_free(m);
+	CHECK_OK(st, &err);
+	printf("  %-22s %-14s logits: largest |diff| / tolerance %.3f%s\n", adapter, tb->label,
+		   worst, bf16_weights ? " (not bounded)" : "");
+	CHECKF(isfinite(worst), "%s on %s: logits not finite", adapter, tb->label);
+	CHECKF(bf16_weights || worst <= 1, "%s on %s: logits differ from PEFT's", adapter, tb->label);
+}
+
+/*
+ * Logits of each prompt alone and greedy continuations of model `name` on every backend;
+ * with adapter (a fixture <name>/lora-<tag>), the logits with it against PEFT's instead.
+ */
+static void
+check_model(const char *name, const char *adapter, int *failed_)
 {
 	const test_backend *tb;
 	const char *why;
 	int			nb = test_backends(&tb, &why);
+	const char *fixture = adapter ? adapter : name;
 	expected	x;
 	dl_error	err;
 	dl_status	st = DL_OK;
@@ -157,8 +231,8 @@ check_model(const char *name, int *failed_)
 
 	if (nb == 0)
 		SKIP("%s", why);
-	if (!expected_open(name, &x, &err, &st))
-		SKIP("fixture %s not present", name);
+	if (!expected_open(fixture, &x, &err, &st))
+		SKIP("fixture %s not present", fixture);
 	CHECKF(st == DL_OK, "%s", err.msg);
 	CHECK(x.n > 0);
 	snprintf(dir, sizeof(dir), "%s/%s", fixture_dir(), name);
@@ -167,31 +241,20 @@ check_model(const char *name, int *failed_)
 		dl_backend *be = tb[b].be;
 		int			fp32 = !tb[b].bf16_products;
 		dl_model   *m;
-		dl_kv_cache *c;
-		double		worst = 0;	/* largest |diff| / tolerance over the prompts */
+
+		if (adapter)
+		{
+			check_adapter(&tb[b], dir, adapter, &x, failed_);
+			if (*failed_)
+				return;
+			continue;
+		}
+		double		worst;
 		int			all,
 					staggered;
 
 		CHECK_OK(dl_model_load(dir, be, &m, &err), &err);
-		CHECK_OK(dl_kv_cache_create(m, 1, m->cfg.max_pos, m->cfg.max_pos, &c, &err), &err);
-		for (int i = 0; i < x.n; i++)
-		{
-			int			T = (int) x.ids[i]->numel;
-			float	   *ours = malloc((size_t) T * m->cfg.vocab_size * sizeof(float));
-			dl_seq		s = {0, 0, T, (const int32_t *) x.ids[i]->data, DL_LOGITS_ALL, NULL};
-			double		diff = INFINITY,
-						big = 0,
-						tol;
-
-			st = dl_model_forward(m, c, &s, 1, ours, &err);
-			if (st == DL_OK)
-				logit_diff(&x, i, ours, &diff, &big);
-			free(ours);
-			CHECKF(st == DL_OK, "%s", err.msg);
-			tol = fp32 ? TOL_F32 : big / 32;
-			worst = fmax(worst, diff / tol);
-		}
-		dl_kv_cache_free(c);
+		CHECK_OK(worst_logits(m, &x, NULL, fp32, &worst, &err), &err);
 		all = greedy_matches(m, &x, 0, &err);
 		staggered = all >= 0 ? greedy_matches(m, &x, 1, &err) : -1;
 		dl_model_free(m);
@@ -208,27 +271,27 @@ check_model(const char *name, int *failed_)
 
 TEST(cuda_model_gptj_f32)
 {
-	check_model("gptj-f32", failed_);
+	check_model("gptj-f32", NULL, failed_);
 }
 
 TEST(cuda_model_neox_par_f32)
 {
-	check_model("neox-par-f32", failed_);
+	check_model("neox-par-f32", NULL, failed_);
 }
 
 TEST(cuda_model_neox_seq_f32_sharded)
 {
-	check_model("neox-seq-f32", failed_);
+	check_model("neox-seq-f32", NULL, failed_);
 }
 
 TEST(cuda_model_gptj_bf16)
 {
-	check_model("gptj-bf16", failed_);
+	check_model("gptj-bf16", NULL, failed_);
 }
 
 TEST(cuda_model_neox_par_bf16)
 {
-	check_model("neox-par-bf16", failed_);
+	check_model("neox-par-bf16", NULL, failed_);
 }
 
 /*
@@ -242,7 +305,15 @@ TEST(cuda_model_neox_par_bf16)
  */
 static const train_tol TRAIN_TOL_BF16 = {5e-2, 1e-2, 3e-2};
 
-/* The training checks of fixture `name` on every backend with float32 weights; bf16 refuses. */
+/*
+ * The training checks of fixture `name` on every backend with float32 weights; bf16
+ * refuses. An adapter's ("<model>/lora-<tag>") only on the fp32 backend: in mixed mode
+ * neox-seq-f32/lora-all's gradients land 0.23 of each tensor's largest from torch's under
+ * the emulator (layer 0's query_key_value worst; gptj-f32/lora-qv passes), and the CPU
+ * backend lands 0.31 from them, on the same tensors, with nothing but the frozen base's
+ * weights rounded to bfloat16: that adapter's gradients are that sensitive to the base,
+ * and TRAIN_TOL_BF16 does not apply.
+ */
 static void
 check_training(const char *name, int *failed_)
 {
@@ -261,6 +332,11 @@ check_training(const char *name, int *failed_)
 		dl_error	err;
 		dl_status	st;
 
+		if (be->weight_elem_size == 4 && tb[b].bf16_products && strstr(name, "/lora-"))
+		{
+			printf("  %-14s %-14s training: not checked\n", name, tb[b].label);
+			continue;
+		}
 		if (be->weight_elem_size == 4)
 		{
 			const train_tol *tol = tb[b].bf16_products ? &TRAIN_TOL_BF16 : &TRAIN_TOL_F32;
@@ -275,7 +351,7 @@ check_training(const char *name, int *failed_)
 			SKIP("fixture %s/train_expected.safetensors absent", name);
 		CHECK_OK(st, &err);
 		fixture_config(&f, &cfg);
-		st = trainer_create(f.m, NULL, &cfg, NULL, 0, &tr, &err);
+		st = trainer_create(f.m, f.lora, &cfg, NULL, 0, &tr, &err);
 		trainer_free(tr);
 		train_close(&f);
 		printf("  %-14s %-14s training refused: %s (%s)\n", name, tb[b].label, err.msg, err.hint);
@@ -297,4 +373,25 @@ TEST(cuda_train_neox_par_f32)
 TEST(cuda_train_neox_seq_f32)
 {
 	check_training("neox-seq-f32", failed_);
+}
+
+TEST(cuda_lora_gptj_qv)
+{
+	check_model("gptj-f32", "gptj-f32/lora-qv", failed_);
+}
+
+TEST(cuda_lora_neox_seq_all)
+{
+	check_model("neox-seq-f32", "neox-seq-f32/lora-all", failed_);
+}
+
+/* Training the fixture adapters over a frozen base: the base's backward skips its parameters. */
+TEST(cuda_train_lora_gptj_qv)
+{
+	check_training("gptj-f32/lora-qv", failed_);
+}
+
+TEST(cuda_train_lora_neox_seq_all)
+{
+	check_training("neox-seq-f32/lora-all", failed_);
 }
