@@ -377,21 +377,21 @@ TEST(cuda_train_neox_seq_f32)
 
 TEST(cuda_lora_gptj_qv)
 {
-	check_model("gptj-f32", "gptj-f32/lora-qv", failed_);
+	check_model("gptj-f32", "gptj-f32-lora-qv", failed_);
 }
 
 TEST(cuda_lora_neox_seq_all)
 {
-	check_model("neox-seq-f32", "neox-seq-f32/lora-all", failed_);
+	check_model("neox-seq-f32", "neox-seq-f32-lora-all", failed_);
 }
 
 /* Training the fixture adapters over a frozen base: the base's backward skips its parameters. */
 TEST(cuda_train_lora_gptj_qv)
 {
-	check_training("gptj-f32/lora-qv", failed_);
+	check_training("gptj-f32-lora-qv", failed_);
 }
 
 TEST(cuda_train_lora_neox_seq_all)
 {
-	check_training("neox-seq-f32/lora-all", failed_);
+	check_training("neox-seq-f32-lora-all", failed_);
 }
