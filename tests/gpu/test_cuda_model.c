@@ -16,7 +16,7 @@
  * CPU backend's tolerances; mixed within TRAIN_TOL_BF16. The bf16 backend refuses to
  * train, with a hint.
  *
- * LoRA (the fixture adapters <model>/lora-<tag>): each prompt's logits with the adapter
+ * LoRA (the fixture adapters <model>-lora-<tag>): each prompt's logits with the adapter
  * against PEFT's, and training the adapter over the frozen base on the fp32 backend.
  */
 #include "harness.h"
@@ -47,7 +47,7 @@ typedef struct expected
 
 /*
  * Open tests/fixtures/<name>/expected.safetensors; 0 when the fixture is absent. An
- * adapter's (<model>/lora-<tag>) has no greedy continuations: greedy stays NULL.
+ * adapter's (<model>-lora-<tag>) has no greedy continuations: greedy stays NULL.
  */
 static int
 expected_open(const char *name, expected *x, dl_error *err, dl_status *st)
@@ -181,10 +181,10 @@ greedy_matches(dl_model *m, const expected *x, int stagger, dl_error *err)
 }
 
 /*
- * The logits of every prompt of x with fixture adapter `adapter` (<model>/lora-<tag>) of
+ * The logits of every prompt of x with fixture adapter `adapter` (<model>-lora-<tag>) of
  * the model in dir on tb, against PEFT's: within check_model's bounds on the backends
  * with float32 weights. With the base's weights in bfloat16 no such bound holds: PEFT
- * computed over float32 weights, and neox-seq-f32/lora-all's longest prompt moves by 1.86
+ * computed over float32 weights, and neox-seq-f32-lora-all's longest prompt moves by 1.86
  * times 1/32 of the largest logit on the CPU's own bfloat16 backend (1.88 on CUDA's, under
  * the emulator), so that mode's error is printed, not checked; its operations are checked
  * in test_backend_ops.c.
@@ -215,7 +215,7 @@ check_adapter(const test_backend *tb, const char *dir, const char *adapter, cons
 
 /*
  * Logits of each prompt alone and greedy continuations of model `name` on every backend;
- * with adapter (a fixture <name>/lora-<tag>), the logits with it against PEFT's instead.
+ * with adapter (a fixture <name>-lora-<tag>), the logits with it against PEFT's instead.
  */
 static void
 check_model(const char *name, const char *adapter, int *failed_)
@@ -307,9 +307,9 @@ static const train_tol TRAIN_TOL_BF16 = {5e-2, 1e-2, 3e-2};
 
 /*
  * The training checks of fixture `name` on every backend with float32 weights; bf16
- * refuses. An adapter's ("<model>/lora-<tag>") only on the fp32 backend: in mixed mode
- * neox-seq-f32/lora-all's gradients land 0.23 of each tensor's largest from torch's under
- * the emulator (layer 0's query_key_value worst; gptj-f32/lora-qv passes), and the CPU
+ * refuses. An adapter's ("<model>-lora-<tag>") only on the fp32 backend: in mixed mode
+ * neox-seq-f32-lora-all's gradients land 0.23 of each tensor's largest from torch's under
+ * the emulator (layer 0's query_key_value worst; gptj-f32-lora-qv passes), and the CPU
  * backend lands 0.31 from them, on the same tensors, with nothing but the frozen base's
  * weights rounded to bfloat16: that adapter's gradients are that sensitive to the base,
  * and TRAIN_TOL_BF16 does not apply.
@@ -332,7 +332,7 @@ check_training(const char *name, int *failed_)
 		dl_error	err;
 		dl_status	st;
 
-		if (be->weight_elem_size == 4 && tb[b].bf16_products && strstr(name, "/lora-"))
+		if (be->weight_elem_size == 4 && tb[b].bf16_products && strstr(name, "-lora-"))
 		{
 			printf("  %-14s %-14s training: not checked\n", name, tb[b].label);
 			continue;
