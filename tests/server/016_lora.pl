@@ -19,6 +19,10 @@ my ($node, $models) = dolly_cluster('lora',
 	conf => "dolly.max_batch = 16\ndolly.max_loaded_adapters = 2\ndolly.train_workers = 2\n");
 mkdir "$models/misfit";
 system('cp', glob("$models/neox-par-f32-lora-qkv/*"), "$models/misfit/") == 0 or die 'cp';
+# a corrupt adapter: its tensors file cut short
+mkdir "$models/corrupt";
+system('cp', glob("$models/gptj-f32-lora-qv/*"), "$models/corrupt/") == 0 or die 'cp';
+truncate("$models/corrupt/adapter_model.safetensors", 1000) or die 'truncate';
 
 $node->safe_psql('postgres', q{
 CREATE ROLE alice LOGIN IN ROLE dolly_trainer;
@@ -32,11 +36,12 @@ SELECT dolly_register_model('gptj-f32-lora-qv');
 SELECT dolly_register_model('gptj-f32-lora-all', base_model => 'gptj-f32');
 SELECT dolly_register_model('neox-par-f32-lora-qkv');
 SELECT dolly_register_model('misfit', base_model => 'gptj-f32');
-SELECT dolly_grant_model(m, 'PUBLIC') FROM unnest('{gptj-f32-lora-qv,gptj-f32-lora-all,neox-par-f32-lora-qkv,misfit}'::text[]) m;
+SELECT dolly_register_model('corrupt');
+SELECT dolly_grant_model(m, 'PUBLIC') FROM unnest('{gptj-f32-lora-qv,gptj-f32-lora-all,neox-par-f32-lora-qkv,misfit,corrupt}'::text[]) m;
 });
 
 is($node->safe_psql('postgres', "SELECT name, base_model, adapter FROM dolly_models ORDER BY name"),
-	"gptj-f32-lora-all|gptj-f32|t\ngptj-f32-lora-qv|gptj-f32|t\nmisfit|gptj-f32|t\nneox-par-f32|" . '|f'
+	"corrupt|gptj-f32|t\ngptj-f32-lora-all|gptj-f32|t\ngptj-f32-lora-qv|gptj-f32|t\nmisfit|gptj-f32|t\nneox-par-f32|" . '|f'
 	  . "\nneox-par-f32-lora-qkv|neox-par-f32|t",
 	'adapters are registered with their base: given, or the one adapter_config.json names');
 
@@ -138,6 +143,12 @@ like($err, qr/model "alice-merged" already exists/, 'a merge never overwrites a 
 	"SELECT dolly_generate('hi', model => 'misfit', do_sample => false)");
 like($err, qr/LoRA adapter \(of "neox-par-f32"\) does not fit this model/, 'an adapter of another base is refused');
 like($err, qr/HINT:  An adapter runs only on the base model it was trained from/, 'with a hint');
+($ret, $out, $err) = $node->psql('postgres',
+	"SELECT dolly_generate('hi', model => 'corrupt', do_sample => false)");
+like($err, qr/ERROR:  .*adapter_model\.safetensors/, 'a corrupt adapter file is an ERROR naming the file');
+unlike($err, qr{\Q$models\E}, 'without the directory');
+is($node->safe_psql('postgres', "SELECT dolly_generate('hi', model => 'gptj-f32-lora-qv', max_new_tokens => 2, do_sample => false) IS NOT NULL"),
+	't', 'and the server serves on');
 ($ret, $out, $err) = $node->psql('postgres',
 	"SELECT dolly_generate('hi', model => 'neox-par-f32-lora-qkv', do_sample => false)", extra_params => [ '-U', 'bob' ]);
 like($err, qr/is a LoRA adapter of "neox-par-f32", which the current role may not use/,
