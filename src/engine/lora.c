@@ -446,21 +446,28 @@ dl_lora_load(const dl_model *m, const char *dir, dl_lora **out, dl_error *err)
 	st_set	   *set = NULL;
 	dl_status	st;
 	char		base[1024];
-	dl_error	ignored;
+	int			misfit;
 
 	*out = NULL;
+	/* the configuration alone first: its errors are its own */
+	st = lora_base_name(dir, base, sizeof(base), err);
+	if (st != DL_OK)
+		return st;
+	/* then a module the model lacks, a shape it does not have: another base's adapter */
 	st = lora_read(dir, &m->cfg, m->be->alignment, &a, err);
+	misfit = st == DL_EINVAL;
 	if (st == DL_OK)
 		st = lora_alloc(a, m, err);
 	if (st == DL_OK)
 		st = lora_open_tensors(dir, &set, err);
 	if (st == DL_OK)
+	{
 		st = weights_load(m->be, a->mem, a->map, a->nmap, &m->cfg, set, dir, "LoRA adapter",
 						  NULL, NULL, err);
+		misfit = st == DL_EFORMAT;
+	}
 	st_close(set);
-	/* a module the model lacks, a shape it does not have: a valid adapter of another base */
-	if ((st == DL_EINVAL || st == DL_EFORMAT) &&
-		lora_base_name(dir, base, sizeof(base), &ignored) == DL_OK)
+	if (misfit)
 	{
 		char		why[sizeof(err->msg)],
 					hint[sizeof(err->hint)];
