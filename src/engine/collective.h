@@ -16,10 +16,15 @@
  * has two halves, used alternately, so a rank may fill one while a slower rank still
  * sums from the other.
  *
- * Where every rank's buffer is mapped by all (peers: host memory shared by the ranks'
- * processes), a reduce-scatter or all-gather of data in this rank's peer buffer reads the
- * peers' buffers directly instead, with no staging: about a third of the memory traffic.
- * The sums are the same, element by element.
+ * Where every rank's buffer is mapped by all, a reduce-scatter or all-gather of data in
+ * it reads the peers' buffers directly instead, with no staging: about a third of the
+ * memory traffic on the host, and on GPUs no trip through host memory at all. The buffers
+ * are host memory the ranks' processes share (peers, from the caller), or device memory
+ * that group_share maps into every rank (CUDA IPC: the backend's peer_export and
+ * peer_open), where the sums are the backend's sum_ranks: a kernel reading the peers'
+ * memory. With bfloat16 staging on a device, each rank rounds its data into a device
+ * staging area every rank maps, and the owners sum from those. The sums are the same,
+ * element by element, on every path.
  */
 #ifndef DOLLY_COLLECTIVE_H
 #define DOLLY_COLLECTIVE_H
@@ -31,10 +36,18 @@
 #include "error.h"
 
 #define DL_GROUP_SCALARS 8		/* scalars a rank contributes to one group_scalars */
-#define DL_GROUP_MAX_RANKS 64	/* ranks of a group, at most */
+#define DL_GROUP_MAX_RANKS DL_MAX_RANK_SOURCES	/* ranks of a group, at most */
+#define DL_GROUP_SHARED 3		/* device allocations a group shares: two, and its staging area */
 
 /* Wait until every rank of the group arrives; nonzero when the group stops instead. */
 typedef int (*dl_barrier_fn) (void *arg);
+
+/* Device memory every rank maps (group_share): rank r's copy at at[r], as this rank sees it. */
+typedef struct dl_group_region
+{
+	char	   *at[DL_GROUP_MAX_RANKS];
+	size_t		bytes;
+} dl_group_region;
 
 typedef struct dl_group
 {
@@ -49,6 +62,13 @@ typedef struct dl_group
 	float	   *const *peers;	/* optional: every rank's buffer of peer_n floats, mapped here */
 	size_t		peer_n;
 	float	   *scratch;		/* 2 * chunk floats for the sums (malloc'd on first use) */
+	/* optional: told, on the main thread, which way the ranks sum (the caller logs it) */
+	void		(*note) (void *arg, const char *msg);
+	/* set by group_share: the regions every rank maps, and the backend that maps them */
+	dl_group_region shared[DL_GROUP_SHARED];
+	int			nshared;
+	dl_backend *share_be;
+	uint16_t   *dev_stage;		/* bf16 on a device: this rank's staging area, shared[last] */
 } dl_group;
 
 /* Bytes of the staging area of a group of nranks with rounds of chunk floats. */
@@ -77,7 +97,25 @@ dl_status	group_all_reduce(dl_group *g, dl_backend *be, float *buf, size_t n, dl
  */
 dl_status	group_scalars(dl_group *g, const double *mine, int k, double *all, dl_error *err);
 
-/* Free the group's scratch (not the staging area, which its owner maps). */
+/*
+ * Map n device allocations of every rank (mem[i], bytes[i] from be->alloc, the same sizes
+ * on every rank) into every rank, and with bfloat16 staging a device staging area too, so
+ * that the sums and gathers of data in them read the peers' memory. Every rank calls it
+ * at the same point. When a rank cannot (a backend without peer_export, a handle that
+ * does not open), no rank shares anything and the sums go through the staging area, as
+ * g->note is told; DL_OK either way, an error only when the group stops or memory runs out.
+ */
+dl_status	group_share(dl_group *g, dl_backend *be, void *const *mem, const size_t *bytes, int n,
+						dl_error *err);
+
+/*
+ * Unmap the peers' memory that group_share mapped and free the device staging area, before
+ * the ranks free theirs: every collective ends with a barrier after its last read of the
+ * peers' memory, so after the last one nothing reads it.
+ */
+void		group_unshare(dl_group *g);
+
+/* Free the group's scratch and shares (not the staging area, which its owner maps). */
 void		group_release(dl_group *g);
 
 #endif

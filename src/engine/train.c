@@ -36,6 +36,7 @@ struct dl_trainer
 	void	   *mem;			/* device: grads | adam_m | adam_v | spans (stage 2) */
 	size_t		mem_bytes;
 	int			peer_grads;		/* grads is this rank's buffer of the group's peers, not in mem */
+	int			shared;			/* mem and param_mem are mapped by the peers (group_share) */
 	float	   *grads;			/* stages 0, 1: n floats; stage 2: the parts' reduced ones */
 	float	   *adam_m;			/* local */
 	float	   *adam_v;
@@ -294,6 +295,16 @@ trainer_create(dl_model *m, const dl_train_config *cfg, dl_group *group, int sta
 		: (dl_grad_sink) {open_in_place, close_in_place, tr};
 	be->zero(be, tr->mem, tr->mem_bytes - (tr->peer_grads ? tr->n * sizeof(float) : 0));
 	be->zero(be, tr->grads, (tr->stage == 2 ? tr->local : tr->n) * sizeof(float));
+	/* device ranks read each other's gradients and parameters where they can map them */
+	if (tr->nranks > 1 && !be->host_memory)
+	{
+		void	   *mem[2] = {tr->mem, m->param_mem};
+		size_t		bytes[2] = {tr->mem_bytes, m->param_bytes};
+
+		if ((st = group_share(group, be, mem, bytes, 2, err)) != DL_OK)
+			goto fail;
+		tr->shared = 1;
+	}
 	*out = tr;
 	return DL_OK;
 
@@ -307,6 +318,8 @@ trainer_free(dl_trainer *tr)
 {
 	if (tr == NULL)
 		return;
+	if (tr->shared)
+		group_unshare(tr->group);
 	dl_train_acts_free(tr->acts);
 	tr->m->be->free(tr->m->be, tr->mem);
 	free(tr->parts);
