@@ -182,6 +182,11 @@ cuda_backend_create(int dev, int mode, dl_backend **out, dl_error *err)
 	cb->be.attention_train_workspace = cuda_attention_train_workspace;
 	cb->be.sum_squares = cuda_sum_squares;
 	cb->be.sample_workspace = cuda_sample_workspace;
+	cb->be.sum_ranks = cuda_sum_ranks;
+	cb->be.to_bf16 = cuda_to_bf16;
+	cb->be.peer_export = cuda_peer_export;
+	cb->be.peer_open = cuda_peer_open;
+	cb->be.peer_close = cuda_peer_close;
 	cb->be.destroy = cuda_destroy;
 	if ((st = cuda_profile_install(cb, err)) != DL_OK)
 	{

@@ -348,6 +348,14 @@ dl_status	cuda_sum_squares(dl_backend *be, const float *x, size_t n, double *out
 void		cuda_crossentropy_forward(dl_backend *be, float *losses, float *dlogits,
 									  const float *logits, const int32_t *labels, int T, int V);
 
+/* ranks.cu */
+void		cuda_sum_ranks(dl_backend *be, float *out, const void *const *src, int nsrc, size_t n,
+						   int bf16, int accumulate);
+void		cuda_to_bf16(dl_backend *be, uint16_t *dst, const float *src, size_t n);
+dl_status	cuda_peer_export(dl_backend *be, void *mem, dl_peer_handle *h, dl_error *err);
+dl_status	cuda_peer_open(dl_backend *be, const dl_peer_handle *h, void **mem, dl_error *err);
+void		cuda_peer_close(dl_backend *be, void *mem);
+
 /* optimizer.cu */
 void		cuda_adamw_update(dl_backend *be, float *param, const float *grad, float *m,
 							  float *v, size_t n, const dl_adamw *h);
