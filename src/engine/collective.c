@@ -242,6 +242,22 @@ device_bf16_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t 
 }
 
 /*
+ * len floats of device memory at in, rounded to bfloat16 on the device and downloaded to
+ * a staging slot: half the bytes of the float32 the host would round.
+ */
+static dl_status
+download_bf16(dl_group *g, dl_backend *be, uint16_t *slot, const float *in, size_t len,
+			  dl_error *err)
+{
+	if (g->dev_scratch == NULL &&
+		(g->dev_scratch = be->alloc(be, g->chunk * sizeof(uint16_t), err)) == NULL)
+		return err->code;
+	g->dev_be = be;
+	be->to_bf16(be, g->dev_scratch, in, len);
+	return be->download(be, slot, g->dev_scratch, len * sizeof(uint16_t), err);
+}
+
+/*
  * Round k of a reduce-scatter: every rank stages part k of every owner's part (c floats
  * each, side by side), then each owner sums its parts over the ranks in rank order.
  */
@@ -282,9 +298,9 @@ group_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t n, flo
 			group_part(N, n, o, &lo, &hi);
 			if ((part = part_len(lo, hi, k, c, &at)) == 0)
 				continue;
-			if ((st = be->download(be, slot, in + at, part * sizeof(float), err)) != DL_OK)
-				return st;
-			if (g->bf16)
+			if (g->bf16 && !be->host_memory)
+				st = download_bf16(g, be, (uint16_t *) slot, in + at, part, err);
+			else if ((st = be->download(be, slot, in + at, part * sizeof(float), err)) == DL_OK && g->bf16)
 			{
 				/* in place: bfloat16 i lands at or below float i, already read */
 				uint16_t   *h = (uint16_t *) slot;
@@ -292,6 +308,8 @@ group_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t n, flo
 				for (size_t i = 0; i < part; i++)
 					h[i] = float_to_bf16(slot[i]);
 			}
+			if (st != DL_OK)
+				return st;
 		}
 		if ((st = round_end(g, err)) != DL_OK)
 			return st;
@@ -452,7 +470,7 @@ share_regions(dl_group *g, dl_backend *be, void *const *mem, const size_t *bytes
 
 	if (!ok)
 		snprintf(e.msg, sizeof(e.msg), "the %s backend cannot share its memory", be->name);
-	g->share_be = be;
+	g->dev_be = be;
 	g->nshared = ok ? m : 0;
 	for (int i = 0; i < g->nshared; i++)
 	{
@@ -522,12 +540,15 @@ group_unshare(dl_group *g)
 		for (int r = 0; r < g->nranks; r++)
 			if (r != g->rank && g->shared[i].at[r] != NULL)
 			{
-				g->share_be->peer_close(g->share_be, g->shared[i].at[r]);
+				g->dev_be->peer_close(g->dev_be, g->shared[i].at[r]);
 				g->shared[i].at[r] = NULL;
 			}
 	if (g->dev_stage != NULL)
-		g->share_be->free(g->share_be, g->dev_stage);
+		g->dev_be->free(g->dev_be, g->dev_stage);
+	if (g->dev_scratch != NULL)
+		g->dev_be->free(g->dev_be, g->dev_scratch);
 	g->dev_stage = NULL;
+	g->dev_scratch = NULL;
 	g->nshared = 0;
 }
 

@@ -23,8 +23,9 @@
  * that group_share maps into every rank (CUDA IPC: the backend's peer_export and
  * peer_open), where the sums are the backend's sum_ranks: a kernel reading the peers'
  * memory. With bfloat16 staging on a device, each rank rounds its data into a device
- * staging area every rank maps, and the owners sum from those. The sums are the same,
- * element by element, on every path.
+ * staging area every rank maps, and the owners sum from those (through host memory, the
+ * device rounds what it downloads: half the bytes). The sums are the same, element by
+ * element, on every path.
  */
 #ifndef DOLLY_COLLECTIVE_H
 #define DOLLY_COLLECTIVE_H
@@ -67,8 +68,9 @@ typedef struct dl_group
 	/* set by group_share: the regions every rank maps, and the backend that maps them */
 	dl_group_region shared[DL_GROUP_SHARED];
 	int			nshared;
-	dl_backend *share_be;
+	dl_backend *dev_be;			/* the backend of the group's device memory */
 	uint16_t   *dev_stage;		/* bf16 on a device: this rank's staging area, shared[last] */
+	uint16_t   *dev_scratch;	/* bf16 on a device through host memory: chunk, rounded there */
 } dl_group;
 
 /* Bytes of the staging area of a group of nranks with rounds of chunk floats. */
@@ -109,9 +111,9 @@ dl_status	group_share(dl_group *g, dl_backend *be, void *const *mem, const size_
 						dl_error *err);
 
 /*
- * Unmap the peers' memory that group_share mapped and free the device staging area, before
- * the ranks free theirs: every collective ends with a barrier after its last read of the
- * peers' memory, so after the last one nothing reads it.
+ * Unmap the peers' memory that group_share mapped and free the group's device memory,
+ * before the ranks free theirs: every collective ends with a barrier after its last read
+ * of the peers' memory, so after the last one nothing reads it.
  */
 void		group_unshare(dl_group *g);
 
