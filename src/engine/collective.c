@@ -3,7 +3,7 @@
  * straight from the peers' memory, and the sharing of device memory between the ranks
  * (see collective.h). The staging area is two halves, each [nranks][chunk] floats followed
  * by [nranks][DL_GROUP_SCALARS] doubles; round k of the group uses half k % 2, and so does
- * a device staging area of bfloat16 (two halves of chunk).
+ * a device staging area of bfloat16 (two halves of DEVICE_ROUNDS x chunk).
  */
 #include "bf16.h"
 #include "collective.h"
@@ -13,6 +13,11 @@
 #include <string.h>
 
 #define CHUNK_ALIGN 16			/* floats: parts of a round start on cache lines */
+/*
+ * A round through the device staging area is this many of the host's: a barrier costs the
+ * same, device memory is plentiful (2 x 16M bfloat16 a rank with the jobs' chunk)
+ */
+#define DEVICE_ROUNDS 16
 
 size_t
 group_stage_bytes(int nranks, size_t chunk)
@@ -66,11 +71,11 @@ largest_part(int nranks, size_t n)
 	return n / nranks + (n % nranks != 0);
 }
 
-/* Floats of each owner's part a reduce-scatter round stages: parts start on cache lines. */
+/* Floats of each owner's part a round of `chunk` stages: parts start on cache lines. */
 static size_t
-round_part(const dl_group *g)
+round_part(const dl_group *g, size_t chunk)
 {
-	return g->chunk / g->nranks / CHUNK_ALIGN * CHUNK_ALIGN;
+	return chunk / g->nranks / CHUNK_ALIGN * CHUNK_ALIGN;
 }
 
 /* Scratch for sums (chunk floats) and what they are added to (chunk more), on first use. */
@@ -197,7 +202,8 @@ peer_all_gather(dl_group *g, dl_backend *be, const char *const *at, size_t n, dl
 /*
  * The reduce-scatter with bfloat16 staging on a device: round k as through the staging
  * area, but each rank rounds its data into its own device staging area (two halves, used
- * alternately, chunk bfloat16 each) and the owners sum from every rank's, on the device.
+ * alternately, DEVICE_ROUNDS x chunk bfloat16 each) and the owners sum from every rank's,
+ * on the device.
  */
 static dl_status
 device_bf16_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t n, float *out,
@@ -205,7 +211,7 @@ device_bf16_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t 
 {
 	const dl_group_region *s = &g->shared[g->nshared - 1];
 	int			N = g->nranks;
-	size_t		c = round_part(g),
+	size_t		c = round_part(g, DEVICE_ROUNDS * g->chunk),
 				my_lo,
 				my_hi;
 	dl_status	st;
@@ -213,7 +219,7 @@ device_bf16_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t 
 	group_part(N, n, g->rank, &my_lo, &my_hi);
 	for (size_t k = 0; k * c < largest_part(N, n); k++)
 	{
-		size_t		half = (g->rounds & 1) * g->chunk,
+		size_t		half = (g->rounds & 1) * DEVICE_ROUNDS * g->chunk,
 					at,
 					len;
 		const void *src[DL_GROUP_MAX_RANKS];
@@ -266,7 +272,7 @@ group_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t n, flo
 					 int accumulate, dl_error *err)
 {
 	int			N = g->nranks;
-	size_t		c = round_part(g),
+	size_t		c = round_part(g, g->chunk),
 				my_lo,
 				my_hi;
 	float	   *sum,
@@ -474,7 +480,7 @@ share_regions(dl_group *g, dl_backend *be, void *const *mem, const size_t *bytes
 	g->nshared = ok ? m : 0;
 	for (int i = 0; i < g->nshared; i++)
 	{
-		g->shared[i].bytes = i < n ? bytes[i] : 2 * g->chunk * sizeof(uint16_t);
+		g->shared[i].bytes = i < n ? bytes[i] : 2 * DEVICE_ROUNDS * g->chunk * sizeof(uint16_t);
 		g->shared[i].at[g->rank] = i < n ? mem[i] : NULL;
 	}
 	/* bf16: the staging area the peers read this rank's rounded data from */
