@@ -7,10 +7,13 @@
  */
 #include "bf16.h"
 #include "collective.h"
+#include "sysinfo.h"
 
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define CHUNK_ALIGN 16			/* floats: parts of a round start on cache lines */
 /*
@@ -19,10 +22,23 @@
  */
 #define DEVICE_ROUNDS 16
 
+/*
+ * Seconds a rank waits for the others to close their mappings of its device memory before
+ * it frees that memory anyway: only a rank that died, or one stuck in a pass, takes that long
+ */
+#define CLOSE_WAIT_S 30.0
+
+/* Bytes of one half of the staging area. */
+static size_t
+half_bytes(int nranks, size_t chunk)
+{
+	return (size_t) nranks * chunk * sizeof(float) + (size_t) nranks * DL_GROUP_SCALARS * sizeof(double);
+}
+
 size_t
 group_stage_bytes(int nranks, size_t chunk)
 {
-	return 2 * ((size_t) nranks * chunk * sizeof(float) + (size_t) nranks * DL_GROUP_SCALARS * sizeof(double));
+	return 2 * half_bytes(nranks, chunk) + (size_t) nranks * sizeof(uint64_t);
 }
 
 void
@@ -37,7 +53,7 @@ group_part(int nranks, size_t n, int rank, size_t *lo, size_t *hi)
 static char *
 round_half(const dl_group *g)
 {
-	return (char *) g->stage + (g->rounds & 1) * (group_stage_bytes(g->nranks, g->chunk) / 2);
+	return (char *) g->stage + (g->rounds & 1) * half_bytes(g->nranks, g->chunk);
 }
 
 /* Rank r's floats in a half. */
@@ -484,14 +500,17 @@ share_regions(dl_group *g, dl_backend *be, void *const *mem, const size_t *bytes
 		g->shared[i].at[g->rank] = i < n ? mem[i] : NULL;
 	}
 	/* bf16: the staging area the peers read this rank's rounded data from */
-	if (ok && g->bf16 && (g->dev_stage = be->alloc(be, g->shared[n].bytes, &e)) == NULL)
-		ok = 0;
-	if (ok)
+	if (ok && g->bf16)
+	{
+		ok = (g->dev_stage = be->alloc(be, g->shared[n].bytes, &e)) != NULL;
 		g->shared[n].at[g->rank] = (char *) g->dev_stage;
+	}
 	for (int i = 0; ok && i < m; i++)
 		ok = be->peer_export(be, g->shared[i].at[g->rank], &mine[i], &e) == DL_OK;
 	if ((st = vote(g, ok, &all_ok, err)) != DL_OK || !all_ok)
 		goto out;
+	/* from here the peers may map this rank's memory: see group_unshare */
+	g->exported = 1;
 	if ((all = malloc(sizeof(dl_peer_handle) * m * g->nranks)) == NULL)
 		return dl_fail(err, DL_ENOMEM, "out of memory sharing device memory between ranks");
 	st = exchange_handles(g, mine, m, all, err);
@@ -539,6 +558,25 @@ group_share(dl_group *g, dl_backend *be, void *const *mem, const size_t *bytes, 
 	return DL_OK;
 }
 
+/*
+ * Every rank's count of unshares, after the staging area's halves: freeing memory that
+ * another process still maps is undefined behaviour in CUDA, so a rank that exported some
+ * counts its unshare once it has closed its own mappings, and waits until every rank has.
+ * Not a barrier: it must work while the group stops too, when the barriers do not wait.
+ */
+static void
+wait_for_closes(dl_group *g)
+{
+	_Atomic uint64_t *closed = (_Atomic uint64_t *) ((char *) g->stage + 2 * half_bytes(g->nranks, g->chunk));
+	uint64_t	mine = ++g->unshares;
+	double		until = sys_now_s() + CLOSE_WAIT_S;
+
+	atomic_store(&closed[g->rank], mine);
+	for (int r = 0; r < g->nranks; r++)
+		while (atomic_load(&closed[r]) < mine && sys_now_s() < until)
+			usleep(1000);
+}
+
 void
 group_unshare(dl_group *g)
 {
@@ -549,6 +587,9 @@ group_unshare(dl_group *g)
 				g->dev_be->peer_close(g->dev_be, g->shared[i].at[r]);
 				g->shared[i].at[r] = NULL;
 			}
+	if (g->exported)
+		wait_for_closes(g);
+	g->exported = 0;
 	if (g->dev_stage != NULL)
 		g->dev_be->free(g->dev_be, g->dev_stage);
 	if (g->dev_scratch != NULL)

@@ -71,9 +71,11 @@ typedef struct dl_group
 	dl_backend *dev_be;			/* the backend of the group's device memory */
 	uint16_t   *dev_stage;		/* bf16 on a device: this rank's staging area, shared[last] */
 	uint16_t   *dev_scratch;	/* bf16 on a device through host memory: chunk, rounded there */
+	int			exported;		/* the peers may have mapped this rank's memory */
+	uint64_t	unshares;		/* group_unshare's after an export, the same count on every rank */
 } dl_group;
 
-/* Bytes of the staging area of a group of nranks with rounds of chunk floats. */
+/* Bytes of the staging area of a group of nranks with rounds of chunk floats (zeroed by its maker). */
 size_t		group_stage_bytes(int nranks, size_t chunk);
 
 /* Elements [*lo, *hi) of n: the part rank owns. */
@@ -111,9 +113,10 @@ dl_status	group_share(dl_group *g, dl_backend *be, void *const *mem, const size_
 						dl_error *err);
 
 /*
- * Unmap the peers' memory that group_share mapped and free the group's device memory,
- * before the ranks free theirs: every collective ends with a barrier after its last read
- * of the peers' memory, so after the last one nothing reads it.
+ * Unmap the peers' memory that group_share mapped and free the group's device memory; the
+ * ranks may free theirs once it returns: every rank has closed its mappings by then (it
+ * waits for them, 30 s at most, as a rank may have died), and every collective
+ * ends with a barrier after its last read of the peers' memory.
  */
 void		group_unshare(dl_group *g);
 

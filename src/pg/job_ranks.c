@@ -273,6 +273,7 @@ dolly_dp_start(int nranks, const dl_example *ex, int ntrain, int neval, const ch
 		off += MAXALIGN(ex[i].n * sizeof(int32));
 	}
 	d->stage_off = off;
+	memset((char *) d + off, 0, group_stage_bytes(nranks, DP_CHUNK));
 	/* CPU ranks keep every gradient (stages 0, 1): in a segment all of them map */
 	if (!dolly_want_cuda() && opts->zero_stage < 2)
 	{
