@@ -1,8 +1,9 @@
 /*
  * ranks.cu: the CUDA backend's part in the sums over data-parallel ranks (collective.c):
  * device memory exported to the other ranks' processes and mapped from theirs (CUDA IPC),
- * the rank-order sum of the ranks' buffers read from their GPUs' memory, and the rounding
- * to bfloat16 for bf16_communication, all on the device.
+ * the rank-order sum of the ranks' buffers read from their GPUs' memory (on the backend's
+ * stream, or on a second one that runs alongside backward), and the rounding to bfloat16
+ * for bf16_communication, all on the device.
  */
 #include <string.h>
 
@@ -33,11 +34,11 @@ sum_ranks_kernel(float *out, rank_sources src, int nsrc, size_t n, int accumulat
 	}
 }
 
-void
-cuda_sum_ranks(dl_backend *be, float *out, const void *const *src, int nsrc, size_t n, int bf16,
-			   int accumulate)
+/* The sum of the ranks' buffers, on stream. */
+static void
+sum_ranks_on(cuda_backend *cb, cudaStream_t stream, float *out, const void *const *src, int nsrc,
+			 size_t n, int bf16, int accumulate)
 {
-	cuda_backend *cb = cuda_enter(be);
 	rank_sources s;
 
 	if (n == 0)
@@ -49,10 +50,37 @@ cuda_sum_ranks(dl_backend *be, float *out, const void *const *src, int nsrc, siz
 	}
 	memcpy(s.at, src, nsrc * sizeof(*src));
 	if (bf16)
-		sum_ranks_kernel<__nv_bfloat16><<<grid_for(n), DL_BLOCK, 0, cb->stream>>>(out, s, nsrc, n, accumulate);
+		sum_ranks_kernel<__nv_bfloat16><<<grid_for(n), DL_BLOCK, 0, stream>>>(out, s, nsrc, n, accumulate);
 	else
-		sum_ranks_kernel<float><<<grid_for(n), DL_BLOCK, 0, cb->stream>>>(out, s, nsrc, n, accumulate);
+		sum_ranks_kernel<float><<<grid_for(n), DL_BLOCK, 0, stream>>>(out, s, nsrc, n, accumulate);
 	cuda_check_launch(cb, "sum_ranks");
+}
+
+void
+cuda_sum_ranks(dl_backend *be, float *out, const void *const *src, int nsrc, size_t n, int bf16,
+			   int accumulate)
+{
+	cuda_backend *cb = cuda_enter(be);
+
+	sum_ranks_on(cb, cb->stream, out, src, nsrc, n, bf16, accumulate);
+}
+
+/* On the second stream: backward's kernels go on meanwhile, on the first. */
+void
+cuda_sum_ranks_aside(dl_backend *be, float *out, const void *const *src, int nsrc, size_t n,
+					 int bf16, int accumulate)
+{
+	cuda_backend *cb = cuda_enter(be);
+
+	sum_ranks_on(cb, cb->aside, out, src, nsrc, n, bf16, accumulate);
+}
+
+dl_status
+cuda_sum_ranks_wait(dl_backend *be, dl_error *err)
+{
+	cuda_backend *cb = cuda_enter(be);
+
+	return cuda_stream_wait(cb, cb->aside, err);
 }
 
 void
@@ -116,7 +144,7 @@ cuda_peer_open(dl_backend *be, const dl_peer_handle *h, void **mem, dl_error *er
 	return DL_OK;
 }
 
-/* Unmap, once the operations queued before (which may read it) are done. */
+/* Unmap, once the operations queued before (which may read it) are done, on both streams. */
 void
 cuda_peer_close(dl_backend *be, void *mem)
 {
@@ -124,6 +152,7 @@ cuda_peer_close(dl_backend *be, void *mem)
 	cudaError_t e;
 
 	cudaStreamSynchronize(cb->stream);
+	cudaStreamSynchronize(cb->aside);
 	if ((e = cudaIpcCloseMemHandle(mem)) != cudaSuccess)
 		cuda_fail(cb, DL_EBACKEND, "cudaIpcCloseMemHandle", cudaGetErrorString(e));
 }

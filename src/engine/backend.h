@@ -329,6 +329,14 @@ struct dl_backend
 	 */
 	void		(*sum_ranks) (dl_backend *be, float *out, const void *const *src, int nsrc,
 							  size_t n, int bf16, int accumulate);
+	/*
+	 * sum_ranks on a second queue, where the backend has one (NULL where not): it runs
+	 * after the operations the caller has waited for (synchronize) and alongside those it
+	 * queues next, until sum_ranks_wait, which waits for it and reports its failure.
+	 */
+	void		(*sum_ranks_aside) (dl_backend *be, float *out, const void *const *src, int nsrc,
+									size_t n, int bf16, int accumulate);
+	dl_status	(*sum_ranks_wait) (dl_backend *be, dl_error *err);
 	/* dst[n] = src[n] rounded to bfloat16 (nearest even), as bits. */
 	void		(*to_bf16) (dl_backend *be, uint16_t *dst, const float *src, size_t n);
 

@@ -174,11 +174,12 @@ add_part(float *sum, const float *part, size_t len, int first)
 /*
  * The reduce-scatter reading the peers' copies at[r]: this rank's part summed in rank
  * order by the backend, between barriers (the data is complete before; no rank changes
- * its buffer until every owner has read it).
+ * its buffer until every owner has read it). aside: the sums run on the backend's second
+ * queue, and the second barrier waits for group_finish.
  */
 static dl_status
 peer_reduce_scatter(dl_group *g, dl_backend *be, const char *const *at, size_t n, float *out,
-					int accumulate, dl_error *err)
+					int accumulate, int aside, dl_error *err)
 {
 	const void *src[DL_GROUP_MAX_RANKS];
 	size_t		lo,
@@ -190,6 +191,12 @@ peer_reduce_scatter(dl_group *g, dl_backend *be, const char *const *at, size_t n
 		src[r] = at[r] + lo * sizeof(float);
 	if ((st = device_round_end(g, be, err)) != DL_OK)
 		return st;
+	if (aside)
+	{
+		be->sum_ranks_aside(be, out, src, g->nranks, hi - lo, 0, accumulate);
+		g->aside_be = be;
+		return DL_OK;
+	}
 	be->sum_ranks(be, out, src, g->nranks, hi - lo, 0, accumulate);
 	return device_round_end(g, be, err);
 }
@@ -296,10 +303,12 @@ group_reduce_scatter(dl_group *g, dl_backend *be, const float *in, size_t n, flo
 	const char *at_peer[DL_GROUP_MAX_RANKS];
 	dl_status	st;
 
+	if ((st = group_finish(g, err)) != DL_OK)
+		return st;
 	if (g->bf16 && g->dev_stage != NULL)
 		return device_bf16_reduce_scatter(g, be, in, n, out, accumulate, err);
 	if (peer_copies(g, be, in, n, 1, at_peer))
-		return peer_reduce_scatter(g, be, at_peer, n, out, accumulate, err);
+		return peer_reduce_scatter(g, be, at_peer, n, out, accumulate, 0, err);
 	if ((st = need_scratch(g, err)) != DL_OK)
 		return st;
 	acc = g->scratch + g->chunk;
@@ -373,6 +382,8 @@ group_all_gather(dl_group *g, dl_backend *be, float *buf, size_t n, dl_error *er
 	const char *at_peer[DL_GROUP_MAX_RANKS];
 	dl_status	st;
 
+	if ((st = group_finish(g, err)) != DL_OK)
+		return st;
 	if (peer_copies(g, be, buf, n, 0, at_peer))
 		return peer_all_gather(g, be, at_peer, n, err);
 	for (size_t k = 0; k * c < largest_part(N, n); k++)
@@ -413,13 +424,43 @@ group_all_reduce(dl_group *g, dl_backend *be, float *buf, size_t n, dl_error *er
 }
 
 dl_status
+group_reduce_scatter_start(dl_group *g, dl_backend *be, const float *in, size_t n, float *out,
+						   int accumulate, dl_error *err)
+{
+	const char *at_peer[DL_GROUP_MAX_RANKS];
+	dl_status	st;
+
+	if (be->sum_ranks_aside == NULL || g->bf16 || !peer_copies(g, be, in, n, 1, at_peer))
+		return group_reduce_scatter(g, be, in, n, out, accumulate, err);
+	if ((st = group_finish(g, err)) != DL_OK)
+		return st;
+	return peer_reduce_scatter(g, be, at_peer, n, out, accumulate, 1, err);
+}
+
+dl_status
+group_finish(dl_group *g, dl_error *err)
+{
+	dl_backend *be = g->aside_be;
+	dl_status	st;
+
+	if (be == NULL)
+		return DL_OK;
+	g->aside_be = NULL;
+	st = be->sum_ranks_wait(be, err);
+	return st != DL_OK ? st : round_end(g, err);
+}
+
+dl_status
 group_scalars(dl_group *g, const double *mine, int k, double *all, dl_error *err)
 {
-	char	   *half = round_half(g);
+	char	   *half;
 	dl_status	st;
 
 	if (k < 0 || k > DL_GROUP_SCALARS)
 		return dl_fail(err, DL_EINVAL, "%d scalars in one exchange (at most %d)", k, DL_GROUP_SCALARS);
+	if ((st = group_finish(g, err)) != DL_OK)
+		return st;
+	half = round_half(g);
 
 	memcpy(scalars_of(g, half, g->rank), mine, k * sizeof(double));
 	if ((st = round_end(g, err)) != DL_OK)
@@ -573,13 +614,29 @@ wait_for_closes(dl_group *g)
 
 	atomic_store(&closed[g->rank], mine);
 	for (int r = 0; r < g->nranks; r++)
+	{
 		while (atomic_load(&closed[r]) < mine && sys_now_s() < until)
 			usleep(1000);
+		if (atomic_load(&closed[r]) < mine)
+		{
+			char		msg[128];
+
+			snprintf(msg, sizeof(msg), "rank %d frees its device memory after %.0f s without rank %d closing its mapping of it",
+					 g->rank, CLOSE_WAIT_S, r);
+			note(g, msg);
+		}
+	}
 }
 
 void
 group_unshare(dl_group *g)
 {
+	dl_error	ignored;
+
+	/* the group may be stopping: no barrier, but no sum may read what is unmapped next */
+	if (g->aside_be != NULL)
+		(void) g->aside_be->sum_ranks_wait(g->aside_be, &ignored);
+	g->aside_be = NULL;
 	for (int i = 0; i < g->nshared; i++)
 		for (int r = 0; r < g->nranks; r++)
 			if (r != g->rank && g->shared[i].at[r] != NULL)

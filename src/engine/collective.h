@@ -65,6 +65,12 @@ typedef struct dl_group
 	float	   *scratch;		/* 2 * chunk floats for the sums (malloc'd on first use) */
 	/* optional: told, on the main thread, which way the ranks sum (the caller logs it) */
 	void		(*note) (void *arg, const char *msg);
+	/*
+	 * told by a rank that fails (error: why) or was asked to stop (NULL), before it
+	 * releases what the others map (group_unshare waits for them): the others must leave
+	 * their barriers now, not when its caller learns of it
+	 */
+	void		(*stop) (void *arg, const char *error);
 	/* set by group_share: the regions every rank maps, and the backend that maps them */
 	dl_group_region shared[DL_GROUP_SHARED];
 	int			nshared;
@@ -72,6 +78,7 @@ typedef struct dl_group
 	uint16_t   *dev_stage;		/* bf16 on a device: this rank's staging area, shared[last] */
 	uint16_t   *dev_scratch;	/* bf16 on a device through host memory: chunk, rounded there */
 	int			exported;		/* the peers may have mapped this rank's memory */
+	dl_backend *aside_be;		/* a reduce-scatter runs on this backend's second queue */
 	uint64_t	unshares;		/* group_unshare's after an export, the same count on every rank */
 } dl_group;
 
@@ -91,6 +98,19 @@ dl_status	group_reduce_scatter(dl_group *g, dl_backend *be, const float *in, siz
 
 /* Every rank's part of buf (n floats, in be's memory) into every rank's buf. */
 dl_status	group_all_gather(dl_group *g, dl_backend *be, float *buf, size_t n, dl_error *err);
+
+/*
+ * group_reduce_scatter, left running where it can: on a device whose memory the peers map
+ * (group_share), in float32, the sums run on the backend's second queue alongside what the
+ * caller queues next, until group_finish (which every collective calls first); elsewhere
+ * it is group_reduce_scatter, done when it returns. in must not change, nor out be read,
+ * until then.
+ */
+dl_status	group_reduce_scatter_start(dl_group *g, dl_backend *be, const float *in, size_t n,
+									   float *out, int accumulate, dl_error *err);
+
+/* Wait for the reduce-scatter that group_reduce_scatter_start left running, if any. */
+dl_status	group_finish(dl_group *g, dl_error *err);
 
 /* buf = the sum over the ranks of buf: a reduce-scatter in place, then an all-gather. */
 dl_status	group_all_reduce(dl_group *g, dl_backend *be, float *buf, size_t n, dl_error *err);

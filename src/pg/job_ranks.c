@@ -204,6 +204,13 @@ group_barrier(void *arg)
 	return !barrier(arg);
 }
 
+/* A rank of the group fails or stops (on the main thread): the others leave their barriers. */
+static void
+group_stop(void *arg, const char *error)
+{
+	dolly_dp_abort(arg, error);
+}
+
 /* What the engine says about the way the ranks sum (on the main thread): to the log. */
 static void
 group_note(void *arg, const char *msg)
@@ -313,7 +320,7 @@ dolly_dp_train(DollyDP *d, int rank, dl_model *m, const dl_example *ex, int ntra
 	dl_group	group = {
 		.rank = rank, .nranks = d->nranks, .stage = (char *) d + d->stage_off, .chunk = DP_CHUNK,
 		.bf16 = o->comm_bf16, .barrier = group_barrier, .barrier_arg = d,
-		.peers = peer_buffers(d), .peer_n = d->peer_n, .note = group_note,
+		.peers = peer_buffers(d), .peer_n = d->peer_n, .note = group_note, .stop = group_stop,
 	};
 	dl_status	st;
 

@@ -6,14 +6,16 @@
  * a rank whose barrier reports a stopped group gets DL_ECANCELLED. A "device" backend (the
  * CPU's operations, its memory taken for a device's, handles that are the pointers) runs
  * the device paths of group_share: sums and gathers from the peers' mapped memory,
- * bfloat16 rounded into a staging area every rank maps; a rank whose peer_open fails
- * sends every rank through the staging area; every mapping is closed.
+ * bfloat16 rounded into a staging area every rank maps, a reduce-scatter left running on
+ * a second queue until the next collective; a rank whose peer_open fails sends every rank
+ * through the staging area; every mapping is closed.
  */
 #include "harness.h"
 #include "backend.h"
 #include "bf16.h"
 #include "collective.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,11 +64,21 @@ barrier(void *p)
 	return sh->stop;
 }
 
-/* A rank's "device": the CPU backend's table with memory that is not the host's. */
+/*
+ * A rank's "device": the CPU backend's table with memory that is not the host's, whose
+ * sums "aside" are done only when waited for, as a second queue may do them that late.
+ */
 typedef struct device
 {
 	dl_backend	be;
 	int			refuse;			/* peer_open fails */
+	int			pending;		/* a sum aside waits for sum_ranks_wait: */
+	float	   *out;
+	const void *src[NMAX];
+	int			nsrc;
+	size_t		n;
+	int			bf16;
+	int			accumulate;
 } device;
 
 static int	opened;				/* mappings open over every device */
@@ -100,6 +112,28 @@ fake_close(dl_backend *be, void *mem)
 	pthread_mutex_unlock(&opened_lock);
 }
 
+static void
+fake_aside(dl_backend *be, float *out, const void *const *src, int nsrc, size_t n, int bf16,
+		   int accumulate)
+{
+	device	   *d = (device *) be;
+
+	*d = (device) {.be = d->be, .refuse = d->refuse, .pending = 1, .out = out, .nsrc = nsrc,
+	.n = n, .bf16 = bf16, .accumulate = accumulate};
+	memcpy(d->src, src, nsrc * sizeof(*src));
+}
+
+static dl_status
+fake_wait(dl_backend *be, dl_error *err)
+{
+	device	   *d = (device *) be;
+
+	if (d->pending)
+		be->sum_ranks(be, d->out, d->src, d->nsrc, d->n, d->bf16, d->accumulate);
+	d->pending = 0;
+	return DL_OK;
+}
+
 /* What group_share tells a rank: count which way the sums go. */
 static void
 count_note(void *p, const char *msg)
@@ -129,6 +163,7 @@ rank_main(void *p)
 				hi;
 	device		dev = {.be = *a->be, .refuse = a->rank == sh->refuse_rank};
 	dl_backend *be = a->be;
+	float	   *saved;
 
 	if (sh->device)
 	{
@@ -140,6 +175,8 @@ rank_main(void *p)
 		be->peer_export = fake_export;
 		be->peer_open = fake_open;
 		be->peer_close = fake_close;
+		be->sum_ranks_aside = fake_aside;
+		be->sum_ranks_wait = fake_wait;
 		g.note = count_note;
 		g.bf16 = sh->bf16;		/* the device staging area is made with the shares */
 		a->st = group_share(&g, be, mem, bytes, 2, &a->err);
@@ -155,10 +192,20 @@ rank_main(void *p)
 	for (size_t i = 0; i < hi - lo; i++)
 		sh->part[a->rank][i] = 1.0f;
 	g.bf16 = sh->bf16;
+	/* on the device, left running (float32) until the next collective's group_finish */
 	if (a->st == DL_OK)
-		a->st = group_reduce_scatter(&g, be, sh->in[a->rank] + sh->first, sh->count,
-									 sh->part[a->rank], 1, &a->err);
+		a->st = group_reduce_scatter_start(&g, be, sh->in[a->rank] + sh->first, sh->count,
+										   sh->part[a->rank], 1, &a->err);
+	if (a->st == DL_OK)
+		a->st = group_scalars(&g, mine, 2, sh->scal[a->rank], &a->err);
+	/* the scalars waited for every rank's sums: this rank's input may change now */
+	saved = malloc(sh->n * sizeof(float));
+	memcpy(saved, sh->in[a->rank], sh->n * sizeof(float));
+	for (size_t i = 0; i < sh->n; i++)
+		sh->in[a->rank][i] = NAN;
 	group_release(&g);
+	memcpy(sh->in[a->rank], saved, sh->n * sizeof(float));
+	free(saved);
 	pthread_mutex_lock(&opened_lock);
 	a->open_after = opened;
 	pthread_mutex_unlock(&opened_lock);

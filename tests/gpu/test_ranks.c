@@ -1,9 +1,9 @@
 /*
  * test_ranks.c: the sums over ranks on the CUDA backend, each rank its own process as in a
  * fine-tuning job, their device memory mapped into each other through CUDA IPC
- * (collective.c's group_share): an all-reduce, and a reduce-scatter of a span with
- * bfloat16 rounded on the device, both equal bit for bit to the host's rank-order sums,
- * with two ranks and with four (on the emulator's two GPUs: two ranks a GPU; on one GPU:
+ * (collective.c's group_share): an all-reduce (its sums on the second stream, left running
+ * until the all-gather), and a reduce-scatter of a span with bfloat16 rounded on the
+ * device, both equal bit for bit to the host's rank-order sums, with two ranks and with four (on the emulator's two GPUs: two ranks a GPU; on one GPU:
  * all on it). The parent never touches CUDA, which does not survive fork: every rank
  * loads the plugin ($DOLLY_CUDA_PLUGIN, default ./dolly_cuda.so) itself; it SKIPs when a
  * rank finds no plugin or no GPU. The same sums through host memory, with the backend's
@@ -110,11 +110,19 @@ rank_run(shared *sh, int rank, dl_backend *be)
 			host[i] = 1.0f;
 		st = be->upload(be, part, host, (hi - lo) * sizeof(float), &err);
 	}
-	/* the device staging area of bfloat16 is made with the shares; the all-reduce is float32 */
+	/*
+	 * the device staging area of bfloat16 is made with the shares; the all-reduce is
+	 * float32, its reduce-scatter left running on the second stream until the all-gather
+	 */
 	if (st == DL_OK && (st = group_share(&g, be, mem, bytes, 2, &err)) == DL_OK)
 	{
+		size_t		mine_lo,
+					mine_hi;
+
 		g.bf16 = 0;
-		st = group_all_reduce(&g, be, out, n, &err);
+		group_part(sh->nranks, n, rank, &mine_lo, &mine_hi);
+		if ((st = group_reduce_scatter_start(&g, be, out, n, out + mine_lo, 0, &err)) == DL_OK)
+			st = group_all_gather(&g, be, out, n, &err);
 		g.bf16 = 1;
 	}
 	if (st == DL_OK)

@@ -295,6 +295,8 @@ sub stopped_job
 	my @closed = grep { $node->log_contains("cuda_emu: process $_ closed its last IPC mapping") } @pids;
 	my @open = grep { $node->log_contains("cuda_emu: process $_ exits with") } @pids;
 	is("@closed|@open", "@pids|", "$how: each rank closed every IPC mapping it opened");
+	ok(!$node->log_contains("fine-tuning job $id: rank \\d frees its device memory after"),
+		"$how: before any rank freed the memory the others mapped, at once (the rank that stopped stopped the others)");
 }
 stopped_job('killed-ipc', 'terminate');
 stopped_job('cancelled-ipc', 'cancel');
