@@ -119,12 +119,19 @@ build/test_gpu: $(GPU_TEST_SRCS) $(wildcard tests/gpu/*.h tests/engine/*.h) $(EN
 	$(CC) $(ENGINE_CFLAGS) -Wno-unused-parameter -Isrc/engine -Itests/engine -o $@ \
 		$(GPU_TEST_SRCS) $(ENGINE_LIB) $(ENGINE_LIBS)
 
+# the ranks' sums through CUDA IPC: a binary of its own, whose ranks fork before any CUDA
+build/test_ranks: tests/engine/harness.c tests/gpu/test_ranks.c $(ENGINE_LIB)
+	@mkdir -p build
+	$(CC) $(ENGINE_CFLAGS) -Wno-unused-parameter -Isrc/engine -Itests/engine -o $@ $(filter %.c,$^) \
+		$(ENGINE_LIB) $(ENGINE_LIBS)
+
 build/bench_cuda build/bench_train: build/bench_%: tests/gpu/bench_%.c $(ENGINE_LIB)
 	@mkdir -p build
 	$(CC) $(ENGINE_CFLAGS) -Isrc/engine -o $@ $< $(ENGINE_LIB) $(ENGINE_LIBS)
 
-gputest: build/test_gpu $(CUDA_PLUGIN)
+gputest: build/test_gpu build/test_ranks $(CUDA_PLUGIN)
 	DOLLY_CUDA_PLUGIN=$(CURDIR)/dolly_cuda.so build/test_gpu
+	DOLLY_CUDA_PLUGIN=$(CURDIR)/dolly_cuda.so build/test_ranks
 
 # the CUDA plugin's kernels rewritten for the CPU emulator (tests/gpu/emu/README.md)
 EMU = tests/gpu/emu
@@ -133,20 +140,22 @@ build/gpu-emu/dolly_cuda_emu.so: $(wildcard kernels/*.cu kernels/*.cuh $(EMU)/*.
 	cp kernels/*.cuh build/gpu-emu/src/
 	python3 $(EMU)/transform.py build/gpu-emu/src kernels/*.cu
 	$(CXX) -std=c++17 -O1 -g -fPIC -shared -w $(EMU_SANITIZE) -I$(EMU)/include -Isrc/engine -o $@ \
-		build/gpu-emu/src/*.cpp $(EMU)/cuda_emu.cpp -x c src/engine/error.c
+		build/gpu-emu/src/*.cpp $(EMU)/cuda_emu.cpp $(EMU)/cuda_emu_ipc.cpp -x c src/engine/error.c
 
 # every 16-byte load of a kernel checked for its alignment, as a GPU faults on a misaligned one
 EMU_SANITIZE = -fsanitize=alignment -fno-sanitize-recover=alignment
 
 # the emulation's own checks, each against a kernel broken on purpose (tests/gpu/emu/selftest.cu)
-build/gpu-emu/selftest: $(EMU)/selftest.cu $(EMU)/cuda_emu.cpp $(EMU)/transform.py $(wildcard $(EMU)/include/*)
+build/gpu-emu/selftest: $(EMU)/selftest.cu $(EMU)/cuda_emu.cpp $(EMU)/cuda_emu_ipc.cpp $(EMU)/transform.py $(wildcard $(EMU)/include/*)
 	@mkdir -p build/gpu-emu/self
 	python3 $(EMU)/transform.py build/gpu-emu/self $(EMU)/selftest.cu
-	$(CXX) -std=c++17 -O1 -g -w $(EMU_SANITIZE) -I$(EMU)/include -o $@ build/gpu-emu/self/selftest.cpp $(EMU)/cuda_emu.cpp
+	$(CXX) -std=c++17 -O1 -g -w $(EMU_SANITIZE) -I$(EMU)/include -o $@ build/gpu-emu/self/selftest.cpp \
+		$(EMU)/cuda_emu.cpp $(EMU)/cuda_emu_ipc.cpp
 
 # then the operations again with the threads of a block run last to first: races show
-emutest: build/test_gpu build/gpu-emu/dolly_cuda_emu.so build/gpu-emu/selftest
+emutest: build/test_gpu build/test_ranks build/gpu-emu/dolly_cuda_emu.so build/gpu-emu/selftest
 	build/gpu-emu/selftest
+	EMU_GPUS=2 DOLLY_CUDA_PLUGIN=$(CURDIR)/build/gpu-emu/dolly_cuda_emu.so build/test_ranks $(FILTER)
 	DOLLY_CUDA_PLUGIN=$(CURDIR)/build/gpu-emu/dolly_cuda_emu.so build/test_gpu $(FILTER)
 	EMU_ORDER=reverse DOLLY_CUDA_PLUGIN=$(CURDIR)/build/gpu-emu/dolly_cuda_emu.so build/test_gpu $(or $(FILTER),ops_)
 

@@ -94,6 +94,11 @@ cuda_destroy(dl_backend *be)
 		cudaFree(cb->scratch[i]);
 	if (cb->blas)
 		cublasDestroy(cb->blas);
+	if (cb->aside)
+	{
+		cudaStreamSynchronize(cb->aside);
+		cudaStreamDestroy(cb->aside);
+	}
 	if (cb->stream)
 		cudaStreamDestroy(cb->stream);
 	free(cb);
@@ -129,6 +134,7 @@ cuda_backend_init(cuda_backend *cb, int dev, dl_error *err)
 	/* 227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86 and sm_89: kernels size themselves */
 	CUDA_TRY(cudaDeviceGetAttribute(&cb->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), err);
 	CUDA_TRY(cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking), err);
+	CUDA_TRY(cudaStreamCreateWithFlags(&cb->aside, cudaStreamNonBlocking), err);
 	for (int i = 0; i < 2; i++)
 		CUDA_TRY(cudaEventCreateWithFlags(&cb->stage_done[i], cudaEventDisableTiming), err);
 	CUBLAS_TRY(cublasCreate(&cb->blas), err);
@@ -182,6 +188,13 @@ cuda_backend_create(int dev, int mode, dl_backend **out, dl_error *err)
 	cb->be.attention_train_workspace = cuda_attention_train_workspace;
 	cb->be.sum_squares = cuda_sum_squares;
 	cb->be.sample_workspace = cuda_sample_workspace;
+	cb->be.sum_ranks = cuda_sum_ranks;
+	cb->be.sum_ranks_aside = cuda_sum_ranks_aside;
+	cb->be.sum_ranks_wait = cuda_sum_ranks_wait;
+	cb->be.to_bf16 = cuda_to_bf16;
+	cb->be.peer_export = cuda_peer_export;
+	cb->be.peer_open = cuda_peer_open;
+	cb->be.peer_close = cuda_peer_close;
 	cb->be.destroy = cuda_destroy;
 	if ((st = cuda_profile_install(cb, err)) != DL_OK)
 	{

@@ -65,6 +65,7 @@ typedef struct cuda_backend
 	int			smem_optin;		/* dynamic shared memory a kernel may opt in to, bytes */
 	int			ln_smem_cols;	/* widest rows layernorm_backward sums in shared memory */
 	cudaStream_t stream;		/* every operation runs on it, in order */
+	cudaStream_t aside;			/* but sum_ranks_aside: the sums over ranks during backward */
 	cublasHandle_t blas;
 	dl_error	pending;		/* first failure of an asynchronous operation (code DL_OK: none) */
 	void	   *host_stage[2];	/* upload_tensor: host buffers, made on first use, */
@@ -308,6 +309,8 @@ dl_status	cuda_upload(dl_backend *be, void *dst, const void *src, size_t bytes, 
 dl_status	cuda_download(dl_backend *be, void *dst, const void *src, size_t bytes,
 						  dl_error *err);
 dl_status	cuda_synchronize(dl_backend *be, dl_error *err);
+/* Report a kept failure, else wait for stream and report what failed on it. */
+dl_status	cuda_stream_wait(cuda_backend *cb, cudaStream_t stream, dl_error *err);
 dl_status	cuda_upload_tensor(dl_backend *be, void *dst, dl_fmt fmt, const st_tensor *t,
 							   const int32_t *rows, dl_error *err);
 /* Release upload_tensor's staging buffers (at destroy). */
@@ -347,6 +350,17 @@ dl_status	cuda_sum_squares(dl_backend *be, const float *x, size_t n, double *out
 /* loss.cu */
 void		cuda_crossentropy_forward(dl_backend *be, float *losses, float *dlogits,
 									  const float *logits, const int32_t *labels, int T, int V);
+
+/* ranks.cu */
+void		cuda_sum_ranks(dl_backend *be, float *out, const void *const *src, int nsrc, size_t n,
+						   int bf16, int accumulate);
+void		cuda_sum_ranks_aside(dl_backend *be, float *out, const void *const *src, int nsrc,
+								 size_t n, int bf16, int accumulate);
+dl_status	cuda_sum_ranks_wait(dl_backend *be, dl_error *err);
+void		cuda_to_bf16(dl_backend *be, uint16_t *dst, const float *src, size_t n);
+dl_status	cuda_peer_export(dl_backend *be, void *mem, dl_peer_handle *h, dl_error *err);
+dl_status	cuda_peer_open(dl_backend *be, const dl_peer_handle *h, void **mem, dl_error *err);
+void		cuda_peer_close(dl_backend *be, void *mem);
 
 /* optimizer.cu */
 void		cuda_adamw_update(dl_backend *be, float *param, const float *grad, float *m,

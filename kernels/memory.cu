@@ -107,17 +107,24 @@ cuda_download(dl_backend *be, void *dst, const void *src, size_t bytes, dl_error
 	return DL_OK;
 }
 
+dl_status
+cuda_stream_wait(cuda_backend *cb, cudaStream_t stream, dl_error *err)
+{
+	dl_status	st = cuda_take_pending(cb, err);
+
+	if (st != DL_OK)
+		return st;
+	CUDA_TRY(cudaStreamSynchronize(stream), err);
+	return DL_OK;
+}
+
 /* Wait for the stream; a kernel that failed while running surfaces here. */
 dl_status
 cuda_synchronize(dl_backend *be, dl_error *err)
 {
 	cuda_backend *cb = cuda_enter(be);
-	dl_status	st = cuda_take_pending(cb, err);
 
-	if (st != DL_OK)
-		return st;
-	CUDA_TRY(cudaStreamSynchronize(cb->stream), err);
-	return DL_OK;
+	return cuda_stream_wait(cb, cb->stream, err);
 }
 
 /* Launch the conversion of n elements from safetensors dtype sd to float32 or bfloat16. */

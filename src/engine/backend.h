@@ -106,6 +106,16 @@ typedef struct dl_lora_mats
 	float		dropout;		/* p of zeroing an input element (training); 0: none */
 	uint64_t	seed;			/* of the dropout draws (dropout.h) */
 } dl_lora_mats;
+/* Most sources of one sum_ranks: the ranks of a group. */
+#define DL_MAX_RANK_SOURCES 64
+
+/* An allocation exported to other processes (peer_export): CUDA's IPC handle and device. */
+typedef struct dl_peer_handle
+{
+	unsigned char bytes[120];
+	int32_t		device;
+	int32_t		pad;
+} dl_peer_handle;
 
 typedef struct dl_backend dl_backend;
 
@@ -132,7 +142,10 @@ struct dl_backend
 	/* Copy bytes from the device to the host, after every operation queued before. */
 	dl_status	(*download) (dl_backend *be, void *dst, const void *src, size_t bytes,
 							 dl_error *err);
-	/* Copy bytes within the device (the regions do not overlap). */
+	/*
+	 * Copy bytes within the device (the regions do not overlap); src may be another
+	 * rank's memory mapped by peer_open.
+	 */
 	void		(*copy) (dl_backend *be, void *dst, const void *src, size_t bytes);
 	/* Wait for every queued operation; reports a failure of any of them. */
 	dl_status	(*synchronize) (dl_backend *be, dl_error *err);
@@ -341,6 +354,41 @@ struct dl_backend
 	 */
 	void		(*adamw_update) (dl_backend *be, float *param, const float *grad, float *m,
 								 float *v, size_t n, const dl_adamw *h);
+
+	/* --- sums over ranks (collective.c) --- */
+
+	/*
+	 * out[i] = src[0][i] + src[1][i] + ... + src[nsrc - 1][i] for i < n, added in that
+	 * order (rank order: every rank computes the same bits) in float32; with accumulate,
+	 * out[i] + that sum. The src hold float32, or with bf16 bfloat16 bits, and may be
+	 * other ranks' memory mapped by peer_open; out may be one of them (element i is read
+	 * before it is written). nsrc <= DL_MAX_RANK_SOURCES.
+	 */
+	void		(*sum_ranks) (dl_backend *be, float *out, const void *const *src, int nsrc,
+							  size_t n, int bf16, int accumulate);
+	/*
+	 * sum_ranks on a second queue, where the backend has one (NULL where not): it runs
+	 * after the operations the caller has waited for (synchronize) and alongside those it
+	 * queues next, until sum_ranks_wait, which waits for it and reports its failure.
+	 */
+	void		(*sum_ranks_aside) (dl_backend *be, float *out, const void *const *src, int nsrc,
+									size_t n, int bf16, int accumulate);
+	dl_status	(*sum_ranks_wait) (dl_backend *be, dl_error *err);
+	/* dst[n] = src[n] rounded to bfloat16 (nearest even), as bits. */
+	void		(*to_bf16) (dl_backend *be, uint16_t *dst, const float *src, size_t n);
+
+	/*
+	 * Device memory that other processes map (CUDA IPC), so that ranks sum from each
+	 * other's buffers; NULL on a backend whose memory is the host's (its ranks share host
+	 * memory through their caller). peer_export describes an allocation mem (what alloc
+	 * returned) in a handle; another process's peer_open maps it, *mem its address there
+	 * (for sum_ranks and copy, after the owner's writes that the ranks' barrier orders);
+	 * peer_close unmaps it, before the owner frees it. A failure is DL_EUNSUPPORTED (this
+	 * pair of devices cannot, or the driver refuses), and the caller sums another way.
+	 */
+	dl_status	(*peer_export) (dl_backend *be, void *mem, dl_peer_handle *h, dl_error *err);
+	dl_status	(*peer_open) (dl_backend *be, const dl_peer_handle *h, void **mem, dl_error *err);
+	void		(*peer_close) (dl_backend *be, void *mem);
 
 	/* Release the backend and everything it holds; buffers must have been freed. */
 	void		(*destroy) (dl_backend *be);

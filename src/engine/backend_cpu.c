@@ -176,6 +176,8 @@ backend_cpu_create(int threads, int bf16, dl_backend **out, dl_error *err)
 	cb->be.gelu_backward = cpu_gelu_backward;
 	cb->be.sum_squares = cpu_sum_squares;
 	cb->be.adamw_update = cpu_adamw_update;
+	cb->be.sum_ranks = cpu_sum_ranks;
+	cb->be.to_bf16 = cpu_to_bf16;
 	cb->be.destroy = cpu_destroy;
 	*out = &cb->be;
 	return DL_OK;

@@ -16,6 +16,7 @@
  *   cpu_activation.c        GELU forward and backward
  *   cpu_loss.c              softmax cross-entropy
  *   cpu_optimizer.c         sum of squares (gradient clipping) and AdamW
+ *   cpu_ranks.c             sums over data-parallel ranks, bfloat16 rounding
  *   cpu_sampling.c          sample_forward: sampler.c per row
  *
  * Every operation runs as ranges of its rows (or columns, or elements) on the backend's
@@ -210,6 +211,11 @@ void		cpu_gelu_backward(dl_backend *be, float *din, const float *in, const float
 /* cpu_loss.c */
 void		cpu_crossentropy_forward(dl_backend *be, float *losses, float *dlogits,
 									 const float *logits, const int32_t *labels, int T, int V);
+
+/* cpu_ranks.c */
+void		cpu_sum_ranks(dl_backend *be, float *out, const void *const *src, int nsrc, size_t n,
+						  int bf16, int accumulate);
+void		cpu_to_bf16(dl_backend *be, uint16_t *dst, const float *src, size_t n);
 
 /* cpu_optimizer.c */
 dl_status	cpu_sum_squares(dl_backend *be, const float *x, size_t n, double *out, dl_error *err);

@@ -309,6 +309,8 @@ finetune_run(dl_model *m, const dl_example *train, int ntrain, const dl_example 
 		if (st == DL_OK && neval > 0 && !evaluated)
 			st = evaluate(&r, last, err);
 	}
+	if (st != DL_OK && opts->nranks > 1 && opts->group->stop)
+		opts->group->stop(opts->group->barrier_arg, st == DL_ECANCELLED ? NULL : err->msg);
 	if (r.tr)
 		trainer_free(r.tr);
 	free(order);

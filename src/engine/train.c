@@ -12,7 +12,8 @@
  * updates only them, and the parts are gathered into every rank's parameters. Stage 1
  * keeps all gradients and reduce-scatters them span by span once a step; stage 2 keeps
  * the reduced gradients of its parts only, and reduces each span as backward completes
- * it, from a buffer the size of the largest span. The gradient norm is summed part by
+ * it, from two buffers the size of the largest span in turn, the sums of one running while
+ * backward fills the other where the backend can (group_reduce_scatter_start). The gradient norm is summed part by
  * part, ranks in rank order, at every stage, so stages 0, 1 and 2 take the same steps;
  * stage 2 sums micro-batch by micro-batch, which rounds differently when a rank has
  * several micro-batches in a step.
@@ -23,6 +24,8 @@
 
 #include <math.h>
 #include <stdlib.h>
+
+#define SPAN_SLOTS 4			/* stage 2's span buffers: see span_slot */
 
 struct dl_trainer
 {
@@ -39,10 +42,11 @@ struct dl_trainer
 	void	   *mem;			/* device: grads | adam_m | adam_v | spans (stage 2) */
 	size_t		mem_bytes;
 	int			peer_grads;		/* grads is this rank's buffer of the group's peers, not in mem */
+	int			shared;			/* mem and the trained parameters are mapped by the peers (group_share) */
 	float	   *grads;			/* stages 0, 1: n floats; stage 2: the parts' reduced ones */
 	float	   *adam_m;			/* local */
 	float	   *adam_v;
-	float	   *span_buf[3];	/* stage 2: see span_slot */
+	float	   *span_buf[SPAN_SLOTS];	/* stage 2: see span_slot */
 	dl_grad_sink sink;
 	int			updates;		/* AdamW steps taken: torch's state["step"] */
 };
@@ -95,15 +99,18 @@ check_config(const dl_train_config *c, const dl_model *m, dl_error *err)
 }
 
 /*
- * Which of the stage-2 span buffers serves span s: the head's; the one the layers take
- * in turn, and then an untied embedding; a tied embedding's own (open from the head on).
+ * Which of the stage-2 span buffers serves span s: the head's; two the layers, and then
+ * an untied embedding, take in turn (a span's sums may still run while backward fills the
+ * next: group_reduce_scatter_start); a tied embedding's own (open from the head on).
  */
 static int
 span_slot(const dl_model *m, int s)
 {
 	if (s == 0)
 		return 0;
-	return s == DL_GRAD_SPANS(&m->cfg) - 1 && m->cfg.tie_embeddings ? 2 : 1;
+	if (s == DL_GRAD_SPANS(&m->cfg) - 1 && m->cfg.tie_embeddings)
+		return 2;
+	return s % 2 ? 1 : 3;
 }
 
 /* Span s in floats: [*first, *first + *count). */
@@ -161,7 +168,10 @@ open_span(void *arg, int s)
 	return buf;
 }
 
-/* ...and, complete, is summed over the ranks into its owners' parts of gradients. */
+/*
+ * ...and, complete, is summed over the ranks into its owners' parts of gradients, while
+ * backward goes on where the backend can (trainer_backward waits for the last span).
+ */
 static dl_status
 close_span(void *arg, int s, dl_error *err)
 {
@@ -170,15 +180,16 @@ close_span(void *arg, int s, dl_error *err)
 				count;
 
 	span_floats(&tr->t, s, &first, &count);
-	return group_reduce_scatter(tr->group, tr->m->be, tr->span_buf[span_slot(tr->m, s)], count,
-								tr->grads + tr->parts[3 * s + 2], 1, err);
+	return group_reduce_scatter_start(tr->group, tr->m->be, tr->span_buf[span_slot(tr->m, s)],
+									  count, tr->grads + tr->parts[3 * s + 2], 1, err);
 }
 
 /* The floats of each stage-2 span buffer: the most any span it serves needs. */
 static void
 span_sizes(const dl_model *m, const dl_trained *t, size_t *sizes)
 {
-	sizes[0] = sizes[1] = sizes[2] = 0;
+	for (int i = 0; i < SPAN_SLOTS; i++)
+		sizes[i] = 0;
 	for (int s = 0; s < DL_GRAD_SPANS(&m->cfg); s++)
 	{
 		size_t		first,
@@ -194,12 +205,15 @@ span_sizes(const dl_model *m, const dl_trained *t, size_t *sizes)
 static size_t
 state_floats(const dl_model *m, const dl_trained *t, size_t slice, int stage, size_t *spans)
 {
-	size_t		n = t->bytes / sizeof(float);
+	size_t		n = t->bytes / sizeof(float),
+				floats = (stage == 2 ? slice : n) + 2 * slice;
 
-	spans[0] = spans[1] = spans[2] = 0;
-	if (stage == 2)
-		span_sizes(m, t, spans);
-	return (stage == 2 ? slice : n) + 2 * slice + spans[0] + spans[1] + spans[2];
+	span_sizes(m, t, spans);
+	for (int i = 0; i < SPAN_SLOTS; i++)
+		spans[i] = stage == 2 ? spans[i] : 0;
+	for (int i = 0; i < SPAN_SLOTS; i++)
+		floats += spans[i];
+	return floats;
 }
 
 /* What a trainer of m (with lora: of that adapter) trains. */
@@ -214,7 +228,7 @@ trainer_state_floats(const dl_model *m, const dl_lora *lora, int nranks, int sta
 {
 	dl_trained	t = trained_of(m, lora);
 	size_t		n = t.bytes / sizeof(float),
-				spans[3];
+				spans[SPAN_SLOTS];
 
 	if (nranks < 2)
 		return state_floats(m, &t, n, 0, spans);
@@ -229,7 +243,7 @@ trainer_create(dl_model *m, const dl_lora *lora, const dl_train_config *cfg, dl_
 	dl_backend *be = m->be;
 	dl_trainer *tr;
 	size_t		at,
-				spans[3];
+				spans[SPAN_SLOTS];
 	dl_status	st;
 
 	st = check_config(cfg, m, err);
@@ -290,7 +304,7 @@ trainer_create(dl_model *m, const dl_lora *lora, const dl_train_config *cfg, dl_
 	tr->adam_m = (float *) tr->mem + at;
 	tr->adam_v = tr->adam_m + tr->local;
 	at += 2 * tr->local;
-	for (int i = 0; i < 3; i++)
+	for (int i = 0; i < SPAN_SLOTS; i++)
 	{
 		tr->span_buf[i] = (float *) tr->mem + at;
 		at += spans[i];
@@ -299,6 +313,16 @@ trainer_create(dl_model *m, const dl_lora *lora, const dl_train_config *cfg, dl_
 		: (dl_grad_sink) {open_in_place, close_in_place, tr};
 	be->zero(be, tr->mem, tr->mem_bytes - (tr->peer_grads ? tr->n * sizeof(float) : 0));
 	be->zero(be, tr->grads, (tr->stage == 2 ? tr->local : tr->n) * sizeof(float));
+	/* device ranks read each other's gradients and parameters where they can map them */
+	if (tr->nranks > 1 && !be->host_memory)
+	{
+		void	   *mem[2] = {tr->mem, tr->t.mem};
+		size_t		bytes[2] = {tr->mem_bytes, tr->t.bytes};
+
+		if ((st = group_share(group, be, mem, bytes, 2, err)) != DL_OK)
+			goto fail;
+		tr->shared = 1;
+	}
 	*out = tr;
 	return DL_OK;
 
@@ -312,6 +336,8 @@ trainer_free(dl_trainer *tr)
 {
 	if (tr == NULL)
 		return;
+	if (tr->shared)
+		group_unshare(tr->group);
 	dl_train_acts_free(tr->acts);
 	tr->m->be->free(tr->m->be, tr->mem);
 	free(tr->parts);
@@ -334,7 +360,10 @@ dl_status
 trainer_backward(dl_trainer *tr, const dl_example *batch, int n, double *loss_sum,
 				 int64_t *n_labels, dl_error *err)
 {
-	return dl_model_backward(tr->m, tr->acts, batch, n, &tr->sink, loss_sum, n_labels, err);
+	dl_status	st = dl_model_backward(tr->m, tr->acts, batch, n, &tr->sink, loss_sum, n_labels, err);
+
+	/* the next micro-batch zeroes the span buffers: no sum may still read them */
+	return st == DL_OK && tr->stage == 2 ? group_finish(tr->group, err) : st;
 }
 
 dl_status
@@ -536,7 +565,7 @@ trainer_update(dl_trainer *tr, int64_t n_labels, int step, float *lr, float *gra
 
 	/*
 	 * Tensor by tensor, so that only parameters (never alignment padding) are touched;
-	 * of each, what lies in this rank's part of each span. Element k of param_mem in the
+	 * of each, what lies in this rank's part of each span. Element k of the parameters in the
 	 * part of span s has its gradient at grads[k] (stage 2: at the local offset) and its
 	 * moments at the local offset, parts[s][2] + k - parts[s][0].
 	 */

@@ -97,7 +97,10 @@ typedef struct dl_trainer dl_trainer;
  * several ranks, ZeRO stage 0 (everything on every rank), 1 (moments of the rank's parts)
  * or 2 (moments and reduced gradients of its parts); alone, or group NULL, stage 0. At
  * stages 0 and 1 on the CPU, a group with peer buffers of the parameters' size gives the
- * trainer its gradient buffer (the others sum from it directly).
+ * trainer its gradient buffer (the others sum from it directly). On a device, the trainer
+ * shares its gradients and the parameters with the other ranks (group_share) when every
+ * rank can map them, and unshares them when freed; every rank creates and frees its
+ * trainer at the same point.
  */
 dl_status	trainer_create(dl_model *m, const struct dl_lora *lora, const dl_train_config *cfg,
 						   dl_group *group, int stage, dl_trainer **out, dl_error *err);

@@ -8,7 +8,9 @@
  * gradients, losses and label counts with the others through the segment's staging area
  * (the engine's collective.c: reduce-scatter and all-gather in rank order, so every rank
  * ends bit-identical; ZeRO stages 1 and 2 shard AdamW's state and the gradients over the
- * ranks). No NCCL: the same scheme carries GPU ranks through host memory.
+ * ranks). No NCCL: GPU ranks map each other's device memory (CUDA IPC, the handles passed
+ * through the segment by the engine's group_share) and sum on the GPUs; where a pair of
+ * them cannot, every rank sums through the segment in host memory, and the log says which.
  *
  * The barrier is a generation counter and a condition variable in the segment. A rank
  * that fails or is told to stop raises `abort`; a rank whose peer process is gone does
@@ -70,6 +72,7 @@ struct DollyDP
 	Size		stage_off;		/* the group's staging area, group_stage_bytes */
 	dsm_handle	peer_handle;	/* CPU ranks at stages 0, 1: their gradient buffers; 0 if none */
 	Size		peer_n;			/* floats of each */
+	int64		job_id;
 };
 
 /* This process's rank. */
@@ -204,6 +207,22 @@ group_barrier(void *arg)
 	return !barrier(arg);
 }
 
+/* A rank of the group fails or stops (on the main thread): the others leave their barriers. */
+static void
+group_stop(void *arg, const char *error)
+{
+	dolly_dp_abort(arg, error);
+}
+
+/* What the engine says about the way the ranks sum (on the main thread): to the log. */
+static void
+group_note(void *arg, const char *msg)
+{
+	DollyDP    *d = arg;
+
+	elog(LOG, "dolly: fine-tuning job %lld: %s", (long long) d->job_id, msg);
+}
+
 /* The examples in the segment, as dl_examples pointing into it (never freed). */
 static dl_example *
 examples_of(DollyDP *d)
@@ -244,6 +263,7 @@ dolly_dp_start(int nranks, const dl_example *ex, int ntrain, int neval, const ch
 	SpinLockInit(&d->mutex);
 	ConditionVariableInit(&d->cv);
 	d->nranks = nranks;
+	d->job_id = job_id;
 	d->pids[0] = MyProcPid;
 	strlcpy(d->base_path, base_path, sizeof(d->base_path));
 	d->opts = *opts;
@@ -268,6 +288,7 @@ dolly_dp_start(int nranks, const dl_example *ex, int ntrain, int neval, const ch
 		off += MAXALIGN(ex[i].n * sizeof(int32));
 	}
 	d->stage_off = off;
+	memset((char *) d + off, 0, group_stage_bytes(nranks, DP_CHUNK));
 	/* CPU ranks keep every gradient (stages 0, 1): in a segment all of them map */
 	if (!dolly_want_cuda() && opts->zero_stage < 2)
 	{
@@ -307,7 +328,7 @@ dolly_dp_train(DollyDP *d, int rank, dl_model *m, const dl_example *ex, int ntra
 	dl_group	group = {
 		.rank = rank, .nranks = d->nranks, .stage = (char *) d + d->stage_off, .chunk = DP_CHUNK,
 		.bf16 = o->comm_bf16, .barrier = group_barrier, .barrier_arg = d,
-		.peers = peer_buffers(d), .peer_n = d->peer_n,
+		.peers = peer_buffers(d), .peer_n = d->peer_n, .note = group_note, .stop = group_stop,
 	};
 	dl_status	st;
 

@@ -3,13 +3,19 @@
  * threads: every rank gets the sums in rank order bit for bit, for sizes that do not
  * divide into the ranks or the rounds, for a span of an array, with bfloat16 staging, and
  * reading the peers' buffers directly (threads share them as the job's processes do);
- * a rank whose barrier reports a stopped group gets DL_ECANCELLED.
+ * a rank whose barrier reports a stopped group gets DL_ECANCELLED. A "device" backend (the
+ * CPU's operations, its memory taken for a device's, handles that are the pointers) runs
+ * the device paths of group_share: sums and gathers from the peers' mapped memory,
+ * bfloat16 rounded into a staging area every rank maps, a reduce-scatter left running on
+ * a second queue until the next collective; a rank whose peer_open fails sends every rank
+ * through the staging area; every mapping is closed.
  */
 #include "harness.h"
 #include "backend.h"
 #include "bf16.h"
 #include "collective.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +38,11 @@ typedef struct shared
 	double		scal[NMAX][2 * NMAX];
 	int			stop;			/* the barrier reports a stopped group */
 	int			peers;			/* the ranks read each other's: 0 no, 1 out buffers, 2 in buffers */
+	int			device;			/* group_share of in and out on the "device" backend */
+	int			refuse_rank;	/* with device: this rank's peer_open fails (-1: none) */
+	int			shared_ranks;	/* ranks told that the sums read device memory */
+	int			host_ranks;		/* ranks told that the sums go through host memory */
+	int			refusals;		/* ranks told that they could not map the others' memory */
 } shared;
 
 typedef struct arg
@@ -41,6 +52,7 @@ typedef struct arg
 	dl_backend *be;
 	dl_status	st;
 	dl_error	err;
+	int			open_after;		/* mappings open over every rank when its release returned */
 } arg;
 
 static int
@@ -50,6 +62,92 @@ barrier(void *p)
 
 	pthread_barrier_wait(&sh->barrier);
 	return sh->stop;
+}
+
+/*
+ * A rank's "device": the CPU backend's table with memory that is not the host's, whose
+ * sums "aside" are done only when waited for, as a second queue may do them that late.
+ */
+typedef struct device
+{
+	dl_backend	be;
+	int			refuse;			/* peer_open fails */
+	int			pending;		/* a sum aside waits for sum_ranks_wait: */
+	float	   *out;
+	const void *src[NMAX];
+	int			nsrc;
+	size_t		n;
+	int			bf16;
+	int			accumulate;
+} device;
+
+static int	opened;				/* mappings open over every device */
+static pthread_mutex_t opened_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static dl_status
+fake_export(dl_backend *be, void *mem, dl_peer_handle *h, dl_error *err)
+{
+	memset(h, 0, sizeof(*h));
+	memcpy(h->bytes, &mem, sizeof(mem));
+	return DL_OK;
+}
+
+static dl_status
+fake_open(dl_backend *be, const dl_peer_handle *h, void **mem, dl_error *err)
+{
+	if (((device *) be)->refuse)
+		return dl_fail(err, DL_EUNSUPPORTED, "refused on purpose");
+	memcpy(mem, h->bytes, sizeof(*mem));
+	pthread_mutex_lock(&opened_lock);
+	opened++;
+	pthread_mutex_unlock(&opened_lock);
+	return DL_OK;
+}
+
+static void
+fake_close(dl_backend *be, void *mem)
+{
+	pthread_mutex_lock(&opened_lock);
+	opened--;
+	pthread_mutex_unlock(&opened_lock);
+}
+
+static void
+fake_aside(dl_backend *be, float *out, const void *const *src, int nsrc, size_t n, int bf16,
+		   int accumulate)
+{
+	device	   *d = (device *) be;
+
+	*d = (device) {.be = d->be, .refuse = d->refuse, .pending = 1, .out = out, .nsrc = nsrc,
+	.n = n, .bf16 = bf16, .accumulate = accumulate};
+	memcpy(d->src, src, nsrc * sizeof(*src));
+}
+
+static dl_status
+fake_wait(dl_backend *be, dl_error *err)
+{
+	device	   *d = (device *) be;
+
+	if (d->pending)
+		be->sum_ranks(be, d->out, d->src, d->nsrc, d->n, d->bf16, d->accumulate);
+	d->pending = 0;
+	return DL_OK;
+}
+
+/* What group_share tells a rank: count which way the sums go. */
+static void
+count_note(void *p, const char *msg)
+{
+	shared	   *sh = p;
+
+	pthread_mutex_lock(&opened_lock);
+	if (strstr(msg, "each reading the others' memory"))
+		sh->shared_ranks++;
+	else if (strstr(msg, "through host memory"))
+		sh->host_ranks++;
+	else if (strstr(msg, "cannot map the other ranks' device memory: refused on purpose"))
+		sh->refusals++;
+	pthread_mutex_unlock(&opened_lock);
 }
 
 static void *
@@ -63,19 +161,54 @@ rank_main(void *p)
 	double		mine[2] = {a->rank + 0.5, -a->rank};
 	size_t		lo,
 				hi;
+	device		dev = {.be = *a->be, .refuse = a->rank == sh->refuse_rank};
+	dl_backend *be = a->be;
+	float	   *saved;
 
+	if (sh->device)
+	{
+		void	   *mem[2] = {sh->in[a->rank], sh->out[a->rank]};
+		size_t		bytes[2] = {sh->n * sizeof(float), sh->n * sizeof(float)};
+
+		be = &dev.be;
+		be->host_memory = 0;
+		be->peer_export = fake_export;
+		be->peer_open = fake_open;
+		be->peer_close = fake_close;
+		be->sum_ranks_aside = fake_aside;
+		be->sum_ranks_wait = fake_wait;
+		g.note = count_note;
+		g.bf16 = sh->bf16;		/* the device staging area is made with the shares */
+		a->st = group_share(&g, be, mem, bytes, 2, &a->err);
+		g.bf16 = 0;
+		if (a->st != DL_OK)
+			return NULL;
+	}
 	memcpy(sh->out[a->rank], sh->in[a->rank], sh->n * sizeof(float));
-	a->st = group_all_reduce(&g, a->be, sh->out[a->rank], sh->n, &a->err);
+	a->st = group_all_reduce(&g, be, sh->out[a->rank], sh->n, &a->err);
 	if (a->st == DL_OK)
 		a->st = group_scalars(&g, mine, 2, sh->scal[a->rank], &a->err);
 	group_part(sh->nranks, sh->count, a->rank, &lo, &hi);
 	for (size_t i = 0; i < hi - lo; i++)
 		sh->part[a->rank][i] = 1.0f;
 	g.bf16 = sh->bf16;
+	/* on the device, left running (float32) until the next collective's group_finish */
 	if (a->st == DL_OK)
-		a->st = group_reduce_scatter(&g, a->be, sh->in[a->rank] + sh->first, sh->count,
-									 sh->part[a->rank], 1, &a->err);
+		a->st = group_reduce_scatter_start(&g, be, sh->in[a->rank] + sh->first, sh->count,
+										   sh->part[a->rank], 1, &a->err);
+	if (a->st == DL_OK)
+		a->st = group_scalars(&g, mine, 2, sh->scal[a->rank], &a->err);
+	/* the scalars waited for every rank's sums: this rank's input may change now */
+	saved = malloc(sh->n * sizeof(float));
+	memcpy(saved, sh->in[a->rank], sh->n * sizeof(float));
+	for (size_t i = 0; i < sh->n; i++)
+		sh->in[a->rank][i] = NAN;
 	group_release(&g);
+	memcpy(sh->in[a->rank], saved, sh->n * sizeof(float));
+	free(saved);
+	pthread_mutex_lock(&opened_lock);
+	a->open_after = opened;
+	pthread_mutex_unlock(&opened_lock);
 	return NULL;
 }
 
@@ -144,10 +277,13 @@ TEST(collective_sums_in_rank_order)
 	CHECK_OK(backend_cpu_create(1, 0, &be, &err), &err);
 	for (int nranks = 1; nranks <= NMAX; nranks++)
 		for (int k = 0; k < 4; k++)
-			for (int mode = 0; mode < 5; mode++)
+			for (int mode = 0; mode < 9; mode++)
 			{
-				int			bf16 = mode == 4;
-				shared		sh = {.nranks = nranks, .bf16 = bf16, .n = sizes[k], .peers = mode % 3};
+				/* 0-2: peers none, out, in; 3: in; 4: bf16; 5-8: device, bf16, refused */
+				int			bf16 = mode == 4 || mode == 6 || mode == 8;
+				shared		sh = {.nranks = nranks, .bf16 = bf16, .n = sizes[k],
+					.peers = mode < 5 ? mode % 3 : 0, .device = mode >= 5,
+				.refuse_rank = mode >= 7 ? nranks - 1 : -1};
 				arg			a[NMAX];
 
 				/* a span that starts and ends inside slices */
@@ -169,9 +305,23 @@ TEST(collective_sums_in_rank_order)
 					{
 						float		want = 1.0f + expected(&sh, sh.first + i, bf16);
 
-						CHECKF(sh.part[r][i - lo] == want, "%d ranks, n %zu, bf16 %d: rank %d element %zu: %g, not %g",
-							   nranks, sh.n, bf16, r, i, sh.part[r][i - lo], want);
+						CHECKF(sh.part[r][i - lo] == want, "%d ranks, n %zu, mode %d: rank %d element %zu: %g, not %g",
+							   nranks, sh.n, mode, r, i, sh.part[r][i - lo], want);
 					}
+				}
+				CHECKF(opened == 0, "mode %d: %d mappings left open", mode, opened);
+				/* a rank may free its memory once its release returns: no peer maps it then */
+				for (int r = 0; r < nranks; r++)
+					CHECKF(a[r].open_after == 0, "mode %d: rank %d released with %d mappings still open",
+						   mode, r, a[r].open_after);
+				/* rank 0 tells the way; one rank alone opens nothing, so is never refused */
+				if (sh.device)
+				{
+					int			refused = mode >= 7 && nranks > 1;
+
+					CHECKF(sh.shared_ranks == !refused && sh.host_ranks == refused && sh.refusals == refused,
+						   "mode %d, %d ranks: told %d shared, %d host, %d refusals", mode, nranks,
+						   sh.shared_ranks, sh.host_ranks, sh.refusals);
 				}
 				run_free(&sh);
 			}

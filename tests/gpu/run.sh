@@ -1,12 +1,12 @@
 #!/bin/bash
 # run.sh: the CUDA backend on a machine with one NVIDIA GPU, from a fresh checkout and
 # without PostgreSQL: builds dolly_cuda.so and the engine files the tests need, runs the
-# backend op test, the fixture models and their training on CUDA (test_gpu), then the
-# GPT-J-6B decode benchmark (bench_gptj6b.py) and the 1B training benchmark
-# (bench_train_1b.py), then compute-sanitizer over the op test while time remains. Ends
-# with a summary. Logs and figures go to $OUT when it is set, else build/gpu/log: nine
-# files at most (ptxas.log build.log test.log bench.log bench.json train.log train.json
-# memcheck.log racecheck.log).
+# backend op test, the fixture models and their training on CUDA (test_gpu), the ranks'
+# sums through CUDA IPC (test_ranks), then the GPT-J-6B decode benchmark (bench_gptj6b.py)
+# and the 1B training benchmark (bench_train_1b.py), then compute-sanitizer over the op
+# test while time remains. Ends with a summary. Logs and figures go to $OUT when it is set,
+# else build/gpu/log: nine files at most (ptxas.log build.log test.log bench.log bench.json
+# train.log train.json memcheck.log racecheck.log).
 #
 #   tests/gpu/run.sh          everything (about 7 minutes on an H100)
 #   tests/gpu/run.sh test     build and tests only
@@ -83,8 +83,9 @@ note "building test_gpu, bench_cuda and bench_train"
 gcc $CFLAGS -o $B/test_gpu tests/engine/harness.c tests/engine/train_fixture.c tests/gpu/backends.c \
 	tests/gpu/test_backend_ops.c tests/gpu/test_cuda_model.c $ENGINE $DEP_LIBS -lm -ldl 2>&1 | tee -a "$LOG/build.log" &&
 	gcc $CFLAGS -o $B/bench_cuda tests/gpu/bench_cuda.c $ENGINE $DEP_LIBS -lm -ldl 2>&1 | tee -a "$LOG/build.log" &&
-	gcc $CFLAGS -o $B/bench_train tests/gpu/bench_train.c $ENGINE $DEP_LIBS -lm -ldl 2>&1 | tee -a "$LOG/build.log"
-[ -x $B/test_gpu ] && [ -x $B/bench_cuda ] && [ -x $B/bench_train ] ||
+	gcc $CFLAGS -o $B/bench_train tests/gpu/bench_train.c $ENGINE $DEP_LIBS -lm -ldl 2>&1 | tee -a "$LOG/build.log" &&
+	gcc $CFLAGS -o $B/test_ranks tests/engine/harness.c tests/gpu/test_ranks.c $ENGINE $DEP_LIBS -lm -ldl 2>&1 | tee -a "$LOG/build.log"
+[ -x $B/test_gpu ] && [ -x $B/bench_cuda ] && [ -x $B/bench_train ] && [ -x $B/test_ranks ] ||
 	{ echo "building the tests failed" >&2; exit 1; }
 # RUN_PLUGIN: another plugin for the tests, e.g. the emulated one for a rehearsal without a
 # GPU (make build/gpu-emu/dolly_cuda_emu.so; RUN_PLUGIN=$PWD/build/gpu-emu/dolly_cuda_emu.so)
@@ -104,6 +105,14 @@ for filter in $filters; do
 	[ "$rc" = 0 ] || test_rc=$rc
 	summary+=("test_gpu $filter: $(grep -E '^[0-9]+ passed' "$LOG/test.log" | tail -1) (exit $rc)")
 done
+if [ -n "$filters" ]; then
+	# the ranks' sums through CUDA IPC: processes of their own, on one GPU all ranks on it
+	note "test_ranks"
+	timeout 120 $B/test_ranks 2>&1 | tee -a "$LOG/test.log"
+	rc=${PIPESTATUS[0]}
+	[ "$rc" = 0 ] || test_rc=$rc
+	summary+=("test_ranks: $(grep -E '^[0-9]+ passed' "$LOG/test.log" | tail -1) (exit $rc)")
+fi
 while read -r line; do summary+=("  $line"); done < <(grep -E '^FAIL' "$LOG/test.log")
 
 # --- benchmark ---

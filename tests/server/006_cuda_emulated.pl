@@ -7,14 +7,20 @@
 # is again exactly one server a GPU; after a kernel faults ($EMU_FAIL_ONCE) the request gets
 # an ERROR and a new server serves again; a GPU without room for the model ($EMU_GPU_FULL)
 # leaves the requests to the other. Fine-tuning: a job trains on a GPU in mixed
-# precision and saves a model the CPU then serves; two ranks on two GPUs, their gradients
-# summed through host memory, train the model one GPU trains. When dolly.device goes back
-# to cpu the second GPU's server stops; without a GPU, dolly.device = cuda is an ERROR.
+# precision and saves a model the CPU then serves; two ranks on two GPUs, summing on the
+# GPUs from each other's memory (CUDA IPC, emulated between processes), train the model one
+# GPU trains, and at ZeRO stages 0, 1 and 2, in float32 and with bfloat16 communication,
+# the very bits of the ranks summing through host memory ($EMU_NO_IPC); GPUs without peer
+# access fall back to host memory and say why; a rank stopped mid-step or a cancelled job
+# ends every rank, publishes nothing and leaves no IPC mapping open. When dolly.device goes
+# back to cpu the second GPU's server stops; two ranks on one GPU map each other's memory
+# too; without a GPU, dolly.device = cuda is an ERROR.
 # Skipped, visibly, when the emulated plugin was not built.
 use strict;
 use warnings;
 use Cwd qw(abs_path);
 use File::Basename qw(dirname);
+use File::Compare qw(compare);
 use IPC::Run;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -29,9 +35,29 @@ mkdir "$models/base";
 system('cp', glob("$root/tests/fixtures/neox-par-f32/*"), "$models/base/") == 0 or die 'cp';
 
 my $fault = "$models/fail-once";
+my $switches = PostgreSQL::Test::Utils::tempdir();
+my $no_ipc = "$switches/no-ipc";
+my $no_peer = "$switches/no-peer";
 $ENV{DOLLY_CUDA_PLUGIN} = $plugin;
 $ENV{EMU_GPUS} = 2;
 $ENV{EMU_FAIL_ONCE} = $fault;
+$ENV{EMU_NO_IPC} = $no_ipc;
+$ENV{EMU_NO_PEER} = $no_peer;
+
+# create or remove a switch file of the emulator
+sub switch
+{
+	my ($file, $on) = @_;
+	if ($on)
+	{
+		open(my $fh, '>', $file) or die "cannot create $file";
+		close $fh;
+	}
+	else
+	{
+		unlink $file;
+	}
+}
 
 # a started cluster serving $models/base on dolly.device $device, dolly installed
 sub cluster
@@ -175,13 +201,16 @@ ok($node->log_contains('fine-tuning rank 0 of 1 trains on cuda:0'), 'and trains 
 cmp_ok($loss1, '>', 0, "with a finite evaluation loss ($loss1)");
 ok(-f "$models/tuned/model.safetensors", 'and saves the model');
 
-# two ranks, one a GPU: the gradients go down to host memory, are summed, and come back
+# two ranks, one a GPU: each sums its part on its GPU, reading the other's memory
 $node->append_conf('postgresql.conf', "dolly.train_workers = 2\n");
 $node->reload;
 my ($id2, $two) = job('tuned2');
 my ($state2, $loss2, $err2) = split /\|/, $two;
 is($state2, 'succeeded', 'a job of two ranks on two GPUs succeeds' . ($err2 ? ": $err2" : ''));
 ok($node->log_contains('fine-tuning rank 1 of 2 trains on cuda:1'), 'rank 1 trains on the second GPU');
+my $ipc_line = 'the ranks sum on the devices, each reading the others. memory directly';
+my $host_line = 'the ranks sum through host memory: not every rank can map the others. device memory';
+ok($node->log_contains("fine-tuning job $id2: $ipc_line"), 'the ranks sum on the GPUs through IPC, and the log says so');
 cmp_ok(abs($loss2 - $loss1), '<', 1e-2 * abs($loss1),
 	"the evaluation loss of one GPU's run, within bfloat16 rounding ($loss2 vs $loss1)");
 is($node->safe_psql('postgres', "SELECT zero_stage FROM dolly_jobs WHERE id = $id2"), '0',
@@ -197,12 +226,87 @@ for my $stage (1, 2)
 	is($loss, $loss2, "with stage 0's evaluation loss ($loss)");
 }
 
-# more ranks than GPUs: ranks share them (rank r on GPU r mod 2)
+# the same jobs summing through host memory (the emulator refuses IPC): the same bits,
+# the loss and every parameter, at every stage, and with bfloat16 communication (rounded
+# and summed on the GPUs through IPC, on the host otherwise)
+sub same_bits
+{
+	my ($name, $more) = @_;
+	switch($no_ipc, 0);
+	my ($id_ipc, $ipc) = job("$name-ipc", $more);
+	switch($no_ipc, 1);
+	my ($id_host, $host) = job("$name-host", $more);
+	switch($no_ipc, 0);
+	like($ipc, qr/^succeeded\|/, "$name through IPC: the job succeeds ($ipc)");
+	ok($node->log_contains("fine-tuning job $id_ipc: $ipc_line")
+		  && $node->log_contains("fine-tuning job $id_host: $host_line")
+		  && $node->log_contains("fine-tuning job $id_host: rank 0 cannot map the other ranks' device memory: "
+			  . "cudaIpcGetMemHandle on cuda:0 failed"),
+		"$name: one job sums through IPC, the other through host memory, and says why");
+	is($host, $ipc, "$name: the evaluation loss through host memory is IPC's, bit for bit");
+	is(compare("$models/$name-ipc/model.safetensors", "$models/$name-host/model.safetensors"), 0,
+		"$name: and so is every parameter");
+	return ($id_ipc, $ipc);
+}
+same_bits('stage0', ', zero_stage => 0');
+same_bits('stage1', ', zero_stage => 1');
+same_bits('stage2', ', zero_stage => 2');
+same_bits('bf16-stage0', ', zero_stage => 0, bf16_communication => true');
+same_bits('bf16-stage2', ', zero_stage => 2, bf16_communication => true');
+
+# GPUs without peer access: the ranks cannot map each other's memory, and sum through the host
+switch($no_peer, 1);
+my ($idp, $nopeer) = job('no-peer');
+switch($no_peer, 0);
+is($nopeer, $two, 'GPUs without peer access: the job sums through host memory, with the same loss');
+ok($node->log_contains("fine-tuning job $idp: $host_line")
+	  && $node->log_contains("fine-tuning job $idp: rank [01] cannot map the other ranks' device memory: "
+		  . "cuda:[01] has no peer access to cuda:[01]"),
+	'and the log says which way and why');
+
+# Stop rank 1 mid-step, or cancel the job, while the ranks map each other's memory: every
+# rank ends, nothing is published, and every rank's process closed each mapping it opened
+sub stopped_job
+{
+	my ($name, $how) = @_;
+	my $id = $node->safe_psql('postgres',
+		"SELECT dolly_finetune('records', '$name', base_model => 'base', epochs => 10000, batch_size => 2, zero_stage => 2)");
+	$node->poll_query_until('postgres', "SELECT state = 'running' AND step > 1 FROM dolly_jobs WHERE id = $id")
+	  or die "job $id did not start";
+	my @pids = split /\n/, $node->safe_psql('postgres',
+		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'dolly fine-tuning job' ORDER BY pid");
+	if ($how eq 'cancel')
+	{
+		$node->safe_psql('postgres', "SELECT dolly_cancel_job($id)");
+	}
+	else
+	{
+		$node->safe_psql('postgres', "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+			  . "WHERE application_name = 'dolly fine-tuning job $id rank 1'");
+	}
+	$node->poll_query_until('postgres', "SELECT state IN ('failed', 'cancelled') FROM dolly_jobs WHERE id = $id")
+	  or die "job $id did not end";
+	$node->poll_query_until('postgres',
+		"SELECT count(*) = 0 FROM pg_stat_activity WHERE backend_type = 'dolly fine-tuning job'")
+	  or die 'a rank was left running';
+	ok($node->log_contains("fine-tuning job $id: $ipc_line"), "$how: the ranks summed through IPC");
+	is(scalar(@pids), 2, "$how: two ranks ran");
+	ok(!-e "$models/$name", "$how: every rank ended, and no model is written");
+	my @closed = grep { $node->log_contains("cuda_emu: process $_ closed its last IPC mapping") } @pids;
+	my @open = grep { $node->log_contains("cuda_emu: process $_ exits with") } @pids;
+	is("@closed|@open", "@pids|", "$how: each rank closed every IPC mapping it opened");
+	ok(!$node->log_contains("fine-tuning job $id: rank \\d frees its device memory after"),
+		"$how: before any rank freed the memory the others mapped, at once (the rank that stopped stopped the others)");
+}
+stopped_job('killed-ipc', 'terminate');
+stopped_job('cancelled-ipc', 'cancel');
+
+# more ranks than GPUs: ranks share them (rank r on GPU r mod 2), and map each other's
+# memory on one GPU and across; with four ranks the order of the sums shows in their bits
 $node->append_conf('postgresql.conf', "dolly.train_workers = 4\n");
 $node->reload;
-my ($id4, $four) = job('tuned4', ', zero_stage => 1');
+my ($id4, $four) = same_bits('four', ', zero_stage => 1');
 my ($state4, $loss4, $err4) = split /\|/, $four;
-is($state4, 'succeeded', 'four ranks on two GPUs: the job succeeds' . ($err4 ? ": $err4" : ''));
 ok($node->log_contains('fine-tuning rank 3 of 4 trains on cuda:1')
 	  && $node->log_contains('fine-tuning rank 2 of 4 trains on cuda:0'), 'two ranks on each GPU');
 cmp_ok(abs($loss4 - $loss2), '<', 1e-2 * abs($loss2), "the evaluation loss of two ranks' run ($loss4 vs $loss2)");
@@ -237,6 +341,23 @@ ok($full->log_contains('out of GPU memory on cuda:1: .* MB needed, .* MB free')
 	'the full GPU says how much it lacked, and hands its requests over');
 $full->stop;
 delete $ENV{EMU_GPU_FULL};
+
+# one GPU, two ranks on it: they map each other's memory too (no peer access needed), and
+# train what they train through host memory
+$ENV{EMU_GPUS} = 1;
+$node = cluster('one_gpu', 'cuda');
+$node->append_conf('postgresql.conf', "dolly.train_workers = 2\n");
+$node->reload;
+$node->safe_psql('postgres', q{
+CREATE TABLE records AS
+SELECT 'Spell the number ' || i AS instruction, 'It is ' || i || '.' AS response
+  FROM generate_series(1, 16) i;
+});
+switch($no_peer, 1);
+same_bits('one-gpu', ', zero_stage => 1');
+switch($no_peer, 0);
+ok($node->log_contains('fine-tuning rank 1 of 2 trains on cuda:0'), 'both ranks train on the one GPU');
+$node->stop;
 
 # no GPU at all: dolly.device = cuda is an ERROR with a hint, and the CPU still serves
 $ENV{EMU_GPUS} = 0;

@@ -348,6 +348,12 @@ cudaSetDevice(int dev)
 	return cudaSuccess;
 }
 
+int
+emu_current_device(void)
+{
+	return current_device;
+}
+
 /* Is the current GPU the one $EMU_GPU_FULL names, whose memory is all taken? */
 static bool
 device_full(void)
@@ -383,7 +389,8 @@ cudaMalloc(void **p, size_t bytes)
 		return last_error = sticky;
 	if (bytes > ((size_t) 64 << 30) || (device_full() && bytes > ((size_t) 1 << 20)))
 		return last_error = cudaErrorMemoryAllocation;
-	*p = aligned_alloc(256, (bytes + 255) / 256 * 256);
+	if ((*p = emu_device_memory(bytes)) == NULL)
+		return last_error = cudaErrorMemoryAllocation;
 	memset(*p, 0x5a, bytes);
 	return cudaSuccess;
 }
@@ -391,7 +398,7 @@ cudaMalloc(void **p, size_t bytes)
 cudaError_t
 cudaFree(void *p)
 {
-	free(p);
+	emu_device_release(p);
 	return cudaSuccess;
 }
 

@@ -50,7 +50,8 @@ enum cudaError_t
 {
 	cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2,
 	cudaErrorInvalidConfiguration = 9, cudaErrorInsufficientDriver = 35, cudaErrorNoDevice = 100,
-	cudaErrorLaunchFailure = 719
+	cudaErrorMapBufferObjectFailed = 205, cudaErrorPeerAccessUnsupported = 217,
+	cudaErrorLaunchFailure = 719, cudaErrorNotSupported = 801
 };
 enum cudaMemcpyKind
 {
@@ -93,6 +94,22 @@ cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end);
 cudaError_t cudaEventDestroy(cudaEvent_t e);
 cudaError_t cudaGetLastError(void);
 const char *cudaGetErrorString(cudaError_t e);
+
+/* IPC between processes, and the device memory behind it (cuda_emu_ipc.cpp) */
+struct cudaIpcMemHandle_t
+{
+	char		reserved[64];
+};
+#define cudaIpcMemLazyEnablePeerAccess 1
+cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t *h, void *p);
+cudaError_t cudaIpcOpenMemHandle(void **p, cudaIpcMemHandle_t h, unsigned flags);
+cudaError_t cudaIpcCloseMemHandle(void *p);
+cudaError_t cudaDeviceCanAccessPeer(int *can, int dev, int peer);
+/* bytes of emulated device memory, which other processes can map; NULL when none is left */
+void	   *emu_device_memory(size_t bytes);
+void		emu_device_release(void *p);
+/* the device cudaSetDevice made current */
+int			emu_current_device(void);
 enum cudaDeviceAttr
 {
 	cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
