@@ -8,6 +8,9 @@
  *   b1_prefill_tok_s     one prompt through the model
  *   b1_decode_tok_s      greedy decode of one sequence (median of the timed runs)
  *   bN_decode_tok_s      aggregate greedy decode of N sequences stepping together
+ *   sample_bN_*_us       sample_forward alone on N rows of the vocabulary: greedy, and
+ *                        sampling with top_p 0.9 (its radix select) or 0.999999 (a cut
+ *                        deep in the tail)
  * Each timed run starts from a fresh prefill; a full warm-up run comes first.
  *
  *   bench_cuda --model DIR --prompts FILE [--gen 128] [--batch 64] [--repeat 3]
@@ -18,6 +21,7 @@
 #include "../../src/engine/backend.h"
 #include "../../src/engine/cuda_plugin.h"
 #include "../../src/engine/model.h"
+#include "../../src/engine/sampler.h"
 #include "bench_util.h"
 
 #include <stdio.h>
@@ -80,6 +84,65 @@ copy_bandwidth(dl_backend *be)
 	be->free(be, a);
 	be->free(be, b);
 	return median(t, 5);
+}
+
+/*
+ * Microseconds one sample_forward takes on rows x V logits (random, scale 4, so top-p
+ * keeps hundreds to thousands of tokens): the median of 5 timings of 10 calls.
+ */
+static double
+sample_us(dl_backend *be, int V, int rows, dl_sampling p)
+{
+	size_t		n = (size_t) rows * V;
+	float	   *h = malloc(n * sizeof(float));
+	dl_sample_row *r = malloc(rows * sizeof(dl_sample_row));
+	void	   *logits,
+			   *d_rows,
+			   *tokens,
+			   *ws;
+	dl_error	err;
+	double		t[5];
+	uint64_t	s = 42;
+
+	for (size_t i = 0; i < n; i++)
+	{
+		s = s * 6364136223846793005ull + 1442695040888963407ull;	/* an LCG's top 24 bits */
+		h[i] = (float) (s >> 40) * 0x1p-24f * 8.0f - 4.0f;
+	}
+	for (int i = 0; i < rows; i++)
+		r[i] = (dl_sample_row) {p, (i + 0.5) / rows};
+	if (!(logits = be->alloc(be, n * sizeof(float), &err)) ||
+		!(d_rows = be->alloc(be, rows * sizeof(dl_sample_row), &err)) ||
+		!(tokens = be->alloc(be, rows * sizeof(int32_t), &err)) ||
+		!(ws = be->alloc(be, be->sample_workspace(be, rows, V), &err)) ||
+		be->upload(be, logits, h, n * sizeof(float), &err) != DL_OK ||
+		be->upload(be, d_rows, r, rows * sizeof(dl_sample_row), &err) != DL_OK)
+		die("sampling buffers", &err);
+	for (int k = 0; k < 6; k++)
+	{
+		double		t0 = sys_now_s();
+
+		for (int i = 0; i < 10; i++)
+			be->sample_forward(be, tokens, logits, d_rows, rows, V, ws);
+		if (be->synchronize(be, &err) != DL_OK)
+			die("sampling", &err);
+		if (k)					/* the first round warms up */
+			t[k - 1] = (sys_now_s() - t0) / 10 * 1e6;
+	}
+	be->free(be, logits), be->free(be, d_rows), be->free(be, tokens), be->free(be, ws);
+	free(h), free(r);
+	return median(t, 5);
+}
+
+/* sample_us for rows rows: greedy, top-p 0.9, and top-p with its cut deep in the tail. */
+static void
+sample_report(dl_backend *be, int V, int rows)
+{
+	printf("sample_b%d_greedy_us=%.1f\n", rows, sample_us(be, V, rows, (dl_sampling) {0, 1.0f, 0, 1.0f}));
+	printf("sample_b%d_topp09_us=%.1f\n", rows, sample_us(be, V, rows, (dl_sampling) {1, 1.0f, 0, 0.9f}));
+	printf("sample_b%d_topp0999999_us=%.1f\n", rows,
+		   sample_us(be, V, rows, (dl_sampling) {1, 1.0f, 0, 0.999999f}));
+	fflush(stdout);
 }
 
 /* Bytes a decode step reads: every parameter once, except one row of an untied embedding. */
@@ -286,6 +349,9 @@ main(int argc, char **argv)
 		printf("batch=%d\nbN_prefill_tok_s=%.1f\nbN_decode_tok_s=%.1f\n", batch, total / pre,
 			   median(times, repeat));
 	}
+	sample_report(be, m->cfg.vocab_size, 1);
+	if (batch > 1)
+		sample_report(be, m->cfg.vocab_size, batch);
 	dl_kv_cache_free(c);
 	dl_model_free(m);
 	be->destroy(be);

@@ -212,10 +212,11 @@ __syncthreads(void)
 }
 
 /* Threads run one at a time: an atomic add is a plain one. */
-static inline float
-atomicAdd(float *p, float v)
+template <typename T>
+static inline T
+atomicAdd(T *p, T v)
 {
-	float		old = *p;
+	T			old = *p;
 
 	*p = old + v;
 	return old;
