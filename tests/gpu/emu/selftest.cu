@@ -4,9 +4,9 @@
  * memory than the kernel opted in to, an opt-in beyond the device's limit, a grid too
  * tall, a 16-byte load from an address that is not 16-byte aligned, a block reading
  * shared memory that only an earlier block wrote, blocks taking another block's global
- * memory writes as done, shuffles whose masks are wrong. Built and run by `make emutest`
- * before the operations' tests; prints one line a check and exits nonzero when a broken
- * kernel got through.
+ * memory writes as done, shuffles whose masks are wrong; and that EMU_SEED changes the
+ * order the blocks start in. Built and run by `make emutest` before the operations'
+ * tests; prints one line a check and exits nonzero when a broken kernel got through.
  */
 #include <cuda_runtime.h>
 
@@ -69,6 +69,14 @@ reads_first_block(float *out)
 		out[0] = 42.0f;
 	if (blockIdx.x == gridDim.x - 1 && threadIdx.x == 0)
 		out[1] = out[0];
+}
+
+/* Each block notes its place in the order the blocks started in. */
+__global__ static void
+notes_start(float *out)
+{
+	if (threadIdx.x == 0)
+		out[1 + blockIdx.x] = atomicAdd(&out[0], 1.0f);
 }
 
 /*
@@ -188,6 +196,23 @@ main(void)
 		cudaMemcpy(got, out, sizeof(got), cudaMemcpyDeviceToHost);
 		expect(got[0] == 42.0f && got[1] != 42.0f, "starts the last block first with EMU_ORDER=reverse");
 		unsetenv("EMU_ORDER");
+	}
+	{
+		float		got[33];
+		int			in_order[2] = {1, 1};
+
+		for (int seeded = 0; seeded < 2; seeded++)
+		{
+			if (seeded)
+				setenv("EMU_SEED", "7", 1);
+			cudaMemsetAsync(out, 0, sizeof(got), 0);
+			notes_start<<<32, 32>>>(out);
+			cudaMemcpy(got, out, sizeof(got), cudaMemcpyDeviceToHost);
+			for (int b = 0; b < 32; b++)
+				in_order[seeded] &= got[1 + b] == (float) b;
+		}
+		unsetenv("EMU_SEED");
+		expect(in_order[0] && !in_order[1], "starts blocks in launch order, and in another with EMU_SEED");
 	}
 
 	/* shuffles: the allowed one gives the partner's value, the undefined ones stop the run */
