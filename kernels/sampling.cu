@@ -160,6 +160,22 @@ token_rank(const float *x, const float *p, int j)
 	return rank3 {{__float_as_uint(p[j]), order_key(x[j]), (uint32_t) j}};
 }
 
+/* Word w of rank r, chosen without indexing (which would put r in local memory). */
+static __device__ __forceinline__ uint32_t
+rank_word(rank3 r, int w)
+{
+	return w == 0 ? r.w[0] : w == 1 ? r.w[1] : r.w[2];
+}
+
+/* r's word w |= bits, likewise without indexing. */
+static __device__ __forceinline__ void
+rank_or(rank3 *r, int w, uint32_t bits)
+{
+	r->w[0] |= w == 0 ? bits : 0;
+	r->w[1] |= w == 1 ? bits : 0;
+	r->w[2] |= w == 2 ? bits : 0;
+}
+
 /* Whether rank r has the bits found so far. */
 static __device__ __forceinline__ bool
 rank_matches(rank3 r, const rank3 *prefix, const rank3 *mask)
@@ -202,7 +218,9 @@ static __device__ int
 radix_level(const float *x, const float *p, int V, int w, int shift, rank3 *prefix, rank3 *mask,
 			fx192 *above, topp_cut *cut, float top_p, radix_smem *sm, fx192 *scan)
 {
-	bool		first = (mask->w[0] | mask->w[1] | mask->w[2]) == 0;
+	const rank3 pf = *prefix,
+				mk = *mask;			/* in registers for the pass */
+	bool		first = (mk.w[0] | mk.w[1] | mk.w[2]) == 0;
 	fx192		m[BUCKETS_PER_THREAD],
 				sum = {{0, 0, 0}},
 				before;
@@ -217,9 +235,9 @@ radix_level(const float *x, const float *p, int V, int w, int shift, rank3 *pref
 	{
 		rank3		r = token_rank(x, p, j);
 
-		if (rank_matches(r, prefix, mask))
+		if (rank_matches(r, &pf, &mk))
 		{
-			int			d = (r.w[w] >> shift) & (RADIX_BUCKETS - 1);
+			int			d = (rank_word(r, w) >> shift) & (RADIX_BUCKETS - 1);
 
 			atomicAdd(&sm->bucket.mant[d], (unsigned long long) fx_mantissa(r.w[0]));
 			atomicAdd(&sm->bucket.count[d], 1);
@@ -231,7 +249,7 @@ radix_level(const float *x, const float *p, int V, int w, int shift, rank3 *pref
 	for (int b = 0; b < BUCKETS_PER_THREAD; b++)
 	{
 		int			d = RADIX_BUCKETS - 1 - (int) threadIdx.x * BUCKETS_PER_THREAD - b;
-		uint32_t	pbits = prefix->w[0] | (w == 0 ? (uint32_t) d << shift : 0);
+		uint32_t	pbits = pf.w[0] | (w == 0 ? (uint32_t) d << shift : 0);
 
 		m[b] = fx192 {{0, 0, 0}};
 		fx_add_shifted(&m[b], sm->bucket.mant[d], fx_shift(pbits));
@@ -255,8 +273,8 @@ radix_level(const float *x, const float *p, int V, int w, int shift, rank3 *pref
 		before = with;
 	}
 	__syncthreads();
-	prefix->w[w] |= (uint32_t) sm->found << shift;
-	mask->w[w] |= (uint32_t) (RADIX_BUCKETS - 1) << shift;
+	rank_or(prefix, w, (uint32_t) sm->found << shift);
+	rank_or(mask, w, (uint32_t) (RADIX_BUCKETS - 1) << shift);
 	*above = sm->found_above;
 	return sm->found_count;
 }
@@ -271,19 +289,20 @@ static __device__ uint64_t
 topp_threshold(const float *x, const float *p, int V, float top_p, radix_smem *sm, fx192 *scan,
 			   sample_red *red)
 {
-	/* the bits in use of each rank word: p <= 1 leaves the top two clear */
-	int			nbits[3] = {30, 32, 0};
 	rank3		prefix = {{0, 0, 0}},
 				mask = {{0, 0, 0}};
 	fx192		above = {{0, 0, 0}};
 	topp_cut	cut;
 	unsigned long long best = ~0ull;
-	int			n = INT32_MAX;	/* the first level always runs: it makes the cut */
+	int			n = INT32_MAX,	/* the first level always runs: it makes the cut */
+				id_bits = 0;
 
-	while ((1u << nbits[2]) < (unsigned) V)
-		nbits[2]++;
+	while ((1u << id_bits) < (unsigned) V)
+		id_bits++;
+	/* the bits in use of each rank word: p <= 1 leaves the top two clear */
 	for (int w = 0; w < 3 && n > SAMPLE_BLOCK; w++)
-		for (int top = nbits[w]; top > 0 && n > SAMPLE_BLOCK; top -= RADIX_BITS)
+		for (int top = w == 0 ? 30 : w == 1 ? 32 : id_bits; top > 0 && n > SAMPLE_BLOCK;
+			 top -= RADIX_BITS)
 			n = radix_level(x, p, V, w, top > RADIX_BITS ? top - RADIX_BITS : 0, &prefix, &mask,
 							&above, &cut, top_p, sm, scan);
 
