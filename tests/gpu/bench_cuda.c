@@ -11,6 +11,9 @@
  *   sample_bN_*_us       sample_forward alone on N rows of the vocabulary: greedy, and
  *                        sampling with top_p 0.9 (its radix select) or 0.999999 (a cut
  *                        deep in the tail)
+ *   bN_launches_per_step kernels (a cuBLAS call as one) a decode step of N sequences
+ *                        launches, and per layer: on the emulated plugin only, which
+ *                        counts them (the first count towards CUDA graphs and fusion)
  * Each timed run starts from a fresh prefill; a full warm-up run comes first.
  *
  *   bench_cuda --model DIR --prompts FILE [--gen 128] [--batch 64] [--repeat 3]
@@ -24,6 +27,7 @@
 #include "../../src/engine/sampler.h"
 #include "bench_util.h"
 
+#include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -142,7 +146,6 @@ sample_report(dl_backend *be, int V, int rows)
 	printf("sample_b%d_topp09_us=%.1f\n", rows, sample_us(be, V, rows, (dl_sampling) {1, 1.0f, 0, 0.9f}));
 	printf("sample_b%d_topp0999999_us=%.1f\n", rows,
 		   sample_us(be, V, rows, (dl_sampling) {1, 1.0f, 0, 0.999999f}));
-	fflush(stdout);
 }
 
 /* Bytes a decode step reads: every parameter once, except one row of an untied embedding. */
@@ -238,6 +241,37 @@ run(dl_model *m, dl_kv_cache *c, int32_t **prompts, const int *lens, int n, int 
 	*decode_s = sys_now_s() - t0;
 }
 
+/*
+ * The launches of one decode step of n sequences: those of a run of 3 tokens less those of
+ * a run of 2, as the emulated plugin counts them (emu_launches; a GPU plugin has no count).
+ */
+static void
+launches_report(const char *plugin_path, dl_model *m, dl_kv_cache *c, int32_t **prompts,
+				const int *lens, int n)
+{
+	void	   *h = dlopen(plugin_path, RTLD_NOW | RTLD_NOLOAD);
+	unsigned long long (*count) (void) = h ? (unsigned long long (*) (void)) dlsym(h, "emu_launches") : NULL;
+	unsigned long long k[3];
+	double		pre,
+				dec;
+
+	if (count == NULL)
+	{
+		if (h)
+			dlclose(h);
+		return;
+	}
+	k[0] = count();
+	run(m, c, prompts, lens, n, 2, &pre, &dec, NULL);
+	k[1] = count();
+	run(m, c, prompts, lens, n, 3, &pre, &dec, NULL);
+	k[2] = count();
+	printf("b%d_launches_per_step=%llu\nb%d_launches_per_step_layer=%.1f\n", n,
+		   (k[2] - k[1]) - (k[1] - k[0]), n,
+		   (double) ((k[2] - k[1]) - (k[1] - k[0])) / m->cfg.n_layer);
+	dlclose(h);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -267,6 +301,8 @@ main(int argc, char **argv)
 				times[16],
 				bytes,
 				copy;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);	/* each figure out as it is measured */
 
 	for (int i = 1; i + 1 < argc; i += 2)
 	{
@@ -312,7 +348,6 @@ main(int argc, char **argv)
 		die("CUDA backend", &err);
 	copy = copy_bandwidth(be);
 	printf("copy_gbs=%.1f\n", copy / 1e9);
-	fflush(stdout);
 
 	t0 = sys_now_s();
 	if (dl_model_load(model, be, &m, &err) != DL_OK)
@@ -335,7 +370,6 @@ main(int argc, char **argv)
 	for (int i = 0; i < gen && i < 16; i++)
 		printf("%s%d", i ? "," : "", tokens[i]);
 	printf("\n");
-	fflush(stdout);
 
 	/* the batch, the same way */
 	if (batch > 1)
@@ -349,6 +383,9 @@ main(int argc, char **argv)
 		printf("batch=%d\nbN_prefill_tok_s=%.1f\nbN_decode_tok_s=%.1f\n", batch, total / pre,
 			   median(times, repeat));
 	}
+	launches_report(plugin_path, m, c, prompts, lens, 1);
+	if (batch > 1)
+		launches_report(plugin_path, m, c, prompts, lens, batch);
 	sample_report(be, m->cfg.vocab_size, 1);
 	if (batch > 1)
 		sample_report(be, m->cfg.vocab_size, batch);

@@ -405,6 +405,18 @@ kernel_name(const char *text)
 	return name;
 }
 
+/*
+ * Kernels launched so far, each cuBLAS call counted as one (a GPU runs at least one
+ * kernel for it): what bench_cuda reads, by dlsym, as the launches a decode step makes.
+ */
+static unsigned long long launches;
+
+extern "C" unsigned long long
+emu_launches(void)
+{
+	return launches;
+}
+
 void
 emu::launch_cfg::run(const char *kernel, std::function<void()> body)
 {
@@ -436,6 +448,7 @@ emu::launch_cfg::run(const char *kernel, std::function<void()> body)
 			sticky = cudaErrorLaunchFailure;
 		return;
 	}
+	launches++;
 	kernel_body = &body;
 	block_dim = {block.x, block.y, block.z};
 	grid_dim = {grid.x, grid.y, grid.z};
@@ -741,6 +754,7 @@ cublasSgemm(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, i
 			const float *alpha, const float *A, int lda, const float *B, int ldb, const float *beta,
 			float *C, int ldc)
 {
+	launches++;
 	return gemm(ta, tb, m, n, k, *alpha, A, CUDA_R_32F, lda, B, CUDA_R_32F, ldb, *beta, C, ldc);
 }
 
@@ -750,6 +764,7 @@ cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, 
 			 cudaDataType bt, int ldb, const void *beta, void *C, cudaDataType ct, int ldc,
 			 cublasComputeType_t, cublasGemmAlgo_t)
 {
+	launches++;
 	if (ct != CUDA_R_32F || at != bt)
 		return CUBLAS_STATUS_NOT_SUPPORTED;
 	return gemm(ta, tb, m, n, k, *(const float *) alpha, A, at, lda, B, bt, ldb,
@@ -769,6 +784,7 @@ cublasSgemmStridedBatched(cublasHandle_t, cublasOperation_t ta, cublasOperation_
 						  const float *B, int ldb, long long sb, const float *beta, float *C,
 						  int ldc, long long sc, int batch)
 {
+	launches++;
 	for (int i = 0; i < batch; i++)
 		gemm(ta, tb, m, n, k, *alpha, A + i * sa, CUDA_R_32F, lda, B + i * sb, CUDA_R_32F, ldb,
 			 *beta, C + i * sc, ldc);
@@ -782,6 +798,7 @@ cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t ta, cublasOperation
 						   const void *beta, void *C, cudaDataType ct, int ldc, long long sc,
 						   int batch, cublasComputeType_t, cublasGemmAlgo_t)
 {
+	launches++;
 	if (ct != CUDA_R_32F || at != bt)
 		return CUBLAS_STATUS_NOT_SUPPORTED;
 	for (int i = 0; i < batch; i++)
