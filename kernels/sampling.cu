@@ -2,15 +2,20 @@
  * sampling.cu: sample_forward, one block per row of logits, so that generation moves
  * token ids off the device instead of rows of logits.
  *
- * The kept set is sampler.h's, found without sorting: the k-th largest logit and the
- * top-p cut are bisections over order-preserving integer keys, each step one pass over
- * the row and a block reduction. Top-p masses are sampler_fx.h's exact sums, so the cut
- * is the CPU's whatever order the threads add in. The draw walks the kept weights in id
- * order as sample_draw does: each thread a contiguous chunk, placed by a block scan of
- * the chunk sums. A token can differ from the CPU's only through rounding, where the
- * uniform (or the top-p cut) falls at a boundary: the softmax's and the draw's double
- * sums are added in another order, and exp may differ from libm's expf in the last bit
- * for a result next to a rounding midpoint.
+ * The kept set is sampler.h's, found without sorting the row. The k-th largest logit is a
+ * bisection over order-preserving integer keys. The top-p cut is a radix select, as
+ * vLLM's and FlashInfer's samplers find theirs: each level buckets the tokens still in
+ * play by the next RADIX_BITS bits of their rank, sums each bucket's mass, and keeps the
+ * one bucket where the cumulative mass crosses the cut; once that bucket holds at most a
+ * block's worth of tokens, they are compared directly. A row takes one pass per level
+ * (at most 9, usually 1 or 2) and one for the candidates, where the bisection over 64-bit
+ * keys took 48. Top-p masses are sampler_fx.h's exact sums, so the cut is the CPU's
+ * whatever order the threads add in. The draw walks the kept weights in id order as
+ * sample_draw does: each thread a contiguous chunk, placed by a block scan of the chunk
+ * sums. A token can differ from the CPU's only through rounding, where the uniform (or
+ * the top-p cut) falls at a boundary: the softmax's and the draw's double sums are added
+ * in another order, and exp may differ from libm's expf in the last bit for a result
+ * next to a rounding midpoint.
  */
 #include "common.cuh"
 
@@ -89,40 +94,243 @@ typedef union sample_red
 	fx192		fx[SAMPLE_WARPS];
 } sample_red;
 
-/* The exact mass of the tokens that top-p's order puts above c. */
-static __device__ fx192
-mass_above(const float *x, const float *p, int V, uint64_t c, sample_red *red)
+/* Shared memory of the block scans: the draw's chunk sums, the radix select's bucket masses. */
+typedef union sample_scan
 {
-	fx192		m = {{0, 0, 0}};
+	double		d[SAMPLE_BLOCK];
+	fx192		fx[SAMPLE_BLOCK];
+} sample_scan;
 
-	for (int j = threadIdx.x; j < V; j += blockDim.x)
-		if (p[j] > 0.0f && topp_key(x[j], j) > c)
-			fx_add_float(&m, p[j]);
-	return block_reduce(m, red->fx, add_fx);
+/*
+ * Whether a token with `before` mass ranked above it is kept: the cut's rule, and the
+ * most likely token whatever the cut (min_tokens_to_keep = 1). Monotone: true up to some
+ * mass, false beyond.
+ */
+static __device__ __forceinline__ bool
+topp_survives(const topp_cut *cut, const fx192 *before)
+{
+	return topp_keeps(cut, before) || (before->w[0] | before->w[1] | before->w[2]) == 0;
 }
 
 /*
- * The least key c whose tokens above survive the cut (every token from c up is kept),
- * built bit by bit from the top: bit b of c is 0 when the largest key with the bits
- * found so far and b clear still leaves a surviving mass. Index bits at and above
- * nbits (2^nbits >= V) are 0 for free: no index reaches them.
+ * v's inclusive scan over the block (op associative), left in scan[0, blockDim.x):
+ * scan[blockDim.x - 1] is the whole, scan[tid - 1] what comes before thread tid.
+ */
+template <typename T, typename Op>
+static __device__ void
+block_scan(T v, T *scan, Op op)
+{
+	int			tid = threadIdx.x;
+
+	scan[tid] = v;
+	for (int off = 1; off < (int) blockDim.x; off <<= 1)
+	{
+		T			prev = v;
+
+		__syncthreads();
+		if (tid >= off)
+			prev = scan[tid - off];
+		__syncthreads();
+		if (tid >= off)
+			scan[tid] = v = op(prev, v);
+	}
+	__syncthreads();
+}
+
+/* The radix select: digits of RADIX_BITS, one bucket per value, two buckets a thread. */
+#define RADIX_BITS 10
+#define RADIX_BUCKETS (1 << RADIX_BITS)
+#define BUCKETS_PER_THREAD (RADIX_BUCKETS / SAMPLE_BLOCK)
+
+/*
+ * A token's rank in top-p's order, three words compared in turn: p's bits, x's
+ * order_key, the id. p is nondecreasing in x, so this is topp_key's order; leading with
+ * p's bits makes the first level's buckets one exponent each (p <= 1: bits 29..20 hold
+ * the exponent and three mantissa bits), so that a bucket's mass is a 64-bit sum of
+ * mantissas, and every later bucket lies inside one of them.
+ */
+typedef struct rank3
+{
+	uint32_t	w[3];
+} rank3;
+
+static __device__ __forceinline__ rank3
+token_rank(const float *x, const float *p, int j)
+{
+	return rank3 {{__float_as_uint(p[j]), order_key(x[j]), (uint32_t) j}};
+}
+
+/* Word w of rank r, chosen without indexing (which would put r in local memory). */
+static __device__ __forceinline__ uint32_t
+rank_word(rank3 r, int w)
+{
+	return w == 0 ? r.w[0] : w == 1 ? r.w[1] : r.w[2];
+}
+
+/* r's word w |= bits, likewise without indexing. */
+static __device__ __forceinline__ void
+rank_or(rank3 *r, int w, uint32_t bits)
+{
+	r->w[0] |= w == 0 ? bits : 0;
+	r->w[1] |= w == 1 ? bits : 0;
+	r->w[2] |= w == 2 ? bits : 0;
+}
+
+/* Whether rank r has the bits found so far. */
+static __device__ __forceinline__ bool
+rank_matches(rank3 r, const rank3 *prefix, const rank3 *mask)
+{
+	return (r.w[0] & mask->w[0]) == prefix->w[0] && (r.w[1] & mask->w[1]) == prefix->w[1] &&
+		(r.w[2] & mask->w[2]) == prefix->w[2];
+}
+
+/* Shared memory of the select: a level's buckets or the last candidates, and what a level found. */
+typedef struct radix_smem
+{
+	union
+	{
+		struct
+		{
+			unsigned long long mant[RADIX_BUCKETS];
+			int			count[RADIX_BUCKETS];
+		}			bucket;
+		struct
+		{
+			unsigned long long key[SAMPLE_BLOCK];
+			unsigned long long mant[SAMPLE_BLOCK];
+		}			cand;
+	};
+	int			found,
+				found_count,
+				ncand;
+	fx192		found_above;
+} radix_smem;
+
+/*
+ * One level: the tokens still in play (rank_matches) bucketed by bits [shift, shift +
+ * RADIX_BITS) of rank word w, each bucket's mantissa sum and count, then the bucket across
+ * the cut: the mass ranked above it survives, with it added not. The first level also
+ * makes the cut, from all buckets' mass. Narrows prefix and mask to that bucket, adds the
+ * mass above it to *above, returns its count. A digit that reaches below the word's last
+ * unresolved bits (the last level of a word) repeats bits already found, which is harmless.
+ */
+static __device__ int
+radix_level(const float *x, const float *p, int V, int w, int shift, rank3 *prefix, rank3 *mask,
+			fx192 *above, topp_cut *cut, float top_p, radix_smem *sm, fx192 *scan)
+{
+	const rank3 pf = *prefix,
+				mk = *mask;			/* in registers for the pass */
+	bool		first = (mk.w[0] | mk.w[1] | mk.w[2]) == 0;
+	fx192		m[BUCKETS_PER_THREAD],
+				sum = {{0, 0, 0}},
+				before;
+
+	for (int d = threadIdx.x; d < RADIX_BUCKETS; d += blockDim.x)
+	{
+		sm->bucket.mant[d] = 0;
+		sm->bucket.count[d] = 0;
+	}
+	__syncthreads();
+	for (int j = threadIdx.x; j < V; j += blockDim.x)
+	{
+		rank3		r = token_rank(x, p, j);
+
+		if (rank_matches(r, &pf, &mk))
+		{
+			int			d = (rank_word(r, w) >> shift) & (RADIX_BUCKETS - 1);
+
+			atomicAdd(&sm->bucket.mant[d], (unsigned long long) fx_mantissa(r.w[0]));
+			atomicAdd(&sm->bucket.count[d], 1);
+		}
+	}
+	__syncthreads();
+
+	/* thread t holds buckets from the top down, so the scan sums the mass above */
+	for (int b = 0; b < BUCKETS_PER_THREAD; b++)
+	{
+		int			d = RADIX_BUCKETS - 1 - (int) threadIdx.x * BUCKETS_PER_THREAD - b;
+		uint32_t	pbits = pf.w[0] | (w == 0 ? (uint32_t) d << shift : 0);
+
+		m[b] = fx192 {{0, 0, 0}};
+		fx_add_shifted(&m[b], sm->bucket.mant[d], fx_shift(pbits));
+		fx_add(&sum, &m[b]);
+	}
+	block_scan(sum, scan, add_fx);
+	if (first)
+		*cut = topp_cut_make(&scan[blockDim.x - 1], top_p);
+	before = threadIdx.x ? add_fx(*above, scan[threadIdx.x - 1]) : *above;
+	for (int b = 0; b < BUCKETS_PER_THREAD; b++)
+	{
+		int			d = RADIX_BUCKETS - 1 - (int) threadIdx.x * BUCKETS_PER_THREAD - b;
+		fx192		with = add_fx(before, m[b]);
+
+		if (topp_survives(cut, &before) && !topp_survives(cut, &with))
+		{
+			sm->found = d;
+			sm->found_count = sm->bucket.count[d];
+			sm->found_above = before;
+		}
+		before = with;
+	}
+	__syncthreads();
+	rank_or(prefix, w, (uint32_t) sm->found << shift);
+	rank_or(mask, w, (uint32_t) (RADIX_BUCKETS - 1) << shift);
+	*above = sm->found_above;
+	return sm->found_count;
+}
+
+/*
+ * The least topp_key that survives the cut of top_p: every token from it up is kept.
+ * Levels narrow the tokens in play to the bucket across the cut until at most a block's
+ * worth remain (the id's bits always get there); those are gathered, and each sums the
+ * mass of the candidates above it (one exponent, so 64-bit mantissas).
  */
 static __device__ uint64_t
-topp_threshold(const float *x, const float *p, int V, const topp_cut *cut, sample_red *red)
+topp_threshold(const float *x, const float *p, int V, float top_p, radix_smem *sm, fx192 *scan,
+			   sample_red *red)
 {
-	uint64_t	c = 0;
-	int			nbits = 0;
+	rank3		prefix = {{0, 0, 0}},
+				mask = {{0, 0, 0}};
+	fx192		above = {{0, 0, 0}};
+	topp_cut	cut;
+	unsigned long long best = ~0ull;
+	int			n = INT32_MAX,	/* the first level always runs: it makes the cut */
+				id_bits = 0;
 
-	while ((1u << nbits) < (unsigned) V)
-		nbits++;
-	for (int b = 63; b >= 0; b = b == 32 ? nbits - 1 : b - 1)
+	while ((1u << id_bits) < (unsigned) V)
+		id_bits++;
+	/* the bits in use of each rank word: p <= 1 leaves the top two clear */
+	for (int w = 0; w < 3 && n > SAMPLE_BLOCK; w++)
+		for (int top = w == 0 ? 30 : w == 1 ? 32 : id_bits; top > 0 && n > SAMPLE_BLOCK;
+			 top -= RADIX_BITS)
+			n = radix_level(x, p, V, w, top > RADIX_BITS ? top - RADIX_BITS : 0, &prefix, &mask,
+							&above, &cut, top_p, sm, scan);
+
+	if (threadIdx.x == 0)
+		sm->ncand = 0;
+	__syncthreads();
+	for (int j = threadIdx.x; j < V; j += blockDim.x)
+		if (rank_matches(token_rank(x, p, j), &prefix, &mask))
+		{
+			int			k = atomicAdd(&sm->ncand, 1);
+
+			sm->cand.key[k] = topp_key(x[j], j);
+			sm->cand.mant[k] = fx_mantissa(__float_as_uint(p[j]));
+		}
+	__syncthreads();
+	if ((int) threadIdx.x < sm->ncand)
 	{
-		fx192		m = mass_above(x, p, V, c | ((UINT64_C(1) << b) - 1), red);
+		unsigned long long key = sm->cand.key[threadIdx.x],
+					s = 0;
+		fx192		before = above;
 
-		if (!topp_keeps(cut, &m))
-			c |= UINT64_C(1) << b;
+		for (int k = 0; k < sm->ncand; k++)
+			s += sm->cand.key[k] > key ? sm->cand.mant[k] : 0;
+		fx_add_shifted(&before, s, fx_shift(prefix.w[0]));
+		if (topp_survives(&cut, &before))
+			best = key;
 	}
-	return c;
+	return block_reduce((uint64_t) best, red->k, [](uint64_t a, uint64_t b) { return a < b ? a : b; });
 }
 
 /* The k-th largest of x[0, V) (k in [1, V)): the largest key that k values reach. */
@@ -166,17 +374,7 @@ draw(W w, int V, double u, double *scan, sample_red *red)
 	__syncthreads();			/* p was written in the strided layout, by other threads */
 	for (int j = lo; j < hi; j++)
 		s += w(j);
-	scan[tid] = s;
-	for (int off = 1; off < (int) blockDim.x; off <<= 1)
-	{
-		double		v;
-
-		__syncthreads();
-		v = tid >= off ? scan[tid - off] : 0.0;
-		__syncthreads();
-		scan[tid] += v;
-	}
-	__syncthreads();
+	block_scan(s, scan, add<double>);
 	target = u * scan[blockDim.x - 1];
 	acc = tid ? scan[tid - 1] : 0.0;
 	for (int j = lo; j < hi; j++)
@@ -210,7 +408,8 @@ __global__ static void __launch_bounds__(SAMPLE_BLOCK)
 sample_kernel(int32_t *tokens, const float *logits, const dl_sample_row *rows, int V, float *ws)
 {
 	__shared__ sample_red red;
-	__shared__ double scan[SAMPLE_BLOCK];
+	__shared__ sample_scan scan;
+	__shared__ radix_smem radix;
 	const float *l = logits + (size_t) blockIdx.x * V;
 	float	   *x = ws + (size_t) blockIdx.x * 2 * V,
 			   *p = x + V;
@@ -257,34 +456,13 @@ sample_kernel(int32_t *tokens, const float *logits, const dl_sample_row *rows, i
 
 	if (sp->top_p < 1.0f)
 	{
-		fx192		total = {{0, 0, 0}},
-					none = {{0, 0, 0}};
-		topp_cut	cut;
+		uint64_t	c = topp_threshold(x, p, V, sp->top_p, &radix, scan.fx, &red);
 
-		for (int j = threadIdx.x; j < V; j += blockDim.x)
-			fx_add_float(&total, p[j]);
-		total = block_reduce(total, red.fx, add_fx);
-		cut = topp_cut_make(&total, sp->top_p);
-		if (!topp_keeps(&cut, &none))
-		{
-			/* not even the most likely token alone survives: it is kept anyway */
-			uint64_t	top = 0;
-
-			for (int j = threadIdx.x; j < V; j += blockDim.x)
-				top = topp_key(x[j], j) > top ? topp_key(x[j], j) : top;
-			top = block_reduce(top, red.k, [](uint64_t a, uint64_t b) { return a > b ? a : b; });
-			tok = (int32_t) (uint32_t) top;
-		}
-		else
-		{
-			uint64_t	c = topp_threshold(x, p, V, &cut, &red);
-
-			tok = draw([=](int j) { return topp_key(x[j], j) >= c ? p[j] : 0.0f; }, V, row.u,
-					   scan, &red);
-		}
+		tok = draw([=](int j) { return topp_key(x[j], j) >= c ? p[j] : 0.0f; }, V, row.u, scan.d,
+				   &red);
 	}
 	else
-		tok = draw([=](int j) { return x[j] >= kth ? p[j] : 0.0f; }, V, row.u, scan, &red);
+		tok = draw([=](int j) { return x[j] >= kth ? p[j] : 0.0f; }, V, row.u, scan.d, &red);
 	if (threadIdx.x == 0)
 		tokens[blockIdx.x] = tok;
 }

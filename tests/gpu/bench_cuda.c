@@ -8,6 +8,12 @@
  *   b1_prefill_tok_s     one prompt through the model
  *   b1_decode_tok_s      greedy decode of one sequence (median of the timed runs)
  *   bN_decode_tok_s      aggregate greedy decode of N sequences stepping together
+ *   sample_bN_*_us       sample_forward alone on N rows of the vocabulary: greedy, and
+ *                        sampling with top_p 0.9 (its radix select) or 0.999999 (a cut
+ *                        deep in the tail)
+ *   bN_launches_per_step kernels (a cuBLAS call as one) a decode step of N sequences
+ *                        launches, and per layer: on the emulated plugin only, which
+ *                        counts them (the first count towards CUDA graphs and fusion)
  * Each timed run starts from a fresh prefill; a full warm-up run comes first.
  *
  *   bench_cuda --model DIR --prompts FILE [--gen 128] [--batch 64] [--repeat 3]
@@ -18,8 +24,10 @@
 #include "../../src/engine/backend.h"
 #include "../../src/engine/cuda_plugin.h"
 #include "../../src/engine/model.h"
+#include "../../src/engine/sampler.h"
 #include "bench_util.h"
 
+#include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -80,6 +88,64 @@ copy_bandwidth(dl_backend *be)
 	be->free(be, a);
 	be->free(be, b);
 	return median(t, 5);
+}
+
+/*
+ * Microseconds one sample_forward takes on rows x V logits (random, scale 4, so top-p
+ * keeps hundreds to thousands of tokens): the median of 5 timings of 10 calls.
+ */
+static double
+sample_us(dl_backend *be, int V, int rows, dl_sampling p)
+{
+	size_t		n = (size_t) rows * V;
+	float	   *h = malloc(n * sizeof(float));
+	dl_sample_row *r = malloc(rows * sizeof(dl_sample_row));
+	void	   *logits,
+			   *d_rows,
+			   *tokens,
+			   *ws;
+	dl_error	err;
+	double		t[5];
+	uint64_t	s = 42;
+
+	for (size_t i = 0; i < n; i++)
+	{
+		s = s * 6364136223846793005ull + 1442695040888963407ull;	/* an LCG's top 24 bits */
+		h[i] = (float) (s >> 40) * 0x1p-24f * 8.0f - 4.0f;
+	}
+	for (int i = 0; i < rows; i++)
+		r[i] = (dl_sample_row) {p, (i + 0.5) / rows};
+	if (!(logits = be->alloc(be, n * sizeof(float), &err)) ||
+		!(d_rows = be->alloc(be, rows * sizeof(dl_sample_row), &err)) ||
+		!(tokens = be->alloc(be, rows * sizeof(int32_t), &err)) ||
+		!(ws = be->alloc(be, be->sample_workspace(be, rows, V), &err)) ||
+		be->upload(be, logits, h, n * sizeof(float), &err) != DL_OK ||
+		be->upload(be, d_rows, r, rows * sizeof(dl_sample_row), &err) != DL_OK)
+		die("sampling buffers", &err);
+	for (int k = 0; k < 6; k++)
+	{
+		double		t0 = sys_now_s();
+
+		for (int i = 0; i < 10; i++)
+			be->sample_forward(be, tokens, logits, d_rows, rows, V, ws);
+		if (be->synchronize(be, &err) != DL_OK)
+			die("sampling", &err);
+		if (k)					/* the first round warms up */
+			t[k - 1] = (sys_now_s() - t0) / 10 * 1e6;
+	}
+	be->free(be, logits), be->free(be, d_rows), be->free(be, tokens), be->free(be, ws);
+	free(h), free(r);
+	return median(t, 5);
+}
+
+/* sample_us for rows rows: greedy, top-p 0.9, and top-p with its cut deep in the tail. */
+static void
+sample_report(dl_backend *be, int V, int rows)
+{
+	printf("sample_b%d_greedy_us=%.1f\n", rows, sample_us(be, V, rows, (dl_sampling) {0, 1.0f, 0, 1.0f}));
+	printf("sample_b%d_topp09_us=%.1f\n", rows, sample_us(be, V, rows, (dl_sampling) {1, 1.0f, 0, 0.9f}));
+	printf("sample_b%d_topp0999999_us=%.1f\n", rows,
+		   sample_us(be, V, rows, (dl_sampling) {1, 1.0f, 0, 0.999999f}));
 }
 
 /* Bytes a decode step reads: every parameter once, except one row of an untied embedding. */
@@ -175,6 +241,37 @@ run(dl_model *m, dl_kv_cache *c, int32_t **prompts, const int *lens, int n, int 
 	*decode_s = sys_now_s() - t0;
 }
 
+/*
+ * The launches of one decode step of n sequences: those of a run of 3 tokens less those of
+ * a run of 2, as the emulated plugin counts them (emu_launches; a GPU plugin has no count).
+ */
+static void
+launches_report(const char *plugin_path, dl_model *m, dl_kv_cache *c, int32_t **prompts,
+				const int *lens, int n)
+{
+	void	   *h = dlopen(plugin_path, RTLD_NOW | RTLD_NOLOAD);
+	unsigned long long (*count) (void) = h ? (unsigned long long (*) (void)) dlsym(h, "emu_launches") : NULL;
+	unsigned long long k[3];
+	double		pre,
+				dec;
+
+	if (count == NULL)
+	{
+		if (h)
+			dlclose(h);
+		return;
+	}
+	k[0] = count();
+	run(m, c, prompts, lens, n, 2, &pre, &dec, NULL);
+	k[1] = count();
+	run(m, c, prompts, lens, n, 3, &pre, &dec, NULL);
+	k[2] = count();
+	printf("b%d_launches_per_step=%llu\nb%d_launches_per_step_layer=%.1f\n", n,
+		   (k[2] - k[1]) - (k[1] - k[0]), n,
+		   (double) ((k[2] - k[1]) - (k[1] - k[0])) / m->cfg.n_layer);
+	dlclose(h);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -204,6 +301,8 @@ main(int argc, char **argv)
 				times[16],
 				bytes,
 				copy;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);	/* each figure out as it is measured */
 
 	for (int i = 1; i + 1 < argc; i += 2)
 	{
@@ -249,7 +348,6 @@ main(int argc, char **argv)
 		die("CUDA backend", &err);
 	copy = copy_bandwidth(be);
 	printf("copy_gbs=%.1f\n", copy / 1e9);
-	fflush(stdout);
 
 	t0 = sys_now_s();
 	if (dl_model_load(model, be, &m, &err) != DL_OK)
@@ -272,7 +370,6 @@ main(int argc, char **argv)
 	for (int i = 0; i < gen && i < 16; i++)
 		printf("%s%d", i ? "," : "", tokens[i]);
 	printf("\n");
-	fflush(stdout);
 
 	/* the batch, the same way */
 	if (batch > 1)
@@ -286,6 +383,12 @@ main(int argc, char **argv)
 		printf("batch=%d\nbN_prefill_tok_s=%.1f\nbN_decode_tok_s=%.1f\n", batch, total / pre,
 			   median(times, repeat));
 	}
+	launches_report(plugin_path, m, c, prompts, lens, 1);
+	if (batch > 1)
+		launches_report(plugin_path, m, c, prompts, lens, batch);
+	sample_report(be, m->cfg.vocab_size, 1);
+	if (batch > 1)
+		sample_report(be, m->cfg.vocab_size, batch);
 	dl_kv_cache_free(c);
 	dl_model_free(m);
 	be->destroy(be);

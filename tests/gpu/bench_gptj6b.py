@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """The CUDA benchmark, in one run on one GPU: random weights of GPT-J-6B's exact shapes in
-bfloat16, made on the machine and saved as transformers saves them; transformers'
-`generate` on them (bf16, same GPU, same prompts); then our bench_cuda on the saved
-directory; one table.
+bfloat16, made on the machine and saved as transformers saves them; our bench_cuda on
+the saved directory first, its output streamed, so that a run cut short keeps our figures;
+then transformers' `generate` on the same weights (bf16, same GPU, same prompts); one
+table. --jsonl appends every figure to a JSON-lines file as it is measured.
 
     python3 tests/gpu/bench_gptj6b.py --bench build/gpu/bench_cuda [--workdir DIR]
-        [--prompt-tokens 128] [--gen-tokens 128] [--batch 64] [--json FILE]
+        [--prompt-tokens 128] [--gen-tokens 128] [--batch 64] [--jsonl FILE]
 
 Goals (the CUDA readiness issue): batch-1 decode at least 80% of the bandwidth limit (bytes
 per token over the measured device-to-device copy bandwidth; moonshot 90%) and 2x
@@ -14,7 +15,6 @@ tiny GPT-J (a check of the script itself; on the CPU when there is no GPU).
 """
 
 import argparse
-import json
 import os
 import shutil
 import time
@@ -22,7 +22,7 @@ import time
 import torch
 import transformers
 
-from bench_util import run_keyvalues
+from bench_util import record, run_keyvalues
 from transformers import LogitsProcessor, LogitsProcessorList
 
 SEED = 1234
@@ -91,7 +91,7 @@ def ours(bench, path, prompts, args):
     """bench_cuda's key=value lines as a dict (numbers as floats); exits when it fails."""
     cmd = [bench, "--model", path, "--prompts", prompts, "--gen", str(args.gen_tokens),
            "--batch", str(args.batch), "--plugin", args.plugin]
-    return run_keyvalues(cmd)
+    return run_keyvalues(cmd, jsonl=args.jsonl)
 
 
 def fmt(x, digits=1):
@@ -111,7 +111,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--json", help="write the figures here too")
+    ap.add_argument("--jsonl", help="append every figure to this JSON-lines file as it comes")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = make_config(args.shape)
@@ -129,21 +129,24 @@ def main():
         for row in ids.tolist():
             f.write(" ".join(map(str, row)) + "\n")
 
+    # ours while transformers' copy of the weights waits on the GPU (12 GB: room to spare)
+    o = ours(args.bench, args.workdir, prompts, args)
+
     hf1 = hfn = (None, None, [])
     try:
         hf1 = hf_generate(model, ids[:1], args.gen_tokens, device)
         print(f"transformers batch 1: prefill {hf1[0]:.1f} tok/s, decode {hf1[1]:.1f} tok/s",
               flush=True)
+        record(args.jsonl, "transformers", "b1_prefill_tok_s", hf1[0])
+        record(args.jsonl, "transformers", "b1_decode_tok_s", hf1[1])
         hfn = hf_generate(model, ids, args.gen_tokens, device)
         print(f"transformers batch {args.batch}: prefill {hfn[0]:.1f} tok/s, decode "
               f"{hfn[1]:.1f} tok/s", flush=True)
-    except Exception as e:      # our side still runs; the table says n/a
+        record(args.jsonl, "transformers", "bN_prefill_tok_s", hfn[0])
+        record(args.jsonl, "transformers", "bN_decode_tok_s", hfn[1])
+    except Exception as e:      # our figures are in; the table says n/a
         print(f"transformers generate failed: {e!r}", flush=True)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
-    o = ours(args.bench, args.workdir, prompts, args)
     limit = o["limit_tok_s"]
     b1, bn = o["b1_decode_tok_s"], o.get("bN_decode_tok_s")
     rows = [
@@ -168,11 +171,13 @@ def main():
     # random weights give nearly flat logits, so bf16 roundings may part the two early
     print(f"first greedy tokens, ours:         {o['b1_tokens']}")
     print(f"first greedy tokens, transformers: {','.join(map(str, hf1[2]))}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ours": o, "hf_batch1": hf1, "hf_batchN": hfn, "args": vars(args)}, f,
-                      indent=1)
-
+    record(args.jsonl, "bench_gptj6b", "b1_decode_pct_of_limit", 100 * b1 / limit)
+    if hf1[1]:
+        record(args.jsonl, "bench_gptj6b", "b1_decode_ours_over_hf", b1 / hf1[1])
+    if bn:
+        record(args.jsonl, "bench_gptj6b", "bN_over_b1", bn / b1)
+    if bn and hfn[1]:
+        record(args.jsonl, "bench_gptj6b", "bN_decode_ours_over_hf", bn / hfn[1])
 
 if __name__ == "__main__":
     main()

@@ -63,6 +63,8 @@ main(int argc, char **argv)
 				loss_last = 0;
 	uint64_t	s = 1234;
 
+	setvbuf(stdout, NULL, _IOLBF, 0);	/* each figure out as it is measured */
+
 	for (int i = 1; i < argc; i++)
 	{
 		const char *a = argv[i],

@@ -1449,36 +1449,74 @@ static const dl_sampling sample_params[] = {
 #define N_SAMPLE_PARAMS ((int) (sizeof(sample_params) / sizeof(sample_params[0])))
 
 /*
- * R rows of V random logits (scales 2 to 16; every fifth row rounded, so with ties;
- * rows with a NaN, greedy and sampled, with -inf entries, all -inf, and with +inf, as R
- * allows) sampled by backend tb and by the CPU backend with the same parameters and
- * uniforms. A differing token is allowed only at a cumulative boundary: where the CPU,
- * with u moved by 1e-6, draws the backend's token. The case fails on any other
- * difference.
+ * Rows [R, V] of logits sampled by backend tb and by the CPU backend with the same
+ * parameters and uniforms, reported as op; frees logits and rows. A differing token is
+ * allowed only at a cumulative boundary: where the CPU, with u moved by 1e-6, draws the
+ * backend's token. The case fails on any other difference.
  */
 static int
-sample_case(const test_backend *tb, int V, int R)
+sample_compare(const test_backend *tb, const char *op, float *logits, dl_sample_row *rows, int V,
+			   int R)
 {
 	dl_backend *be = tb->be,
 			   *cpu = reference_backend();
-	uint64_t	s = new_seed();
 	size_t		n = (size_t) R * V;
-	float	   *logits = randv(n, 1.0f, &s),
-			   *scratch = malloc(3 * (size_t) V * sizeof(float));
-	dl_sample_row *rows = malloc(R * sizeof(dl_sample_row));
+	float	   *scratch = malloc(3 * (size_t) V * sizeof(float));
 	int32_t    *got,
 			   *ref;
-	void	   *d_lg,
-			   *c_lg,
-			   *d_rows,
-			   *c_rows,
+	void	   *d_lg = put(be, logits, n * 4),
+			   *c_lg = put(cpu, logits, n * 4),
+			   *d_rows = put(be, rows, R * sizeof(dl_sample_row)),
+			   *c_rows = put(cpu, rows, R * sizeof(dl_sample_row)),
 			   *d_tok = put(be, NULL, R * sizeof(int32_t)),
 			   *c_tok = put(cpu, NULL, R * sizeof(int32_t)),
 			   *d_ws = put(be, NULL, be->sample_workspace(be, R, V)),
 			   *c_ws = put(cpu, NULL, cpu->sample_workspace(cpu, R, V));
-	int			differ = 0,
-				bad = 0;
-	char		shape[120];
+	int			bad = 0,
+				boundary = 0;
+	char		shape[80];
+
+	be->sample_forward(be, d_tok, d_lg, d_rows, R, V, d_ws);
+	cpu->sample_forward(cpu, c_tok, c_lg, c_rows, R, V, c_ws);
+	got = get(be, d_tok, R * sizeof(int32_t));
+	ref = get(cpu, c_tok, R * sizeof(int32_t));
+	for (int r = 0; r < R; r++)
+		if (got[r] != ref[r])
+		{
+			const float *x = logits + (size_t) r * V;
+			dl_sample_row lo = rows[r],
+						hi = rows[r];
+			int32_t    *ids = (int32_t *) (scratch + 2 * (size_t) V);
+
+			lo.u = fmax(0.0, lo.u - 1e-6);
+			hi.u = fmin(0x1.fffffffffffffp-1, hi.u + 1e-6);
+			if (sample_draw(x, V, &lo, scratch, ids) != got[r] &&
+				sample_draw(x, V, &hi, scratch, ids) != got[r])
+			{
+				fprintf(stderr, "  row %d: %d, the CPU %d\n", r, got[r], ref[r]);
+				bad++;
+			}
+			else
+				boundary++;
+		}
+	be->free(be, d_lg), be->free(be, d_rows), be->free(be, d_tok), be->free(be, d_ws);
+	cpu->free(cpu, c_lg), cpu->free(cpu, c_rows), cpu->free(cpu, c_tok), cpu->free(cpu, c_ws);
+	free(scratch), free(got), free(ref), free(logits), free(rows);
+	snprintf(shape, sizeof(shape), "V %d R %d: %d differ at boundaries", V, R, boundary);
+	return report(op, shape, tb->label, (double) bad, 0);
+}
+
+/*
+ * R rows of V random logits (scales 2 to 16; every fifth row rounded, so with ties;
+ * rows with a NaN, greedy and sampled, with -inf entries, all -inf, and with +inf, as R
+ * allows), sampled by backend tb and by the CPU (sample_compare).
+ */
+static int
+sample_case(const test_backend *tb, int V, int R)
+{
+	uint64_t	s = new_seed();
+	float	   *logits = randv((size_t) R * V, 1.0f, &s);
+	dl_sample_row *rows = malloc(R * sizeof(dl_sample_row));
 
 	for (int r = 0; r < R; r++)
 	{
@@ -1497,36 +1535,54 @@ sample_case(const test_backend *tb, int V, int R)
 		rows[r].p = sample_params[r % N_SAMPLE_PARAMS];
 		rows[r].u = (frand(&s) + 1.0f) / 2;
 	}
-	d_lg = put(be, logits, n * 4), c_lg = put(cpu, logits, n * 4);
-	d_rows = put(be, rows, R * sizeof(dl_sample_row));
-	c_rows = put(cpu, rows, R * sizeof(dl_sample_row));
-	be->sample_forward(be, d_tok, d_lg, d_rows, R, V, d_ws);
-	cpu->sample_forward(cpu, c_tok, c_lg, c_rows, R, V, c_ws);
-	got = get(be, d_tok, R * sizeof(int32_t));
-	ref = get(cpu, c_tok, R * sizeof(int32_t));
-	for (int r = 0; r < R; r++)
-		if (got[r] != ref[r])
-		{
-			const float *x = logits + (size_t) r * V;
-			dl_sample_row lo = rows[r],
-						hi = rows[r];
-			int32_t    *ids = (int32_t *) (scratch + 2 * (size_t) V);
+	return sample_compare(tb, "sample", logits, rows, V, R);
+}
 
-			lo.u = fmax(0.0, lo.u - 1e-6);
-			hi.u = fmin(0x1.fffffffffffffp-1, hi.u + 1e-6);
-			differ++;
-			if (sample_draw(x, V, &lo, scratch, ids) != got[r] &&
-				sample_draw(x, V, &hi, scratch, ids) != got[r])
-			{
-				fprintf(stderr, "  row %d: %d, the CPU %d\n", r, got[r], ref[r]);
-				bad++;
-			}
+/*
+ * Top-p where its select is hardest, over GPT-J's 50,400 tokens, each kind of row with
+ * three uniforms: the cut inside a group of tied logits, inside one tie of the whole
+ * vocabulary (only ids order it), among logits whose probabilities round to one float,
+ * in a peaked row (one token holds nearly all the mass), and top_p next to 0 and 1.
+ */
+static int
+topp_case(const test_backend *tb)
+{
+	static const struct
+	{
+		const char *what;
+		float		top_p;
+	}			kinds[] = {
+		{"ties", 0.9f}, {"flat", 0.5f}, {"equal p", 0.37f}, {"peaked", 0.9f},
+		{"peaked", 0.99999994f}, {"top_p 1e-7", 1e-7f}, {"top_p 0.01", 0.01f},
+		{"top_p 1 - 2^-24", 0.99999994f}, {"top_p 1 - 2^-23", 0.9999999f},
+	};
+	enum { V = 50400, NK = sizeof(kinds) / sizeof(kinds[0]), R = 3 * NK };
+	uint64_t	s = new_seed();
+	float	   *logits = randv((size_t) R * V, 1.0f, &s);
+	dl_sample_row *rows = malloc(R * sizeof(dl_sample_row));
+
+	for (int r = 0; r < R; r++)
+	{
+		float	   *x = logits + (size_t) r * V;
+		const char *what = kinds[r / 3].what;
+
+		for (int j = 0; j < V; j++)
+		{
+			if (strcmp(what, "ties") == 0)
+				x[j] = roundf(x[j] * 3.0f);
+			else if (strcmp(what, "flat") == 0)
+				x[j] = 0.0f;
+			else if (strcmp(what, "equal p") == 0)
+				x[j] = (float) (j % 3) * 1e-7f;		/* exp rounds the three to one p */
+			else
+				x[j] *= 4.0f;
 		}
-	snprintf(shape, sizeof(shape), "V %d R %d: %d differ at boundaries", V, R, differ - bad);
-	be->free(be, d_lg), be->free(be, d_rows), be->free(be, d_tok), be->free(be, d_ws);
-	cpu->free(cpu, c_lg), cpu->free(cpu, c_rows), cpu->free(cpu, c_tok), cpu->free(cpu, c_ws);
-	free(logits), free(scratch), free(rows), free(got), free(ref);
-	return report("sample", shape, tb->label, (double) bad, 0);
+		if (strncmp(what, "peaked", 6) == 0)
+			x[V / 3] = 40.0f;
+		rows[r].p = (dl_sampling) {1, 1.0f, 0, kinds[r / 3].top_p};
+		rows[r].u = r % 3 == 0 ? 0.0 : r % 3 == 1 ? 0.999999 : (frand(&s) + 1.0f) / 2;
+	}
+	return sample_compare(tb, "sample top-p", logits, rows, V, R);
 }
 
 TEST(ops_sample)
@@ -1711,4 +1767,11 @@ TEST(ops_frozen_base_backward)
 		CHECK(frozen_backward_case(&tb[b], 37, 130, 33));
 		CHECK(frozen_backward_case(&tb[b], 300, 96, 40));
 	}
+}
+
+TEST(ops_sample_topp)
+{
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+		CHECK(topp_case(&tb[b]));
 }

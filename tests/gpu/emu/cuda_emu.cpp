@@ -1,12 +1,16 @@
 /*
  * cuda_emu.cpp: the emulation behind cuda_emu.h.
  *
- * A launch runs its blocks one after another; the threads of a block are fibers on one
- * OS thread (a stack each, switched by emu_swap below), each running until it reaches a
+ * A launch keeps 2 to RESIDENT blocks in flight and switches between them each time
+ * every thread of the running one has stopped, so that a block does not see another's
+ * global memory writes in launch order; the threads of a block are fibers on one OS
+ * thread (a stack each, switched by emu_swap below), each running until it reaches a
  * barrier or a warp shuffle. A barrier opens when every thread still running waits at
- * one; a shuffle completes when all 32 lanes of the warp wait at one, and aborts when a
- * lane has exited (undefined on a GPU). Anything else that leaves no thread runnable is
- * a deadlock and aborts. Device memory is host memory filled with 0x5a bytes, dynamic
+ * one; a shuffle completes when every lane its mask names waits at one with that mask,
+ * and aborts when the mask leaves out the calling lane, names a lane that has exited or
+ * does not exist, differs from the mask of a lane it names, or the lane read is outside
+ * it (all undefined on a GPU). Anything else that leaves no thread runnable is a
+ * deadlock and aborts. Device memory is host memory filled with 0x5a bytes, dynamic
  * shared memory with 0xa5, so that reads of what nothing wrote show up.
  */
 #include "cuda_emu.h"
@@ -16,6 +20,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <algorithm>
 #include <map>
 #include <string>
 #include <vector>
@@ -35,15 +40,37 @@ namespace emu
 		void	   *sp;			/* saved stack pointer while switched out */
 		uint3		idx;
 		state		st;
-		unsigned	value;		/* a shuffle's operand, */
+		unsigned	mask;		/* a shuffle's lanes, */
+		unsigned	value;		/* its operand, */
 		int			lane_mask;	/* its xor, */
 		unsigned	result;		/* and what the partner lane gave */
 	};
 
-	static std::vector<fiber> fibers;
-	static std::vector<char *> stacks;
+	/*
+	 * A block in flight: its threads, its dynamic shared memory, and its __shared__
+	 * variables while another block runs (the variables themselves are static).
+	 */
+	struct block
+	{
+		uint3		idx;
+		uint64_t	serial;
+		std::vector<fiber> fibers;
+		std::vector<char> smem;
+		std::map<void *, std::vector<char>> saved;
+	};
+
+	/*
+	 * Blocks in flight at once, as on a few multiprocessors: RESIDENT, or fewer when
+	 * their threads pass FIBERS_IN_FLIGHT (each switch to a fiber touches a page of its
+	 * stack; past about 2048 pages, the TLB's reach, the emulation slows down twofold),
+	 * but 2 at least
+	 */
+	static const int RESIDENT = 4;
+	static const int FIBERS_IN_FLIGHT = 2048;
+	static std::vector<char *> stacks;	/* blocks in flight x threads of a block */
 	static void *scheduler_sp;
 	static fiber *current;
+	static block *running;
 	static std::function<void()> *kernel_body;
 	/* each kernel's dynamic shared memory limit: 48 KB unless it opted in to more */
 	static std::map<std::string, size_t> smem_allowed;
@@ -54,9 +81,20 @@ namespace emu
 	 * fails with it from then on, as on a GPU, until the stream of its backend is destroyed
 	 */
 	static cudaError_t sticky = cudaSuccess;
-	/* blocks run so far, and the block in which each __shared__ variable was last poisoned */
-	static uint64_t block_serial;
-	static std::map<void *, uint64_t> shared_block;
+	/*
+	 * The running block's serial, the blocks started so far; every __shared__ variable
+	 * by address: its size and the serial of the block whose contents it holds (it is
+	 * poisoned at a block's first use); the block in flight whose variables they are
+	 */
+	static uint64_t block_serial,
+				blocks_started;
+	struct shared_var
+	{
+		size_t		size;
+		uint64_t	owner;
+	};
+	static std::map<void *, shared_var> shared_vars;
+	static block *holder;
 	static const size_t STACK_BYTES = 128 * 1024;
 }
 
@@ -92,9 +130,23 @@ emu::barrier(void)
 	suspend(AT_BARRIER);
 }
 
-unsigned
-emu::shuffle_xor(unsigned v, int lane_mask)
+/* Report a shuffle the hardware leaves undefined, and stop. */
+static void
+shuffle_fault(int lane, const char *what, unsigned mask)
 {
+	fprintf(stderr, "cuda_emu: shuffle in block (%u,%u,%u), thread %d: %s (mask 0x%08x)\n",
+			block_idx.x, block_idx.y, block_idx.z, lane, what, mask);
+	abort();
+}
+
+unsigned
+emu::shuffle_xor(unsigned mask, unsigned v, int lane_mask)
+{
+	int			t = (int) (current - running->fibers.data());
+
+	if (!(mask >> (t & 31) & 1))
+		shuffle_fault(t, "its mask leaves out the calling lane", mask);
+	current->mask = mask;
 	current->value = v;
 	current->lane_mask = lane_mask;
 	suspend(AT_SHUFFLE);
@@ -110,115 +162,230 @@ fiber_main(void)
 	abort();
 }
 
-/* Complete the shuffle of warp w if all its lanes wait at one; 1 if it did. */
+/*
+ * Complete the shuffles of warp w whose lanes all wait at one; 1 if one did. Each lane
+ * that waits names the lanes of its shuffle: each must exist, not have exited, and wait
+ * with the same mask or still be on its way; the lane it reads must be one of them.
+ */
 static int
-complete_shuffle(int w, int nthreads)
+complete_shuffles(std::vector<fiber> &f, int w)
 {
 	int			lo = w * 32,
-				hi = lo + 32 < nthreads ? lo + 32 : nthreads,
+				n = (int) f.size() - lo < 32 ? (int) f.size() - lo : 32,
+				progress = 0;
+	unsigned	exists = n == 32 ? ~0u : (1u << n) - 1,
 				waiting = 0,
-				live = 0;
+				exited = 0,
+				seen = 0;
 
-	for (int i = lo; i < hi; i++)
+	for (int l = 0; l < n; l++)
 	{
-		live += fibers[i].st != EXITED;
-		waiting += fibers[i].st == AT_SHUFFLE;
+		waiting |= (unsigned) (f[lo + l].st == AT_SHUFFLE) << l;
+		exited |= (unsigned) (f[lo + l].st == EXITED) << l;
 	}
-	if (waiting == 0 || waiting != live)
-		return 0;
-	if (live != 32)
+	for (int i = 0; i < n; i++)
 	{
-		fprintf(stderr, "cuda_emu: shuffle in warp %d of block (%u,%u,%u) with exited or missing lanes\n",
-				w, block_idx.x, block_idx.y, block_idx.z);
-		abort();
+		unsigned	mask = f[lo + i].mask;
+
+		if (!(waiting >> i & 1) || (seen >> i & 1))
+			continue;
+		/* the lanes of this shuffle: each lane belongs to its own mask's */
+		if (mask & (~exists | exited))
+			shuffle_fault(lo + i, "its mask names a lane that has exited or does not exist", mask);
+		for (int l = 0; l < 32; l++)
+			if ((mask & waiting) >> l & 1 && f[lo + l].mask != mask)
+				shuffle_fault(lo + i, "a lane its mask names shuffles with another mask", mask);
+		seen |= mask;
+		if ((mask & waiting) != mask)
+			continue;
+		for (int l = 0; l < 32; l++)
+			if (mask >> l & 1)
+			{
+				int			src = l ^ f[lo + l].lane_mask;
+
+				if (src > 31 || !(mask >> src & 1))
+					shuffle_fault(lo + l, "it reads a lane outside its mask", mask);
+				f[lo + l].result = f[lo + src].value;
+			}
+		for (int l = 0; l < 32; l++)
+			if (mask >> l & 1)
+				f[lo + l].st = RUNNABLE;
+		progress = 1;
 	}
-	for (int i = lo; i < hi; i++)
-		fibers[i].result = fibers[lo + ((i - lo) ^ fibers[i].lane_mask)].value;
-	for (int i = lo; i < hi; i++)
-		fibers[i].st = RUNNABLE;
-	return 1;
+	return progress;
 }
 
 /*
- * Whether threads run last to first between barriers ($EMU_ORDER=reverse): a thread that
- * reads what another writes without a barrier between them then reads before the write
- * in one of the two orders, so running the tests both ways finds such races.
+ * The order of a launch ($EMU_ORDER=reverse: blocks started last to first, threads run
+ * last to first between barriers, so that a thread reading what another writes without
+ * a barrier between them reads before the write in one of the two orders; $EMU_SEED=N:
+ * blocks started and switched in an order drawn from N). Read at each launch.
  */
-static int
-reverse_order(void)
-{
-	static int	reverse = -1;
+static bool reverse;
+static uint64_t seed;
 
-	if (reverse < 0)
-		reverse = getenv("EMU_ORDER") && strcmp(getenv("EMU_ORDER"), "reverse") == 0;
-	return reverse;
+/* The next of a xorshift64 sequence (seed must not be 0). */
+static uint64_t
+next_random(void)
+{
+	seed ^= seed << 13;
+	seed ^= seed >> 7;
+	seed ^= seed << 17;
+	return seed;
 }
 
-/* Run the threads of the current block until all have exited. */
-static void
-run_block(int nthreads)
+/*
+ * Run the threads of block b until every one has stopped, then open what can open.
+ * Returns 1 when all its threads have exited.
+ */
+static int
+step_block(block &b)
 {
+	std::vector<fiber> &f = b.fibers;
+	int			n = (int) f.size(),
+				live = 0,
+				at_barrier = 0,
+				progress = 0;
+
+	for (int k = 0; k < n; k++)
+	{
+		int			i = reverse ? n - 1 - k : k;
+
+		if (f[i].st == RUNNABLE)
+		{
+			current = &f[i];
+			emu_swap(&scheduler_sp, f[i].sp);
+		}
+	}
+	for (int i = 0; i < n; i++)
+	{
+		live += f[i].st != EXITED;
+		at_barrier += f[i].st == AT_BARRIER;
+	}
+	if (live == 0)
+		return 1;
+	for (int w = 0; w * 32 < n; w++)
+		progress |= complete_shuffles(f, w);
+	if (!progress && at_barrier == live)
+	{
+		for (int i = 0; i < n; i++)
+			if (f[i].st == AT_BARRIER)
+				f[i].st = RUNNABLE;
+		progress = 1;
+	}
+	if (!progress)
+	{
+		for (int i = 0; i < n; i++)
+			if (f[i].st == AT_SHUFFLE)
+				shuffle_fault(i, "a lane its mask names waits at a barrier instead", f[i].mask);
+		fprintf(stderr, "cuda_emu: deadlock in block (%u,%u,%u): %d threads live, %d at a barrier\n",
+				block_idx.x, block_idx.y, block_idx.z, live, at_barrier);
+		abort();
+	}
+	return 0;
+}
+
+/* Start block number id of the grid in b, its threads' stacks from slot's. */
+static void
+start_block(block &b, unsigned id, int slot, int nthreads, size_t smem)
+{
+	b.idx = {id % grid_dim.x, id / grid_dim.x % grid_dim.y, id / (grid_dim.x * grid_dim.y)};
+	b.serial = ++blocks_started;
+	if (holder == &b)
+		holder = NULL;			/* what it held was its last block's */
+	b.smem.assign(smem + 16, (char) 0xa5);
+	b.saved.clear();
+	b.fibers.resize(nthreads);
 	for (int i = 0; i < nthreads; i++)
 	{
 		/* a first switch pops six zero registers and returns into fiber_main */
-		uintptr_t	top = ((uintptr_t) stacks[i] + STACK_BYTES) & ~(uintptr_t) 15;
+		uintptr_t	top = ((uintptr_t) stacks[slot * nthreads + i] + STACK_BYTES) & ~(uintptr_t) 15;
 		void	  **sp = (void **) (top - 64);
 
 		memset(sp, 0, 6 * sizeof(void *));
 		sp[6] = (void *) fiber_main;
-		fibers[i].sp = sp;
-		fibers[i].idx = {(unsigned) i % block_dim.x, (unsigned) i / block_dim.x % block_dim.y,
+		b.fibers[i].sp = sp;
+		b.fibers[i].idx = {(unsigned) i % block_dim.x, (unsigned) i / block_dim.x % block_dim.y,
 		(unsigned) i / (block_dim.x * block_dim.y)};
-		fibers[i].st = RUNNABLE;
+		b.fibers[i].st = RUNNABLE;
 	}
-	for (;;)
+}
+
+/*
+ * Make b the running block: its index and shared memory; its __shared__ variables back
+ * in place, those of the block that held them kept aside (only when another block held them).
+ */
+static void
+switch_in(block &b)
+{
+	running = &b;
+	block_idx = b.idx;
+	block_serial = b.serial;
+	dynamic_smem = b.smem.data();
+	if (holder == &b)
+		return;
+	for (auto &v : shared_vars)
+		if (holder && v.second.owner == holder->serial)
+			holder->saved[v.first].assign((char *) v.first, (char *) v.first + v.second.size);
+	for (auto &v : b.saved)
 	{
-		int			live = 0,
-					at_barrier = 0,
-					progress = 0;
+		memcpy(v.first, v.second.data(), v.second.size());
+		shared_vars[v.first].owner = b.serial;
+	}
+	holder = &b;
+}
 
-		for (int k = 0; k < nthreads; k++)
-		{
-			int			i = reverse_order() ? nthreads - 1 - k : k;
+/* Run the grid: 2 to RESIDENT blocks in flight, the next started as one finishes. */
+static void
+run_grid(int nthreads, size_t smem)
+{
+	unsigned	nblocks = grid_dim.x * grid_dim.y * grid_dim.z,
+				next = 0;
+	std::vector<unsigned> order(nblocks);
+	unsigned	resident = std::max(2, std::min(RESIDENT, FIBERS_IN_FLIGHT / nthreads));
+	std::vector<block> slots(nblocks < resident ? nblocks : resident);
+	std::vector<bool> busy(slots.size(), true);
+	int			active = (int) slots.size(),
+				s = -1;			/* round robin from the first */
 
-			if (fibers[i].st == RUNNABLE)
-			{
-				current = &fibers[i];
-				emu_swap(&scheduler_sp, fibers[i].sp);
-			}
-		}
-		for (int i = 0; i < nthreads; i++)
+	for (unsigned i = 0; i < nblocks; i++)
+		order[i] = reverse ? nblocks - 1 - i : i;
+	for (unsigned i = nblocks; seed && i > 1; i--)
+		std::swap(order[i - 1], order[next_random() % i]);
+	while (stacks.size() < slots.size() * nthreads)
+		stacks.push_back((char *) malloc(STACK_BYTES));
+	for (int k = 0; k < (int) slots.size(); k++)
+		start_block(slots[k], order[next++], k, nthreads, smem);
+	while (active > 0)
+	{
+		int			done;
+
+		s = seed ? (int) (next_random() % slots.size()) : (s + 1) % (int) slots.size();
+		if (!busy[s])
+			continue;
+		switch_in(slots[s]);
+		done = step_block(slots[s]);
+		if (done && next < nblocks)
+			start_block(slots[s], order[next++], s, nthreads, smem);
+		else if (done)
 		{
-			live += fibers[i].st != EXITED;
-			at_barrier += fibers[i].st == AT_BARRIER;
-		}
-		if (live == 0)
-			return;
-		for (int w = 0; w * 32 < nthreads; w++)
-			progress |= complete_shuffle(w, nthreads);
-		if (!progress && at_barrier == live)
-		{
-			for (int i = 0; i < nthreads; i++)
-				if (fibers[i].st == AT_BARRIER)
-					fibers[i].st = RUNNABLE;
-			progress = 1;
-		}
-		if (!progress)
-		{
-			fprintf(stderr, "cuda_emu: deadlock in block (%u,%u,%u): %d threads live, %d at a barrier\n",
-					block_idx.x, block_idx.y, block_idx.z, live, at_barrier);
-			abort();
+			busy[s] = false;
+			active--;
 		}
 	}
+	holder = NULL;
 }
 
 void
 emu::fresh_shared(void *p, size_t n)
 {
-	if (shared_block[p] != block_serial)
+	shared_var &v = shared_vars[p];
+
+	v.size = n;
+	if (v.owner != block_serial)
 	{
 		memset(p, 0xa5, n);
-		shared_block[p] = block_serial;
+		v.owner = block_serial;
 	}
 }
 
@@ -238,13 +405,24 @@ kernel_name(const char *text)
 	return name;
 }
 
+/*
+ * Kernels launched so far, each cuBLAS call counted as one (a GPU runs at least one
+ * kernel for it): what bench_cuda reads, by dlsym, as the launches a decode step makes.
+ */
+static unsigned long long launches;
+
+extern "C" unsigned long long
+emu_launches(void)
+{
+	return launches;
+}
+
 void
 emu::launch_cfg::run(const char *kernel, std::function<void()> body)
 {
 	std::string name = kernel_name(kernel);
 
 	int			nthreads = (int) (block.x * block.y * block.z);
-	std::vector<char> smem_bytes(smem + 16, (char) 0xa5);
 
 	if (nthreads < 1 || nthreads > 1024 || grid.x < 1 || grid.y < 1 || grid.z < 1 ||
 		grid.y > 65535 || grid.z > 65535)
@@ -270,21 +448,13 @@ emu::launch_cfg::run(const char *kernel, std::function<void()> body)
 			sticky = cudaErrorLaunchFailure;
 		return;
 	}
-	while (stacks.size() < (size_t) nthreads)
-		stacks.push_back((char *) malloc(STACK_BYTES));
-	fibers.resize(nthreads > (int) fibers.size() ? nthreads : fibers.size());
-	dynamic_smem = smem_bytes.data();
+	launches++;
 	kernel_body = &body;
 	block_dim = {block.x, block.y, block.z};
 	grid_dim = {grid.x, grid.y, grid.z};
-	for (unsigned z = 0; z < grid.z; z++)
-		for (unsigned y = 0; y < grid.y; y++)
-			for (unsigned x = 0; x < grid.x; x++)
-			{
-				block_idx = {x, y, z};
-				block_serial++;
-				run_block(nthreads);
-			}
+	reverse = getenv("EMU_ORDER") && strcmp(getenv("EMU_ORDER"), "reverse") == 0;
+	seed = getenv("EMU_SEED") ? strtoull(getenv("EMU_SEED"), NULL, 10) : 0;
+	run_grid(nthreads, smem);
 }
 
 /* --- runtime: one device of 80 GB with 132 multiprocessors, everything synchronous --- */
@@ -591,6 +761,7 @@ cublasSgemm(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, i
 			const float *alpha, const float *A, int lda, const float *B, int ldb, const float *beta,
 			float *C, int ldc)
 {
+	launches++;
 	return gemm(ta, tb, m, n, k, *alpha, A, CUDA_R_32F, lda, B, CUDA_R_32F, ldb, *beta, C, ldc);
 }
 
@@ -600,6 +771,7 @@ cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, 
 			 cudaDataType bt, int ldb, const void *beta, void *C, cudaDataType ct, int ldc,
 			 cublasComputeType_t, cublasGemmAlgo_t)
 {
+	launches++;
 	if (ct != CUDA_R_32F || at != bt)
 		return CUBLAS_STATUS_NOT_SUPPORTED;
 	return gemm(ta, tb, m, n, k, *(const float *) alpha, A, at, lda, B, bt, ldb,
@@ -619,6 +791,7 @@ cublasSgemmStridedBatched(cublasHandle_t, cublasOperation_t ta, cublasOperation_
 						  const float *B, int ldb, long long sb, const float *beta, float *C,
 						  int ldc, long long sc, int batch)
 {
+	launches++;
 	for (int i = 0; i < batch; i++)
 		gemm(ta, tb, m, n, k, *alpha, A + i * sa, CUDA_R_32F, lda, B + i * sb, CUDA_R_32F, ldb,
 			 *beta, C + i * sc, ldc);
@@ -632,6 +805,7 @@ cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t ta, cublasOperation
 						   const void *beta, void *C, cudaDataType ct, int ldc, long long sc,
 						   int batch, cublasComputeType_t, cublasGemmAlgo_t)
 {
+	launches++;
 	if (ct != CUDA_R_32F || at != bt)
 		return CUBLAS_STATUS_NOT_SUPPORTED;
 	for (int i = 0; i < batch; i++)

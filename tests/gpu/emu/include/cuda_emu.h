@@ -20,7 +20,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __shared__ static		/* blocks run one after the other */
+#define __shared__ static		/* each block in flight keeps its own copy (cuda_emu.cpp) */
 #define __launch_bounds__(...)
 #define CUDART_VERSION 13000
 
@@ -204,7 +204,8 @@ namespace emu
 	/* a __shared__ variable of n bytes, poisoned (0xa5) when a block first reaches it */
 	void		fresh_shared(void *p, size_t n);
 	void		barrier(void);
-	unsigned	shuffle_xor(unsigned v, int lane_mask);
+	/* v from lane ^ lane_mask, among the lanes of mask (checked: cuda_emu.cpp) */
+	unsigned	shuffle_xor(unsigned mask, unsigned v, int lane_mask);
 
 	/* What <<<grid, block, smem, stream>>> said; run() executes the kernel call body per thread. */
 	struct launch_cfg
@@ -229,25 +230,26 @@ __syncthreads(void)
 }
 
 /* Threads run one at a time: an atomic add is a plain one. */
-static inline float
-atomicAdd(float *p, float v)
+template <typename T>
+static inline T
+atomicAdd(T *p, T v)
 {
-	float		old = *p;
+	T			old = *p;
 
 	*p = old + v;
 	return old;
 }
 
 static inline float
-__shfl_xor_sync(unsigned, float v, int lane_mask)
+__shfl_xor_sync(unsigned mask, float v, int lane_mask)
 {
-	return __uint_as_float(emu::shuffle_xor(__float_as_uint(v), lane_mask));
+	return __uint_as_float(emu::shuffle_xor(mask, __float_as_uint(v), lane_mask));
 }
 
 static inline unsigned
-__shfl_xor_sync(unsigned, unsigned v, int lane_mask)
+__shfl_xor_sync(unsigned mask, unsigned v, int lane_mask)
 {
-	return emu::shuffle_xor(v, lane_mask);
+	return emu::shuffle_xor(mask, v, lane_mask);
 }
 
 /* --- cuBLAS: the two products the plugin calls, in double --- */
