@@ -160,7 +160,7 @@ greedy_matches(dl_model *m, const expected *x, int stagger, dl_error *err)
 			if (added == x->n)
 				break;
 			r = (dl_gen_request) {(const int32_t *) x->ids[added]->data, (int) x->ids[added]->numel,
-				(int) x->greedy[added]->numel, -1, {0, 1.0f, 0, 1.0f}, 0};
+				(int) x->greedy[added]->numel, -1, {0, 1.0f, 0, 1.0f}, 0, NULL};
 			st = gen_add(g, &r, &ids[added], err);
 			added++;
 		} while (st == DL_OK && !stagger);
