@@ -56,6 +56,7 @@ sum_ranks_on(cuda_backend *cb, cudaStream_t stream, float *out, const void *cons
 	cuda_check_launch(cb, "sum_ranks");
 }
 
+/* On the backend's stream, in order with everything else. */
 void
 cuda_sum_ranks(dl_backend *be, float *out, const void *const *src, int nsrc, size_t n, int bf16,
 			   int accumulate)
@@ -75,6 +76,7 @@ cuda_sum_ranks_aside(dl_backend *be, float *out, const void *const *src, int nsr
 	sum_ranks_on(cb, cb->aside, out, src, nsrc, n, bf16, accumulate);
 }
 
+/* Wait for the second stream's sums. */
 dl_status
 cuda_sum_ranks_wait(dl_backend *be, dl_error *err)
 {
@@ -83,6 +85,7 @@ cuda_sum_ranks_wait(dl_backend *be, dl_error *err)
 	return cuda_stream_wait(cb, cb->aside, err);
 }
 
+/* bfloat16 bits, rounded to nearest even (as the host's float_to_bf16). */
 void
 cuda_to_bf16(dl_backend *be, uint16_t *dst, const float *src, size_t n)
 {
@@ -94,6 +97,7 @@ cuda_to_bf16(dl_backend *be, uint16_t *dst, const float *src, size_t n)
 	cuda_check_launch(cb, "to_bf16");
 }
 
+/* The IPC handle of an allocation, and the device it lives on (for the peer access check). */
 dl_status
 cuda_peer_export(dl_backend *be, void *mem, dl_peer_handle *h, dl_error *err)
 {

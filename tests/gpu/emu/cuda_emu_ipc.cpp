@@ -62,6 +62,7 @@ namespace
 	}
 }
 
+/* A memfd of whole pages, mapped shared: what another process can map by its descriptor. */
 void *
 emu_device_memory(size_t bytes)
 {
@@ -82,6 +83,7 @@ emu_device_memory(size_t bytes)
 	return p;
 }
 
+/* Unmap and close an allocation; the pages live on while another process maps them. */
 void
 emu_device_release(void *p)
 {
@@ -94,6 +96,7 @@ emu_device_release(void *p)
 	allocations.erase(it);
 }
 
+/* {pid, fd, device, bytes} of an allocation made here, unless $EMU_NO_IPC's file exists. */
 cudaError_t
 cudaIpcGetMemHandle(cudaIpcMemHandle_t *h, void *p)
 {
@@ -110,6 +113,7 @@ cudaIpcGetMemHandle(cudaIpcMemHandle_t *h, void *p)
 	return cudaSuccess;
 }
 
+/* Map another process's allocation through /proc/<pid>/fd/<fd>. */
 cudaError_t
 cudaIpcOpenMemHandle(void **p, cudaIpcMemHandle_t h, unsigned)
 {
