@@ -154,6 +154,7 @@ typedef struct rank3
 	uint32_t	w[3];
 } rank3;
 
+/* Token j's rank. */
 static __device__ __forceinline__ rank3
 token_rank(const float *x, const float *p, int j)
 {
