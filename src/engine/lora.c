@@ -7,7 +7,6 @@
 #include "lora.h"
 
 #include "files.h"
-#include "prompt.h"
 #include "sampler.h"
 
 #include <math.h>
@@ -484,87 +483,6 @@ dl_lora_load(const dl_model *m, const char *dir, dl_lora **out, dl_error *err)
 		return st;
 	}
 	*out = a;
-	return DL_OK;
-}
-
-/* A JSON number written as the float f reads in decimal (0.05, not 0.0500000007). */
-static json_object *
-json_float(float f)
-{
-	char		text[32];
-
-	snprintf(text, sizeof(text), "%.7g", (double) f);
-	return json_object_new_double_s(strtod(text, NULL), text);
-}
-
-/* adapter_config.json of a, as PEFT's LoraConfig writes it, at path. */
-static dl_status
-write_config(const dl_lora *a, const char *base_name, const char *path, dl_error *err)
-{
-	json_object *cfg = json_object_new_object(),
-			   *targets = json_object_new_array();
-	const char *text;
-	dl_file_out f;
-	dl_status	st;
-
-	for (int i = 0; i < a->ntargets; i++)
-		json_object_array_add(targets, json_object_new_string(a->targets[i].module));
-	json_object_object_add(cfg, "peft_type", json_object_new_string("LORA"));
-	json_object_object_add(cfg, "task_type", json_object_new_string("CAUSAL_LM"));
-	json_object_object_add(cfg, "base_model_name_or_path", json_object_new_string(base_name));
-	json_object_object_add(cfg, "r", json_object_new_int(a->r));
-	json_object_object_add(cfg, "lora_alpha", json_float(a->alpha));
-	json_object_object_add(cfg, "lora_dropout", json_float(a->dropout));
-	json_object_object_add(cfg, "target_modules", targets);
-	json_object_object_add(cfg, "bias", json_object_new_string("none"));
-	json_object_object_add(cfg, "fan_in_fan_out", json_object_new_boolean(0));
-	json_object_object_add(cfg, "use_rslora", json_object_new_boolean(a->rslora));
-	json_object_object_add(cfg, "use_dora", json_object_new_boolean(0));
-	json_object_object_add(cfg, "modules_to_save", NULL);
-	json_object_object_add(cfg, "inference_mode", json_object_new_boolean(1));
-	json_object_object_add(cfg, "init_lora_weights", json_object_new_boolean(1));
-	text = json_object_to_json_string_ext(cfg, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
-										  JSON_C_TO_STRING_NOSLASHESCAPE);
-	st = file_create(path, &f, err);
-	if (st == DL_OK)
-		st = file_commit(&f, file_write(&f, text, strlen(text), err), err);
-	json_object_put(cfg);
-	return st;
-}
-
-dl_status
-dl_lora_save(const dl_lora *a, const char *base_name, const char *dir, dl_error *err)
-{
-	dl_dir_aside d;
-	char		path[4300];
-	dl_status	st = dir_aside_begin(dir, &d, err);
-
-	if (st != DL_OK)
-		return st;
-	snprintf(path, sizeof(path), "%s/adapter_config.json", d.tmp);
-	st = write_config(a, base_name, path, err);
-	snprintf(path, sizeof(path), "%s/adapter_model.safetensors", d.tmp);
-	if (st == DL_OK)
-		st = weights_write(a->model->be, a->mem, a->map, a->nmap, &a->model->cfg, path, err);
-	return dir_aside_end(&d, st, err);
-}
-
-dl_status
-lora_check_tokens(const dl_model *m, const dl_tokenizer *tok, dl_error *err)
-{
-	static const char *const keys[] = {DOLLY_END_KEY, DOLLY_INSTRUCTION_KEY, DOLLY_RESPONSE_KEY_NL};
-
-	for (int i = 0; i < 3; i++)
-	{
-		int32_t		id = tok_token_id(tok, keys[i]);
-
-		if (id < 0 || id >= m->cfg.vocab_size)
-		{
-			dl_fail(err, DL_EUNSUPPORTED, "the base model lacks Dolly's special token \"%s\", which LoRA cannot train",
-					keys[i]);
-			return dl_hint(err, "Fine-tune the whole model once (it adds them), or start from a Dolly model (databricks/dolly-v2-*).");
-		}
-	}
 	return DL_OK;
 }
 

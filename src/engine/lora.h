@@ -16,7 +16,6 @@
 #define DOLLY_LORA_H
 
 #include "model.h"
-#include "tokenizer.h"
 
 #define DL_LORA_MAX_RANK 256
 #define DL_LORA_MAX_TARGETS 6	/* GPT-J's q, k, v, out, fc_in, fc_out */
@@ -126,14 +125,6 @@ dl_status	lora_merge(const char *base_dir, const char *adapter_dir, const char *
  * as model_save): adapter_config.json naming base_name, adapter_model.safetensors.
  */
 dl_status	dl_lora_save(const dl_lora *a, const char *base_name, const char *dir, dl_error *err);
-
-/*
- * Whether an adapter can be trained over m with tokenizer tok: they must have Dolly's
- * special tokens already. The base stays frozen, so rows grown for them would stay
- * untrained, and an adapter saves no embedding rows (PEFT's modules_to_save) yet. The
- * error's hint says what to do instead.
- */
-dl_status	lora_check_tokens(const dl_model *m, const dl_tokenizer *tok, dl_error *err);
 
 /* Free; NULL is accepted. */
 void		dl_lora_free(dl_lora *a);

@@ -14,6 +14,7 @@
 #define _GNU_SOURCE				/* sendfile's and O_DIRECTORY's declarations */
 
 #include "files.h"
+#include "lora.h"
 #include "prompt.h"
 #include "safetensors.h"
 #include "sampler.h"
@@ -165,6 +166,9 @@ model_create_random(const dl_config *cfg, dl_backend *be, uint64_t seed, dl_mode
 	return DL_OK;
 }
 
+/* Dolly's special tokens, as train.h lists them. */
+static const char *const dolly_keys[] = {DOLLY_END_KEY, DOLLY_INSTRUCTION_KEY, DOLLY_RESPONSE_KEY_NL};
+
 /*
  * The tokens go into the tokenizer in Dolly's order (trainer.py: END_KEY,
  * INSTRUCTION_KEY, RESPONSE_KEY_NL). When the tables lack rows for them, a model with
@@ -176,7 +180,6 @@ model_create_random(const dl_config *cfg, dl_backend *be, uint64_t seed, dl_mode
 dl_status
 model_add_dolly_tokens(dl_model **mp, dl_tokenizer *tok, dl_error *err)
 {
-	static const char *const keys[] = {DOLLY_END_KEY, DOLLY_INSTRUCTION_KEY, DOLLY_RESPONSE_KEY_NL};
 	dl_model   *m = *mp,
 			   *g;
 	dl_config	cfg = m->cfg;
@@ -188,7 +191,7 @@ model_add_dolly_tokens(dl_model **mp, dl_tokenizer *tok, dl_error *err)
 	{
 		int32_t		id;
 
-		if ((st = tok_add_special(tok, keys[k], &id, err)) != DL_OK)
+		if ((st = tok_add_special(tok, dolly_keys[k], &id, err)) != DL_OK)
 			return st;
 	}
 	if (tok_vocab_size(tok) <= m->cfg.vocab_size)
@@ -496,4 +499,22 @@ model_convert(const char *src, const char *dst, dl_error *err)
 		st = model_dir_write(src, set, dst, NULL, NULL, err);
 	st_close(set);
 	return st;
+}
+
+dl_status
+lora_check_tokens(const dl_model *m, const dl_tokenizer *tok, dl_error *err)
+{
+
+	for (int i = 0; i < 3; i++)
+	{
+		int32_t		id = tok_token_id(tok, dolly_keys[i]);
+
+		if (id < 0 || id >= m->cfg.vocab_size)
+		{
+			dl_fail(err, DL_EUNSUPPORTED, "the base model lacks Dolly's special token \"%s\", which LoRA cannot train",
+					dolly_keys[i]);
+			return dl_hint(err, "Fine-tune the whole model once (it adds them), or start from a Dolly model (databricks/dolly-v2-*).");
+		}
+	}
+	return DL_OK;
 }

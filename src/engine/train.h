@@ -66,6 +66,14 @@ int			examples_split(dl_example *ex, int n, double eval_fraction, uint64_t seed)
  */
 dl_status	model_add_dolly_tokens(dl_model **m, dl_tokenizer *tok, dl_error *err);
 
+/*
+ * Whether an adapter can be trained over m with tokenizer tok: they must have Dolly's
+ * special tokens already. The base stays frozen, so rows grown for them would stay
+ * untrained, and an adapter saves no embedding rows (PEFT's modules_to_save) yet. The
+ * error's hint says what to do instead.
+ */
+dl_status	lora_check_tokens(const dl_model *m, const dl_tokenizer *tok, dl_error *err);
+
 /* Optimiser and schedule settings; defaults from train_defaults(). */
 typedef struct dl_train_config
 {

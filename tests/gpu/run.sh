@@ -104,7 +104,7 @@ ENGINE="src/engine/error.c src/engine/safetensors.c src/engine/config.c src/engi
 	src/engine/sampler.c src/engine/generate.c src/engine/cuda_loader.c src/engine/backend_cuda.c
 	src/engine/train.c src/engine/model_backward.c src/engine/sysinfo.c src/engine/weights.c
 	src/engine/torch_ckpt.c src/engine/torch_pickle.c src/engine/zip.c src/engine/utf8.c src/engine/files.c
-	src/engine/collective.c"
+	src/engine/collective.c src/engine/lora.c"
 CFLAGS="-std=gnu11 -O3 -march=native -pthread -Wall -Wextra -Isrc/engine -Itests/engine $DEP_CFLAGS"
 note "building test_gpu, bench_cuda and bench_train"
 # shellcheck disable=SC2086
