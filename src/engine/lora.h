@@ -122,7 +122,8 @@ dl_status	lora_merge(const char *base_dir, const char *adapter_dir, const char *
 
 /*
  * Save as a PEFT adapter directory dir (which must not exist; written aside and renamed,
- * as model_save): adapter_config.json naming base_name, adapter_model.safetensors.
+ * as model_save): adapter_config.json naming base_name, adapter_model.safetensors
+ * (lora_save.c).
  */
 dl_status	dl_lora_save(const dl_lora *a, const char *base_name, const char *dir, dl_error *err);
 
