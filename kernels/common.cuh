@@ -460,7 +460,7 @@ size_t		cuda_sample_workspace(dl_backend *be, int R, int V);
 
 /* lora.cu */
 void		cuda_lora_forward(dl_backend *be, float *out, int ldo, float *u, const float *in,
-							  const dl_lora_mats *w, int M, int K, int N, float *workspace);
+							  int K, const dl_lora_seg *segs, int nseg, float *workspace);
 void		cuda_lora_backward(dl_backend *be, float *din, const float *dout, int ldo, float *u,
 							   const float *in, const dl_lora_mats *w, int M, int K, int N,
 							   float *workspace);

@@ -36,26 +36,42 @@ dropout_launch(cuda_backend *cb, float *dst, const float *src, int M, int K, con
 	cuda_check_launch(cb, op);
 }
 
-/* u[M, r] = drop(in[M, K]) A^T; out[:, 0 .. N) += scale u B^T, out's rows ldo apart. */
+/*
+ * Per segment: u[M, r] = drop(in[M, K]) A^T; out[:, col0 .. col0 + N) += scale u B^T,
+ * out's rows ldo apart; the segments' u one after another. A pair of products a segment
+ * (a decode step has a few segments of a few rows: one grouped kernel would save their
+ * launches, not bandwidth).
+ */
 void
-cuda_lora_forward(dl_backend *be, float *out, int ldo, float *u, const float *in,
-				  const dl_lora_mats *w, int M, int K, int N, float *workspace)
+cuda_lora_forward(dl_backend *be, float *out, int ldo, float *u, const float *in, int K,
+				  const dl_lora_seg *segs, int nseg, float *workspace)
 {
 	cuda_backend *cb = cuda_enter(be);
-	const float *src = in;
-	int			r = w->r;
+	size_t		row_off = 0;
 
-	if (M <= 0 || K <= 0 || N <= 0)
-		return;
-	if (w->dropout > 0.0f)
+	for (int s = 0; s < nseg && K > 0; s++)
 	{
-		dropout_launch(cb, workspace, in, M, K, w, 0, "lora_forward (dropout)");
-		src = workspace;
+		const dl_lora_mats *w = &segs[s].w;
+		const float *src = in + (size_t) segs[s].first * K;
+		float	   *o = out + (size_t) segs[s].first * ldo + segs[s].col0;
+		int			M = segs[s].M,
+					N = segs[s].N,
+					r = w->r;
+
+		if (M <= 0 || N <= 0)
+			continue;
+		if (w->dropout > 0.0f)
+		{
+			dropout_launch(cb, workspace + row_off * K, src, M, K, w, 0, "lora_forward (dropout)");
+			src = workspace + row_off * K;
+		}
+		cuda_gemm_f32(cb, "lora_forward (A)", M, r, K, 1.0f, f32_mat(src, K, 0), f32_mat(w->A, K, 1),
+					  0.0f, u, r, 0, 1);
+		cuda_gemm_f32(cb, "lora_forward (B)", M, N, r, w->scale, f32_mat(u, r, 0),
+					  f32_mat(w->B, r, 1), 1.0f, o, ldo, 0, 1);
+		u += (size_t) M * r;
+		row_off += M;
 	}
-	cuda_gemm_f32(cb, "lora_forward (A)", M, r, K, 1.0f, f32_mat(src, K, 0), f32_mat(w->A, K, 1),
-				  0.0f, u, r, 0, 1);
-	cuda_gemm_f32(cb, "lora_forward (B)", M, N, r, w->scale, f32_mat(u, r, 0),
-				  f32_mat(w->B, r, 1), 1.0f, out, ldo, 0, 1);
 }
 
 /*

@@ -106,6 +106,16 @@ typedef struct dl_lora_mats
 	float		dropout;		/* p of zeroing an input element (training); 0: none */
 	uint64_t	seed;			/* of the dropout draws (dropout.h) */
 } dl_lora_mats;
+
+/* One adapter's product over a run of rows, for lora_forward. */
+typedef struct dl_lora_seg
+{
+	dl_lora_mats w;
+	int			first;			/* rows [first, first + M) of in and out */
+	int			M;
+	int			col0;			/* out's columns [col0, col0 + N) */
+	int			N;
+} dl_lora_seg;
 /* Most sources of one sum_ranks: the ranks of a group. */
 #define DL_MAX_RANK_SOURCES 64
 
@@ -232,15 +242,19 @@ struct dl_backend
 	size_t		(*sample_workspace) (dl_backend *be, int R, int V);
 
 	/*
-	 * LoRA's update of a product out = in @ W^T on M rows: u[M, r] = drop(in[M, K]) @ A^T,
-	 * then out[:, 0 .. N) += scale * u @ B^T, out's rows ldo floats apart (an adapter of
-	 * q_proj adds to q's columns of qkv). u is kept for lora_backward. drop (p =
-	 * w->dropout > 0) keeps element (m, k) of in when dropout.h's draw for (seed, m, k)
-	 * says so, scaled by 1 / (1 - p): the same mask on every backend, drawn again by the
-	 * backward instead of kept. workspace: M * K floats when p > 0, else unused.
+	 * LoRA's updates of a product out = in @ W^T, one per segment (Punica's SGMV: the
+	 * sequences of a batch that share an adapter): for rows [first, first + M) of in and
+	 * out, u = drop(in[M, K]) @ A^T, then out[:, col0 .. col0 + N) += scale * u @ B^T,
+	 * out's rows ldo floats apart (an adapter of q_proj adds to q's columns of qkv). The
+	 * segments' u [M, r] lie one after another in u, in segment order, and are kept for
+	 * lora_backward. drop (p = w.dropout > 0) keeps element (m, k) of a segment's in when
+	 * dropout.h's draw for (seed, m, k) says so, scaled by 1 / (1 - p): the same mask on
+	 * every backend, drawn again by the backward instead of kept. workspace: M * K floats
+	 * a segment, one after another, when p > 0, else unused. Segments may share rows when
+	 * their columns differ; the backend runs them all as one operation.
 	 */
 	void		(*lora_forward) (dl_backend *be, float *out, int ldo, float *u, const float *in,
-								 const dl_lora_mats *w, int M, int K, int N, float *workspace);
+								 int K, const dl_lora_seg *segs, int nseg, float *workspace);
 
 	/* --- training: forward operations that keep what backward needs --- */
 

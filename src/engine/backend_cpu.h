@@ -145,7 +145,7 @@ void		cpu_matmul_backward(dl_backend *be, float *din, float *dW, float *dbias,
 
 /* cpu_lora.c */
 void		cpu_lora_forward(dl_backend *be, float *out, int ldo, float *u, const float *in,
-							 const dl_lora_mats *w, int M, int K, int N, float *workspace);
+							 int K, const dl_lora_seg *segs, int nseg, float *workspace);
 void		cpu_lora_backward(dl_backend *be, float *din, const float *dout, int ldo, float *u,
 							  const float *in, const dl_lora_mats *w, int M, int K, int N,
 							  float *workspace);

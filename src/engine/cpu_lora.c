@@ -44,14 +44,12 @@ drop_rows(const lora_args *a, size_t m0, size_t m1)
 				dropout_factor(a->w->seed, (uint32_t) m, (uint32_t) k, a->w->dropout);
 }
 
-/* Rows [m0, m1): u = drop(in) A^T, out += scale u B^T. */
+/* Rows [m0, m1) of one segment: u = drop(in) A^T, out += scale u B^T. */
 static void
-forward_rows(const void *ctx, size_t m0, size_t m1, int thread)
+forward_seg(const lora_args *a, size_t m0, size_t m1)
 {
-	const lora_args *a = ctx;
 	const dl_lora_mats *w = a->w;
 
-	(void) thread;
 	if (w->dropout > 0.0f)
 		drop_rows(a, m0, m1);
 	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, w->r, a->K, 1.0f,
@@ -60,13 +58,61 @@ forward_rows(const void *ctx, size_t m0, size_t m1, int thread)
 				a->u + m0 * w->r, w->r, w->B, w->r, 1.0f, a->out + m0 * a->ldo, a->ldo);
 }
 
-void
-cpu_lora_forward(dl_backend *be, float *out, int ldo, float *u, const float *in,
-				 const dl_lora_mats *w, int M, int K, int N, float *workspace)
+/* The segments of one pass, their rows numbered one after another. */
+typedef struct seg_pass
 {
-	lora_args	a = {out, NULL, ldo, u, in, w, M, K, N, workspace};
+	const lora_args *segs;
+	int			nseg;
+} seg_pass;
 
-	cpu_for_rows(be, M, cpu_row_tasks(be, M, K), forward_rows, &a);
+/* Rows [lo, hi) of the segments' rows: each segment's part of them. */
+static void
+forward_rows(const void *ctx, size_t lo, size_t hi, int thread)
+{
+	const seg_pass *p = ctx;
+	size_t		base = 0;
+
+	(void) thread;
+	for (int s = 0; s < p->nseg && base < hi; base += p->segs[s++].M)
+	{
+		const lora_args *a = &p->segs[s];
+		size_t		m0 = lo > base ? lo - base : 0,
+					m1 = hi - base < (size_t) a->M ? hi - base : (size_t) a->M;
+
+		if (m0 < m1)
+			forward_seg(a, m0, m1);
+	}
+}
+
+/* segments run in one pass of the pool; more take several */
+#define SEGS_PER_PASS 32
+
+void
+cpu_lora_forward(dl_backend *be, float *out, int ldo, float *u, const float *in, int K,
+				 const dl_lora_seg *segs, int nseg, float *workspace)
+{
+	lora_args	a[SEGS_PER_PASS];
+	size_t		u_off = 0,
+				row_off = 0;
+
+	for (int s0 = 0; s0 < nseg; s0 += SEGS_PER_PASS)
+	{
+		seg_pass	p = {a, nseg - s0 < SEGS_PER_PASS ? nseg - s0 : SEGS_PER_PASS};
+		size_t		rows = 0;
+
+		for (int i = 0; i < p.nseg; i++)
+		{
+			const dl_lora_seg *g = &segs[s0 + i];
+
+			a[i] = (lora_args) {out + (size_t) g->first * ldo + g->col0, NULL, ldo, u + u_off,
+				in + (size_t) g->first * K, &g->w, g->M, K, g->N,
+				workspace ? workspace + row_off * K : NULL};
+			u_off += (size_t) g->M * g->w.r;
+			row_off += g->M;
+			rows += g->M;
+		}
+		cpu_for_rows(be, rows, cpu_row_tasks(be, rows, K), forward_rows, &p);
+	}
 }
 
 /* Rows [n0, n1) of dB += scale dout^T u. */

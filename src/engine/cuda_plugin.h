@@ -14,7 +14,7 @@
 #include "backend.h"
 #include "error.h"
 
-#define DL_CUDA_PLUGIN_ABI 7
+#define DL_CUDA_PLUGIN_ABI 8
 #define DL_CUDA_PLUGIN_SYMBOL "dolly_cuda_plugin"
 #define DL_CUDA_PLUGIN_FILE "dolly_cuda.so"
 #define DL_MAX_GPUS 16

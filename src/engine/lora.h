@@ -19,6 +19,7 @@
 
 #define DL_LORA_MAX_RANK 256
 #define DL_LORA_MAX_TARGETS 6	/* GPT-J's q, k, v, out, fc_in, fc_out */
+#define DL_LORA_PER_PRODUCT 3	/* targets in one product: GPT-J's q, k and v in qkv */
 
 /* What PEFT puts before a module's path in the base to name its adapter tensors. */
 #define DL_LORA_PREFIX "base_model.model."

@@ -198,7 +198,7 @@ typedef struct dl_kv_cache
 	dl_sample_row *sample_rows;	/* [R] sampling parameters of the logit rows */
 	int32_t    *tokens;			/* [R] their sampled tokens */
 	void	   *sample_ws;		/* the backend's sampling workspace */
-	float	   *lora_u;			/* [T, DL_LORA_MAX_RANK] an adapter's low-rank product */
+	float	   *lora_u;			/* [T, DL_LORA_MAX_RANK * DL_LORA_PER_PRODUCT] adapters' u */
 	int32_t    *meta;			/* device: ids [T] | pos [T] | rows [T] | spans */
 	int32_t    *h_meta;			/* the same, staged on the host */
 	size_t		meta_bytes;

@@ -441,9 +441,10 @@ adapter_forward(dl_model *m, dl_train_acts *a, const pass *ps, int l, dl_lora_pr
 		float	   *u;
 		dl_lora_mats w = adapter_mats(a, ps, l, t, &u);
 
+		dl_lora_seg seg = {w, 0, ps->T, tg->col0, tg->n_out};
+
 		if (tg->product == p)
-			m->be->lora_forward(m->be, out + tg->col0, ldo, u, in, &w, ps->T, tg->n_in, tg->n_out,
-								a->lora_ws);
+			m->be->lora_forward(m->be, out, ldo, u, in, tg->n_in, &seg, 1, a->lora_ws);
 	}
 }
 

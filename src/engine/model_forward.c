@@ -91,7 +91,7 @@ dl_kv_cache_create(dl_model *m, int n_slots, int max_ctx, int max_tokens,
 	sizes[10] = be->sample_workspace(be, R, V);
 	c->meta_bytes = (3 * T + 4 * (size_t) n_slots) * sizeof(int32_t);
 	sizes[11] = c->meta_bytes;
-	sizes[12] = T * DL_LORA_MAX_RANK * sizeof(float);	/* lora_u */
+	sizes[12] = T * DL_LORA_MAX_RANK * DL_LORA_PER_PRODUCT * sizeof(float);	/* lora_u */
 	for (int i = 0; i < NBUFS; i++)
 		total += aligned(be, sizes[i]);
 	st = model_alloc(be, total, &c->act, err);
@@ -197,16 +197,22 @@ typedef struct batch
 	int			adapted;		/* some sequence has an adapter */
 } batch;
 
+/* segments of one lora_forward call in inference; more take several */
+#define SEGS_PER_CALL 64
+
 /*
  * The adapters' updates of product p of layer l: out (rows ldo floats apart) gets each
  * adapter's low-rank product of in over the rows of each run of sequences that share it
- * (Punica's segments; the scheduler's order decides how long the runs are).
+ * (Punica's segments; the scheduler's order decides how long the runs are), all in one
+ * backend operation so that the runs share out the threads or the GPU.
  */
 static void
 adapters_forward(dl_model *m, dl_kv_cache *c, const batch *b, int l, dl_lora_product p,
 				 float *out, int ldo, const float *in)
 {
-	dl_backend *be = m->be;
+	dl_lora_seg segs[SEGS_PER_CALL];
+	int			nseg = 0,
+				K = 0;
 
 	for (int i = 0, j; b->adapted && i < b->n; i = j)
 	{
@@ -218,15 +224,21 @@ adapters_forward(dl_model *m, dl_kv_cache *c, const batch *b, int l, dl_lora_pro
 		for (int t = 0; a && t < a->ntargets; t++)
 		{
 			const dl_lora_target *tg = &a->targets[t];
-			dl_lora_mats w = lora_mats(a, l, t, NULL);
 
-			if (tg->product == p)
-				be->lora_forward(be, out + (size_t) first * ldo + tg->col0, ldo, c->lora_u,
-								 in + (size_t) first * tg->n_in, &w,
-								 b->spans[j - 1].first + b->spans[j - 1].len - first,
-								 tg->n_in, tg->n_out, NULL);
+			if (tg->product != p)
+				continue;
+			if (nseg == SEGS_PER_CALL)
+			{
+				m->be->lora_forward(m->be, out, ldo, c->lora_u, in, K, segs, nseg, NULL);
+				nseg = 0;
+			}
+			segs[nseg++] = (dl_lora_seg) {lora_mats(a, l, t, NULL), first,
+				b->spans[j - 1].first + b->spans[j - 1].len - first, tg->col0, tg->n_out};
+			K = tg->n_in;
 		}
 	}
+	if (nseg > 0)
+		m->be->lora_forward(m->be, out, ldo, c->lora_u, in, K, segs, nseg, NULL);
 }
 
 /* MLP(in) added to x: x += fc_out(gelu(fc_in(in))). */

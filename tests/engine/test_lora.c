@@ -367,8 +367,11 @@ TEST(lora_dropout_is_the_drawn_mask)
 	memset(din, 0, sizeof(din));
 	for (int k = 0; k < 2; k++)
 	{
+		dl_lora_seg seg;
+
 		w[k] = (dl_lora_mats) {A, B, dA[k], dB[k], R, 1.5f, k ? 0.0f : 0.25f, 99};
-		be->lora_forward(be, out[k], N, u[k], k ? masked : in, &w[k], M, K, N, ws);
+		seg = (dl_lora_seg) {w[k], 0, M, 0, N};
+		be->lora_forward(be, out[k], N, u[k], k ? masked : in, K, &seg, 1, ws);
 		be->lora_backward(be, din[k], dout, N, u[k], k ? masked : in, &w[k], M, K, N, ws);
 	}
 	for (int i = 0; i < M * N; i++)

@@ -1662,9 +1662,9 @@ lora_case(const test_backend *tb, const lora_case_def *lc)
 			 ldo, lc->p, lc->grads & LORA_DIN ? "" : " -din", lc->grads & LORA_DA ? "" : " -dA",
 			 lc->grads & LORA_DB ? "" : " -dB");
 	/* no workspace without dropout: it must not be touched */
-	be->lora_forward(be, (float *) tout.d + lc->col0, ldo, tu.d, tin.d, &wd, M, K, N,
+	be->lora_forward(be, tout.d, ldo, tu.d, tin.d, K, &(dl_lora_seg) {wd, 0, M, lc->col0, N}, 1,
 					 lc->p > 0 ? tws.d : NULL);
-	cpu->lora_forward(cpu, (float *) tout.c + lc->col0, ldo, tu.c, tin.c, &wc, M, K, N,
+	cpu->lora_forward(cpu, tout.c, ldo, tu.c, tin.c, K, &(dl_lora_seg) {wc, 0, M, lc->col0, N}, 1,
 					  lc->p > 0 ? tws.c : NULL);
 	ok = twin_check(tb, &tout, nout, "lora_fwd out", shape, TOL_F32);
 	ok = twin_check(tb, &tu, (size_t) M * r, "lora_fwd u", shape, TOL_F32) && ok;
@@ -1704,6 +1704,68 @@ TEST(ops_lora)
 	for (int b = 0; b < nb; b++)
 		for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++)
 			CHECK(lora_case(&tb[b], &cases[k]));
+}
+
+/*
+ * lora_forward over several segments at once, as a mixed decode step makes them: runs of
+ * rows with their own adapters (ranks, columns and widths differ), two segments over the
+ * same rows in different columns (GPT-J's q and v), rows between runs left alone, dropout
+ * in one; out and every segment's u against the CPU backend.
+ */
+TEST(ops_lora_segments)
+{
+	enum
+	{
+		T = 23, K = 48, LDO = 150, NSEG = 5
+	};
+	static const int rows[NSEG][5] = {	/* first, M, col0, N, r */
+		{0, 3, 0, 48, 8}, {0, 3, 96, 48, 8}, {4, 7, 0, 150, 4}, {11, 1, 10, 60, 16},
+		{15, 8, 48, 48, 2},
+	};
+
+	BACKENDS_OR_SKIP(tb, nb);
+	for (int b = 0; b < nb; b++)
+	{
+		dl_backend *be = tb[b].be,
+				   *cpu = reference_backend();
+		uint64_t	s = new_seed();
+		dl_lora_seg sd[NSEG],
+					sc[NSEG];
+		twin		tw[NSEG][2];
+		float	   *in = randv((size_t) T * K, 1.0f, &s),
+				   *out0 = randv((size_t) T * LDO, 1.0f, &s);
+		twin		tin = twin_put(be, in, (size_t) T * K * 4),
+					tout = twin_put(be, out0, (size_t) T * LDO * 4),
+					tu = twin_put(be, NULL, (size_t) T * 16 * 2 * 4),
+					tws = twin_put(be, NULL, (size_t) T * K * 4);
+		size_t		nu = 0;
+
+		for (int g = 0; g < NSEG; g++)
+		{
+			int			M = rows[g][1],
+						N = rows[g][3],
+						r = rows[g][4];
+			float	   *A = randv((size_t) r * K, 0.1f, &s),
+					   *B = randv((size_t) N * r, 0.1f, &s);
+			dl_lora_mats w = {NULL, NULL, NULL, NULL, r, 2.0f / r, g == 2 ? 0.1f : 0.0f, s};
+
+			tw[g][0] = twin_put(be, A, (size_t) r * K * 4);
+			tw[g][1] = twin_put(be, B, (size_t) N * r * 4);
+			sd[g] = sc[g] = (dl_lora_seg) {w, rows[g][0], M, rows[g][2], N};
+			sd[g].w.A = tw[g][0].d, sd[g].w.B = tw[g][1].d;
+			sc[g].w.A = tw[g][0].c, sc[g].w.B = tw[g][1].c;
+			nu += (size_t) M * r;
+			free(A), free(B);
+		}
+		be->lora_forward(be, tout.d, LDO, tu.d, tin.d, K, sd, NSEG, tws.d);
+		cpu->lora_forward(cpu, tout.c, LDO, tu.c, tin.c, K, sc, NSEG, tws.c);
+		CHECK(twin_check(&tb[b], &tout, (size_t) T * LDO, "lora_fwd out", "5 segments", TOL_F32));
+		CHECK(twin_check(&tb[b], &tu, nu, "lora_fwd u", "5 segments", TOL_F32));
+		for (int g = 0; g < NSEG; g++)
+			twin_free(be, &tw[g][0]), twin_free(be, &tw[g][1]);
+		twin_free(be, &tin), twin_free(be, &tout), twin_free(be, &tu), twin_free(be, &tws);
+		free(in), free(out0);
+	}
 }
 
 /*
