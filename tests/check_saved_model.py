@@ -18,6 +18,9 @@ for the three tokens; then `dolly-cli train` for a few steps on each, saving aga
 a PEFT adapter, which PeftModel.from_pretrained loads over its base (the directory
 adapter_config.json names) to give `dolly-cli logits --adapter`'s logits; then `dolly-cli
 merge` of each adapter into its base, a plain model directory that transformers loads.
+Last, a GPT-NeoX base as Pythia comes (tables with rows past its tokenizer, which lacks
+Dolly's tokens): its adapter owns those tokens' rows (PEFT's trainable_token_indices) and
+carries the tokenizer that has them, with which both sides tokenize.
 
 Needs torch, transformers and peft (tests/requirements-fixtures.txt); CI has none of them,
 so the C tests test_model_save.c and test_lora.c cover save / reload / identical logits there.
@@ -25,6 +28,7 @@ so the C tests test_model_save.c and test_lora.c cover save / reload / identical
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +36,7 @@ import tempfile
 import peft
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOLLY_KEYS = ["### End", "### Instruction:", "### Response:\n"]
@@ -83,7 +87,16 @@ def make_models(cli, work):
         merged = os.path.join(work, f"{arch}-merged")
         run([cli, "merge", "--model", tuned, "--adapter", adapter, "--out", merged])
         dirs += [init, tuned, adapter, merged]
-    return dirs
+    plain = os.path.join(work, "gpt_neox-plain")
+    shutil.copytree(os.path.join(work, "gpt_neox-init"), plain)
+    base_tokenizer(os.path.join(plain, "tokenizer.json"))
+    adapter = os.path.join(work, "gpt_neox-plain-lora")
+    run([cli, "train", "--model", plain, "--data", data, "--out", adapter, "--epochs", "2",
+         "--batch-size", "8", "--lr", "1e-2", "--warmup", "0", "--threads", "2", "--lora",
+         "--lora-rank", "4"])
+    merged = os.path.join(work, "gpt_neox-plain-merged")
+    run([cli, "merge", "--model", plain, "--adapter", adapter, "--out", merged])
+    return dirs + [adapter, merged]
 
 
 def check(cli, path, work):
@@ -98,7 +111,10 @@ def check(cli, path, work):
         (["--adapter", path] if adapter else []))
     ours = load_file(ours_path)
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    # an adapter with token rows has its own tokenizer (the base's lacks their tokens)
+    own = os.path.join(path, "tokenizer.json")
+    tok = PreTrainedTokenizerFast(tokenizer_file=own) if adapter and os.path.exists(own) \
+        else AutoTokenizer.from_pretrained(model_dir)
     ids = tok(TEXT, return_tensors="pt").input_ids
     for key in DOLLY_KEYS:
         if len(tok(key).input_ids) != 1:

@@ -1093,6 +1093,10 @@ LORA_ADAPTERS = [
     ("neox-par-f32", "lora-qkv", dict(r=4, lora_alpha=8), 33),
     ("neox-seq-f32", "lora-all", dict(r=3, lora_alpha=6, use_rslora=True, target_modules=[
         "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]), 34),
+    # Dolly's three tokens' rows trained too, as for a base that lacks them (transformers 5
+    # names GPT-NeoX's embed_out lm_head)
+    ("neox-par-f32", "lora-tok", dict(r=4, lora_alpha=8, trainable_token_indices={
+        "embed_in": [512, 513, 514], "lm_head": [512, 513, 514]}), 35),
 ]
 LORA_STD = 0.25              # A and B: B is not PEFT's zeros, so that the adapter shows
 
@@ -1106,6 +1110,8 @@ def lora_model(base, options, seed):
         for name, p in sorted(model.named_parameters()):
             if ".lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * LORA_STD)
+            elif "trainable_tokens_delta" in name:    # token rows: moved off the base's
+                p.add_(torch.randn(p.shape, generator=gen) * LORA_STD)
     return model.eval()
 
 

@@ -6,6 +6,7 @@
  */
 #include "lora.h"
 
+#include "bf16.h"
 #include "files.h"
 #include "sampler.h"
 
@@ -59,6 +60,19 @@ modules_of(const dl_config *c, int *n, const char **layer_fmt)
 	*layer_fmt = "gpt_neox.layers.%d.";
 	return neox_modules;
 }
+
+/*
+ * The modules whose rows an adapter may own, PEFT's names and their paths: the input
+ * embedding's and the output layer's (transformers 5 names GPT-NeoX's embed_out lm_head).
+ */
+static void
+token_modules(const dl_config *c, const char **embed, const char **embed_path)
+{
+	*embed = c->arch == DL_ARCH_GPTJ ? "wte" : "embed_in";
+	*embed_path = c->arch == DL_ARCH_GPTJ ? "transformer.wte" : "gpt_neox.embed_in";
+}
+
+#define TOKEN_HEAD "lm_head"
 
 void
 lora_defaults(dl_lora_config *cfg)
@@ -137,6 +151,13 @@ lora_module_path(const dl_config *c, int l, const dl_lora_target *t, char *buf, 
 			snprintf(buf + at, len - at, "%s%s", ms[j].path, t->module);
 }
 
+/* bytes rounded up to a multiple of align */
+static size_t
+aligned_size(size_t bytes, size_t align)
+{
+	return (bytes + align - 1) / align * align;
+}
+
 /*
  * The map and spans of an adapter with its targets and rank set, for a base of c, on a
  * backend of that alignment: layer by layer, each target's A then B.
@@ -147,7 +168,7 @@ layout(dl_lora *a, const dl_config *c, size_t align, dl_error *err)
 	int			L = c->n_layer;
 	size_t		off = 0;
 
-	a->nmap = 2 * a->ntargets * L;
+	a->nmap = 2 * a->ntargets * L + (a->ntok ? 2 : 0);
 	a->map = calloc(a->nmap, sizeof(dl_tensor_map));
 	a->spans = calloc(2 * DL_GRAD_SPANS(c), sizeof(size_t));
 	if (a->map == NULL || a->spans == NULL)
@@ -174,15 +195,43 @@ layout(dl_lora *a, const dl_config *c, size_t align, dl_error *err)
 				e->fmt = DL_FMT_F32;
 				e->offset = off;
 				e->rowmap = k ? t->rowmap : DL_ROWS_SAME;
-				off += (e->shape[0] * e->shape[1] * sizeof(float) + align - 1) / align * align;
+				off += aligned_size(e->shape[0] * e->shape[1] * sizeof(float), align);
 			}
 		}
 		a->spans[2 * (L - l) + 1] = off;
 	}
-	/* the head's and the embedding's spans are empty, at the end */
-	a->spans[0] = a->spans[1] = off;
-	a->spans[2 * (L + 1)] = a->spans[2 * (L + 1) + 1] = off;
+	/* the token rows, in the embedding's span and the head's (empty without) */
+	for (int k = 0; k < 2; k++)
+	{
+		int			s = k ? 0 : L + 1;
+
+		a->spans[2 * s] = off;
+		if (a->ntok)
+		{
+			dl_tensor_map *e = &a->map[2 * a->ntargets * L + k];
+			const char *embed,
+					   *embed_path;
+
+			token_modules(c, &embed, &embed_path);
+			snprintf(e->name, sizeof(e->name), DL_LORA_PREFIX "%s.token_adapter.trainable_tokens_delta",
+					 k ? TOKEN_HEAD : embed_path);
+			e->ndim = 2;
+			e->shape[0] = a->ntok;
+			e->shape[1] = c->n_embd;
+			e->fmt = DL_FMT_F32;
+			e->offset = off;
+			e->rowmap = DL_ROWS_SAME;
+			off += aligned_size((size_t) a->ntok * c->n_embd * sizeof(float), align);
+		}
+		a->spans[2 * s + 1] = off;
+	}
 	a->bytes = off;
+	/* lora_tokens' constants: the base's output rows, eye, index */
+	if (a->ntok)
+		off += aligned_size((size_t) a->ntok * c->n_embd * sizeof(float), align) +
+			aligned_size((size_t) a->ntok * a->ntok * sizeof(float), align) +
+			aligned_size((size_t) a->ntok * sizeof(int32_t), align);
+	a->mem_bytes = off;
 	return DL_OK;
 }
 
@@ -191,17 +240,30 @@ layout(dl_lora *a, const dl_config *c, size_t align, dl_error *err)
  * that alignment; no memory yet (model and mem NULL).
  */
 static dl_status
-lora_new(const dl_config *c, size_t align, int r, float alpha, int rslora,
-		 char (*targets)[32], int ntargets, dl_lora **out, dl_error *err)
+lora_new(const dl_config *c, size_t align, const dl_lora_config *cfg, int rslora, dl_lora **out,
+		 dl_error *err)
 {
 	dl_lora    *a;
 	dl_status	st;
+	int			r = cfg->r;
+	float		alpha = cfg->alpha;
 
 	*out = NULL;
 	if (r < 1 || r > DL_LORA_MAX_RANK)
 		return dl_fail(err, DL_EINVAL, "LoRA rank %d is out of range (1 .. %d)", r, DL_LORA_MAX_RANK);
 	if (!(alpha > 0.0f && isfinite(alpha)))
 		return dl_fail(err, DL_EINVAL, "LoRA alpha %g is not a finite number > 0", alpha);
+	/* (a configuration read without weights has no vocabulary yet: the merge checks it) */
+	if (cfg->ntok < 0 || cfg->ntok > DL_LORA_MAX_TOKENS || cfg->tok0 < 0 ||
+		(cfg->ntok && c->vocab_size > 0 && cfg->tok0 > c->vocab_size - cfg->ntok))
+	{
+		dl_fail(err, DL_EINVAL, "token rows %d .. %d are not %s's (0 .. %d), or more than %d",
+				cfg->tok0, cfg->tok0 + cfg->ntok - 1, config_arch_name(c->arch), c->vocab_size - 1,
+				DL_LORA_MAX_TOKENS);
+		return dl_hint(err, "An adapter's token rows are rows the base's tables already have.");
+	}
+	if (cfg->ntok && c->tie_embeddings)
+		return dl_fail(err, DL_EUNSUPPORTED, "token rows of an adapter over tied embeddings are not supported");
 	a = calloc(1, sizeof(*a));
 	if (a == NULL)
 		return dl_fail(err, DL_ENOMEM, "out of memory creating an adapter");
@@ -209,7 +271,9 @@ lora_new(const dl_config *c, size_t align, int r, float alpha, int rslora,
 	a->alpha = alpha;
 	a->rslora = rslora;
 	a->scale = rslora ? alpha / sqrtf((float) r) : alpha / (float) r;
-	st = set_targets(a, c, targets, ntargets, err);
+	a->tok0 = cfg->tok0;
+	a->ntok = cfg->ntok;
+	st = set_targets(a, c, (char (*)[32]) cfg->targets, cfg->ntargets, err);
 	if (st == DL_OK)
 		st = layout(a, c, align, err);
 	if (st != DL_OK)
@@ -221,16 +285,78 @@ lora_new(const dl_config *c, size_t align, int r, float alpha, int rslora,
 	return DL_OK;
 }
 
-/* a's memory on m's backend, contents undefined: a becomes an adapter of m. */
+/* Rows [row0, row0 + n) of m's table table ([V, E], weight format) as float32 at dst. */
+static dl_status
+table_rows(const dl_model *m, const void *table, int row0, int n, float *dst, dl_error *err)
+{
+	dl_backend *be = m->be;
+	size_t		count = (size_t) n * m->cfg.n_embd,
+				es = be->weight_elem_size;
+	const char *src = (const char *) table + (size_t) row0 * m->cfg.n_embd * es;
+	uint16_t   *h;
+	dl_status	st;
+
+	if (es == sizeof(float))
+		return be->download(be, dst, src, count * sizeof(float), err);
+	/* the only narrower weight format is bfloat16 (backend.h) */
+	h = malloc(count * sizeof(uint16_t));
+	if (h == NULL)
+		return dl_fail(err, DL_ENOMEM, "out of memory reading token rows");
+	st = be->download(be, h, src, count * sizeof(uint16_t), err);
+	for (size_t i = 0; st == DL_OK && i < count; i++)
+		dst[i] = bf16_to_float(h[i]);
+	free(h);
+	return st;
+}
+
+/*
+ * a's memory on m's backend, the trained part's contents undefined: a becomes an
+ * adapter of m. lora_tokens' constants are set: the base's output rows of the token
+ * ids, as the base computes with them, eye and index.
+ */
 static dl_status
 lora_alloc(dl_lora *a, const dl_model *m, dl_error *err)
 {
-	dl_status	st = model_alloc(m->be, a->bytes, &a->mem, err);
+	size_t		E = m->cfg.n_embd,
+				n = a->ntok;
+	float	   *buf;
+	int32_t    *index;
+	dl_lora_tokens tk;
+	dl_status	st = model_alloc(m->be, a->mem_bytes, &a->mem, err);
 
 	if (st != DL_OK)
-		return dl_hint(err, "The adapter needs %zu MB.", a->bytes >> 20);
+		return dl_hint(err, "The adapter needs %zu MB.", a->mem_bytes >> 20);
 	a->model = m;
-	return DL_OK;
+	if (n == 0)
+		return DL_OK;
+	tk = lora_tokens(a, NULL);
+	buf = calloc(n * (E > n ? E : n), sizeof(float));
+	index = malloc(n * sizeof(int32_t));
+	if (buf == NULL || index == NULL)
+		st = dl_fail(err, DL_ENOMEM, "out of memory setting an adapter's token rows");
+	if (st == DL_OK)
+		st = table_rows(m, m->p.lm_head, a->tok0, n, buf, err);
+	if (st == DL_OK)
+		st = m->be->upload(m->be, (float *) tk.base_out, buf, n * E * sizeof(float), err);
+	if (st == DL_OK)
+		st = m->be->synchronize(m->be, err);
+	if (st == DL_OK)
+	{
+		memset(buf, 0, n * n * sizeof(float));
+		for (size_t k = 0; k < n; k++)
+		{
+			buf[k * n + k] = 1.0f;
+			index[k] = (int32_t) k;
+		}
+		st = m->be->upload(m->be, (float *) tk.eye, buf, n * n * sizeof(float), err);
+	}
+	if (st == DL_OK)
+		st = m->be->upload(m->be, (int32_t *) tk.index, index, n * sizeof(int32_t), err);
+	if (st == DL_OK)
+		st = m->be->synchronize(m->be, err);
+	free(buf);
+	free(index);
+	return st;
 }
 
 dl_status
@@ -246,8 +372,7 @@ dl_lora_create(const dl_model *m, const dl_lora_config *cfg, uint64_t seed, dl_l
 		return dl_fail(err, DL_EINVAL, "LoRA dropout %g is out of range [0, 1)", cfg->dropout);
 	if (cfg->ntargets < 0 || cfg->ntargets > DL_LORA_MAX_TARGETS)
 		return dl_fail(err, DL_EINVAL, "%d LoRA targets; at most %d", cfg->ntargets, DL_LORA_MAX_TARGETS);
-	st = lora_new(&m->cfg, m->be->alignment, cfg->r, cfg->alpha, 0,
-				  (char (*)[32]) cfg->targets, cfg->ntargets, &a, err);
+	st = lora_new(&m->cfg, m->be->alignment, cfg, 0, &a, err);
 	if (st == DL_OK && (st = lora_alloc(a, m, err)) != DL_OK)
 		dl_lora_free(a);
 	if (st != DL_OK)
@@ -255,7 +380,7 @@ dl_lora_create(const dl_model *m, const dl_lora_config *cfg, uint64_t seed, dl_l
 	a->dropout = cfg->dropout;
 	m->be->zero(m->be, a->mem, a->bytes);
 	rng_seed(&rng, seed);
-	for (int i = 0; i < a->nmap && st == DL_OK; i += 2)
+	for (int i = 0; i < 2 * a->ntargets * m->cfg.n_layer && st == DL_OK; i += 2)
 	{
 		/* A: kaiming_uniform_(a = sqrt(5)) as PEFT, uniform in +-1/sqrt(fan_in); B stays 0 */
 		const dl_tensor_map *e = &a->map[i];
@@ -276,6 +401,22 @@ dl_lora_create(const dl_model *m, const dl_lora_config *cfg, uint64_t seed, dl_l
 	if (st == DL_OK)
 		st = m->be->synchronize(m->be, err);
 	free(buf);
+	/* token rows start as the base's, as PEFT's */
+	if (st == DL_OK && a->ntok)
+	{
+		dl_lora_tokens tk = lora_tokens(a, NULL);
+		size_t		bytes = (size_t) a->ntok * m->cfg.n_embd * sizeof(float);
+
+		m->be->copy(m->be, (float *) tk.out, tk.base_out, bytes);
+		buf = malloc(bytes);
+		st = buf ? table_rows(m, m->p.wte, a->tok0, a->ntok, buf, err)
+			: dl_fail(err, DL_ENOMEM, "out of memory initialising an adapter");
+		if (st == DL_OK)
+			st = m->be->upload(m->be, (float *) tk.in, buf, bytes, err);
+		if (st == DL_OK)
+			st = m->be->synchronize(m->be, err);
+		free(buf);
+	}
 	if (st != DL_OK)
 	{
 		dl_lora_free(a);
@@ -323,7 +464,7 @@ unsupported_option(json_object *cfg)
 {
 	static const char *const options[] = {
 		"use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save",
-		"fan_in_fan_out", "lora_bias", "trainable_token_indices", "target_parameters",
+		"fan_in_fan_out", "lora_bias", "target_parameters",
 		"layer_replication", "use_qalora", "alora_invocation_tokens",
 	};
 	const char *bias = member(cfg, "bias") ? json_object_get_string(member(cfg, "bias")) : "none";
@@ -337,10 +478,63 @@ unsupported_option(json_object *cfg)
 /* The hint of a directory that is not an adapter's. */
 #define ADAPTER_DIR_HINT "An adapter directory is what PEFT's save_pretrained writes."
 
-/* adapter_config.json of dir: checked, its rank, alpha, rsLoRA, targets and base. */
+/*
+ * trainable_token_indices of cfg into c's tok0 and ntok, and the embedding's module name
+ * into embed: we take the form that names the embedding and lm_head with the same
+ * consecutive ids (what we write); absent, none.
+ */
 static dl_status
-read_config(const char *dir, int *r, float *alpha, int *rslora, char (*targets)[32],
-			int *ntargets, char *base, size_t base_len, dl_error *err)
+read_token_rows(json_object *cfg, const char *path, dl_lora_config *c, char *embed, dl_error *err)
+{
+	json_object *v = member(cfg, "trainable_token_indices"),
+			   *lists[2] = {NULL, NULL};
+	int			ok;
+
+	c->tok0 = c->ntok = 0;
+	embed[0] = '\0';
+	if (unset(cfg, "trainable_token_indices"))
+		return DL_OK;
+	ok = json_object_is_type(v, json_type_object) && json_object_object_length(v) == 2;
+	if (ok)
+	{
+		json_object_object_foreach(v, key, list)
+		{
+			int			head = strcmp(key, TOKEN_HEAD) == 0;
+
+			lists[head] = list;
+			if (!head)
+				snprintf(embed, 32, "%s", key);
+		}
+	}
+	ok = ok && lists[0] && lists[1] && json_object_is_type(lists[0], json_type_array) &&
+		json_object_is_type(lists[1], json_type_array) &&
+		json_object_array_length(lists[0]) == json_object_array_length(lists[1]) &&
+		json_object_array_length(lists[0]) >= 1 &&
+		json_object_array_length(lists[0]) <= DL_LORA_MAX_TOKENS;
+	for (size_t i = 0; ok && i < json_object_array_length(lists[0]); i++)
+	{
+		int			id = json_object_get_int(json_object_array_get_idx(lists[0], i));
+
+		c->tok0 = i ? c->tok0 : id;
+		ok = id == c->tok0 + (int) i && id == json_object_get_int(json_object_array_get_idx(lists[1], i));
+	}
+	if (!ok)
+	{
+		dl_fail(err, DL_EUNSUPPORTED, "\"%s\": trainable_token_indices of this form is not supported", path);
+		return dl_hint(err, "Token rows are served when the input embedding and %s list the same consecutive ids (at most %d).",
+					   TOKEN_HEAD, DL_LORA_MAX_TOKENS);
+	}
+	c->ntok = (int) json_object_array_length(lists[0]);
+	return DL_OK;
+}
+
+/*
+ * adapter_config.json of dir, checked: its rank, alpha, targets and token rows in c,
+ * rsLoRA, the module name its token rows give the embedding, and its base.
+ */
+static dl_status
+read_config(const char *dir, dl_lora_config *c, int *rslora, char *embed, char *base,
+			size_t base_len, dl_error *err)
 {
 	char		path[4200];
 	char	   *text;
@@ -350,6 +544,7 @@ read_config(const char *dir, int *r, float *alpha, int *rslora, char (*targets)[
 	const char *what;
 	dl_status	st;
 
+	memset(c, 0, sizeof(*c));
 	snprintf(path, sizeof(path), "%s/adapter_config.json", dir);
 	st = file_read(path, "adapter configuration", 1 << 20, &text, &len, err);
 	if (st != DL_OK)
@@ -380,13 +575,15 @@ read_config(const char *dir, int *r, float *alpha, int *rslora, char (*targets)[
 		dl_hint(err, "A regular expression of module names is not supported: list them.");
 		st = DL_EFORMAT;
 	}
+	else
+		st = read_token_rows(cfg, path, c, embed, err);
 	if (st == DL_OK)
 	{
-		*ntargets = (int) json_object_array_length(v);
-		for (int i = 0; i < *ntargets; i++)
-			snprintf(targets[i], 32, "%s", json_object_get_string(json_object_array_get_idx(v, i)));
-		*r = member(cfg, "r") ? json_object_get_int(member(cfg, "r")) : 8;
-		*alpha = member(cfg, "lora_alpha") ? (float) json_object_get_double(member(cfg, "lora_alpha")) : 8.0f;
+		c->ntargets = (int) json_object_array_length(v);
+		for (int i = 0; i < c->ntargets; i++)
+			snprintf(c->targets[i], 32, "%s", json_object_get_string(json_object_array_get_idx(v, i)));
+		c->r = member(cfg, "r") ? json_object_get_int(member(cfg, "r")) : 8;
+		c->alpha = member(cfg, "lora_alpha") ? (float) json_object_get_double(member(cfg, "lora_alpha")) : 8.0f;
 		*rslora = !unset(cfg, "use_rslora");
 		v = member(cfg, "base_model_name_or_path");
 		snprintf(base, base_len, "%s", v ? json_object_get_string(v) : "");
@@ -398,18 +595,25 @@ read_config(const char *dir, int *r, float *alpha, int *rslora, char (*targets)[
 dl_status
 lora_read(const char *dir, const dl_config *c, size_t align, dl_lora **out, dl_error *err)
 {
-	char		targets[DL_LORA_MAX_TARGETS][32],
-				base[1024];
-	int			r = 0,
-				rslora = 0,
-				ntargets = 0;
-	float		alpha = 0;
+	dl_lora_config cfg;
+	char		base[1024],
+				embed[32];
+	const char *our_embed,
+			   *embed_path;
+	int			rslora = 0;
 	dl_status	st;
 
 	*out = NULL;
-	st = read_config(dir, &r, &alpha, &rslora, targets, &ntargets, base, sizeof(base), err);
+	st = read_config(dir, &cfg, &rslora, embed, base, sizeof(base), err);
+	token_modules(c, &our_embed, &embed_path);
+	if (st == DL_OK && cfg.ntok && strcmp(embed, our_embed) != 0)
+	{
+		dl_fail(err, DL_EINVAL, "the adapter's token rows are of module \"%s\"; %s's embedding is \"%s\"",
+				embed, config_arch_name(c->arch), our_embed);
+		return dl_hint(err, "An adapter runs only on the base model it was trained from.");
+	}
 	if (st == DL_OK)
-		st = lora_new(c, align, r, alpha, rslora, targets, ntargets, out, err);
+		st = lora_new(c, align, &cfg, rslora, out, err);
 	if (st == DL_OK)
 		snprintf((*out)->base_name, sizeof((*out)->base_name), "%s", base);
 	return st;
@@ -418,13 +622,11 @@ lora_read(const char *dir, const dl_config *c, size_t align, dl_lora **out, dl_e
 dl_status
 lora_base_name(const char *dir, char *base, size_t len, dl_error *err)
 {
-	char		targets[DL_LORA_MAX_TARGETS][32];
-	int			r,
-				rslora,
-				ntargets;
-	float		alpha;
+	dl_lora_config cfg;
+	char		embed[32];
+	int			rslora;
 
-	return read_config(dir, &r, &alpha, &rslora, targets, &ntargets, base, len, err);
+	return read_config(dir, &cfg, &rslora, embed, base, len, err);
 }
 
 dl_status
@@ -512,6 +714,109 @@ dl_trained
 dl_lora_trained(const dl_lora *a)
 {
 	return (dl_trained) {a->mem, a->bytes, a->map, a->nmap, a->spans};
+}
+
+dl_lora_tokens
+lora_tokens(const dl_lora *a, float *const *grads)
+{
+	dl_lora_tokens t = {0};
+	const dl_tensor_map *e;
+	int			L;
+	size_t		E,
+				align;
+	const char *c;
+
+	if (a == NULL || a->ntok == 0)
+		return t;
+	L = a->model->cfg.n_layer;
+	E = a->model->cfg.n_embd;
+	align = a->model->be->alignment;
+	e = &a->map[2 * a->ntargets * L];
+	c = (const char *) a->mem + a->bytes;
+	t.tok0 = a->tok0;
+	t.n = a->ntok;
+	t.in = (const float *) ((const char *) a->mem + e[0].offset);
+	t.out = (const float *) ((const char *) a->mem + e[1].offset);
+	t.base_out = (const float *) c;
+	c += aligned_size(a->ntok * E * sizeof(float), align);
+	t.eye = (const float *) c;
+	c += aligned_size((size_t) a->ntok * a->ntok * sizeof(float), align);
+	t.index = (const int32_t *) c;
+	/* the embedding's rows in its span, the output's in the head's */
+	if (grads && grads[L + 1])
+		t.din = (float *) ((char *) grads[L + 1] + (e[0].offset - a->spans[2 * (L + 1)]));
+	if (grads && grads[0])
+		t.dout = (float *) ((char *) grads[0] + (e[1].offset - a->spans[0]));
+	return t;
+}
+
+void
+lora_tokens_embed(dl_backend *be, float *x, int E, const int32_t *ids, const dl_lora_run *runs,
+				  int nruns)
+{
+	for (int i = 0; i < nruns; i++)
+	{
+		dl_lora_tokens tk = lora_tokens(runs[i].a, NULL);
+
+		for (int t = runs[i].first; t < runs[i].first + runs[i].n; t++)
+			if (ids[t] >= tk.tok0 && ids[t] < tk.tok0 + tk.n)
+				be->copy(be, x + (size_t) t * E, tk.in + (size_t) (ids[t] - tk.tok0) * E,
+						 E * sizeof(float));
+	}
+}
+
+void
+lora_tokens_embed_backward(dl_backend *be, const dl_lora_tokens *tk, const float *dx, int E,
+						   const int32_t *ids, int T)
+{
+	for (int t = 0; tk->din && t < T; t++)
+		if (ids[t] >= tk->tok0 && ids[t] < tk->tok0 + tk->n)
+			be->embedding_backward(be, tk->din, dx + (size_t) t * E, tk->index + (ids[t] - tk->tok0),
+								   1, E);
+}
+
+/* segments of one lora_forward call of lora_tokens_logits; more take several */
+#define TOKEN_SEGS 32
+
+void
+lora_tokens_logits(dl_backend *be, float *logits, int V, float *u, const float *in, int E,
+				   const dl_lora_run *runs, int nruns)
+{
+	/* the adapters' rows added, then the base's subtracted: two passes over the runs */
+	for (int sign = 1; sign >= -1; sign -= 2)
+	{
+		dl_lora_seg segs[TOKEN_SEGS];
+		int			nseg = 0;
+
+		for (int i = 0; i <= nruns; i++)
+		{
+			dl_lora_tokens tk = lora_tokens(i < nruns ? runs[i].a : NULL, NULL);
+
+			if ((i == nruns || nseg == TOKEN_SEGS) && nseg > 0)
+			{
+				be->lora_forward(be, logits, V, u, in, E, segs, nseg, NULL);
+				nseg = 0;
+			}
+			if (tk.n == 0 || runs[i].n == 0)
+				continue;
+			segs[nseg++] = (dl_lora_seg) {
+				{sign > 0 ? tk.out : tk.base_out, tk.eye, NULL, NULL, tk.n, (float) sign, 0.0f, 0},
+				runs[i].first, runs[i].n, tk.tok0, tk.n};
+		}
+	}
+}
+
+void
+lora_tokens_logits_backward(dl_backend *be, const dl_lora_tokens *tk, float *din,
+							const float *dlogits, int V, float *u, const float *in, int M, int E)
+{
+	dl_lora_mats w = {tk->out, tk->eye, tk->dout, NULL, tk->n, 1.0f, 0.0f, 0};
+
+	if (tk->n == 0)
+		return;
+	be->lora_backward(be, din, dlogits + tk->tok0, V, u, in, &w, M, E, tk->n, NULL);
+	w = (dl_lora_mats) {tk->base_out, tk->eye, NULL, NULL, tk->n, -1.0f, 0.0f, 0};
+	be->lora_backward(be, din, dlogits + tk->tok0, V, u, in, &w, M, E, tk->n, NULL);
 }
 
 dl_lora_mats

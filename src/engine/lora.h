@@ -11,6 +11,13 @@
  * tensors are named "base_model.model.<module path>.lora_A.weight" and ".lora_B.weight".
  * All of an adapter's matrices live in one allocation, layer by layer, so that its
  * gradients, like a model's, are one buffer cut into model.h's spans.
+ *
+ * An adapter may also own rows of the embedding and output tables: the tokens a base
+ * lacks (Dolly's, added to its tokenizer) are trained there while the base stays frozen,
+ * as PEFT's trainable_token_indices does ("<embedding path>.token_adapter.
+ * trainable_tokens_delta" [n, E], despite the name the rows' values, not differences;
+ * adapter_config.json lists the ids under the embedding's and the output layer's module
+ * names). An adapter with token rows carries its tokenizer (tokenizer.json) too.
  */
 #ifndef DOLLY_LORA_H
 #define DOLLY_LORA_H
@@ -20,6 +27,7 @@
 #define DL_LORA_MAX_RANK 256
 #define DL_LORA_MAX_TARGETS 6	/* GPT-J's q, k, v, out, fc_in, fc_out */
 #define DL_LORA_PER_PRODUCT 3	/* targets in one product: GPT-J's q, k and v in qkv */
+#define DL_LORA_MAX_TOKENS 16	/* token rows an adapter may own */
 
 /* What PEFT puts before a module's path in the base to name its adapter tensors. */
 #define DL_LORA_PREFIX "base_model.model."
@@ -52,6 +60,8 @@ typedef struct dl_lora_config
 	float		dropout;
 	char		targets[DL_LORA_MAX_TARGETS][32];	/* PEFT module names; none: PEFT's default */
 	int			ntargets;
+	int			tok0;			/* token rows [tok0, tok0 + ntok) trained too; ntok 0: none */
+	int			ntok;
 } dl_lora_config;
 
 typedef struct dl_lora
@@ -64,13 +74,40 @@ typedef struct dl_lora
 	int			rslora;			/* scale = alpha / sqrt(r) */
 	int			ntargets;
 	dl_lora_target targets[DL_LORA_MAX_TARGETS];
+	int			tok0;			/* its token rows: ids [tok0, tok0 + ntok); ntok 0: none */
+	int			ntok;
 	char		base_name[1024];	/* base_model_name_or_path */
-	void	   *mem;			/* device, float32: every layer's A and B, layer by layer */
-	size_t		bytes;
-	dl_tensor_map *map;			/* PEFT's names, per layer and target: A then B */
+	void	   *mem;			/* device, float32: every layer's A and B, layer by layer, then
+								 * the token rows (embedding's, output's), then lora_tokens'
+								 * constants */
+	size_t		bytes;			/* the trained part of mem */
+	size_t		mem_bytes;
+	dl_tensor_map *map;			/* PEFT's names, per layer and target: A then B; then the
+								 * token rows, embedding's and output's */
 	int			nmap;
-	size_t	   *spans;			/* [2 * DL_GRAD_SPANS]: only the layers' spans hold anything */
+	size_t	   *spans;			/* [2 * DL_GRAD_SPANS]: the head's and the embedding's hold
+								 * the token rows, when there are some */
 } dl_lora;
+
+/*
+ * An adapter's token rows on the device, as the forward uses them: the embedding gets
+ * in's row k where the base's row tok0 + k was (a copy), and the logits of those ids
+ * become out's products instead of the base's, as a low-rank update of the logits'
+ * columns [tok0, tok0 + n) with A = out's rows (and, subtracting, base_out's) and
+ * B = eye. With gradients (the open spans), din and dout receive theirs.
+ */
+typedef struct dl_lora_tokens
+{
+	int			tok0;
+	int			n;				/* 0: the adapter has none */
+	const float *in;			/* [n, E] */
+	const float *out;			/* [n, E] */
+	const float *base_out;		/* [n, E] the base's output rows they replace */
+	const float *eye;			/* [n, n] identity */
+	const int32_t *index;		/* [n] 0 .. n - 1, for embedding_backward */
+	float	   *din;			/* gradients (+=), NULL when not trained */
+	float	   *dout;
+} dl_lora_tokens;
 
 /* Defaults: r 8, alpha 16, dropout 0.05, PEFT's default targets for the architecture. */
 void		lora_defaults(dl_lora_config *cfg);
@@ -123,13 +160,52 @@ dl_status	lora_merge(const char *base_dir, const char *adapter_dir, const char *
 
 /*
  * Save as a PEFT adapter directory dir (which must not exist; written aside and renamed,
- * as model_save): adapter_config.json naming base_name, adapter_model.safetensors
+ * as model_save): adapter_config.json naming base_name, adapter_model.safetensors, and
+ * with token rows tok's tokenizer.json (which must then be given: it has their tokens)
  * (lora_save.c).
  */
-dl_status	dl_lora_save(const dl_lora *a, const char *base_name, const char *dir, dl_error *err);
+struct dl_tokenizer;
+dl_status	dl_lora_save(const dl_lora *a, const char *base_name, const struct dl_tokenizer *tok,
+						 const char *dir, dl_error *err);
 
 /* Free; NULL is accepted. */
 void		dl_lora_free(dl_lora *a);
+
+/* a's token rows (lora_tokens' n 0 when NULL or none); with grads, their gradients. */
+dl_lora_tokens lora_tokens(const dl_lora *a, float *const *grads);
+
+/* Rows [first, first + n) of a batch, run with adapter a. */
+typedef struct dl_lora_run
+{
+	const dl_lora *a;
+	int			first;
+	int			n;
+} dl_lora_run;
+
+/*
+ * After the base's embedding of a batch into x [T, E]: row t of a run whose adapter owns
+ * token ids[t] (host) becomes the adapter's row.
+ */
+void		lora_tokens_embed(dl_backend *be, float *x, int E, const int32_t *ids,
+							  const dl_lora_run *runs, int nruns);
+
+/* Its backward: the owned rows' gradients (+=) from dx's rows, for training's one adapter. */
+void		lora_tokens_embed_backward(dl_backend *be, const dl_lora_tokens *tk, const float *dx,
+									   int E, const int32_t *ids, int T);
+
+/*
+ * After the base's logits [M, V] of rows in [M, E]: in each run's rows, the logits of its
+ * adapter's token ids become in's products with the adapter's rows instead of the base's
+ * (+= in out^T - in base_out^T over those columns, one lora_forward each). u: scratch of
+ * M * DL_LORA_MAX_TOKENS floats.
+ */
+void		lora_tokens_logits(dl_backend *be, float *logits, int V, float *u, const float *in,
+							   int E, const dl_lora_run *runs, int nruns);
+
+/* Its backward from dlogits: din += through both products, tk's dout (+=). */
+void		lora_tokens_logits_backward(dl_backend *be, const dl_lora_tokens *tk, float *din,
+										const float *dlogits, int V, float *u, const float *in,
+										int M, int E);
 
 /* Parameters of the adapter. */
 int64_t		dl_lora_param_count(const dl_lora *a);

@@ -7,7 +7,9 @@
  *
  * All of it is in the files' row order: B's rows in a PEFT file are already the
  * checkpoint's (GPT-NeoX's query_key_value interleaved per head, as its W), so the
- * product needs no permutation.
+ * product needs no permutation. An adapter's token rows replace those rows of the
+ * embedding and the output layer (a copy of each table at a time, in its dtype), and
+ * its tokenizer, which has their tokens, replaces the base's.
  */
 #include "lora.h"
 
@@ -23,11 +25,15 @@ typedef struct merge_ctx
 	const dl_lora *a;
 	const st_set *base;
 	const st_set *ad;
-	dl_tensor_map *weights;		/* [a->nmap / 2]: the base's weight of each A, B pair */
+	int			npairs;			/* the adapter's A, B pairs */
+	dl_tensor_map *weights;		/* [npairs]: the base's weight of each */
+	const char *tables[2];		/* the base's embedding and output layer (token rows) */
 	float	   *w,				/* float32 work, sized for the largest target */
 			   *A,
 			   *B,
-			   *acc;
+			   *acc,
+			   *rows;			/* [ntok, E] an adapter's token rows */
+	unsigned char *table;		/* a copy of the larger table, in its dtype */
 } merge_ctx;
 
 /*
@@ -47,10 +53,32 @@ pack16(float *w, size_t n, st_dtype dtype)
 	}
 }
 
+/* Table tbl (0 embedding, 1 output) with the adapter's token rows in place of the base's. */
+static dl_status
+merge_rows(merge_ctx *x, int tbl, const st_write_tensor *t, const void **data, dl_error *err)
+{
+	const dl_lora *a = x->a;
+	const st_tensor *base = st_find(x->base, t->name);
+	int64_t		E = base->shape[1];
+	size_t		es = st_dtype_size(t->dtype);
+	unsigned char *at = x->table + (size_t) a->tok0 * E * es;
+	dl_status	st = st_to_f32(st_find(x->ad, a->map[2 * x->npairs + tbl].name), x->rows, err);
+
+	if (st != DL_OK)
+		return st;
+	memcpy(x->table, base->data, base->nbytes);
+	if (t->dtype != ST_F32)
+		pack16(x->rows, (size_t) a->ntok * E, t->dtype);
+	memcpy(at, x->rows, (size_t) a->ntok * E * es);
+	*data = x->table;
+	return DL_OK;
+}
+
 /*
  * The st_write_hook of the merge: a target's weight as W + scale (B A), the product
  * summed over the rank in float32 as torch's B @ A and then scaled, as PEFT's
- * get_delta_weight; the sum rounded once to W's dtype. Any other tensor goes as it is.
+ * get_delta_weight; the sum rounded once to W's dtype; a table of token rows with the
+ * adapter's. Any other tensor goes as it is.
  */
 static dl_status
 merge_tensor(void *arg, const st_write_tensor *t, const void **data, dl_error *err)
@@ -62,9 +90,12 @@ merge_tensor(void *arg, const st_write_tensor *t, const void **data, dl_error *e
 				n_in;
 	dl_status	st;
 
-	while (k < a->nmap / 2 && strcmp(x->weights[k].name, t->name) != 0)
+	for (int tbl = 0; a->ntok && tbl < 2; tbl++)
+		if (strcmp(x->tables[tbl], t->name) == 0)
+			return merge_rows(x, tbl, t, data, err);
+	while (k < x->npairs && strcmp(x->weights[k].name, t->name) != 0)
 		k++;
-	if (k == a->nmap / 2)
+	if (k == x->npairs)
 		return DL_OK;
 	n_out = x->weights[k].shape[0];
 	n_in = x->weights[k].shape[1];
@@ -111,10 +142,30 @@ merge_prepare(merge_ctx *x, const dl_config *c, const char *base_dir, const char
 				out = 0;
 	dl_status	st = DL_OK;
 
-	x->weights = calloc(a->nmap / 2, sizeof(dl_tensor_map));
+	size_t		table = 0;
+
+	x->npairs = a->ntargets * c->n_layer;
+	x->weights = calloc(x->npairs, sizeof(dl_tensor_map));
 	if (x->weights == NULL)
 		return dl_fail(err, DL_ENOMEM, "out of memory merging an adapter");
-	for (int k = 0; k < a->nmap / 2 && st == DL_OK; k++)
+	x->tables[0] = c->arch == DL_ARCH_GPTJ ? "transformer.wte.weight" : "gpt_neox.embed_in.weight";
+	x->tables[1] = c->arch == DL_ARCH_GPTJ ? "lm_head.weight" : "embed_out.weight";
+	for (int tbl = 0; a->ntok && tbl < 2 && st == DL_OK; tbl++)
+	{
+		const st_tensor *t = st_find(x->base, x->tables[tbl]),
+				   *found;
+
+		if (t == NULL || t->ndim != 2 || t->shape[1] != c->n_embd || t->shape[0] < a->tok0 + a->ntok ||
+			st_dtype_size(t->dtype) > sizeof(float))
+		{
+			dl_fail(err, DL_EFORMAT, "the base \"%s\" has no table \"%s\" of %d columns with rows %d .. %d",
+					base_dir, x->tables[tbl], c->n_embd, a->tok0, a->tok0 + a->ntok - 1);
+			return dl_hint(err, "An adapter merges only into the base model it was trained from.");
+		}
+		table = t->nbytes > table ? t->nbytes : table;
+		st = weights_check(x->ad, &a->map[2 * x->npairs + tbl], adapter_dir, "LoRA adapter", &found, err);
+	}
+	for (int k = 0; k < x->npairs && st == DL_OK; k++)
 	{
 		const dl_lora_target *t = &a->targets[k % a->ntargets];
 		dl_tensor_map *e = &x->weights[k];
@@ -139,7 +190,10 @@ merge_prepare(merge_ctx *x, const dl_config *c, const char *base_dir, const char
 	x->A = malloc((size_t) a->r * in * sizeof(float));
 	x->B = malloc(out * a->r * sizeof(float));
 	x->acc = malloc(in * sizeof(float));
-	if (x->w == NULL || x->A == NULL || x->B == NULL || x->acc == NULL)
+	x->rows = malloc((size_t) a->ntok * c->n_embd * sizeof(float) + 1);
+	x->table = malloc(table + 1);
+	if (x->w == NULL || x->A == NULL || x->B == NULL || x->acc == NULL || x->rows == NULL ||
+		x->table == NULL)
 	{
 		dl_fail(err, DL_ENOMEM, "out of memory merging an adapter");
 		return dl_hint(err, "Merging needs one target's weight in float32, %zu MB.",
@@ -176,8 +230,11 @@ lora_merge(const char *base_dir, const char *adapter_dir, const char *out_dir, d
 		st = merge_prepare(&x, &c, base_dir, adapter_dir, err);
 	}
 	if (st == DL_OK)
-		st = model_dir_write(base_dir, base, out_dir, merge_tensor, &x, err);
+		st = model_dir_write(base_dir, base, a->ntok ? adapter_dir : NULL, out_dir, merge_tensor, &x,
+							 err);
 	free(x.weights);
+	free(x.rows);
+	free(x.table);
 	free(x.w);
 	free(x.A);
 	free(x.B);

@@ -6,6 +6,7 @@
  */
 #include "files.h"
 #include "lora.h"
+#include "tokenizer.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,6 +50,22 @@ write_config(const dl_lora *a, const char *base_name, const char *path, dl_error
 	json_object_object_add(cfg, "modules_to_save", NULL);
 	json_object_object_add(cfg, "inference_mode", json_object_new_boolean(1));
 	json_object_object_add(cfg, "init_lora_weights", json_object_new_boolean(1));
+	if (a->ntok)
+	{
+		/* PEFT's form naming both tables: its default, a bare list, trains the embedding's alone */
+		json_object *rows = json_object_new_object();
+		const char *embed = a->model->cfg.arch == DL_ARCH_GPTJ ? "wte" : "embed_in";
+
+		for (int k = 0; k < 2; k++)
+		{
+			json_object *ids = json_object_new_array();
+
+			for (int i = 0; i < a->ntok; i++)
+				json_object_array_add(ids, json_object_new_int(a->tok0 + i));
+			json_object_object_add(rows, k ? "lm_head" : embed, ids);
+		}
+		json_object_object_add(cfg, "trainable_token_indices", rows);
+	}
 	text = json_object_to_json_string_ext(cfg, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
 										  JSON_C_TO_STRING_NOSLASHESCAPE);
 	st = file_create(path, &f, err);
@@ -59,16 +76,24 @@ write_config(const dl_lora *a, const char *base_name, const char *path, dl_error
 }
 
 dl_status
-dl_lora_save(const dl_lora *a, const char *base_name, const char *dir, dl_error *err)
+dl_lora_save(const dl_lora *a, const char *base_name, const dl_tokenizer *tok, const char *dir,
+			 dl_error *err)
 {
 	dl_dir_aside d;
 	char		path[4300];
-	dl_status	st = dir_aside_begin(dir, &d, err);
+	dl_status	st;
 
+	if (a->ntok && tok == NULL)
+		return dl_fail(err, DL_EINVAL, "an adapter with token rows is saved with its tokenizer");
+	st = dir_aside_begin(dir, &d, err);
 	if (st != DL_OK)
 		return st;
+	snprintf(path, sizeof(path), "%s/tokenizer.json", d.tmp);
+	if (a->ntok)
+		st = tok_save(tok, path, err);
 	snprintf(path, sizeof(path), "%s/adapter_config.json", d.tmp);
-	st = write_config(a, base_name, path, err);
+	if (st == DL_OK)
+		st = write_config(a, base_name, path, err);
 	snprintf(path, sizeof(path), "%s/adapter_model.safetensors", d.tmp);
 	if (st == DL_OK)
 		st = weights_write(a->model->be, a->mem, a->map, a->nmap, &a->model->cfg, path, err);

@@ -161,10 +161,11 @@ dl_status	weights_write(dl_backend *be, const void *mem, const dl_tensor_map *ma
 /*
  * Write the model of directory src, whose weights are set, as the new directory dst, as
  * model_convert does (train.h), each tensor's bytes given by hook(arg, ...) (safetensors.h;
- * NULL: as they are): lora_merge writes a base with its targets merged this way.
+ * NULL: as they are), tokenizer.json from directory tok_src when it has one (else src):
+ * lora_merge writes a base with its targets merged this way.
  */
-dl_status	model_dir_write(const char *src, const st_set *set, const char *dst,
-							st_write_hook hook, void *arg, dl_error *err);
+dl_status	model_dir_write(const char *src, const st_set *set, const char *tok_src,
+							const char *dst, st_write_hook hook, void *arg, dl_error *err);
 
 /* be->alloc as a dl_status: *out is NULL on failure. */
 dl_status	model_alloc(dl_backend *be, size_t bytes, void **out, dl_error *err);
@@ -198,9 +199,11 @@ typedef struct dl_kv_cache
 	dl_sample_row *sample_rows;	/* [R] sampling parameters of the logit rows */
 	int32_t    *tokens;			/* [R] their sampled tokens */
 	void	   *sample_ws;		/* the backend's sampling workspace */
-	float	   *lora_u;			/* [T, DL_LORA_MAX_RANK * DL_LORA_PER_PRODUCT] adapters' u */
+	float	   *lora_u;			/* [T, DL_LORA_MAX_RANK * DL_LORA_PER_PRODUCT] adapters' u, and
+								 * [R, DL_LORA_MAX_TOKENS] their token rows' */
 	int32_t    *meta;			/* device: ids [T] | pos [T] | rows [T] | spans */
 	int32_t    *h_meta;			/* the same, staged on the host */
+	struct dl_lora_run *h_runs;	/* [n_slots] host: the adapters' runs of a pass */
 	size_t		meta_bytes;
 } dl_kv_cache;
 

@@ -74,6 +74,7 @@ struct dl_train_acts
 	dl_trained	trained;
 	uint64_t	passes;			/* training passes so far: seeds the adapter's dropout */
 	float	   *lora_ws;		/* [T, max(E, F)] the adapter's dropped input, with dropout */
+	float	   *tok_u;			/* [logit_rows, ntok] its token rows' low-rank product */
 	int			max_tokens;
 	int			max_len;
 	int			logit_rows;		/* label rows per logits chunk */
@@ -174,6 +175,8 @@ layout(dl_train_acts *a, char *base)
 	a->losses = place(base, &off, T, al);
 	if (a->lora && a->lora->dropout > 0.0f)
 		a->lora_ws = place(base, &off, T * (F > E ? F : E), al);
+	if (a->lora && a->lora->ntok)
+		a->tok_u = place(base, &off, (size_t) a->logit_rows * a->lora->ntok, al);
 	a->attn_ws = place(base, &off,
 					   (a->model->be->attention_train_workspace(a->model->be, a->max_len, c->n_head) +
 						sizeof(float) - 1) / sizeof(float), al);
@@ -564,13 +567,21 @@ head_pass(dl_model *m, dl_train_acts *a, const pass *ps)
 		int			nr = R - r0 < a->logit_rows ? R - r0 : a->logit_rows;
 		float	   *lnf = a->lnf + (size_t) r0 * E;
 
+		dl_lora_run run = {a->lora, 0, nr};
+		dl_lora_tokens tk = lora_tokens(a->lora, g);
+
 		be->matmul_forward(be, a->logits, lnf, m->p.lm_head, m->p.lm_head_b, nr, E, V, 0);
+		if (tk.n)
+			lora_tokens_logits(be, a->logits, V, a->tok_u, lnf, E, &run, 1);
 		be->crossentropy_forward(be, a->losses + r0, g ? a->logits : NULL, a->logits,
 								 ps->labels + r0, nr, V);
-		if (g)
-			be->matmul_backward(be, a->dln + (size_t) r0 * E, grad_of(a, g, m->p.lm_head),
-								grad_of(a, g, m->p.lm_head_b), a->logits, lnf, m->p.lm_head,
-								nr, E, V);
+		if (g == NULL)
+			continue;
+		be->matmul_backward(be, a->dln + (size_t) r0 * E, grad_of(a, g, m->p.lm_head),
+							grad_of(a, g, m->p.lm_head_b), a->logits, lnf, m->p.lm_head,
+							nr, E, V);
+		lora_tokens_logits_backward(be, &tk, a->dln + (size_t) r0 * E, a->logits, V, a->tok_u,
+									lnf, nr, E);
 	}
 	if (g == NULL)
 		return;
@@ -742,6 +753,9 @@ dl_model_backward(dl_model *m, dl_train_acts *a, const dl_example *batch, int n,
 
 	a->passes += sink != NULL;
 	be->embedding_forward(be, a->layers[0].x, m->p.wte, ps.ids, T, cfg->n_embd);
+	if (a->lora)
+		lora_tokens_embed(be, a->layers[0].x, cfg->n_embd, a->h_meta,
+						  &(dl_lora_run) {a->lora, 0, T}, 1);
 	for (int l = 0; l < cfg->n_layer; l++)
 		layer_forward(m, a, l, &ps, a->layers[l + 1].x);
 	if (sink)
@@ -771,9 +785,11 @@ dl_model_backward(dl_model *m, dl_train_acts *a, const dl_example *batch, int n,
 			if (!cfg->tie_embeddings)
 				span_open(&ps, embedding);
 			float	   *dwte = grad_of(a, ps.grads, m->p.wte);
+			dl_lora_tokens tk = lora_tokens(a->lora, ps.grads);
 
 			if (dwte)
 				be->embedding_backward(be, dwte, a->dx, ps.ids, T, cfg->n_embd);
+			lora_tokens_embed_backward(be, &tk, a->dx, cfg->n_embd, a->h_meta, T);
 			st = span_close(&ps, embedding, err);
 		}
 		/* a failed close leaves spans open: none is open at the next pass */

@@ -91,7 +91,8 @@ dl_kv_cache_create(dl_model *m, int n_slots, int max_ctx, int max_tokens,
 	sizes[10] = be->sample_workspace(be, R, V);
 	c->meta_bytes = (3 * T + 4 * (size_t) n_slots) * sizeof(int32_t);
 	sizes[11] = c->meta_bytes;
-	sizes[12] = T * DL_LORA_MAX_RANK * DL_LORA_PER_PRODUCT * sizeof(float);	/* lora_u */
+	sizes[12] = (T * DL_LORA_MAX_RANK * DL_LORA_PER_PRODUCT > R * DL_LORA_MAX_TOKENS ?
+				 T * DL_LORA_MAX_RANK * DL_LORA_PER_PRODUCT : R * DL_LORA_MAX_TOKENS) * sizeof(float);	/* lora_u */
 	for (int i = 0; i < NBUFS; i++)
 		total += aligned(be, sizes[i]);
 	st = model_alloc(be, total, &c->act, err);
@@ -117,7 +118,8 @@ dl_kv_cache_create(dl_model *m, int n_slots, int max_ctx, int max_tokens,
 	c->meta = (int32_t *) at[11];
 	c->lora_u = (float *) at[12];
 	c->h_meta = malloc(c->meta_bytes);
-	if (c->h_meta == NULL)
+	c->h_runs = malloc(n_slots * sizeof(dl_lora_run));
+	if (c->h_meta == NULL || c->h_runs == NULL)
 	{
 		st = dl_fail(err, DL_ENOMEM, "out of memory creating a KV cache");
 		goto fail;
@@ -138,6 +140,7 @@ dl_kv_cache_free(dl_kv_cache *c)
 	c->model->be->free(c->model->be, c->kv);
 	c->model->be->free(c->model->be, c->act);
 	free(c->h_meta);
+	free(c->h_runs);
 	free(c);
 }
 
@@ -196,6 +199,30 @@ typedef struct batch
 	int			n;
 	int			adapted;		/* some sequence has an adapter */
 } batch;
+
+/*
+ * The runs of b's sequences with adapters over rows [r0, r0 + nr) of its token rows, or
+ * of its logit rows with logits, into runs (b->n at most), rows counted from r0.
+ */
+static int
+adapter_runs(const batch *b, int logits, int r0, int nr, dl_lora_run *runs)
+{
+	int			n = 0,
+				at = 0;
+
+	for (int i = 0; i < b->n; i++)
+	{
+		const dl_seq *s = &b->seqs[i];
+		int			k = !logits || s->want == DL_LOGITS_ALL ? s->n_tokens : s->want == DL_LOGITS_LAST,
+					lo = at > r0 ? at : r0,
+					hi = at + k < r0 + nr ? at + k : r0 + nr;
+
+		if (s->lora && lo < hi)
+			runs[n++] = (dl_lora_run) {s->lora, lo - r0, hi - lo};
+		at += k;
+	}
+	return n;
+}
 
 /* segments of one lora_forward call in inference; more take several */
 #define SEGS_PER_CALL 64
@@ -331,6 +358,8 @@ forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n, float *logits,
 		b.adapted |= seqs[i].lora != NULL;
 
 	be->embedding_forward(be, c->x, m->p.wte, d_ids, T, E);
+	if (b.adapted)
+		lora_tokens_embed(be, c->x, E, h_ids, c->h_runs, adapter_runs(&b, 0, 0, T, c->h_runs));
 	for (int l = 0; l < cfg->n_layer; l++)
 	{
 		const dl_layer_params *L = &m->p.layers[l];
@@ -374,6 +403,9 @@ forward(dl_model *m, dl_kv_cache *c, const dl_seq *seqs, int n, float *logits,
 		be->layernorm_forward(be, c->lg_in, NULL, NULL, c->lg_in, m->p.lnf_w, m->p.lnf_b, nr, E,
 							  cfg->ln_eps);
 		be->matmul_forward(be, c->logits, c->lg_in, m->p.lm_head, m->p.lm_head_b, nr, E, V, 0);
+		if (b.adapted)
+			lora_tokens_logits(be, c->logits, V, c->lora_u, c->lg_in, E, c->h_runs,
+							   adapter_runs(&b, 1, r0, nr, c->h_runs));
 		if (rows)
 		{
 			st = be->upload(be, c->sample_rows, rows + r0, nr * sizeof(dl_sample_row), err);

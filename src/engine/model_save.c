@@ -473,16 +473,22 @@ write_shards(const st_set *set, const char *tmp, st_write_hook hook, void *arg, 
 
 /* A model directory's files and weights written as a new one; see model.h. */
 dl_status
-model_dir_write(const char *src, const st_set *set, const char *dst, st_write_hook hook,
-				void *arg, dl_error *err)
+model_dir_write(const char *src, const st_set *set, const char *tok_src, const char *dst,
+				st_write_hook hook, void *arg, dl_error *err)
 {
 	dl_dir_aside d;
+	char		path[4300];
+	const char *tok_dir = src;
 	dl_status	st = dir_aside_begin(dst, &d, err);
 
 	if (st != DL_OK)
 		return st;
+	snprintf(path, sizeof(path), "%s/tokenizer.json", tok_src ? tok_src : src);
+	if (tok_src && access(path, F_OK) == 0)
+		tok_dir = tok_src;
 	for (size_t i = 0; i < sizeof(model_files) / sizeof(model_files[0]) && st == DL_OK; i++)
-		st = copy_model_file(src, d.tmp, model_files[i], i == 0, err);
+		st = copy_model_file(strcmp(model_files[i], "tokenizer.json") == 0 ? tok_dir : src,
+							 d.tmp, model_files[i], i == 0, err);
 	if (st == DL_OK)
 		st = write_shards(set, d.tmp, hook, arg, err);
 	return dir_aside_end(&d, st, err);
@@ -496,25 +502,43 @@ model_convert(const char *src, const char *dst, dl_error *err)
 	dl_status	st = st_open(src, &set, err);
 
 	if (st == DL_OK)
-		st = model_dir_write(src, set, dst, NULL, NULL, err);
+		st = model_dir_write(src, set, NULL, dst, NULL, NULL, err);
 	st_close(set);
 	return st;
 }
 
 dl_status
-lora_check_tokens(const dl_model *m, const dl_tokenizer *tok, dl_error *err)
+lora_dolly_tokens(const dl_model *m, dl_tokenizer *tok, dl_lora_config *cfg, dl_error *err)
 {
+	int32_t		first = -1,
+				last = -1;
 
+	cfg->tok0 = cfg->ntok = 0;
+	for (int i = 0; i < 3; i++)
+	{
+		int32_t		id = tok_token_id(tok, dolly_keys[i]);
+		dl_status	st;
+
+		if (id >= 0)
+			continue;
+		if ((st = tok_add_special(tok, dolly_keys[i], &id, err)) != DL_OK)
+			return st;
+		first = first < 0 ? id : first;
+		last = id;
+	}
 	for (int i = 0; i < 3; i++)
 	{
 		int32_t		id = tok_token_id(tok, dolly_keys[i]);
 
-		if (id < 0 || id >= m->cfg.vocab_size)
+		if (id >= m->cfg.vocab_size)
 		{
-			dl_fail(err, DL_EUNSUPPORTED, "the base model lacks Dolly's special token \"%s\", which LoRA cannot train",
-					dolly_keys[i]);
-			return dl_hint(err, "Fine-tune the whole model once (it adds them), or start from a Dolly model (databricks/dolly-v2-*).");
+			dl_fail(err, DL_EUNSUPPORTED, "Dolly's special token \"%s\" (id %d) has no row in the base's tables of %d rows",
+					dolly_keys[i], id, m->cfg.vocab_size);
+			return dl_hint(err, "A frozen base cannot grow its tables: fine-tune the whole model once (it adds them), or start from a Dolly model (databricks/dolly-v2-*).");
 		}
 	}
+	/* tok_add_special gives consecutive ids */
+	cfg->tok0 = first < 0 ? 0 : first;
+	cfg->ntok = first < 0 ? 0 : last - first + 1;
 	return DL_OK;
 }

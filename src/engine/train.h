@@ -26,6 +26,7 @@
 #include "collective.h"
 #include "error.h"
 #include "files.h"
+#include "lora.h"
 #include "model.h"
 #include "tokenizer.h"
 
@@ -67,12 +68,15 @@ int			examples_split(dl_example *ex, int n, double eval_fraction, uint64_t seed)
 dl_status	model_add_dolly_tokens(dl_model **m, dl_tokenizer *tok, dl_error *err);
 
 /*
- * Whether an adapter can be trained over m with tokenizer tok: they must have Dolly's
- * special tokens already. The base stays frozen, so rows grown for them would stay
- * untrained, and an adapter saves no embedding rows (PEFT's modules_to_save) yet. The
- * error's hint says what to do instead.
+ * Dolly's special tokens for an adapter over m: those tokenizer tok lacks are added to it,
+ * and their rows become the adapter's trained token rows (cfg's tok0 and ntok; none when
+ * tok has them all), the base staying frozen. Their ids must fall within m's tables, in
+ * the padding rows models of this family have (Pythia's 50,304 for 50,277 tokens,
+ * GPT-J's 50,400 for 50,257): a base whose tables would have to grow is refused, with a
+ * hint.
  */
-dl_status	lora_check_tokens(const dl_model *m, const dl_tokenizer *tok, dl_error *err);
+dl_status	lora_dolly_tokens(const dl_model *m, dl_tokenizer *tok, dl_lora_config *cfg,
+							  dl_error *err);
 
 /* Optimiser and schedule settings; defaults from train_defaults(). */
 typedef struct dl_train_config

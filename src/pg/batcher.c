@@ -153,6 +153,13 @@ run_tokenizer(const dl_pipeline *p, DollyRequest *req)
 	}
 }
 
+/* The tokenizer and stop tokens of a sequence of m with adapter a (or NULL). */
+static const dl_pipeline *
+pipeline_of(const ServedModel *m, const ServedAdapter *a)
+{
+	return a && a->pipe ? a->pipe : m->pipe;
+}
+
 /* Admit a generation request into its model's generator, with its adapter (or NULL). */
 static void
 admit(ServedModel *m, DollyRequest *req, ServedAdapter *adapter)
@@ -171,7 +178,7 @@ admit(ServedModel *m, DollyRequest *req, ServedAdapter *adapter)
 		return;
 	}
 	/* the session formatted the prompt (Dolly's template, prompt_format) */
-	if (tok_encode(m->pipe->tok, req->in, req->in_len, &ids, &n, &err) != DL_OK)
+	if (tok_encode(pipeline_of(m, adapter)->tok, req->in, req->in_len, &ids, &n, &err) != DL_OK)
 	{
 		dolly_queue_finish(req, &err);
 		return;
@@ -180,7 +187,7 @@ admit(ServedModel *m, DollyRequest *req, ServedAdapter *adapter)
 	gr.prompt = ids;
 	gr.n_prompt = n;
 	gr.max_new_tokens = req->gen.max_new_tokens;
-	gr.end_id = pipeline_stop_id(m->pipe, !req->gen.extract_response);
+	gr.end_id = pipeline_stop_id(pipeline_of(m, adapter), !req->gen.extract_response);
 	gr.sampling.do_sample = req->gen.do_sample;
 	gr.sampling.temperature = (float) req->gen.temperature;
 	gr.sampling.top_k = req->gen.top_k;
@@ -222,7 +229,8 @@ answer(ServedModel *m, Sequence *s)
 	seq = gen_prompt(m->gen, s->id, &n_prompt);
 	(void) gen_tokens(m->gen, s->id, &n);
 	req->new_tokens = n;
-	if (pipeline_answer(m->pipe, seq, n_prompt, n, !req->gen.extract_response, &text, &err) != DL_OK)
+	if (pipeline_answer(pipeline_of(m, s->adapter), seq, n_prompt, n, !req->gen.extract_response,
+						&text, &err) != DL_OK)
 	{
 		dolly_queue_finish(req, &err);
 		return;
@@ -339,6 +347,16 @@ step_model(ServedModel *m, DollyPassTrace *t)
 	account(m, NULL, after - before, t->step);
 }
 
+/* Whether adapter directory path carries a tokenizer: it has token rows (lora.h). */
+static bool
+carries_tokenizer(const char *path)
+{
+	char		file[MAXPGPATH + 32];
+
+	snprintf(file, sizeof(file), "%s/tokenizer.json", path);
+	return access(file, F_OK) == 0;
+}
+
 /*
  * Take queued requests, oldest first. One that cannot start now (its model has no free
  * sequence, or needs loading while another load is under way) is put back, keeping its
@@ -367,7 +385,23 @@ take_requests(void)
 		m = dolly_served_find(&ref, &req->ident);
 		if (req->kind != REQ_GENERATE)
 		{
-			if (dolly_served_tokenizer(&ref, m, &tokenizing, &err) != DL_OK)
+			const ModelRef *tref = &ref;
+
+			if (req->adapter[0])
+			{
+				if (dolly_served_resolve(req->adapter, &req->adapter_ident, &aref, &err) != DL_OK)
+				{
+					dolly_queue_finish(req, &err);
+					continue;
+				}
+				/* an adapter with token rows tokenizes with its own tokenizer (lora.h) */
+				if (carries_tokenizer(aref.path))
+				{
+					tref = &aref;
+					m = NULL;
+				}
+			}
+			if (dolly_served_tokenizer(tref, m, &tokenizing, &err) != DL_OK)
 				dolly_queue_finish(req, &err);
 			else
 				run_tokenizer(tokenizing, req);

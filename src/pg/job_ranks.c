@@ -359,6 +359,7 @@ dolly_job_load_base(const char *base_path, int rank, int nranks, const dl_lora_c
 					dl_backend **be, dl_pipeline **base, dl_lora **adapter, dl_error *err)
 {
 	char		path[MAXPGPATH + 32];
+	dl_lora_config cfg;
 	dl_status	st;
 
 	if (dolly_want_cuda())
@@ -382,9 +383,10 @@ dolly_job_load_base(const char *base_path, int rank, int nranks, const dl_lora_c
 		return err->code;
 	if (lora == NULL)
 		return model_add_dolly_tokens(&(*base)->model, (*base)->tok, err);
-	if (lora_check_tokens((*base)->model, (*base)->tok, err) != DL_OK)
+	cfg = *lora;
+	if (lora_dolly_tokens((*base)->model, (*base)->tok, &cfg, err) != DL_OK)
 		return err->code;
-	return dl_lora_create((*base)->model, lora, seed, adapter, err);
+	return dl_lora_create((*base)->model, &cfg, seed, adapter, err);
 }
 
 /*

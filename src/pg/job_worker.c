@@ -512,7 +512,7 @@ run_job(const JobSpec *spec)
 		goto fail;
 
 	set_phase("saving");
-	if (lora ? dl_lora_save(lora, spec->base ? spec->base : dolly_model, out_path, &err) != DL_OK
+	if (lora ? dl_lora_save(lora, spec->base ? spec->base : dolly_model, base->tok, out_path, &err) != DL_OK
 		: model_save(base->model, base->tok, cfg_path, out_path, &err) != DL_OK)
 		goto fail;
 	finish_job("succeeded", NULL, spec, out_path);

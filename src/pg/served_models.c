@@ -107,6 +107,7 @@ unload_adapter(ServedAdapter *a)
 {
 	elog(LOG, "dolly: unloading adapter \"%s\"", a->path);
 	dl_lora_free(a->lora);
+	pipeline_close(a->pipe);
 	memset(a, 0, sizeof(*a));
 }
 
@@ -333,8 +334,12 @@ dolly_served_adapter(ServedModel *m, const ModelRef *aref, const DollyModelIdent
 		free_entry = lru;
 	}
 	elog(LOG, "dolly: loading adapter \"%s\" over model \"%s\"", aref->path, m->path);
-	if (dl_lora_load(m->pipe->model, aref->path, &free_entry->lora, err) != DL_OK)
+	if (dl_lora_load(m->pipe->model, aref->path, &free_entry->lora, err) != DL_OK ||
+		(free_entry->lora->ntok &&
+		 dolly_open_model(aref->path, NULL, NULL, NULL, NULL, &free_entry->pipe, err) != DL_OK))
 	{
+		dl_lora_free(free_entry->lora);
+		free_entry->lora = NULL;
 		elog(LOG, "dolly: cannot load adapter \"%s\": %s", aref->path, err->msg);
 		dolly_hide_path(err, aref->path, aref->name);
 		dolly_relative_paths(err);

@@ -28,6 +28,8 @@ typedef struct ServedAdapter
 	char		name[DOLLY_MODEL_NAME_MAX];
 	DollyModelIdent ident;		/* of the directory when it was loaded */
 	dl_lora    *lora;			/* NULL: a free entry */
+	dl_pipeline *pipe;			/* its tokenizer, which has its token rows' tokens (lora.h);
+								 * NULL: it has none, and runs with the model's */
 	int			nseq;			/* sequences running it: it stays while any does */
 	uint64		last_used;
 } ServedAdapter;

@@ -358,7 +358,9 @@ cmd_generate(const options *o)
 {
 	dl_error	err;
 	dl_backend *be = NULL;
-	dl_pipeline *p = NULL;
+	dl_pipeline *p = NULL,
+			   *tp = NULL,
+			   *text;
 	dl_kv_cache *c = NULL;
 	dl_generator *g = NULL;
 	char	   *answer = NULL;
@@ -385,8 +387,7 @@ cmd_generate(const options *o)
 	}
 	if (backend(o, DL_CUDA_BF16, &be, &err))
 		goto done;
-	if (pipeline_open(o->model, be, NULL, NULL, &p, &err) != DL_OK ||
-		pipeline_prompt(p, o->instruction, o->context, o->raw, &ids, &n_ids, &err) != DL_OK)
+	if (pipeline_open(o->model, be, NULL, NULL, &p, &err) != DL_OK)
 	{
 		report(&err);
 		goto done;
@@ -394,8 +395,17 @@ cmd_generate(const options *o)
 	loaded(o, p->model, t0);
 	if (load_adapters(o, p->model, lora, &err))
 		goto done;
-	req = (dl_gen_request) {ids, n_ids, o->max_new, pipeline_stop_id(p, o->raw), o->sampling, o->seed,
-	lora[0]};
+	/* an adapter with token rows brings its tokenizer, which has their tokens (lora.h) */
+	if ((lora[0] && lora[0]->ntok &&
+		 pipeline_open(o->adapters[0], NULL, NULL, NULL, &tp, &err) != DL_OK) ||
+		pipeline_prompt(text = tp ? tp : p, o->instruction, o->context, o->raw, &ids, &n_ids,
+						&err) != DL_OK)
+	{
+		report(&err);
+		goto done;
+	}
+	req = (dl_gen_request) {ids, n_ids, o->max_new, pipeline_stop_id(text, o->raw), o->sampling,
+	o->seed, lora[0]};
 	/* a cache just long enough; a prompt beyond the model's context fails in gen_add */
 	if (dl_kv_cache_create(p->model, 1, n_ids + o->max_new < p->model->cfg.max_pos ? n_ids + o->max_new : p->model->cfg.max_pos,
 						   512, &c, &err) != DL_OK ||
@@ -423,7 +433,7 @@ cmd_generate(const options *o)
 	t2 = sys_now_s();
 
 	(void) gen_tokens(g, id, &n_gen);
-	if (pipeline_answer(p, gen_prompt(g, id, &n_ids), n_ids, n_gen, o->raw, &answer, &err) != DL_OK)
+	if (pipeline_answer(text, gen_prompt(g, id, &n_ids), n_ids, n_gen, o->raw, &answer, &err) != DL_OK)
 	{
 		report(&err);
 		goto done;
@@ -439,6 +449,7 @@ done:
 	dl_kv_cache_free(c);
 	for (int i = 0; i < o->nadapters; i++)
 		dl_lora_free(lora[i]);
+	pipeline_close(tp);
 	pipeline_close(p);
 	if (be)
 		be->destroy(be);
@@ -728,7 +739,7 @@ cmd_logits(const options *o)
 	}
 	if (load(o, DL_CUDA_BF16, &be, &m, &err) || load_adapters(o, m, lora, &err))
 		goto done;
-	if (tok_load_dir(o->model, &tok, &err) != DL_OK ||
+	if (tok_load_dir(lora[0] && lora[0]->ntok ? o->adapters[0] : o->model, &tok, &err) != DL_OK ||
 		tok_encode(tok, o->instruction, strlen(o->instruction), &ids, &n, &err) != DL_OK)
 	{
 		report(&err);

@@ -211,6 +211,7 @@ cmd_train(const options *o)
 	dl_example *ex = NULL;
 	dl_finetune_opts fo;
 	dl_train_progress last;
+	dl_lora_config lcfg = o->lora_cfg;
 	int			n = 0,
 				skipped,
 				neval,
@@ -230,8 +231,8 @@ cmd_train(const options *o)
 	if (load(o, DL_CUDA_MIXED, &be, &m, &err))
 		goto done;
 	if (tok_load_dir(o->model, &tok, &err) != DL_OK ||
-		(o->lora ? lora_check_tokens(m, tok, &err) != DL_OK ||
-		 dl_lora_create(m, &o->lora_cfg, seed, &lora, &err) != DL_OK
+		(o->lora ? lora_dolly_tokens(m, tok, &lcfg, &err) != DL_OK ||
+		 dl_lora_create(m, &lcfg, seed, &lora, &err) != DL_OK
 		 : model_add_dolly_tokens(&m, tok, &err) != DL_OK))
 	{
 		report(&err);
@@ -278,7 +279,7 @@ cmd_train(const options *o)
 		   (long long) (lora ? dl_lora_param_count(lora) : dl_model_param_count(m)));
 	fflush(stdout);
 	snprintf(path, sizeof(path), "%s/config.json", o->model);
-	if (lora ? dl_lora_save(lora, o->model, o->out, &err) != DL_OK
+	if (lora ? dl_lora_save(lora, o->model, tok, o->out, &err) != DL_OK
 		: model_save(m, tok, path, o->out, &err) != DL_OK)
 	{
 		report(&err);

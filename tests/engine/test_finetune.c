@@ -501,14 +501,15 @@ TEST(finetune_zero_stages_uneven_split_and_bf16)
 }
 
 /*
- * An adapter (every linear module of GPT-NeoX, rank 4) trained by 2 and 4 ranks at ZeRO
- * stages 0, 1 and 2: the ranks' adapters end bit-identical, the stages too, and within
+ * An adapter (every linear module of GPT-NeoX, rank 4, and the rows of Dolly's tokens, so
+ * that the head's and the embedding's spans hold some of it too) trained by 2 and 4 ranks
+ * at ZeRO stages 0, 1 and 2: the ranks' adapters end bit-identical, the stages too, and within
  * float rounding of one rank's (as above); the model itself does not move.
  */
 TEST(finetune_lora_ranks_and_zero_stages_match_one_rank)
 {
 	dl_lora_config lc = {.r = 4, .alpha = 8.0f, .dropout = 0.0f, .ntargets = 4,
-	.targets = {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}};
+	.targets = {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}, .tok0 = 512, .ntok = 3};
 	setup		one,
 				frozen;			/* the model and a fresh adapter, untrained */
 	dl_error	err;

@@ -14,7 +14,9 @@
 #include "../../src/engine/files.h"
 #include "../../src/engine/generate.h"
 #include "../../src/engine/lora.h"
+#include "../../src/engine/train.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +31,7 @@ static const char *const adapters[][2] = {
 	{"gptj-f32", "gptj-f32-lora-all"},
 	{"neox-par-f32", "neox-par-f32-lora-qkv"},
 	{"neox-seq-f32", "neox-seq-f32-lora-all"},
+	{"neox-par-f32", "neox-par-f32-lora-tok"},
 };
 
 /* A model, an adapter of it and the adapter's expected logits, on a 2-thread CPU backend. */
@@ -291,7 +294,7 @@ TEST(lora_fresh_is_the_base_and_saving_keeps_it)
 			same = memcmp(base, adapted, 4 * V * sizeof(float)) == 0;
 	}
 	if (st == DL_OK)
-		st = dl_lora_save(f.a, "neox-seq-f32", out, &err);
+		st = dl_lora_save(f.a, "neox-seq-f32", NULL, out, &err);
 	if (st == DL_OK)
 		st = dl_lora_load(f.m, out, &back, &err);
 	if (st == DL_OK)
@@ -312,7 +315,7 @@ TEST(lora_fresh_is_the_base_and_saving_keeps_it)
 	CHECK(fresh->ntargets == 1 && strcmp(fresh->targets[0].module, "query_key_value") == 0);
 	CHECK(dl_lora_param_count(fresh) == (int64_t) f.m->cfg.n_layer * 5 * (32 + 96));
 	/* the directory must not exist yet */
-	CHECK(dl_lora_save(f.a, "x", out, &err) == DL_EINVAL);
+	CHECK(dl_lora_save(f.a, "x", NULL, out, &err) == DL_EINVAL);
 	free(base);
 	free(adapted);
 	free(x);
@@ -328,6 +331,135 @@ TEST(lora_fresh_is_the_base_and_saving_keeps_it)
 	snprintf(out, sizeof(out), "%s/adapter", dir);
 	rmdir(out);
 	rmdir(dir);
+}
+
+/*
+ * A tokenizer as a base's comes, without Dolly's tokens: the legacy fixture's vocabulary
+ * and merges alone (its added_tokens.json and special_tokens_map.json have them), linked
+ * into dir.
+ */
+static dl_status
+plain_tokenizer(const char *dir, dl_tokenizer **tok, dl_error *err)
+{
+	static const char *const files[] = {"vocab.json", "merges.txt"};
+	char		from[PATH_MAX],
+				to[PATH_MAX + 64];
+
+	for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++)
+	{
+		char		rel[256];
+
+		snprintf(rel, sizeof(rel), "tokenizer-legacy/%s", files[i]);
+		snprintf(to, sizeof(to), "%s/%s", dir, files[i]);
+		if (realpath(fixture_path(rel), from) == NULL || symlink(from, to) != 0)
+			return dl_fail(err, DL_EIO, "cannot link \"%s\"", to);
+	}
+	return tok_load_dir(dir, tok, err);
+}
+
+/*
+ * A base without Dolly's tokens (neox-par-f32's 528 rows, a tokenizer of 512): the
+ * adapter owns their rows (512 .. 514, the ids the tokenizer gives them), which start as
+ * the base's; saved with its tokenizer and PEFT's trainable_token_indices, and loaded
+ * back the same, logits included. Refused: a base whose tables have no such rows, token
+ * rows over tied embeddings, saving without the tokenizer.
+ */
+TEST(lora_token_rows_for_a_base_without_dolly_tokens)
+{
+	lora_fixture f;
+	dl_tokenizer *tok = NULL,
+			   *saved = NULL,
+			   *small = NULL;
+	dl_lora    *fresh = NULL,
+			   *back = NULL,
+			   *none = NULL;
+	dl_lora_config cfg;
+	dl_model	narrow,
+				tied;
+	dl_error	err;
+	char		dir[64],
+				tokdir[4200],
+				out[4200];
+	int32_t		ids[6] = {11, 512, 40, 513, 514, 7};
+	float	   *lg[3] = {NULL, NULL, NULL};
+	double		fresh_d = 0;
+	int			same = 0,
+				V = 0;
+	dl_status	st = lora_open(4, &f, &err);
+
+	CHECK(scratch_dir(dir, sizeof(dir)) != NULL);
+	snprintf(tokdir, sizeof(tokdir), "%s/tok", dir);
+	snprintf(out, sizeof(out), "%s/adapter", dir);
+	CHECK(mkdir(tokdir, 0700) == 0);
+	if (st == DL_OK)
+		st = plain_tokenizer(tokdir, &tok, &err);
+	CHECK(tok == NULL || tok_token_id(tok, "### End") < 0);
+	lora_defaults(&cfg);
+	cfg.dropout = 0.0f;
+	cfg.r = 4;					/* the fixture adapter's */
+	if (st == DL_OK)
+		st = lora_dolly_tokens(f.m, tok, &cfg, &err);
+	if (st == DL_OK)
+		st = dl_lora_create(f.m, &cfg, 7, &fresh, &err);
+	if (st == DL_OK)
+	{
+		V = f.m->cfg.vocab_size;
+		for (int k = 0; k < 3; k++)
+			lg[k] = malloc(6 * V * sizeof(float));
+		st = forward_all(f.m, NULL, ids, 6, lg[0], &err);
+	}
+	if (st == DL_OK)
+		st = forward_all(f.m, fresh, ids, 6, lg[1], &err);
+	for (int i = 0; st == DL_OK && i < 6 * V; i++)
+		fresh_d = fmax(fresh_d, fabs(lg[0][i] - lg[1][i]));
+	/* the fixture adapter's rows, saved and loaded back */
+	if (st == DL_OK)
+		st = dl_lora_save(f.a, "neox-par-f32", tok, out, &err);
+	if (st == DL_OK)
+		st = dl_lora_load(f.m, out, &back, &err);
+	if (st == DL_OK)
+		st = forward_all(f.m, f.a, ids, 6, lg[1], &err);
+	if (st == DL_OK)
+		st = forward_all(f.m, back, ids, 6, lg[2], &err);
+	if (st == DL_OK)
+		same = memcmp(lg[1], lg[2], 6 * V * sizeof(float)) == 0 &&
+			memcmp(lg[0], lg[1], 6 * V * sizeof(float)) != 0;
+	if (st == DL_OK)
+		st = tok_load_dir(out, &saved, &err);
+	CHECK_OK(st, &err);
+	printf("  token rows %d .. %d; a fresh adapter within %.1e of the base; saved and loaded back: %s\n",
+		   cfg.tok0, cfg.tok0 + cfg.ntok - 1, fresh_d, same ? "the same logits" : "DIFFERENT");
+	CHECK(cfg.tok0 == 512 && cfg.ntok == 3 && tok_token_id(tok, "### End") == 512);
+	CHECK(tok_token_id(tok, "### Response:\n") == 514);
+	CHECK(fresh->ntok == 3 && dl_lora_param_count(fresh) == dl_lora_param_count(f.a));
+	CHECK(fresh_d <= 1e-5);
+	CHECK(same);
+	CHECK(back->tok0 == 512 && back->ntok == 3);
+	CHECK(tok_token_id(saved, "### Instruction:") == 513);
+
+	/* refusals */
+	CHECK(dl_lora_save(f.a, "x", NULL, out, &err) == DL_EINVAL && strstr(err.msg, "tokenizer"));
+	narrow = *f.m;
+	narrow.cfg.vocab_size = 513;
+	snprintf(tokdir, sizeof(tokdir), "%s/tok2", dir);
+	CHECK(mkdir(tokdir, 0700) == 0);
+	CHECK_OK(plain_tokenizer(tokdir, &small, &err), &err);
+	CHECK(lora_dolly_tokens(&narrow, small, &cfg, &err) == DL_EUNSUPPORTED &&
+		  strstr(err.msg, "no row") && err.hint[0]);
+	tied = *f.m;
+	tied.cfg.tie_embeddings = 1;
+	cfg.tok0 = 512;
+	cfg.ntok = 3;
+	CHECK(dl_lora_create(&tied, &cfg, 1, &none, &err) == DL_EUNSUPPORTED && none == NULL);
+	for (int k = 0; k < 3; k++)
+		free(lg[k]);
+	tok_free(tok);
+	tok_free(saved);
+	tok_free(small);
+	dl_lora_free(fresh);
+	dl_lora_free(back);
+	lora_close(&f);
+	scratch_done(dir);
 }
 
 /*
@@ -601,7 +733,8 @@ TEST(lora_merge_matches_peft)
 		if (st == DL_OK)
 		{
 			changed = changed_tensors(merged, base);
-			targets = a->nmap / 2;
+			/* each target's weight, and the two tables of the token rows */
+			targets = a->ntargets * m->cfg.n_layer + (a->ntok ? 2 : 0);
 			shards = merged->nfiles == base->nfiles ? merged->nfiles : -1;
 		}
 		st_close(base);
@@ -707,7 +840,7 @@ TEST(lora_merge_16bit_bases)
 			st = be->upload(be, (char *) fresh->mem + e->offset, buf, n * sizeof(float), &err);
 		}
 		if (st == DL_OK)
-			st = dl_lora_save(fresh, bases[k].f32, adapter, &err);
+			st = dl_lora_save(fresh, bases[k].f32, NULL, adapter, &err);
 		if (st == DL_OK)
 			st = lora_merge(fixture_path(bases[k].base), adapter, out, &err);
 		if (st == DL_OK)

@@ -385,6 +385,12 @@ TEST(cuda_lora_neox_seq_all)
 	check_model("neox-seq-f32", "neox-seq-f32-lora-all", failed_);
 }
 
+/* An adapter that owns the rows of Dolly's tokens in the embedding and the output layer. */
+TEST(cuda_lora_neox_par_tok)
+{
+	check_model("neox-par-f32", "neox-par-f32-lora-tok", failed_);
+}
+
 /* Training the fixture adapters over a frozen base: the base's backward skips its parameters. */
 TEST(cuda_train_lora_gptj_qv)
 {
@@ -394,4 +400,9 @@ TEST(cuda_train_lora_gptj_qv)
 TEST(cuda_train_lora_neox_seq_all)
 {
 	check_training("neox-seq-f32-lora-all", failed_);
+}
+
+TEST(cuda_train_lora_neox_par_tok)
+{
+	check_training("neox-par-f32-lora-tok", failed_);
 }

@@ -3,7 +3,8 @@
 # registered with theirs; dolly_generate serves adapters on the base without copying it, 16
 # sessions over 4 adapters and the base at once each getting its answer alone, with fewer
 # adapters loaded than asked for; dolly_merge_adapter writes one as a model that answers
-# alike; an adapter of another base, an adapter whose base the role may not use, bad
+# alike; over a base whose tokenizer lacks Dolly's tokens, the adapter owns their rows and
+# carries the tokenizer that has them, which serving uses; an adapter of another base, an adapter whose base the role may not use, bad
 # options and an adapter as a base are refused with clear errors.
 use strict;
 use warnings;
@@ -15,7 +16,8 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 
 my ($node, $models) = dolly_cluster('lora',
-	models => [ 'gptj-f32', 'neox-par-f32', 'gptj-f32-lora-qv', 'gptj-f32-lora-all', 'neox-par-f32-lora-qkv' ],
+	models => [ 'gptj-f32', 'neox-par-f32', 'gptj-f32-lora-qv', 'gptj-f32-lora-all', 'neox-par-f32-lora-qkv',
+		'tokenizer-legacy' ],
 	conf => "dolly.max_batch = 16\ndolly.max_loaded_adapters = 2\ndolly.train_workers = 2\n");
 mkdir "$models/misfit";
 system('cp', glob("$models/neox-par-f32-lora-qkv/*"), "$models/misfit/") == 0 or die 'cp';
@@ -23,6 +25,11 @@ system('cp', glob("$models/neox-par-f32-lora-qkv/*"), "$models/misfit/") == 0 or
 mkdir "$models/corrupt";
 system('cp', glob("$models/gptj-f32-lora-qv/*"), "$models/corrupt/") == 0 or die 'cp';
 truncate("$models/corrupt/adapter_model.safetensors", 1000) or die 'truncate';
+# a base as Pythia comes: tables of 528 rows, a tokenizer of 512 without Dolly's tokens
+mkdir "$models/plain";
+system('cp', "$models/neox-par-f32/config.json", "$models/neox-par-f32/model.safetensors",
+	"$models/tokenizer-legacy/vocab.json", "$models/tokenizer-legacy/merges.txt", "$models/plain/") == 0
+  or die 'cp';
 
 $node->safe_psql('postgres', q{
 CREATE ROLE alice LOGIN IN ROLE dolly_trainer;
@@ -37,12 +44,13 @@ SELECT dolly_register_model('gptj-f32-lora-all', base_model => 'gptj-f32');
 SELECT dolly_register_model('neox-par-f32-lora-qkv');
 SELECT dolly_register_model('misfit', base_model => 'gptj-f32');
 SELECT dolly_register_model('corrupt');
-SELECT dolly_grant_model(m, 'PUBLIC') FROM unnest('{gptj-f32-lora-qv,gptj-f32-lora-all,neox-par-f32-lora-qkv,misfit,corrupt}'::text[]) m;
+SELECT dolly_register_model('plain');
+SELECT dolly_grant_model(m, 'PUBLIC') FROM unnest('{gptj-f32-lora-qv,gptj-f32-lora-all,neox-par-f32-lora-qkv,misfit,corrupt,plain}'::text[]) m;
 });
 
 is($node->safe_psql('postgres', "SELECT name, base_model, adapter FROM dolly_models ORDER BY name"),
 	"corrupt|gptj-f32|t\ngptj-f32-lora-all|gptj-f32|t\ngptj-f32-lora-qv|gptj-f32|t\nmisfit|gptj-f32|t\nneox-par-f32|" . '|f'
-	  . "\nneox-par-f32-lora-qkv|neox-par-f32|t",
+	  . "\nneox-par-f32-lora-qkv|neox-par-f32|t\nplain||f",
 	'adapters are registered with their base: given, or the one adapter_config.json names');
 
 # A LoRA job of alice's with more options; its state and error once it has ended.
@@ -72,17 +80,38 @@ ok(-s "$models/alice-lora/adapter_model.safetensors" < 100000, 'an adapter is sm
 
 # the adapter changes the answers
 my @prompts = map { "Say the number $_" } (3, 17, 25);
-my $differ = 0;
-for my $p (@prompts)
+
+# Of @prompts, how many models x and y (SQL expressions) answer differently, greedily, as alice.
+sub differing
 {
-	my ($base, $tuned) = map {
-		$node->safe_psql('postgres',
-			"SELECT dolly_generate('$p', model => $_, max_new_tokens => 8, do_sample => false)",
-			extra_params => [ '-U', 'alice' ])
-	} ('NULL', "'alice-lora'");
-	$differ++ if $base ne $tuned;
+	my ($x, $y) = @_;
+	my $n = 0;
+	for my $p (@prompts)
+	{
+		my ($ax, $ay) = map {
+			$node->safe_psql('postgres',
+				"SELECT dolly_generate('$p', model => $_, max_new_tokens => 8, do_sample => false)",
+				extra_params => [ '-U', 'alice' ])
+		} ($x, $y);
+		$n++ if $ax ne $ay;
+	}
+	return $n;
 }
+my $differ = differing('NULL', "'alice-lora'");
 ok($differ > 0, "the trained adapter changes the base's answers ($differ of 3 prompts)");
+
+# over a base without Dolly's tokens: the adapter owns their rows and brings its tokenizer
+is(lora_job('plain-lora', ", base_model => 'plain'"), 'succeeded|', 'a LoRA job over a base without Dolly\'s tokens succeeds');
+like(slurp_file("$models/plain-lora/adapter_config.json"),
+	qr/"trainable_token_indices":\s*\{\s*"embed_in":\s*\[\s*512,\s*513,\s*514\s*\],\s*"lm_head":/s,
+	"the adapter owns their rows, as PEFT's trainable_token_indices");
+like(slurp_file("$models/plain-lora/tokenizer.json"), qr/### End/, 'and carries the tokenizer that has them');
+is($node->safe_psql('postgres', "SELECT dolly_tokenize('### End', model => 'plain')") . ' '
+	  . $node->safe_psql('postgres', "SELECT dolly_tokenize('### End', model => 'plain-lora')",
+		extra_params => [ '-U', 'alice' ]),
+	'{282,360} {512}', "the base's tokenizer spells Dolly's end key in pieces, the adapter's as its token");
+my $plain_differ = differing("'plain'", "'plain-lora'");
+ok($plain_differ > 0, "it answers otherwise than its base ($plain_differ of 3 prompts)");
 
 # 16 sessions over 4 adapters and the base at once, two adapters loaded at a time
 my @models = ('NULL', "'gptj-f32-lora-qv'", "'gptj-f32-lora-all'", "'alice-lora'", "'alice-lora-mlp'");
@@ -118,16 +147,7 @@ is($node->safe_psql('postgres', "SELECT owner, base_model, adapter FROM dolly_mo
 	'alice|gptj-f32|f', "dolly_merge_adapter writes a model of the caller's, based on the adapter's base");
 ok(-f "$models/alice-merged/model.safetensors" && -f "$models/alice-merged/config.json"
 	  && -f "$models/alice-merged/tokenizer.json", 'as a Hugging Face model directory');
-my $same_merged = 0;
-for my $p (@prompts)
-{
-	my ($merged, $adapted) = map {
-		$node->safe_psql('postgres',
-			"SELECT dolly_generate('$p', model => '$_', max_new_tokens => 8, do_sample => false)",
-			extra_params => [ '-U', 'alice' ])
-	} ('alice-merged', 'alice-lora');
-	$same_merged++ if $merged eq $adapted;
-}
+my $same_merged = 3 - differing("'alice-merged'", "'alice-lora'");
 is($same_merged, 3, 'the merged model answers as the adapter on its base');
 
 # refusals
