@@ -263,7 +263,10 @@ lora_new(const dl_config *c, size_t align, const dl_lora_config *cfg, int rslora
 		return dl_hint(err, "An adapter's token rows are rows the base's tables already have.");
 	}
 	if (cfg->ntok && c->tie_embeddings)
-		return dl_fail(err, DL_EUNSUPPORTED, "token rows of an adapter over tied embeddings are not supported");
+	{
+		dl_fail(err, DL_EUNSUPPORTED, "token rows of an adapter over tied embeddings are not supported");
+		return dl_hint(err, "Fine-tune the whole model once (it adds Dolly's tokens), or start from a model that has them.");
+	}
 	a = calloc(1, sizeof(*a));
 	if (a == NULL)
 		return dl_fail(err, DL_ENOMEM, "out of memory creating an adapter");
