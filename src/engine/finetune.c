@@ -126,6 +126,8 @@ micro_batches(run *r, const dl_example *ex, int n, int backward, int at_least, d
 		int64_t		labels = 0;
 		dl_status	st;
 
+		if (backward && i + k >= n && done + 1 >= at_least)
+			trainer_last_micro_batch(r->tr);
 		st = backward ? trainer_backward(r->tr, ex + i, k, &loss, &labels, err)
 			: trainer_eval(r->tr, ex + i, k, &loss, &labels, err);
 		if (st != DL_OK)
@@ -169,8 +171,9 @@ evaluate(run *r, dl_train_progress *last, dl_error *err)
 }
 
 /*
- * The micro-batches every rank runs in a step: its own count, or at ZeRO stage 2 the
- * busiest rank's (exchanged).
+ * The micro-batches every rank runs in a step: its own count but at least one (its last
+ * may sum spans over the ranks: trainer_last_micro_batch), or at ZeRO stage 2 the busiest
+ * rank's (exchanged).
  */
 static dl_status
 step_micro_batches(run *r, int n, int *count, dl_error *err)
@@ -180,6 +183,7 @@ step_micro_batches(run *r, int n, int *count, dl_error *err)
 	dl_status	st;
 
 	*count = micro_batch_count(r, r->mine, n);
+	*count = *count > 0 ? *count : 1;
 	if (trainer_stage(r->tr) != 2)
 		return DL_OK;
 	mine = *count;

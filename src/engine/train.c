@@ -13,7 +13,10 @@
  * keeps all gradients and reduce-scatters them span by span once a step; stage 2 keeps
  * the reduced gradients of its parts only, and reduces each span as backward completes
  * it, from two buffers the size of the largest span in turn, the sums of one running while
- * backward fills the other where the backend can (group_reduce_scatter_start). The gradient norm is summed part by
+ * backward fills the other where the backend can (group_reduce_scatter_start); at stages 0
+ * and 1 the step's last micro-batch does the same with each span it completes, in place,
+ * where the ranks sum from each other's GPU memory (trainer_last_micro_batch), and
+ * trainer_reduce finishes the sums (and at stage 0 gathers). The gradient norm is summed part by
  * part, ranks in rank order, at every stage, so stages 0, 1 and 2 take the same steps;
  * stage 2 sums micro-batch by micro-batch, which rounds differently when a rank has
  * several micro-batches in a step.
@@ -43,6 +46,8 @@ struct dl_trainer
 	size_t		mem_bytes;
 	int			peer_grads;		/* grads is this rank's buffer of the group's peers, not in mem */
 	int			shared;			/* mem and the trained parameters are mapped by the peers (group_share) */
+	int			overlap;		/* stages 0, 1: the next backward starts its spans' sums */
+	int			scattered;		/* ...and did: trainer_reduce finishes them */
 	float	   *grads;			/* stages 0, 1: n floats; stage 2: the parts' reduced ones */
 	float	   *adam_m;			/* local */
 	float	   *adam_v;
@@ -148,13 +153,26 @@ open_in_place(void *arg, int s)
 	return tr->grads + first;
 }
 
+/*
+ * ...summed over the ranks after the step's micro-batches; in the last of them, where it
+ * overlaps (trainer_last_micro_batch), each completed span is reduce-scattered at once,
+ * into this rank's part of it, while backward goes on.
+ */
 static dl_status
 close_in_place(void *arg, int s, dl_error *err)
 {
-	(void) arg;
-	(void) s;
-	(void) err;
-	return DL_OK;
+	dl_trainer *tr = arg;
+	size_t		first,
+				count,
+				part,
+				part_n;
+
+	if (!tr->overlap)
+		return DL_OK;
+	span_floats(&tr->t, s, &first, &count);
+	rank_part(&tr->t, tr->nranks, tr->group->rank, s, &part, &part_n);
+	return group_reduce_scatter_start(tr->group, tr->m->be, tr->grads + first, count,
+									  tr->grads + part, 0, err);
 }
 
 /* Stage 2: span s accumulates in its zeroed buffer... */
@@ -356,12 +374,21 @@ trainer_stage(const dl_trainer *tr)
 	return tr->stage;
 }
 
+void
+trainer_last_micro_batch(dl_trainer *tr)
+{
+	/* on host memory the sums would take the cores backward uses: after it, at once */
+	tr->overlap = tr->stage < 2 && tr->shared && tr->m->be->sum_ranks_aside != NULL;
+}
+
 dl_status
 trainer_backward(dl_trainer *tr, const dl_example *batch, int n, double *loss_sum,
 				 int64_t *n_labels, dl_error *err)
 {
 	dl_status	st = dl_model_backward(tr->m, tr->acts, batch, n, &tr->sink, loss_sum, n_labels, err);
 
+	tr->scattered = tr->overlap && st == DL_OK;
+	tr->overlap = 0;
 	/* the next micro-batch zeroes the span buffers: no sum may still read them */
 	return st == DL_OK && tr->stage == 2 ? group_finish(tr->group, err) : st;
 }
@@ -408,6 +435,20 @@ trainer_reduce(dl_trainer *tr, double *loss_sum, int64_t *n_labels, dl_error *er
 
 	if (st != DL_OK || tr->group == NULL || tr->group->nranks < 2)
 		return st;
+	if (tr->scattered)
+	{
+		/* backward reduce-scattered every span (trainer_sum finished the last): stage 0 gathers */
+		tr->scattered = 0;
+		for (int s = 0; tr->stage == 0 && s < DL_GRAD_SPANS(&tr->m->cfg) && st == DL_OK; s++)
+		{
+			size_t		first,
+						count;
+
+			span_floats(&tr->t, s, &first, &count);
+			st = group_all_gather(tr->group, tr->m->be, tr->grads + first, count, err);
+		}
+		return st;
+	}
 	switch (tr->stage)
 	{
 		case 0:

@@ -137,6 +137,15 @@ dl_status	trainer_backward(dl_trainer *tr, const dl_example *batch, int n,
 							 double *loss_sum, int64_t *n_labels, dl_error *err);
 
 /*
+ * The next trainer_backward is the step's last on this rank: at ZeRO stages 0 and 1,
+ * where the ranks sum from each other's GPU memory, each span it completes starts its
+ * sums over the ranks while backward goes on (as stage 2 does every micro-batch), and
+ * trainer_reduce finishes them. Every rank must then run at least one micro-batch a step
+ * (an empty one will do) and call this before its last.
+ */
+void		trainer_last_micro_batch(dl_trainer *tr);
+
+/*
  * Sum the step's gradients (stage 0: all of them on every rank; stage 1: each rank its
  * slice's; stage 2: already done span by span in backward), losses and label counts
  * over the ranks, in rank order. Nothing alone.
