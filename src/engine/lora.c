@@ -61,18 +61,18 @@ modules_of(const dl_config *c, int *n, const char **layer_fmt)
 	return neox_modules;
 }
 
-/*
- * The modules whose rows an adapter may own, PEFT's names and their paths: the input
- * embedding's and the output layer's (transformers 5 names GPT-NeoX's embed_out lm_head).
- */
-static void
-token_modules(const dl_config *c, const char **embed, const char **embed_path)
+/* The path of c's input embedding, whose module name lora_token_module gives. */
+static const char *
+token_embed_path(const dl_config *c)
 {
-	*embed = c->arch == DL_ARCH_GPTJ ? "wte" : "embed_in";
-	*embed_path = c->arch == DL_ARCH_GPTJ ? "transformer.wte" : "gpt_neox.embed_in";
+	return c->arch == DL_ARCH_GPTJ ? "transformer.wte" : "gpt_neox.embed_in";
 }
 
-#define TOKEN_HEAD "lm_head"
+const char *
+lora_token_module(const dl_config *c)
+{
+	return c->arch == DL_ARCH_GPTJ ? "wte" : "embed_in";
+}
 
 void
 lora_defaults(dl_lora_config *cfg)
@@ -209,12 +209,9 @@ layout(dl_lora *a, const dl_config *c, size_t align, dl_error *err)
 		if (a->ntok)
 		{
 			dl_tensor_map *e = &a->map[2 * a->ntargets * L + k];
-			const char *embed,
-					   *embed_path;
 
-			token_modules(c, &embed, &embed_path);
 			snprintf(e->name, sizeof(e->name), DL_LORA_PREFIX "%s.token_adapter.trainable_tokens_delta",
-					 k ? TOKEN_HEAD : embed_path);
+					 k ? DL_LORA_TOKEN_HEAD : token_embed_path(c));
 			e->ndim = 2;
 			e->shape[0] = a->ntok;
 			e->shape[1] = c->n_embd;
@@ -502,7 +499,7 @@ read_token_rows(json_object *cfg, const char *path, dl_lora_config *c, char *emb
 	{
 		json_object_object_foreach(v, key, list)
 		{
-			int			head = strcmp(key, TOKEN_HEAD) == 0;
+			int			head = strcmp(key, DL_LORA_TOKEN_HEAD) == 0;
 
 			lists[head] = list;
 			if (!head)
@@ -525,7 +522,7 @@ read_token_rows(json_object *cfg, const char *path, dl_lora_config *c, char *emb
 	{
 		dl_fail(err, DL_EUNSUPPORTED, "\"%s\": trainable_token_indices of this form is not supported", path);
 		return dl_hint(err, "Token rows are served when the input embedding and %s list the same consecutive ids (at most %d).",
-					   TOKEN_HEAD, DL_LORA_MAX_TOKENS);
+					   DL_LORA_TOKEN_HEAD, DL_LORA_MAX_TOKENS);
 	}
 	c->ntok = (int) json_object_array_length(lists[0]);
 	return DL_OK;
@@ -601,18 +598,15 @@ lora_read(const char *dir, const dl_config *c, size_t align, dl_lora **out, dl_e
 	dl_lora_config cfg;
 	char		base[1024],
 				embed[32];
-	const char *our_embed,
-			   *embed_path;
 	int			rslora = 0;
 	dl_status	st;
 
 	*out = NULL;
 	st = read_config(dir, &cfg, &rslora, embed, base, sizeof(base), err);
-	token_modules(c, &our_embed, &embed_path);
-	if (st == DL_OK && cfg.ntok && strcmp(embed, our_embed) != 0)
+	if (st == DL_OK && cfg.ntok && strcmp(embed, lora_token_module(c)) != 0)
 	{
 		dl_fail(err, DL_EINVAL, "the adapter's token rows are of module \"%s\"; %s's embedding is \"%s\"",
-				embed, config_arch_name(c->arch), our_embed);
+				embed, config_arch_name(c->arch), lora_token_module(c));
 		return dl_hint(err, "An adapter runs only on the base model it was trained from.");
 	}
 	if (st == DL_OK)

@@ -32,6 +32,9 @@
 /* What PEFT puts before a module's path in the base to name its adapter tensors. */
 #define DL_LORA_PREFIX "base_model.model."
 
+/* The output layer's module, of token rows (transformers 5 names GPT-NeoX's embed_out so). */
+#define DL_LORA_TOKEN_HEAD "lm_head"
+
 /* The products of a layer an adapter can add to. */
 typedef enum dl_lora_product
 {
@@ -170,6 +173,9 @@ dl_status	dl_lora_save(const dl_lora *a, const char *base_name, const struct dl_
 
 /* Free; NULL is accepted. */
 void		dl_lora_free(dl_lora *a);
+
+/* PEFT's name of c's input embedding module ("wte", "embed_in"), of token rows. */
+const char *lora_token_module(const dl_config *c);
 
 /* a's token rows (lora_tokens' n 0 when NULL or none); with grads, their gradients. */
 dl_lora_tokens lora_tokens(const dl_lora *a, float *const *grads);

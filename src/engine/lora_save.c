@@ -54,7 +54,6 @@ write_config(const dl_lora *a, const char *base_name, const char *path, dl_error
 	{
 		/* PEFT's form naming both tables: its default, a bare list, trains the embedding's alone */
 		json_object *rows = json_object_new_object();
-		const char *embed = a->model->cfg.arch == DL_ARCH_GPTJ ? "wte" : "embed_in";
 
 		for (int k = 0; k < 2; k++)
 		{
@@ -62,7 +61,7 @@ write_config(const dl_lora *a, const char *base_name, const char *path, dl_error
 
 			for (int i = 0; i < a->ntok; i++)
 				json_object_array_add(ids, json_object_new_int(a->tok0 + i));
-			json_object_object_add(rows, k ? "lm_head" : embed, ids);
+			json_object_object_add(rows, k ? DL_LORA_TOKEN_HEAD : lora_token_module(&a->model->cfg), ids);
 		}
 		json_object_object_add(cfg, "trainable_token_indices", rows);
 	}
